@@ -1,0 +1,2 @@
+//! easel-core: the request schema, validation and defaults, and the image
+//! codecs. No tensors, no network.

@@ -1,0 +1,12 @@
+//! easel's diffusion engine.
+//!
+//! Layout (see `docs/ARCHITECTURE.md`): `loader` resolves a model reference
+//! and reads its configs; `tokenizer` and `models` hold the text encoders,
+//! UNet and VAE; `schedulers` the samplers; `pipelines` the numbered stages
+//! that tie them together; `noise` the torch-compatible seeded noise.
+
+pub mod error;
+pub mod noise;
+pub mod schedulers;
+
+pub use error::{Error, Result};
