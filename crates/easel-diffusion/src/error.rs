@@ -53,7 +53,9 @@ pub enum Error {
     },
 
     /// A weight tensor's shape does not match what the component config implies.
-    #[error("{component}: weight `{tensor}` has shape {found:?} but the config implies {expected:?}")]
+    #[error(
+        "{component}: weight `{tensor}` has shape {found:?} but the config implies {expected:?}"
+    )]
     ShapeMismatch {
         component: String,
         tensor: String,

@@ -47,10 +47,7 @@ impl Mt19937 {
                 .wrapping_mul(prev ^ (prev >> 30))
                 .wrapping_add(i as u32);
         }
-        Self {
-            state,
-            index: MT_N,
-        }
+        Self { state, index: MT_N }
     }
 
     fn twist(&mut self) {
@@ -196,7 +193,9 @@ impl PerImageGenerators {
 
 impl NoiseSource for PerImageGenerators {
     fn randn(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
-        let batch = *shape.first().ok_or_else(|| Error::invalid("noise", "empty shape"))?;
+        let batch = *shape
+            .first()
+            .ok_or_else(|| Error::invalid("noise", "empty shape"))?;
         if batch != self.generators.len() {
             return Err(Error::invalid(
                 "noise",
@@ -206,7 +205,9 @@ impl NoiseSource for PerImageGenerators {
                 ),
             ));
         }
-        let per_image: Vec<usize> = std::iter::once(1).chain(shape[1..].iter().copied()).collect();
+        let per_image: Vec<usize> = std::iter::once(1)
+            .chain(shape[1..].iter().copied())
+            .collect();
         let parts = self
             .generators
             .iter_mut()
@@ -256,7 +257,10 @@ impl NoiseSource for RecordedNoise {
         if t.dims() != shape {
             return Err(Error::invalid(
                 "noise",
-                format!("recorded draw has shape {:?}, pipeline asked for {shape:?}", t.dims()),
+                format!(
+                    "recorded draw has shape {:?}, pipeline asked for {shape:?}",
+                    t.dims()
+                ),
             ));
         }
         Ok(t.to_device(device)?)

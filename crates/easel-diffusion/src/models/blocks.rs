@@ -1,0 +1,387 @@
+//! The 2-D building blocks the UNet and the VAE share, following diffusers'
+//! `resnet.py`, `downsampling.py`, `upsampling.py`, `attention.py` and
+//! `transformer_2d.py`. Each block's weight keys are diffusers' own.
+
+use candle_core::{Tensor, D};
+
+use super::layers::{
+    chunk2_last, merge_heads, scaled_dot_product_attention, split_heads, Activation, Conv2d,
+    GroupNorm, LayerNorm, Linear,
+};
+use super::weights::Weights;
+use crate::error::Result;
+
+/// `ResnetBlock2D` with the default (`"default"`) time-embedding injection:
+/// `norm1 → act → conv1 (+ time_emb_proj(act(temb))) → norm2 → act → conv2`,
+/// plus a 1×1 `conv_shortcut` when the channel count changes, divided by
+/// `output_scale_factor`. Input and output `(batch, channels, h, w)`.
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    act: Activation,
+    output_scale_factor: f64,
+}
+
+/// The shape parameters of a [`ResnetBlock2D`].
+#[derive(Clone, Copy, Debug)]
+pub struct ResnetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Width of the time embedding, `None` in the VAE.
+    pub temb_channels: Option<usize>,
+    pub groups: usize,
+    pub eps: f64,
+    pub act: Activation,
+    pub output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    /// Load from `w` (keys `norm1`, `conv1`, `time_emb_proj`, `norm2`, `conv2`, `conv_shortcut`).
+    pub fn load(w: &Weights, c: ResnetConfig) -> Result<Self> {
+        let conv_shortcut = if c.in_channels != c.out_channels {
+            Some(Conv2d::load(
+                &w.pp("conv_shortcut"),
+                c.in_channels,
+                c.out_channels,
+                1,
+                1,
+                0,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: GroupNorm::load(&w.pp("norm1"), c.groups, c.in_channels, c.eps)?,
+            conv1: Conv2d::load(&w.pp("conv1"), c.in_channels, c.out_channels, 3, 1, 1)?,
+            time_emb_proj: match c.temb_channels {
+                Some(t) => Some(Linear::load(
+                    &w.pp("time_emb_proj"),
+                    t,
+                    c.out_channels,
+                    true,
+                )?),
+                None => None,
+            },
+            norm2: GroupNorm::load(&w.pp("norm2"), c.groups, c.out_channels, c.eps)?,
+            conv2: Conv2d::load(&w.pp("conv2"), c.out_channels, c.out_channels, 3, 1, 1)?,
+            conv_shortcut,
+            act: c.act,
+            output_scale_factor: c.output_scale_factor,
+        })
+    }
+
+    /// `x`: `(batch, in, h, w)`, `temb`: `(batch, temb_channels)` → `(batch, out, h, w)`.
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let mut h = self
+            .conv1
+            .forward(&self.act.forward(&self.norm1.forward(x)?)?)?;
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+            let t = proj
+                .forward(&self.act.forward(temb)?)?
+                .unsqueeze(2)?
+                .unsqueeze(3)?;
+            h = h.broadcast_add(&t)?;
+        }
+        let h = self
+            .conv2
+            .forward(&self.act.forward(&self.norm2.forward(&h)?)?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (shortcut + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            Ok((out / self.output_scale_factor)?)
+        }
+    }
+}
+
+/// `Downsample2D` with a convolution: 3×3, stride 2, `padding` on every side
+/// (diffusers pads `(0, 1, 0, 1)` explicitly when `padding` is 0, as the VAE
+/// encoder does). Output size `ceil(h / 2)` for padding 1.
+pub struct Downsample2D {
+    conv: Conv2d,
+    pad_right_bottom: bool,
+}
+
+impl Downsample2D {
+    /// Load `conv` from `w`.
+    pub fn load(w: &Weights, channels: usize, out_channels: usize, padding: usize) -> Result<Self> {
+        Ok(Self {
+            conv: Conv2d::load(&w.pp("conv"), channels, out_channels, 3, 2, padding)?,
+            pad_right_bottom: padding == 0,
+        })
+    }
+
+    /// `x`: `(batch, c, h, w)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.pad_right_bottom {
+            let x = x
+                .pad_with_zeros(D::Minus1, 0, 1)?
+                .pad_with_zeros(D::Minus2, 0, 1)?;
+            self.conv.forward(&x)
+        } else {
+            self.conv.forward(x)
+        }
+    }
+}
+
+/// `Upsample2D`: nearest-neighbour upsampling (×2, or to an explicit size
+/// when the UNet's latent size is not a multiple of its overall factor, as
+/// `F.interpolate(size=...)`) followed by a 3×3 convolution.
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    /// Load `conv` from `w`.
+    pub fn load(w: &Weights, channels: usize, out_channels: usize) -> Result<Self> {
+        Ok(Self {
+            conv: Conv2d::load(&w.pp("conv"), channels, out_channels, 3, 1, 1)?,
+        })
+    }
+
+    /// `x`: `(batch, c, h, w)` → `(batch, c, H, W)` with `(H, W)` = `size` or `(2h, 2w)`.
+    pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        let x = x.upsample_nearest2d(th, tw)?;
+        self.conv.forward(&x)
+    }
+}
+
+/// diffusers' `Attention` with separate `to_q`, `to_k`, `to_v` and
+/// `to_out.0` projections (no q/k/v bias in the UNet, biases in the VAE).
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    /// `query_dim` = width of the input, `context_dim` = width of the
+    /// key/value input (cross-attention), `heads * head_dim` = inner width.
+    pub fn load(
+        w: &Weights,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        qkv_bias: bool,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            to_q: Linear::load(&w.pp("to_q"), query_dim, inner, qkv_bias)?,
+            to_k: Linear::load(&w.pp("to_k"), context_dim, inner, qkv_bias)?,
+            to_v: Linear::load(&w.pp("to_v"), context_dim, inner, qkv_bias)?,
+            to_out: Linear::load(&w.pp("to_out.0"), inner, query_dim, true)?,
+            heads,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+        })
+    }
+
+    /// `x`: `(batch, n, query_dim)`, `context`: `(batch, m, context_dim)`
+    /// (self-attention when `None`) → `(batch, n, query_dim)`.
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let context = context.unwrap_or(x);
+        let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
+        let k = split_heads(&self.to_k.forward(context)?, self.heads)?;
+        let v = split_heads(&self.to_v.forward(context)?, self.heads)?;
+        let a = scaled_dot_product_attention(&q, &k, &v, None, self.scale)?;
+        self.to_out.forward(&merge_heads(&a)?)
+    }
+}
+
+/// `FeedForward` with the GEGLU activation (Shazeer 2020, arXiv:2002.05202):
+/// `net.2(h * gelu(g))` where `(h, g) = net.0.proj(x).chunk(2)`.
+struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    fn load(w: &Weights, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj_in: Linear::load(&w.pp("net.0.proj"), dim, inner * 2, true)?,
+            proj_out: Linear::load(&w.pp("net.2"), inner, dim, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (h, gate) = chunk2_last(&self.proj_in.forward(x)?)?;
+        self.proj_out.forward(&(h * gate.gelu_erf()?)?)
+    }
+}
+
+/// `BasicTransformerBlock` (layer-norm variant): self-attention,
+/// cross-attention on the text embeddings, GEGLU feed-forward, each
+/// pre-normalised and residual.
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+    only_cross_attention: bool,
+}
+
+impl BasicTransformerBlock {
+    fn load(w: &Weights, c: &Transformer2DConfig) -> Result<Self> {
+        let dim = c.heads * c.head_dim;
+        let attn1_context = if c.only_cross_attention {
+            c.cross_attention_dim
+        } else {
+            dim
+        };
+        Ok(Self {
+            norm1: LayerNorm::load(&w.pp("norm1"), dim, 1e-5)?,
+            attn1: Attention::load(
+                &w.pp("attn1"),
+                dim,
+                attn1_context,
+                c.heads,
+                c.head_dim,
+                false,
+            )?,
+            norm2: LayerNorm::load(&w.pp("norm2"), dim, 1e-5)?,
+            attn2: Attention::load(
+                &w.pp("attn2"),
+                dim,
+                c.cross_attention_dim,
+                c.heads,
+                c.head_dim,
+                false,
+            )?,
+            norm3: LayerNorm::load(&w.pp("norm3"), dim, 1e-5)?,
+            ff: FeedForward::load(&w.pp("ff"), dim)?,
+            only_cross_attention: c.only_cross_attention,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let n = self.norm1.forward(x)?;
+        let a = if self.only_cross_attention {
+            self.attn1.forward(&n, Some(context))?
+        } else {
+            self.attn1.forward(&n, None)?
+        };
+        let x = (x + a)?;
+        let x = (&x
+            + self
+                .attn2
+                .forward(&self.norm2.forward(&x)?, Some(context))?)?;
+        Ok((&x + self.ff.forward(&self.norm3.forward(&x)?)?)?)
+    }
+}
+
+/// Shape parameters of a [`Transformer2D`].
+#[derive(Clone, Copy, Debug)]
+pub struct Transformer2DConfig {
+    pub in_channels: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub num_layers: usize,
+    pub cross_attention_dim: usize,
+    pub groups: usize,
+    pub use_linear_projection: bool,
+    pub only_cross_attention: bool,
+}
+
+/// `Transformer2DModel` for continuous (latent image) input: group norm,
+/// `proj_in` (1×1 conv, or linear with `use_linear_projection`), the
+/// transformer blocks over the `h*w` tokens, `proj_out`, plus the residual.
+pub struct Transformer2D {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+impl Transformer2D {
+    /// Load from `w` (keys `norm`, `proj_in`, `transformer_blocks.N`, `proj_out`).
+    pub fn load(w: &Weights, c: Transformer2DConfig) -> Result<Self> {
+        let inner = c.heads * c.head_dim;
+        let (proj_in, proj_out) = if c.use_linear_projection {
+            (
+                Projection::Linear(Linear::load(&w.pp("proj_in"), c.in_channels, inner, true)?),
+                Projection::Linear(Linear::load(&w.pp("proj_out"), inner, c.in_channels, true)?),
+            )
+        } else {
+            (
+                Projection::Conv(Conv2d::load(
+                    &w.pp("proj_in"),
+                    c.in_channels,
+                    inner,
+                    1,
+                    1,
+                    0,
+                )?),
+                Projection::Conv(Conv2d::load(
+                    &w.pp("proj_out"),
+                    inner,
+                    c.in_channels,
+                    1,
+                    1,
+                    0,
+                )?),
+            )
+        };
+        let blocks = (0..c.num_layers)
+            .map(|i| BasicTransformerBlock::load(&w.pp(format!("transformer_blocks.{i}")), &c))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: GroupNorm::load(&w.pp("norm"), c.groups, c.in_channels, 1e-6)?,
+            proj_in,
+            blocks,
+            proj_out,
+        })
+    }
+
+    /// `x`: `(batch, c, h, w)`, `context`: `(batch, seq, cross_attention_dim)`.
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
+        let n = self.norm.forward(x)?;
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) => {
+                let y = conv.forward(&n)?;
+                let inner = y.dim(1)?;
+                y.permute((0, 2, 3, 1))?.reshape((b, h * w, inner))?
+            }
+            Projection::Linear(lin) => {
+                let c = n.dim(1)?;
+                lin.forward(&n.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?)?
+            }
+        };
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => {
+                let inner = tokens.dim(D::Minus1)?;
+                conv.forward(&tokens.reshape((b, h, w, inner))?.permute((0, 3, 1, 2))?)?
+            }
+            Projection::Linear(lin) => {
+                let y = lin.forward(&tokens)?;
+                let c = y.dim(D::Minus1)?;
+                y.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?
+            }
+        };
+        Ok((out + x)?)
+    }
+}

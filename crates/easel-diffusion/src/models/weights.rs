@@ -1,0 +1,195 @@
+//! Where a component's weight tensors come from, and shape-checked access
+//! to them by checkpoint key.
+//!
+//! Module paths mirror the diffusers / transformers checkpoint keys
+//! (`down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q.weight`), so
+//! safetensors files load without renaming. Tensors stored as f16 / bf16 are
+//! upcast to the compute dtype (f32 on CPU) when a model is built.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// A source of named weight tensors for one component (`unet`, `vae`, ...).
+pub trait TensorSource: Send + Sync {
+    /// The tensor stored under `name` in its stored dtype, or `None` when the
+    /// source has no such key. `shape` is what the model expects; a source
+    /// that synthesises weights (benchmarks) uses it, others ignore it.
+    fn tensor(&self, name: &str, shape: &[usize], device: &Device) -> Result<Option<Tensor>>;
+
+    /// Whether the source holds `name`.
+    fn contains(&self, name: &str) -> bool;
+
+    /// A human-readable description of where the tensors come from (a path).
+    fn origin(&self) -> PathBuf;
+
+    /// All keys, where the source can enumerate them (used to detect LoRA
+    /// targets and unexpected keys).
+    fn keys(&self) -> Vec<String>;
+}
+
+/// Weights memory-mapped from one or more `.safetensors` files (sharded
+/// checkpoints are several files).
+pub struct SafetensorsSource {
+    files: Vec<PathBuf>,
+    mmaped: MmapedSafetensors,
+}
+
+impl SafetensorsSource {
+    /// Map `files`. Errors if a file cannot be opened or is not a valid
+    /// safetensors file.
+    pub fn open(files: &[PathBuf]) -> Result<Self> {
+        for f in files {
+            if !f.is_file() {
+                return Err(Error::io(
+                    f,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "weight file not found"),
+                ));
+            }
+        }
+        // SAFETY: the files are opened read-only; like every safetensors
+        // loader we rely on them not being truncated while mapped.
+        let mmaped = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| {
+            Error::config(
+                files
+                    .first()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                format!("not a readable safetensors file: {e}"),
+            )
+        })?;
+        Ok(Self {
+            files: files.to_vec(),
+            mmaped,
+        })
+    }
+}
+
+impl TensorSource for SafetensorsSource {
+    fn tensor(&self, name: &str, _shape: &[usize], device: &Device) -> Result<Option<Tensor>> {
+        match self.mmaped.get(name) {
+            Ok(_) => Ok(Some(self.mmaped.load(name, device)?)),
+            Err(_) => Ok(None),
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.mmaped.get(name).is_ok()
+    }
+
+    fn origin(&self) -> PathBuf {
+        match self.files.as_slice() {
+            [one] => one.clone(),
+            [first, ..] => first.parent().map(Path::to_path_buf).unwrap_or_default(),
+            [] => PathBuf::new(),
+        }
+    }
+
+    fn keys(&self) -> Vec<String> {
+        self.mmaped.tensors().into_iter().map(|(k, _)| k).collect()
+    }
+}
+
+/// Shape-checked access to a component's weights under a key prefix, in the
+/// spirit of candle's `VarBuilder` but with errors that name the component,
+/// the tensor and both shapes.
+#[derive(Clone)]
+pub struct Weights {
+    source: Arc<dyn TensorSource>,
+    component: Arc<str>,
+    prefix: String,
+    dtype: DType,
+    device: Device,
+}
+
+impl Weights {
+    /// Weights of `component` from `source`, converted to `dtype` on `device`.
+    pub fn new(
+        source: Arc<dyn TensorSource>,
+        component: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        Self {
+            source,
+            component: component.into(),
+            prefix: String::new(),
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// The same weights under `prefix.name` (`pp` = push prefix, as in candle).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Self {
+            prefix,
+            ..self.clone()
+        }
+    }
+
+    /// The device tensors are placed on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// Whether the tensor `name` (under the current prefix) exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.source.contains(&self.full_name(name))
+    }
+
+    /// The tensor `name` under the current prefix, which must have `shape`.
+    ///
+    /// Errors: [`Error::MissingTensor`] when absent, [`Error::ShapeMismatch`]
+    /// when its shape differs from `shape`.
+    pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+        let full = self.full_name(name);
+        let t = self
+            .source
+            .tensor(&full, shape, &self.device)?
+            .ok_or_else(|| Error::MissingTensor {
+                component: self.component.to_string(),
+                tensor: full.clone(),
+                file: self.source.origin(),
+            })?;
+        if t.dims() != shape {
+            return Err(Error::ShapeMismatch {
+                component: self.component.to_string(),
+                tensor: full,
+                expected: shape.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        Ok(t.to_dtype(self.dtype)?)
+    }
+
+    /// Like [`Weights::get`], but `None` when the tensor is absent.
+    pub fn get_opt(&self, shape: &[usize], name: &str) -> Result<Option<Tensor>> {
+        if self.contains(name) {
+            self.get(shape, name).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
