@@ -1,0 +1,354 @@
+//! Pipelines: the numbered stages that turn a request into images.
+//!
+//! 1. encode the prompt, 2. prepare the timesteps, 3. prepare the latents,
+//! 4. denoise, 5. decode, 6. post-process. The stages mirror diffusers'
+//! `StableDiffusionPipeline.__call__` / `StableDiffusionXLPipeline.__call__`;
+//! the denoising loop ([`denoise`]) is shared by every pipeline.
+//!
+//! A pipeline is chosen from `model_index.json`'s `_class_name` by
+//! [`load_pipeline`]; the caller (CLI, server worker) gives it a
+//! [`GenerationRequest`] and a [`RunContext`] carrying the job's noise source,
+//! progress callback and cancel token.
+
+pub mod stable_diffusion;
+pub mod stable_diffusion_xl;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::loader::ModelDir;
+use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+use crate::models::weights::{SafetensorsSource, TensorSource, Weights};
+use crate::noise::NoiseSource;
+use crate::schedulers::{build_scheduler, Scheduler, TimestepsRequest};
+
+/// What to generate, already validated and resolved against the model's
+/// defaults (the request schema and its ranges live in `easel-core`).
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// One prompt per image definition (diffusers' `prompt` list).
+    pub prompts: Vec<String>,
+    /// Negative prompts: none, one for all prompts, or one per prompt.
+    pub negative_prompts: Vec<String>,
+    /// Images per prompt (`num_images_per_prompt`).
+    pub num_images_per_prompt: usize,
+    /// Denoising steps (1..=60 through the public surfaces).
+    pub num_inference_steps: usize,
+    /// Classifier-free guidance scale; guidance runs when it is above 1.
+    pub guidance_scale: f64,
+    /// Image width in pixels (a multiple of the VAE scale factor).
+    pub width: usize,
+    /// Image height in pixels (a multiple of the VAE scale factor).
+    pub height: usize,
+    /// Scheduler name (any alias of `schedulers::scheduler_names`), or the
+    /// model's own scheduler when `None`.
+    pub scheduler: Option<String>,
+}
+
+impl GenerationRequest {
+    /// Total images: prompts × images per prompt.
+    pub fn batch_size(&self) -> usize {
+        self.prompts.len() * self.num_images_per_prompt
+    }
+
+    /// Whether classifier-free guidance runs (two UNet passes per step).
+    pub fn do_classifier_free_guidance(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+
+    /// The negative prompt for prompt `i`, if any was given.
+    fn negative_for(&self, i: usize) -> Option<&str> {
+        match self.negative_prompts.len() {
+            0 => None,
+            1 => Some(self.negative_prompts[0].as_str()),
+            _ => self.negative_prompts.get(i).map(String::as_str),
+        }
+    }
+
+    fn check(&self, vae_scale_factor: usize) -> Result<()> {
+        if self.prompts.is_empty() {
+            return Err(Error::invalid("prompt", "at least one prompt is required"));
+        }
+        if self.negative_prompts.len() > 1 && self.negative_prompts.len() != self.prompts.len() {
+            return Err(Error::invalid(
+                "negative_prompt",
+                format!(
+                    "{} negative prompts for {} prompts (give one, or one per prompt)",
+                    self.negative_prompts.len(),
+                    self.prompts.len()
+                ),
+            ));
+        }
+        if self.num_images_per_prompt == 0 {
+            return Err(Error::invalid("num_images_per_prompt", "must be at least 1"));
+        }
+        if self.num_inference_steps == 0 {
+            return Err(Error::invalid("steps", "must be at least 1"));
+        }
+        if !self.guidance_scale.is_finite() {
+            return Err(Error::invalid("guidance_scale", "must be a finite number"));
+        }
+        for (field, v) in [("width", self.width), ("height", self.height)] {
+            if v == 0 || v % vae_scale_factor != 0 {
+                return Err(Error::invalid(
+                    field,
+                    format!("{field} has to be a positive multiple of {vae_scale_factor} but is {v}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A progress report from a running pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// The prompt has been encoded.
+    PromptEncoded,
+    /// Denoising step `step` (1-based) of `total` finished.
+    Step { step: usize, total: usize },
+    /// The latents have been decoded to images.
+    Decoded,
+}
+
+/// A cancel token: cheap to clone, checked before every denoising step.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token that is not canceled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Ask the job to stop at its next check.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`CancelToken::cancel`] was called.
+    pub fn is_canceled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.is_canceled() {
+            Err(Error::Canceled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Per-run inputs that are not part of the request: where the randomness
+/// comes from, who hears about progress, and how to cancel.
+pub struct RunContext<'a> {
+    /// Gaussian draws in pipeline order (initial latents first).
+    pub noise: &'a mut dyn NoiseSource,
+    /// Called after each stage and each denoising step.
+    pub progress: &'a mut dyn FnMut(Progress),
+    /// Checked before every denoising step.
+    pub cancel: CancelToken,
+}
+
+/// Wall-clock time spent in each stage of a run.
+#[derive(Debug, Clone, Default)]
+pub struct StageTimings {
+    /// Stage 1: tokenizing and running the text encoder(s).
+    pub text_encoding: Duration,
+    /// Stage 4: the whole denoising loop.
+    pub denoising: Duration,
+    /// Each denoising step (model calls + scheduler step).
+    pub steps: Vec<Duration>,
+    /// Stage 5: VAE decode.
+    pub vae_decode: Duration,
+    /// The whole run.
+    pub total: Duration,
+}
+
+/// What a run produces.
+pub struct GenerationOutput {
+    /// `(batch, height, width, 3)` float32 in [0, 1], before 8-bit quantisation.
+    pub images: Tensor,
+    /// `(batch, latent_channels, h, w)`: what was passed to `vae.decode`
+    /// (already divided by the scaling factor).
+    pub latents_to_vae: Tensor,
+    /// The scheduler class that ran.
+    pub scheduler: String,
+    /// Per-stage timings.
+    pub timings: StageTimings,
+}
+
+/// Stage 4, shared by all pipelines: run the scheduler's timesteps, calling
+/// `model(latent_model_input, t)` once per timestep on the (for guidance,
+/// doubled: `[uncond, cond]`) batch and combining
+/// `uncond + guidance_scale · (cond − uncond)` as diffusers does.
+pub fn denoise(
+    scheduler: &mut dyn Scheduler,
+    mut latents: Tensor,
+    guidance_scale: Option<f64>,
+    mut model: impl FnMut(&Tensor, f64) -> Result<Tensor>,
+    ctx: &mut RunContext<'_>,
+    timings: &mut StageTimings,
+) -> Result<Tensor> {
+    let timesteps = scheduler.timesteps().to_vec();
+    let total = timesteps.len();
+    for (i, &t) in timesteps.iter().enumerate() {
+        ctx.cancel.check()?;
+        let start = Instant::now();
+        let input = match guidance_scale {
+            Some(_) => Tensor::cat(&[&latents, &latents], 0)?,
+            None => latents.clone(),
+        };
+        let input = scheduler.scale_model_input(&input, t)?;
+        let noise_pred = model(&input, t)?;
+        let noise_pred = match guidance_scale {
+            Some(g) => {
+                let b = latents.dim(0)?;
+                let uncond = noise_pred.narrow(0, 0, b)?;
+                let cond = noise_pred.narrow(0, b, b)?;
+                (&uncond + ((cond - &uncond)? * g)?)?
+            }
+            None => noise_pred,
+        };
+        latents = scheduler.step(&noise_pred, t, &latents, ctx.noise)?;
+        timings.steps.push(start.elapsed());
+        (ctx.progress)(Progress::Step {
+            step: i + 1,
+            total,
+        });
+    }
+    Ok(latents)
+}
+
+/// Stage 2: the scheduler for a request, built from the model's scheduler
+/// config (with the requested class, as `from_config` does) and set to the
+/// request's step count.
+pub fn prepare_scheduler(
+    scheduler_config: &serde_json::Value,
+    name: Option<&str>,
+    num_inference_steps: usize,
+) -> Result<Box<dyn Scheduler>> {
+    let mut scheduler = build_scheduler(name, scheduler_config)?;
+    scheduler.set_timesteps(&TimestepsRequest::steps(num_inference_steps))?;
+    Ok(scheduler)
+}
+
+/// Stages 5 and 6: decode `latents_to_vae` and map `[-1, 1]` to `[0, 1]`
+/// (`image / 2 + 0.5`, clamped), returning `(batch, H, W, 3)` float32.
+pub fn decode_to_images(vae: &AutoencoderKL, latents_to_vae: &Tensor) -> Result<Tensor> {
+    let decoded = vae.decode(latents_to_vae)?;
+    let images = ((decoded / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+    Ok(images.permute((0, 2, 3, 1))?.contiguous()?)
+}
+
+/// Repeat each row of `x` `n` times, consecutively (`[a, a, b, b]`), as
+/// diffusers' `repeat(1, n, 1).view(bs * n, ...)`.
+pub fn repeat_interleave_batch(x: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let rows = (0..x.dim(0)?)
+        .flat_map(|i| std::iter::repeat_n(i, n))
+        .map(|i| x.get(i))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&rows, 0)?)
+}
+
+/// Open a component's safetensors weights as f32 on `device`.
+pub fn component_weights(model: &ModelDir, component: &str, device: &Device) -> Result<Weights> {
+    let files = model.weight_files(component)?;
+    let source: Arc<dyn TensorSource> = Arc::new(SafetensorsSource::open(&files)?);
+    Ok(Weights::new(source, component, DType::F32, device))
+}
+
+/// Load the VAE (`with_encoder` for image-to-image) and its config.
+pub fn load_vae(model: &ModelDir, device: &Device, with_encoder: bool) -> Result<AutoencoderKL> {
+    let config: AutoencoderKLConfig =
+        crate::models::read_config(&model.component_dir("vae")?.join("config.json"))?;
+    AutoencoderKL::load(&component_weights(model, "vae", device)?, &config, with_encoder)
+}
+
+/// A loaded pipeline of any supported class.
+pub enum Pipeline {
+    /// `StableDiffusionPipeline` (SD 1.x / 2.x).
+    StableDiffusion(stable_diffusion::StableDiffusionPipeline),
+    /// `StableDiffusionXLPipeline`.
+    StableDiffusionXL(stable_diffusion_xl::StableDiffusionXLPipeline),
+}
+
+/// The pipeline classes [`load_pipeline`] accepts.
+pub const SUPPORTED_PIPELINES: &[&str] = &["StableDiffusionPipeline", "StableDiffusionXLPipeline"];
+
+impl Pipeline {
+    /// Run a request.
+    pub fn run(&self, request: &GenerationRequest, ctx: &mut RunContext<'_>) -> Result<GenerationOutput> {
+        match self {
+            Pipeline::StableDiffusion(p) => p.run(request, ctx),
+            Pipeline::StableDiffusionXL(p) => p.run(request, ctx),
+        }
+    }
+
+    /// The diffusers pipeline class name.
+    pub fn class_name(&self) -> &'static str {
+        match self {
+            Pipeline::StableDiffusion(_) => "StableDiffusionPipeline",
+            Pipeline::StableDiffusionXL(_) => "StableDiffusionXLPipeline",
+        }
+    }
+
+    /// The model's native `(width, height)` in pixels: UNet `sample_size`
+    /// times the VAE scale factor.
+    pub fn default_size(&self) -> (usize, usize) {
+        match self {
+            Pipeline::StableDiffusion(p) => p.default_size(),
+            Pipeline::StableDiffusionXL(p) => p.default_size(),
+        }
+    }
+
+    /// The VAE scale factor (width and height must be multiples of it).
+    pub fn vae_scale_factor(&self) -> usize {
+        match self {
+            Pipeline::StableDiffusion(p) => p.vae_scale_factor(),
+            Pipeline::StableDiffusionXL(p) => p.vae_scale_factor(),
+        }
+    }
+
+    /// The model's own scheduler class (`_class_name` of its scheduler config).
+    pub fn default_scheduler(&self) -> String {
+        let cfg = match self {
+            Pipeline::StableDiffusion(p) => &p.scheduler_config,
+            Pipeline::StableDiffusionXL(p) => &p.scheduler_config,
+        };
+        cfg.get("_class_name")
+            .and_then(|v| v.as_str())
+            .unwrap_or("unknown")
+            .to_string()
+    }
+}
+
+/// Load the pipeline `model_index.json` names, on `device`.
+///
+/// Errors: an unsupported `_class_name` (naming the supported ones), a
+/// missing component, or weights that don't fit the configs.
+pub fn load_pipeline(model: &ModelDir, device: &Device) -> Result<Pipeline> {
+    match model.class_name() {
+        "StableDiffusionPipeline" => Ok(Pipeline::StableDiffusion(
+            stable_diffusion::StableDiffusionPipeline::load(model, device)?,
+        )),
+        "StableDiffusionXLPipeline" => Ok(Pipeline::StableDiffusionXL(
+            stable_diffusion_xl::StableDiffusionXLPipeline::load(model, device)?,
+        )),
+        other => Err(Error::config(
+            "model_index.json",
+            format!(
+                "pipeline `{other}` is not supported yet (supported: {})",
+                SUPPORTED_PIPELINES.join(", ")
+            ),
+        )),
+    }
+}

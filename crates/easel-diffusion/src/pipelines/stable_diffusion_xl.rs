@@ -1,0 +1,223 @@
+//! `StableDiffusionXLPipeline`, following diffusers'
+//! `pipeline_stable_diffusion_xl.py` (Podell et al. 2023, arXiv:2307.01952):
+//! two CLIP text encoders whose penultimate hidden states are concatenated,
+//! the pooled projection of the second as `text_embeds`, the `text_time`
+//! micro-conditioning on (original size, crop, target size), and zero
+//! negative embeddings for an absent negative prompt when the model's
+//! `force_zeros_for_empty_prompt` is set.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+use super::{
+    decode_to_images, denoise, load_vae, prepare_scheduler, repeat_interleave_batch,
+    GenerationOutput, GenerationRequest, Progress, RunContext, StageTimings,
+};
+use crate::error::{Error, Result};
+use crate::loader::ModelDir;
+use crate::models::autoencoder_kl::AutoencoderKL;
+use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
+use crate::models::unet_2d_condition::{
+    TextTimeConditioning, UNet2DConditionConfig, UNet2DConditionModel,
+};
+use crate::tokenizer::ClipTokenizer;
+
+/// A loaded SDXL pipeline.
+pub struct StableDiffusionXLPipeline {
+    tokenizer: ClipTokenizer,
+    tokenizer_2: ClipTokenizer,
+    text_encoder: ClipTextModel,
+    text_encoder_2: ClipTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    force_zeros_for_empty_prompt: bool,
+    /// The model's `scheduler/scheduler_config.json`.
+    pub scheduler_config: serde_json::Value,
+    device: Device,
+}
+
+/// Encoded text for one side of guidance.
+struct Encoded {
+    /// `(batch, 77, dim_1 + dim_2)`.
+    embeds: Tensor,
+    /// `(batch, projection_dim)`.
+    pooled: Tensor,
+}
+
+impl StableDiffusionXLPipeline {
+    /// Load every component from `model` onto `device`.
+    pub fn load(model: &ModelDir, device: &Device) -> Result<Self> {
+        let load_te = |name: &str| -> Result<ClipTextModel> {
+            let cfg: ClipTextConfig =
+                crate::models::read_config(&model.component_dir(name)?.join("config.json"))?;
+            ClipTextModel::load(&super::component_weights(model, name, device)?, &cfg)
+        };
+        let unet_cfg: UNet2DConditionConfig =
+            crate::models::read_config(&model.component_dir("unet")?.join("config.json"))?;
+        if !unet_cfg.uses_text_time() {
+            return Err(Error::config(
+                "unet",
+                "an SDXL UNet needs `addition_embed_type: text_time`",
+            ));
+        }
+        let unet = UNet2DConditionModel::load(&super::component_weights(model, "unet", device)?, &unet_cfg)?;
+        let force_zeros_for_empty_prompt = model
+            .options()
+            .get("force_zeros_for_empty_prompt")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(true);
+        Ok(Self {
+            tokenizer: ClipTokenizer::from_dir(&model.component_dir("tokenizer")?)?,
+            tokenizer_2: ClipTokenizer::from_dir(&model.component_dir("tokenizer_2")?)?,
+            text_encoder: load_te("text_encoder")?,
+            text_encoder_2: load_te("text_encoder_2")?,
+            unet,
+            vae: load_vae(model, device, false)?,
+            force_zeros_for_empty_prompt,
+            scheduler_config: model.component_config("scheduler")?,
+            device: device.clone(),
+        })
+    }
+
+    /// The VAE scale factor (8).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().vae_scale_factor()
+    }
+
+    /// Native `(width, height)`: UNet `sample_size` × VAE scale factor (1024² for SDXL base).
+    pub fn default_size(&self) -> (usize, usize) {
+        let f = self.vae_scale_factor();
+        let (h, w) = self.unet.config().sample_size().unwrap_or((128, 128));
+        (w * f, h * f)
+    }
+
+    /// Encode texts with both encoders: penultimate hidden states
+    /// concatenated on the feature axis, and the second encoder's projected
+    /// pooled output.
+    fn encode(&self, texts: &[&str]) -> Result<Encoded> {
+        let ids_1 = texts
+            .iter()
+            .map(|t| self.tokenizer.encode(t))
+            .collect::<Result<Vec<_>>>()?;
+        let ids_2 = texts
+            .iter()
+            .map(|t| self.tokenizer_2.encode(t))
+            .collect::<Result<Vec<_>>>()?;
+        let o1 = self.text_encoder.forward(&ids_1, &self.device)?;
+        let o2 = self.text_encoder_2.forward(&ids_2, &self.device)?;
+        let penultimate = |hs: &[Tensor]| -> Result<Tensor> {
+            hs.len()
+                .checked_sub(2)
+                .map(|i| hs[i].clone())
+                .ok_or_else(|| Error::config("text_encoder", "needs at least one layer"))
+        };
+        let embeds = Tensor::cat(&[penultimate(&o1.hidden_states)?, penultimate(&o2.hidden_states)?], 2)?;
+        let pooled = o2.text_embeds.ok_or_else(|| {
+            Error::config(
+                "text_encoder_2",
+                "SDXL needs a CLIPTextModelWithProjection (text_projection.weight)",
+            )
+        })?;
+        Ok(Encoded { embeds, pooled })
+    }
+
+    /// Run the pipeline.
+    pub fn run(&self, request: &GenerationRequest, ctx: &mut RunContext<'_>) -> Result<GenerationOutput> {
+        let started = Instant::now();
+        let f = self.vae_scale_factor();
+        request.check(f)?;
+        let mut timings = StageTimings::default();
+        let n = request.num_images_per_prompt;
+
+        // 1. Encode the prompt (and the negative prompt for guidance).
+        let t0 = Instant::now();
+        let prompts: Vec<&str> = request.prompts.iter().map(String::as_str).collect();
+        let pos = self.encode(&prompts)?;
+        let cfg = request.do_classifier_free_guidance();
+        let neg = if !cfg {
+            None
+        } else if request.negative_prompts.is_empty() && self.force_zeros_for_empty_prompt {
+            Some(Encoded {
+                embeds: pos.embeds.zeros_like()?,
+                pooled: pos.pooled.zeros_like()?,
+            })
+        } else {
+            let texts: Vec<&str> = (0..prompts.len())
+                .map(|i| request.negative_for(i).unwrap_or(""))
+                .collect();
+            Some(self.encode(&texts)?)
+        };
+        let expand = |e: Encoded| -> Result<Encoded> {
+            Ok(Encoded {
+                embeds: repeat_interleave_batch(&e.embeds, n)?,
+                pooled: repeat_interleave_batch(&e.pooled, n)?,
+            })
+        };
+        let pos = expand(pos)?;
+        let (context, text_embeds) = match neg {
+            Some(neg) => {
+                let neg = expand(neg)?;
+                (
+                    Tensor::cat(&[&neg.embeds, &pos.embeds], 0)?,
+                    Tensor::cat(&[&neg.pooled, &pos.pooled], 0)?,
+                )
+            }
+            None => (pos.embeds, pos.pooled),
+        };
+        // original_size = target_size = (height, width), crops (0, 0).
+        let (h, w) = (request.height as f64, request.width as f64);
+        let time_ids = vec![[h, w, 0.0, 0.0, h, w]; context.dim(0)?];
+        timings.text_encoding = t0.elapsed();
+        (ctx.progress)(Progress::PromptEncoded);
+
+        // 2. Prepare the timesteps.
+        let mut scheduler = prepare_scheduler(
+            &self.scheduler_config,
+            request.scheduler.as_deref(),
+            request.num_inference_steps,
+        )?;
+
+        // 3. Prepare the latents.
+        let shape = [
+            request.batch_size(),
+            self.unet.config().in_channels,
+            request.height / f,
+            request.width / f,
+        ];
+        let latents = (ctx.noise.randn(&shape, &self.device)? * scheduler.init_noise_sigma())?;
+
+        // 4. Denoise.
+        let t0 = Instant::now();
+        let guidance = cfg.then_some(request.guidance_scale);
+        let latents = denoise(
+            scheduler.as_mut(),
+            latents,
+            guidance,
+            |x, t| {
+                let tt = TextTimeConditioning {
+                    text_embeds: &text_embeds,
+                    time_ids: &time_ids,
+                };
+                self.unet.forward(x, t, &context, Some(tt))
+            },
+            ctx,
+            &mut timings,
+        )?;
+        timings.denoising = t0.elapsed();
+
+        // 5. Decode, 6. post-process.
+        let t0 = Instant::now();
+        let latents_to_vae = (latents / self.vae.config().scaling_factor)?;
+        let images = decode_to_images(&self.vae, &latents_to_vae)?;
+        timings.vae_decode = t0.elapsed();
+        (ctx.progress)(Progress::Decoded);
+        timings.total = started.elapsed();
+        Ok(GenerationOutput {
+            images,
+            latents_to_vae,
+            scheduler: scheduler.class_name().to_string(),
+            timings,
+        })
+    }
+}
