@@ -10,8 +10,13 @@
 
 #![warn(missing_docs)]
 
+pub mod codec;
 pub mod params;
 
+pub use codec::{
+    decode_image, encode_image, read_png_metadata, CodecError, DecodedImage, ImageMetadata,
+    PixelLayout, RgbImageRef,
+};
 pub use params::{
     GenerationParams, OutputFormat, ParseEnumError, Precision, ValidateOptions, ValidationError,
 };
