@@ -11,12 +11,14 @@
 #![warn(missing_docs)]
 
 pub mod codec;
+pub mod fs;
 pub mod params;
 
 pub use codec::{
     decode_image, encode_image, read_png_metadata, CodecError, DecodedImage, ImageMetadata,
     PixelLayout, RgbImageRef,
 };
+pub use fs::{output_paths, resolve_output_format, write_atomic, OutputPathError, OutputTarget};
 pub use params::{
     GenerationParams, OutputFormat, ParseEnumError, Precision, ValidateOptions, ValidationError,
 };
