@@ -1,2 +1,24 @@
 //! easel-core: the request schema, validation and defaults, and the image
 //! codecs. No tensors, no network.
+//!
+//! - [`params`]: [`GenerationParams`], the per-image parameters the engine
+//!   runs, and their validation ([`ValidationError`] names the field path and
+//!   the allowed range; nothing is clamped silently).
+//! - [`codec`]: encode RGB8 pixels to PNG (with generation metadata), JPEG or
+//!   lossy WebP; decode PNG/JPEG/WebP; read the metadata back from a PNG.
+//! - [`fs`]: atomic file writes and output file naming for the CLI.
+
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod fs;
+pub mod params;
+
+pub use codec::{
+    decode_image, encode_image, read_png_metadata, CodecError, DecodedImage, ImageMetadata,
+    PixelLayout, RgbImageRef,
+};
+pub use fs::{output_paths, resolve_output_format, write_atomic, OutputPathError, OutputTarget};
+pub use params::{
+    GenerationParams, OutputFormat, ParseEnumError, Precision, ValidateOptions, ValidationError,
+};
