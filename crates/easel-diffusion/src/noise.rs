@@ -279,6 +279,23 @@ mod tests {
         assert_eq!(first, vec![3_499_211_612, 581_869_302, 3_890_346_734]);
     }
 
+    /// Fewer than 16 values take ATen's scalar double path; a later call on
+    /// the same generator continues from the cached sine half. Values from
+    /// `torch.randn(5)`, `torch.randn(3)`, `torch.randn(16)` on one generator
+    /// seeded 42 (PyTorch 2.15).
+    #[test]
+    fn short_draws_match_torch_scalar_path() {
+        let mut g = TorchGenerator::new(42);
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6);
+        assert!(close(
+            &g.randn(5),
+            &[0.336_690_37, 0.128_809_4, 0.234_462_37, 0.230_333_03, -1.122_856_4]
+        ));
+        assert!(close(&g.randn(3), &[-0.186_328_29, 2.208_201_4, -0.637_997_03]));
+        assert!(close(&g.randn(16)[..3], &[1.642_316_9, -0.159_597_47, -0.497_397_54]));
+        assert!(close(&TorchGenerator::new(7).randn(1), &[-0.146_795_09]));
+    }
+
     #[test]
     fn per_image_generators_equal_single_draws() {
         let mut batch = PerImageGenerators::new(&[3, 4]);

@@ -1,0 +1,386 @@
+//! `easel generate`: one prompt, one model, image files.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use clap::Args;
+use easel_core::{
+    encode_image, output_paths, resolve_output_format, write_atomic, GenerationParams,
+    ImageMetadata, OutputFormat, OutputTarget, Precision, RgbImageRef,
+};
+use easel_diffusion::loader::{resolve_model, ModelDir, ResolveOptions};
+use easel_diffusion::noise::PerImageGenerators;
+use easel_diffusion::pipelines::{
+    load_pipeline, CancelToken, GenerationRequest, Pipeline, Progress, RunContext,
+};
+use easel_diffusion::Error as EngineError;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+/// Arguments of `easel generate`.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// A local diffusers directory, or a Hugging Face repo id (`org/name[@revision]`)
+    /// found in the Hugging Face cache or downloaded into it.
+    #[arg(long, short = 'm')]
+    pub model: String,
+    /// What to generate.
+    #[arg(long, short = 'p')]
+    pub prompt: String,
+    /// What to steer away from (classifier-free guidance).
+    #[arg(long, short = 'n', visible_alias = "negative")]
+    pub negative_prompt: Option<String>,
+    /// Denoising steps, 1..=60 [default: 25].
+    #[arg(long, visible_alias = "num-inference-steps")]
+    pub steps: Option<u32>,
+    /// Classifier-free guidance scale, 0..=30; 1 or less runs one UNet pass per step [default: 7.5].
+    #[arg(long, short = 'g', visible_alias = "cfg")]
+    pub guidance_scale: Option<f64>,
+    /// Width in pixels, a multiple of 8 in 8..=2048 [default: the model's native size].
+    #[arg(long, short = 'W')]
+    pub width: Option<u32>,
+    /// Height in pixels, a multiple of 8 in 8..=2048 [default: the model's native size].
+    #[arg(long, short = 'H')]
+    pub height: Option<u32>,
+    /// Seed of the first image; image i uses seed + i [default: random, always reported].
+    #[arg(long, short = 's')]
+    pub seed: Option<u64>,
+    /// Images to generate, 1..=4, each reproducible alone from its own seed.
+    #[arg(long, short = 'b', default_value_t = 1, visible_alias = "num-images")]
+    pub batch_size: u32,
+    /// Sampler: a diffusers class name, a short name (`euler`, `ddim`, ...) or a
+    /// hosted-API name (`EULER_DISCRETE`); see `easel schedulers` [default: the model's].
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Output file; a batch writes FILE-0.ext, FILE-1.ext, ...
+    #[arg(long, short = 'o', conflicts_with = "output_dir")]
+    pub output: Option<PathBuf>,
+    /// Output directory; files are named easel-<seed>-<i>.<ext> [default: .].
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    /// File format: png, jpeg or webp [default: from --output's extension, else png].
+    #[arg(long, short = 'f')]
+    pub format: Option<OutputFormat>,
+    /// Quality of jpeg and webp, 1..=100.
+    #[arg(long, short = 'q', default_value_t = 80)]
+    pub quality: u32,
+    /// Compute precision on GPUs (fp16, bf16, fp32); the CPU computes in fp32.
+    #[arg(long)]
+    pub precision: Option<Precision>,
+    /// Print a machine-readable result (files, seeds, timings) on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Never download: use only models already on disk.
+    #[arg(long, env = "HF_HUB_OFFLINE", value_parser = parse_bool_env)]
+    pub offline: bool,
+}
+
+/// `HF_HUB_OFFLINE` style booleans: 1/true/yes/on.
+pub fn parse_bool_env(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        other => Err(format!("expected 1/0/true/false, got `{other}`")),
+    }
+}
+
+/// Default steps for the Stable Diffusion family (DESIGN.md).
+pub const DEFAULT_STEPS: u32 = 25;
+/// Default guidance scale for the Stable Diffusion family.
+pub const DEFAULT_GUIDANCE_SCALE: f64 = 7.5;
+
+/// A resolved and loaded model.
+pub struct LoadedModel {
+    pub dir: ModelDir,
+    pub pipeline: Pipeline,
+    pub load_time: Duration,
+}
+
+/// Resolve `reference` (local path or repo id) and load its pipeline on the CPU.
+pub fn load_model(reference: &str, offline: bool) -> Result<LoadedModel> {
+    let start = Instant::now();
+    let options = ResolveOptions {
+        offline,
+        ..ResolveOptions::from_env()
+    };
+    let dir = resolve_model(reference, &options)?;
+    let pipeline = load_pipeline(&dir, &Device::Cpu)
+        .with_context(|| format!("loading model {}", dir.root().display()))?;
+    Ok(LoadedModel {
+        dir,
+        pipeline,
+        load_time: start.elapsed(),
+    })
+}
+
+#[derive(Serialize)]
+struct JsonImage {
+    path: PathBuf,
+    seed: u64,
+    width: u32,
+    height: u32,
+    format: OutputFormat,
+}
+
+#[derive(Serialize)]
+struct JsonTimings {
+    load_s: f64,
+    text_encoding_s: f64,
+    denoising_s: f64,
+    step_s: Vec<f64>,
+    vae_decode_s: f64,
+    encode_and_write_s: f64,
+    total_s: f64,
+}
+
+#[derive(Serialize)]
+struct JsonResult {
+    model: String,
+    model_path: PathBuf,
+    pipeline: String,
+    scheduler: String,
+    prompt: String,
+    negative_prompt: Option<String>,
+    steps: u32,
+    guidance_scale: f64,
+    width: u32,
+    height: u32,
+    device: &'static str,
+    precision: &'static str,
+    images: Vec<JsonImage>,
+    timings: JsonTimings,
+}
+
+/// Check that `dir` exists and that a file can be created in it, before
+/// any model is loaded.
+fn check_writable_dir(dir: &Path) -> Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    if !dir.is_dir() {
+        bail!(
+            "output directory {} does not exist (create it, or choose another --output/--output-dir)",
+            dir.display()
+        );
+    }
+    tempfile::NamedTempFile::new_in(dir).with_context(|| {
+        format!(
+            "output directory {} is not writable (choose another --output/--output-dir)",
+            dir.display()
+        )
+    })?;
+    Ok(())
+}
+
+/// Quantise `(batch, H, W, 3)` float images in [0, 1] to RGB8 as diffusers'
+/// `numpy_to_pil` does: `round(x * 255)`, ties to even like NumPy.
+pub fn images_to_rgb8(images: &Tensor) -> Result<Vec<Vec<u8>>> {
+    let (b, _, _, _) = images.dims4()?;
+    (0..b)
+        .map(|i| {
+            let v: Vec<f32> = images.get(i)?.flatten_all()?.to_vec1()?;
+            Ok(v.iter()
+                .map(|x| (x * 255.0).round_ties_even().clamp(0.0, 255.0) as u8)
+                .collect())
+        })
+        .collect()
+}
+
+pub fn run(args: GenerateArgs) -> Result<ExitCode> {
+    let started = Instant::now();
+    // Validate everything that doesn't need the model before loading it.
+    let params = GenerationParams {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        base_model: Some(args.model.clone()),
+        steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        width: args.width,
+        height: args.height,
+        seed: args.seed,
+        batch_size: Some(args.batch_size),
+        scheduler: args.scheduler.clone(),
+        output_format: args.format,
+        output_quality: Some(args.quality),
+        precision: args.precision,
+    };
+    params.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Without --format, the format follows --output's extension; png otherwise.
+    let no_extension = args
+        .output
+        .as_ref()
+        .is_none_or(|p| p.extension().is_none());
+    let format = if args.format.is_none() && no_extension {
+        OutputFormat::Png
+    } else {
+        resolve_output_format(args.format, args.output.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?
+    };
+    let target = match (&args.output, &args.output_dir) {
+        (Some(file), _) => OutputTarget::File(file.clone()),
+        (None, Some(dir)) => OutputTarget::Dir(dir.clone()),
+        (None, None) => OutputTarget::Dir(PathBuf::from(".")),
+    };
+    match &target {
+        OutputTarget::File(f) => check_writable_dir(f.parent().unwrap_or(Path::new(".")))?,
+        OutputTarget::Dir(d) => check_writable_dir(d)?,
+    }
+    if let Some(p) = args.precision {
+        if p != Precision::Fp32 && !args.json {
+            eprintln!("note: --precision {} applies to GPUs; the CPU computes in fp32", p.as_str());
+        }
+    }
+
+    let model = load_model(&args.model, args.offline)?;
+    let pipeline = &model.pipeline;
+    let (native_w, native_h) = pipeline.default_size();
+    let width = args.width.unwrap_or(native_w as u32);
+    let height = args.height.unwrap_or(native_h as u32);
+    let steps = args.steps.unwrap_or(DEFAULT_STEPS);
+    let guidance_scale = args.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE);
+    let seed = args.seed.unwrap_or_else(rand::random::<u64>);
+    let seeds: Vec<u64> = (0..args.batch_size as u64).map(|i| seed.wrapping_add(i)).collect();
+    let paths = output_paths(&target, seeds.len(), format, seed).map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let request = GenerationRequest {
+        prompts: vec![args.prompt.clone()],
+        negative_prompts: args.negative_prompt.iter().cloned().collect(),
+        num_images_per_prompt: seeds.len(),
+        num_inference_steps: steps as usize,
+        guidance_scale,
+        width: width as usize,
+        height: height as usize,
+        scheduler: args.scheduler.clone(),
+    };
+
+    // Ctrl-C cancels at the next step; nothing is written for a canceled job.
+    let cancel = CancelToken::new();
+    {
+        let cancel = cancel.clone();
+        let _ = ctrlc::set_handler(move || cancel.cancel());
+    }
+    let bar = ProgressBar::new(steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] step {pos}/{len} {elapsed} (eta {eta})")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_message("encoding prompt");
+    let mut noise = PerImageGenerators::new(&seeds);
+    let mut on_progress = |p: Progress| match p {
+        Progress::PromptEncoded => bar.set_message("denoising"),
+        Progress::Step { step, total } => {
+            bar.set_length(total as u64);
+            bar.set_position(step as u64);
+            if step == total {
+                bar.set_message("decoding");
+            }
+        }
+        Progress::Decoded => bar.set_message("done"),
+    };
+    let mut ctx = RunContext {
+        noise: &mut noise,
+        progress: &mut on_progress,
+        cancel: cancel.clone(),
+    };
+    let output = match pipeline.run(&request, &mut ctx) {
+        Ok(o) => o,
+        Err(EngineError::Canceled) => {
+            bar.abandon_with_message("canceled");
+            eprintln!("canceled: no image was written");
+            return Ok(ExitCode::from(130));
+        }
+        Err(e) => {
+            bar.abandon();
+            return Err(e.into());
+        }
+    };
+    bar.finish_and_clear();
+
+    let t_write = Instant::now();
+    let rgb = images_to_rgb8(&output.images)?;
+    let mut written = Vec::new();
+    for ((pixels, path), &image_seed) in rgb.iter().zip(&paths).zip(&seeds) {
+        let metadata = ImageMetadata {
+            prompt: args.prompt.clone(),
+            negative_prompt: args.negative_prompt.clone(),
+            steps,
+            scheduler: output.scheduler.clone(),
+            guidance_scale,
+            seed: image_seed,
+            width,
+            height,
+            model: args.model.clone(),
+            extra: [("easel".to_string(), env!("CARGO_PKG_VERSION").to_string())].into(),
+        };
+        let image = RgbImageRef::new(width, height, pixels).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let bytes = encode_image(&image, format, args.quality as u8, &metadata)
+            .map_err(|e| anyhow::anyhow!("encoding {}: {e}", path.display()))?;
+        write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+        written.push(JsonImage {
+            path: path.clone(),
+            seed: image_seed,
+            width,
+            height,
+            format,
+        });
+    }
+    let t = &output.timings;
+    let timings = JsonTimings {
+        load_s: model.load_time.as_secs_f64(),
+        text_encoding_s: t.text_encoding.as_secs_f64(),
+        denoising_s: t.denoising.as_secs_f64(),
+        step_s: t.steps.iter().map(Duration::as_secs_f64).collect(),
+        vae_decode_s: t.vae_decode.as_secs_f64(),
+        encode_and_write_s: t_write.elapsed().as_secs_f64(),
+        total_s: started.elapsed().as_secs_f64(),
+    };
+    if args.json {
+        let result = JsonResult {
+            model: args.model.clone(),
+            model_path: model.dir.root().to_path_buf(),
+            pipeline: pipeline.class_name().to_string(),
+            scheduler: output.scheduler.clone(),
+            prompt: args.prompt.clone(),
+            negative_prompt: args.negative_prompt.clone(),
+            steps,
+            guidance_scale,
+            width,
+            height,
+            device: "cpu",
+            precision: "fp32",
+            images: written,
+            timings,
+        };
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        for img in &written {
+            println!("{} (seed {})", img.path.display(), img.seed);
+        }
+        let per_step = if t.steps.is_empty() {
+            0.0
+        } else {
+            timings.denoising_s / t.steps.len() as f64
+        };
+        eprintln!(
+            "{} {}x{}, {} steps ({}), guidance {}: load {:.2}s, text {:.2}s, denoise {:.2}s ({:.3}s/step), decode {:.2}s, total {:.2}s",
+            pipeline.class_name(),
+            width,
+            height,
+            steps,
+            output.scheduler,
+            guidance_scale,
+            timings.load_s,
+            timings.text_encoding_s,
+            timings.denoising_s,
+            per_step,
+            timings.vae_decode_s,
+            timings.total_s
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
