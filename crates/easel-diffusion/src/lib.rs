@@ -8,5 +8,6 @@
 pub mod error;
 pub mod noise;
 pub mod schedulers;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
