@@ -44,6 +44,22 @@ pub enum Error {
         path: PathBuf,
     },
 
+    /// A component ships its weights only in a format the engine does not
+    /// read (pickle `.bin` / `.ckpt` / `.pt`, Flax `.msgpack`, ...).
+    #[error(
+        "model {model}: component `{component}` has no .safetensors weights, only {} (in {}); \
+         only safetensors are supported: convert it (diffusers: `save_pretrained(dir, safe_serialization=True)`) \
+         or use a repository that ships .safetensors",
+        found.join(", "),
+        dir.display()
+    )]
+    UnsupportedWeights {
+        model: String,
+        component: String,
+        found: Vec<String>,
+        dir: PathBuf,
+    },
+
     /// A weight tensor is missing from the checkpoint.
     #[error("{component}: weight `{tensor}` is missing from {}", file.display())]
     MissingTensor {

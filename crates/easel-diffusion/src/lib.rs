@@ -6,8 +6,11 @@
 //! that tie them together; `noise` the torch-compatible seeded noise.
 
 pub mod error;
+pub mod loader;
 pub mod models;
 pub mod noise;
+pub mod pipelines;
 pub mod schedulers;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
