@@ -104,11 +104,12 @@ pub fn load_model(reference: &str, offline: bool) -> Result<LoadedModel> {
     let start = Instant::now();
     let options = ResolveOptions {
         offline,
-        ..ResolveOptions::from_env()
+        progress: true,
+        ..ResolveOptions::default()
     };
     let dir = resolve_model(reference, &options)?;
     let pipeline = load_pipeline(&dir, &Device::Cpu)
-        .with_context(|| format!("loading model {}", dir.root().display()))?;
+        .with_context(|| format!("loading model {}", dir.path().display()))?;
     Ok(LoadedModel {
         dir,
         pipeline,
@@ -342,7 +343,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     if args.json {
         let result = JsonResult {
             model: args.model.clone(),
-            model_path: model.dir.root().to_path_buf(),
+            model_path: model.dir.path().to_path_buf(),
             pipeline: pipeline.class_name().to_string(),
             scheduler: output.scheduler.clone(),
             prompt: args.prompt.clone(),

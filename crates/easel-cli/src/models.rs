@@ -27,9 +27,9 @@ pub fn run(command: ModelsCommand) -> Result<ExitCode> {
         ModelsCommand::List { models_dirs, json } => {
             let options = ResolveOptions {
                 model_dirs: models_dirs,
-                ..ResolveOptions::from_env()
+                ..ResolveOptions::default()
             };
-            let models = list_local_models(&options)?;
+            let models = list_local_models(&options);
             if json {
                 println!("{}", serde_json::to_string_pretty(&models)?);
                 return Ok(ExitCode::SUCCESS);
@@ -37,7 +37,10 @@ pub fn run(command: ModelsCommand) -> Result<ExitCode> {
             if models.is_empty() {
                 println!(
                     "no models found in {} (download one with `easel generate --model org/name`, or pass --models-dir)",
-                    options.cache_dir.display()
+                    options
+                        .hub_cache()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|_| "the Hugging Face cache".into())
                 );
                 return Ok(ExitCode::SUCCESS);
             }
@@ -45,8 +48,8 @@ pub fn run(command: ModelsCommand) -> Result<ExitCode> {
             for m in &models {
                 println!(
                     "{:<48} {:<28} {:>9}  {}",
-                    m.name,
-                    m.pipeline_class.as_deref().unwrap_or("?"),
+                    m.reference,
+                    if m.pipeline_class.is_empty() { "?" } else { m.pipeline_class.as_str() },
                     format_size(m.size_bytes),
                     m.path.display()
                 );

@@ -314,7 +314,7 @@ fn resolve_hub(repo_id: &str, revision: &str, options: &ResolveOptions) -> Resul
 }
 
 /// A diffusers model found on disk, for `easel models list`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct LocalModel {
     /// What to pass to [`resolve_model`]: the repo id (with `@revision` when
     /// the snapshot is not `main`), or the folder path.

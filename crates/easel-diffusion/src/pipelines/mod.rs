@@ -336,7 +336,7 @@ impl Pipeline {
 /// Errors: an unsupported `_class_name` (naming the supported ones), a
 /// missing component, or weights that don't fit the configs.
 pub fn load_pipeline(model: &ModelDir, device: &Device) -> Result<Pipeline> {
-    match model.class_name() {
+    match model.pipeline_class() {
         "StableDiffusionPipeline" => Ok(Pipeline::StableDiffusion(
             stable_diffusion::StableDiffusionPipeline::load(model, device)?,
         )),
