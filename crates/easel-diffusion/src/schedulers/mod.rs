@@ -12,6 +12,12 @@ use candle_core::Tensor;
 use crate::error::Result;
 use crate::noise::NoiseSource;
 
+pub mod common;
+pub mod config;
+pub mod sigma_schedule;
+
+pub use config::{load_config_file, parse_config_json};
+
 /// What `set_timesteps` is asked for.
 #[derive(Debug, Clone, Default)]
 pub struct TimestepsRequest {
