@@ -14,19 +14,34 @@ use crate::noise::NoiseSource;
 
 pub mod common;
 pub mod config;
+pub mod ddim;
+pub mod lcm;
+pub mod pndm;
 pub mod sigma_schedule;
 
 pub use config::{load_config_file, parse_config_json};
+pub use ddim::{DdimConfig, DdimScheduler};
+pub use lcm::{LcmConfig, LcmScheduler};
+pub use pndm::{PndmConfig, PndmScheduler};
 
 /// What `set_timesteps` is asked for.
 #[derive(Debug, Clone, Default)]
 pub struct TimestepsRequest {
     /// Number of denoising steps (1..=1000).
     pub num_inference_steps: usize,
-    /// Explicit sigmas (flow matching: FluxPipeline passes `linspace(1, 1/n, n)`).
+    /// Explicit sigmas (flow matching: FluxPipeline passes `linspace(1, 1/n, n)`,
+    /// one per step; EulerDiscreteScheduler also takes them, with the final
+    /// σ included, as diffusers' `set_timesteps(sigmas=...)`). Other
+    /// schedulers refuse them. With sigmas, `num_inference_steps` may be 0.
     pub sigmas: Option<Vec<f64>>,
     /// The dynamic-shifting `mu` (flow matching with `use_dynamic_shifting`).
     pub mu: Option<f64>,
+    /// Image-to-image strength, for the schedulers whose timesteps depend on
+    /// it (LCM: `set_timesteps(..., strength=)`, as
+    /// LatentConsistencyModelImg2ImgPipeline passes it). `None` = 1.0.
+    pub strength: Option<f64>,
+    /// LCM's `original_inference_steps` override (`None` = the config's).
+    pub original_inference_steps: Option<usize>,
 }
 
 impl TimestepsRequest {
