@@ -15,13 +15,21 @@ use crate::noise::NoiseSource;
 pub mod common;
 pub mod config;
 pub mod ddim;
+pub mod euler;
+pub mod euler_ancestral;
+pub mod heun;
 pub mod lcm;
+pub mod lms;
 pub mod pndm;
 pub mod sigma_schedule;
 
 pub use config::{load_config_file, parse_config_json};
 pub use ddim::{DdimConfig, DdimScheduler};
+pub use euler::{EulerConfig, EulerDiscreteScheduler};
+pub use euler_ancestral::{EulerAncestralConfig, EulerAncestralDiscreteScheduler};
+pub use heun::{HeunConfig, HeunDiscreteScheduler};
 pub use lcm::{LcmConfig, LcmScheduler};
+pub use lms::{LmsConfig, LmsDiscreteScheduler};
 pub use pndm::{PndmConfig, PndmScheduler};
 
 /// What `set_timesteps` is asked for.
