@@ -15,6 +15,7 @@ use crate::noise::NoiseSource;
 pub mod common;
 pub mod config;
 pub mod ddim;
+pub mod dpm_solver;
 pub mod euler;
 pub mod euler_ancestral;
 pub mod heun;
@@ -22,15 +23,18 @@ pub mod lcm;
 pub mod lms;
 pub mod pndm;
 pub mod sigma_schedule;
+pub mod unipc;
 
 pub use config::{load_config_file, parse_config_json};
 pub use ddim::{DdimConfig, DdimScheduler};
+pub use dpm_solver::{DpmSolverConfig, DpmSolverMultistepScheduler};
 pub use euler::{EulerConfig, EulerDiscreteScheduler};
 pub use euler_ancestral::{EulerAncestralConfig, EulerAncestralDiscreteScheduler};
 pub use heun::{HeunConfig, HeunDiscreteScheduler};
 pub use lcm::{LcmConfig, LcmScheduler};
 pub use lms::{LmsConfig, LmsDiscreteScheduler};
 pub use pndm::{PndmConfig, PndmScheduler};
+pub use unipc::{UniPcConfig, UniPcMultistepScheduler};
 
 /// What `set_timesteps` is asked for.
 #[derive(Debug, Clone, Default)]
