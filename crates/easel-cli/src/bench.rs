@@ -121,7 +121,11 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     println!("| model load | {:.3} |", model.load_time.as_secs_f64());
     println!("| text encoding | {:.3} |", best.text.as_secs_f64());
     println!("| denoising step (mean) | {:.3} |", best.step.as_secs_f64());
-    println!("| denoising ({} steps) | {:.3} |", args.steps, best.denoise.as_secs_f64());
+    println!(
+        "| denoising ({} steps) | {:.3} |",
+        args.steps,
+        best.denoise.as_secs_f64()
+    );
     println!("| VAE decode | {:.3} |", best.decode.as_secs_f64());
     println!("| total | {:.3} |", best.total.as_secs_f64());
     match peak_rss_bytes() {

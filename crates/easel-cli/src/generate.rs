@@ -212,14 +212,12 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     };
     params.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     // Without --format, the format follows --output's extension; png otherwise.
-    let no_extension = args
-        .output
-        .as_ref()
-        .is_none_or(|p| p.extension().is_none());
+    let no_extension = args.output.as_ref().is_none_or(|p| p.extension().is_none());
     let format = if args.format.is_none() && no_extension {
         OutputFormat::Png
     } else {
-        resolve_output_format(args.format, args.output.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?
+        resolve_output_format(args.format, args.output.as_deref())
+            .map_err(|e| anyhow::anyhow!("{e}"))?
     };
     let target = match (&args.output, &args.output_dir) {
         (Some(file), _) => OutputTarget::File(file.clone()),
@@ -232,7 +230,10 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     }
     if let Some(p) = args.precision {
         if p != Precision::Fp32 && !args.json {
-            eprintln!("note: --precision {} applies to GPUs; the CPU computes in fp32", p.as_str());
+            eprintln!(
+                "note: --precision {} applies to GPUs; the CPU computes in fp32",
+                p.as_str()
+            );
         }
     }
 
@@ -244,8 +245,11 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let steps = args.steps.unwrap_or(DEFAULT_STEPS);
     let guidance_scale = args.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE);
     let seed = args.seed.unwrap_or_else(rand::random::<u64>);
-    let seeds: Vec<u64> = (0..args.batch_size as u64).map(|i| seed.wrapping_add(i)).collect();
-    let paths = output_paths(&target, seeds.len(), format, seed).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let seeds: Vec<u64> = (0..args.batch_size as u64)
+        .map(|i| seed.wrapping_add(i))
+        .collect();
+    let paths =
+        output_paths(&target, seeds.len(), format, seed).map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let request = GenerationRequest {
         prompts: vec![args.prompt.clone()],
@@ -266,9 +270,11 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     }
     let bar = ProgressBar::new(steps as u64);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] step {pos}/{len} {elapsed} (eta {eta})")
-            .expect("static template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} {msg} [{bar:30}] step {pos}/{len} {elapsed} (eta {eta})",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
     );
     bar.set_message("encoding prompt");
     let mut noise = PerImageGenerators::new(&seeds);

@@ -49,7 +49,11 @@ pub fn run(command: ModelsCommand) -> Result<ExitCode> {
                 println!(
                     "{:<48} {:<28} {:>9}  {}",
                     m.reference,
-                    if m.pipeline_class.is_empty() { "?" } else { m.pipeline_class.as_str() },
+                    if m.pipeline_class.is_empty() {
+                        "?"
+                    } else {
+                        m.pipeline_class.as_str()
+                    },
                     format_size(m.size_bytes),
                     m.path.display()
                 );
@@ -83,7 +87,12 @@ pub fn schedulers(args: SchedulersArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     for s in &names {
-        println!("{:<18} {:<36} {}", s.name, s.class_name, s.aliases.join(", "));
+        println!(
+            "{:<18} {:<36} {}",
+            s.name,
+            s.class_name,
+            s.aliases.join(", ")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -6,6 +6,7 @@
 //! that tie them together; `noise` the torch-compatible seeded noise.
 
 pub mod error;
+pub mod json;
 pub mod loader;
 pub mod models;
 pub mod noise;

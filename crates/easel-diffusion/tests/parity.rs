@@ -15,15 +15,24 @@ use serde_json::Value;
 fn strings(v: &Value) -> Vec<String> {
     match v {
         Value::String(s) => vec![s.clone()],
-        Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(String::from))
+            .collect(),
         _ => vec![],
     }
 }
 
 /// Run reference case `name` and compare with diffusers' outputs.
 pub fn check_case(name: &str) {
+    check_case_with(name, None)
+}
+
+/// Run reference case `name` with the scheduler given by `scheduler` (any
+/// alias) instead of the case's class name.
+pub fn check_case_with(name: &str, scheduler: Option<&str>) {
     let refs_dir = fixtures().join("references");
-    let case: Value = serde_json::from_str(
+    let case: Value = easel_diffusion::json::parse_lenient(
         &std::fs::read_to_string(refs_dir.join(format!("{name}.json"))).unwrap(),
     )
     .unwrap();
@@ -40,7 +49,9 @@ pub fn check_case(name: &str) {
         guidance_scale: case["guidance_scale"].as_f64().unwrap(),
         width: case["width"].as_u64().unwrap() as usize,
         height: case["height"].as_u64().unwrap() as usize,
-        scheduler: case["scheduler"].as_str().map(String::from),
+        scheduler: scheduler
+            .map(String::from)
+            .or_else(|| case["scheduler"].as_str().map(String::from)),
     };
     let draws: Vec<Tensor> = (0..)
         .map_while(|i| tensors.get(&format!("noise.{i}")).cloned())
@@ -54,11 +65,18 @@ pub fn check_case(name: &str) {
         cancel: CancelToken::new(),
     };
     let out = pipeline.run(&request, &mut ctx).unwrap();
-    assert_eq!(noise.remaining(), 0, "{name}: used fewer than the {n_draws} recorded draws");
+    assert_eq!(
+        noise.remaining(),
+        0,
+        "{name}: used fewer than the {n_draws} recorded draws"
+    );
     let lat = rel_l2(&out.latents_to_vae, &tensors["latents_to_vae"]);
     let img = max_abs(&out.images, &tensors["image"]);
     eprintln!("{name}: latents_to_vae rel L2 {lat:.2e}, image max abs {img:.2e}");
-    assert!(lat <= 1e-4, "{name}: latents_to_vae relative L2 {lat:.3e} > 1e-4");
+    assert!(
+        lat <= 1e-4,
+        "{name}: latents_to_vae relative L2 {lat:.3e} > 1e-4"
+    );
     assert!(img <= 1e-3, "{name}: image max abs {img:.3e} > 1e-3");
 }
 
@@ -111,8 +129,48 @@ fn torch_randn_matches_recorded_draws() {
     for (key, expected) in &recorded {
         let (seed, _) = key.split_once('.').unwrap();
         let seed: u64 = seed.trim_start_matches("seed").parse().unwrap();
-        let got = TorchGenerator::new(seed).randn_tensor(expected.dims(), &Device::Cpu).unwrap();
+        let got = TorchGenerator::new(seed)
+            .randn_tensor(expected.dims(), &Device::Cpu)
+            .unwrap();
         let err = max_abs(&got, expected);
         assert!(err < 1e-6, "{key}: max abs {err:.3e}");
     }
+}
+
+// Samplers beyond the models' defaults (built with `from_config` semantics
+// from the model's own scheduler config).
+
+#[test]
+fn sd15_txt2img_lms() {
+    check_case("sd15_txt2img_lms");
+}
+
+#[test]
+fn sd15_txt2img_heun() {
+    check_case("sd15_txt2img_heun");
+}
+
+#[test]
+fn sd15_txt2img_dpmpp_2m() {
+    check_case("sd15_txt2img_dpmpp_2m");
+}
+
+#[test]
+fn sd15_txt2img_dpmpp_2m_karras() {
+    check_case_with("sd15_txt2img_dpmpp_2m_karras", Some("dpmpp_2m_karras"));
+}
+
+#[test]
+fn sd15_txt2img_unipc() {
+    check_case("sd15_txt2img_unipc");
+}
+
+#[test]
+fn sd15_txt2img_euler_ancestral() {
+    check_case("sd15_txt2img_euler_ancestral");
+}
+
+#[test]
+fn sd15_txt2img_lcm() {
+    check_case("sd15_txt2img_lcm");
 }

@@ -397,7 +397,9 @@ fn component_entry(value: &Value) -> Option<Option<(String, String)>> {
 /// Reads a JSON file.
 pub(crate) fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
+    // Python's json writes -Infinity / NaN (DPMSolver's lambda_min_clipped);
+    // the lenient parser keeps them as strings the config readers understand.
+    crate::json::parse_lenient(&text).map_err(|source| Error::Json {
         path: path.to_path_buf(),
         source,
     })

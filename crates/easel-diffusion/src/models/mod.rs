@@ -18,8 +18,9 @@ use crate::error::{Error, Result};
 /// Read and deserialize a JSON config file, with errors naming the file.
 pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
+    let json = |source| Error::Json {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    serde_json::from_value(crate::json::parse_lenient(&text).map_err(json)?).map_err(json)
 }

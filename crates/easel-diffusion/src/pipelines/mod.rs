@@ -84,7 +84,10 @@ impl GenerationRequest {
             ));
         }
         if self.num_images_per_prompt == 0 {
-            return Err(Error::invalid("num_images_per_prompt", "must be at least 1"));
+            return Err(Error::invalid(
+                "num_images_per_prompt",
+                "must be at least 1",
+            ));
         }
         if self.num_inference_steps == 0 {
             return Err(Error::invalid("steps", "must be at least 1"));
@@ -96,7 +99,9 @@ impl GenerationRequest {
             if v == 0 || v % vae_scale_factor != 0 {
                 return Err(Error::invalid(
                     field,
-                    format!("{field} has to be a positive multiple of {vae_scale_factor} but is {v}"),
+                    format!(
+                        "{field} has to be a positive multiple of {vae_scale_factor} but is {v}"
+                    ),
                 ));
             }
         }
@@ -217,10 +222,7 @@ pub fn denoise(
         };
         latents = scheduler.step(&noise_pred, t, &latents, ctx.noise)?;
         timings.steps.push(start.elapsed());
-        (ctx.progress)(Progress::Step {
-            step: i + 1,
-            total,
-        });
+        (ctx.progress)(Progress::Step { step: i + 1, total });
     }
     Ok(latents)
 }
@@ -270,7 +272,11 @@ pub fn component_weights(model: &ModelDir, component: &str, device: &Device) -> 
 pub fn load_vae(model: &ModelDir, device: &Device, with_encoder: bool) -> Result<AutoencoderKL> {
     let config: AutoencoderKLConfig =
         crate::models::read_config(&model.component_dir("vae")?.join("config.json"))?;
-    AutoencoderKL::load(&component_weights(model, "vae", device)?, &config, with_encoder)
+    AutoencoderKL::load(
+        &component_weights(model, "vae", device)?,
+        &config,
+        with_encoder,
+    )
 }
 
 /// A loaded pipeline of any supported class.
@@ -286,7 +292,11 @@ pub const SUPPORTED_PIPELINES: &[&str] = &["StableDiffusionPipeline", "StableDif
 
 impl Pipeline {
     /// Run a request.
-    pub fn run(&self, request: &GenerationRequest, ctx: &mut RunContext<'_>) -> Result<GenerationOutput> {
+    pub fn run(
+        &self,
+        request: &GenerationRequest,
+        ctx: &mut RunContext<'_>,
+    ) -> Result<GenerationOutput> {
         match self {
             Pipeline::StableDiffusion(p) => p.run(request, ctx),
             Pipeline::StableDiffusionXL(p) => p.run(request, ctx),

@@ -40,7 +40,10 @@ impl StableDiffusionPipeline {
         )?;
         let unet_cfg: UNet2DConditionConfig =
             crate::models::read_config(&model.component_dir("unet")?.join("config.json"))?;
-        let unet = UNet2DConditionModel::load(&super::component_weights(model, "unet", device)?, &unet_cfg)?;
+        let unet = UNet2DConditionModel::load(
+            &super::component_weights(model, "unet", device)?,
+            &unet_cfg,
+        )?;
         let vae = load_vae(model, device, false)?;
         let scheduler_config = model.component_config("scheduler")?;
         Ok(Self {
@@ -74,7 +77,10 @@ impl StableDiffusionPipeline {
             .iter()
             .map(|p| self.tokenizer.encode(p))
             .collect::<Result<Vec<_>>>()?;
-        let embeds = self.text_encoder.forward(&ids, &self.device)?.last_hidden_state;
+        let embeds = self
+            .text_encoder
+            .forward(&ids, &self.device)?
+            .last_hidden_state;
         let embeds = repeat_interleave_batch(&embeds, request.num_images_per_prompt)?;
         if !request.do_classifier_free_guidance() {
             return Ok((embeds, None));
@@ -82,13 +88,20 @@ impl StableDiffusionPipeline {
         let neg_ids = (0..request.prompts.len())
             .map(|i| self.tokenizer.encode(request.negative_for(i).unwrap_or("")))
             .collect::<Result<Vec<_>>>()?;
-        let neg = self.text_encoder.forward(&neg_ids, &self.device)?.last_hidden_state;
+        let neg = self
+            .text_encoder
+            .forward(&neg_ids, &self.device)?
+            .last_hidden_state;
         let neg = repeat_interleave_batch(&neg, request.num_images_per_prompt)?;
         Ok((embeds, Some(neg)))
     }
 
     /// Run the pipeline.
-    pub fn run(&self, request: &GenerationRequest, ctx: &mut RunContext<'_>) -> Result<GenerationOutput> {
+    pub fn run(
+        &self,
+        request: &GenerationRequest,
+        ctx: &mut RunContext<'_>,
+    ) -> Result<GenerationOutput> {
         let started = Instant::now();
         let f = self.vae_scale_factor();
         request.check(f)?;

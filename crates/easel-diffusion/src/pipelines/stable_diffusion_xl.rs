@@ -61,7 +61,10 @@ impl StableDiffusionXLPipeline {
                 "an SDXL UNet needs `addition_embed_type: text_time`",
             ));
         }
-        let unet = UNet2DConditionModel::load(&super::component_weights(model, "unet", device)?, &unet_cfg)?;
+        let unet = UNet2DConditionModel::load(
+            &super::component_weights(model, "unet", device)?,
+            &unet_cfg,
+        )?;
         let force_zeros_for_empty_prompt = model
             .options()
             .get("force_zeros_for_empty_prompt")
@@ -112,7 +115,13 @@ impl StableDiffusionXLPipeline {
                 .map(|i| hs[i].clone())
                 .ok_or_else(|| Error::config("text_encoder", "needs at least one layer"))
         };
-        let embeds = Tensor::cat(&[penultimate(&o1.hidden_states)?, penultimate(&o2.hidden_states)?], 2)?;
+        let embeds = Tensor::cat(
+            &[
+                penultimate(&o1.hidden_states)?,
+                penultimate(&o2.hidden_states)?,
+            ],
+            2,
+        )?;
         let pooled = o2.text_embeds.ok_or_else(|| {
             Error::config(
                 "text_encoder_2",
@@ -123,7 +132,11 @@ impl StableDiffusionXLPipeline {
     }
 
     /// Run the pipeline.
-    pub fn run(&self, request: &GenerationRequest, ctx: &mut RunContext<'_>) -> Result<GenerationOutput> {
+    pub fn run(
+        &self,
+        request: &GenerationRequest,
+        ctx: &mut RunContext<'_>,
+    ) -> Result<GenerationOutput> {
         let started = Instant::now();
         let f = self.vae_scale_factor();
         request.check(f)?;

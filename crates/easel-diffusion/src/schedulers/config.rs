@@ -29,44 +29,8 @@ use crate::error::{Error, Result};
 /// stored as the strings `"Infinity"`, `"-Infinity"`, `"NaN"`, which the
 /// number readers of [`ConfigReader`] understand.
 pub fn parse_config_json(text: &str) -> Result<Value> {
-    let mut out = String::with_capacity(text.len() + 16);
-    let mut in_string = false;
-    let mut escaped = false;
-    let mut rest = text;
-    while let Some(c) = rest.chars().next() {
-        if in_string {
-            out.push(c);
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_string = false;
-            }
-            rest = &rest[c.len_utf8()..];
-            continue;
-        }
-        let mut replaced = false;
-        for token in ["-Infinity", "Infinity", "NaN"] {
-            if rest.starts_with(token) {
-                out.push('"');
-                out.push_str(token);
-                out.push('"');
-                rest = &rest[token.len()..];
-                replaced = true;
-                break;
-            }
-        }
-        if replaced {
-            continue;
-        }
-        if c == '"' {
-            in_string = true;
-        }
-        out.push(c);
-        rest = &rest[c.len_utf8()..];
-    }
-    serde_json::from_str(&out).map_err(|e| Error::config("scheduler", format!("invalid JSON: {e}")))
+    crate::json::parse_lenient(text)
+        .map_err(|e| Error::config("scheduler", format!("invalid JSON: {e}")))
 }
 
 /// Read and parse a `scheduler_config.json` file (see [`parse_config_json`]).
