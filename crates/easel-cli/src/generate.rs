@@ -16,6 +16,7 @@ use easel_diffusion::noise::PerImageGenerators;
 use easel_diffusion::pipelines::{
     load_pipeline, CancelToken, GenerationRequest, Pipeline, Progress, RunContext,
 };
+use easel_diffusion::schedulers::resolve_scheduler_name;
 use easel_diffusion::Error as EngineError;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -152,6 +153,7 @@ struct JsonResult {
     device: &'static str,
     precision: &'static str,
     images: Vec<JsonImage>,
+    warnings: Vec<String>,
     timings: JsonTimings,
 }
 
@@ -237,6 +239,10 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         }
     }
 
+    if let Some(name) = &args.scheduler {
+        resolve_scheduler_name(name)?;
+    }
+
     let model = load_model(&args.model, args.offline)?;
     let pipeline = &model.pipeline;
     let (native_w, native_h) = pipeline.default_size();
@@ -307,6 +313,9 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         }
     };
     bar.finish_and_clear();
+    for w in &output.warnings {
+        eprintln!("warning: {w}");
+    }
 
     let t_write = Instant::now();
     let rgb = images_to_rgb8(&output.images)?;
@@ -361,6 +370,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
             device: "cpu",
             precision: "fp32",
             images: written,
+            warnings: output.warnings.clone(),
             timings,
         };
         println!("{}", serde_json::to_string_pretty(&result)?);

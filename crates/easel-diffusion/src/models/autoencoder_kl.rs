@@ -301,9 +301,9 @@ impl Encoder {
         let g = c.norm_num_groups;
         let mut down_blocks = Vec::with_capacity(n);
         let mut out_c = ch[0];
-        for i in 0..n {
+        for (i, &channels) in ch.iter().enumerate() {
             let in_c = out_c;
-            out_c = ch[i];
+            out_c = channels;
             let bw = w.pp(format!("down_blocks.{i}"));
             let resnets = (0..c.layers_per_block)
                 .map(|j| {

@@ -696,7 +696,8 @@ impl UNet2DConditionModel {
             let num_layers = rev_layers[i] + 1;
             let mut resnets = Vec::new();
             let mut attentions = Vec::new();
-            for j in 0..num_layers {
+            // One transformer depth per layer (`rev_tlayers[i]` has num_layers entries).
+            for (j, &depth) in rev_tlayers[i].iter().enumerate() {
                 let skip_c = if j == num_layers - 1 { in_c } else { out_c };
                 let rin = if j == 0 { prev_out } else { out_c };
                 resnets.push(ResnetBlock2D::load(
@@ -706,13 +707,7 @@ impl UNet2DConditionModel {
                 if with_attention {
                     attentions.push(Transformer2D::load(
                         &bw.pp(format!("attentions.{j}")),
-                        transformer(
-                            out_c,
-                            rev_heads[i],
-                            rev_tlayers[i][j],
-                            rev_cross[i],
-                            rev_only[i],
-                        )?,
+                        transformer(out_c, rev_heads[i], depth, rev_cross[i], rev_only[i])?,
                     )?);
                 }
             }

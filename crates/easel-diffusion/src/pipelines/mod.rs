@@ -1,9 +1,10 @@
 //! Pipelines: the numbered stages that turn a request into images.
 //!
-//! 1. encode the prompt, 2. prepare the timesteps, 3. prepare the latents,
-//! 4. denoise, 5. decode, 6. post-process. The stages mirror diffusers'
-//! `StableDiffusionPipeline.__call__` / `StableDiffusionXLPipeline.__call__`;
-//! the denoising loop ([`denoise`]) is shared by every pipeline.
+//! The stages: (1) encode the prompt, (2) prepare the timesteps, (3) prepare
+//! the latents, (4) denoise, (5) decode, (6) post-process. They mirror
+//! diffusers' `StableDiffusionPipeline.__call__` and
+//! `StableDiffusionXLPipeline.__call__`; the denoising loop ([`denoise`]) is
+//! shared by every pipeline.
 //!
 //! A pipeline is chosen from `model_index.json`'s `_class_name` by
 //! [`load_pipeline`]; the caller (CLI, server worker) gives it a
@@ -25,6 +26,7 @@ use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::weights::{SafetensorsSource, TensorSource, Weights};
 use crate::noise::NoiseSource;
 use crate::schedulers::{build_scheduler, Scheduler, TimestepsRequest};
+use crate::tokenizer::ClipTokenizer;
 
 /// What to generate, already validated and resolved against the model's
 /// defaults (the request schema and its ranges live in `easel-core`).
@@ -186,6 +188,29 @@ pub struct GenerationOutput {
     pub scheduler: String,
     /// Per-stage timings.
     pub timings: StageTimings,
+    /// Things the user should know (a prompt truncated to the encoder's
+    /// 77 tokens, as diffusers warns).
+    pub warnings: Vec<String>,
+}
+
+/// Tokenize `text` for a CLIP encoder (padded to its maximum length),
+/// noting in `warnings` when it was truncated, as diffusers warns.
+pub fn tokenize_clip(
+    tokenizer: &ClipTokenizer,
+    text: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<u32>> {
+    let t = tokenizer.encode_detailed(text)?;
+    if let Some(cut) = &t.truncated_text {
+        let w = format!(
+            "prompt truncated to {} tokens; this part was dropped: \"{cut}\"",
+            tokenizer.max_length()
+        );
+        if !warnings.contains(&w) {
+            warnings.push(w);
+        }
+    }
+    Ok(t.ids)
 }
 
 /// Stage 4, shared by all pipelines: run the scheduler's timesteps, calling
@@ -282,9 +307,9 @@ pub fn load_vae(model: &ModelDir, device: &Device, with_encoder: bool) -> Result
 /// A loaded pipeline of any supported class.
 pub enum Pipeline {
     /// `StableDiffusionPipeline` (SD 1.x / 2.x).
-    StableDiffusion(stable_diffusion::StableDiffusionPipeline),
+    StableDiffusion(Box<stable_diffusion::StableDiffusionPipeline>),
     /// `StableDiffusionXLPipeline`.
-    StableDiffusionXL(stable_diffusion_xl::StableDiffusionXLPipeline),
+    StableDiffusionXL(Box<stable_diffusion_xl::StableDiffusionXLPipeline>),
 }
 
 /// The pipeline classes [`load_pipeline`] accepts.
@@ -347,12 +372,12 @@ impl Pipeline {
 /// missing component, or weights that don't fit the configs.
 pub fn load_pipeline(model: &ModelDir, device: &Device) -> Result<Pipeline> {
     match model.pipeline_class() {
-        "StableDiffusionPipeline" => Ok(Pipeline::StableDiffusion(
+        "StableDiffusionPipeline" => Ok(Pipeline::StableDiffusion(Box::new(
             stable_diffusion::StableDiffusionPipeline::load(model, device)?,
-        )),
-        "StableDiffusionXLPipeline" => Ok(Pipeline::StableDiffusionXL(
+        ))),
+        "StableDiffusionXLPipeline" => Ok(Pipeline::StableDiffusionXL(Box::new(
             stable_diffusion_xl::StableDiffusionXLPipeline::load(model, device)?,
-        )),
+        ))),
         other => Err(Error::config(
             "model_index.json",
             format!(

@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 
 use super::{
-    decode_to_images, denoise, load_vae, prepare_scheduler, repeat_interleave_batch,
+    decode_to_images, denoise, load_vae, prepare_scheduler, repeat_interleave_batch, tokenize_clip,
     GenerationOutput, GenerationRequest, Progress, RunContext, StageTimings,
 };
 use crate::error::Result;
@@ -71,11 +71,15 @@ impl StableDiffusionPipeline {
     /// Stage 1: `(prompt_embeds, negative_prompt_embeds)`, each
     /// `(batch * num_images_per_prompt, 77, hidden)`; the negative half only
     /// with guidance (an absent negative prompt encodes `""`).
-    fn encode_prompt(&self, request: &GenerationRequest) -> Result<(Tensor, Option<Tensor>)> {
+    fn encode_prompt(
+        &self,
+        request: &GenerationRequest,
+        warnings: &mut Vec<String>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let ids = request
             .prompts
             .iter()
-            .map(|p| self.tokenizer.encode(p))
+            .map(|p| tokenize_clip(&self.tokenizer, p, warnings))
             .collect::<Result<Vec<_>>>()?;
         let embeds = self
             .text_encoder
@@ -86,7 +90,13 @@ impl StableDiffusionPipeline {
             return Ok((embeds, None));
         }
         let neg_ids = (0..request.prompts.len())
-            .map(|i| self.tokenizer.encode(request.negative_for(i).unwrap_or("")))
+            .map(|i| {
+                tokenize_clip(
+                    &self.tokenizer,
+                    request.negative_for(i).unwrap_or(""),
+                    warnings,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let neg = self
             .text_encoder
@@ -109,7 +119,8 @@ impl StableDiffusionPipeline {
 
         // 1. Encode the prompt.
         let t0 = Instant::now();
-        let (embeds, negative) = self.encode_prompt(request)?;
+        let mut warnings = Vec::new();
+        let (embeds, negative) = self.encode_prompt(request, &mut warnings)?;
         let context = match &negative {
             Some(neg) => Tensor::cat(&[neg, &embeds], 0)?,
             None => embeds,
@@ -160,6 +171,7 @@ impl StableDiffusionPipeline {
             latents_to_vae,
             scheduler: scheduler.class_name().to_string(),
             timings,
+            warnings,
         })
     }
 }

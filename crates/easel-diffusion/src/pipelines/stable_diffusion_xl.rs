@@ -11,7 +11,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 
 use super::{
-    decode_to_images, denoise, load_vae, prepare_scheduler, repeat_interleave_batch,
+    decode_to_images, denoise, load_vae, prepare_scheduler, repeat_interleave_batch, tokenize_clip,
     GenerationOutput, GenerationRequest, Progress, RunContext, StageTimings,
 };
 use crate::error::{Error, Result};
@@ -98,14 +98,14 @@ impl StableDiffusionXLPipeline {
     /// Encode texts with both encoders: penultimate hidden states
     /// concatenated on the feature axis, and the second encoder's projected
     /// pooled output.
-    fn encode(&self, texts: &[&str]) -> Result<Encoded> {
+    fn encode(&self, texts: &[&str], warnings: &mut Vec<String>) -> Result<Encoded> {
         let ids_1 = texts
             .iter()
-            .map(|t| self.tokenizer.encode(t))
+            .map(|t| tokenize_clip(&self.tokenizer, t, warnings))
             .collect::<Result<Vec<_>>>()?;
         let ids_2 = texts
             .iter()
-            .map(|t| self.tokenizer_2.encode(t))
+            .map(|t| tokenize_clip(&self.tokenizer_2, t, warnings))
             .collect::<Result<Vec<_>>>()?;
         let o1 = self.text_encoder.forward(&ids_1, &self.device)?;
         let o2 = self.text_encoder_2.forward(&ids_2, &self.device)?;
@@ -146,7 +146,8 @@ impl StableDiffusionXLPipeline {
         // 1. Encode the prompt (and the negative prompt for guidance).
         let t0 = Instant::now();
         let prompts: Vec<&str> = request.prompts.iter().map(String::as_str).collect();
-        let pos = self.encode(&prompts)?;
+        let mut warnings = Vec::new();
+        let pos = self.encode(&prompts, &mut warnings)?;
         let cfg = request.do_classifier_free_guidance();
         let neg = if !cfg {
             None
@@ -159,7 +160,7 @@ impl StableDiffusionXLPipeline {
             let texts: Vec<&str> = (0..prompts.len())
                 .map(|i| request.negative_for(i).unwrap_or(""))
                 .collect();
-            Some(self.encode(&texts)?)
+            Some(self.encode(&texts, &mut warnings)?)
         };
         let expand = |e: Encoded| -> Result<Encoded> {
             Ok(Encoded {
@@ -231,6 +232,7 @@ impl StableDiffusionXLPipeline {
             latents_to_vae,
             scheduler: scheduler.class_name().to_string(),
             timings,
+            warnings,
         })
     }
 }
