@@ -127,7 +127,9 @@ config_enum!(
     /// Whether the model is fed discrete timesteps or EDM-style continuous
     /// `0.25 ln σ` (`timestep_type`, EulerDiscreteScheduler).
     TimestepType {
+        /// The (fractional) training timestep.
         Discrete = "discrete",
+        /// `0.25 ln σ` (only with v-prediction, as diffusers).
         Continuous = "continuous",
     }
 );
@@ -136,7 +138,9 @@ config_enum!(
     /// How σ is interpolated between training timesteps (`interpolation_type`,
     /// EulerDiscreteScheduler).
     InterpolationType {
+        /// σ interpolated linearly in t at the spaced timesteps.
         Linear = "linear",
+        /// σ evenly spaced in ln σ from σ_max to σ_min (n + 1 values, as diffusers).
         LogLinear = "log_linear",
     }
 );
@@ -170,11 +174,15 @@ config_enum!(
 config_enum!(
     /// DPM-Solver's second-order update (`solver_type`).
     DpmSolverType {
+        /// The midpoint 2nd-order update (the "2M" of DPM++ 2M).
         Midpoint = "midpoint",
+        /// Heun's 2nd-order update.
         Heun = "heun",
-        /// UniPC / DEIS names, mapped to `midpoint` as diffusers does.
+        /// A DEIS name, mapped to `midpoint` as diffusers does.
         Logrho = "logrho",
+        /// A UniPC name, mapped to `midpoint` as diffusers does.
         Bh1 = "bh1",
+        /// A UniPC name, mapped to `midpoint` as diffusers does.
         Bh2 = "bh2",
     }
 );
@@ -186,9 +194,11 @@ config_enum!(
         Bh1 = "bh1",
         /// `B(h) = e^h − 1`.
         Bh2 = "bh2",
-        /// DPM-Solver names, mapped to `bh2` as diffusers does.
+        /// A DPM-Solver name, mapped to `bh2` as diffusers does.
         Midpoint = "midpoint",
+        /// A DPM-Solver name, mapped to `bh2` as diffusers does.
         Heun = "heun",
+        /// A DEIS name, mapped to `bh2` as diffusers does.
         Logrho = "logrho",
     }
 );
@@ -196,7 +206,9 @@ config_enum!(
 config_enum!(
     /// Learned-variance models output extra channels (`variance_type`, DPM-Solver).
     VarianceType {
+        /// The output holds a learned variance after the 3 prediction channels.
         Learned = "learned",
+        /// As `learned`, interpolating between β bounds.
         LearnedRange = "learned_range",
     }
 );
