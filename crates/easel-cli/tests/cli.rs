@@ -36,58 +36,93 @@ fn max_level_diff(a: &[u8], b: &[u8]) -> u8 {
         .unwrap_or(0)
 }
 
-/// Issue 2: `easel generate` with the settings of `sd15_txt2img_euler.json`
-/// and `--seed 42` reproduces diffusers' PNG within one level per channel.
-#[test]
-fn generate_reproduces_sd15_euler_reference_png() {
+/// Run `easel generate` with the settings of reference case `case` (its
+/// prompt, negative prompt, steps, guidance, size and seed) and `scheduler`,
+/// and check the PNG is within one level per channel of diffusers' PNG.
+/// Returns the `--json` result.
+fn reproduce_reference_png(case: &str, scheduler: &str) -> serde_json::Value {
+    let refs = fixtures().join("references");
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(refs.join(format!("{case}.json"))).unwrap())
+            .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("cat.png");
-    let model = fixtures().join("models/tiny-sd15");
-    let o = easel(&[
+    let out = dir.path().join("out.png");
+    let model = fixtures().join(c["model"].as_str().unwrap());
+    let num = |k: &str| c[k].to_string();
+    let (steps, guidance, width, height, seed) = (
+        num("num_inference_steps"),
+        num("guidance_scale"),
+        num("width"),
+        num("height"),
+        num("seed"),
+    );
+    let mut args = vec![
         "generate",
         "--model",
         model.to_str().unwrap(),
         "--prompt",
-        "a photo of a cat",
-        "--negative-prompt",
-        "blurry, deformed",
+        c["prompt"].as_str().unwrap(),
         "--steps",
-        "4",
+        &steps,
         "--guidance-scale",
-        "7.5",
+        &guidance,
         "--width",
-        "64",
+        &width,
         "--height",
-        "64",
+        &height,
         "--seed",
-        "42",
+        &seed,
         "--scheduler",
-        "euler",
+        scheduler,
         "--output",
         out.to_str().unwrap(),
         "--json",
-    ]);
+    ];
+    if let Some(neg) = c["negative_prompt"].as_str() {
+        args.extend(["--negative-prompt", neg]);
+    }
+    let o = easel(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(json["images"][0]["seed"], 42);
-    assert_eq!(json["scheduler"], "EulerDiscreteScheduler");
-    assert_eq!(json["timings"]["step_s"].as_array().unwrap().len(), 4);
 
     let (w, h, got) = rgb8(&out);
-    let (rw, rh, want) = rgb8(&fixtures().join("references/sd15_txt2img_euler.0.png"));
+    let (rw, rh, want) = rgb8(&refs.join(format!("{case}.0.png")));
     assert_eq!((w, h), (rw, rh));
     let d = max_level_diff(&got, &want);
-    assert!(d <= 1, "max difference {d} levels");
+    assert!(d <= 1, "{case}: max difference {d} levels");
 
     // The generation parameters are embedded in the PNG.
     let meta = easel_core::read_png_metadata(&std::fs::read(&out).unwrap()).unwrap();
-    assert_eq!(meta.prompt, "a photo of a cat");
-    assert_eq!(meta.negative_prompt.as_deref(), Some("blurry, deformed"));
+    assert_eq!(meta.prompt, c["prompt"].as_str().unwrap());
     assert_eq!(
-        (meta.seed, meta.steps, meta.width, meta.height),
-        (42, 4, 64, 64)
+        meta.negative_prompt.as_deref(),
+        c["negative_prompt"].as_str()
     );
-    assert_eq!(meta.scheduler, "EulerDiscreteScheduler");
+    assert_eq!(meta.seed.to_string(), seed);
+    assert_eq!(meta.steps.to_string(), steps);
+    assert_eq!(
+        (meta.width.to_string(), meta.height.to_string()),
+        (width, height)
+    );
+    json
+}
+
+/// Issue 2: `easel generate` with the settings of `sd15_txt2img_euler.json`
+/// and `--seed 42` reproduces diffusers' PNG within one level per channel.
+#[test]
+fn generate_reproduces_sd15_euler_reference_png() {
+    let json = reproduce_reference_png("sd15_txt2img_euler", "euler");
+    assert_eq!(json["images"][0]["seed"], 42);
+    assert_eq!(json["scheduler"], "EulerDiscreteScheduler");
+    assert_eq!(json["timings"]["step_s"].as_array().unwrap().len(), 4);
+}
+
+/// Issue 3: the stochastic Euler ancestral sampler draws its per-step noise
+/// from the seeded generator in diffusers' order.
+#[test]
+fn generate_reproduces_sd15_euler_ancestral_reference_png() {
+    let json = reproduce_reference_png("sd15_txt2img_euler_ancestral", "euler_a");
+    assert_eq!(json["scheduler"], "EulerAncestralDiscreteScheduler");
 }
 
 /// Image i of a batch uses seed + i and equals a single run with that seed.
@@ -150,6 +185,7 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
         (vec!["--guidance-scale", "31"], "guidance"),
         (vec!["--batch-size", "5"], "batch"),
         (vec!["--scheduler", "nope"], "euler"),
+        (vec!["--scheduler", "flow_match_euler"], "flow-matching"),
         (vec!["--quality", "0"], "quality"),
     ];
     for (extra, needle) in cases {
