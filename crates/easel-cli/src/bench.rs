@@ -8,7 +8,7 @@ use clap::Args;
 use easel_diffusion::noise::PerImageGenerators;
 use easel_diffusion::pipelines::{CancelToken, GenerationRequest, RunContext};
 
-use crate::generate::{load_model, parse_bool_env, DEFAULT_GUIDANCE_SCALE};
+use crate::generate::{load_model, parse_bool_env};
 
 /// Arguments of `easel bench`.
 #[derive(Args, Debug)]
@@ -26,7 +26,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 4)]
     pub steps: usize,
     /// Guidance scale (above 1: two UNet passes per step).
-    #[arg(long, default_value_t = DEFAULT_GUIDANCE_SCALE)]
+    #[arg(long, default_value_t = 7.5)]
     pub guidance_scale: f64,
     /// Images per run.
     #[arg(long, default_value_t = 1)]
@@ -73,6 +73,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         width: args.width.unwrap_or(w),
         height: args.height.unwrap_or(h),
         scheduler: args.scheduler.clone(),
+        ..Default::default()
     };
     let seeds: Vec<u64> = (0..args.batch_size as u64).collect();
     let mut rows = Vec::new();

@@ -34,10 +34,11 @@ pub struct GenerateArgs {
     /// What to steer away from (classifier-free guidance).
     #[arg(long, short = 'n', visible_alias = "negative")]
     pub negative_prompt: Option<String>,
-    /// Denoising steps, 1..=60 [default: 25].
+    /// Denoising steps, 1..=60 [default: per model family: 25 for Stable Diffusion].
     #[arg(long, visible_alias = "num-inference-steps")]
     pub steps: Option<u32>,
-    /// Classifier-free guidance scale, 0..=30; 1 or less runs one UNet pass per step [default: 7.5].
+    /// Classifier-free guidance scale, 0..=30; 1 or less runs one UNet pass per step
+    /// [default: per model family: 7.5 for Stable Diffusion].
     #[arg(long, short = 'g', visible_alias = "cfg")]
     pub guidance_scale: Option<f64>,
     /// Width in pixels, a multiple of 8 in 8..=2048 [default: the model's native size].
@@ -87,11 +88,6 @@ pub fn parse_bool_env(s: &str) -> Result<bool, String> {
         other => Err(format!("expected 1/0/true/false, got `{other}`")),
     }
 }
-
-/// Default steps for the Stable Diffusion family (DESIGN.md).
-pub const DEFAULT_STEPS: u32 = 25;
-/// Default guidance scale for the Stable Diffusion family.
-pub const DEFAULT_GUIDANCE_SCALE: f64 = 7.5;
 
 /// A resolved and loaded model.
 pub struct LoadedModel {
@@ -248,8 +244,10 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let (native_w, native_h) = pipeline.default_size();
     let width = args.width.unwrap_or(native_w as u32);
     let height = args.height.unwrap_or(native_h as u32);
-    let steps = args.steps.unwrap_or(DEFAULT_STEPS);
-    let guidance_scale = args.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE);
+    let steps = args.steps.unwrap_or(pipeline.default_steps() as u32);
+    let guidance_scale = args
+        .guidance_scale
+        .unwrap_or(pipeline.default_guidance_scale());
     let seed = args.seed.unwrap_or_else(rand::random::<u64>);
     let seeds: Vec<u64> = (0..args.batch_size as u64)
         .map(|i| seed.wrapping_add(i))
@@ -266,6 +264,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         width: width as usize,
         height: height as usize,
         scheduler: args.scheduler.clone(),
+        ..Default::default()
     };
 
     // Ctrl-C cancels at the next step; nothing is written for a canceled job.

@@ -52,6 +52,7 @@ pub fn check_case_with(name: &str, scheduler: Option<&str>) {
         scheduler: scheduler
             .map(String::from)
             .or_else(|| case["scheduler"].as_str().map(String::from)),
+        ..Default::default()
     };
     let draws: Vec<Tensor> = (0..)
         .map_while(|i| tensors.get(&format!("noise.{i}")).cloned())

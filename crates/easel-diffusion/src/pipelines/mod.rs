@@ -28,8 +28,35 @@ use crate::noise::NoiseSource;
 use crate::schedulers::{build_scheduler, Scheduler, TimestepsRequest};
 use crate::tokenizer::ClipTokenizer;
 
+/// An 8-bit RGB image handed to the engine (decoded by the caller).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageInput {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// `width * height * 3` bytes, row-major RGB.
+    pub rgb: Vec<u8>,
+}
+
+/// An 8-bit single-channel mask: 255 (white) repaints, 0 (black) keeps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MaskInput {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// `width * height` bytes, row-major.
+    pub luma: Vec<u8>,
+}
+
+/// The default image-to-image strength (the share of the schedule re-run).
+pub const DEFAULT_STRENGTH: f64 = 0.8;
+
 /// What to generate, already validated and resolved against the model's
 /// defaults (the request schema and its ranges live in `easel-core`).
+/// `Default` gives one empty prompt, 25 steps, guidance 7.5, 512², no
+/// init image; callers set what they need with struct-update syntax.
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
     /// One prompt per image definition (diffusers' `prompt` list).
@@ -49,6 +76,33 @@ pub struct GenerationRequest {
     /// Scheduler name (any alias of `schedulers::scheduler_names`), or the
     /// model's own scheduler when `None`.
     pub scheduler: Option<String>,
+    /// Image-to-image / inpainting: the init image.
+    pub image: Option<ImageInput>,
+    /// Inpainting: the mask (white repaints), resized to the image.
+    pub mask: Option<MaskInput>,
+    /// Image-to-image: how much of the init image is replaced, 0..=1.
+    pub strength: f64,
+    /// FLUX: the T5 prompt length in tokens (default per model).
+    pub max_sequence_length: Option<usize>,
+}
+
+impl Default for GenerationRequest {
+    fn default() -> Self {
+        Self {
+            prompts: vec![String::new()],
+            negative_prompts: Vec::new(),
+            num_images_per_prompt: 1,
+            num_inference_steps: 25,
+            guidance_scale: 7.5,
+            width: 512,
+            height: 512,
+            scheduler: None,
+            image: None,
+            mask: None,
+            strength: DEFAULT_STRENGTH,
+            max_sequence_length: None,
+        }
+    }
 }
 
 impl GenerationRequest {
@@ -343,6 +397,17 @@ impl Pipeline {
             Pipeline::StableDiffusion(p) => p.default_size(),
             Pipeline::StableDiffusionXL(p) => p.default_size(),
         }
+    }
+
+    /// The default number of denoising steps for this model family (25 for
+    /// Stable Diffusion).
+    pub fn default_steps(&self) -> usize {
+        25
+    }
+
+    /// The default guidance scale for this model family (7.5 for Stable Diffusion).
+    pub fn default_guidance_scale(&self) -> f64 {
+        7.5
     }
 
     /// The VAE scale factor (width and height must be multiples of it).

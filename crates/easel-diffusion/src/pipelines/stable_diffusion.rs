@@ -10,7 +10,7 @@ use super::{
     decode_to_images, denoise, load_vae, prepare_scheduler, repeat_interleave_batch, tokenize_clip,
     GenerationOutput, GenerationRequest, Progress, RunContext, StageTimings,
 };
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::loader::ModelDir;
 use crate::models::autoencoder_kl::AutoencoderKL;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
@@ -115,6 +115,12 @@ impl StableDiffusionPipeline {
         let started = Instant::now();
         let f = self.vae_scale_factor();
         request.check(f)?;
+        if request.image.is_some() || request.mask.is_some() {
+            return Err(Error::invalid(
+                "image",
+                "image-to-image and inpainting are not supported by this pipeline yet",
+            ));
+        }
         let mut timings = StageTimings::default();
 
         // 1. Encode the prompt.

@@ -140,6 +140,12 @@ impl StableDiffusionXLPipeline {
         let started = Instant::now();
         let f = self.vae_scale_factor();
         request.check(f)?;
+        if request.image.is_some() || request.mask.is_some() {
+            return Err(Error::invalid(
+                "image",
+                "image-to-image and inpainting are not supported by this pipeline yet",
+            ));
+        }
         let mut timings = StageTimings::default();
         let n = request.num_images_per_prompt;
 
