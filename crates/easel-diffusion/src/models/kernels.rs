@@ -123,6 +123,7 @@ pub fn pack_conv3x3_weight(weight: &[f32], co: usize, ci: usize) -> Vec<f32> {
 /// the padded width as `Σ_taps W_tap · X_pad[shifted by ky*(w+2)+kx]`, nine
 /// matrix products of `(co × ci) · (ci × h(w+2))` with no im2col copy, and
 /// the two padding columns of each row are dropped at the end.
+#[allow(clippy::too_many_arguments)]
 pub fn conv3x3_same(
     x: &[f32],
     batch: usize,
@@ -224,14 +225,13 @@ pub fn conv1x1(
     out
 }
 
-/// Group normalisation (Wu & He 2018, arXiv:1803.08494) over
-/// `(batch, channels, spatial)`, with per-channel `gamma`/`beta`, optionally
+/// Group normalisation (Wu & He 2018, arXiv:1803.08494) over `x` laid out
+/// as `(batch, channels, spatial)`, with per-channel `gamma`/`beta`, optionally
 /// followed by SiLU in the same pass. Mean and variance are accumulated in
 /// f64 (two passes), as precise as PyTorch's Welford.
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm(
     x: &[f32],
-    batch: usize,
     channels: usize,
     spatial: usize,
     groups: usize,
@@ -248,7 +248,6 @@ pub fn group_norm(
         .enumerate()
         .for_each(|(bg, (dst, src))| {
             let g = bg % groups;
-            let _ = batch;
             let n = src.len() as f64;
             let mean = src.iter().map(|&v| v as f64).sum::<f64>() / n;
             let var = src
@@ -290,6 +289,7 @@ const ATTENTION_BLOCK: usize = 128;
 /// `O(threads · block · m)` instead of `O(heads · n · m)`.
 ///
 /// - `q`: `(bh, n, d)`, `k`, `v`: `(bh, m, d)` → `(bh, n, d)`.
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &[f32],
     k: &[f32],
@@ -373,5 +373,120 @@ fn softmax_in_place(row: &mut [f32]) {
     let inv = 1.0 / sum;
     for s in row.iter_mut() {
         *s *= inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        crate::noise::TorchGenerator::new(seed)
+            .randn_tensor(shape, &Device::Cpu)
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn conv3x3_matches_candle_on_odd_and_tiny_sizes() {
+        for &(b, ci, co, h, w) in &[
+            (2, 3, 5, 7, 9),
+            (1, 4, 2, 1, 1),
+            (1, 8, 16, 1, 13),
+            (2, 16, 8, 12, 1),
+        ] {
+            let x = randn(&[b, ci, h, w], 1);
+            let weight = randn(&[co, ci, 3, 3], 2);
+            let bias = randn(&[co], 3);
+            let want = x
+                .conv2d(&weight, 1, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap())
+                .unwrap();
+            let taps = with_f32(&weight, |d| pack_conv3x3_weight(d, co, ci)).unwrap();
+            let bias_v = bias.to_vec1::<f32>().unwrap();
+            let got = with_f32(&x, |d| conv3x3_same(d, b, ci, h, w, &taps, &bias_v, co)).unwrap();
+            let got = tensor(got, &[b, co, h, w]).unwrap();
+            assert!(max_diff(&got, &want) < 1e-4, "{b}x{ci}x{h}x{w} -> {co}");
+        }
+    }
+
+    #[test]
+    fn conv1x1_matches_candle() {
+        let (b, ci, co, h, w) = (2, 6, 4, 5, 3);
+        let x = randn(&[b, ci, h, w], 4);
+        let weight = randn(&[co, ci, 1, 1], 5);
+        let bias = randn(&[co], 6);
+        let want = x
+            .conv2d(&weight, 0, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap())
+            .unwrap();
+        let wv = with_f32(&weight, <[f32]>::to_vec).unwrap();
+        let got = with_f32(&x, |d| {
+            conv1x1(d, b, ci, h * w, &wv, &bias.to_vec1::<f32>().unwrap(), co)
+        })
+        .unwrap();
+        assert!(max_diff(&tensor(got, &[b, co, h, w]).unwrap(), &want) < 1e-5);
+    }
+
+    #[test]
+    fn attention_matches_naive_across_block_boundaries() {
+        // n = 300 spans three blocks of 128 with a partial last block.
+        let (bh, n, m, d) = (3, 300, 77, 8);
+        let q = randn(&[bh, n, d], 7);
+        let k = randn(&[bh, m, d], 8);
+        let v = randn(&[bh, m, d], 9);
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&scores)
+            .unwrap()
+            .matmul(&v)
+            .unwrap();
+        let got = with_f32(&q, |qd| {
+            with_f32(&k, |kd| {
+                with_f32(&v, |vd| attention(qd, kd, vd, bh, n, m, d, scale as f32))
+            })
+        })
+        .unwrap()
+        .unwrap()
+        .unwrap();
+        assert!(max_diff(&tensor(got, &[bh, n, d]).unwrap(), &want) < 1e-5);
+    }
+
+    #[test]
+    fn group_norm_with_silu_matches_candle() {
+        let (b, c, hw, groups) = (2, 8, 15, 4);
+        let x = (randn(&[b, c, hw], 10) * 3.0).unwrap();
+        let gamma = randn(&[c], 11);
+        let beta = randn(&[c], 12);
+        let gn = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), c, groups, 1e-5).unwrap();
+        let want = candle_nn::ops::silu(&candle_core::Module::forward(&gn, &x).unwrap()).unwrap();
+        let got = with_f32(&x, |d| {
+            group_norm(
+                d,
+                c,
+                hw,
+                groups,
+                1e-5,
+                &gamma.to_vec1::<f32>().unwrap(),
+                &beta.to_vec1::<f32>().unwrap(),
+                true,
+            )
+        })
+        .unwrap();
+        assert!(max_diff(&tensor(got, &[b, c, hw]).unwrap(), &want) < 1e-5);
     }
 }

@@ -232,13 +232,12 @@ impl GroupNorm {
     fn forward_with(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         if kernels::applies(x) && !self.gamma.is_empty() && x.rank() >= 3 {
             let dims = x.dims().to_vec();
-            let (b, c) = (dims[0], dims[1]);
+            let c = dims[1];
             let spatial = dims[2..].iter().product();
             let y = timed(5, || {
                 kernels::with_f32(x, |d| {
                     kernels::group_norm(
                         d,
-                        b,
                         c,
                         spatial,
                         self.groups,
