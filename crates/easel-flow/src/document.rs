@@ -125,13 +125,15 @@ impl FlowDocument {
                 let description = optional_string(map, "description", None, &mut errors);
                 (map.get("steps"), name, description)
             }
-            other => return Err(ValidationErrors(vec![ValidationError::in_document(
-                "",
-                format!(
+            other => {
+                return Err(ValidationErrors(vec![ValidationError::in_document(
+                    "",
+                    format!(
                     "a flow is an object `{{ \"steps\": [...] }}` (or an array of steps), not {}",
                     type_name(other)
                 ),
-            )])),
+                )]))
+            }
         };
         let mut steps = Vec::new();
         match steps_value {
