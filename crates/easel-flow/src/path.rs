@@ -164,9 +164,14 @@ pub fn classify(s: &str) -> Result<Text, String> {
             .map_err(|e| format!("@Map path is malformed: {e}"));
     }
     if looks_like_reference(s) {
-        return Reference::parse(s)
-            .map(Text::Reference)
-            .map_err(|e| format!("{e}; write `\\{s}` if this is meant as text, not a reference"));
+        return Reference::parse(s).map(Text::Reference).map_err(|e| {
+            let hint = if s.contains('-') {
+                " (names with `-` need brackets: `$.results['my-step']`)"
+            } else {
+                ""
+            };
+            format!("{e}{hint}; write `\\{s}` if this is meant as text, not a reference")
+        });
     }
     if s.contains("{{") {
         return parse_template(s);
@@ -387,6 +392,12 @@ mod tests {
         let e = classify("$.input[").unwrap_err();
         assert!(e.contains("not a valid JSONPath query"), "{e}");
         assert!(e.contains("\\$.input["), "{e}");
+        let e = classify("$.results.my-step.id").unwrap_err();
+        assert!(e.contains("$.results['my-step']"), "{e}");
+        assert!(matches!(
+            classify("$.results['my-step'].id").unwrap(),
+            Text::Reference(_)
+        ));
         let e = classify("@Map(results.x)").unwrap_err();
         assert!(e.contains("@Map path `results.x` is malformed"), "{e}");
         let e = classify("@Map($.a[)").unwrap_err();

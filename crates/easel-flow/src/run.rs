@@ -167,7 +167,7 @@ impl FlowRun {
 /// How to run: ids, cancellation, events.
 #[derive(Clone, Default)]
 pub struct RunOptions {
-    /// The run's id [default: generated, `run-<time>-<n>`].
+    /// The run's id (default: generated, `run-<time>-<n>`).
     pub run_id: Option<String>,
     /// The stored flow's id, recorded on the run.
     pub flow_id: Option<String>,
