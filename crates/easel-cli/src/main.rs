@@ -1,9 +1,11 @@
 //! `easel`: self-hosted image generation from the command line.
 //!
 //! A thin binary over the reusable crates: `easel-core` validates and
-//! encodes, `easel-diffusion` loads models and runs pipelines.
+//! encodes, `easel-diffusion` loads models and runs pipelines, `easel-flow`
+//! runs flows.
 
 mod bench;
+mod flow;
 mod generate;
 mod models;
 
@@ -24,6 +26,11 @@ struct Cli {
 enum Command {
     /// Generate images from a prompt.
     Generate(Box<generate::GenerateArgs>),
+    /// Run or check flows: steps with JSONPath references and @Map.
+    Flow {
+        #[command(subcommand)]
+        command: flow::FlowCommand,
+    },
     /// Models found locally (Hugging Face cache and model directories).
     Models {
         #[command(subcommand)]
@@ -61,6 +68,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args),
+        Command::Flow { command } => flow::run(command),
         Command::Models { command } => models::run(command),
         Command::Schedulers(args) => models::schedulers(args),
         Command::Bench(args) => bench::run(args),
