@@ -301,7 +301,8 @@ impl LocalBackend {
         if let Some(model) = models.get(reference) {
             return Ok(model.clone());
         }
-        let model = Arc::new(load_model(reference, self.offline).map_err(|e| format!("{e:#}"))?);
+        let model =
+            Arc::new(load_model(reference, self.offline, false).map_err(|e| format!("{e:#}"))?);
         models.insert(reference.to_string(), model.clone());
         Ok(model)
     }
