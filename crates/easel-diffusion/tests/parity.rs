@@ -9,7 +9,9 @@ use candle_core::{Device, Tensor};
 use common::*;
 use easel_diffusion::loader::ModelDir;
 use easel_diffusion::noise::RecordedNoise;
-use easel_diffusion::pipelines::{load_pipeline, CancelToken, GenerationRequest, RunContext};
+use easel_diffusion::pipelines::{
+    load_pipeline, CancelToken, GenerationRequest, ImageInput, MaskInput, RunContext,
+};
 use serde_json::Value;
 
 fn strings(v: &Value) -> Vec<String> {
@@ -31,16 +33,42 @@ pub fn check_case(name: &str) {
 /// Run reference case `name` with the scheduler given by `scheduler` (any
 /// alias) instead of the case's class name.
 pub fn check_case_with(name: &str, scheduler: Option<&str>) {
-    let refs_dir = fixtures().join("references");
+    check_case_in("references", name, scheduler)
+}
+
+/// An 8-bit image of the fixtures as the engine takes it.
+fn load_image(path: &std::path::Path) -> ImageInput {
+    let img = easel_core::decode_image(&std::fs::read(path).unwrap()).unwrap();
+    let (width, height) = (img.width as usize, img.height as usize);
+    ImageInput {
+        width,
+        height,
+        rgb: img.into_rgb8(),
+    }
+}
+
+/// Run case `name` of `tests/fixtures/<dir>` (`references` or `generated`):
+/// its JSON gives the request (prompt, steps, guidance, size, strength,
+/// `max_sequence_length`, init image and mask files next to it), its
+/// safetensors the recorded noise and diffusers' outputs.
+pub fn check_case_in(dir: &str, name: &str, scheduler: Option<&str>) {
+    let refs_dir = fixtures().join(dir);
     let case: Value = easel_diffusion::json::parse_lenient(
         &std::fs::read_to_string(refs_dir.join(format!("{name}.json"))).unwrap(),
     )
     .unwrap();
-    let tensors = load_refs(&format!("references/{name}.safetensors"));
+    let tensors = load_refs(&format!("{dir}/{name}.safetensors"));
     let model_dir = fixtures().join(case["model"].as_str().unwrap());
     let model = ModelDir::open(&model_dir).unwrap();
     let pipeline = load_pipeline(&model, &Device::Cpu).unwrap();
 
+    let image = case["init_image"]
+        .as_str()
+        .map(|f| load_image(&refs_dir.join(f)));
+    let mask = case["mask_image"].as_str().map(|f| {
+        let m = load_image(&refs_dir.join(f));
+        MaskInput::from_rgb8(m.width, m.height, &m.rgb).unwrap()
+    });
     let request = GenerationRequest {
         prompts: strings(&case["prompt"]),
         negative_prompts: strings(&case["negative_prompt"]),
@@ -52,7 +80,12 @@ pub fn check_case_with(name: &str, scheduler: Option<&str>) {
         scheduler: scheduler
             .map(String::from)
             .or_else(|| case["scheduler"].as_str().map(String::from)),
-        ..Default::default()
+        image,
+        mask,
+        strength: case["strength"]
+            .as_f64()
+            .unwrap_or_else(|| pipeline.default_strength()),
+        max_sequence_length: case["max_sequence_length"].as_u64().map(|v| v as usize),
     };
     let draws: Vec<Tensor> = (0..)
         .map_while(|i| tensors.get(&format!("noise.{i}")).cloned())
@@ -174,4 +207,36 @@ fn sd15_txt2img_euler_ancestral() {
 #[test]
 fn sd15_txt2img_lcm() {
     check_case("sd15_txt2img_lcm");
+}
+
+// FLUX.1 (issue 5): no classifier-free guidance, 2x2-packed latents,
+// flow-match Euler with static (schnell) or dynamic (dev, Fill) shifting.
+
+#[test]
+fn flux_schnell_txt2img() {
+    check_case("flux_schnell_txt2img");
+}
+
+#[test]
+fn flux_dev_txt2img() {
+    check_case("flux_dev_txt2img");
+}
+
+#[test]
+fn flux_fill_inpaint() {
+    check_case("flux_fill_inpaint");
+}
+
+/// FLUX.1 dev image-to-image (dynamic shifting, guidance embedding),
+/// `tests/fixtures/generated/flux_dev_img2img.*` from
+/// `tools/gen_flux_img2img_refs.py`: strength 0.6 of 5 steps.
+#[test]
+fn flux_dev_img2img() {
+    check_case_in("generated", "flux_dev_img2img", None);
+}
+
+/// FLUX.1 schnell image-to-image (static shift): strength 0.75 of 4 steps.
+#[test]
+fn flux_schnell_img2img() {
+    check_case_in("generated", "flux_schnell_img2img", None);
 }
