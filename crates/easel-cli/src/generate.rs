@@ -116,11 +116,12 @@ pub struct LoadedModel {
     pub load_time: Duration,
 }
 
-/// Resolve `reference` (local path or repo id) and load its pipeline on the CPU.
-pub fn load_model(reference: &str, offline: bool) -> Result<LoadedModel> {
+/// Resolve `reference` (local path or repo id) and load its pipeline on the
+/// CPU; `random_weights` synthesises the weights (benchmarks).
+pub fn load_model(reference: &str, offline: bool, random_weights: bool) -> Result<LoadedModel> {
     let start = Instant::now();
     let dir = resolve(reference, offline)?;
-    load_resolved(dir, start)
+    load_resolved(dir, start, random_weights)
 }
 
 /// Resolve `reference` (local path, HF cache or download) without loading it.
@@ -133,8 +134,10 @@ fn resolve(reference: &str, offline: bool) -> Result<ModelDir> {
     Ok(resolve_model(reference, &options)?)
 }
 
-/// Load the pipeline of a resolved model on the CPU.
-fn load_resolved(dir: ModelDir, start: Instant) -> Result<LoadedModel> {
+/// Load the pipeline of a resolved model on the CPU; `random_weights`
+/// synthesises the weights (benchmarks).
+fn load_resolved(dir: ModelDir, start: Instant, random_weights: bool) -> Result<LoadedModel> {
+    let dir = dir.with_random_weights(random_weights);
     let pipeline = load_pipeline(&dir, &Device::Cpu)
         .with_context(|| format!("loading model {}", dir.path().display()))?;
     Ok(LoadedModel {
@@ -357,7 +360,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         params.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         (args.width, args.height)
     };
-    let model = load_resolved(dir, load_start)?;
+    let model = load_resolved(dir, load_start, false)?;
     let pipeline = &model.pipeline;
     // Without --width/--height: the init image's size (rounded to the model's
     // multiple), else the model's native size.

@@ -465,6 +465,8 @@ impl FluxComponents {
                 Some(c) => Tensor::cat(&[&latents, c], 2)?,
                 None => latents.clone(),
             };
+            let call = Instant::now();
+            let flops_before = crate::models::layers::flops();
             let noise_pred = self.transformer.forward(&FluxTransformerInput {
                 hidden_states: &hidden,
                 encoder_hidden_states: prompt_embeds,
@@ -474,6 +476,8 @@ impl FluxComponents {
                 txt_ids: text_ids,
                 guidance: self.guidance_embeds().then_some(guidance.as_slice()),
             })?;
+            timings.model_flops += crate::models::layers::flops() - flops_before;
+            timings.model_calls.push(call.elapsed());
             latents = scheduler.step(&noise_pred, t, &latents, ctx.noise)?;
             timings.steps.push(start.elapsed());
             (ctx.progress)(Progress::Step { step: i + 1, total });
