@@ -571,3 +571,33 @@ fn flow_run_failures_and_invalid_flows_exit_non_zero() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("EASEL_LLM_URL"), "{}", stderr(&o));
 }
+
+/// Issue 5 with issue 8: `easel bench --random-weights` builds a FLUX model
+/// from its configs alone and reports one transformer pass per step.
+#[test]
+fn bench_random_weights_runs_a_flux_model() {
+    let model = fixtures().join("models/tiny-flux-dev");
+    let o = easel(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--random-weights",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "2",
+        "--runs",
+        "0",
+        "--no-peak",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("(FluxPipeline)"), "{out}");
+    assert!(
+        out.contains("guidance 3.5 (1 transformer pass per step)"),
+        "{out}"
+    );
+    assert!(out.contains("| transformer call (mean;"), "{out}");
+}
