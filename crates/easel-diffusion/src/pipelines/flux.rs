@@ -439,6 +439,8 @@ impl FluxComponents {
     }
 
     /// Stage 4: the denoising loop from step `t_start`.
+    // The stages' outputs are passed as they are, like the shared loop's.
+    #[allow(clippy::too_many_arguments)]
     fn denoise(
         &self,
         request: &GenerationRequest,
