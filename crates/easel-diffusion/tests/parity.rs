@@ -240,3 +240,111 @@ fn flux_dev_img2img() {
 fn flux_schnell_img2img() {
     check_case_in("generated", "flux_schnell_img2img", None);
 }
+
+/// Issue 5: per-model defaults come from the model's configs: schnell (no
+/// `guidance_embeds`) 4 steps and guidance 0, dev 28 and 3.5, Fill 50, 30 and
+/// strength 1; FLUX sizes are multiples of 16 with a native 1024².
+#[test]
+fn flux_defaults_follow_the_model() {
+    let load = |name: &str| {
+        let dir = ModelDir::open(fixtures().join("models").join(name)).unwrap();
+        load_pipeline(&dir, &Device::Cpu).unwrap()
+    };
+    for (name, class, steps, guidance, strength) in [
+        ("tiny-flux-schnell", "FluxPipeline", 4, 0.0, 0.8),
+        ("tiny-flux-dev", "FluxPipeline", 28, 3.5, 0.8),
+        ("tiny-flux-fill", "FluxFillPipeline", 50, 30.0, 1.0),
+    ] {
+        let p = load(name);
+        assert_eq!(p.class_name(), class, "{name}");
+        assert!(p.is_flux(), "{name}");
+        assert_eq!(p.default_steps(), steps, "{name}");
+        assert_eq!(p.default_guidance_scale(), guidance, "{name}");
+        assert_eq!(p.default_strength(), strength, "{name}");
+        assert_eq!(p.size_multiple(), 16, "{name}");
+        assert_eq!(p.default_size(), (1024, 1024), "{name}");
+        assert_eq!(p.denoiser_name(), "transformer", "{name}");
+    }
+    let sd = load("tiny-sd15");
+    assert_eq!((sd.default_steps(), sd.size_multiple()), (25, 8));
+    assert_eq!(sd.denoiser_name(), "UNet");
+}
+
+/// Issue 5: FLUX requests that cannot run are errors naming the field.
+#[test]
+fn flux_bad_requests_are_errors_naming_the_field() {
+    let run = |name: &str, request: GenerationRequest| -> String {
+        let dir = ModelDir::open(fixtures().join("models").join(name)).unwrap();
+        let p = load_pipeline(&dir, &Device::Cpu).unwrap();
+        let mut noise = easel_diffusion::noise::PerImageGenerators::new(&[1]);
+        let mut progress = |_| {};
+        let mut ctx = RunContext {
+            noise: &mut noise,
+            progress: &mut progress,
+            cancel: CancelToken::new(),
+        };
+        match p.run(&request, &mut ctx) {
+            Ok(_) => panic!("{name}: expected an error"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let base = GenerationRequest {
+        prompts: vec!["a cat".into()],
+        num_inference_steps: 1,
+        width: 32,
+        height: 32,
+        max_sequence_length: Some(8),
+        ..Default::default()
+    };
+    let e = run(
+        "tiny-flux-schnell",
+        GenerationRequest {
+            width: 40,
+            ..base.clone()
+        },
+    );
+    assert!(e.contains("width") && e.contains("16"), "{e}");
+    let e = run(
+        "tiny-flux-schnell",
+        GenerationRequest {
+            max_sequence_length: Some(513),
+            ..base.clone()
+        },
+    );
+    assert!(
+        e.contains("max_sequence_length") && e.contains("512"),
+        "{e}"
+    );
+    let e = run("tiny-flux-fill", base.clone());
+    assert!(e.contains("image"), "{e}");
+    let gray = ImageInput {
+        width: 32,
+        height: 32,
+        rgb: vec![128; 32 * 32 * 3],
+    };
+    let e = run(
+        "tiny-flux-dev",
+        GenerationRequest {
+            image: Some(gray),
+            mask: Some(MaskInput {
+                width: 32,
+                height: 32,
+                luma: vec![255; 32 * 32],
+            }),
+            ..base.clone()
+        },
+    );
+    assert!(e.contains("mask") && e.contains("Fill"), "{e}");
+    let e = run(
+        "tiny-flux-dev",
+        GenerationRequest {
+            image: Some(ImageInput {
+                width: 16,
+                height: 32,
+                rgb: vec![128; 16 * 32 * 3],
+            }),
+            ..base
+        },
+    );
+    assert!(e.contains("image is 16x32"), "{e}");
+}
