@@ -27,9 +27,11 @@ pub struct BenchArgs {
     /// Denoising steps per run.
     #[arg(long, default_value_t = 4)]
     pub steps: usize,
-    /// Guidance scale (above 1: two UNet passes per step).
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance_scale: f64,
+    /// Guidance scale (Stable Diffusion: above 1 runs two UNet passes per step;
+    /// FLUX embeds it, one transformer pass) [default: the model's: 7.5 for
+    /// Stable Diffusion, FLUX.1 schnell 0, dev 3.5, Fill 30].
+    #[arg(long)]
+    pub guidance_scale: Option<f64>,
     /// Images per run.
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
@@ -39,7 +41,8 @@ pub struct BenchArgs {
     /// Timed runs after one warm-up run; the table shows the fastest.
     #[arg(long, default_value_t = 1)]
     pub runs: usize,
-    /// The prompt (its length changes nothing: CLIP always encodes 77 tokens).
+    /// The prompt (its length changes nothing: CLIP always encodes 77 tokens, T5
+    /// its `max_sequence_length`).
     #[arg(long, default_value = "a photograph of an astronaut riding a horse")]
     pub prompt: String,
     /// Never download: use only models already on disk.
@@ -75,12 +78,15 @@ struct Row {
 pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let model = load_model(&args.model, args.offline, args.random_weights)?;
     let (w, h) = model.pipeline.default_size();
+    let guidance_scale = args
+        .guidance_scale
+        .unwrap_or(model.pipeline.default_guidance_scale());
     let request = GenerationRequest {
         prompts: vec![args.prompt.clone()],
         negative_prompts: vec![],
         num_images_per_prompt: args.batch_size,
         num_inference_steps: args.steps,
-        guidance_scale: args.guidance_scale,
+        guidance_scale,
         width: args.width.unwrap_or(w),
         height: args.height.unwrap_or(h),
         scheduler: args.scheduler.clone(),
@@ -118,17 +124,19 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         .iter()
         .min_by_key(|r| r.total)
         .expect("at least one run");
-    let guided = args.guidance_scale > 1.0;
+    // FLUX embeds the guidance scale: one transformer pass per step.
+    let guided = guidance_scale > 1.0 && !model.pipeline.is_flux();
     println!(
-        "model: {} ({}), {}x{}, {} steps, batch {}, guidance {} ({} UNet pass{} per step), device cpu, f32",
+        "model: {} ({}), {}x{}, {} steps, batch {}, guidance {} ({} {} pass{} per step), device cpu, f32",
         args.model,
         model.pipeline.class_name(),
         request.width,
         request.height,
         args.steps,
         args.batch_size,
-        args.guidance_scale,
+        guidance_scale,
         if guided { 2 } else { 1 },
+        model.pipeline.denoiser_name(),
         if guided { "es" } else { "" },
     );
     println!("| stage | seconds |");

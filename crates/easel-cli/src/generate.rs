@@ -9,12 +9,14 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 use easel_core::{
     encode_image, output_paths, resolve_output_format, write_atomic, GenerationParams,
-    ImageMetadata, OutputFormat, OutputTarget, Precision, RgbImageRef,
+    ImageMetadata, OutputFormat, OutputTarget, Precision, RgbImageRef, ValidateOptions,
 };
 use easel_diffusion::loader::{resolve_model, ModelDir, ResolveOptions};
 use easel_diffusion::noise::PerImageGenerators;
+use easel_diffusion::pipelines::flux::round_to_flux_size;
 use easel_diffusion::pipelines::{
-    load_pipeline, CancelToken, GenerationRequest, Pipeline, Progress, RunContext,
+    load_pipeline, CancelToken, GenerationRequest, ImageInput, MaskInput, Pipeline, Progress,
+    RunContext,
 };
 use easel_diffusion::schedulers::resolve_scheduler_name;
 use easel_diffusion::Error as EngineError;
@@ -34,19 +36,37 @@ pub struct GenerateArgs {
     /// What to steer away from (classifier-free guidance).
     #[arg(long, short = 'n', visible_alias = "negative")]
     pub negative_prompt: Option<String>,
-    /// Denoising steps, 1..=60 [default: per model family: 25 for Stable Diffusion].
+    /// Denoising steps, 1..=60 [default: per model: 25 for Stable Diffusion,
+    /// FLUX.1 schnell 4, dev 28, Fill 50].
     #[arg(long, visible_alias = "num-inference-steps")]
     pub steps: Option<u32>,
-    /// Classifier-free guidance scale, 0..=30; 1 or less runs one UNet pass per step
-    /// [default: per model family: 7.5 for Stable Diffusion].
+    /// Classifier-free guidance scale, 0..=30; 1 or less runs one UNet pass per step.
+    /// FLUX.1 dev and Fill embed it instead; schnell ignores it
+    /// [default: per model: 7.5 for Stable Diffusion, FLUX.1 schnell 0, dev 3.5, Fill 30].
     #[arg(long, short = 'g', visible_alias = "cfg")]
     pub guidance_scale: Option<f64>,
-    /// Width in pixels, a multiple of 8 in 8..=2048 [default: the model's native size].
+    /// Width in pixels in 8..=2048, a multiple of 8; FLUX rounds it to a multiple of 16
+    /// with a notice [default: the init image's, else the model's native size].
     #[arg(long, short = 'W')]
     pub width: Option<u32>,
-    /// Height in pixels, a multiple of 8 in 8..=2048 [default: the model's native size].
+    /// Height in pixels in 8..=2048, a multiple of 8; FLUX rounds it to a multiple of 16
+    /// with a notice [default: the init image's, else the model's native size].
     #[arg(long, short = 'H')]
     pub height: Option<u32>,
+    /// Image-to-image (or, with --mask, inpainting): the init image (PNG, JPEG or WebP),
+    /// resized to the output size when it differs.
+    #[arg(long, short = 'i')]
+    pub image: Option<PathBuf>,
+    /// Inpainting mask: white repaints, black keeps; resized to the output size.
+    #[arg(long, requires = "image")]
+    pub mask: Option<PathBuf>,
+    /// Image-to-image: how much of the schedule is re-run, 0..=1
+    /// [default: 0.8; FLUX.1 Fill 1.0].
+    #[arg(long, visible_alias = "prompt-strength")]
+    pub strength: Option<f64>,
+    /// FLUX: the T5 prompt length in tokens, 1..=512 [default: schnell 256, dev and Fill 512].
+    #[arg(long)]
+    pub max_sequence_length: Option<usize>,
     /// Seed of the first image; image i uses seed + i [default: random, always reported].
     #[arg(long, short = 's')]
     pub seed: Option<u64>,
@@ -100,12 +120,24 @@ pub struct LoadedModel {
 /// CPU; `random_weights` synthesises the weights (benchmarks).
 pub fn load_model(reference: &str, offline: bool, random_weights: bool) -> Result<LoadedModel> {
     let start = Instant::now();
+    let dir = resolve(reference, offline)?;
+    load_resolved(dir, start, random_weights)
+}
+
+/// Resolve `reference` (local path, HF cache or download) without loading it.
+fn resolve(reference: &str, offline: bool) -> Result<ModelDir> {
     let options = ResolveOptions {
         offline,
         progress: true,
         ..ResolveOptions::default()
     };
-    let dir = resolve_model(reference, &options)?.with_random_weights(random_weights);
+    Ok(resolve_model(reference, &options)?)
+}
+
+/// Load the pipeline of a resolved model on the CPU; `random_weights`
+/// synthesises the weights (benchmarks).
+fn load_resolved(dir: ModelDir, start: Instant, random_weights: bool) -> Result<LoadedModel> {
+    let dir = dir.with_random_weights(random_weights);
     let pipeline = load_pipeline(&dir, &Device::Cpu)
         .with_context(|| format!("loading model {}", dir.path().display()))?;
     Ok(LoadedModel {
@@ -113,6 +145,59 @@ pub fn load_model(reference: &str, offline: bool, random_weights: bool) -> Resul
         pipeline,
         load_time: start.elapsed(),
     })
+}
+
+/// Whether a `model_index.json` pipeline class is a FLUX.1 pipeline (sizes in
+/// multiples of 16).
+fn is_flux_class(class: &str) -> bool {
+    class.starts_with("Flux")
+}
+
+/// FLUX sizes: `value` rounded to the nearest multiple of 16, with a notice
+/// on stderr (unless `quiet`) when it changes.
+fn round_flux_size(field: &str, value: u32, quiet: bool) -> u32 {
+    match round_to_flux_size(value as usize) {
+        Some(r) => {
+            if !quiet {
+                eprintln!("note: FLUX needs multiples of 16: --{field} {value} rounded to {r}");
+            }
+            r as u32
+        }
+        None => value,
+    }
+}
+
+/// Read and decode an input image file to RGB8.
+fn read_image(path: &Path, what: &str) -> Result<(u32, u32, Vec<u8>)> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))?;
+    let img = easel_core::decode_image(&bytes)
+        .map_err(|e| anyhow::anyhow!("{what} {}: {e}", path.display()))?;
+    let (w, h) = (img.width, img.height);
+    Ok((w, h, img.into_rgb8()))
+}
+
+/// `rgb` resized to `width` x `height` (Lanczos3), with a notice on stderr
+/// (unless `quiet`) when the size changes.
+fn fit_rgb(
+    (w, h, rgb): (u32, u32, Vec<u8>),
+    width: u32,
+    height: u32,
+    what: &str,
+    quiet: bool,
+) -> Result<Vec<u8>> {
+    if (w, h) == (width, height) {
+        return Ok(rgb);
+    }
+    if !quiet {
+        eprintln!("note: the {what} is {w}x{h}; resized to {width}x{height}");
+    }
+    let img = image::RgbImage::from_raw(w, h, rgb)
+        .ok_or_else(|| anyhow::anyhow!("{what}: pixel buffer does not match {w}x{h}"))?;
+    Ok(
+        image::imageops::resize(&img, width, height, image::imageops::FilterType::Lanczos3)
+            .into_raw(),
+    )
 }
 
 #[derive(Serialize)]
@@ -209,7 +294,29 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         output_quality: Some(args.quality),
         precision: args.precision,
     };
-    params.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Sizes are checked against the model family's multiple once the model
+    // is resolved (FLUX rounds them to 16); everything else now.
+    params
+        .validate_with(&ValidateOptions::default().size_multiple(1))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(s) = args.strength {
+        if !(0.0..=1.0).contains(&s) {
+            bail!("strength: {s} is out of range (allowed: 0 to 1)");
+        }
+    }
+    if let Some(n) = args.max_sequence_length {
+        if !(1..=512).contains(&n) {
+            bail!("max_sequence_length: {n} is out of range (allowed: 1 to 512)");
+        }
+    }
+    let init_image = match &args.image {
+        Some(p) => Some(read_image(p, "init image")?),
+        None => None,
+    };
+    let mask_image = match &args.mask {
+        Some(p) => Some(read_image(p, "mask")?),
+        None => None,
+    };
     // Without --format, the format follows --output's extension; png otherwise.
     let no_extension = args.output.as_ref().is_none_or(|p| p.extension().is_none());
     let format = if args.format.is_none() && no_extension {
@@ -240,11 +347,59 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         resolve_scheduler_name(name)?;
     }
 
-    let model = load_model(&args.model, args.offline, false)?;
+    let load_start = Instant::now();
+    let dir = resolve(&args.model, args.offline)?;
+    let flux = is_flux_class(dir.pipeline_class());
+    let quiet = args.json;
+    let (width, height) = if flux {
+        (
+            args.width.map(|w| round_flux_size("width", w, quiet)),
+            args.height.map(|h| round_flux_size("height", h, quiet)),
+        )
+    } else {
+        params.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        (args.width, args.height)
+    };
+    let model = load_resolved(dir, load_start, false)?;
     let pipeline = &model.pipeline;
+    // Without --width/--height: the init image's size (rounded to the model's
+    // multiple), else the model's native size.
+    let multiple = pipeline.size_multiple() as u32;
+    let from_image = |field: &str, v: u32| -> u32 {
+        let r = (((v + multiple / 2) / multiple) * multiple)
+            .clamp(multiple, 2048 / multiple * multiple);
+        if r != v && !quiet {
+            eprintln!(
+                "note: the init image's {field} {v} is not a multiple of {multiple}; using {r}"
+            );
+        }
+        r
+    };
     let (native_w, native_h) = pipeline.default_size();
-    let width = args.width.unwrap_or(native_w as u32);
-    let height = args.height.unwrap_or(native_h as u32);
+    let width = width.unwrap_or_else(|| match &init_image {
+        Some((w, _, _)) => from_image("width", *w),
+        None => native_w as u32,
+    });
+    let height = height.unwrap_or_else(|| match &init_image {
+        Some((_, h, _)) => from_image("height", *h),
+        None => native_h as u32,
+    });
+    let image = match init_image {
+        Some(img) => Some(ImageInput {
+            width: width as usize,
+            height: height as usize,
+            rgb: fit_rgb(img, width, height, "init image", quiet)?,
+        }),
+        None => None,
+    };
+    let mask = match mask_image {
+        Some(m) => {
+            let rgb = fit_rgb(m, width, height, "mask", quiet)?;
+            Some(MaskInput::from_rgb8(width as usize, height as usize, &rgb)?)
+        }
+        None => None,
+    };
+    let strength = args.strength.unwrap_or(pipeline.default_strength());
     let steps = args.steps.unwrap_or(pipeline.default_steps() as u32);
     let guidance_scale = args
         .guidance_scale
@@ -265,7 +420,10 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         width: width as usize,
         height: height as usize,
         scheduler: args.scheduler.clone(),
-        ..Default::default()
+        image,
+        mask,
+        strength,
+        max_sequence_length: args.max_sequence_length,
     };
 
     // Ctrl-C cancels at the next step; nothing is written for a canceled job.
@@ -318,6 +476,14 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     }
 
     let t_write = Instant::now();
+    let mut metadata_extra: std::collections::BTreeMap<String, String> =
+        [("easel".to_string(), env!("CARGO_PKG_VERSION").to_string())].into();
+    if args.image.is_some() {
+        metadata_extra.insert("strength".into(), strength.to_string());
+    }
+    if let Some(n) = args.max_sequence_length {
+        metadata_extra.insert("max_sequence_length".into(), n.to_string());
+    }
     let rgb = images_to_rgb8(&output.images)?;
     let mut written = Vec::new();
     for ((pixels, path), &image_seed) in rgb.iter().zip(&paths).zip(&seeds) {
@@ -331,7 +497,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
             width,
             height,
             model: args.model.clone(),
-            extra: [("easel".to_string(), env!("CARGO_PKG_VERSION").to_string())].into(),
+            extra: metadata_extra.clone(),
         };
         let image = RgbImageRef::new(width, height, pixels).map_err(|e| anyhow::anyhow!("{e}"))?;
         let bytes = encode_image(&image, format, args.quality as u8, &metadata)

@@ -41,7 +41,14 @@ fn max_level_diff(a: &[u8], b: &[u8]) -> u8 {
 /// and check the PNG is within one level per channel of diffusers' PNG.
 /// Returns the `--json` result.
 fn reproduce_reference_png(case: &str, scheduler: &str) -> serde_json::Value {
-    let refs = fixtures().join("references");
+    reproduce_png_in("references", case, scheduler)
+}
+
+/// [`reproduce_reference_png`] for a case of `tests/fixtures/<dir>`; the
+/// case's init image, mask, strength and `max_sequence_length` are passed
+/// too when it has them.
+fn reproduce_png_in(dir: &str, case: &str, scheduler: &str) -> serde_json::Value {
+    let refs = fixtures().join(dir);
     let c: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(refs.join(format!("{case}.json"))).unwrap())
             .unwrap();
@@ -80,6 +87,24 @@ fn reproduce_reference_png(case: &str, scheduler: &str) -> serde_json::Value {
     ];
     if let Some(neg) = c["negative_prompt"].as_str() {
         args.extend(["--negative-prompt", neg]);
+    }
+    let file = |k: &str| {
+        c[k].as_str()
+            .map(|f| refs.join(f).to_str().unwrap().to_string())
+    };
+    let extra: Vec<(&str, Option<String>)> = vec![
+        ("--image", file("init_image")),
+        ("--mask", file("mask_image")),
+        ("--strength", c.get("strength").map(|v| v.to_string())),
+        (
+            "--max-sequence-length",
+            c.get("max_sequence_length").map(|v| v.to_string()),
+        ),
+    ];
+    for (flag, value) in &extra {
+        if let Some(v) = value {
+            args.extend([*flag, v.as_str()]);
+        }
     }
     let o = easel(&args);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -270,6 +295,103 @@ fn schedulers_and_models_list() {
         .any(|m| m["pipeline_class"] == "StableDiffusionXLPipeline"));
 }
 
+/// Issue 5: FLUX.1 schnell text-to-image from the CLI reproduces diffusers' PNG.
+#[test]
+fn generate_reproduces_flux_schnell_reference_png() {
+    let json = reproduce_reference_png("flux_schnell_txt2img", "flow_match_euler");
+    assert_eq!(json["pipeline"], "FluxPipeline");
+    assert_eq!(json["scheduler"], "FlowMatchEulerDiscreteScheduler");
+}
+
+/// Issue 5: FLUX.1 dev (guidance embedding, dynamic shifting).
+#[test]
+fn generate_reproduces_flux_dev_reference_png() {
+    reproduce_reference_png("flux_dev_txt2img", "flow_match_euler");
+}
+
+/// Issue 5: FLUX.1 Fill inpainting with --image and --mask.
+#[test]
+fn generate_reproduces_flux_fill_reference_png() {
+    let json = reproduce_reference_png("flux_fill_inpaint", "flow_match_euler");
+    assert_eq!(json["pipeline"], "FluxFillPipeline");
+}
+
+/// Issue 5: FLUX.1 dev image-to-image with --image and --strength.
+#[test]
+fn generate_reproduces_flux_dev_img2img_png() {
+    reproduce_png_in("generated", "flux_dev_img2img", "flow_match_euler");
+}
+
+/// Issue 5: FLUX rounds width and height to multiples of 16 with a notice and
+/// uses the per-model defaults (schnell: 4 steps, guidance 0).
+#[test]
+fn flux_rounds_sizes_to_16_and_uses_model_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r.png");
+    let model = fixtures().join("models/tiny-flux-schnell");
+    let o = easel(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red house",
+        "--width",
+        "70",
+        "--height",
+        "41",
+        "--seed",
+        "1",
+        "--max-sequence-length",
+        "16",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("--width 70 rounded to 64"), "{err}");
+    assert!(err.contains("--height 41 rounded to 48"), "{err}");
+    assert!(err.contains("4 steps"), "{err}");
+    let (w, h, _) = rgb8(&out);
+    assert_eq!((w, h), (64, 48));
+    let meta = easel_core::read_png_metadata(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!((meta.width, meta.height, meta.steps), (64, 48, 4));
+    assert_eq!(meta.guidance_scale, 0.0);
+
+    // A mask needs a Fill model; a strength outside 0..=1 is refused early.
+    let init = fixtures().join("references/init_image.png");
+    let mask = fixtures().join("references/mask.png");
+    let o = easel(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--image",
+        init.to_str().unwrap(),
+        "--mask",
+        mask.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("Fill"), "{}", stderr(&o));
+    let o = easel(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--image",
+        init.to_str().unwrap(),
+        "--strength",
+        "1.5",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("strength"), "{}", stderr(&o));
+}
+
 // ------------------------------------------------------------------ flows
 
 /// `easel flow ...` with no LLM configured from the environment.
@@ -448,4 +570,34 @@ fn flow_run_failures_and_invalid_flows_exit_non_zero() {
     ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("EASEL_LLM_URL"), "{}", stderr(&o));
+}
+
+/// Issue 5 with issue 8: `easel bench --random-weights` builds a FLUX model
+/// from its configs alone and reports one transformer pass per step.
+#[test]
+fn bench_random_weights_runs_a_flux_model() {
+    let model = fixtures().join("models/tiny-flux-dev");
+    let o = easel(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--random-weights",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "2",
+        "--runs",
+        "0",
+        "--no-peak",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("(FluxPipeline)"), "{out}");
+    assert!(
+        out.contains("guidance 3.5 (1 transformer pass per step)"),
+        "{out}"
+    );
+    assert!(out.contains("| transformer call (mean;"), "{out}");
 }

@@ -115,3 +115,134 @@ fn vae_decoder_and_encoder_match_diffusers() {
     assert_close("vae mean", &dist.mean, &r["vae.sd15.mean"], 1e-5);
     assert_close("vae std", &dist.std, &r["vae.sd15.std"], 1e-5);
 }
+
+// FLUX.1 (issue 5): `tests/fixtures/generated/flux_components.safetensors`,
+// made by `tools/gen_flux_component_refs.py`.
+
+fn flux_refs() -> std::collections::HashMap<String, Tensor> {
+    load_refs("generated/flux_components.safetensors")
+}
+
+fn ids_of(t: &Tensor) -> Vec<Vec<u32>> {
+    t.to_dtype(candle_core::DType::U32)
+        .unwrap()
+        .to_vec2::<u32>()
+        .unwrap()
+}
+
+#[test]
+fn t5_relative_position_buckets_match_transformers() {
+    use easel_diffusion::models::t5::relative_position_bucket;
+    let r = flux_refs();
+    let positions: Vec<i64> = r["t5.relative_positions"].to_vec1().unwrap();
+    for (nb, md) in [(8usize, 128usize), (32, 128)] {
+        let want: Vec<i64> = r[&format!("t5.buckets.{nb}_{md}")].to_vec1().unwrap();
+        for (p, w) in positions.iter().zip(&want) {
+            assert_eq!(
+                relative_position_bucket(*p, nb, md) as i64,
+                *w,
+                "position {p}, {nb} buckets"
+            );
+        }
+    }
+}
+
+#[test]
+fn flux_t5_encoder_matches_transformers() {
+    use easel_diffusion::models::t5::{T5Config, T5EncoderModel};
+    let r = flux_refs();
+    let dir = model("tiny-flux-dev").join("text_encoder_2");
+    let cfg = T5Config::from_file(&dir.join("config.json")).unwrap();
+    let t5 =
+        T5EncoderModel::load(&component_weights("tiny-flux-dev", "text_encoder_2"), &cfg).unwrap();
+    let out = t5
+        .forward(&ids_of(&r["t5.input_ids"]), &Device::Cpu)
+        .unwrap();
+    assert_close(
+        "t5 last_hidden_state",
+        &out,
+        &r["t5.last_hidden_state"],
+        1e-5,
+    );
+    assert!(t5.forward(&[vec![0, 9]], &Device::Cpu).is_err());
+}
+
+#[test]
+fn flux_clip_pooled_output_matches_transformers() {
+    let r = flux_refs();
+    let dir = model("tiny-flux-dev").join("text_encoder");
+    let cfg = ClipTextConfig::from_file(&dir.join("config.json")).unwrap();
+    let m = ClipTextModel::load(&component_weights("tiny-flux-dev", "text_encoder"), &cfg).unwrap();
+    let o = m
+        .forward(&ids_of(&r["clip.input_ids"]), &Device::Cpu)
+        .unwrap();
+    assert_close("clip pooled", &o.pooled_output, &r["clip.pooled"], 1e-5);
+}
+
+#[test]
+fn flux_rotary_embeddings_match_diffusers() {
+    use easel_diffusion::models::flux_transformer::FluxPosEmbed;
+    let r = flux_refs();
+    let (cos, sin) = FluxPosEmbed::new(10000.0, vec![16, 56, 56])
+        .forward(&r["rope.ids"])
+        .unwrap();
+    assert_close("rope cos", &cos, &r["rope.cos"], 1e-6);
+    assert_close("rope sin", &sin, &r["rope.sin"], 1e-6);
+}
+
+#[test]
+fn flux_transformers_match_diffusers() {
+    use easel_diffusion::models::flux_transformer::{
+        FluxTransformer2DConfig, FluxTransformer2DModel, FluxTransformerInput,
+    };
+    let r = flux_refs();
+    for name in ["schnell", "dev", "fill"] {
+        let folder = format!("tiny-flux-{name}");
+        let cfg =
+            FluxTransformer2DConfig::from_file(&model(&folder).join("transformer/config.json"))
+                .unwrap();
+        let tr =
+            FluxTransformer2DModel::load(&component_weights(&folder, "transformer"), &cfg).unwrap();
+        let k = |s: &str| r[&format!("transformer.{name}.{s}")].clone();
+        let timestep: Vec<f32> = k("timestep").to_vec1().unwrap();
+        let guidance: Option<Vec<f32>> = r
+            .get(&format!("transformer.{name}.guidance"))
+            .map(|g| g.to_vec1().unwrap());
+        let (hidden, context, pooled, img_ids, txt_ids) = (
+            k("hidden_states"),
+            k("encoder_hidden_states"),
+            k("pooled_projections"),
+            k("img_ids"),
+            k("txt_ids"),
+        );
+        let out = tr
+            .forward(&FluxTransformerInput {
+                hidden_states: &hidden,
+                encoder_hidden_states: &context,
+                pooled_projections: &pooled,
+                timestep: &timestep,
+                img_ids: &img_ids,
+                txt_ids: &txt_ids,
+                guidance: guidance.as_deref(),
+            })
+            .unwrap();
+        assert_close(&format!("transformer {name}"), &out, &k("out"), 1e-5);
+        assert_eq!(cfg.guidance_embeds, guidance.is_some());
+    }
+}
+
+#[test]
+fn flux_vae_decoder_and_encoder_match_diffusers() {
+    let r = flux_refs();
+    let cfg =
+        AutoencoderKLConfig::from_file(&model("tiny-flux-dev").join("vae/config.json")).unwrap();
+    assert_eq!(cfg.latent_channels, 16);
+    assert_eq!(cfg.shift_factor, Some(0.1159));
+    assert!(!cfg.use_quant_conv && !cfg.use_post_quant_conv);
+    let vae = AutoencoderKL::load(&component_weights("tiny-flux-dev", "vae"), &cfg, true).unwrap();
+    let decoded = vae.decode(&r["vae.z"]).unwrap();
+    assert_close("flux vae decode", &decoded, &r["vae.decoded"], 1e-5);
+    let dist = vae.encode(&r["vae.x"]).unwrap();
+    assert_close("flux vae mean", &dist.mean, &r["vae.mean"], 1e-5);
+    assert_close("flux vae std", &dist.std, &r["vae.std"], 1e-5);
+}

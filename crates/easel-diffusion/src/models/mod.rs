@@ -5,8 +5,10 @@
 pub mod autoencoder_kl;
 pub mod blocks;
 pub mod clip_text;
+pub mod flux_transformer;
 pub mod kernels;
 pub mod layers;
+pub mod t5;
 pub mod unet_2d_condition;
 pub mod weights;
 

@@ -2,15 +2,18 @@
 //!
 //! The stages: (1) encode the prompt, (2) prepare the timesteps, (3) prepare
 //! the latents, (4) denoise, (5) decode, (6) post-process. They mirror
-//! diffusers' `StableDiffusionPipeline.__call__` and
-//! `StableDiffusionXLPipeline.__call__`; the denoising loop ([`denoise`]) is
-//! shared by every pipeline.
+//! diffusers' `StableDiffusionPipeline.__call__`,
+//! `StableDiffusionXLPipeline.__call__` and the FLUX pipelines; the
+//! classifier-free-guidance denoising loop ([`denoise`]) is shared by the
+//! Stable Diffusion pipelines, FLUX (no CFG, extra transformer inputs) runs
+//! its own in [`flux`].
 //!
 //! A pipeline is chosen from `model_index.json`'s `_class_name` by
 //! [`load_pipeline`]; the caller (CLI, server worker) gives it a
 //! [`GenerationRequest`] and a [`RunContext`] carrying the job's noise source,
 //! progress callback and cancel token.
 
+pub mod flux;
 pub mod stable_diffusion;
 pub mod stable_diffusion_xl;
 
@@ -48,6 +51,35 @@ pub struct MaskInput {
     pub height: usize,
     /// `width * height` bytes, row-major.
     pub luma: Vec<u8>,
+}
+
+impl MaskInput {
+    /// A mask from RGB8 pixels (`width * height * 3` bytes), converted to
+    /// luma as PIL's `convert("L")` does (ITU-R 601-2:
+    /// `(19595 R + 38470 G + 7471 B + 32768) >> 16`), so a grayscale file
+    /// expanded to RGB keeps its values.
+    ///
+    /// Errors: a byte count that does not match the size.
+    pub fn from_rgb8(width: usize, height: usize, rgb: &[u8]) -> Result<Self> {
+        if rgb.len() != width * height * 3 {
+            return Err(Error::invalid(
+                "mask",
+                format!("{} bytes for a {width}x{height} RGB image", rgb.len()),
+            ));
+        }
+        let luma = rgb
+            .chunks_exact(3)
+            .map(|p| {
+                let l = 19595 * p[0] as u32 + 38470 * p[1] as u32 + 7471 * p[2] as u32 + 0x8000;
+                (l >> 16) as u8
+            })
+            .collect();
+        Ok(Self {
+            width,
+            height,
+            luma,
+        })
+    }
 }
 
 /// The default image-to-image strength (the share of the schedule re-run).
@@ -378,10 +410,19 @@ pub enum Pipeline {
     StableDiffusion(Box<stable_diffusion::StableDiffusionPipeline>),
     /// `StableDiffusionXLPipeline`.
     StableDiffusionXL(Box<stable_diffusion_xl::StableDiffusionXLPipeline>),
+    /// `FluxPipeline` (FLUX.1 schnell / dev; text-to-image and image-to-image).
+    Flux(Box<flux::FluxPipeline>),
+    /// `FluxFillPipeline` (FLUX.1 Fill; inpainting).
+    FluxFill(Box<flux::FluxFillPipeline>),
 }
 
 /// The pipeline classes [`load_pipeline`] accepts.
-pub const SUPPORTED_PIPELINES: &[&str] = &["StableDiffusionPipeline", "StableDiffusionXLPipeline"];
+pub const SUPPORTED_PIPELINES: &[&str] = &[
+    "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
+    "FluxPipeline",
+    "FluxFillPipeline",
+];
 
 impl Pipeline {
     /// Run a request.
@@ -393,6 +434,8 @@ impl Pipeline {
         match self {
             Pipeline::StableDiffusion(p) => p.run(request, ctx),
             Pipeline::StableDiffusionXL(p) => p.run(request, ctx),
+            Pipeline::Flux(p) => p.run(request, ctx),
+            Pipeline::FluxFill(p) => p.run(request, ctx),
         }
     }
 
@@ -401,40 +444,87 @@ impl Pipeline {
         match self {
             Pipeline::StableDiffusion(_) => "StableDiffusionPipeline",
             Pipeline::StableDiffusionXL(_) => "StableDiffusionXLPipeline",
+            Pipeline::Flux(_) => "FluxPipeline",
+            Pipeline::FluxFill(_) => "FluxFillPipeline",
         }
     }
 
     /// The model's native `(width, height)` in pixels: UNet `sample_size`
-    /// times the VAE scale factor.
+    /// times the VAE scale factor (Stable Diffusion), diffusers'
+    /// `default_sample_size` 128 times the VAE scale factor (FLUX: 1024²).
     pub fn default_size(&self) -> (usize, usize) {
         match self {
             Pipeline::StableDiffusion(p) => p.default_size(),
             Pipeline::StableDiffusionXL(p) => p.default_size(),
+            Pipeline::Flux(p) => p.default_size(),
+            Pipeline::FluxFill(p) => p.default_size(),
         }
     }
 
     /// The denoiser's name in reports (`UNet`, or `transformer` for FLUX).
     pub fn denoiser_name(&self) -> &'static str {
-        "UNet"
+        if self.is_flux() {
+            "transformer"
+        } else {
+            "UNet"
+        }
     }
 
-    /// The default number of denoising steps for this model family (25 for
-    /// Stable Diffusion).
+    /// The default number of denoising steps for this model: 25 for Stable
+    /// Diffusion; FLUX.1 schnell (the transformer without guidance
+    /// embedding) 4, dev 28, Fill 50 (diffusers' default).
     pub fn default_steps(&self) -> usize {
-        25
+        match self {
+            Pipeline::Flux(p) if !p.guidance_embeds() => 4,
+            Pipeline::Flux(_) => 28,
+            Pipeline::FluxFill(_) => 50,
+            _ => 25,
+        }
     }
 
-    /// The default guidance scale for this model family (7.5 for Stable Diffusion).
+    /// The default guidance scale for this model: 7.5 for Stable Diffusion;
+    /// FLUX.1 schnell 0 (it has no guidance), dev 3.5, Fill 30.
     pub fn default_guidance_scale(&self) -> f64 {
-        7.5
+        match self {
+            Pipeline::Flux(p) if !p.guidance_embeds() => 0.0,
+            Pipeline::Flux(_) => 3.5,
+            Pipeline::FluxFill(_) => 30.0,
+            _ => 7.5,
+        }
     }
 
-    /// The VAE scale factor (width and height must be multiples of it).
+    /// The default image-to-image / inpainting strength: [`DEFAULT_STRENGTH`]
+    /// (0.8), and 1.0 (the whole schedule) for FLUX.1 Fill, as diffusers.
+    pub fn default_strength(&self) -> f64 {
+        match self {
+            Pipeline::FluxFill(_) => 1.0,
+            _ => DEFAULT_STRENGTH,
+        }
+    }
+
+    /// The VAE scale factor (8).
     pub fn vae_scale_factor(&self) -> usize {
         match self {
             Pipeline::StableDiffusion(p) => p.vae_scale_factor(),
             Pipeline::StableDiffusionXL(p) => p.vae_scale_factor(),
+            Pipeline::Flux(p) => p.vae_scale_factor(),
+            Pipeline::FluxFill(p) => p.vae_scale_factor(),
         }
+    }
+
+    /// Width and height must be multiples of this: the VAE scale factor (8),
+    /// doubled for FLUX's 2x2 latent packing (16).
+    pub fn size_multiple(&self) -> usize {
+        match self {
+            Pipeline::Flux(_) | Pipeline::FluxFill(_) => 2 * self.vae_scale_factor(),
+            _ => self.vae_scale_factor(),
+        }
+    }
+
+    /// Whether this is a FLUX.1 pipeline (sizes are rounded to multiples of
+    /// 16, no negative prompt, guidance is embedded).
+    pub fn is_flux(&self) -> bool {
+        matches!(self, Pipeline::Flux(_) | Pipeline::FluxFill(_))
     }
 
     /// The model's own scheduler class (`_class_name` of its scheduler config).
@@ -442,6 +532,8 @@ impl Pipeline {
         let cfg = match self {
             Pipeline::StableDiffusion(p) => &p.scheduler_config,
             Pipeline::StableDiffusionXL(p) => &p.scheduler_config,
+            Pipeline::Flux(p) => p.scheduler_config(),
+            Pipeline::FluxFill(p) => p.scheduler_config(),
         };
         cfg.get("_class_name")
             .and_then(|v| v.as_str())
@@ -462,6 +554,12 @@ pub fn load_pipeline(model: &ModelDir, device: &Device) -> Result<Pipeline> {
         "StableDiffusionXLPipeline" => Ok(Pipeline::StableDiffusionXL(Box::new(
             stable_diffusion_xl::StableDiffusionXLPipeline::load(model, device)?,
         ))),
+        "FluxPipeline" => Ok(Pipeline::Flux(Box::new(flux::FluxPipeline::load(
+            model, device,
+        )?))),
+        "FluxFillPipeline" => Ok(Pipeline::FluxFill(Box::new(flux::FluxFillPipeline::load(
+            model, device,
+        )?))),
         other => Err(Error::config(
             "model_index.json",
             format!(
