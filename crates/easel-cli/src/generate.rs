@@ -14,12 +14,14 @@ use easel_core::{
 use easel_diffusion::loader::{resolve_model, ModelDir, ResolveOptions};
 use easel_diffusion::noise::PerImageGenerators;
 use easel_diffusion::pipelines::{
-    load_pipeline, CancelToken, GenerationRequest, Pipeline, Progress, RunContext,
+    load_pipeline, CancelToken, GenerationRequest, Pipeline, Progress, RunContext, DEFAULT_STRENGTH,
 };
 use easel_diffusion::schedulers::resolve_scheduler_name;
 use easel_diffusion::Error as EngineError;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+
+use crate::inputs::{load_image_and_mask, resolve_loras};
 
 /// Arguments of `easel generate`.
 #[derive(Args, Debug)]
@@ -75,6 +77,26 @@ pub struct GenerateArgs {
     /// Print a machine-readable result (files, seeds, timings) on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Image-to-image / inpainting: the init image, a file path, an http(s) URL
+    /// or a `data:image/...;base64,` URI (PNG, JPEG or WebP; alpha is composited
+    /// on white). Without --width/--height it sets the size (rounded down to a
+    /// multiple of 8); otherwise it is resized (Lanczos) to the requested size.
+    #[arg(long, short = 'i')]
+    pub image: Option<String>,
+    /// How much of the init image is replaced, 0..=1: the last
+    /// floor(steps x strength) steps of the schedule run [default: 0.8].
+    #[arg(long)]
+    pub strength: Option<f64>,
+    /// Inpainting: the mask (white repaints, black keeps), resized to the image;
+    /// a path, URL or data URI, or `alpha` to use the init image's alpha channel
+    /// (transparent repaints).
+    #[arg(long, requires = "image")]
+    pub mask: Option<String>,
+    /// A LoRA adapter, PATH_OR_REPO[:SCALE] (scale -1..=3, default 1): a
+    /// .safetensors file, a folder holding one, or a Hugging Face repo id.
+    /// Repeat to stack several.
+    #[arg(long = "lora", value_name = "PATH_OR_REPO[:SCALE]")]
+    pub loras: Vec<String>,
     /// Never download: use only models already on disk.
     #[arg(long, env = "HF_HUB_OFFLINE", value_parser = parse_bool_env)]
     pub offline: bool,
@@ -135,6 +157,12 @@ struct JsonTimings {
 }
 
 #[derive(Serialize)]
+struct JsonLora {
+    path: PathBuf,
+    scale: f64,
+}
+
+#[derive(Serialize)]
 struct JsonResult {
     model: String,
     model_path: PathBuf,
@@ -146,6 +174,11 @@ struct JsonResult {
     guidance_scale: f64,
     width: u32,
     height: u32,
+    /// `text-to-image`, `image-to-image` or `inpainting`.
+    task: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    strength: Option<f64>,
+    loras: Vec<JsonLora>,
     device: &'static str,
     precision: &'static str,
     images: Vec<JsonImage>,
@@ -238,13 +271,65 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     if let Some(name) = &args.scheduler {
         resolve_scheduler_name(name)?;
     }
+    if let Some(s) = args.strength {
+        if args.image.is_none() {
+            bail!("strength: applies to image-to-image and inpainting; give --image too");
+        }
+        if !s.is_finite() || !(0.0..=1.0).contains(&s) {
+            bail!("strength: {s} is out of range (allowed: 0 to 1)");
+        }
+    }
+    let strength = args.strength.unwrap_or(DEFAULT_STRENGTH);
+    // Inputs are read and checked before the model is loaded.
+    let inputs = match &args.image {
+        Some(image) => {
+            let (image, mask, had_alpha) = load_image_and_mask(image, args.mask.as_deref())?;
+            if had_alpha && args.mask.as_deref() != Some("alpha") && !args.json {
+                eprintln!("note: the init image's transparent pixels were composited on white (--mask alpha repaints them instead)");
+            }
+            Some((image, mask))
+        }
+        None => None,
+    };
+    let loras = resolve_loras(&args.loras, args.offline)?;
 
-    let model = load_model(&args.model, args.offline)?;
+    let mut model = load_model(&args.model, args.offline)?;
+    if !loras.is_empty() {
+        model.pipeline.set_loras(&loras)?;
+    }
     let pipeline = &model.pipeline;
-    let (native_w, native_h) = pipeline.default_size();
+    let (native_w, native_h) = match &inputs {
+        // The init image sets the size, rounded down to the VAE scale factor.
+        Some((image, _)) => {
+            let f = pipeline.vae_scale_factor();
+            let size = (image.width / f * f, image.height / f * f);
+            for (field, flag, v, given) in [
+                ("width", "--width", size.0, args.width),
+                ("height", "--height", size.1, args.height),
+            ] {
+                if given.is_none() && !(8..=2048).contains(&v) {
+                    bail!(
+                        "{field}: {v} (the init image is {}x{}, rounded down to a multiple of {f}) \
+                         is out of range (allowed: 8 to 2048); pass {flag} to resize it",
+                        image.width,
+                        image.height
+                    );
+                }
+            }
+            size
+        }
+        None => pipeline.default_size(),
+    };
     let width = args.width.unwrap_or(native_w as u32);
     let height = args.height.unwrap_or(native_h as u32);
     let steps = args.steps.unwrap_or(pipeline.default_steps() as u32);
+    if inputs.is_some() && (steps as f64 * strength) as u32 == 0 {
+        bail!(
+            "strength: {strength} with {steps} steps runs no denoising step (floor(steps x strength) = 0); \
+             raise --strength to at least {:.4} or use more --steps",
+            1.0 / steps as f64
+        );
+    }
     let guidance_scale = args
         .guidance_scale
         .unwrap_or(pipeline.default_guidance_scale());
@@ -264,8 +349,28 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         width: width as usize,
         height: height as usize,
         scheduler: args.scheduler.clone(),
+        strength,
+        image: inputs.as_ref().map(|i| i.0.clone()),
+        mask: inputs.as_ref().and_then(|i| i.1.clone()),
         ..Default::default()
     };
+    let task = match (&request.image, &request.mask) {
+        (None, _) => "text-to-image",
+        (Some(_), None) => "image-to-image",
+        (Some(_), Some(_)) => "inpainting",
+    };
+    let mut extra: std::collections::BTreeMap<String, String> =
+        [("easel".to_string(), env!("CARGO_PKG_VERSION").to_string())].into();
+    if request.image.is_some() {
+        extra.insert("Denoising strength".into(), strength.to_string());
+    }
+    if !loras.is_empty() {
+        let list: Vec<String> = loras
+            .iter()
+            .map(|l| format!("{}:{}", l.path.display(), l.scale))
+            .collect();
+        extra.insert("Lora".into(), list.join(" "));
+    }
 
     // Ctrl-C cancels at the next step; nothing is written for a canceled job.
     let cancel = CancelToken::new();
@@ -330,7 +435,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
             width,
             height,
             model: args.model.clone(),
-            extra: [("easel".to_string(), env!("CARGO_PKG_VERSION").to_string())].into(),
+            extra: extra.clone(),
         };
         let image = RgbImageRef::new(width, height, pixels).map_err(|e| anyhow::anyhow!("{e}"))?;
         let bytes = encode_image(&image, format, args.quality as u8, &metadata)
@@ -366,6 +471,15 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
             guidance_scale,
             width,
             height,
+            task,
+            strength: request.image.is_some().then_some(strength),
+            loras: loras
+                .iter()
+                .map(|l| JsonLora {
+                    path: l.path.clone(),
+                    scale: l.scale,
+                })
+                .collect(),
             device: "cpu",
             precision: "fp32",
             images: written,

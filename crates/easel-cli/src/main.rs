@@ -5,6 +5,7 @@
 
 mod bench;
 mod generate;
+mod inputs;
 mod models;
 
 use std::process::ExitCode;
