@@ -12,7 +12,8 @@ tests/fixtures/references/ (see tests/fixtures/README.md):
                     pipeline passed to vae.decode); `noise.0`, `noise.1`, ...:
                     every Gaussian draw diffusers made (its `randn_tensor`), in order
   NAME.0.png        the 8-bit image
-Input images written here: init_70x60.png (init_image.png resized, so the
+Input images written here: init_rgba.png (init_image.png with alpha = 255 -
+mask.png, for `--mask alpha`), init_70x60.png (init_image.png resized, so the
 pipeline rounds it down to 64x56 and resizes it again) and mask_32.png (mask.png
 at half size, resized by the mask processor).
 
@@ -72,6 +73,11 @@ def _inputs():
     init.resize((70, 60), Image.BICUBIC).save(os.path.join(OUT, "init_70x60.png"))
     mask.resize((32, 32), Image.BICUBIC).save(os.path.join(OUT, "mask_32.png"))
     init.save(os.path.join(OUT, "init_image.png"))
+    # The init image with the mask as transparency (alpha = 255 - mask), for
+    # `easel generate --mask alpha`.
+    rgba = init.copy()
+    rgba.putalpha(Image.eval(mask, lambda v: 255 - v))
+    rgba.save(os.path.join(OUT, "init_rgba.png"))
     mask.save(os.path.join(OUT, "mask.png"))
 
 

@@ -37,11 +37,23 @@ fn max_level_diff(a: &[u8], b: &[u8]) -> u8 {
 }
 
 /// Run `easel generate` with the settings of reference case `case` (its
-/// prompt, negative prompt, steps, guidance, size and seed) and `scheduler`,
-/// and check the PNG is within one level per channel of diffusers' PNG.
-/// Returns the `--json` result.
+/// prompt, negative prompt, steps, guidance, size and seed, and its init
+/// image, mask, strength and LoRA) and `scheduler`, and check the PNG is
+/// within one level per channel of diffusers' PNG. Returns the `--json` result.
 fn reproduce_reference_png(case: &str, scheduler: &str) -> serde_json::Value {
-    let refs = fixtures().join("references");
+    reproduce_png_in("references", case, scheduler, &[])
+}
+
+/// [`reproduce_reference_png`] for a case of `tests/fixtures/<folder>/`,
+/// with `extra` arguments (replacing the case's `--image` / `--mask` when
+/// they name them).
+fn reproduce_png_in(
+    folder: &str,
+    case: &str,
+    scheduler: &str,
+    extra: &[&str],
+) -> serde_json::Value {
+    let refs = fixtures().join(folder);
     let c: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(refs.join(format!("{case}.json"))).unwrap())
             .unwrap();
@@ -49,14 +61,12 @@ fn reproduce_reference_png(case: &str, scheduler: &str) -> serde_json::Value {
     let out = dir.path().join("out.png");
     let model = fixtures().join(c["model"].as_str().unwrap());
     let num = |k: &str| c[k].to_string();
-    let (steps, guidance, width, height, seed) = (
+    let (steps, guidance, seed) = (
         num("num_inference_steps"),
         num("guidance_scale"),
-        num("width"),
-        num("height"),
         num("seed"),
     );
-    let mut args = vec![
+    let mut args: Vec<String> = [
         "generate",
         "--model",
         model.to_str().unwrap(),
@@ -66,10 +76,6 @@ fn reproduce_reference_png(case: &str, scheduler: &str) -> serde_json::Value {
         &steps,
         "--guidance-scale",
         &guidance,
-        "--width",
-        &width,
-        "--height",
-        &height,
         "--seed",
         &seed,
         "--scheduler",
@@ -77,10 +83,41 @@ fn reproduce_reference_png(case: &str, scheduler: &str) -> serde_json::Value {
         "--output",
         out.to_str().unwrap(),
         "--json",
-    ];
-    if let Some(neg) = c["negative_prompt"].as_str() {
-        args.extend(["--negative-prompt", neg]);
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut push = |flag: &str, value: String| args.extend([flag.to_string(), value]);
+    for key in ["width", "height"] {
+        if let Some(v) = c[key].as_u64() {
+            push(&format!("--{key}"), v.to_string());
+        }
     }
+    if let Some(neg) = c["negative_prompt"].as_str() {
+        push("--negative-prompt", neg.to_string());
+    }
+    if !extra.contains(&"--image") {
+        if let Some(f) = c["init_image"].as_str() {
+            push("--image", refs.join(f).display().to_string());
+        }
+    }
+    if !extra.contains(&"--mask") {
+        if let Some(f) = c["mask_image"].as_str() {
+            push("--mask", refs.join(f).display().to_string());
+        }
+    }
+    if let Some(s) = c["strength"].as_f64() {
+        push("--strength", s.to_string());
+    }
+    if let Some(f) = c["lora"].as_str() {
+        let scale = c["lora_scale"].as_f64().unwrap_or(1.0);
+        push(
+            "--lora",
+            format!("{}:{scale}", fixtures().join(f).display()),
+        );
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let o = easel(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -100,10 +137,10 @@ fn reproduce_reference_png(case: &str, scheduler: &str) -> serde_json::Value {
     );
     assert_eq!(meta.seed.to_string(), seed);
     assert_eq!(meta.steps.to_string(), steps);
-    assert_eq!(
-        (meta.width.to_string(), meta.height.to_string()),
-        (width, height)
-    );
+    assert_eq!((meta.width, meta.height), (rw, rh));
+    if let Some(s) = c["strength"].as_f64() {
+        assert_eq!(meta.extra["Denoising strength"], s.to_string());
+    }
     json
 }
 
@@ -268,4 +305,199 @@ fn schedulers_and_models_list() {
         .unwrap()
         .iter()
         .any(|m| m["pipeline_class"] == "StableDiffusionXLPipeline"));
+}
+
+// Issue 4: image-to-image, inpainting and LoRA from the command line.
+
+/// `--image` + `--strength` (the size comes from the image) reproduce
+/// diffusers' `StableDiffusionImg2ImgPipeline` PNG.
+#[test]
+fn generate_reproduces_sd15_img2img_reference_png() {
+    let json = reproduce_reference_png("sd15_img2img_ddim", "ddim");
+    assert_eq!(json["task"], "image-to-image");
+    assert_eq!(json["strength"], 0.6);
+    assert_eq!(
+        (json["width"].as_u64(), json["height"].as_u64()),
+        (Some(64), Some(64))
+    );
+    // floor(5 x 0.6) = 3 steps run.
+    assert_eq!(json["timings"]["step_s"].as_array().unwrap().len(), 3);
+}
+
+/// `--mask` with an inpainting model (9-channel UNet).
+#[test]
+fn generate_reproduces_sd15_inpaint_reference_png() {
+    let json = reproduce_reference_png("sd15_inpaint_ddim", "ddim");
+    assert_eq!(json["task"], "inpainting");
+    assert_eq!(json["pipeline"], "StableDiffusionInpaintPipeline");
+}
+
+/// `--mask alpha`: the init image's transparency is the mask.
+#[test]
+fn mask_from_alpha_matches_mask_file() {
+    let rgba = fixtures().join("generated/init_rgba.png");
+    reproduce_png_in(
+        "references",
+        "sd15_inpaint_ddim",
+        "ddim",
+        &["--image", rgba.to_str().unwrap(), "--mask", "alpha"],
+    );
+}
+
+/// A data URI works as `--image`.
+#[test]
+fn image_as_data_uri() {
+    let bytes = std::fs::read(fixtures().join("references/init_image.png")).unwrap();
+    let uri = format!("data:image/png;base64,{}", base64_encode(&bytes));
+    reproduce_png_in(
+        "references",
+        "sd15_img2img_ddim",
+        "ddim",
+        &["--image", &uri],
+    );
+}
+
+/// The generated 4-channel inpainting case, through the CLI.
+#[test]
+fn generate_reproduces_generated_sdxl_inpaint_png() {
+    let json = reproduce_png_in("generated", "sdxl_inpaint_euler", "euler", &[]);
+    assert_eq!(json["task"], "inpainting");
+}
+
+#[test]
+fn generate_reproduces_sd15_lora_peft_reference_png() {
+    let json = reproduce_reference_png("sd15_lora_peft_scale0.7", "euler");
+    assert_eq!(json["loras"][0]["scale"], 0.7);
+    assert_eq!(json["task"], "text-to-image");
+}
+
+#[test]
+fn generate_reproduces_sd15_lora_kohya_reference_png() {
+    let json = reproduce_reference_png("sd15_lora_kohya_scale1.0", "euler");
+    assert_eq!(json["loras"][0]["scale"], 1.0);
+}
+
+/// Bad images, masks, strengths and LoRAs: a clear one-line error, a
+/// non-zero exit (not a panic), no file written.
+#[test]
+fn bad_image_inputs_fail_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let corrupt = dir.path().join("corrupt.png");
+    let mut bytes = std::fs::read(fixtures().join("references/init_image.png")).unwrap();
+    bytes.truncate(60);
+    std::fs::write(&corrupt, &bytes).unwrap();
+    let text = dir.path().join("notes.png");
+    std::fs::write(&text, b"not an image at all").unwrap();
+    // A 64x32 mask for a 64x64 image.
+    let wide_mask = dir.path().join("wide.png");
+    let gray: Vec<u8> = vec![255; 64 * 32 * 3];
+    let img = easel_core::RgbImageRef::new(64, 32, &gray).unwrap();
+    let png =
+        easel_core::encode_image(&img, easel_core::OutputFormat::Png, 80, &Default::default())
+            .unwrap();
+    std::fs::write(&wide_mask, png).unwrap();
+    let init = fixtures().join("references/init_image.png");
+    let sd15 = fixtures().join("models/tiny-sd15");
+    let sd15_inpaint = fixtures().join("models/tiny-sd15-inpaint");
+    let sdxl = fixtures().join("models/tiny-sdxl");
+    let lora = fixtures().join("loras/tiny-sd15-lora.safetensors");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--image".into(), s(&corrupt)], "--image"),
+        (vec!["--image".into(), s(&text)], "--image"),
+        (
+            vec!["--image".into(), "/no/such/file.png".into()],
+            "/no/such/file.png",
+        ),
+        (
+            vec!["--image".into(), "data:image/png;base64,@@@".into()],
+            "base64",
+        ),
+        (
+            vec!["--image".into(), s(&init), "--mask".into(), s(&wide_mask)],
+            "aspect",
+        ),
+        (
+            vec!["--image".into(), s(&init), "--mask".into(), "alpha".into()],
+            "alpha channel",
+        ),
+        (
+            vec![
+                "--image".into(),
+                s(&init),
+                "--strength".into(),
+                "1.5".into(),
+            ],
+            "strength",
+        ),
+        (
+            vec![
+                "--image".into(),
+                s(&init),
+                "--strength".into(),
+                "0.1".into(),
+            ],
+            "no denoising step",
+        ),
+        (vec!["--strength".into(), "0.5".into()], "--image"),
+        (vec!["--mask".into(), s(&init)], "--image"),
+        (vec!["--lora".into(), format!("{}:9", s(&lora))], "-1 to 3"),
+        (
+            vec!["--lora".into(), "/no/such.safetensors".into()],
+            "/no/such.safetensors",
+        ),
+        (
+            vec!["--model".into(), s(&sdxl), "--lora".into(), s(&lora)],
+            "has no module",
+        ),
+        (vec!["--model".into(), s(&sd15_inpaint)], "inpainting model"),
+    ];
+    for (extra, needle) in cases {
+        let mut args: Vec<String> = [
+            "generate",
+            "--prompt",
+            "x",
+            "--output",
+            out.to_str().unwrap(),
+            "--steps",
+            "5",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if !extra.contains(&"--model".to_string()) {
+            args.extend(["--model".to_string(), s(&sd15)]);
+        }
+        args.extend(extra.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = easel(&args);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{extra:?} succeeded");
+        assert_ne!(o.status.code(), Some(101), "{extra:?} panicked: {err}");
+        assert!(err.contains(needle), "{extra:?}: {err}");
+        assert!(!out.exists(), "{extra:?} wrote a file");
+    }
+}
+
+/// Standard base64 (for data URIs in tests).
+fn base64_encode(bytes: &[u8]) -> String {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
