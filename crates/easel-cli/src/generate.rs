@@ -118,15 +118,16 @@ pub struct LoadedModel {
     pub load_time: Duration,
 }
 
-/// Resolve `reference` (local path or repo id) and load its pipeline on the CPU.
-pub fn load_model(reference: &str, offline: bool) -> Result<LoadedModel> {
+/// Resolve `reference` (local path or repo id) and load its pipeline on the
+/// CPU; `random_weights` synthesises the weights (benchmarks).
+pub fn load_model(reference: &str, offline: bool, random_weights: bool) -> Result<LoadedModel> {
     let start = Instant::now();
     let options = ResolveOptions {
         offline,
         progress: true,
         ..ResolveOptions::default()
     };
-    let dir = resolve_model(reference, &options)?;
+    let dir = resolve_model(reference, &options)?.with_random_weights(random_weights);
     let pipeline = load_pipeline(&dir, &Device::Cpu)
         .with_context(|| format!("loading model {}", dir.path().display()))?;
     Ok(LoadedModel {
@@ -293,7 +294,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     };
     let loras = resolve_loras(&args.loras, args.offline)?;
 
-    let mut model = load_model(&args.model, args.offline)?;
+    let mut model = load_model(&args.model, args.offline, false)?;
     if !loras.is_empty() {
         model.pipeline.set_loras(&loras)?;
     }
