@@ -313,6 +313,54 @@ fn sdxl_inpaint_euler() {
     check_case_in("generated", "sdxl_inpaint_euler", None);
 }
 
+/// SDXL LoRAs touching the UNet and both text encoders
+/// (`tools/gen_sdxl_lora_refs.py`): PEFT layout at scale 0.8 and the same
+/// matrices in the kohya layout (`lora_te1_` / `lora_te2_`, alpha/rank 0.5)
+/// at scale 1.6.
+#[test]
+fn sdxl_lora_peft_scale0_8() {
+    check_case_in("generated", "sdxl_lora_peft_scale0.8", None);
+}
+
+#[test]
+fn sdxl_lora_kohya_scale1_6() {
+    check_case_in("generated", "sdxl_lora_kohya_scale1.6", None);
+}
+
+/// The SDXL LoRA's text-encoder parts matter: merging only its UNet part
+/// (a copy of the file without the `text_encoder*` keys) gives other latents,
+/// so the parity above checks both text encoders' merges too.
+#[test]
+fn sdxl_lora_text_encoder_parts_change_the_result() {
+    let src = fixtures().join("loras/tiny-sdxl-lora.safetensors");
+    let all = candle_core::safetensors::load(&src, &Device::Cpu).unwrap();
+    let n_te1 = all
+        .keys()
+        .filter(|k| k.starts_with("text_encoder."))
+        .count();
+    let n_te2 = all
+        .keys()
+        .filter(|k| k.starts_with("text_encoder_2."))
+        .count();
+    assert!(n_te1 > 0 && n_te2 > 0, "{n_te1} {n_te2}");
+    let unet_only: std::collections::HashMap<String, Tensor> = all
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("unet."))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("unet-only.safetensors");
+    candle_core::safetensors::save(&unet_only, &path).unwrap();
+    let model = ModelDir::open(fixtures().join("models/tiny-sdxl")).unwrap();
+    let mut p = load_pipeline(&model, &Device::Cpu).unwrap();
+    p.set_loras(&[LoraSpec::new(path, 0.8)]).unwrap();
+    let (lat, _, refs) = run_case(&p, "generated", "sdxl_lora_peft_scale0.8", None);
+    let d = rel_l2(&lat, &refs["latents_to_vae"]);
+    assert!(
+        d > 1e-3,
+        "text-encoder LoRA parts moved the latents by only {d:.2e}"
+    );
+}
+
 /// Switching LoRA sets on one loaded pipeline gives the images of fresh
 /// loads, and reads no base weights from disk.
 #[test]
