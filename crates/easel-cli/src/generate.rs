@@ -81,7 +81,7 @@ pub struct GenerateArgs {
     /// or a `data:image/...;base64,` URI (PNG, JPEG or WebP; alpha is composited
     /// on white). Without --width/--height it sets the size (rounded down to a
     /// multiple of 8); otherwise it is resized (Lanczos) to the requested size.
-    #[arg(long, short = 'i')]
+    #[arg(long, short = 'i', visible_alias = "init-image")]
     pub image: Option<String>,
     /// How much of the init image is replaced, 0..=1: the last
     /// floor(steps x strength) steps of the schedule run [default: 0.8].

@@ -377,6 +377,102 @@ fn generate_reproduces_sd15_lora_kohya_reference_png() {
     assert_eq!(json["loras"][0]["scale"], 1.0);
 }
 
+/// A lossless WebP with alpha (the pixels of `init_rgba.png`) as the init
+/// image, its alpha as the mask, reproduces the 9-channel inpainting PNG.
+#[test]
+fn webp_with_alpha_as_image_and_mask() {
+    let rgba = easel_core::decode_image(
+        &std::fs::read(fixtures().join("generated/init_rgba.png")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rgba.layout, easel_core::PixelLayout::Rgba8);
+    let webp = webp::Encoder::from_rgba(&rgba.pixels, rgba.width, rgba.height).encode_lossless();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("init.webp");
+    std::fs::write(&path, &*webp).unwrap();
+    let json = reproduce_png_in(
+        "references",
+        "sd15_inpaint_ddim",
+        "ddim",
+        &["--image", path.to_str().unwrap(), "--mask", "alpha"],
+    );
+    assert_eq!(json["task"], "inpainting");
+}
+
+/// A JPEG init image (quality 95, via `--init-image`) gives the image-to-image
+/// result of the PNG within JPEG's small error; a JPEG mask works too.
+#[test]
+fn jpeg_image_and_mask() {
+    let dir = tempfile::tempdir().unwrap();
+    let to_jpeg = |src: &str, dst: &str| {
+        let (w, h, rgb) = rgb8(&fixtures().join("references").join(src));
+        let img = easel_core::RgbImageRef::new(w, h, &rgb).unwrap();
+        let bytes = easel_core::encode_image(
+            &img,
+            easel_core::OutputFormat::Jpeg,
+            95,
+            &Default::default(),
+        )
+        .unwrap();
+        let path = dir.path().join(dst);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let init = to_jpeg("init_image.png", "init.jpg");
+    let mask = to_jpeg("mask.png", "mask.jpg");
+    let c: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("references/sd15_img2img_ddim.json")).unwrap(),
+    )
+    .unwrap();
+    let out = dir.path().join("out.png");
+    let model = fixtures().join(c["model"].as_str().unwrap());
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            c["prompt"].as_str().unwrap(),
+            "--steps",
+            "5",
+            "--strength",
+            "0.6",
+            "--seed",
+            "42",
+            "--scheduler",
+            "ddim",
+            "--output",
+            out.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend(extra);
+        let o = easel(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        (json, rgb8(&out))
+    };
+    let png = fixtures().join("references/init_image.png");
+    let (_, (_, _, from_png)) = run(&["--image", png.to_str().unwrap()]);
+    let (json, (w, h, from_jpeg)) = run(&["--init-image", init.to_str().unwrap()]);
+    assert_eq!(json["task"], "image-to-image");
+    assert_eq!((w, h), (64, 64));
+    let mean = from_png
+        .iter()
+        .zip(&from_jpeg)
+        .map(|(a, b)| a.abs_diff(*b) as f64)
+        .sum::<f64>()
+        / from_png.len() as f64;
+    eprintln!("JPEG vs PNG init image: mean difference {mean:.3} levels");
+    assert!(mean > 0.0 && mean < 3.0, "mean difference {mean}");
+    let (json, _) = run(&[
+        "--image",
+        init.to_str().unwrap(),
+        "--mask",
+        mask.to_str().unwrap(),
+    ]);
+    assert_eq!(json["task"], "inpainting");
+}
+
 /// Bad images, masks, strengths and LoRAs: a clear one-line error, a
 /// non-zero exit (not a panic), no file written.
 #[test]
