@@ -357,6 +357,63 @@ fn image_as_data_uri() {
     );
 }
 
+/// Serve one HTTP response (`status`, `body`) on 127.0.0.1 to the first
+/// request; returns the URL.
+fn serve_once(status: &'static str, body: Vec<u8>) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap() > 0 && line != "\r\n" {
+            line.clear();
+        }
+        let mut stream = stream;
+        let head = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(&body).unwrap();
+    });
+    format!("http://{addr}/init_image.png")
+}
+
+/// An http:// URL works as `--image`; a URL answering 404 is a clear error.
+#[test]
+fn image_from_url() {
+    let bytes = std::fs::read(fixtures().join("references/init_image.png")).unwrap();
+    let url = serve_once("200 OK", bytes);
+    reproduce_png_in(
+        "references",
+        "sd15_img2img_ddim",
+        "ddim",
+        &["--image", &url],
+    );
+    let url = serve_once("404 Not Found", b"no such image".to_vec());
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let model = fixtures().join("models/tiny-sd15");
+    let o = easel(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--image",
+        &url,
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--image: fetching http://127.0.0.1"), "{err}");
+    assert!(err.contains("404"), "{err}");
+    assert!(!out.exists());
+}
+
 /// The generated 4-channel inpainting case, through the CLI.
 #[test]
 fn generate_reproduces_generated_sdxl_inpaint_png() {
