@@ -381,7 +381,7 @@ pub fn sgm_to_diffusers(name: &str, layers_per_block: usize) -> Option<String> {
         return Some(if rest == "conv" || rest.starts_with("conv_") {
             join(
                 format!("up_blocks_{block}_upsamplers_0_conv"),
-                &rest[4..].trim_start_matches('_').to_string(),
+                rest[4..].trim_start_matches('_'),
             )
         } else {
             match j {
