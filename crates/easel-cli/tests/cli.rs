@@ -530,6 +530,85 @@ fn jpeg_image_and_mask() {
     assert_eq!(json["task"], "inpainting");
 }
 
+/// `--lora` by folder and by Hugging Face repo id (from the hub cache,
+/// offline) reproduces the PEFT LoRA reference PNG like the file path does.
+#[test]
+fn lora_by_folder_and_repo_id() {
+    let case = "sd15_lora_peft_scale0.7";
+    let refs = fixtures().join("references");
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(refs.join(format!("{case}.json"))).unwrap())
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lora = fixtures().join(c["lora"].as_str().unwrap());
+    // A folder holding the file under diffusers' default name.
+    let folder = dir.path().join("my-lora");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::copy(&lora, folder.join("pytorch_lora_weights.safetensors")).unwrap();
+    // A hub cache holding repo `someone/tiny-lora` at a commit `main` points to.
+    let hub = dir.path().join("hub");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = hub.join("models--someone--tiny-lora");
+    std::fs::create_dir_all(repo.join("snapshots").join(commit)).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    std::fs::copy(
+        &lora,
+        repo.join("snapshots")
+            .join(commit)
+            .join("pytorch_lora_weights.safetensors"),
+    )
+    .unwrap();
+    let (_, _, want) = rgb8(&refs.join(format!("{case}.0.png")));
+    let model = fixtures().join(c["model"].as_str().unwrap());
+    let out = dir.path().join("out.png");
+    for lora_arg in [
+        format!("{}:0.7", folder.display()),
+        "someone/tiny-lora:0.7".to_string(),
+    ] {
+        let n = |k: &str| c[k].to_string();
+        let o = Command::new(env!("CARGO_BIN_EXE_easel"))
+            .args([
+                "generate",
+                "--model",
+                model.to_str().unwrap(),
+                "--prompt",
+                c["prompt"].as_str().unwrap(),
+                "--steps",
+                &n("num_inference_steps"),
+                "--guidance-scale",
+                &n("guidance_scale"),
+                "--width",
+                &n("width"),
+                "--height",
+                &n("height"),
+                "--seed",
+                &n("seed"),
+                "--scheduler",
+                "euler",
+                "--lora",
+                &lora_arg,
+                "--output",
+                out.to_str().unwrap(),
+                "--json",
+            ])
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_HUB_CACHE", &hub)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{lora_arg}: {}", stderr(&o));
+        let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(json["loras"][0]["scale"], 0.7);
+        assert!(json["loras"][0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("pytorch_lora_weights.safetensors"));
+        let (_, _, got) = rgb8(&out);
+        let d = max_level_diff(&got, &want);
+        assert!(d <= 1, "{lora_arg}: max difference {d} levels");
+    }
+}
+
 /// Bad images, masks, strengths and LoRAs: a clear one-line error, a
 /// non-zero exit (not a panic), no file written.
 #[test]
