@@ -100,6 +100,56 @@ unsafe fn matmul(
     );
 }
 
+/// `torch.nn.functional.linear`: `y = x · Wᵀ + bias`.
+///
+/// - `x`: `(m, k)` row-major; `weight`: `(n, k)` row-major, as stored by
+///   PyTorch (read transposed through strides, never copied);
+///   `bias`: `n` values or empty → `(m, n)`.
+///
+/// One matrix product over all `m` rows (every batch and sequence position
+/// at once), with the bias written into the output first and accumulated
+/// onto, so no separate broadcast pass runs.
+pub fn linear(x: &[f32], m: usize, k: usize, weight: &[f32], bias: &[f32], n: usize) -> Vec<f32> {
+    debug_assert_eq!(x.len(), m * k);
+    debug_assert_eq!(weight.len(), n * k);
+    let mut out = if bias.is_empty() {
+        vec![0f32; m * n]
+    } else {
+        debug_assert_eq!(bias.len(), n);
+        let mut out = Vec::with_capacity(m * n);
+        for _ in 0..m {
+            out.extend_from_slice(bias);
+        }
+        out
+    };
+    // SAFETY: `x` is m×k (row stride k), `weight` read as k×n with row
+    // stride 1 and column stride k, `out` is m×n; no aliasing.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            !bias.is_empty(),
+            x.as_ptr(),
+            1,
+            k as isize,
+            weight.as_ptr(),
+            k as isize,
+            1,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+    }
+    out
+}
+
 /// Re-order a `(co, ci, 3, 3)` convolution weight into nine `(co, ci)`
 /// matrices, one per kernel tap `ky * 3 + kx`.
 pub fn pack_conv3x3_weight(weight: &[f32], co: usize, ci: usize) -> Vec<f32> {
@@ -440,6 +490,24 @@ mod tests {
         })
         .unwrap();
         assert!(max_diff(&tensor(got, &[b, co, h, w]).unwrap(), &want) < 1e-5);
+    }
+
+    #[test]
+    fn linear_matches_candle_with_and_without_bias() {
+        for &(m, k, n) in &[(1, 1, 1), (7, 33, 5), (300, 64, 130), (2, 768, 320)] {
+            let x = randn(&[m, k], 10);
+            let weight = randn(&[n, k], 11);
+            let bias = randn(&[n], 12);
+            let plain = x.matmul(&weight.t().unwrap()).unwrap();
+            let with_bias = plain.broadcast_add(&bias).unwrap();
+            let wv = with_f32(&weight, <[f32]>::to_vec).unwrap();
+            let bv = bias.to_vec1::<f32>().unwrap();
+            for (b, want) in [(&bv[..], &with_bias), (&[][..], &plain)] {
+                let got = with_f32(&x, |d| linear(d, m, k, &wv, b, n)).unwrap();
+                let got = tensor(got, &[m, n]).unwrap();
+                assert!(max_diff(&got, want) < 1e-4, "{m}x{k} -> {n}");
+            }
+        }
     }
 
     #[test]

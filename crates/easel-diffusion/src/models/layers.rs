@@ -54,9 +54,16 @@ fn timed<T>(kind: usize, f: impl FnOnce() -> T) -> T {
 }
 
 /// `torch.nn.Linear`: `y = x W^T + b`, `W` of shape `(out_features, in_features)`.
+///
+/// f32 inputs on the CPU run as one matrix product over all leading
+/// dimensions with the bias fused ([`kernels::linear`]); other dtypes and
+/// devices use candle's matmul.
 #[derive(Clone, Debug)]
 pub struct Linear {
     inner: candle_nn::Linear,
+    /// The bias as f32 for the CPU kernel (empty without bias or when the
+    /// weights are not f32).
+    bias_f32: Arc<Vec<f32>>,
 }
 
 impl Linear {
@@ -68,15 +75,39 @@ impl Linear {
         } else {
             None
         };
+        let bias_f32 = Arc::new(match &bias {
+            Some(b) if kernels::applies(b) => kernels::with_f32(b, <[f32]>::to_vec)?,
+            _ => Vec::new(),
+        });
         Ok(Self {
             inner: candle_nn::Linear::new(weight, bias),
+            bias_f32,
         })
     }
 
     /// `x`: `(..., in_features)` → `(..., out_features)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (out_f, in_f) = self.inner.weight().dims2()?;
-        count_flops(2 * x.elem_count() / in_f.max(1) * in_f * out_f);
+        let weight = self.inner.weight();
+        let (out_f, in_f) = weight.dims2()?;
+        let rows = x.elem_count() / in_f.max(1);
+        count_flops(2 * rows * in_f * out_f);
+        let has_bias = self.inner.bias().is_some();
+        if kernels::applies(x)
+            && kernels::applies(weight)
+            && x.dims().last() == Some(&in_f)
+            && (!has_bias || self.bias_f32.len() == out_f)
+        {
+            let mut shape = x.dims().to_vec();
+            *shape.last_mut().expect("x has a last dimension") = out_f;
+            let y = timed(3, || {
+                kernels::with_f32(x, |xd| {
+                    kernels::with_f32(weight, |wd| {
+                        kernels::linear(xd, rows, in_f, wd, &self.bias_f32, out_f)
+                    })
+                })
+            })??;
+            return kernels::tensor(y, &shape);
+        }
         timed(3, || Ok(self.inner.forward(x)?))
     }
 }
