@@ -15,13 +15,14 @@ use easel_diffusion::loader::{resolve_model, ModelDir, ResolveOptions};
 use easel_diffusion::noise::PerImageGenerators;
 use easel_diffusion::pipelines::flux::round_to_flux_size;
 use easel_diffusion::pipelines::{
-    load_pipeline, CancelToken, GenerationRequest, ImageInput, MaskInput, Pipeline, Progress,
-    RunContext,
+    load_pipeline, CancelToken, GenerationRequest, Pipeline, Progress, RunContext,
 };
 use easel_diffusion::schedulers::resolve_scheduler_name;
 use easel_diffusion::Error as EngineError;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+
+use crate::inputs::{load_image_and_mask, resolve_loras};
 
 /// Arguments of `easel generate`.
 #[derive(Args, Debug)]
@@ -53,17 +54,6 @@ pub struct GenerateArgs {
     /// with a notice [default: the init image's, else the model's native size].
     #[arg(long, short = 'H')]
     pub height: Option<u32>,
-    /// Image-to-image (or, with --mask, inpainting): the init image (PNG, JPEG or WebP),
-    /// resized to the output size when it differs.
-    #[arg(long, short = 'i')]
-    pub image: Option<PathBuf>,
-    /// Inpainting mask: white repaints, black keeps; resized to the output size.
-    #[arg(long, requires = "image")]
-    pub mask: Option<PathBuf>,
-    /// Image-to-image: how much of the schedule is re-run, 0..=1
-    /// [default: 0.8; FLUX.1 Fill 1.0].
-    #[arg(long, visible_alias = "prompt-strength")]
-    pub strength: Option<f64>,
     /// FLUX: the T5 prompt length in tokens, 1..=512 [default: schnell 256, dev and Fill 512].
     #[arg(long)]
     pub max_sequence_length: Option<usize>,
@@ -95,6 +85,26 @@ pub struct GenerateArgs {
     /// Print a machine-readable result (files, seeds, timings) on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Image-to-image / inpainting: the init image, a file path, an http(s) URL
+    /// or a `data:image/...;base64,` URI (PNG, JPEG or WebP; alpha is composited
+    /// on white). Without --width/--height it sets the size (rounded down to a
+    /// multiple of 8, 16 for FLUX); otherwise it is resized (Lanczos) to the requested size.
+    #[arg(long, short = 'i', visible_alias = "init-image")]
+    pub image: Option<String>,
+    /// How much of the init image is replaced, 0..=1: the last
+    /// floor(steps x strength) steps of the schedule run [default: 0.8; FLUX.1 Fill 1.0].
+    #[arg(long, visible_alias = "prompt-strength")]
+    pub strength: Option<f64>,
+    /// Inpainting: the mask (white repaints, black keeps), resized to the image;
+    /// a path, URL or data URI, or `alpha` to use the init image's alpha channel
+    /// (transparent repaints).
+    #[arg(long, requires = "image")]
+    pub mask: Option<String>,
+    /// A LoRA adapter, PATH_OR_REPO[:SCALE] (scale -1..=3, default 1): a
+    /// .safetensors file, a folder holding one, or a Hugging Face repo id.
+    /// Repeat to stack several.
+    #[arg(long = "lora", value_name = "PATH_OR_REPO[:SCALE]")]
+    pub loras: Vec<String>,
     /// Never download: use only models already on disk.
     #[arg(long, env = "HF_HUB_OFFLINE", value_parser = parse_bool_env)]
     pub offline: bool,
@@ -167,39 +177,6 @@ fn round_flux_size(field: &str, value: u32, quiet: bool) -> u32 {
     }
 }
 
-/// Read and decode an input image file to RGB8.
-fn read_image(path: &Path, what: &str) -> Result<(u32, u32, Vec<u8>)> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))?;
-    let img = easel_core::decode_image(&bytes)
-        .map_err(|e| anyhow::anyhow!("{what} {}: {e}", path.display()))?;
-    let (w, h) = (img.width, img.height);
-    Ok((w, h, img.into_rgb8()))
-}
-
-/// `rgb` resized to `width` x `height` (Lanczos3), with a notice on stderr
-/// (unless `quiet`) when the size changes.
-fn fit_rgb(
-    (w, h, rgb): (u32, u32, Vec<u8>),
-    width: u32,
-    height: u32,
-    what: &str,
-    quiet: bool,
-) -> Result<Vec<u8>> {
-    if (w, h) == (width, height) {
-        return Ok(rgb);
-    }
-    if !quiet {
-        eprintln!("note: the {what} is {w}x{h}; resized to {width}x{height}");
-    }
-    let img = image::RgbImage::from_raw(w, h, rgb)
-        .ok_or_else(|| anyhow::anyhow!("{what}: pixel buffer does not match {w}x{h}"))?;
-    Ok(
-        image::imageops::resize(&img, width, height, image::imageops::FilterType::Lanczos3)
-            .into_raw(),
-    )
-}
-
 #[derive(Serialize)]
 struct JsonImage {
     path: PathBuf,
@@ -221,6 +198,12 @@ struct JsonTimings {
 }
 
 #[derive(Serialize)]
+struct JsonLora {
+    path: PathBuf,
+    scale: f64,
+}
+
+#[derive(Serialize)]
 struct JsonResult {
     model: String,
     model_path: PathBuf,
@@ -232,6 +215,11 @@ struct JsonResult {
     guidance_scale: f64,
     width: u32,
     height: u32,
+    /// `text-to-image`, `image-to-image` or `inpainting`.
+    task: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    strength: Option<f64>,
+    loras: Vec<JsonLora>,
     device: &'static str,
     precision: &'static str,
     images: Vec<JsonImage>,
@@ -299,24 +287,6 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     params
         .validate_with(&ValidateOptions::default().size_multiple(1))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    if let Some(s) = args.strength {
-        if !(0.0..=1.0).contains(&s) {
-            bail!("strength: {s} is out of range (allowed: 0 to 1)");
-        }
-    }
-    if let Some(n) = args.max_sequence_length {
-        if !(1..=512).contains(&n) {
-            bail!("max_sequence_length: {n} is out of range (allowed: 1 to 512)");
-        }
-    }
-    let init_image = match &args.image {
-        Some(p) => Some(read_image(p, "init image")?),
-        None => None,
-    };
-    let mask_image = match &args.mask {
-        Some(p) => Some(read_image(p, "mask")?),
-        None => None,
-    };
     // Without --format, the format follows --output's extension; png otherwise.
     let no_extension = args.output.as_ref().is_none_or(|p| p.extension().is_none());
     let format = if args.format.is_none() && no_extension {
@@ -346,12 +316,40 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     if let Some(name) = &args.scheduler {
         resolve_scheduler_name(name)?;
     }
+    if let Some(s) = args.strength {
+        if args.image.is_none() {
+            bail!("strength: applies to image-to-image and inpainting; give --image too");
+        }
+        if !s.is_finite() || !(0.0..=1.0).contains(&s) {
+            bail!("strength: {s} is out of range (allowed: 0 to 1)");
+        }
+    }
+    // Inputs are read and checked before the model is loaded.
+    let inputs = match &args.image {
+        Some(image) => {
+            let (image, mask, had_alpha) = load_image_and_mask(image, args.mask.as_deref())?;
+            if had_alpha && args.mask.as_deref() != Some("alpha") && !args.json {
+                eprintln!("note: the init image's transparent pixels were composited on white (--mask alpha repaints them instead)");
+            }
+            Some((image, mask))
+        }
+        None => None,
+    };
+    let loras = resolve_loras(&args.loras, args.offline)?;
+
+    if let Some(n) = args.max_sequence_length {
+        if !(1..=512).contains(&n) {
+            bail!("max_sequence_length: {n} is out of range (allowed: 1 to 512)");
+        }
+    }
 
     let load_start = Instant::now();
     let dir = resolve(&args.model, args.offline)?;
     let flux = is_flux_class(dir.pipeline_class());
     let quiet = args.json;
-    let (width, height) = if flux {
+    // FLUX rounds sizes to multiples of 16 (with a notice); the other
+    // families take multiples of 8 and refuse anything else.
+    let (arg_width, arg_height) = if flux {
         (
             args.width.map(|w| round_flux_size("width", w, quiet)),
             args.height.map(|h| round_flux_size("height", h, quiet)),
@@ -360,47 +358,45 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         params.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         (args.width, args.height)
     };
-    let model = load_resolved(dir, load_start, false)?;
+    let mut model = load_resolved(dir, load_start, false)?;
+    if !loras.is_empty() {
+        model.pipeline.set_loras(&loras)?;
+    }
     let pipeline = &model.pipeline;
-    // Without --width/--height: the init image's size (rounded to the model's
-    // multiple), else the model's native size.
-    let multiple = pipeline.size_multiple() as u32;
-    let from_image = |field: &str, v: u32| -> u32 {
-        let r = (((v + multiple / 2) / multiple) * multiple)
-            .clamp(multiple, 2048 / multiple * multiple);
-        if r != v && !quiet {
-            eprintln!(
-                "note: the init image's {field} {v} is not a multiple of {multiple}; using {r}"
-            );
-        }
-        r
-    };
-    let (native_w, native_h) = pipeline.default_size();
-    let width = width.unwrap_or_else(|| match &init_image {
-        Some((w, _, _)) => from_image("width", *w),
-        None => native_w as u32,
-    });
-    let height = height.unwrap_or_else(|| match &init_image {
-        Some((_, h, _)) => from_image("height", *h),
-        None => native_h as u32,
-    });
-    let image = match init_image {
-        Some(img) => Some(ImageInput {
-            width: width as usize,
-            height: height as usize,
-            rgb: fit_rgb(img, width, height, "init image", quiet)?,
-        }),
-        None => None,
-    };
-    let mask = match mask_image {
-        Some(m) => {
-            let rgb = fit_rgb(m, width, height, "mask", quiet)?;
-            Some(MaskInput::from_rgb8(width as usize, height as usize, &rgb)?)
-        }
-        None => None,
-    };
     let strength = args.strength.unwrap_or(pipeline.default_strength());
+    let (native_w, native_h) = match &inputs {
+        // The init image sets the size, rounded down to the model's size
+        // multiple (the VAE scale factor; 16 for FLUX), as diffusers does.
+        Some((image, _)) => {
+            let f = pipeline.size_multiple();
+            let size = (image.width / f * f, image.height / f * f);
+            for (field, flag, v, given) in [
+                ("width", "--width", size.0, arg_width),
+                ("height", "--height", size.1, arg_height),
+            ] {
+                if given.is_none() && !(f..=2048).contains(&v) {
+                    bail!(
+                        "{field}: {v} (the init image is {}x{}, rounded down to a multiple of {f}) \
+                         is out of range (allowed: {f} to 2048); pass {flag} to resize it",
+                        image.width,
+                        image.height
+                    );
+                }
+            }
+            size
+        }
+        None => pipeline.default_size(),
+    };
+    let width = arg_width.unwrap_or(native_w as u32);
+    let height = arg_height.unwrap_or(native_h as u32);
     let steps = args.steps.unwrap_or(pipeline.default_steps() as u32);
+    if inputs.is_some() && (steps as f64 * strength) as u32 == 0 {
+        bail!(
+            "strength: {strength} with {steps} steps runs no denoising step (floor(steps x strength) = 0); \
+             raise --strength to at least {:.4} or use more --steps",
+            1.0 / steps as f64
+        );
+    }
     let guidance_scale = args
         .guidance_scale
         .unwrap_or(pipeline.default_guidance_scale());
@@ -420,11 +416,31 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         width: width as usize,
         height: height as usize,
         scheduler: args.scheduler.clone(),
-        image,
-        mask,
         strength,
         max_sequence_length: args.max_sequence_length,
+        image: inputs.as_ref().map(|i| i.0.clone()),
+        mask: inputs.as_ref().and_then(|i| i.1.clone()),
     };
+    let task = match (&request.image, &request.mask) {
+        (None, _) => "text-to-image",
+        (Some(_), None) => "image-to-image",
+        (Some(_), Some(_)) => "inpainting",
+    };
+    let mut extra: std::collections::BTreeMap<String, String> =
+        [("easel".to_string(), env!("CARGO_PKG_VERSION").to_string())].into();
+    if request.image.is_some() {
+        extra.insert("Denoising strength".into(), strength.to_string());
+    }
+    if let Some(n) = args.max_sequence_length {
+        extra.insert("max_sequence_length".into(), n.to_string());
+    }
+    if !loras.is_empty() {
+        let list: Vec<String> = loras
+            .iter()
+            .map(|l| format!("{}:{}", l.path.display(), l.scale))
+            .collect();
+        extra.insert("Lora".into(), list.join(" "));
+    }
 
     // Ctrl-C cancels at the next step; nothing is written for a canceled job.
     let cancel = CancelToken::new();
@@ -476,14 +492,6 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     }
 
     let t_write = Instant::now();
-    let mut metadata_extra: std::collections::BTreeMap<String, String> =
-        [("easel".to_string(), env!("CARGO_PKG_VERSION").to_string())].into();
-    if args.image.is_some() {
-        metadata_extra.insert("strength".into(), strength.to_string());
-    }
-    if let Some(n) = args.max_sequence_length {
-        metadata_extra.insert("max_sequence_length".into(), n.to_string());
-    }
     let rgb = images_to_rgb8(&output.images)?;
     let mut written = Vec::new();
     for ((pixels, path), &image_seed) in rgb.iter().zip(&paths).zip(&seeds) {
@@ -497,7 +505,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
             width,
             height,
             model: args.model.clone(),
-            extra: metadata_extra.clone(),
+            extra: extra.clone(),
         };
         let image = RgbImageRef::new(width, height, pixels).map_err(|e| anyhow::anyhow!("{e}"))?;
         let bytes = encode_image(&image, format, args.quality as u8, &metadata)
@@ -533,6 +541,15 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
             guidance_scale,
             width,
             height,
+            task,
+            strength: request.image.is_some().then_some(strength),
+            loras: loras
+                .iter()
+                .map(|l| JsonLora {
+                    path: l.path.clone(),
+                    scale: l.scale,
+                })
+                .collect(),
             device: "cpu",
             precision: "fp32",
             images: written,

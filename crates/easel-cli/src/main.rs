@@ -7,6 +7,7 @@
 mod bench;
 mod flow;
 mod generate;
+mod inputs;
 mod models;
 
 use std::process::ExitCode;

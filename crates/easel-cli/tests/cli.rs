@@ -37,18 +37,23 @@ fn max_level_diff(a: &[u8], b: &[u8]) -> u8 {
 }
 
 /// Run `easel generate` with the settings of reference case `case` (its
-/// prompt, negative prompt, steps, guidance, size and seed) and `scheduler`,
-/// and check the PNG is within one level per channel of diffusers' PNG.
-/// Returns the `--json` result.
+/// prompt, negative prompt, steps, guidance, size and seed, and its init
+/// image, mask, strength and LoRA) and `scheduler`, and check the PNG is
+/// within one level per channel of diffusers' PNG. Returns the `--json` result.
 fn reproduce_reference_png(case: &str, scheduler: &str) -> serde_json::Value {
-    reproduce_png_in("references", case, scheduler)
+    reproduce_png_in("references", case, scheduler, &[])
 }
 
-/// [`reproduce_reference_png`] for a case of `tests/fixtures/<dir>`; the
-/// case's init image, mask, strength and `max_sequence_length` are passed
-/// too when it has them.
-fn reproduce_png_in(dir: &str, case: &str, scheduler: &str) -> serde_json::Value {
-    let refs = fixtures().join(dir);
+/// [`reproduce_reference_png`] for a case of `tests/fixtures/<folder>/`,
+/// with `extra` arguments (replacing the case's `--image` / `--mask` when
+/// they name them).
+fn reproduce_png_in(
+    folder: &str,
+    case: &str,
+    scheduler: &str,
+    extra: &[&str],
+) -> serde_json::Value {
+    let refs = fixtures().join(folder);
     let c: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(refs.join(format!("{case}.json"))).unwrap())
             .unwrap();
@@ -56,14 +61,12 @@ fn reproduce_png_in(dir: &str, case: &str, scheduler: &str) -> serde_json::Value
     let out = dir.path().join("out.png");
     let model = fixtures().join(c["model"].as_str().unwrap());
     let num = |k: &str| c[k].to_string();
-    let (steps, guidance, width, height, seed) = (
+    let (steps, guidance, seed) = (
         num("num_inference_steps"),
         num("guidance_scale"),
-        num("width"),
-        num("height"),
         num("seed"),
     );
-    let mut args = vec![
+    let mut args: Vec<String> = [
         "generate",
         "--model",
         model.to_str().unwrap(),
@@ -73,10 +76,6 @@ fn reproduce_png_in(dir: &str, case: &str, scheduler: &str) -> serde_json::Value
         &steps,
         "--guidance-scale",
         &guidance,
-        "--width",
-        &width,
-        "--height",
-        &height,
         "--seed",
         &seed,
         "--scheduler",
@@ -84,28 +83,44 @@ fn reproduce_png_in(dir: &str, case: &str, scheduler: &str) -> serde_json::Value
         "--output",
         out.to_str().unwrap(),
         "--json",
-    ];
-    if let Some(neg) = c["negative_prompt"].as_str() {
-        args.extend(["--negative-prompt", neg]);
-    }
-    let file = |k: &str| {
-        c[k].as_str()
-            .map(|f| refs.join(f).to_str().unwrap().to_string())
-    };
-    let extra: Vec<(&str, Option<String>)> = vec![
-        ("--image", file("init_image")),
-        ("--mask", file("mask_image")),
-        ("--strength", c.get("strength").map(|v| v.to_string())),
-        (
-            "--max-sequence-length",
-            c.get("max_sequence_length").map(|v| v.to_string()),
-        ),
-    ];
-    for (flag, value) in &extra {
-        if let Some(v) = value {
-            args.extend([*flag, v.as_str()]);
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut push = |flag: &str, value: String| args.extend([flag.to_string(), value]);
+    for key in ["width", "height"] {
+        if let Some(v) = c[key].as_u64() {
+            push(&format!("--{key}"), v.to_string());
         }
     }
+    if let Some(neg) = c["negative_prompt"].as_str() {
+        push("--negative-prompt", neg.to_string());
+    }
+    if !extra.contains(&"--image") {
+        if let Some(f) = c["init_image"].as_str() {
+            push("--image", refs.join(f).display().to_string());
+        }
+    }
+    if !extra.contains(&"--mask") {
+        if let Some(f) = c["mask_image"].as_str() {
+            push("--mask", refs.join(f).display().to_string());
+        }
+    }
+    if let Some(s) = c["strength"].as_f64() {
+        push("--strength", s.to_string());
+    }
+    if let Some(n) = c["max_sequence_length"].as_u64() {
+        push("--max-sequence-length", n.to_string());
+    }
+    if let Some(f) = c["lora"].as_str() {
+        let scale = c["lora_scale"].as_f64().unwrap_or(1.0);
+        push(
+            "--lora",
+            format!("{}:{scale}", fixtures().join(f).display()),
+        );
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let o = easel(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -125,10 +140,10 @@ fn reproduce_png_in(dir: &str, case: &str, scheduler: &str) -> serde_json::Value
     );
     assert_eq!(meta.seed.to_string(), seed);
     assert_eq!(meta.steps.to_string(), steps);
-    assert_eq!(
-        (meta.width.to_string(), meta.height.to_string()),
-        (width, height)
-    );
+    assert_eq!((meta.width, meta.height), (rw, rh));
+    if let Some(s) = c["strength"].as_f64() {
+        assert_eq!(meta.extra["Denoising strength"], s.to_string());
+    }
     json
 }
 
@@ -295,6 +310,433 @@ fn schedulers_and_models_list() {
         .any(|m| m["pipeline_class"] == "StableDiffusionXLPipeline"));
 }
 
+// Issue 4: image-to-image, inpainting and LoRA from the command line.
+
+/// `--image` + `--strength` (the size comes from the image) reproduce
+/// diffusers' `StableDiffusionImg2ImgPipeline` PNG.
+#[test]
+fn generate_reproduces_sd15_img2img_reference_png() {
+    let json = reproduce_reference_png("sd15_img2img_ddim", "ddim");
+    assert_eq!(json["task"], "image-to-image");
+    assert_eq!(json["strength"], 0.6);
+    assert_eq!(
+        (json["width"].as_u64(), json["height"].as_u64()),
+        (Some(64), Some(64))
+    );
+    // floor(5 x 0.6) = 3 steps run.
+    assert_eq!(json["timings"]["step_s"].as_array().unwrap().len(), 3);
+}
+
+/// `--mask` with an inpainting model (9-channel UNet).
+#[test]
+fn generate_reproduces_sd15_inpaint_reference_png() {
+    let json = reproduce_reference_png("sd15_inpaint_ddim", "ddim");
+    assert_eq!(json["task"], "inpainting");
+    assert_eq!(json["pipeline"], "StableDiffusionInpaintPipeline");
+}
+
+/// `--mask alpha`: the init image's transparency is the mask.
+#[test]
+fn mask_from_alpha_matches_mask_file() {
+    let rgba = fixtures().join("generated/init_rgba.png");
+    reproduce_png_in(
+        "references",
+        "sd15_inpaint_ddim",
+        "ddim",
+        &["--image", rgba.to_str().unwrap(), "--mask", "alpha"],
+    );
+}
+
+/// A data URI works as `--image`.
+#[test]
+fn image_as_data_uri() {
+    let bytes = std::fs::read(fixtures().join("references/init_image.png")).unwrap();
+    let uri = format!("data:image/png;base64,{}", base64_encode(&bytes));
+    reproduce_png_in(
+        "references",
+        "sd15_img2img_ddim",
+        "ddim",
+        &["--image", &uri],
+    );
+}
+
+/// Serve one HTTP response (`status`, `body`) on 127.0.0.1 to the first
+/// request; returns the URL.
+fn serve_once(status: &'static str, body: Vec<u8>) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap() > 0 && line != "\r\n" {
+            line.clear();
+        }
+        let mut stream = stream;
+        let head = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(&body).unwrap();
+    });
+    format!("http://{addr}/init_image.png")
+}
+
+/// An http:// URL works as `--image`; a URL answering 404 is a clear error.
+#[test]
+fn image_from_url() {
+    let bytes = std::fs::read(fixtures().join("references/init_image.png")).unwrap();
+    let url = serve_once("200 OK", bytes);
+    reproduce_png_in(
+        "references",
+        "sd15_img2img_ddim",
+        "ddim",
+        &["--image", &url],
+    );
+    let url = serve_once("404 Not Found", b"no such image".to_vec());
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let model = fixtures().join("models/tiny-sd15");
+    let o = easel(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--image",
+        &url,
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--image: fetching http://127.0.0.1"), "{err}");
+    assert!(err.contains("404"), "{err}");
+    assert!(!out.exists());
+}
+
+/// The generated 4-channel inpainting case, through the CLI.
+#[test]
+fn generate_reproduces_generated_sdxl_inpaint_png() {
+    let json = reproduce_png_in("generated", "sdxl_inpaint_euler", "euler", &[]);
+    assert_eq!(json["task"], "inpainting");
+}
+
+#[test]
+fn generate_reproduces_sd15_lora_peft_reference_png() {
+    let json = reproduce_reference_png("sd15_lora_peft_scale0.7", "euler");
+    assert_eq!(json["loras"][0]["scale"], 0.7);
+    assert_eq!(json["task"], "text-to-image");
+}
+
+#[test]
+fn generate_reproduces_sd15_lora_kohya_reference_png() {
+    let json = reproduce_reference_png("sd15_lora_kohya_scale1.0", "euler");
+    assert_eq!(json["loras"][0]["scale"], 1.0);
+}
+
+/// A lossless WebP with alpha (the pixels of `init_rgba.png`) as the init
+/// image, its alpha as the mask, reproduces the 9-channel inpainting PNG.
+#[test]
+fn webp_with_alpha_as_image_and_mask() {
+    let rgba = easel_core::decode_image(
+        &std::fs::read(fixtures().join("generated/init_rgba.png")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rgba.layout, easel_core::PixelLayout::Rgba8);
+    let webp = webp::Encoder::from_rgba(&rgba.pixels, rgba.width, rgba.height).encode_lossless();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("init.webp");
+    std::fs::write(&path, &*webp).unwrap();
+    let json = reproduce_png_in(
+        "references",
+        "sd15_inpaint_ddim",
+        "ddim",
+        &["--image", path.to_str().unwrap(), "--mask", "alpha"],
+    );
+    assert_eq!(json["task"], "inpainting");
+}
+
+/// A JPEG init image (quality 95, via `--init-image`) gives the image-to-image
+/// result of the PNG within JPEG's small error; a JPEG mask works too.
+#[test]
+fn jpeg_image_and_mask() {
+    let dir = tempfile::tempdir().unwrap();
+    let to_jpeg = |src: &str, dst: &str| {
+        let (w, h, rgb) = rgb8(&fixtures().join("references").join(src));
+        let img = easel_core::RgbImageRef::new(w, h, &rgb).unwrap();
+        let bytes = easel_core::encode_image(
+            &img,
+            easel_core::OutputFormat::Jpeg,
+            95,
+            &Default::default(),
+        )
+        .unwrap();
+        let path = dir.path().join(dst);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let init = to_jpeg("init_image.png", "init.jpg");
+    let mask = to_jpeg("mask.png", "mask.jpg");
+    let c: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("references/sd15_img2img_ddim.json")).unwrap(),
+    )
+    .unwrap();
+    let out = dir.path().join("out.png");
+    let model = fixtures().join(c["model"].as_str().unwrap());
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            c["prompt"].as_str().unwrap(),
+            "--steps",
+            "5",
+            "--strength",
+            "0.6",
+            "--seed",
+            "42",
+            "--scheduler",
+            "ddim",
+            "--output",
+            out.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend(extra);
+        let o = easel(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        (json, rgb8(&out))
+    };
+    let png = fixtures().join("references/init_image.png");
+    let (_, (_, _, from_png)) = run(&["--image", png.to_str().unwrap()]);
+    let (json, (w, h, from_jpeg)) = run(&["--init-image", init.to_str().unwrap()]);
+    assert_eq!(json["task"], "image-to-image");
+    assert_eq!((w, h), (64, 64));
+    let mean = from_png
+        .iter()
+        .zip(&from_jpeg)
+        .map(|(a, b)| a.abs_diff(*b) as f64)
+        .sum::<f64>()
+        / from_png.len() as f64;
+    eprintln!("JPEG vs PNG init image: mean difference {mean:.3} levels");
+    assert!(mean > 0.0 && mean < 3.0, "mean difference {mean}");
+    let (json, _) = run(&[
+        "--image",
+        init.to_str().unwrap(),
+        "--mask",
+        mask.to_str().unwrap(),
+    ]);
+    assert_eq!(json["task"], "inpainting");
+}
+
+/// `--lora` by folder and by Hugging Face repo id (from the hub cache,
+/// offline) reproduces the PEFT LoRA reference PNG like the file path does.
+#[test]
+fn lora_by_folder_and_repo_id() {
+    let case = "sd15_lora_peft_scale0.7";
+    let refs = fixtures().join("references");
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(refs.join(format!("{case}.json"))).unwrap())
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lora = fixtures().join(c["lora"].as_str().unwrap());
+    // A folder holding the file under diffusers' default name.
+    let folder = dir.path().join("my-lora");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::copy(&lora, folder.join("pytorch_lora_weights.safetensors")).unwrap();
+    // A hub cache holding repo `someone/tiny-lora` at a commit `main` points to.
+    let hub = dir.path().join("hub");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = hub.join("models--someone--tiny-lora");
+    std::fs::create_dir_all(repo.join("snapshots").join(commit)).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    std::fs::copy(
+        &lora,
+        repo.join("snapshots")
+            .join(commit)
+            .join("pytorch_lora_weights.safetensors"),
+    )
+    .unwrap();
+    let (_, _, want) = rgb8(&refs.join(format!("{case}.0.png")));
+    let model = fixtures().join(c["model"].as_str().unwrap());
+    let out = dir.path().join("out.png");
+    for lora_arg in [
+        format!("{}:0.7", folder.display()),
+        "someone/tiny-lora:0.7".to_string(),
+    ] {
+        let n = |k: &str| c[k].to_string();
+        let o = Command::new(env!("CARGO_BIN_EXE_easel"))
+            .args([
+                "generate",
+                "--model",
+                model.to_str().unwrap(),
+                "--prompt",
+                c["prompt"].as_str().unwrap(),
+                "--steps",
+                &n("num_inference_steps"),
+                "--guidance-scale",
+                &n("guidance_scale"),
+                "--width",
+                &n("width"),
+                "--height",
+                &n("height"),
+                "--seed",
+                &n("seed"),
+                "--scheduler",
+                "euler",
+                "--lora",
+                &lora_arg,
+                "--output",
+                out.to_str().unwrap(),
+                "--json",
+            ])
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_HUB_CACHE", &hub)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{lora_arg}: {}", stderr(&o));
+        let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(json["loras"][0]["scale"], 0.7);
+        assert!(json["loras"][0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("pytorch_lora_weights.safetensors"));
+        let (_, _, got) = rgb8(&out);
+        let d = max_level_diff(&got, &want);
+        assert!(d <= 1, "{lora_arg}: max difference {d} levels");
+    }
+}
+
+/// Bad images, masks, strengths and LoRAs: a clear one-line error, a
+/// non-zero exit (not a panic), no file written.
+#[test]
+fn bad_image_inputs_fail_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let corrupt = dir.path().join("corrupt.png");
+    let mut bytes = std::fs::read(fixtures().join("references/init_image.png")).unwrap();
+    bytes.truncate(60);
+    std::fs::write(&corrupt, &bytes).unwrap();
+    let text = dir.path().join("notes.png");
+    std::fs::write(&text, b"not an image at all").unwrap();
+    // A 64x32 mask for a 64x64 image.
+    let wide_mask = dir.path().join("wide.png");
+    let gray: Vec<u8> = vec![255; 64 * 32 * 3];
+    let img = easel_core::RgbImageRef::new(64, 32, &gray).unwrap();
+    let png =
+        easel_core::encode_image(&img, easel_core::OutputFormat::Png, 80, &Default::default())
+            .unwrap();
+    std::fs::write(&wide_mask, png).unwrap();
+    let init = fixtures().join("references/init_image.png");
+    let sd15 = fixtures().join("models/tiny-sd15");
+    let sd15_inpaint = fixtures().join("models/tiny-sd15-inpaint");
+    let sdxl = fixtures().join("models/tiny-sdxl");
+    let lora = fixtures().join("loras/tiny-sd15-lora.safetensors");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--image".into(), s(&corrupt)], "--image"),
+        (vec!["--image".into(), s(&text)], "--image"),
+        (
+            vec!["--image".into(), "/no/such/file.png".into()],
+            "/no/such/file.png",
+        ),
+        (
+            vec!["--image".into(), "data:image/png;base64,@@@".into()],
+            "base64",
+        ),
+        (
+            vec!["--image".into(), s(&init), "--mask".into(), s(&wide_mask)],
+            "aspect",
+        ),
+        (
+            vec!["--image".into(), s(&init), "--mask".into(), "alpha".into()],
+            "alpha channel",
+        ),
+        (
+            vec![
+                "--image".into(),
+                s(&init),
+                "--strength".into(),
+                "1.5".into(),
+            ],
+            "strength",
+        ),
+        (
+            vec![
+                "--image".into(),
+                s(&init),
+                "--strength".into(),
+                "0.1".into(),
+            ],
+            "no denoising step",
+        ),
+        (vec!["--strength".into(), "0.5".into()], "--image"),
+        (vec!["--mask".into(), s(&init)], "--image"),
+        (vec!["--lora".into(), format!("{}:9", s(&lora))], "-1 to 3"),
+        (
+            vec!["--lora".into(), "/no/such.safetensors".into()],
+            "/no/such.safetensors",
+        ),
+        (
+            vec!["--model".into(), s(&sdxl), "--lora".into(), s(&lora)],
+            "has no module",
+        ),
+        (vec!["--model".into(), s(&sd15_inpaint)], "inpainting model"),
+    ];
+    for (extra, needle) in cases {
+        let mut args: Vec<String> = [
+            "generate",
+            "--prompt",
+            "x",
+            "--output",
+            out.to_str().unwrap(),
+            "--steps",
+            "5",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if !extra.contains(&"--model".to_string()) {
+            args.extend(["--model".to_string(), s(&sd15)]);
+        }
+        args.extend(extra.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = easel(&args);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{extra:?} succeeded");
+        assert_ne!(o.status.code(), Some(101), "{extra:?} panicked: {err}");
+        assert!(err.contains(needle), "{extra:?}: {err}");
+        assert!(!out.exists(), "{extra:?} wrote a file");
+    }
+}
+
+/// Standard base64 (for data URIs in tests).
+fn base64_encode(bytes: &[u8]) -> String {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 /// Issue 5: FLUX.1 schnell text-to-image from the CLI reproduces diffusers' PNG.
 #[test]
 fn generate_reproduces_flux_schnell_reference_png() {
@@ -319,7 +761,7 @@ fn generate_reproduces_flux_fill_reference_png() {
 /// Issue 5: FLUX.1 dev image-to-image with --image and --strength.
 #[test]
 fn generate_reproduces_flux_dev_img2img_png() {
-    reproduce_png_in("generated", "flux_dev_img2img", "flow_match_euler");
+    reproduce_png_in("generated", "flux_dev_img2img", "flow_match_euler", &[]);
 }
 
 /// Issue 5: FLUX rounds width and height to multiples of 16 with a notice and

@@ -6,12 +6,15 @@
 //!   the allowed range; nothing is clamped silently).
 //! - [`codec`]: encode RGB8 pixels to PNG (with generation metadata), JPEG or
 //!   lossy WebP; decode PNG/JPEG/WebP; read the metadata back from a PNG.
+//! - [`input`]: init images and masks: data URIs, alpha composited on white
+//!   or read as the mask, mask luma.
 //! - [`fs`]: atomic file writes and output file naming for the CLI.
 
 #![warn(missing_docs)]
 
 pub mod codec;
 pub mod fs;
+pub mod input;
 pub mod params;
 
 pub use codec::{
@@ -19,6 +22,7 @@ pub use codec::{
     PixelLayout, RgbImageRef,
 };
 pub use fs::{output_paths, resolve_output_format, write_atomic, OutputPathError, OutputTarget};
+pub use input::{alpha_mask, mask_luma, parse_data_uri, InitImage, InputError};
 pub use params::{
     GenerationParams, OutputFormat, ParseEnumError, Precision, ValidateOptions, ValidationError,
 };

@@ -6,8 +6,10 @@
 //! that tie them together; `noise` the torch-compatible seeded noise.
 
 pub mod error;
+pub mod image_processor;
 pub mod json;
 pub mod loader;
+pub mod lora;
 pub mod models;
 pub mod noise;
 pub mod pipelines;

@@ -228,6 +228,33 @@ pub(crate) fn download(
     Ok((snapshot, commit))
 }
 
+/// Downloads one file of `repo_id` at `revision`, chosen by `pick` among
+/// the repository's files, into the cache; returns its local path.
+pub(crate) fn download_picked(
+    repo_id: &str,
+    revision: &str,
+    access: &HubAccess,
+    pick: fn(&[String]) -> std::result::Result<String, String>,
+) -> std::result::Result<PathBuf, String> {
+    let mut builder = ApiBuilder::from_cache(Cache::new(access.cache.clone()))
+        .with_progress(access.progress)
+        .with_token(access.token.clone());
+    if let Some(endpoint) = &access.endpoint {
+        builder = builder.with_endpoint(endpoint.clone());
+    }
+    let api = builder.build().map_err(|e| e.to_string())?;
+    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
+    let api_repo = api.repo(repo);
+    let info = api_repo
+        .info()
+        .map_err(|e| format!("fetching the file list: {e}"))?;
+    let names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    let file = pick(&names)?;
+    api_repo
+        .download(&file)
+        .map_err(|e| format!("downloading {file}: {e}"))
+}
+
 /// One file: from the snapshot when already there, else downloaded.
 fn fetch(api_repo: &ApiRepo, snapshot: &Path, file: &str) -> std::result::Result<PathBuf, String> {
     let local = snapshot.join(file);

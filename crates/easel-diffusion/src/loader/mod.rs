@@ -313,6 +313,60 @@ fn resolve_hub(repo_id: &str, revision: &str, options: &ResolveOptions) -> Resul
     }
 }
 
+/// A file of a Hugging Face repository that is not a pipeline (a LoRA
+/// adapter): from the snapshot of `reference` (`org/name[@revision]`) in
+/// the hub cache, choosing the file with `pick` among the snapshot's
+/// top-level files; when not cached and not offline, the file list is
+/// fetched from the hub, `pick` chooses among it and that file is
+/// downloaded into the cache.
+///
+/// Errors: the reference is not a repo id, `pick` finds nothing, or the
+/// repo is not cached and cannot be downloaded.
+pub(crate) fn resolve_lora_repo(
+    reference: &str,
+    options: &ResolveOptions,
+    pick: fn(&[String]) -> std::result::Result<String, String>,
+) -> Result<PathBuf> {
+    let not_found = |why: String| Error::invalid("lora", format!("LoRA `{reference}`: {why}"));
+    let Some((repo_id, revision)) = parse_repo_id(reference.trim()) else {
+        return Err(not_found(
+            "no such file or folder, and not a Hugging Face repo id (org/name)".into(),
+        ));
+    };
+    let cache_dir = options.hub_cache()?;
+    let repo = cache_dir.join(cache::repo_folder_name(&repo_id));
+    let commit = match std::fs::read_to_string(cache::ref_path(&repo, &revision)) {
+        Ok(c) => Some(c.trim().to_string()),
+        Err(_) if cache::is_commit_hash(&revision) => Some(revision.clone()),
+        Err(_) => None,
+    };
+    if let Some(commit) = commit.filter(|c| weights::is_plain_file_name(c)) {
+        let snapshot = repo.join("snapshots").join(&commit);
+        if let Ok(entries) = std::fs::read_dir(&snapshot) {
+            let names: Vec<String> = entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            if let Ok(name) = pick(&names) {
+                return Ok(snapshot.join(name));
+            }
+        }
+    }
+    if options.is_offline() {
+        return Err(not_found(format!(
+            "not in the Hugging Face cache ({}) and downloads are off",
+            repo.display()
+        )));
+    }
+    let access = hub::HubAccess {
+        cache: cache_dir.clone(),
+        endpoint: options.endpoint.clone().or_else(|| env_var("HF_ENDPOINT")),
+        token: options.hub_token(),
+        progress: options.progress,
+    };
+    hub::download_picked(&repo_id, &revision, &access, pick).map_err(not_found)
+}
+
 /// A diffusers model found on disk, for `easel models list`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct LocalModel {

@@ -849,3 +849,17 @@ impl UNet2DConditionModel {
         self.conv_out.forward(&h_)
     }
 }
+
+impl UNet2DConditionConfig {
+    /// `layers_per_block` when every down block has the same count (as in
+    /// every Stable Diffusion UNet); `None` for per-block lists that differ.
+    pub fn uniform_layers_per_block(&self) -> Option<usize> {
+        match &self.layers_per_block {
+            PerBlock::One(n) => Some(*n),
+            PerBlock::Each(v) => v
+                .first()
+                .copied()
+                .filter(|first| v.iter().all(|x| x == first)),
+        }
+    }
+}

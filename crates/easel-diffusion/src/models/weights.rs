@@ -6,8 +6,10 @@
 //! safetensors files load without renaming. Tensors stored as f16 / bf16 are
 //! upcast to the compute dtype (f32 on CPU) when a model is built.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -91,6 +93,68 @@ impl TensorSource for SafetensorsSource {
 
     fn keys(&self) -> Vec<String> {
         self.mmaped.tensors().into_iter().map(|(k, _)| k).collect()
+    }
+}
+
+/// A [`TensorSource`] that keeps every tensor it has handed out, converted
+/// to `dtype`, so a component can be built again (with other LoRA
+/// adapters merged) without reading or converting its weight files again.
+///
+/// The cached tensors are the very tensors the models hold (candle tensors
+/// share their storage), so the cache costs no extra memory while the models
+/// use the base weights; with adapters merged it keeps the base copies of
+/// the merged weights only. Tensors are cached on the device of the first
+/// request (a pipeline lives on one device).
+pub struct CachedSource {
+    base: Arc<dyn TensorSource>,
+    dtype: DType,
+    cache: Mutex<HashMap<String, Tensor>>,
+    reads: AtomicUsize,
+}
+
+impl CachedSource {
+    /// Cache the tensors of `base`, converted to `dtype`.
+    pub fn new(base: Arc<dyn TensorSource>, dtype: DType) -> Self {
+        Self {
+            base,
+            dtype,
+            cache: Mutex::new(HashMap::new()),
+            reads: AtomicUsize::new(0),
+        }
+    }
+
+    /// How many tensors were read from the underlying source so far (each
+    /// key at most once).
+    pub fn reads(&self) -> usize {
+        self.reads.load(Ordering::Relaxed)
+    }
+}
+
+impl TensorSource for CachedSource {
+    fn tensor(&self, name: &str, shape: &[usize], device: &Device) -> Result<Option<Tensor>> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cache.get(name) {
+            return Ok(Some(t.clone()));
+        }
+        let Some(t) = self.base.tensor(name, shape, device)? else {
+            return Ok(None);
+        };
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let t = t.to_dtype(self.dtype)?;
+        cache.insert(name.to_string(), t.clone());
+        Ok(Some(t))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.base.contains(name)
+    }
+
+    fn origin(&self) -> PathBuf {
+        self.base.origin()
+    }
+
+    fn keys(&self) -> Vec<String> {
+        self.base.keys()
     }
 }
 

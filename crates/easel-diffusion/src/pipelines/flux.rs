@@ -25,9 +25,10 @@ use candle_core::{Device, Tensor};
 
 use super::{
     component_weights, decode_to_images, repeat_interleave_batch, tokenize_clip, GenerationOutput,
-    GenerationRequest, ImageInput, MaskInput, Progress, RunContext, StageTimings,
+    GenerationRequest, Progress, RunContext, StageTimings,
 };
 use crate::error::{Error, Result};
+use crate::image_processor;
 use crate::loader::ModelDir;
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
@@ -91,47 +92,6 @@ pub fn latent_image_ids(rows: usize, cols: usize, device: &Device) -> Result<Ten
         .flat_map(|r| (0..cols).flat_map(move |c| [0.0, r as f32, c as f32]))
         .collect();
     Ok(Tensor::from_vec(data, (rows * cols, 3), device)?)
-}
-
-/// The image as diffusers' `VaeImageProcessor.preprocess` gives it to the
-/// VAE: `(1, 3, H, W)` f32 in [-1, 1] (`2 · (v / 255) − 1`).
-fn image_to_tensor(image: &ImageInput, device: &Device) -> Result<Tensor> {
-    let (w, h) = (image.width, image.height);
-    if image.rgb.len() != w * h * 3 {
-        return Err(Error::invalid(
-            "image",
-            format!("{} bytes for a {w}x{h} RGB image", image.rgb.len()),
-        ));
-    }
-    let data: Vec<f32> = image
-        .rgb
-        .iter()
-        .map(|&v| 2.0 * (v as f32 / 255.0) - 1.0)
-        .collect();
-    Ok(Tensor::from_vec(data, (1, h, w, 3), device)?
-        .permute((0, 3, 1, 2))?
-        .contiguous()?)
-}
-
-/// The mask as diffusers' mask processor gives it: `(1, 1, H, W)` with 1
-/// where `v / 255 ≥ 0.5` (repaint) and 0 elsewhere (keep).
-fn mask_to_tensor(mask: &MaskInput, device: &Device) -> Result<Tensor> {
-    let (w, h) = (mask.width, mask.height);
-    if mask.luma.len() != w * h {
-        return Err(Error::invalid(
-            "mask",
-            format!(
-                "{} bytes for a {w}x{h} single-channel mask",
-                mask.luma.len()
-            ),
-        ));
-    }
-    let data: Vec<f32> = mask
-        .luma
-        .iter()
-        .map(|&v| if v as f32 / 255.0 < 0.5 { 0.0 } else { 1.0 })
-        .collect();
-    Ok(Tensor::from_vec(data, (1, 1, h, w), device)?)
 }
 
 /// Round a width or height to the nearest multiple of 16 (at least 16), as
@@ -278,22 +238,6 @@ impl FluxComponents {
                 "this model has no guidance embedding (FLUX.1 schnell): guidance scale {} is ignored",
                 request.guidance_scale
             ));
-        }
-        for (field, size) in [
-            ("image", request.image.as_ref().map(|i| (i.width, i.height))),
-            ("mask", request.mask.as_ref().map(|m| (m.width, m.height))),
-        ] {
-            if let Some((w, h)) = size {
-                if (w, h) != (request.width, request.height) {
-                    return Err(Error::invalid(
-                        field,
-                        format!(
-                            "the {field} is {w}x{h} but the request is {}x{}; resize it to the request's size",
-                            request.width, request.height
-                        ),
-                    ));
-                }
-            }
         }
         Ok(max_sequence_length)
     }
@@ -622,8 +566,11 @@ impl FluxPipeline {
     /// Run the pipeline: text-to-image, or image-to-image with `request.image`
     /// and `request.strength`.
     ///
-    /// Errors: a bad request (sizes not multiples of 16, an image of another
-    /// size than the request, a mask: inpainting needs a Fill model, a
+    /// The init image is resized (Pillow-exact Lanczos) to the request's size
+    /// when it differs, as diffusers' image processor does.
+    ///
+    /// Errors: a bad request (sizes not multiples of 16, a mask: inpainting
+    /// needs a Fill model, a
     /// strength that leaves no step), cancellation, or a tensor error.
     pub fn run(
         &self,
@@ -638,7 +585,12 @@ impl FluxPipeline {
         }
         let device = self.components.device.clone();
         let image = match &request.image {
-            Some(i) => Some(image_to_tensor(i, &device)?),
+            Some(i) => Some(image_processor::preprocess_image(
+                i,
+                request.width,
+                request.height,
+                &device,
+            )?),
             None => None,
         };
         let strength = image.as_ref().map(|_| request.strength);
@@ -718,8 +670,10 @@ impl FluxFillPipeline {
                 "FLUX.1 Fill needs a mask (white repaints, black keeps)",
             )
         })?;
-        let init_image = image_to_tensor(image, &device)?;
-        let mask = mask_to_tensor(mask, &device)?;
+        let (w, h) = (request.width, request.height);
+        let init_image = image_processor::preprocess_image(image, w, h, &device)?;
+        let mask =
+            image_processor::preprocess_mask(mask, (image.width, image.height), w, h, &device)?;
         c.run(
             request,
             ctx,
@@ -772,6 +726,7 @@ impl FluxComponents {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipelines::MaskInput;
 
     #[test]
     fn pack_and_unpack_are_inverse_and_match_diffusers_layout() {
@@ -823,7 +778,7 @@ mod tests {
             height: 1,
             luma: vec![127, 128, 255],
         };
-        let t: Vec<f32> = mask_to_tensor(&m, &Device::Cpu)
+        let t: Vec<f32> = image_processor::preprocess_mask(&m, (3, 1), 3, 1, &Device::Cpu)
             .unwrap()
             .flatten_all()
             .unwrap()

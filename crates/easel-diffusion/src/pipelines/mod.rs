@@ -14,6 +14,7 @@
 //! progress callback and cancel token.
 
 pub mod flux;
+pub mod init_image;
 pub mod stable_diffusion;
 pub mod stable_diffusion_xl;
 
@@ -311,14 +312,56 @@ pub fn tokenize_clip(
 /// `uncond + guidance_scale · (cond − uncond)` as diffusers does.
 pub fn denoise(
     scheduler: &mut dyn Scheduler,
+    latents: Tensor,
+    guidance_scale: Option<f64>,
+    model: impl FnMut(&Tensor, f64) -> Result<Tensor>,
+    ctx: &mut RunContext<'_>,
+    timings: &mut StageTimings,
+) -> Result<Tensor> {
+    denoise_from(
+        scheduler,
+        latents,
+        0,
+        None,
+        guidance_scale,
+        model,
+        ctx,
+        timings,
+    )
+}
+
+/// [`denoise`] from timestep index `begin` (image-to-image and inpainting
+/// skip the first steps), with inpainting's per-step work as diffusers'
+/// inpaint pipelines do it:
+/// - a 9-channel UNet gets `[latents, mask, masked_image_latents]`
+///   concatenated on the channel axis after `scale_model_input`;
+/// - for a 4-channel UNet, after every step the kept region is replaced by
+///   the init-image latents noised to the next timestep (not noised after
+///   the last step): `latents = (1 − mask) · known + mask · latents`.
+#[allow(clippy::too_many_arguments)]
+pub fn denoise_from(
+    scheduler: &mut dyn Scheduler,
     mut latents: Tensor,
+    begin: usize,
+    inpaint: Option<&init_image::InpaintConditioning>,
     guidance_scale: Option<f64>,
     mut model: impl FnMut(&Tensor, f64) -> Result<Tensor>,
     ctx: &mut RunContext<'_>,
     timings: &mut StageTimings,
 ) -> Result<Tensor> {
-    let timesteps = scheduler.timesteps().to_vec();
+    let timesteps = scheduler.timesteps().get(begin..).unwrap_or(&[]).to_vec();
     let total = timesteps.len();
+    // The 9-channel extra inputs, doubled for guidance like the latents.
+    let extra = match inpaint.and_then(|c| c.masked_image_latents.as_ref().map(|m| (&c.mask, m))) {
+        Some((mask, masked)) => {
+            let x = Tensor::cat(&[mask, masked], 1)?;
+            Some(match guidance_scale {
+                Some(_) => Tensor::cat(&[&x, &x], 0)?,
+                None => x,
+            })
+        }
+        None => None,
+    };
     for (i, &t) in timesteps.iter().enumerate() {
         ctx.cancel.check()?;
         let start = Instant::now();
@@ -326,7 +369,10 @@ pub fn denoise(
             Some(_) => Tensor::cat(&[&latents, &latents], 0)?,
             None => latents.clone(),
         };
-        let input = scheduler.scale_model_input(&input, t)?;
+        let mut input = scheduler.scale_model_input(&input, t)?;
+        if let Some(extra) = &extra {
+            input = Tensor::cat(&[&input, extra], 1)?;
+        }
         let call = Instant::now();
         let flops_before = crate::models::layers::flops();
         let noise_pred = model(&input, t)?;
@@ -342,6 +388,16 @@ pub fn denoise(
             None => noise_pred,
         };
         latents = scheduler.step(&noise_pred, t, &latents, ctx.noise)?;
+        if let Some((c, (image_latents, noise))) =
+            inpaint.and_then(|c| c.known.as_ref().map(|k| (c, k)))
+        {
+            let known = match timesteps.get(i + 1) {
+                Some(&next) => scheduler.add_noise(image_latents, noise, next)?,
+                None => image_latents.clone(),
+            };
+            let keep = (1.0 - &c.mask)?;
+            latents = (known.broadcast_mul(&keep)? + latents.broadcast_mul(&c.mask)?)?;
+        }
         timings.steps.push(start.elapsed());
         (ctx.progress)(Progress::Step { step: i + 1, total });
     }
@@ -382,15 +438,25 @@ pub fn repeat_interleave_batch(x: &Tensor, n: usize) -> Result<Tensor> {
     Ok(Tensor::stack(&rows, 0)?)
 }
 
-/// Open a component's weights (its safetensors files, or synthesised f16
-/// weights for a [`ModelDir::with_random_weights`] model) as f32 on `device`.
-pub fn component_weights(model: &ModelDir, component: &str, device: &Device) -> Result<Weights> {
-    let source: Arc<dyn TensorSource> = if model.random_weights() {
+/// Open a component's weights in their stored dtype: its safetensors files
+/// (memory-mapped), or synthesised f16 weights for a
+/// [`ModelDir::with_random_weights`] model.
+pub fn component_source(model: &ModelDir, component: &str) -> Result<Arc<dyn TensorSource>> {
+    Ok(if model.random_weights() {
         Arc::new(RandomSource::new(DType::F16))
     } else {
         Arc::new(SafetensorsSource::open(&model.weight_files(component)?)?)
-    };
-    Ok(Weights::new(source, component, DType::F32, device))
+    })
+}
+
+/// Open a component's weights (see [`component_source`]) as f32 on `device`.
+pub fn component_weights(model: &ModelDir, component: &str, device: &Device) -> Result<Weights> {
+    Ok(Weights::new(
+        component_source(model, component)?,
+        component,
+        DType::F32,
+        device,
+    ))
 }
 
 /// Load the VAE (`with_encoder` for image-to-image) and its config.
@@ -416,10 +482,18 @@ pub enum Pipeline {
     FluxFill(Box<flux::FluxFillPipeline>),
 }
 
-/// The pipeline classes [`load_pipeline`] accepts.
+/// The pipeline classes [`load_pipeline`] accepts. The image-to-image and
+/// inpainting classes of Stable Diffusion load into the same pipelines as
+/// text-to-image: every SD pipeline runs all three tasks (an inpainting
+/// model, with a 9-channel UNet, runs inpainting only). `FluxPipeline` runs
+/// text-to-image and image-to-image, `FluxFillPipeline` inpainting.
 pub const SUPPORTED_PIPELINES: &[&str] = &[
     "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
     "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
     "FluxPipeline",
     "FluxFillPipeline",
 ];
@@ -439,13 +513,56 @@ impl Pipeline {
         }
     }
 
-    /// The diffusers pipeline class name.
+    /// The diffusers pipeline class name the model declares.
     pub fn class_name(&self) -> &'static str {
         match self {
-            Pipeline::StableDiffusion(_) => "StableDiffusionPipeline",
-            Pipeline::StableDiffusionXL(_) => "StableDiffusionXLPipeline",
+            Pipeline::StableDiffusion(p) => p.class_name(),
+            Pipeline::StableDiffusionXL(p) => p.class_name(),
             Pipeline::Flux(_) => "FluxPipeline",
             Pipeline::FluxFill(_) => "FluxFillPipeline",
+        }
+    }
+
+    /// Merge LoRA adapters (stacked, each with its scale) into the cached
+    /// weights, replacing the set merged before (`[]` restores the base
+    /// model). Switching sets rebuilds the affected components from the
+    /// weights in memory, never from disk, and gives the same results as
+    /// a fresh load with the new set; an unchanged set is a no-op.
+    ///
+    /// Errors (the pipeline is left as it was): an unreadable or unknown
+    /// LoRA file, a LoRA for a component or module this model lacks (the
+    /// message names the first such module), shapes that do not fit, or
+    /// any LoRA on a FLUX pipeline (not supported yet).
+    pub fn set_loras(&mut self, loras: &[crate::lora::LoraSpec]) -> Result<()> {
+        match self {
+            Pipeline::StableDiffusion(p) => p.set_loras(loras),
+            Pipeline::StableDiffusionXL(p) => p.set_loras(loras),
+            Pipeline::Flux(_) | Pipeline::FluxFill(_) if loras.is_empty() => Ok(()),
+            Pipeline::Flux(_) | Pipeline::FluxFill(_) => Err(Error::invalid(
+                "loras",
+                "LoRA adapters are not supported for FLUX models yet (supported: Stable Diffusion 1.x/2.x/XL)",
+            )),
+        }
+    }
+
+    /// The LoRA adapters merged now (always empty for FLUX).
+    pub fn loras(&self) -> &[crate::lora::LoraSpec] {
+        match self {
+            Pipeline::StableDiffusion(p) => p.loras(),
+            Pipeline::StableDiffusionXL(p) => p.loras(),
+            Pipeline::Flux(_) | Pipeline::FluxFill(_) => &[],
+        }
+    }
+
+    /// How many tensors of the LoRA-targetable components (text encoders,
+    /// UNet) were read from the weight files since loading; it does not
+    /// grow when LoRA sets are switched. `None` for FLUX pipelines, which
+    /// keep no LoRA weight cache.
+    pub fn base_tensor_reads(&self) -> Option<usize> {
+        match self {
+            Pipeline::StableDiffusion(p) => Some(p.base_tensor_reads()),
+            Pipeline::StableDiffusionXL(p) => Some(p.base_tensor_reads()),
+            Pipeline::Flux(_) | Pipeline::FluxFill(_) => None,
         }
     }
 
@@ -547,23 +664,29 @@ impl Pipeline {
 /// Errors: an unsupported `_class_name` (naming the supported ones), a
 /// missing component, or weights that don't fit the configs.
 pub fn load_pipeline(model: &ModelDir, device: &Device) -> Result<Pipeline> {
-    match model.pipeline_class() {
-        "StableDiffusionPipeline" => Ok(Pipeline::StableDiffusion(Box::new(
-            stable_diffusion::StableDiffusionPipeline::load(model, device)?,
+    let class = model.pipeline_class();
+    let known = SUPPORTED_PIPELINES.iter().find(|c| **c == class).copied();
+    match known {
+        Some(
+            c @ ("StableDiffusionPipeline"
+            | "StableDiffusionImg2ImgPipeline"
+            | "StableDiffusionInpaintPipeline"),
+        ) => Ok(Pipeline::StableDiffusion(Box::new(
+            stable_diffusion::StableDiffusionPipeline::load(model, device, c)?,
         ))),
-        "StableDiffusionXLPipeline" => Ok(Pipeline::StableDiffusionXL(Box::new(
-            stable_diffusion_xl::StableDiffusionXLPipeline::load(model, device)?,
-        ))),
-        "FluxPipeline" => Ok(Pipeline::Flux(Box::new(flux::FluxPipeline::load(
+        Some("FluxPipeline") => Ok(Pipeline::Flux(Box::new(flux::FluxPipeline::load(
             model, device,
         )?))),
-        "FluxFillPipeline" => Ok(Pipeline::FluxFill(Box::new(flux::FluxFillPipeline::load(
+        Some("FluxFillPipeline") => Ok(Pipeline::FluxFill(Box::new(flux::FluxFillPipeline::load(
             model, device,
         )?))),
-        other => Err(Error::config(
+        Some(c) => Ok(Pipeline::StableDiffusionXL(Box::new(
+            stable_diffusion_xl::StableDiffusionXLPipeline::load(model, device, c)?,
+        ))),
+        None => Err(Error::config(
             "model_index.json",
             format!(
-                "pipeline `{other}` is not supported yet (supported: {})",
+                "pipeline `{class}` is not supported yet (supported: {})",
                 SUPPORTED_PIPELINES.join(", ")
             ),
         )),

@@ -4,56 +4,127 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::{
-    decode_to_images, denoise, load_vae, prepare_scheduler, repeat_interleave_batch, tokenize_clip,
-    GenerationOutput, GenerationRequest, Progress, RunContext, StageTimings,
+    decode_to_images, denoise_from, init_image::prepare_latents, load_vae, prepare_scheduler,
+    repeat_interleave_batch, tokenize_clip, GenerationOutput, GenerationRequest, Progress,
+    RunContext, StageTimings,
 };
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::loader::ModelDir;
+use crate::lora::{LoraSpec, LoraState};
 use crate::models::autoencoder_kl::AutoencoderKL;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::tokenizer::ClipTokenizer;
 
-/// A loaded Stable Diffusion 1.x / 2.x pipeline.
+/// A loaded Stable Diffusion 1.x / 2.x pipeline (also the inpainting
+/// models of `StableDiffusionInpaintPipeline`, whose UNet takes 9 channels).
 pub struct StableDiffusionPipeline {
+    class_name: &'static str,
     tokenizer: ClipTokenizer,
     text_encoder: ClipTextModel,
+    text_encoder_config: ClipTextConfig,
     unet: UNet2DConditionModel,
+    unet_config: UNet2DConditionConfig,
     vae: AutoencoderKL,
+    lora: LoraState,
     /// The model's `scheduler/scheduler_config.json`.
     pub scheduler_config: serde_json::Value,
     device: Device,
 }
 
 impl StableDiffusionPipeline {
-    /// Load every component from `model` onto `device`.
-    pub fn load(model: &ModelDir, device: &Device) -> Result<Self> {
+    /// Load every component from `model` onto `device`. `class_name` is the
+    /// model's `_class_name` (text-to-image, image-to-image and inpainting
+    /// models share this pipeline).
+    pub fn load(model: &ModelDir, device: &Device, class_name: &'static str) -> Result<Self> {
         let tokenizer = ClipTokenizer::from_dir(&model.component_dir("tokenizer")?)?;
-        let te_cfg: ClipTextConfig =
+        let text_encoder_config: ClipTextConfig =
             crate::models::read_config(&model.component_dir("text_encoder")?.join("config.json"))?;
-        let text_encoder = ClipTextModel::load(
-            &super::component_weights(model, "text_encoder", device)?,
-            &te_cfg,
-        )?;
-        let unet_cfg: UNet2DConditionConfig =
+        let unet_config: UNet2DConditionConfig =
             crate::models::read_config(&model.component_dir("unet")?.join("config.json"))?;
-        let unet = UNet2DConditionModel::load(
-            &super::component_weights(model, "unet", device)?,
-            &unet_cfg,
-        )?;
-        let vae = load_vae(model, device, false)?;
+        let lora = LoraState::new(
+            vec![
+                (
+                    "text_encoder".into(),
+                    super::component_source(model, "text_encoder")?,
+                ),
+                ("unet".into(), super::component_source(model, "unet")?),
+            ],
+            unet_config.uniform_layers_per_block(),
+            DType::F32,
+            device,
+        );
+        let text_encoder =
+            ClipTextModel::load(&lora.base_weights("text_encoder")?, &text_encoder_config)?;
+        let unet = UNet2DConditionModel::load(&lora.base_weights("unet")?, &unet_config)?;
+        let vae = load_vae(model, device, true)?;
         let scheduler_config = model.component_config("scheduler")?;
         Ok(Self {
+            class_name,
             tokenizer,
             text_encoder,
+            text_encoder_config,
             unet,
+            unet_config,
             vae,
+            lora,
             scheduler_config,
             device: device.clone(),
         })
+    }
+
+    /// The diffusers pipeline class the model declares.
+    pub fn class_name(&self) -> &'static str {
+        self.class_name
+    }
+
+    /// Merge `loras` (stacked, each with its scale) into the text encoder
+    /// and UNet, replacing the adapters merged before; `[]` restores the
+    /// base model. The base weights come from memory, not from disk.
+    ///
+    /// Errors (the pipeline is left as it was): see
+    /// [`crate::lora::merge_deltas`].
+    pub fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
+        if self.lora.active() == loras {
+            return Ok(());
+        }
+        let (deltas, rebuild) = self.lora.plan(loras)?;
+        let text_encoder = match rebuild.iter().any(|c| c == "text_encoder") {
+            true => Some(ClipTextModel::load(
+                &self.lora.weights("text_encoder", Some(&deltas))?,
+                &self.text_encoder_config,
+            )?),
+            false => None,
+        };
+        let unet = match rebuild.iter().any(|c| c == "unet") {
+            true => Some(UNet2DConditionModel::load(
+                &self.lora.weights("unet", Some(&deltas))?,
+                &self.unet_config,
+            )?),
+            false => None,
+        };
+        if let Some(t) = text_encoder {
+            self.text_encoder = t;
+        }
+        if let Some(u) = unet {
+            self.unet = u;
+        }
+        self.lora.commit(loras, &deltas);
+        Ok(())
+    }
+
+    /// The adapters merged now.
+    pub fn loras(&self) -> &[LoraSpec] {
+        self.lora.active()
+    }
+
+    /// Tensors of the text encoder and UNet read from the weight files so
+    /// far (switching LoRAs reads none).
+    pub fn base_tensor_reads(&self) -> usize {
+        self.lora.base_reads()
     }
 
     /// The VAE scale factor (8).
@@ -115,12 +186,6 @@ impl StableDiffusionPipeline {
         let started = Instant::now();
         let f = self.vae_scale_factor();
         request.check(f)?;
-        if request.image.is_some() || request.mask.is_some() {
-            return Err(Error::invalid(
-                "image",
-                "image-to-image and inpainting are not supported by this pipeline yet",
-            ));
-        }
         let mut timings = StageTimings::default();
 
         // 1. Encode the prompt.
@@ -134,30 +199,33 @@ impl StableDiffusionPipeline {
         timings.text_encoding = t0.elapsed();
         (ctx.progress)(Progress::PromptEncoded);
 
-        // 2. Prepare the timesteps.
-        let mut scheduler = prepare_scheduler(
+        // 2. Prepare the timesteps (shortened by `strength` for image tasks),
+        // 3. prepare the latents (noise, or the init image encoded and noised).
+        let scheduler = prepare_scheduler(
             &self.scheduler_config,
             request.scheduler.as_deref(),
             request.num_inference_steps,
         )?;
-
-        // 3. Prepare the latents: N(0, 1) noise scaled by the scheduler's initial sigma.
-        let shape = [
-            request.batch_size(),
+        let prepared = prepare_latents(
+            &self.vae,
             self.unet.config().in_channels,
-            request.height / f,
-            request.width / f,
-        ];
-        let latents = (ctx.noise.randn(&shape, &self.device)? * scheduler.init_noise_sigma())?;
+            scheduler,
+            request,
+            ctx,
+            &self.device,
+        )?;
+        let mut scheduler = prepared.scheduler;
 
         // 4. Denoise.
         let t0 = Instant::now();
         let guidance = request
             .do_classifier_free_guidance()
             .then_some(request.guidance_scale);
-        let latents = denoise(
+        let latents = denoise_from(
             scheduler.as_mut(),
-            latents,
+            prepared.latents,
+            prepared.begin,
+            prepared.inpaint.as_ref(),
             guidance,
             |x, t| self.unet.forward(x, t, &context, None),
             ctx,

@@ -8,14 +8,16 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::{
-    decode_to_images, denoise, load_vae, prepare_scheduler, repeat_interleave_batch, tokenize_clip,
-    GenerationOutput, GenerationRequest, Progress, RunContext, StageTimings,
+    decode_to_images, denoise_from, init_image::prepare_latents, load_vae, prepare_scheduler,
+    repeat_interleave_batch, tokenize_clip, GenerationOutput, GenerationRequest, Progress,
+    RunContext, StageTimings,
 };
 use crate::error::{Error, Result};
 use crate::loader::ModelDir;
+use crate::lora::{LoraSpec, LoraState};
 use crate::models::autoencoder_kl::AutoencoderKL;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet_2d_condition::{
@@ -23,14 +25,19 @@ use crate::models::unet_2d_condition::{
 };
 use crate::tokenizer::ClipTokenizer;
 
-/// A loaded SDXL pipeline.
+/// A loaded SDXL pipeline (also SDXL inpainting models, whose UNet takes
+/// 9 channels).
 pub struct StableDiffusionXLPipeline {
+    class_name: &'static str,
     tokenizer: ClipTokenizer,
     tokenizer_2: ClipTokenizer,
     text_encoder: ClipTextModel,
     text_encoder_2: ClipTextModel,
+    text_encoder_configs: [ClipTextConfig; 2],
     unet: UNet2DConditionModel,
+    unet_config: UNet2DConditionConfig,
     vae: AutoencoderKL,
+    lora: LoraState,
     force_zeros_for_empty_prompt: bool,
     /// The model's `scheduler/scheduler_config.json`.
     pub scheduler_config: serde_json::Value,
@@ -46,41 +53,128 @@ struct Encoded {
 }
 
 impl StableDiffusionXLPipeline {
-    /// Load every component from `model` onto `device`.
-    pub fn load(model: &ModelDir, device: &Device) -> Result<Self> {
-        let load_te = |name: &str| -> Result<ClipTextModel> {
-            let cfg: ClipTextConfig =
-                crate::models::read_config(&model.component_dir(name)?.join("config.json"))?;
-            ClipTextModel::load(&super::component_weights(model, name, device)?, &cfg)
+    /// Load every component from `model` onto `device`. `class_name` is the
+    /// model's `_class_name`.
+    pub fn load(model: &ModelDir, device: &Device, class_name: &'static str) -> Result<Self> {
+        let te_config = |name: &str| -> Result<ClipTextConfig> {
+            crate::models::read_config(&model.component_dir(name)?.join("config.json"))
         };
-        let unet_cfg: UNet2DConditionConfig =
+        let text_encoder_configs = [te_config("text_encoder")?, te_config("text_encoder_2")?];
+        let unet_config: UNet2DConditionConfig =
             crate::models::read_config(&model.component_dir("unet")?.join("config.json"))?;
-        if !unet_cfg.uses_text_time() {
+        if !unet_config.uses_text_time() {
             return Err(Error::config(
                 "unet",
                 "an SDXL UNet needs `addition_embed_type: text_time`",
             ));
         }
-        let unet = UNet2DConditionModel::load(
-            &super::component_weights(model, "unet", device)?,
-            &unet_cfg,
+        let lora = LoraState::new(
+            vec![
+                (
+                    "text_encoder".into(),
+                    super::component_source(model, "text_encoder")?,
+                ),
+                (
+                    "text_encoder_2".into(),
+                    super::component_source(model, "text_encoder_2")?,
+                ),
+                ("unet".into(), super::component_source(model, "unet")?),
+            ],
+            unet_config.uniform_layers_per_block(),
+            DType::F32,
+            device,
+        );
+        let text_encoder = ClipTextModel::load(
+            &lora.base_weights("text_encoder")?,
+            &text_encoder_configs[0],
         )?;
+        let text_encoder_2 = ClipTextModel::load(
+            &lora.base_weights("text_encoder_2")?,
+            &text_encoder_configs[1],
+        )?;
+        let unet = UNet2DConditionModel::load(&lora.base_weights("unet")?, &unet_config)?;
         let force_zeros_for_empty_prompt = model
             .options()
             .get("force_zeros_for_empty_prompt")
             .and_then(|v| v.as_bool())
             .unwrap_or(true);
         Ok(Self {
+            class_name,
             tokenizer: ClipTokenizer::from_dir(&model.component_dir("tokenizer")?)?,
             tokenizer_2: ClipTokenizer::from_dir(&model.component_dir("tokenizer_2")?)?,
-            text_encoder: load_te("text_encoder")?,
-            text_encoder_2: load_te("text_encoder_2")?,
+            text_encoder,
+            text_encoder_2,
+            text_encoder_configs,
             unet,
-            vae: load_vae(model, device, false)?,
+            unet_config,
+            vae: load_vae(model, device, true)?,
+            lora,
             force_zeros_for_empty_prompt,
             scheduler_config: model.component_config("scheduler")?,
             device: device.clone(),
         })
+    }
+
+    /// The diffusers pipeline class the model declares.
+    pub fn class_name(&self) -> &'static str {
+        self.class_name
+    }
+
+    /// Merge `loras` (stacked, each with its scale) into both text encoders
+    /// and the UNet, replacing the adapters merged before; `[]` restores
+    /// the base model. The base weights come from memory, not from disk.
+    ///
+    /// Errors (the pipeline is left as it was): see
+    /// [`crate::lora::merge_deltas`].
+    pub fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
+        if self.lora.active() == loras {
+            return Ok(());
+        }
+        let (deltas, rebuild) = self.lora.plan(loras)?;
+        let needs = |c: &str| rebuild.iter().any(|r| r == c);
+        let text_encoder = match needs("text_encoder") {
+            true => Some(ClipTextModel::load(
+                &self.lora.weights("text_encoder", Some(&deltas))?,
+                &self.text_encoder_configs[0],
+            )?),
+            false => None,
+        };
+        let text_encoder_2 = match needs("text_encoder_2") {
+            true => Some(ClipTextModel::load(
+                &self.lora.weights("text_encoder_2", Some(&deltas))?,
+                &self.text_encoder_configs[1],
+            )?),
+            false => None,
+        };
+        let unet = match needs("unet") {
+            true => Some(UNet2DConditionModel::load(
+                &self.lora.weights("unet", Some(&deltas))?,
+                &self.unet_config,
+            )?),
+            false => None,
+        };
+        if let Some(t) = text_encoder {
+            self.text_encoder = t;
+        }
+        if let Some(t) = text_encoder_2 {
+            self.text_encoder_2 = t;
+        }
+        if let Some(u) = unet {
+            self.unet = u;
+        }
+        self.lora.commit(loras, &deltas);
+        Ok(())
+    }
+
+    /// The adapters merged now.
+    pub fn loras(&self) -> &[LoraSpec] {
+        self.lora.active()
+    }
+
+    /// Tensors of the text encoders and UNet read from the weight files so
+    /// far (switching LoRAs reads none).
+    pub fn base_tensor_reads(&self) -> usize {
+        self.lora.base_reads()
     }
 
     /// The VAE scale factor (8).
@@ -140,12 +234,6 @@ impl StableDiffusionXLPipeline {
         let started = Instant::now();
         let f = self.vae_scale_factor();
         request.check(f)?;
-        if request.image.is_some() || request.mask.is_some() {
-            return Err(Error::invalid(
-                "image",
-                "image-to-image and inpainting are not supported by this pipeline yet",
-            ));
-        }
         let mut timings = StageTimings::default();
         let n = request.num_images_per_prompt;
 
@@ -191,28 +279,31 @@ impl StableDiffusionXLPipeline {
         timings.text_encoding = t0.elapsed();
         (ctx.progress)(Progress::PromptEncoded);
 
-        // 2. Prepare the timesteps.
-        let mut scheduler = prepare_scheduler(
+        // 2. Prepare the timesteps (shortened by `strength` for image tasks),
+        // 3. prepare the latents (noise, or the init image encoded and noised).
+        let scheduler = prepare_scheduler(
             &self.scheduler_config,
             request.scheduler.as_deref(),
             request.num_inference_steps,
         )?;
-
-        // 3. Prepare the latents.
-        let shape = [
-            request.batch_size(),
+        let prepared = prepare_latents(
+            &self.vae,
             self.unet.config().in_channels,
-            request.height / f,
-            request.width / f,
-        ];
-        let latents = (ctx.noise.randn(&shape, &self.device)? * scheduler.init_noise_sigma())?;
+            scheduler,
+            request,
+            ctx,
+            &self.device,
+        )?;
+        let mut scheduler = prepared.scheduler;
 
         // 4. Denoise.
         let t0 = Instant::now();
         let guidance = cfg.then_some(request.guidance_scale);
-        let latents = denoise(
+        let latents = denoise_from(
             scheduler.as_mut(),
-            latents,
+            prepared.latents,
+            prepared.begin,
+            prepared.inpaint.as_ref(),
             guidance,
             |x, t| {
                 let tt = TextTimeConditioning {
