@@ -10,6 +10,7 @@ pub mod json;
 pub mod loader;
 pub mod models;
 pub mod noise;
+pub mod output;
 pub mod pipelines;
 pub mod schedulers;
 pub mod tokenizer;
