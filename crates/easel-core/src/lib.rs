@@ -7,12 +7,15 @@
 //! - [`codec`]: encode RGB8 pixels to PNG (with generation metadata), JPEG or
 //!   lossy WebP; decode PNG/JPEG/WebP; read the metadata back from a PNG.
 //! - [`fs`]: atomic file writes and output file naming for the CLI.
+//! - [`request`]: the native request (`images[]` with request-wide defaults
+//!   and per-image overrides), parsed with field paths and validated.
 
 #![warn(missing_docs)]
 
 pub mod codec;
 pub mod fs;
 pub mod params;
+pub mod request;
 
 pub use codec::{
     decode_image, encode_image, read_png_metadata, CodecError, DecodedImage, ImageMetadata,
@@ -22,3 +25,4 @@ pub use fs::{output_paths, resolve_output_format, write_atomic, OutputPathError,
 pub use params::{
     GenerationParams, OutputFormat, ParseEnumError, Precision, ValidateOptions, ValidationError,
 };
+pub use request::{ImageDefinition, LoraRef, NativeRequest, RequestError, RequestErrorKind};
