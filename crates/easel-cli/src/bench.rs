@@ -4,7 +4,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Result;
+use candle_core::DType;
 use clap::Args;
+use easel_diffusion::models::layers::measure_matmul_gflops;
 use easel_diffusion::noise::PerImageGenerators;
 use easel_diffusion::pipelines::{CancelToken, GenerationRequest, RunContext};
 
@@ -43,6 +45,13 @@ pub struct BenchArgs {
     /// Never download: use only models already on disk.
     #[arg(long, env = "HF_HUB_OFFLINE", value_parser = parse_bool_env)]
     pub offline: bool,
+    /// Synthesise every weight (f16, random values of the right shapes) instead of
+    /// reading weight files: benchmarks real-size architectures from their configs alone.
+    #[arg(long)]
+    pub random_weights: bool,
+    /// Skip measuring the machine's matrix-product peaks.
+    #[arg(long)]
+    pub no_peak: bool,
 }
 
 /// Peak resident set size of this process (`VmHWM`), in bytes.
@@ -56,13 +65,15 @@ pub fn peak_rss_bytes() -> Option<u64> {
 struct Row {
     text: Duration,
     step: Duration,
+    call: Duration,
+    flops_per_call: f64,
     denoise: Duration,
     decode: Duration,
     total: Duration,
 }
 
 pub fn run(args: BenchArgs) -> Result<ExitCode> {
-    let model = load_model(&args.model, args.offline)?;
+    let model = load_model(&args.model, args.offline, args.random_weights)?;
     let (w, h) = model.pipeline.default_size();
     let request = GenerationRequest {
         prompts: vec![args.prompt.clone()],
@@ -91,9 +102,12 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         eprintln!("{label} {run}: {:.2}s", t.total.as_secs_f64());
         if run > 0 || args.runs == 0 {
             let n = t.steps.len().max(1) as u32;
+            let calls = t.model_calls.len().max(1);
             rows.push(Row {
                 text: t.text_encoding,
                 step: t.denoising / n,
+                call: t.model_calls.iter().sum::<Duration>() / calls as u32,
+                flops_per_call: t.model_flops as f64 / calls as f64,
                 denoise: t.denoising,
                 decode: t.vae_decode,
                 total: t.total,
@@ -123,6 +137,12 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     println!("| text encoding | {:.3} |", best.text.as_secs_f64());
     println!("| denoising step (mean) | {:.3} |", best.step.as_secs_f64());
     println!(
+        "| {} call (mean; {:.3} TFLOP) | {:.3} |",
+        model.pipeline.denoiser_name(),
+        best.flops_per_call / 1e12,
+        best.call.as_secs_f64()
+    );
+    println!(
         "| denoising ({} steps) | {:.3} |",
         args.steps,
         best.denoise.as_secs_f64()
@@ -132,6 +152,34 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     match peak_rss_bytes() {
         Some(b) => println!("| peak RSS | {:.2} GiB |", b as f64 / (1u64 << 30) as f64),
         None => println!("| peak RSS | unavailable |"),
+    }
+    if std::env::var_os("EASEL_PROFILE").is_some() {
+        println!();
+        println!("| layer kind (all runs, all components) | seconds |");
+        println!("| --- | --- |");
+        for (kind, secs) in easel_diffusion::models::layers::profile() {
+            println!("| {kind} | {secs:.3} |");
+        }
+    }
+    let effective = best.flops_per_call / best.call.as_secs_f64() / 1e9;
+    println!();
+    println!("| throughput | GFLOP/s |");
+    println!("| --- | --- |");
+    println!(
+        "| {} effective | {effective:.1} |",
+        model.pipeline.denoiser_name()
+    );
+    if !args.no_peak {
+        for (label, dtype) in [("f32", DType::F32), ("bf16", DType::BF16)] {
+            match measure_matmul_gflops(dtype, 2048, 3) {
+                Ok(peak) => println!(
+                    "| machine {label} matmul peak (2048³) | {peak:.1} ({:.0} % used by the {}) |",
+                    100.0 * effective / peak,
+                    model.pipeline.denoiser_name()
+                ),
+                Err(e) => println!("| machine {label} matmul peak | unavailable: {e} |"),
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -97,15 +97,16 @@ pub struct LoadedModel {
     pub load_time: Duration,
 }
 
-/// Resolve `reference` (local path or repo id) and load its pipeline on the CPU.
-pub fn load_model(reference: &str, offline: bool) -> Result<LoadedModel> {
+/// Resolve `reference` (local path or repo id) and load its pipeline on the
+/// CPU; `random_weights` synthesises the weights (benchmarks).
+pub fn load_model(reference: &str, offline: bool, random_weights: bool) -> Result<LoadedModel> {
     let start = Instant::now();
     let options = ResolveOptions {
         offline,
         progress: true,
         ..ResolveOptions::default()
     };
-    let dir = resolve_model(reference, &options)?;
+    let dir = resolve_model(reference, &options)?.with_random_weights(random_weights);
     let pipeline = load_pipeline(&dir, &Device::Cpu)
         .with_context(|| format!("loading model {}", dir.path().display()))?;
     Ok(LoadedModel {
@@ -226,7 +227,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         resolve_scheduler_name(name)?;
     }
 
-    let model = load_model(&args.model, args.offline)?;
+    let model = load_model(&args.model, args.offline, false)?;
     let pipeline = &model.pipeline;
     let (native_w, native_h) = pipeline.default_size();
     let width = args.width.unwrap_or(native_w as u32);

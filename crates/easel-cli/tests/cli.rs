@@ -269,3 +269,183 @@ fn schedulers_and_models_list() {
         .iter()
         .any(|m| m["pipeline_class"] == "StableDiffusionXLPipeline"));
 }
+
+// ------------------------------------------------------------------ flows
+
+/// `easel flow ...` with no LLM configured from the environment.
+fn easel_flow(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_easel"))
+        .arg("flow")
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env_remove("EASEL_LLM_URL")
+        .env_remove("EASEL_LLM_MODEL")
+        .env_remove("EASEL_DATA_DIR")
+        .output()
+        .expect("run easel")
+}
+
+fn write_flow(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn flow_run_basic_steps_prints_the_run_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let flow = write_flow(
+        dir.path(),
+        "titles.json5",
+        "{ steps: [
+            { id: 'subjects', type: 'List', parameters: { value: ['a fox', 'an owl'] } },
+            { id: 'titles', type: 'Template', parameters: { template: [[ '@Map($.results.subjects)', 'A portrait of {{ $$ }} by {{ $.input.artist }}' ]] } },
+        ] }",
+    );
+    let input = write_flow(dir.path(), "input.json", r#"{"artist": "Vermeer"}"#);
+    let data = dir.path().join("data");
+    let o = easel_flow(&[
+        "run",
+        flow.to_str().unwrap(),
+        "--input",
+        &format!("@{}", input.display()),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(run["status"], "succeeded");
+    assert_eq!(
+        run["steps"][1]["result"],
+        serde_json::json!([
+            "A portrait of a fox by Vermeer",
+            "A portrait of an owl by Vermeer"
+        ])
+    );
+    // Without --json: one line per step with status and duration.
+    let o = easel_flow(&[
+        "run",
+        flow.to_str().unwrap(),
+        "--input",
+        r#"{"artist": "Ter Borch"}"#,
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("titles (Template): succeeded"), "{text}");
+    assert!(text.contains("Ter Borch"), "{text}");
+}
+
+#[test]
+fn flow_run_generates_one_asset_per_prompt_on_the_fixture_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("models/tiny-sd15");
+    let flow = write_flow(
+        dir.path(),
+        "gen.json5",
+        &format!(
+            "{{ steps: [
+                {{ id: 'prompts', type: 'List', parameters: {{ value: '$.input.prompts' }} }},
+                {{ id: 'gen', type: 'ImageGenerator', parameters: {{
+                    baseModel: '{}', steps: 2, width: 32, height: 32, outputFormat: 'png',
+                    images: [[ '@Map($.results.prompts)', {{ prompt: '$$.text', seed: '$$.seed' }} ]] }} }},
+                {{ id: 'first', type: 'Template', parameters: {{ template: '$.results.gen[0].file_url' }} }},
+            ] }}",
+            model.display()
+        ),
+    );
+    let data = dir.path().join("data");
+    let o = easel_flow(&[
+        "run",
+        flow.to_str().unwrap(),
+        "--input",
+        r#"{"prompts": [{"text": "a red house", "seed": 1}, {"text": "a blue boat", "seed": 2}]}"#,
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let gen = &run["steps"][1];
+    let job = gen["jobId"].as_str().unwrap();
+    let assets = gen["result"].as_array().unwrap();
+    assert_eq!(assets.len(), 2, "one asset per prompt");
+    for (asset, seed) in assets.iter().zip([1, 2]) {
+        assert_eq!(asset["job_id"], job);
+        assert_eq!(asset["seed"], seed);
+        assert_eq!(asset["file_type"], "image/png");
+        let url = asset["file_url"].as_str().unwrap();
+        assert!(url.starts_with("file:///"), "{url}");
+        let path = PathBuf::from(asset["path"].as_str().unwrap());
+        assert!(path.starts_with(data.canonicalize().unwrap().join("assets").join(job)));
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            asset["file_size"].as_u64().unwrap()
+        );
+        assert_eq!(rgb8(&path).0, 32);
+    }
+    assert_eq!(run["steps"][2]["result"], assets[0]["file_url"]);
+}
+
+#[test]
+fn flow_run_failures_and_invalid_flows_exit_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("models/tiny-sd15");
+    let data = dir.path().join("data");
+    let flow = write_flow(
+        dir.path(),
+        "bad-size.json",
+        &format!(
+            r#"{{"steps": [{{"id": "gen", "type": "ImageGenerator", "parameters": {{"baseModel": "{}", "images": [{{"prompt": "x", "width": 1001}}]}}}}]}}"#,
+            model.display()
+        ),
+    );
+    let o = easel_flow(&[
+        "run",
+        flow.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let run: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(run["status"], "failed");
+    let message = run["steps"][0]["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("parameters.images[0].width: 1001"),
+        "{message}"
+    );
+
+    let flow = write_flow(dir.path(), "unknown.json5", "[{ id: 'a', type: 'Nope' }]");
+    let o = easel_flow(&[
+        "run",
+        flow.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("steps[0] (a).type: unknown step type `Nope`"),
+        "{}",
+        stderr(&o)
+    );
+
+    let flow = write_flow(
+        dir.path(),
+        "llm.json5",
+        "[{ id: 'p', type: 'ObjectGenerator', parameters: { description: 'd', schema: { type: 'object' } } }]",
+    );
+    let o = easel_flow(&["validate", flow.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = easel_flow(&[
+        "run",
+        flow.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("EASEL_LLM_URL"), "{}", stderr(&o));
+}

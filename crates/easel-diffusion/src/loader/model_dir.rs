@@ -98,6 +98,7 @@ pub struct ModelDir {
     diffusers_version: Option<String>,
     components: BTreeMap<String, Component>,
     options: Map<String, Value>,
+    random_weights: bool,
 }
 
 impl ModelDir {
@@ -143,7 +144,22 @@ impl ModelDir {
             diffusers_version: parsed.diffusers_version,
             components: parsed.components,
             options: parsed.options,
+            random_weights: false,
         })
+    }
+
+    /// The same model with every weight tensor synthesised (random values of
+    /// the shapes the configs imply) instead of read from files: benchmarks
+    /// of real-size architectures whose weights are not on disk
+    /// (`easel bench --random-weights`).
+    pub fn with_random_weights(mut self, random: bool) -> Self {
+        self.random_weights = random;
+        self
+    }
+
+    /// Whether [`Self::with_random_weights`] is on.
+    pub fn random_weights(&self) -> bool {
+        self.random_weights
     }
 
     /// The folder holding `model_index.json`.

@@ -5,8 +5,8 @@
 use candle_core::{Tensor, D};
 
 use super::layers::{
-    chunk2_last, merge_heads, scaled_dot_product_attention, split_heads, Activation, Conv2d,
-    GroupNorm, LayerNorm, Linear,
+    chunk2_last, group_norm_act, merge_heads, scaled_dot_product_attention, split_heads,
+    Activation, Conv2d, GroupNorm, LayerNorm, Linear,
 };
 use super::weights::Weights;
 use crate::error::Result;
@@ -78,7 +78,7 @@ impl ResnetBlock2D {
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let mut h = self
             .conv1
-            .forward(&self.act.forward(&self.norm1.forward(x)?)?)?;
+            .forward(&group_norm_act(&self.norm1, self.act, x)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj
                 .forward(&self.act.forward(temb)?)?
@@ -88,7 +88,7 @@ impl ResnetBlock2D {
         }
         let h = self
             .conv2
-            .forward(&self.act.forward(&self.norm2.forward(&h)?)?)?;
+            .forward(&group_norm_act(&self.norm2, self.act, &h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),

@@ -2,15 +2,68 @@
 //! linear and convolution layers, normalisations, activations and
 //! scaled dot-product attention, with PyTorch's semantics.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use candle_core::{Module, Tensor, D};
 
+use super::kernels;
 use super::weights::Weights;
 use crate::error::{Error, Result};
 
+static FLOPS: AtomicU64 = AtomicU64::new(0);
+
+/// Floating-point operations done by the matrix-product layers (linear,
+/// convolution, attention) of this process so far; a multiply-add counts
+/// two. Benchmarks read it before and after a model call to report
+/// effective GFLOP/s. Element-wise work (norms, activations) is not counted.
+pub fn flops() -> u64 {
+    FLOPS.load(Ordering::Relaxed)
+}
+
+fn count_flops(n: usize) {
+    FLOPS.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+/// The layer kinds whose wall time [`profile`] reports.
+pub const PROFILE_KINDS: [&str; 6] = [
+    "conv3x3",
+    "conv1x1",
+    "conv (other)",
+    "linear",
+    "attention",
+    "group norm",
+];
+static PROFILE_NS: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
+
+/// Wall time spent so far in each kind of layer of [`PROFILE_KINDS`], in
+/// seconds, for benchmarks that break a model call down.
+pub fn profile() -> Vec<(&'static str, f64)> {
+    PROFILE_KINDS
+        .iter()
+        .zip(&PROFILE_NS)
+        .map(|(k, ns)| (*k, ns.load(Ordering::Relaxed) as f64 * 1e-9))
+        .collect()
+}
+
+fn timed<T>(kind: usize, f: impl FnOnce() -> T) -> T {
+    let start = std::time::Instant::now();
+    let out = f();
+    PROFILE_NS[kind].fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    out
+}
+
 /// `torch.nn.Linear`: `y = x W^T + b`, `W` of shape `(out_features, in_features)`.
+///
+/// f32 inputs on the CPU run as one matrix product over all leading
+/// dimensions with the bias fused ([`kernels::linear`]); other dtypes and
+/// devices use candle's matmul.
 #[derive(Clone, Debug)]
 pub struct Linear {
     inner: candle_nn::Linear,
+    /// The bias as f32 for the CPU kernel (empty without bias or when the
+    /// weights are not f32).
+    bias_f32: Arc<Vec<f32>>,
 }
 
 impl Linear {
@@ -22,24 +75,60 @@ impl Linear {
         } else {
             None
         };
+        let bias_f32 = Arc::new(match &bias {
+            Some(b) if kernels::applies(b) => kernels::with_f32(b, <[f32]>::to_vec)?,
+            _ => Vec::new(),
+        });
         Ok(Self {
             inner: candle_nn::Linear::new(weight, bias),
+            bias_f32,
         })
     }
 
     /// `x`: `(..., in_features)` → `(..., out_features)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.inner.forward(x)?)
+        let weight = self.inner.weight();
+        let (out_f, in_f) = weight.dims2()?;
+        let rows = x.elem_count() / in_f.max(1);
+        count_flops(2 * rows * in_f * out_f);
+        let has_bias = self.inner.bias().is_some();
+        if kernels::applies(x)
+            && kernels::applies(weight)
+            && x.dims().last() == Some(&in_f)
+            && (!has_bias || self.bias_f32.len() == out_f)
+        {
+            let mut shape = x.dims().to_vec();
+            *shape.last_mut().expect("x has a last dimension") = out_f;
+            let y = timed(3, || {
+                kernels::with_f32(x, |xd| {
+                    kernels::with_f32(weight, |wd| {
+                        kernels::linear(xd, rows, in_f, wd, &self.bias_f32, out_f)
+                    })
+                })
+            })??;
+            return kernels::tensor(y, &shape);
+        }
+        timed(3, || Ok(self.inner.forward(x)?))
     }
 }
 
 /// `torch.nn.Conv2d` with square kernels, weight `(out, in, k, k)`.
+///
+/// On the CPU, 3×3 stride-1 "same" convolutions run as nine shifted matrix
+/// products ([`kernels::conv3x3_same`]) and 1×1 convolutions as one; other
+/// shapes (the stride-2 down-samplers) use candle's convolution.
 #[derive(Clone, Debug)]
 pub struct Conv2d {
-    weight: Tensor,
+    /// The weight as loaded, kept only for the shapes without a fast path.
+    weight: Option<Tensor>,
+    /// `(out, in, k)`.
+    dims: (usize, usize, usize),
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
+    /// The weight re-ordered for the fast path, when it applies.
+    packed: Option<Arc<Vec<f32>>>,
+    bias_f32: Arc<Vec<f32>>,
 }
 
 impl Conv2d {
@@ -53,19 +142,67 @@ impl Conv2d {
         padding: usize,
     ) -> Result<Self> {
         let weight = w.get(&[out_channels, in_channels, kernel, kernel], "weight")?;
-        let bias = Some(w.get(&[out_channels], "bias")?);
+        let bias_t = w.get(&[out_channels], "bias")?;
+        let packed = if kernels::applies(&weight) && stride == 1 {
+            match (kernel, padding) {
+                (3, 1) => Some(Arc::new(kernels::with_f32(&weight, |d| {
+                    kernels::pack_conv3x3_weight(d, out_channels, in_channels)
+                })?)),
+                (1, 0) => Some(Arc::new(kernels::with_f32(&weight, <[f32]>::to_vec)?)),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let bias_f32 = Arc::new(if kernels::applies(&bias_t) {
+            kernels::with_f32(&bias_t, <[f32]>::to_vec)?
+        } else {
+            Vec::new()
+        });
         Ok(Self {
-            weight,
-            bias,
+            weight: if packed.is_some() { None } else { Some(weight) },
+            dims: (out_channels, in_channels, kernel),
+            bias: Some(bias_t),
             stride,
             padding,
+            packed,
+            bias_f32,
         })
     }
 
     /// `x`: `(batch, in, h, w)` → `(batch, out, h', w')` with
     /// `h' = (h + 2 padding - k) / stride + 1`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let (co, in_c, k) = self.dims;
+        if let (Some(packed), true) = (&self.packed, kernels::applies(x)) {
+            let (b, ci, h, w) = x.dims4()?;
+            if ci != in_c {
+                return Err(Error::invalid(
+                    "conv2d",
+                    format!("input has {ci} channels, the layer expects {in_c}"),
+                ));
+            }
+            count_flops(2 * b * co * h * w * in_c * k * k);
+            let y = timed(if k == 3 { 0 } else { 1 }, || {
+                kernels::with_f32(x, |xd| {
+                    if k == 3 {
+                        kernels::conv3x3_same(xd, b, ci, h, w, packed, &self.bias_f32, co)
+                    } else {
+                        kernels::conv1x1(xd, b, ci, h * w, packed, &self.bias_f32, co)
+                    }
+                })
+            })?;
+            return kernels::tensor(y, &[b, co, h, w]);
+        }
+        let weight = match &self.weight {
+            Some(w) => w.to_dtype(x.dtype())?,
+            None => {
+                // Only an f32 CPU input reaches here without the original weight.
+                return Err(Error::invalid("conv2d", "expected an f32 CPU input"));
+            }
+        };
+        let y = timed(2, || x.conv2d(&weight, self.padding, self.stride, 1, 1))?;
+        count_flops(2 * y.elem_count() * in_c * k * k);
         match &self.bias {
             Some(b) => Ok(y.broadcast_add(&b.reshape((1, (), 1, 1))?)?),
             None => Ok(y),
@@ -77,6 +214,10 @@ impl Conv2d {
 #[derive(Clone, Debug)]
 pub struct GroupNorm {
     inner: candle_nn::GroupNorm,
+    groups: usize,
+    eps: f64,
+    gamma: Arc<Vec<f32>>,
+    beta: Arc<Vec<f32>>,
 }
 
 impl GroupNorm {
@@ -91,15 +232,61 @@ impl GroupNorm {
         }
         let weight = w.get(&[channels], "weight")?;
         let bias = w.get(&[channels], "bias")?;
+        let (gamma, beta) = if kernels::applies(&weight) {
+            (
+                kernels::with_f32(&weight, <[f32]>::to_vec)?,
+                kernels::with_f32(&bias, <[f32]>::to_vec)?,
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
         Ok(Self {
             inner: candle_nn::GroupNorm::new(weight, bias, channels, groups, eps)?,
+            groups,
+            eps,
+            gamma: Arc::new(gamma),
+            beta: Arc::new(beta),
         })
     }
 
     /// Normalise each group of channels to zero mean and unit variance,
     /// then scale and shift per channel.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.inner.forward(x)?)
+        self.forward_with(x, false)
+    }
+
+    /// [`GroupNorm::forward`] followed by SiLU, in one pass on the CPU.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, true)
+    }
+
+    fn forward_with(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        if kernels::applies(x) && !self.gamma.is_empty() && x.rank() >= 3 {
+            let dims = x.dims().to_vec();
+            let c = dims[1];
+            let spatial = dims[2..].iter().product();
+            let y = timed(5, || {
+                kernels::with_f32(x, |d| {
+                    kernels::group_norm(
+                        d,
+                        c,
+                        spatial,
+                        self.groups,
+                        self.eps,
+                        &self.gamma,
+                        &self.beta,
+                        silu,
+                    )
+                })
+            })?;
+            return kernels::tensor(y, &dims);
+        }
+        let y = self.inner.forward(x)?;
+        if silu {
+            Ok(candle_nn::ops::silu(&y)?)
+        } else {
+            Ok(y)
+        }
     }
 }
 
@@ -122,6 +309,14 @@ impl LayerNorm {
     /// `x`: `(..., dim)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.inner.forward(x)?)
+    }
+}
+
+/// `act(norm(x))`, fused into one pass when the activation is SiLU.
+pub fn group_norm_act(norm: &GroupNorm, act: Activation, x: &Tensor) -> Result<Tensor> {
+    match act {
+        Activation::Silu => norm.forward_silu(x),
+        other => other.forward(&norm.forward(x)?),
     }
 }
 
@@ -178,6 +373,21 @@ pub fn scaled_dot_product_attention(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    let (b, h, n, d) = q.dims4()?;
+    let m = k.dim(2)?;
+    count_flops(4 * b * h * n * m * d);
+    if mask.is_none() && kernels::applies(q) && kernels::applies(k) && kernels::applies(v) {
+        let out = timed(4, || {
+            kernels::with_f32(q, |qd| {
+                kernels::with_f32(k, |kd| {
+                    kernels::with_f32(v, |vd| {
+                        kernels::attention(qd, kd, vd, b * h, n, m, d, scale as f32)
+                    })
+                })
+            })
+        })???;
+        return kernels::tensor(out, &[b, h, n, d]);
+    }
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,
@@ -203,4 +413,25 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 pub fn chunk2_last(x: &Tensor) -> Result<(Tensor, Tensor)> {
     let n = x.dim(D::Minus1)? / 2;
     Ok((x.narrow(D::Minus1, 0, n)?, x.narrow(D::Minus1, n, n)?))
+}
+
+/// The machine's matrix-product throughput on the engine's own matmul path,
+/// in GFLOP/s: the best of `repeats` products of two `n`×`n` matrices of
+/// `dtype` (after one warm-up). Benchmarks report model speed against it.
+///
+/// Errors: when the dtype has no CPU matmul.
+pub fn measure_matmul_gflops(dtype: candle_core::DType, n: usize, repeats: usize) -> Result<f64> {
+    let device = candle_core::Device::Cpu;
+    let a = Tensor::randn(0f32, 1f32, (n, n), &device)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1f32, (n, n), &device)?.to_dtype(dtype)?;
+    let _ = a.matmul(&b)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..repeats.max(1) {
+        let start = std::time::Instant::now();
+        let c = a.matmul(&b)?;
+        // Touch the result so the product is not skipped.
+        let _ = c.dims();
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n as f64).powi(3) / best / 1e9)
 }

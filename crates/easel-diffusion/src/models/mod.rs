@@ -5,6 +5,7 @@
 pub mod autoencoder_kl;
 pub mod blocks;
 pub mod clip_text;
+pub mod kernels;
 pub mod layers;
 pub mod unet_2d_condition;
 pub mod weights;

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use super::blocks::{
     Downsample2D, ResnetBlock2D, ResnetConfig, Transformer2D, Transformer2DConfig, Upsample2D,
 };
-use super::layers::{Activation, Conv2d, GroupNorm, Linear};
+use super::layers::{group_norm_act, Activation, Conv2d, GroupNorm, Linear};
 use super::weights::Weights;
 use crate::error::{Error, Result};
 
@@ -844,7 +844,7 @@ impl UNet2DConditionModel {
             h_ = block.forward(&h_, &mut skips, &emb, encoder_hidden_states, upsample_size)?;
         }
         if let Some(norm) = &self.conv_norm_out {
-            h_ = self.act.forward(&norm.forward(&h_)?)?;
+            h_ = group_norm_act(norm, self.act, &h_)?;
         }
         self.conv_out.forward(&h_)
     }

@@ -94,6 +94,73 @@ impl TensorSource for SafetensorsSource {
     }
 }
 
+/// Synthesised weights for benchmarking real-size architectures without
+/// their checkpoints: every tensor the model asks for exists, with the
+/// asked shape, stored as `dtype` (f16 like a published checkpoint).
+///
+/// Values keep activations finite and of ordinary magnitude: 1-D `weight`s
+/// (norm scales) are 1, 1-D `bias`es 0, and other tensors uniform in
+/// `±sqrt(3 / fan_in)` (unit-variance outputs for unit-variance inputs),
+/// with `fan_in` the product of all but the first dimension. Values are a
+/// deterministic function of the key, so a rebuilt model is identical.
+pub struct RandomSource {
+    dtype: DType,
+}
+
+impl RandomSource {
+    /// Random weights stored as `dtype` (f16, bf16 or f32).
+    pub fn new(dtype: DType) -> Self {
+        Self { dtype }
+    }
+}
+
+/// SplitMix64 (Steele et al. 2014): a fast, well-mixed 64-bit generator.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl TensorSource for RandomSource {
+    fn tensor(&self, name: &str, shape: &[usize], device: &Device) -> Result<Option<Tensor>> {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = if shape.len() == 1 && name.ends_with("weight") {
+            vec![1.0; n]
+        } else if shape.len() == 1 && name.ends_with("bias") {
+            vec![0.0; n]
+        } else {
+            let fan_in = shape.iter().skip(1).product::<usize>().max(1);
+            let bound = (3.0 / fan_in as f64).sqrt() as f32;
+            let mut state = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+            });
+            (0..n)
+                .map(|_| {
+                    let u = (splitmix64(&mut state) >> 40) as f32 / (1u64 << 24) as f32;
+                    (2.0 * u - 1.0) * bound
+                })
+                .collect()
+        };
+        Ok(Some(
+            Tensor::from_vec(values, shape, device)?.to_dtype(self.dtype)?,
+        ))
+    }
+
+    fn contains(&self, _name: &str) -> bool {
+        true
+    }
+
+    fn origin(&self) -> PathBuf {
+        PathBuf::from("<random weights>")
+    }
+
+    fn keys(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
 /// Shape-checked access to a component's weights under a key prefix, in the
 /// spirit of candle's `VarBuilder` but with errors that name the component,
 /// the tensor and both shapes.

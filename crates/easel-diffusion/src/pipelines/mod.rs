@@ -23,7 +23,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::loader::ModelDir;
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
-use crate::models::weights::{SafetensorsSource, TensorSource, Weights};
+use crate::models::weights::{RandomSource, SafetensorsSource, TensorSource, Weights};
 use crate::noise::NoiseSource;
 use crate::schedulers::{build_scheduler, Scheduler, TimestepsRequest};
 use crate::tokenizer::ClipTokenizer;
@@ -225,6 +225,12 @@ pub struct StageTimings {
     pub denoising: Duration,
     /// Each denoising step (model calls + scheduler step).
     pub steps: Vec<Duration>,
+    /// Each denoiser call (one per step; a guided step's call runs the
+    /// doubled batch).
+    pub model_calls: Vec<Duration>,
+    /// Floating-point operations of all denoiser calls (multiply-adds count
+    /// two), from the layers' own counts (see `models::layers::flops`).
+    pub model_flops: u64,
     /// Stage 5: VAE decode.
     pub vae_decode: Duration,
     /// The whole run.
@@ -289,7 +295,11 @@ pub fn denoise(
             None => latents.clone(),
         };
         let input = scheduler.scale_model_input(&input, t)?;
+        let call = Instant::now();
+        let flops_before = crate::models::layers::flops();
         let noise_pred = model(&input, t)?;
+        timings.model_flops += crate::models::layers::flops() - flops_before;
+        timings.model_calls.push(call.elapsed());
         let noise_pred = match guidance_scale {
             Some(g) => {
                 let b = latents.dim(0)?;
@@ -340,10 +350,14 @@ pub fn repeat_interleave_batch(x: &Tensor, n: usize) -> Result<Tensor> {
     Ok(Tensor::stack(&rows, 0)?)
 }
 
-/// Open a component's safetensors weights as f32 on `device`.
+/// Open a component's weights (its safetensors files, or synthesised f16
+/// weights for a [`ModelDir::with_random_weights`] model) as f32 on `device`.
 pub fn component_weights(model: &ModelDir, component: &str, device: &Device) -> Result<Weights> {
-    let files = model.weight_files(component)?;
-    let source: Arc<dyn TensorSource> = Arc::new(SafetensorsSource::open(&files)?);
+    let source: Arc<dyn TensorSource> = if model.random_weights() {
+        Arc::new(RandomSource::new(DType::F16))
+    } else {
+        Arc::new(SafetensorsSource::open(&model.weight_files(component)?)?)
+    };
     Ok(Weights::new(source, component, DType::F32, device))
 }
 
@@ -397,6 +411,11 @@ impl Pipeline {
             Pipeline::StableDiffusion(p) => p.default_size(),
             Pipeline::StableDiffusionXL(p) => p.default_size(),
         }
+    }
+
+    /// The denoiser's name in reports (`UNet`, or `transformer` for FLUX).
+    pub fn denoiser_name(&self) -> &'static str {
+        "UNet"
     }
 
     /// The default number of denoising steps for this model family (25 for
