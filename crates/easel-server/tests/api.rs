@@ -1401,3 +1401,62 @@ async fn webhooks_are_signed_retried_and_never_block_the_worker() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Recovery at startup: a job a dead process left `running` is queued again
+/// (and finishes, its images kept), unless it was already started
+/// `max_attempts` times: then it fails with `interrupted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_requeues_running_jobs_and_fails_them_after_max_attempts() {
+    let server = TestServer::fake().await;
+    let mut ids = Vec::new();
+    for prompt in ["a", "b"] {
+        let (s, job) = server
+            .post(
+                "/v1/generations",
+                json!({"baseModel": "fake/model", "width": 64, "height": 64,
+                                           "images": [{"prompt": prompt, "seed": 1}]}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{job}");
+        let id = job["id"].as_str().unwrap().to_string();
+        assert_eq!(server.wait_done(&id, 30).await["status"], "succeeded");
+        ids.push(id);
+    }
+    server.state.shutdown().await;
+    // As a process killed mid-job leaves them: running, started 1 and 3 times.
+    for (id, attempts) in ids.iter().zip([1, 3]) {
+        sqlx::query("UPDATE generations SET status = 'running', finished_at = NULL, attempts = ? WHERE id = ?")
+            .bind(attempts)
+            .bind(id)
+            .execute(server.state.store().pool())
+            .await
+            .unwrap();
+    }
+    let mut config = base_config(server.dir.path());
+    config.engine = EngineKind::Fake;
+    config.fake_step_ms = 1;
+    config.max_attempts = 3;
+    let state = AppState::open(config).await.unwrap();
+    // The same data dir, so the same key.
+    let again = TestServer {
+        router: app(state.clone()),
+        state,
+        key: server.key.clone(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let requeued = again.wait_done(&ids[0], 30).await;
+    assert_eq!(requeued["status"], "succeeded", "{requeued}");
+    assert_eq!(
+        requeued["assets"].as_array().unwrap().len(),
+        1,
+        "its image is kept"
+    );
+    let (_, failed) = again.get(&format!("/v1/generations/{}", ids[1])).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["error"]["code"], "interrupted", "{failed}");
+    assert_eq!(
+        failed["assets"].as_array().unwrap().len(),
+        1,
+        "its image is kept"
+    );
+}
