@@ -25,7 +25,8 @@ use easel_flow::{
 };
 use serde_json::{Map, Value};
 
-use crate::generate::{images_to_rgb8, load_model, parse_bool_env, LoadedModel};
+use crate::generate::{load_model, parse_bool_env, LoadedModel};
+use easel_diffusion::output::images_to_rgb8;
 
 /// `easel flow ...`
 #[derive(Subcommand, Debug)]

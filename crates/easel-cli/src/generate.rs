@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use clap::Args;
 use easel_core::{
     encode_image, output_paths, resolve_output_format, write_atomic, GenerationParams,
@@ -13,6 +13,7 @@ use easel_core::{
 };
 use easel_diffusion::loader::{resolve_model, ModelDir, ResolveOptions};
 use easel_diffusion::noise::PerImageGenerators;
+use easel_diffusion::output::images_to_rgb8;
 use easel_diffusion::pipelines::flux::round_to_flux_size;
 use easel_diffusion::pipelines::{
     load_pipeline, CancelToken, GenerationRequest, Pipeline, Progress, RunContext,
@@ -248,20 +249,6 @@ fn check_writable_dir(dir: &Path) -> Result<()> {
         )
     })?;
     Ok(())
-}
-
-/// Quantise `(batch, H, W, 3)` float images in [0, 1] to RGB8 as diffusers'
-/// `numpy_to_pil` does: `round(x * 255)`, ties to even like NumPy.
-pub fn images_to_rgb8(images: &Tensor) -> Result<Vec<Vec<u8>>> {
-    let (b, _, _, _) = images.dims4()?;
-    (0..b)
-        .map(|i| {
-            let v: Vec<f32> = images.get(i)?.flatten_all()?.to_vec1()?;
-            Ok(v.iter()
-                .map(|x| (x * 255.0).round_ties_even().clamp(0.0, 255.0) as u8)
-                .collect())
-        })
-        .collect()
 }
 
 pub fn run(args: GenerateArgs) -> Result<ExitCode> {

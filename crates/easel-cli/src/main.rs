@@ -2,13 +2,14 @@
 //!
 //! A thin binary over the reusable crates: `easel-core` validates and
 //! encodes, `easel-diffusion` loads models and runs pipelines, `easel-flow`
-//! runs flows.
+//! runs flows, `easel-server` is the HTTP service.
 
 mod bench;
 mod flow;
 mod generate;
 mod inputs;
 mod models;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -41,6 +42,15 @@ enum Command {
     Schedulers(models::SchedulersArgs),
     /// Time each stage of a generation: text encoding, denoising steps, VAE decode.
     Bench(bench::BenchArgs),
+    /// Run the image-generation HTTP service (native API, OpenAI Images API).
+    Serve(Box<serve::ServeArgs>),
+    /// Create, list and revoke API keys of the HTTP service.
+    Keys {
+        #[command(subcommand)]
+        command: serve::KeysCommand,
+    },
+    /// Load-test the HTTP API on loopback: p50/p99 latency, throughput, no job lost.
+    BenchApi(serve::BenchApiArgs),
 }
 
 /// Keep freed activation buffers in the heap for reuse. glibc returns blocks
@@ -73,6 +83,9 @@ fn main() -> ExitCode {
         Command::Models { command } => models::run(command),
         Command::Schedulers(args) => models::schedulers(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::serve(*args),
+        Command::Keys { command } => serve::keys(command),
+        Command::BenchApi(args) => serve::bench_api(args),
     };
     match result {
         Ok(code) => code,

@@ -9,6 +9,8 @@
 //! - [`input`]: init images and masks: data URIs, alpha composited on white
 //!   or read as the mask, mask luma.
 //! - [`fs`]: atomic file writes and output file naming for the CLI.
+//! - [`request`]: the native request (`images[]` with request-wide defaults
+//!   and per-image overrides), parsed with field paths and validated.
 
 #![warn(missing_docs)]
 
@@ -16,6 +18,7 @@ pub mod codec;
 pub mod fs;
 pub mod input;
 pub mod params;
+pub mod request;
 
 pub use codec::{
     decode_image, encode_image, read_png_metadata, CodecError, DecodedImage, ImageMetadata,
@@ -26,3 +29,4 @@ pub use input::{alpha_mask, mask_luma, parse_data_uri, InitImage, InputError};
 pub use params::{
     GenerationParams, OutputFormat, ParseEnumError, Precision, ValidateOptions, ValidationError,
 };
+pub use request::{ImageDefinition, LoraRef, NativeRequest, RequestError, RequestErrorKind};

@@ -12,6 +12,7 @@ pub mod loader;
 pub mod lora;
 pub mod models;
 pub mod noise;
+pub mod output;
 pub mod pipelines;
 pub mod schedulers;
 pub mod tokenizer;

@@ -205,7 +205,41 @@ impl ClipTextModel {
     }
 
     /// Encode `input_ids`, each row of length at most `max_position_embeddings`.
+    ///
+    /// Each row is encoded on its own and the results are stacked, so a
+    /// prompt's embedding never depends on the other prompts of the batch
+    /// (a batched matmul with more rows may round differently): a request's
+    /// image definitions run as one batch and each image still equals the
+    /// one its definition gives alone.
     pub fn forward(&self, input_ids: &[Vec<u32>], device: &Device) -> Result<ClipTextOutput> {
+        if input_ids.len() <= 1 {
+            return self.forward_rows(input_ids, device);
+        }
+        let outputs = input_ids
+            .iter()
+            .map(|row| self.forward_rows(std::slice::from_ref(row), device))
+            .collect::<Result<Vec<_>>>()?;
+        let cat = |f: &dyn Fn(&ClipTextOutput) -> &Tensor| -> Result<Tensor> {
+            let parts: Vec<&Tensor> = outputs.iter().map(f).collect();
+            Ok(Tensor::cat(&parts, 0)?)
+        };
+        let layers = outputs[0].hidden_states.len();
+        Ok(ClipTextOutput {
+            last_hidden_state: cat(&|o| &o.last_hidden_state)?,
+            hidden_states: (0..layers)
+                .map(|i| cat(&|o| &o.hidden_states[i]))
+                .collect::<Result<Vec<_>>>()?,
+            pooled_output: cat(&|o| &o.pooled_output)?,
+            text_embeds: match outputs[0].text_embeds {
+                Some(_) => Some(cat(&|o| {
+                    o.text_embeds.as_ref().expect("every row projects")
+                })?),
+                None => None,
+            },
+        })
+    }
+
+    fn forward_rows(&self, input_ids: &[Vec<u32>], device: &Device) -> Result<ClipTextOutput> {
         let batch = input_ids.len();
         let seq = input_ids.first().map(Vec::len).unwrap_or(0);
         if batch == 0 || seq == 0 || input_ids.iter().any(|r| r.len() != seq) {

@@ -1,0 +1,407 @@
+//! Server configuration: defaults, then a TOML file (`--config FILE` or
+//! `EASEL_CONFIG`), then `EASEL_*` environment variables, then the command
+//! line (applied by the caller).
+//!
+//! Every key of [`Config`] can be set in the file under its own name
+//! (`max_queue = 100`) and in the environment as `EASEL_` + the upper-case
+//! name (`EASEL_MAX_QUEUE=100`); list values (`models_dirs`) are separated by
+//! the platform's path separator (`:` on Unix). The `models` table (registry
+//! names) is read from the file only.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Which engine the worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// The diffusion engine (`easel-diffusion`).
+    #[default]
+    Diffusion,
+    /// A fast deterministic stand-in that draws patterns from the seed and
+    /// prompt, for load tests of the service itself (`fake_step_ms` per step).
+    Fake,
+}
+
+/// The server's configuration. See the module docs for where values come from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on. Default `127.0.0.1:8420`.
+    pub bind: String,
+    /// Where the SQLite database (`easel.db`), the assets, uploaded LoRAs and
+    /// local models (`models/`) live. Default: `$XDG_DATA_HOME/easel` or
+    /// `~/.local/share/easel`.
+    pub data_dir: PathBuf,
+    /// Accept requests without an API key. Only allowed when `bind` is a
+    /// loopback address.
+    pub no_auth: bool,
+    /// Extra model roots: folders of diffusers models (and LoRA files) that
+    /// requests may name by path or by folder name.
+    pub models_dirs: Vec<PathBuf>,
+    /// The Hugging Face hub cache. Default: `$HF_HUB_CACHE`, `$HF_HOME/hub` or
+    /// `~/.cache/huggingface/hub`.
+    pub hf_cache: Option<PathBuf>,
+    /// Never download models: a repo id must be in the hub cache already.
+    pub offline: bool,
+    /// The engine: `diffusion` (default) or `fake` (for load tests).
+    pub engine: EngineKind,
+    /// Milliseconds per denoising step of the `fake` engine.
+    pub fake_step_ms: u64,
+    /// Registry names: `name = "repo/id"` or `name = "/path/to/model"`.
+    /// Targets here are trusted (not limited to the model roots).
+    pub models: BTreeMap<String, String>,
+    /// The model for OpenAI-compatible requests that name an OpenAI model
+    /// (`dall-e-2`, `dall-e-3`, `gpt-image-1`) or none.
+    pub default_model: Option<String>,
+    /// Price of one inference (one image definition), in USD.
+    pub price_per_inference_usd: f64,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Most image definitions per request (after merging an inference pack).
+    pub max_images_per_request: usize,
+    /// Most queued jobs; beyond it requests get 429 with `Retry-After`.
+    pub max_queue: usize,
+    /// A job interrupted this many times (the process died while it ran) fails.
+    pub max_attempts: u32,
+    /// Memory budget of the loaded-model cache, in bytes (least recently used
+    /// models are unloaded to stay within it; the model in use always stays).
+    pub model_cache_bytes: u64,
+    /// How many times in a row a job for a loaded model may go before an
+    /// older job for another model.
+    pub fair_skip_limit: u32,
+    /// Run the image definitions of one request that share their engine
+    /// settings as one tensor batch. Faster, but on the CPU a batched matmul
+    /// may round differently from a single one, so an image can differ by a
+    /// unit in a few pixels from the one its definition gives alone (or from
+    /// `easel generate`). Off by default: each definition is then one engine
+    /// call (its `batchSize` images), still in one job with one model load.
+    pub batch_definitions: bool,
+    /// The base of absolute URLs in responses (`file_url`), e.g.
+    /// `https://easel.example.com`. Default: from the request's `Host`.
+    pub public_url: Option<String>,
+    /// The HMAC-SHA256 key that signs webhook bodies. Default: a random key
+    /// kept in `DATA_DIR/webhook_secret`.
+    pub webhook_secret: Option<String>,
+    /// Delivery attempts of a webhook event before it is given up.
+    pub webhook_max_attempts: u32,
+    /// Delay before the first webhook retry, in milliseconds (doubling after
+    /// each failure, at most one hour).
+    pub webhook_backoff_ms: u64,
+    /// Timeout of one webhook delivery, in seconds.
+    pub webhook_timeout_seconds: u64,
+    /// Fetch `http(s)` URLs given as `image` / `mask` inputs.
+    pub allow_remote_images: bool,
+    /// Largest input image (decoded from base64 or fetched), in bytes.
+    pub max_input_image_bytes: usize,
+    /// Longest `Prefer: wait=N` honoured, in seconds (and how long the
+    /// OpenAI-compatible endpoints wait for their images).
+    pub max_wait_seconds: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:8420".into(),
+            data_dir: default_data_dir(),
+            no_auth: false,
+            models_dirs: Vec::new(),
+            hf_cache: None,
+            offline: false,
+            engine: EngineKind::Diffusion,
+            fake_step_ms: 5,
+            models: BTreeMap::new(),
+            default_model: None,
+            price_per_inference_usd: 0.02,
+            max_body_bytes: 32 << 20,
+            max_images_per_request: 64,
+            max_queue: 1000,
+            max_attempts: 3,
+            model_cache_bytes: 16 << 30,
+            fair_skip_limit: 4,
+            batch_definitions: false,
+            public_url: None,
+            webhook_secret: None,
+            webhook_max_attempts: 6,
+            webhook_backoff_ms: 1000,
+            webhook_timeout_seconds: 10,
+            allow_remote_images: true,
+            max_input_image_bytes: 20 << 20,
+            max_wait_seconds: 600,
+        }
+    }
+}
+
+/// `$XDG_DATA_HOME/easel`, else `~/.local/share/easel`, else `./easel-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("easel");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/share/easel"),
+        None => PathBuf::from("easel-data"),
+    }
+}
+
+/// A configuration that cannot be read or is invalid.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// How an environment variable's text becomes a value.
+#[derive(Clone, Copy)]
+enum EnvKind {
+    Str,
+    Bool,
+    Int,
+    Float,
+    Paths,
+}
+
+/// The keys settable from the environment, with their kind.
+const ENV_KEYS: &[(&str, EnvKind)] = &[
+    ("bind", EnvKind::Str),
+    ("data_dir", EnvKind::Str),
+    ("no_auth", EnvKind::Bool),
+    ("models_dirs", EnvKind::Paths),
+    ("hf_cache", EnvKind::Str),
+    ("offline", EnvKind::Bool),
+    ("engine", EnvKind::Str),
+    ("fake_step_ms", EnvKind::Int),
+    ("default_model", EnvKind::Str),
+    ("price_per_inference_usd", EnvKind::Float),
+    ("max_body_bytes", EnvKind::Int),
+    ("max_images_per_request", EnvKind::Int),
+    ("max_queue", EnvKind::Int),
+    ("max_attempts", EnvKind::Int),
+    ("model_cache_bytes", EnvKind::Int),
+    ("fair_skip_limit", EnvKind::Int),
+    ("batch_definitions", EnvKind::Bool),
+    ("public_url", EnvKind::Str),
+    ("webhook_secret", EnvKind::Str),
+    ("webhook_max_attempts", EnvKind::Int),
+    ("webhook_backoff_ms", EnvKind::Int),
+    ("webhook_timeout_seconds", EnvKind::Int),
+    ("allow_remote_images", EnvKind::Bool),
+    ("max_input_image_bytes", EnvKind::Int),
+    ("max_wait_seconds", EnvKind::Int),
+];
+
+impl Config {
+    /// Defaults, overlaid with `file` (TOML) when given, then with the
+    /// `EASEL_*` variables of `env`, then validated.
+    ///
+    /// # Errors
+    /// An unreadable or malformed file, an unknown key in it, a value of the
+    /// wrong type (naming the key and where it came from), or an invalid
+    /// combination (see [`Config::check`]).
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = serde_json::Map::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!("cannot read config file {}: {e}", path.display()))
+            })?;
+            let value: toml::Table = toml::from_str(&text)
+                .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
+            let json = serde_json::to_value(value)
+                .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
+            if let serde_json::Value::Object(map) = json {
+                table = map;
+            }
+        }
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix("EASEL_") else {
+                continue;
+            };
+            let key = key.to_ascii_lowercase();
+            let Some((_, kind)) = ENV_KEYS.iter().find(|(k, _)| *k == key) else {
+                continue;
+            };
+            let parsed = parse_env(&value, *kind)
+                .map_err(|e| ConfigError(format!("environment variable {name}: {e}")))?;
+            table.insert(key, parsed);
+        }
+        let config: Config = serde_path_to_error::deserialize(serde_json::Value::Object(table))
+            .map_err(|e| ConfigError(format!("configuration key `{}`: {}", e.path(), e.inner())))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Check values that serde cannot: a parsable `bind`, `no_auth` only on
+    /// loopback, a finite non-negative price, non-zero limits.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the key.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let addr = self.bind_addr()?;
+        if self.no_auth && !addr.ip().is_loopback() {
+            return Err(ConfigError(format!(
+                "no_auth is only allowed on a loopback address, but bind is {addr}; \
+                 bind to 127.0.0.1 or create an API key with `easel keys create`"
+            )));
+        }
+        if !self.price_per_inference_usd.is_finite() || self.price_per_inference_usd < 0.0 {
+            return Err(ConfigError(format!(
+                "price_per_inference_usd: {} is not a non-negative number",
+                self.price_per_inference_usd
+            )));
+        }
+        for (key, value) in [
+            ("max_body_bytes", self.max_body_bytes),
+            ("max_images_per_request", self.max_images_per_request),
+            ("max_queue", self.max_queue),
+            ("max_input_image_bytes", self.max_input_image_bytes),
+        ] {
+            if value == 0 {
+                return Err(ConfigError(format!("{key}: must be at least 1")));
+            }
+        }
+        if self.max_attempts == 0 || self.webhook_max_attempts == 0 {
+            return Err(ConfigError(
+                "max_attempts and webhook_max_attempts must be at least 1".into(),
+            ));
+        }
+        if let Some(url) = &self.public_url {
+            let ok = url::Url::parse(url)
+                .map(|u| matches!(u.scheme(), "http" | "https"))
+                .unwrap_or(false);
+            if !ok {
+                return Err(ConfigError(format!(
+                    "public_url: `{url}` is not an http(s) URL"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `bind` as a socket address.
+    ///
+    /// # Errors
+    /// When it is not `IP:PORT`.
+    pub fn bind_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.bind.parse().map_err(|e| {
+            ConfigError(format!(
+                "bind: `{}` is not an address such as 127.0.0.1:8420 ({e})",
+                self.bind
+            ))
+        })
+    }
+
+    /// The price of one inference in micro-USD (rounded to the nearest).
+    pub fn price_micros(&self) -> i64 {
+        (self.price_per_inference_usd * 1e6).round() as i64
+    }
+
+    /// The model roots: `DATA_DIR/models`, each of `models_dirs` (a local
+    /// model or LoRA path must lie under one of these or the hub cache).
+    pub fn model_roots(&self) -> Vec<PathBuf> {
+        let mut roots = vec![self.data_dir.join("models")];
+        roots.extend(self.models_dirs.iter().cloned());
+        roots
+    }
+}
+
+fn parse_env(value: &str, kind: EnvKind) -> Result<serde_json::Value, String> {
+    let v = value.trim();
+    Ok(match kind {
+        EnvKind::Str => serde_json::Value::from(v),
+        EnvKind::Bool => match v.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => true.into(),
+            "0" | "false" | "no" | "off" | "" => false.into(),
+            other => return Err(format!("expected 1/0/true/false, got `{other}`")),
+        },
+        EnvKind::Int => v
+            .parse::<u64>()
+            .map_err(|_| format!("expected a whole number, got `{v}`"))?
+            .into(),
+        EnvKind::Float => v
+            .parse::<f64>()
+            .map_err(|_| format!("expected a number, got `{v}`"))?
+            .into(),
+        EnvKind::Paths => serde_json::Value::Array(
+            std::env::split_paths(v)
+                .filter(|p| !p.as_os_str().is_empty())
+                .map(|p| serde_json::Value::from(p.display().to_string()))
+                .collect(),
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn file_then_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("easel.toml");
+        std::fs::write(
+            &file,
+            "max_queue = 5\nbind = \"127.0.0.1:9000\"\nprice_per_inference_usd = 0.05\n\
+             [models]\nsd15 = \"/models/sd15\"\n",
+        )
+        .unwrap();
+        let config = Config::load(
+            Some(&file),
+            env(&[
+                ("EASEL_MAX_QUEUE", "7"),
+                ("EASEL_NO_AUTH", "1"),
+                ("EASEL_MODELS_DIRS", "/a:/b"),
+                ("EASEL_LOG", "debug"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.max_queue, 7);
+        assert_eq!(config.bind, "127.0.0.1:9000");
+        assert!(config.no_auth);
+        assert_eq!(config.price_micros(), 50_000);
+        assert_eq!(
+            config.models_dirs,
+            [PathBuf::from("/a"), PathBuf::from("/b")]
+        );
+        assert_eq!(config.models["sd15"], "/models/sd15");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = Config::load(None, env(&[("EASEL_MAX_QUEUE", "many")])).unwrap_err();
+        assert!(e.0.contains("EASEL_MAX_QUEUE"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("easel.toml");
+        std::fs::write(&file, "max_queu = 5\n").unwrap();
+        let e = Config::load(Some(&file), []).unwrap_err();
+        assert!(e.0.contains("max_queu"), "{e}");
+        std::fs::write(&file, "max_queue = \"x\"\n").unwrap();
+        let e = Config::load(Some(&file), []).unwrap_err();
+        assert!(e.0.contains("max_queue"), "{e}");
+    }
+
+    #[test]
+    fn no_auth_only_on_loopback() {
+        let e = Config::load(
+            None,
+            env(&[("EASEL_NO_AUTH", "true"), ("EASEL_BIND", "0.0.0.0:8420")]),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("loopback"), "{e}");
+        Config::load(
+            None,
+            env(&[("EASEL_NO_AUTH", "true"), ("EASEL_BIND", "[::1]:8420")]),
+        )
+        .unwrap();
+    }
+}

@@ -1,0 +1,386 @@
+//! easel-server: the image-generation HTTP service (`easel serve`).
+//!
+//! Layout (see `docs/ARCHITECTURE.md`):
+//! - [`config`]: defaults, TOML file, `EASEL_*` variables.
+//! - [`store`]: the SQLite job store (migrations embedded); [`job`] the
+//!   stored shapes of jobs and image definitions.
+//! - [`assets`]: files by content hash, written atomically before records
+//!   point to them.
+//! - [`submit`] and [`inputs`]: turning a request into an accepted job
+//!   (validation, model roots, trainings, packs, credit, idempotency).
+//! - [`worker`]: the engine thread: jobs in order, each request's images as
+//!   batches, the loaded model preferred when fair; [`engine`] wraps
+//!   `easel-diffusion` (the server never sees a tensor) and a fake for load tests.
+//! - [`api`] (native `/v1/...`), [`openai`] (`/v1/images/...`),
+//!   [`openapi`] (`/openapi.json`, `/docs`), [`auth`], [`webhooks`],
+//!   [`metrics`].
+//!
+//! [`app`] builds the router from an [`AppState`] (tests call it with
+//! `oneshot`); [`serve`] binds a socket and runs until Ctrl-C / SIGTERM.
+
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod assets;
+pub mod auth;
+pub mod bench;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod inputs;
+pub mod job;
+pub mod metrics;
+pub mod models;
+pub mod openai;
+pub mod openapi;
+pub mod store;
+pub mod submit;
+pub mod util;
+pub mod views;
+pub mod webhooks;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use tokio::sync::{broadcast, Notify};
+
+pub use config::Config;
+pub use error::ApiError;
+
+use crate::assets::FileStore;
+use crate::engine::{Capabilities, Engine};
+use crate::job::{JobStatus, Progress};
+use crate::metrics::Metrics;
+use crate::models::ModelRegistry;
+use crate::store::Store;
+use crate::worker::WorkerShared;
+
+/// Something that happened to a job, broadcast to SSE streams and waiters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobEvent {
+    /// The job's status changed.
+    Status {
+        /// The job.
+        id: String,
+        /// Its new status.
+        status: JobStatus,
+    },
+    /// A running job progressed.
+    Progress {
+        /// The job.
+        id: String,
+        /// Where it is.
+        progress: Progress,
+    },
+}
+
+impl JobEvent {
+    /// The job this event is about.
+    pub fn id(&self) -> &str {
+        match self {
+            JobEvent::Status { id, .. } | JobEvent::Progress { id, .. } => id,
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The job store could not be opened or migrated.
+    #[error("job store: {0}")]
+    Store(#[from] sqlx::Error),
+    /// A folder or file of the data dir could not be used.
+    #[error("data dir: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+struct Inner {
+    config: Config,
+    store: Store,
+    assets: FileStore,
+    trainings: FileStore,
+    models: ModelRegistry,
+    capabilities: Capabilities,
+    events: broadcast::Sender<JobEvent>,
+    metrics: Metrics,
+    submit_lock: tokio::sync::Mutex<()>,
+    worker: Arc<WorkerShared>,
+    webhook_wake: Notify,
+    webhook_secret: Vec<u8>,
+    shutting_down: AtomicBool,
+    base_url: Mutex<String>,
+    worker_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// The server's shared state: configuration, store, asset folders, the
+/// worker's handle, the event bus, metrics. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+impl AppState {
+    /// Open the data dir (store, migrations, asset folders), recover jobs a
+    /// dead process left running, remove orphan files, and start the worker
+    /// (with the engine `config` selects) and the webhook dispatcher.
+    /// Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// An invalid configuration or an unusable data dir.
+    pub async fn open(config: Config) -> Result<AppState, StartError> {
+        let engine = engine::build(&config);
+        Self::open_with_engine(config, engine).await
+    }
+
+    /// [`AppState::open`] with a given engine.
+    ///
+    /// # Errors
+    /// As [`AppState::open`].
+    pub async fn open_with_engine(
+        config: Config,
+        engine: Box<dyn Engine>,
+    ) -> Result<AppState, StartError> {
+        config.check()?;
+        std::fs::create_dir_all(&config.data_dir)?;
+        std::fs::create_dir_all(config.data_dir.join("models"))?;
+        let store = Store::open(&config.data_dir).await?;
+        let recovery = store.recover(config.max_attempts).await?;
+        if recovery != store::Recovery::default() {
+            tracing::warn!(
+                "recovered interrupted jobs: {} re-queued, {} failed after {} attempts, {} canceled",
+                recovery.requeued,
+                recovery.failed,
+                config.max_attempts,
+                recovery.canceled
+            );
+        }
+        let assets = FileStore::open(config.data_dir.join("assets"))?;
+        let trainings = FileStore::open(config.data_dir.join("trainings"))?;
+        let known = store.known_hashes().await?;
+        let removed = assets.sweep(&known) + trainings.sweep(&known);
+        if removed > 0 {
+            tracing::warn!("removed {removed} orphan or partial files from the data dir");
+        }
+        let webhook_secret = match &config.webhook_secret {
+            Some(s) => s.as_bytes().to_vec(),
+            None => load_or_create_secret(&config.data_dir.join("webhook_secret"))?,
+        };
+        let (events, _) = broadcast::channel(4096);
+        let bind = config.bind.clone();
+        let inner = Inner {
+            models: ModelRegistry::new(&config),
+            capabilities: engine::capabilities(&config),
+            store,
+            assets,
+            trainings,
+            events,
+            metrics: Metrics::default(),
+            submit_lock: tokio::sync::Mutex::new(()),
+            worker: Arc::new(WorkerShared::default()),
+            webhook_wake: Notify::new(),
+            webhook_secret,
+            shutting_down: AtomicBool::new(false),
+            base_url: Mutex::new(format!("http://{bind}")),
+            worker_thread: Mutex::new(None),
+            config,
+        };
+        let state = AppState(Arc::new(inner));
+        let handle = worker::spawn(state.clone(), engine, tokio::runtime::Handle::current());
+        *state
+            .0
+            .worker_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        tokio::spawn(webhooks::run_dispatcher(state.clone()));
+        Ok(state)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.0.config
+    }
+
+    /// The job store.
+    pub fn store(&self) -> &Store {
+        &self.0.store
+    }
+
+    /// Generated and input images.
+    pub fn assets(&self) -> &FileStore {
+        &self.0.assets
+    }
+
+    /// Uploaded LoRA files.
+    pub fn trainings(&self) -> &FileStore {
+        &self.0.trainings
+    }
+
+    /// Model references.
+    pub fn models(&self) -> &ModelRegistry {
+        &self.0.models
+    }
+
+    /// What the engine can do.
+    pub fn capabilities(&self) -> Capabilities {
+        self.0.capabilities
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    /// The worker's shared handle.
+    pub fn worker(&self) -> &Arc<WorkerShared> {
+        &self.0.worker
+    }
+
+    /// Serialises acceptance (idempotency, queue length, credit, insert).
+    pub fn submit_lock(&self) -> &tokio::sync::Mutex<()> {
+        &self.0.submit_lock
+    }
+
+    /// The webhook signing key.
+    pub fn webhook_secret(&self) -> &[u8] {
+        &self.0.webhook_secret
+    }
+
+    /// Wakes the webhook dispatcher.
+    pub fn webhook_wake(&self) -> &Notify {
+        &self.0.webhook_wake
+    }
+
+    /// Subscribe to job events.
+    pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
+        self.0.events.subscribe()
+    }
+
+    /// Broadcast a job event (no one listening is fine).
+    pub fn emit(&self, event: JobEvent) {
+        let _ = self.0.events.send(event);
+    }
+
+    /// Whether [`AppState::shutdown`] was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.0.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// The base of absolute URLs when no request is at hand (webhooks):
+    /// `public_url`, else `http://` + the bound address.
+    pub fn default_base_url(&self) -> String {
+        match &self.config().public_url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => self
+                .0
+                .base_url
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    }
+
+    /// Record the address the server listens on (for [`Self::default_base_url`]).
+    pub fn set_local_addr(&self, addr: SocketAddr) {
+        *self.0.base_url.lock().unwrap_or_else(|e| e.into_inner()) = format!("http://{addr}");
+    }
+
+    /// Stop the worker (a running job is put back in the queue, not
+    /// failed) and the webhook dispatcher; waits for the worker thread.
+    pub async fn shutdown(&self) {
+        self.0.shutting_down.store(true, Ordering::SeqCst);
+        self.0.worker.stop();
+        self.0.webhook_wake.notify_waiters();
+        let handle = self
+            .0
+            .worker_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+}
+
+/// Read the webhook secret file, or create it with a random key (mode 0600).
+fn load_or_create_secret(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let text = text.trim();
+        if !text.is_empty() {
+            return Ok(text.as_bytes().to_vec());
+        }
+    }
+    let secret: String = {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        (0..32)
+            .map(|_| format!("{:02x}", rng.random::<u8>()))
+            .collect()
+    };
+    let secret = format!("whsec_{secret}");
+    easel_core::write_atomic(path, secret.as_bytes())?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(secret.into_bytes())
+}
+
+/// The router: every route of the service over `state`.
+pub fn app(state: AppState) -> Router {
+    api::router(state)
+}
+
+/// Bind `config.bind`, serve until Ctrl-C or SIGTERM, then shut down
+/// gracefully (a running job goes back to the queue).
+///
+/// # Errors
+/// The server cannot start or the address cannot be bound.
+pub async fn serve(config: Config) -> Result<(), StartError> {
+    let addr = config.bind_addr()?;
+    let state = AppState::open(config).await?;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    state.set_local_addr(local);
+    tracing::info!("easel serve: listening on http://{local}");
+    eprintln!(
+        "easel serve: listening on http://{local} (data dir {}, auth {})",
+        state.config().data_dir.display(),
+        if state.config().no_auth { "off" } else { "on" }
+    );
+    let router = app(state.clone());
+    let result = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown_signal(state.clone()))
+        .await;
+    state.shutdown().await;
+    result.map_err(StartError::Io)
+}
+
+async fn shutdown_signal(state: AppState) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    eprintln!("easel serve: shutting down");
+    // Event streams end and waiters return; the worker stops after serve.
+    state.0.shutting_down.store(true, Ordering::SeqCst);
+}

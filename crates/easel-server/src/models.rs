@@ -1,0 +1,459 @@
+//! Model references as the API takes them, checked before a job is accepted.
+//!
+//! A `baseModel` is, in order:
+//! 1. a registry name from the config's `[models]` table (its target is
+//!    trusted: any repo id or path);
+//! 2. a local path (absolute, starting with `.` or `~`, or existing relative
+//!    to the server's folder): accepted only under a model root
+//!    (`DATA_DIR/models`, each `models_dirs` entry, the Hugging Face cache),
+//!    after resolving `..` and symlinks, so no client can make the server
+//!    read other files;
+//! 3. a folder name inside a model root;
+//! 4. a Hugging Face repo id `org/name[@revision]`: taken from the hub cache,
+//!    or downloaded by the worker unless the server is offline.
+//!
+//! LoRA files given by path follow rule 2.
+
+use std::path::{Component, Path, PathBuf};
+
+use easel_diffusion::loader::{list_local_models, resolve_model, ModelDir};
+
+use crate::config::{Config, EngineKind};
+use crate::engine::{resolve_options, FAKE_PIPELINE};
+use crate::job::ModelSpec;
+
+/// Why a reference was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelRefError {
+    /// A local path outside every model root.
+    #[error("{0}")]
+    NotAllowed(String),
+    /// Nothing by that name.
+    #[error("{0}")]
+    Unknown(String),
+}
+
+/// A model listed by `GET /v1/models`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct ModelEntry {
+    /// What to pass as `baseModel`.
+    pub id: String,
+    /// Always `model`.
+    pub object: String,
+    /// `registry` (a config name), `hub-cache` or `local`.
+    pub source: String,
+    /// The pipeline class, when known.
+    pub pipeline_class: Option<String>,
+    /// Bytes on disk, when known.
+    pub size_bytes: Option<u64>,
+    /// Whether the worker has it loaded.
+    pub loaded: bool,
+    /// Always `easel` (OpenAI clients read it).
+    pub owned_by: String,
+    /// Unix seconds (OpenAI clients read it); 0 when unknown.
+    pub created: i64,
+}
+
+/// Resolves references against the configuration.
+#[derive(Debug, Clone)]
+pub struct ModelRegistry {
+    config: Config,
+    roots: Vec<PathBuf>,
+}
+
+/// Lexically normalise `path` (drop `.`, apply `..`), without touching the disk.
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Whether `reference` is a Hugging Face repo id, `org/name[@revision]`.
+pub fn is_repo_id(reference: &str) -> bool {
+    let (id, revision) = match reference.split_once('@') {
+        Some((id, rev)) => (id, Some(rev)),
+        None => (reference, None),
+    };
+    let Some((org, name)) = id.split_once('/') else {
+        return false;
+    };
+    let part = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && !s.starts_with(['-', '.'])
+            && !s.ends_with(['-', '.'])
+            && !s.contains("..")
+    };
+    let rev_ok = revision.is_none_or(|r| {
+        !r.is_empty()
+            && r.split('/').all(|p| !p.is_empty() && p != "." && p != "..")
+            && !r.contains(['\\', ' '])
+    });
+    part(org) && part(name) && id.len() <= 96 && rev_ok
+}
+
+impl ModelRegistry {
+    /// A registry for `config`.
+    pub fn new(config: &Config) -> Self {
+        let mut roots: Vec<PathBuf> = config.model_roots();
+        if let Ok(cache) = resolve_options(config, true).hub_cache() {
+            roots.push(cache);
+        }
+        let roots = roots
+            .into_iter()
+            .map(|r| {
+                let absolute = if r.is_absolute() {
+                    r
+                } else {
+                    std::env::current_dir().unwrap_or_default().join(r)
+                };
+                absolute
+                    .canonicalize()
+                    .unwrap_or_else(|_| normalize(&absolute))
+            })
+            .collect();
+        Self {
+            config: config.clone(),
+            roots,
+        }
+    }
+
+    /// The canonical model roots.
+    pub fn roots(&self) -> &[PathBuf] {
+        &self.roots
+    }
+
+    fn under_roots(&self, path: &Path) -> bool {
+        self.roots.iter().any(|root| path.starts_with(root))
+    }
+
+    fn looks_like_path(reference: &str) -> bool {
+        let p = Path::new(reference);
+        p.is_absolute()
+            || reference.starts_with('.')
+            || reference.starts_with('~')
+            || reference.contains('\\')
+            || p.exists()
+    }
+
+    /// Check that a local path lies under a model root and exists; returns
+    /// its canonical form.
+    ///
+    /// # Errors
+    /// [`ModelRefError::NotAllowed`] outside the roots,
+    /// [`ModelRefError::Unknown`] when nothing is there.
+    pub fn check_path(&self, reference: &str) -> Result<PathBuf, ModelRefError> {
+        let not_allowed = || {
+            ModelRefError::NotAllowed(format!(
+                "`{reference}` is outside the model roots; local paths must lie under {} \
+                 (add a folder with --models-dir)",
+                self.roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        };
+        let path = Path::new(reference);
+        let absolute = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            std::env::current_dir().unwrap_or_default().join(path)
+        };
+        if !self.under_roots(&normalize(&absolute)) && !absolute.exists() {
+            return Err(not_allowed());
+        }
+        let canonical = absolute.canonicalize().map_err(|_| {
+            if self.under_roots(&normalize(&absolute)) {
+                ModelRefError::Unknown(format!("`{reference}`: no such file or folder"))
+            } else {
+                not_allowed()
+            }
+        })?;
+        if !self.under_roots(&canonical) {
+            return Err(not_allowed());
+        }
+        Ok(canonical)
+    }
+
+    fn local_folder(&self, reference: &str, folder: &Path) -> Result<ModelSpec, ModelRefError> {
+        if self.config.engine == EngineKind::Fake {
+            return Ok(ModelSpec {
+                reference: reference.into(),
+                load: folder.display().to_string(),
+                pipeline_class: Some(FAKE_PIPELINE.into()),
+            });
+        }
+        let dir = ModelDir::open(folder).map_err(|e| {
+            ModelRefError::Unknown(format!(
+                "`{reference}` is not a diffusers model folder: {e}"
+            ))
+        })?;
+        Ok(ModelSpec {
+            reference: reference.into(),
+            load: folder.display().to_string(),
+            pipeline_class: Some(dir.pipeline_class().to_string()),
+        })
+    }
+
+    /// Resolve a `baseModel` reference (see the module docs).
+    ///
+    /// # Errors
+    /// [`ModelRefError::NotAllowed`] for a path outside the roots,
+    /// [`ModelRefError::Unknown`] for anything not found.
+    pub fn resolve(&self, reference: &str) -> Result<ModelSpec, ModelRefError> {
+        let reference = reference.trim();
+        // 1. Registry names: trusted targets.
+        if let Some(target) = self.config.models.get(reference) {
+            let target_path = Path::new(target);
+            if target_path.is_absolute() || target.starts_with('.') {
+                let folder = target_path
+                    .canonicalize()
+                    .unwrap_or_else(|_| target_path.to_path_buf());
+                let mut spec = self.local_folder(reference, &folder)?;
+                spec.reference = reference.into();
+                return Ok(spec);
+            }
+            let mut spec = self.resolve_repo(target)?;
+            spec.reference = reference.into();
+            return Ok(spec);
+        }
+        // 2. Local paths: only under the roots.
+        if Self::looks_like_path(reference) {
+            let folder = self.check_path(reference)?;
+            if !folder.is_dir() {
+                return Err(ModelRefError::Unknown(format!(
+                    "`{reference}` is a file, not a diffusers model folder"
+                )));
+            }
+            return self.local_folder(reference, &folder);
+        }
+        // 3. Folder names in the roots.
+        if !reference.contains('/') {
+            for root in self.config.model_roots() {
+                let folder = root.join(reference);
+                if folder.join("model_index.json").is_file() {
+                    let canonical = self.check_path(&folder.display().to_string())?;
+                    return self.local_folder(reference, &canonical);
+                }
+            }
+            if self.config.engine == EngineKind::Fake && !reference.contains("missing") {
+                return Ok(ModelSpec {
+                    reference: reference.into(),
+                    load: reference.into(),
+                    pipeline_class: Some(FAKE_PIPELINE.into()),
+                });
+            }
+            return Err(ModelRefError::Unknown(format!(
+                "unknown model `{reference}`: not a registry name, not a folder in {}, and not a \
+                 Hugging Face repo id (org/name); `GET /v1/models` lists what is available",
+                self.config
+                    .model_roots()
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        // 4. Hugging Face repo ids.
+        self.resolve_repo(reference)
+    }
+
+    fn resolve_repo(&self, reference: &str) -> Result<ModelSpec, ModelRefError> {
+        if !is_repo_id(reference) {
+            return Err(ModelRefError::Unknown(format!(
+                "unknown model `{reference}`: not a Hugging Face repo id (org/name[@revision]), \
+                 a registry name or a folder in the model roots"
+            )));
+        }
+        if self.config.engine == EngineKind::Fake {
+            if reference.contains("missing") {
+                return Err(ModelRefError::Unknown(format!(
+                    "unknown model `{reference}`"
+                )));
+            }
+            return Ok(ModelSpec {
+                reference: reference.into(),
+                load: reference.into(),
+                pipeline_class: Some(FAKE_PIPELINE.into()),
+            });
+        }
+        let options = resolve_options(&self.config, true);
+        match resolve_model(reference, &options) {
+            Ok(dir) => Ok(ModelSpec {
+                reference: reference.into(),
+                load: reference.into(),
+                pipeline_class: Some(dir.pipeline_class().to_string()),
+            }),
+            Err(_) if !self.config.offline => Ok(ModelSpec {
+                reference: reference.into(),
+                load: reference.into(),
+                pipeline_class: None,
+            }),
+            Err(e) => Err(ModelRefError::Unknown(format!(
+                "unknown model `{reference}`: {e}"
+            ))),
+        }
+    }
+
+    /// Width/height multiple for a pipeline class: 16 for FLUX, else 8.
+    pub fn size_multiple(pipeline_class: Option<&str>) -> u32 {
+        match pipeline_class {
+            Some(c) if c.contains("Flux") => easel_core::params::FLUX_SIZE_MULTIPLE,
+            _ => easel_core::params::DEFAULT_SIZE_MULTIPLE,
+        }
+    }
+
+    /// Registry names and the models on disk, with `loaded` marking those
+    /// whose `ModelSpec::load` is in `loaded`.
+    pub fn list(&self, loaded: &[String]) -> Vec<ModelEntry> {
+        let is_loaded = |load: &str| loaded.iter().any(|l| l == load);
+        let mut out = Vec::new();
+        for (name, target) in &self.config.models {
+            let spec = self.resolve(name).ok();
+            out.push(ModelEntry {
+                id: name.clone(),
+                object: "model".into(),
+                source: "registry".into(),
+                pipeline_class: spec.as_ref().and_then(|s| s.pipeline_class.clone()),
+                size_bytes: None,
+                loaded: spec.as_ref().is_some_and(|s| is_loaded(&s.load)) || is_loaded(target),
+                owned_by: "easel".into(),
+                created: 0,
+            });
+        }
+        if self.config.engine == EngineKind::Diffusion {
+            for m in list_local_models(&resolve_options(&self.config, true)) {
+                let (id, load) = match &m.repo_id {
+                    Some(_) => (m.reference.clone(), m.reference.clone()),
+                    None => {
+                        let canonical = m.path.canonicalize().unwrap_or(m.path.clone());
+                        let name = m
+                            .path
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_else(|| m.reference.clone());
+                        (name, canonical.display().to_string())
+                    }
+                };
+                out.push(ModelEntry {
+                    id,
+                    object: "model".into(),
+                    source: if m.repo_id.is_some() {
+                        "hub-cache"
+                    } else {
+                        "local"
+                    }
+                    .into(),
+                    pipeline_class: (!m.pipeline_class.is_empty())
+                        .then(|| m.pipeline_class.clone()),
+                    size_bytes: Some(m.size_bytes),
+                    loaded: is_loaded(&load),
+                    owned_by: "easel".into(),
+                    created: 0,
+                });
+            }
+        } else {
+            for load in loaded {
+                out.push(ModelEntry {
+                    id: load.clone(),
+                    object: "model".into(),
+                    source: "fake".into(),
+                    pipeline_class: Some(FAKE_PIPELINE.into()),
+                    size_bytes: None,
+                    loaded: true,
+                    owned_by: "easel".into(),
+                    created: 0,
+                });
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(root: &Path) -> ModelRegistry {
+        let config = Config {
+            data_dir: root.join("data"),
+            models_dirs: vec![root.join("models")],
+            hf_cache: Some(root.join("hub")),
+            offline: true,
+            ..Config::default()
+        };
+        std::fs::create_dir_all(root.join("models/sd")).unwrap();
+        std::fs::create_dir_all(root.join("data/models")).unwrap();
+        std::fs::create_dir_all(root.join("outside")).unwrap();
+        ModelRegistry::new(&config)
+    }
+
+    #[test]
+    fn local_paths_outside_the_model_roots_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path());
+        let outside = dir.path().join("outside");
+        assert!(matches!(
+            reg.resolve(&outside.display().to_string()),
+            Err(ModelRefError::NotAllowed(_))
+        ));
+        let sneaky = dir.path().join("models/../outside");
+        assert!(matches!(
+            reg.resolve(&sneaky.display().to_string()),
+            Err(ModelRefError::NotAllowed(_))
+        ));
+        assert!(matches!(
+            reg.resolve("/etc/passwd"),
+            Err(ModelRefError::NotAllowed(_))
+        ));
+        #[cfg(unix)]
+        {
+            let link = dir.path().join("models/link");
+            std::os::unix::fs::symlink(&outside, &link).unwrap();
+            assert!(matches!(
+                reg.resolve(&link.display().to_string()),
+                Err(ModelRefError::NotAllowed(_))
+            ));
+        }
+        // Inside a root but not a model folder: unknown, not refused.
+        let inside = dir.path().join("models/sd");
+        assert!(matches!(
+            reg.resolve(&inside.display().to_string()),
+            Err(ModelRefError::Unknown(_))
+        ));
+        assert!(matches!(
+            reg.resolve("no-such-model"),
+            Err(ModelRefError::Unknown(_))
+        ));
+        assert!(matches!(
+            reg.resolve("org/not-cached"),
+            Err(ModelRefError::Unknown(_))
+        ));
+    }
+
+    #[test]
+    fn repo_ids() {
+        assert!(is_repo_id("stabilityai/stable-diffusion-xl-base-1.0"));
+        assert!(is_repo_id("org/name@refs/pr/1"));
+        for bad in [
+            "name",
+            "a/b/c",
+            "org/..",
+            "org/na me",
+            "../x/y",
+            "org/name@",
+        ] {
+            assert!(!is_repo_id(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,567 @@
+//! Accepting a job: everything is checked before anything is stored.
+//!
+//! [`prepare`] merges the inference pack and the defaults into each image
+//! definition, validates every field (with its path), resolves models
+//! (model roots), trainings and LoRA paths, and reads image inputs; it
+//! writes nothing. [`commit`] then, under one lock: replays an
+//! `Idempotency-Key`, refuses a full queue (429) or an exhausted credit
+//! (402), stores the input images, and inserts the job with its charge in
+//! one transaction.
+
+use std::collections::HashMap;
+
+use axum::http::StatusCode;
+use easel_core::{ImageDefinition, NativeRequest, ValidateOptions};
+use sha2::{Digest, Sha256};
+
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::inputs::{load_input, LoadedInput};
+use crate::job::{InputRef, ItemSpec, LoraSpec, ModelSpec};
+use crate::metrics::Metrics;
+use crate::models::{ModelRefError, ModelRegistry};
+use crate::store::{AssetRow, GenerationRow, NewGeneration};
+use crate::util::{new_id, now_ms};
+use crate::AppState;
+
+/// Where a job came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `POST /v1/generations`.
+    Native,
+    /// `POST /v1/images/generations` or `/v1/images/edits`.
+    OpenAi,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::Native => "native",
+            Source::OpenAi => "openai",
+        }
+    }
+}
+
+/// An input read for the job, stored when it is accepted.
+#[derive(Debug, Clone)]
+struct PendingInput {
+    loaded: LoadedInput,
+}
+
+/// A request checked and ready to be accepted.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    source: Source,
+    items: Vec<ItemSpec>,
+    /// For each item: indices into `inputs` of its image and mask.
+    item_inputs: Vec<(Option<usize>, Option<usize>)>,
+    inputs: Vec<PendingInput>,
+    request_json: serde_json::Value,
+    request_hash: String,
+    idempotency_key: Option<String>,
+    webhook: Option<String>,
+    webhook_events: Vec<String>,
+}
+
+impl Prepared {
+    /// Images the job will make.
+    pub fn images_total(&self) -> u32 {
+        self.items.iter().map(|i| i.batch_size).sum()
+    }
+}
+
+/// SHA-256 of a request body, hex (to recognise a replayed idempotent request).
+pub fn body_hash(body: &[u8]) -> String {
+    Sha256::digest(body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn model_error(e: ModelRefError, field: String) -> ApiError {
+    match e {
+        ModelRefError::NotAllowed(m) => {
+            ApiError::new(StatusCode::FORBIDDEN, "path_not_allowed", m).with_field(field)
+        }
+        ModelRefError::Unknown(m) => ApiError::invalid("unknown_model", field, m),
+    }
+}
+
+fn unsupported(field: String, message: impl Into<String>) -> ApiError {
+    ApiError::invalid("unsupported_feature", field, message)
+}
+
+/// Check a native request for `principal` and read its inputs; stores nothing.
+///
+/// # Errors
+/// The first problem found, as a 4xx [`ApiError`] naming the field.
+pub async fn prepare(
+    state: &AppState,
+    principal: &Principal,
+    request: &NativeRequest,
+    source: Source,
+    request_json: serde_json::Value,
+    request_hash: String,
+    idempotency_key: Option<String>,
+) -> Result<Prepared, ApiError> {
+    // 1. The inference pack's definitions first, then the request's own.
+    let mut definitions: Vec<(String, ImageDefinition)> = Vec::new();
+    if let Some(pack_id) = &request.inference_pack_id {
+        let pack = state
+            .store()
+            .pack(&principal.key_id, pack_id.trim())
+            .await?
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "unknown_inference_pack",
+                    "inferencePackId",
+                    format!("no inference pack with id `{pack_id}` (create one with POST /v1/inference-packs)"),
+                )
+            })?;
+        let body: serde_json::Value = serde_json::from_str(&pack.body_json)
+            .map_err(|e| ApiError::internal("reading an inference pack", e))?;
+        let pack_request = NativeRequest::pack_from_json(body)
+            .map_err(|e| ApiError::internal("reading an inference pack", e))?;
+        for (i, image) in pack_request.images.iter().enumerate() {
+            let merged = image
+                .merged_over(&pack_request.defaults)
+                .merged_over(&request.defaults);
+            definitions.push((format!("inferencePack.images[{i}]"), merged));
+        }
+    }
+    definitions.extend(request.merged_images());
+    let limit = state.config().max_images_per_request;
+    if definitions.len() > limit {
+        return Err(ApiError::invalid(
+            "too_many_images",
+            "images",
+            format!(
+                "{} image definitions (with the inference pack's); at most {limit} per request",
+                definitions.len()
+            ),
+        ));
+    }
+    if definitions.is_empty() {
+        return Err(ApiError::invalid(
+            "missing_field",
+            "images",
+            "no image definitions: give images[] (the inference pack is empty)",
+        ));
+    }
+
+    // 2. Each definition: model, ranges, scheduler, LoRAs, inputs.
+    let mut models: HashMap<String, ModelSpec> = HashMap::new();
+    let mut inputs: Vec<PendingInput> = Vec::new();
+    let mut input_index: HashMap<String, usize> = HashMap::new();
+    let mut items = Vec::new();
+    let mut item_inputs = Vec::new();
+    let caps = state.capabilities();
+    for (prefix, def) in definitions {
+        let field = |name: &str| format!("{prefix}.{name}");
+        // Presence first (prompt, baseModel), then the model, then ranges
+        // with the model's size multiple.
+        if def.prompt.is_none() || def.base_model.is_none() {
+            def.validate(&ValidateOptions::default().field_prefix(prefix.clone()))?;
+        }
+        let reference = def.base_model.clone().unwrap_or_default();
+        if reference.trim().is_empty() {
+            def.validate(&ValidateOptions::default().field_prefix(prefix.clone()))?;
+        }
+        let model = match models.get(reference.trim()) {
+            Some(m) => m.clone(),
+            None => {
+                let registry = state.models().clone();
+                let r = reference.clone();
+                let spec = tokio::task::spawn_blocking(move || registry.resolve(&r))
+                    .await
+                    .map_err(|e| ApiError::internal("resolving a model", e))?
+                    .map_err(|e| model_error(e, field("baseModel")))?;
+                models.insert(reference.trim().to_string(), spec.clone());
+                spec
+            }
+        };
+        let multiple = ModelRegistry::size_multiple(model.pipeline_class.as_deref());
+        def.validate(
+            &ValidateOptions::default()
+                .size_multiple(multiple)
+                .field_prefix(prefix.clone()),
+        )?;
+        if let Some(name) = &def.scheduler {
+            easel_diffusion::schedulers::resolve_scheduler_name(name).map_err(|e| {
+                ApiError::invalid("invalid_value", field("scheduler"), e.to_string())
+            })?;
+        }
+        if def.tiling == Some(true) {
+            return Err(unsupported(
+                field("tiling"),
+                "seamless tiling is not supported by this engine build yet",
+            ));
+        }
+
+        // LoRAs: trainingId first, then loras[].
+        let mut loras = Vec::new();
+        if let Some(id) = &def.training_id {
+            let training = state
+                .store()
+                .training(&principal.key_id, id.trim())
+                .await?
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "unknown_training",
+                        field("trainingId"),
+                        format!("no training with id `{id}` (upload one with POST /v1/trainings)"),
+                    )
+                })?;
+            let path = state
+                .trainings()
+                .path(&training.hash, "safetensors")
+                .ok_or_else(|| ApiError::internal("reading a training", "bad stored hash"))?;
+            loras.push(LoraSpec {
+                source: format!("training:{}", training.id),
+                path,
+                scale: def.scale_or_default(),
+            });
+        }
+        for (i, lora) in def.loras.iter().flatten().enumerate() {
+            let lora_field = field(&format!("loras[{i}]"));
+            let scale = lora
+                .scale
+                .unwrap_or(easel_core::request::DEFAULT_LORA_SCALE);
+            if let Some(id) = &lora.id {
+                let training = state
+                    .store()
+                    .training(&principal.key_id, id.trim())
+                    .await?
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "unknown_training",
+                            format!("{lora_field}.id"),
+                            format!("no training with id `{id}`"),
+                        )
+                    })?;
+                let path = state
+                    .trainings()
+                    .path(&training.hash, "safetensors")
+                    .ok_or_else(|| ApiError::internal("reading a training", "bad stored hash"))?;
+                loras.push(LoraSpec {
+                    source: format!("training:{}", training.id),
+                    path,
+                    scale,
+                });
+            } else if let Some(path) = &lora.path {
+                let canonical = state
+                    .models()
+                    .check_path(path)
+                    .map_err(|e| model_error(e, format!("{lora_field}.path")))?;
+                if !canonical.is_file() || canonical.extension().is_none_or(|e| e != "safetensors")
+                {
+                    return Err(ApiError::invalid(
+                        "invalid_value",
+                        format!("{lora_field}.path"),
+                        format!("`{path}` is not a .safetensors file"),
+                    ));
+                }
+                loras.push(LoraSpec {
+                    source: path.clone(),
+                    path: canonical,
+                    scale,
+                });
+            } else {
+                return Err(unsupported(
+                    format!("{lora_field}.url"),
+                    "LoRA URLs are not fetched; upload the file with POST /v1/trainings and pass its id",
+                ));
+            }
+        }
+        if !loras.is_empty() && !caps.lora {
+            let f = if def.training_id.is_some() {
+                field("trainingId")
+            } else {
+                field("loras")
+            };
+            return Err(unsupported(
+                f,
+                "LoRA adapters are not supported by this engine build yet",
+            ));
+        }
+
+        // Image inputs, read and decoded now; stored on acceptance.
+        let mut refs = (None, None);
+        for (name, value) in [("image", &def.image), ("mask", &def.mask)] {
+            let Some(value) = value else { continue };
+            let index = match input_index.get(value) {
+                Some(&i) => i,
+                None => {
+                    let loaded = load_input(state, principal, value, &field(name)).await?;
+                    inputs.push(PendingInput { loaded });
+                    input_index.insert(value.clone(), inputs.len() - 1);
+                    inputs.len() - 1
+                }
+            };
+            if name == "image" {
+                refs.0 = Some(index);
+            } else {
+                refs.1 = Some(index);
+            }
+        }
+
+        let (width, height) = def
+            .explicit_size()
+            .map_err(|e| ApiError::from(e.with_prefix(&prefix)))?;
+        let seed = def.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
+        let mut definition = def.clone();
+        definition.seed = Some(seed);
+        items.push(ItemSpec {
+            field: prefix.clone(),
+            batch_size: def.batch_size_or_default(),
+            definition,
+            model,
+            loras,
+            seed,
+            width,
+            height,
+            image: None,
+            mask: None,
+        });
+        item_inputs.push(refs);
+    }
+
+    // 3. Webhook.
+    if let Some(url) = &request.webhook {
+        let ok = url::Url::parse(url)
+            .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            .unwrap_or(false);
+        if !ok {
+            return Err(ApiError::invalid(
+                "invalid_value",
+                "webhook",
+                format!("`{url}` is not an http(s) URL"),
+            ));
+        }
+    }
+    let webhook_events = request
+        .webhook_events
+        .clone()
+        .unwrap_or_else(|| vec!["completed".to_string()]);
+    Ok(Prepared {
+        source,
+        items,
+        item_inputs,
+        inputs,
+        request_json,
+        request_hash,
+        idempotency_key,
+        webhook: request.webhook.clone(),
+        webhook_events,
+    })
+}
+
+trait BatchSizeOrDefault {
+    fn batch_size_or_default(&self) -> u32;
+}
+
+impl BatchSizeOrDefault for ImageDefinition {
+    fn batch_size_or_default(&self) -> u32 {
+        self.batch_size
+            .unwrap_or(easel_core::params::DEFAULT_BATCH_SIZE)
+    }
+}
+
+/// The result of [`commit`]: the job, and whether it was created now (false:
+/// an idempotent replay of an earlier request).
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// The job.
+    pub job: GenerationRow,
+    /// Created by this call.
+    pub created: bool,
+}
+
+/// Accept a prepared request (see the module docs).
+///
+/// # Errors
+/// 409 `idempotency_key_reused`, 429 `queue_full` (with `Retry-After`), 402
+/// `insufficient_credit`, or a store failure.
+pub async fn commit(
+    state: &AppState,
+    principal: &Principal,
+    mut prepared: Prepared,
+) -> Result<Committed, ApiError> {
+    let _guard = state.submit_lock().lock().await;
+    let store = state.store();
+    if let Some(key) = &prepared.idempotency_key {
+        if let Some(existing) = store
+            .generation_by_idempotency_key(&principal.key_id, key)
+            .await?
+        {
+            if existing.request_hash.as_deref() != Some(prepared.request_hash.as_str()) {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "idempotency_key_reused",
+                    format!(
+                        "Idempotency-Key `{key}` was used for a different request (job {}); \
+                         use a new key for a new request",
+                        existing.id
+                    ),
+                ));
+            }
+            return Ok(Committed {
+                job: existing,
+                created: false,
+            });
+        }
+    }
+    let (queued, _) = store.counts().await?;
+    if queued as usize >= state.config().max_queue {
+        Metrics::inc(&state.metrics().rejected_queue_full);
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "queue_full",
+            format!(
+                "the queue is full ({queued} jobs waiting, max_queue = {}); retry later",
+                state.config().max_queue
+            ),
+        );
+        e.retry_after = Some(5);
+        return Err(e);
+    }
+    let price = state.config().price_micros();
+    let cost = prepared.items.len() as i64 * price;
+    if let Some(limit) = principal.credit_limit_micros {
+        let usage = store.usage(&principal.key_id).await?;
+        let used = usage.charged_micros - usage.refunded_micros;
+        if used + cost > limit {
+            Metrics::inc(&state.metrics().rejected_credit);
+            return Err(ApiError::new(
+                StatusCode::PAYMENT_REQUIRED,
+                "insufficient_credit",
+                format!(
+                    "this request costs {:.2} USD ({} inferences at {:.2}); the key has {:.2} of its {:.2} USD credit left",
+                    cost as f64 / 1e6,
+                    prepared.items.len(),
+                    price as f64 / 1e6,
+                    (limit - used).max(0) as f64 / 1e6,
+                    limit as f64 / 1e6
+                ),
+            ));
+        }
+    }
+
+    // Store the inputs (files first), then the job in one transaction.
+    let id = new_id();
+    let now = now_ms();
+    let mut written = Vec::new();
+    let mut rows = Vec::new();
+    let mut refs = Vec::new();
+    for input in &prepared.inputs {
+        let ext = input.loaded.format.extension();
+        // The same bytes given twice (say as a data URL and as bare base64)
+        // are one input asset.
+        let hash = crate::assets::hash_bytes(&input.loaded.bytes);
+        if let Some(same) = refs
+            .iter()
+            .find(|r: &&InputRef| r.hash == hash && r.extension == ext)
+        {
+            refs.push(same.clone());
+            continue;
+        }
+        let existed = state
+            .assets()
+            .path(&crate::assets::hash_bytes(&input.loaded.bytes), ext)
+            .is_some_and(|p| p.is_file());
+        let stored = state
+            .assets()
+            .put(&input.loaded.bytes, ext)
+            .map_err(|e| ApiError::internal("storing an input image", e))?;
+        if !existed {
+            written.push((stored.hash.clone(), ext));
+        }
+        let asset_id = new_id();
+        rows.push(AssetRow {
+            id: asset_id.clone(),
+            key_id: principal.key_id.clone(),
+            kind: "input".into(),
+            hash: stored.hash.clone(),
+            extension: ext.into(),
+            file_name: format!("input-{}.{ext}", &stored.hash[..12]),
+            file_size: stored.size as i64,
+            file_type: input.loaded.format.mime_type().into(),
+            width: Some(i64::from(input.loaded.width)),
+            height: Some(i64::from(input.loaded.height)),
+            seed: None,
+            generation_id: Some(id.clone()),
+            item_idx: None,
+            image_idx: None,
+            created_at: now,
+        });
+        refs.push(InputRef {
+            asset_id,
+            hash: stored.hash,
+            extension: ext.into(),
+        });
+    }
+    for (item, (image, mask)) in prepared.items.iter_mut().zip(&prepared.item_inputs) {
+        if let Some(i) = image {
+            item.image = Some(refs[*i].clone());
+            item.definition.image = Some(refs[*i].asset_id.clone());
+        }
+        if let Some(i) = mask {
+            item.mask = Some(refs[*i].clone());
+            item.definition.mask = Some(refs[*i].asset_id.clone());
+        }
+    }
+    // The recorded request names inputs by asset id, not by their bytes.
+    let request_json = redact_inputs(prepared.request_json.clone());
+    let new = NewGeneration {
+        id,
+        key_id: principal.key_id.clone(),
+        source: prepared.source.as_str().into(),
+        request_json: request_json.to_string(),
+        items: prepared.items.clone(),
+        price_micros: price,
+        idempotency_key: prepared.idempotency_key.clone(),
+        request_hash: Some(prepared.request_hash.clone()),
+        webhook_url: prepared.webhook.clone(),
+        webhook_events: prepared.webhook_events.clone(),
+        inputs: rows,
+    };
+    match store.insert_generation(&new).await {
+        Ok(job) => {
+            Metrics::inc(&state.metrics().jobs_accepted);
+            state.worker().wake();
+            Ok(Committed { job, created: true })
+        }
+        Err(e) => {
+            for (hash, ext) in written {
+                state.assets().remove(&hash, ext);
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// Replace long inline image data (data URIs, base64) in a request body by
+/// a marker, so the recorded request stays small; the definitions keep the
+/// input asset ids.
+fn redact_inputs(mut value: serde_json::Value) -> serde_json::Value {
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, child) in map.iter_mut() {
+                    if (k == "image" || k == "mask")
+                        && child.as_str().is_some_and(|s| s.len() > 256)
+                    {
+                        *child =
+                            serde_json::Value::from("<inline image, stored as an input asset>");
+                    } else {
+                        walk(child);
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    walk(&mut value);
+    value
+}

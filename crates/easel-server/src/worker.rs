@@ -1,0 +1,844 @@
+//! The engine worker: one thread per device, running jobs in order.
+//!
+//! The engine is synchronous and CPU-heavy, so it runs on its own OS thread
+//! (never on the async runtime); the thread reaches the store through the
+//! runtime's handle. For each job:
+//!
+//! 1. pick the next job: the oldest queued one, unless a later one is for a
+//!    model already loaded and the oldest has not been passed over
+//!    `fair_skip_limit` times in a row;
+//! 2. mark it running (attempts + 1) and register its cancel token;
+//! 3. group its pending image definitions by model (loaded once); each
+//!    definition is one engine call of its `batchSize` images (seeds
+//!    `seed + j`), exactly what `easel generate` runs. With
+//!    `batch_definitions` on, definitions with equal engine settings (size,
+//!    steps, guidance, scheduler, batch size, LoRAs, inputs) run as one
+//!    batch instead: prompt `i` with seeds `seed_i + j` (faster, not
+//!    bit-exact against separate runs on the CPU);
+//! 4. encode each image, write it by hash (atomically), then record the
+//!    definition's assets and resolved parameters in one transaction;
+//! 5. finish the job (succeeded, failed, canceled) with refunds of
+//!    definitions that made no images, and queue its webhooks.
+//!
+//! Definitions finished before a crash keep their images: on restart the
+//! job is re-queued and only its pending definitions run.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use easel_core::{decode_image, encode_image, ImageMetadata, RgbImageRef};
+use tokio::runtime::Handle;
+
+use crate::engine::{
+    BatchRequest, CancelToken, Engine, EngineError, LoadedModel, MaskInputBytes, ModelDefaults,
+    RgbInput,
+};
+use crate::inputs::mask_luma;
+use crate::job::{
+    InputRef, ItemResult, JobError, JobStatus, Progress, ResolvedLora, ResolvedParameters,
+};
+use crate::metrics::Metrics;
+use crate::store::{AssetRow, ItemRow};
+use crate::util::{new_id, now_ms};
+use crate::{AppState, JobEvent};
+
+/// What the API shares with the worker thread.
+#[derive(Debug, Default)]
+pub struct WorkerShared {
+    wake: Mutex<bool>,
+    cv: Condvar,
+    running: Mutex<Option<(String, CancelToken)>>,
+    stopping: AtomicBool,
+    loaded: Mutex<Vec<LoadedModel>>,
+}
+
+impl WorkerShared {
+    /// Wake the worker (a job was queued).
+    pub fn wake(&self) {
+        *self.wake.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_all();
+    }
+
+    fn wait(&self, timeout: Duration) {
+        let guard = self.wake.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut woken, _) = self
+            .cv
+            .wait_timeout_while(guard, timeout, |w| !*w)
+            .unwrap_or_else(|e| e.into_inner());
+        *woken = false;
+    }
+
+    /// Stop: the running job is interrupted and goes back to the queue.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        if let Some((_, token)) = &*self.running.lock().unwrap_or_else(|e| e.into_inner()) {
+            token.cancel();
+        }
+        self.wake();
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Cancel job `id` if it is the running one; true when it was.
+    pub fn cancel(&self, id: &str) -> bool {
+        match &*self.running.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((running, token)) if running == id => {
+                token.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The running job's id.
+    pub fn running(&self) -> Option<String> {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|(id, _)| id.clone())
+    }
+
+    /// The models the engine has loaded, most recently used first.
+    pub fn loaded(&self) -> Vec<LoadedModel> {
+        self.loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_running(&self, value: Option<(String, CancelToken)>) {
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = value;
+    }
+
+    fn set_loaded(&self, loaded: Vec<LoadedModel>) {
+        *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = loaded;
+    }
+}
+
+/// Start the worker thread.
+pub fn spawn(state: AppState, engine: Box<dyn Engine>, rt: Handle) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("easel-worker".into())
+        .spawn(move || {
+            Worker {
+                ctx: Ctx {
+                    state,
+                    rt,
+                    last_progress: std::cell::Cell::new(None),
+                },
+                engine,
+                skips: 0,
+            }
+            .run()
+        })
+        .expect("spawn the worker thread")
+}
+
+struct Worker {
+    ctx: Ctx,
+    engine: Box<dyn Engine>,
+    /// Times in a row the oldest job was passed over for a loaded model.
+    skips: u32,
+}
+
+/// What the worker uses besides the engine (so progress callbacks can
+/// borrow it while the engine runs).
+struct Ctx {
+    state: AppState,
+    rt: Handle,
+    last_progress: std::cell::Cell<Option<Instant>>,
+}
+
+impl Ctx {
+    fn block<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// Record and broadcast progress (stored at most every 250 ms unless `force`).
+    fn progress(&self, id: &str, progress: Progress, force: bool) {
+        let due = force
+            || self
+                .last_progress
+                .get()
+                .is_none_or(|t| t.elapsed() >= Duration::from_millis(250));
+        if due {
+            self.last_progress.set(Some(Instant::now()));
+            if let Err(e) = self.block(self.state.store().set_progress(id, &progress)) {
+                tracing::warn!("job {id}: recording progress: {e}");
+            }
+        }
+        self.state.emit(JobEvent::Progress {
+            id: id.into(),
+            progress,
+        });
+    }
+
+    fn webhook(&self, id: &str, event: &str) {
+        if let Err(e) = self.block(crate::api::queue_webhook(&self.state, id, event)) {
+            tracing::warn!("job {id}: queueing webhook {event}: {e}");
+        }
+    }
+}
+
+/// Pick from the queue (oldest first): the head, unless a later job's model
+/// is loaded and the head has been skipped fewer than `limit` times.
+pub fn choose(
+    queue: &[(String, String)],
+    loaded: &[String],
+    skips: &mut u32,
+    limit: u32,
+) -> Option<String> {
+    let (head, head_model) = queue.first()?;
+    if loaded.iter().any(|m| m == head_model) || *skips >= limit {
+        *skips = 0;
+        return Some(head.clone());
+    }
+    match queue
+        .iter()
+        .find(|(_, model)| loaded.iter().any(|m| m == model))
+    {
+        Some((id, _)) => {
+            *skips += 1;
+            Some(id.clone())
+        }
+        None => {
+            *skips = 0;
+            Some(head.clone())
+        }
+    }
+}
+
+/// Engine settings that must be equal within one batch.
+#[derive(Debug, Clone, PartialEq)]
+struct BatchKey {
+    width: u32,
+    height: u32,
+    steps: u32,
+    guidance_bits: u64,
+    scheduler: Option<String>,
+    has_negative: bool,
+    batch_size: u32,
+    loras: Vec<(std::path::PathBuf, u64)>,
+    image: Option<String>,
+    mask: Option<String>,
+    strength_bits: u64,
+    /// The definition's index when definitions are not batched together
+    /// (`Config::batch_definitions` off).
+    alone: Option<i64>,
+}
+
+/// One pending definition with its defaults resolved.
+struct Planned {
+    row: ItemRow,
+    key: BatchKey,
+    steps: u32,
+    guidance: f64,
+    width: u32,
+    height: u32,
+    defaults: ModelDefaults,
+}
+
+fn job_error_for(e: &EngineError, item_field: &str) -> JobError {
+    let camel = |f: &str| -> String {
+        let mut out = String::new();
+        let mut upper = false;
+        for c in f.chars() {
+            if c == '_' {
+                upper = true;
+            } else if upper {
+                out.push(c.to_ascii_uppercase());
+                upper = false;
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    };
+    match e {
+        EngineError::Canceled => JobError::new("canceled", "canceled by the client"),
+        EngineError::ModelLoad(m) => JobError {
+            code: "model_load_failed".into(),
+            message: m.clone(),
+            field: Some(format!("{item_field}.baseModel")),
+        },
+        EngineError::Invalid { field, message } => JobError {
+            code: "invalid_value".into(),
+            message: message.clone(),
+            field: Some(format!("{item_field}.{}", camel(field))),
+        },
+        EngineError::Unsupported(m) => JobError {
+            code: "unsupported".into(),
+            message: m.clone(),
+            field: None,
+        },
+        EngineError::Failed(m) => JobError::new("engine_error", m.clone()),
+    }
+}
+
+impl Worker {
+    fn run(mut self) {
+        loop {
+            if self.ctx.state.is_shutting_down() || self.ctx.state.worker().is_stopping() {
+                return;
+            }
+            let loaded: Vec<String> = self.engine.loaded().into_iter().map(|m| m.load).collect();
+            let queue = match self.ctx.rt.block_on(self.ctx.state.store().queued(64)) {
+                Ok(q) => q,
+                Err(e) => {
+                    tracing::error!("worker: reading the queue: {e}");
+                    self.ctx.state.worker().wait(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let limit = self.ctx.state.config().fair_skip_limit;
+            match choose(&queue, &loaded, &mut self.skips, limit) {
+                Some(id) => {
+                    if let Err(e) = self.process(&id) {
+                        tracing::error!("worker: job {id}: {e}");
+                    }
+                }
+                None => self.ctx.state.worker().wait(Duration::from_millis(500)),
+            }
+        }
+    }
+
+    fn process(&mut self, id: &str) -> Result<(), sqlx::Error> {
+        let state = self.ctx.state.clone();
+        let store = state.store();
+        let Some(attempt) = self.ctx.block(store.start(id))? else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let token = CancelToken::new();
+        state
+            .worker()
+            .set_running(Some((id.to_string(), token.clone())));
+        let Some(job) = self.ctx.block(store.generation(id))? else {
+            state.worker().set_running(None);
+            return Ok(());
+        };
+        if job.cancel_requested {
+            token.cancel();
+        }
+        tracing::info!("job {id}: running (attempt {attempt})");
+        state.emit(JobEvent::Status {
+            id: id.into(),
+            status: JobStatus::Running,
+        });
+        self.ctx.webhook(id, "start");
+
+        let items = self.ctx.block(store.items(id))?;
+        let images_total: u32 = items.iter().map(|i| i.spec.batch_size).sum();
+        let mut images_done: u32 = items
+            .iter()
+            .filter(|i| i.status == crate::job::ItemStatus::Succeeded)
+            .map(|i| i.spec.batch_size)
+            .sum();
+        // Image offsets of each definition in job order.
+        let mut offsets = HashMap::new();
+        let mut offset = 0;
+        for item in &items {
+            offsets.insert(item.idx, offset);
+            offset += item.spec.batch_size;
+        }
+        let pending: Vec<ItemRow> = items
+            .into_iter()
+            .filter(|i| i.status == crate::job::ItemStatus::Pending)
+            .collect();
+
+        // Group by model, in order of first appearance.
+        let mut by_model: Vec<(String, Vec<ItemRow>)> = Vec::new();
+        for item in pending {
+            match by_model
+                .iter_mut()
+                .find(|(m, _)| *m == item.spec.model.load)
+            {
+                Some((_, list)) => list.push(item),
+                None => by_model.push((item.spec.model.load.clone(), vec![item])),
+            }
+        }
+        let mut interrupted = false;
+        'models: for (_, rows) in by_model {
+            if token.is_canceled() {
+                break;
+            }
+            let model = rows[0].spec.model.clone();
+            self.ctx.progress(
+                id,
+                Progress {
+                    stage: "loading".into(),
+                    images_done,
+                    images_total,
+                    first_image: offsets.get(&rows[0].idx).copied().unwrap_or(0),
+                    batch_images: 0,
+                    step: 0,
+                    steps: 0,
+                },
+                true,
+            );
+            let defaults = match self.engine.prepare(&model) {
+                Ok(d) => d,
+                Err(e) => {
+                    let idxs: Vec<i64> = rows.iter().map(|r| r.idx).collect();
+                    let error = job_error_for(&e, &rows[0].spec.field);
+                    self.ctx.block(store.fail_items(id, &idxs, &error))?;
+                    continue;
+                }
+            };
+            state.worker().set_loaded(self.engine.loaded());
+            // Subgroups with equal engine settings.
+            let batch_definitions = state.config().batch_definitions;
+            let mut batches: Vec<Vec<Planned>> = Vec::new();
+            for row in rows {
+                let planned = plan(row, &defaults, batch_definitions);
+                match batches.iter_mut().find(|b| b[0].key == planned.key) {
+                    Some(batch) => batch.push(planned),
+                    None => batches.push(vec![planned]),
+                }
+            }
+            for batch in batches {
+                if token.is_canceled() {
+                    break 'models;
+                }
+                match self.run_batch(id, &batch, &token, images_done, images_total, &offsets) {
+                    Ok(made) => images_done += made,
+                    Err(BatchFailure::Canceled) => {
+                        interrupted = true;
+                        break 'models;
+                    }
+                    Err(BatchFailure::Engine(e)) => {
+                        let idxs: Vec<i64> = batch.iter().map(|p| p.row.idx).collect();
+                        let error = job_error_for(&e, &batch[0].row.spec.field);
+                        tracing::warn!("job {id}: batch failed: {e}");
+                        self.ctx.block(store.fail_items(id, &idxs, &error))?;
+                    }
+                    Err(BatchFailure::Store(e)) => return Err(e),
+                }
+            }
+        }
+
+        // Shutting down: back to the queue, this attempt not counted.
+        if (interrupted || token.is_canceled()) && state.worker().is_stopping() {
+            self.ctx.block(store.requeue(id))?;
+            state.worker().set_running(None);
+            tracing::info!("job {id}: re-queued (shutting down)");
+            return Ok(());
+        }
+        let items = self.ctx.block(store.items(id))?;
+        let (status, error) = if token.is_canceled() {
+            (
+                JobStatus::Canceled,
+                Some(JobError::new("canceled", "canceled by the client")),
+            )
+        } else if let Some(failed) = items
+            .iter()
+            .find(|i| i.status == crate::job::ItemStatus::Failed)
+        {
+            let n = items
+                .iter()
+                .filter(|i| i.status == crate::job::ItemStatus::Failed)
+                .count();
+            let mut e = failed
+                .error
+                .clone()
+                .unwrap_or_else(|| JobError::new("engine_error", "failed"));
+            if n > 1 {
+                e.message = format!(
+                    "{} (and {} more image definitions failed)",
+                    e.message,
+                    n - 1
+                );
+            }
+            (JobStatus::Failed, Some(e))
+        } else {
+            (JobStatus::Succeeded, None)
+        };
+        self.ctx.block(store.finish(id, status, error.as_ref()))?;
+        state.worker().set_running(None);
+        let metrics = state.metrics();
+        Metrics::inc(match status {
+            JobStatus::Succeeded => &metrics.jobs_succeeded,
+            JobStatus::Canceled => &metrics.jobs_canceled,
+            _ => &metrics.jobs_failed,
+        });
+        metrics.observe_job_duration(started.elapsed().as_secs_f64());
+        tracing::info!(
+            "job {id}: {} in {:.2}s",
+            status.as_str(),
+            started.elapsed().as_secs_f64()
+        );
+        state.emit(JobEvent::Status {
+            id: id.into(),
+            status,
+        });
+        self.ctx.webhook(id, "completed");
+        Ok(())
+    }
+
+    fn run_batch(
+        &mut self,
+        id: &str,
+        batch: &[Planned],
+        token: &CancelToken,
+        images_done: u32,
+        images_total: u32,
+        offsets: &HashMap<i64, u32>,
+    ) -> Result<u32, BatchFailure> {
+        let first = &batch[0];
+        let spec = &first.row.spec;
+        let per_prompt = spec.batch_size as usize;
+        let has_negative = first.key.has_negative;
+        let request = BatchRequest {
+            prompts: batch
+                .iter()
+                .map(|p| p.row.spec.definition.prompt.clone().unwrap_or_default())
+                .collect(),
+            negative_prompts: if has_negative {
+                batch
+                    .iter()
+                    .map(|p| {
+                        p.row
+                            .spec
+                            .definition
+                            .negative_prompt
+                            .clone()
+                            .unwrap_or_default()
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            images_per_prompt: per_prompt,
+            seeds: batch.iter().flat_map(|p| p.row.spec.seeds()).collect(),
+            steps: first.steps,
+            guidance_scale: first.guidance,
+            width: first.width,
+            height: first.height,
+            scheduler: spec.definition.scheduler.clone(),
+            image: match &spec.image {
+                Some(input) => Some(self.read_rgb(input)?),
+                None => None,
+            },
+            mask: match &spec.mask {
+                Some(input) => Some(self.read_mask(input)?),
+                None => None,
+            },
+            strength: spec
+                .definition
+                .strength
+                .unwrap_or(easel_core::request::DEFAULT_STRENGTH),
+            loras: spec.loras.clone(),
+        };
+        let batch_images = request.seeds.len() as u32;
+        let first_image = offsets.get(&first.row.idx).copied().unwrap_or(0);
+        let base = Progress {
+            stage: "denoising".into(),
+            images_done,
+            images_total,
+            first_image,
+            batch_images,
+            step: 0,
+            steps: first.steps,
+        };
+        self.ctx.progress(id, base.clone(), true);
+        let state = self.ctx.state.clone();
+        let mut last_hook = Instant::now();
+        let hook_progress = self
+            .ctx
+            .block(state.store().generation(id))
+            .ok()
+            .flatten()
+            .is_some_and(|g| {
+                g.webhook_url.is_some() && g.webhook_events.iter().any(|e| e == "progress")
+            });
+        let model = spec.model.clone();
+        let ctx = &self.ctx;
+        let mut on_step = |step: u32, total: u32| {
+            let p = Progress {
+                step,
+                steps: total,
+                ..base.clone()
+            };
+            ctx.progress(id, p, step == total);
+            if hook_progress && (last_hook.elapsed() >= Duration::from_secs(1) || step == total) {
+                last_hook = Instant::now();
+                ctx.webhook(id, "progress");
+            }
+        };
+        let output = self.engine.run(&model, &request, &mut on_step, token);
+        Metrics::inc(&state.metrics().batches);
+        let output = match output {
+            Ok(o) => o,
+            Err(EngineError::Canceled) => return Err(BatchFailure::Canceled),
+            Err(e) => return Err(BatchFailure::Engine(e)),
+        };
+        if output.images.len() != request.seeds.len() {
+            return Err(BatchFailure::Engine(EngineError::Failed(format!(
+                "the engine returned {} images for {} seeds",
+                output.images.len(),
+                request.seeds.len()
+            ))));
+        }
+        self.ctx.progress(
+            id,
+            Progress {
+                stage: "saving".into(),
+                step: first.steps,
+                ..base.clone()
+            },
+            true,
+        );
+
+        // Encode and store each definition's images, then record them.
+        let mut made = 0;
+        let mut images = output.images.iter();
+        for planned in batch {
+            let spec = &planned.row.spec;
+            let format = spec.output_format();
+            let quality = spec.output_quality();
+            let mut assets = Vec::new();
+            for (j, seed) in spec.seeds().into_iter().enumerate() {
+                let pixels = images.next().ok_or_else(|| {
+                    BatchFailure::Engine(EngineError::Failed("missing image".into()))
+                })?;
+                let metadata = ImageMetadata {
+                    prompt: spec.definition.prompt.clone().unwrap_or_default(),
+                    negative_prompt: spec.definition.negative_prompt.clone(),
+                    steps: planned.steps,
+                    scheduler: output.scheduler.clone(),
+                    guidance_scale: planned.guidance,
+                    seed,
+                    width: planned.width,
+                    height: planned.height,
+                    model: spec.model.reference.clone(),
+                    extra: [
+                        ("easel".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+                        ("generation".to_string(), id.to_string()),
+                    ]
+                    .into(),
+                };
+                let image = RgbImageRef::new(planned.width, planned.height, pixels)
+                    .map_err(|e| BatchFailure::Engine(EngineError::Failed(e.to_string())))?;
+                let bytes = encode_image(&image, format, quality, &metadata)
+                    .map_err(|e| BatchFailure::Engine(EngineError::Failed(e.to_string())))?;
+                let stored = state
+                    .assets()
+                    .put(&bytes, format.extension())
+                    .map_err(|e| {
+                        BatchFailure::Engine(EngineError::Failed(format!("storing an image: {e}")))
+                    })?;
+                assets.push(AssetRow {
+                    id: new_id(),
+                    key_id: String::new(),
+                    kind: "output".into(),
+                    hash: stored.hash,
+                    extension: format.extension().into(),
+                    file_name: format!(
+                        "easel-{}-{}-{j}-{seed}.{}",
+                        &id[..8],
+                        planned.row.idx,
+                        format.extension()
+                    ),
+                    file_size: stored.size as i64,
+                    file_type: format.mime_type().into(),
+                    width: Some(i64::from(planned.width)),
+                    height: Some(i64::from(planned.height)),
+                    seed: Some(seed),
+                    generation_id: Some(id.into()),
+                    item_idx: Some(planned.row.idx),
+                    image_idx: Some(j as i64),
+                    created_at: now_ms(),
+                });
+            }
+            let result = ItemResult {
+                parameters: resolved(planned, &output.scheduler),
+                warnings: output.warnings.clone(),
+            };
+            let key_id = self
+                .ctx
+                .block(state.store().generation(id))
+                .map_err(BatchFailure::Store)?
+                .map(|g| g.key_id)
+                .unwrap_or_default();
+            for a in &mut assets {
+                a.key_id = key_id.clone();
+            }
+            self.ctx
+                .block(
+                    state
+                        .store()
+                        .complete_item(id, planned.row.idx, &assets, &result),
+                )
+                .map_err(BatchFailure::Store)?;
+            made += assets.len() as u32;
+            for _ in &assets {
+                Metrics::inc(&state.metrics().images_generated);
+            }
+        }
+        Ok(made)
+    }
+
+    fn read_input(&self, input: &InputRef) -> Result<easel_core::DecodedImage, BatchFailure> {
+        let path = self
+            .ctx
+            .state
+            .assets()
+            .path(&input.hash, &input.extension)
+            .ok_or_else(|| BatchFailure::Engine(EngineError::Failed("bad input hash".into())))?;
+        let bytes = std::fs::read(&path).map_err(|e| {
+            BatchFailure::Engine(EngineError::Failed(format!(
+                "reading input {}: {e}",
+                path.display()
+            )))
+        })?;
+        decode_image(&bytes).map_err(|e| BatchFailure::Engine(EngineError::Failed(e.to_string())))
+    }
+
+    fn read_rgb(&self, input: &InputRef) -> Result<RgbInput, BatchFailure> {
+        let decoded = self.read_input(input)?;
+        let (width, height) = (decoded.width, decoded.height);
+        Ok(RgbInput {
+            width,
+            height,
+            rgb: decoded.into_rgb8(),
+        })
+    }
+
+    fn read_mask(&self, input: &InputRef) -> Result<MaskInputBytes, BatchFailure> {
+        let decoded = self.read_input(input)?;
+        let (width, height) = (decoded.width, decoded.height);
+        Ok(MaskInputBytes {
+            width,
+            height,
+            luma: mask_luma(decoded),
+        })
+    }
+}
+
+enum BatchFailure {
+    Canceled,
+    Engine(EngineError),
+    Store(sqlx::Error),
+}
+
+impl From<sqlx::Error> for BatchFailure {
+    fn from(e: sqlx::Error) -> Self {
+        BatchFailure::Store(e)
+    }
+}
+
+fn plan(row: ItemRow, defaults: &ModelDefaults, batch_definitions: bool) -> Planned {
+    let spec = &row.spec;
+    let d = &spec.definition;
+    let steps = d.steps.unwrap_or(defaults.steps);
+    let guidance = d.guidance_scale.unwrap_or(defaults.guidance_scale);
+    let width = spec.width.unwrap_or(defaults.width);
+    let height = spec.height.unwrap_or(defaults.height);
+    let key = BatchKey {
+        width,
+        height,
+        steps,
+        guidance_bits: guidance.to_bits(),
+        scheduler: d.scheduler.clone(),
+        has_negative: d.negative_prompt.is_some(),
+        batch_size: spec.batch_size,
+        loras: spec
+            .loras
+            .iter()
+            .map(|l| (l.path.clone(), l.scale.to_bits()))
+            .collect(),
+        image: spec.image.as_ref().map(|i| i.hash.clone()),
+        mask: spec.mask.as_ref().map(|i| i.hash.clone()),
+        strength_bits: d.strength.unwrap_or(-1.0).to_bits(),
+        alone: (!batch_definitions).then_some(row.idx),
+    };
+    Planned {
+        row,
+        key,
+        steps,
+        guidance,
+        width,
+        height,
+        defaults: defaults.clone(),
+    }
+}
+
+fn resolved(planned: &Planned, scheduler: &str) -> ResolvedParameters {
+    let spec = &planned.row.spec;
+    let d = &spec.definition;
+    ResolvedParameters {
+        prompt: d.prompt.clone().unwrap_or_default(),
+        negative_prompt: d.negative_prompt.clone(),
+        base_model: spec.model.reference.clone(),
+        pipeline: planned.defaults.pipeline.clone(),
+        steps: planned.steps,
+        guidance_scale: planned.guidance,
+        width: planned.width,
+        height: planned.height,
+        scheduler: scheduler.to_string(),
+        seed: spec.seed,
+        seeds: spec.seeds(),
+        batch_size: spec.batch_size,
+        strength: spec
+            .image
+            .as_ref()
+            .map(|_| d.strength.unwrap_or(easel_core::request::DEFAULT_STRENGTH)),
+        loras: spec
+            .loras
+            .iter()
+            .map(|l| ResolvedLora {
+                source: l.source.clone(),
+                scale: l.scale,
+            })
+            .collect(),
+        output_format: spec.output_format(),
+        output_quality: spec.output_quality(),
+        precision: d.precision.unwrap_or(easel_core::params::DEFAULT_PRECISION),
+        compute_precision: "fp32".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(items: &[(&str, &str)]) -> Vec<(String, String)> {
+        items
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn loaded_model_goes_first_but_not_forever() {
+        let queue = q(&[("a", "m1"), ("b", "m2"), ("c", "m2")]);
+        let loaded = vec!["m2".to_string()];
+        let mut skips = 0;
+        assert_eq!(choose(&queue, &loaded, &mut skips, 2).as_deref(), Some("b"));
+        assert_eq!(
+            choose(
+                &queue[..1]
+                    .iter()
+                    .chain(&queue[2..])
+                    .cloned()
+                    .collect::<Vec<_>>(),
+                &loaded,
+                &mut skips,
+                2
+            )
+            .as_deref(),
+            Some("c")
+        );
+        // Two skips used: the oldest job runs now.
+        assert_eq!(choose(&queue, &loaded, &mut skips, 2).as_deref(), Some("a"));
+        assert_eq!(skips, 0);
+        // Nothing loaded: strict order.
+        assert_eq!(choose(&queue, &[], &mut skips, 2).as_deref(), Some("a"));
+        assert_eq!(choose(&[], &loaded, &mut skips, 2), None);
+    }
+}

@@ -1,0 +1,1462 @@
+//! The HTTP service through its router (`oneshot`) and over a real socket,
+//! with a real SQLite file in a temporary folder, on the tiny fixture
+//! models (or the fake engine where only the service is under test).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, Method, Request, StatusCode};
+use axum::Router;
+use base64::Engine as _;
+use easel_server::config::{Config, EngineKind};
+use easel_server::{app, AppState};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn tiny_sd15() -> String {
+    fixtures().join("models/tiny-sd15").display().to_string()
+}
+
+/// A server on a temporary data dir, with one API key.
+struct TestServer {
+    state: AppState,
+    router: Router,
+    key: String,
+    dir: tempfile::TempDir,
+}
+
+fn base_config(dir: &Path) -> Config {
+    Config {
+        data_dir: dir.join("data"),
+        models_dirs: vec![fixtures().join("models"), fixtures().join("loras")],
+        hf_cache: Some(dir.join("hub")),
+        offline: true,
+        webhook_secret: Some("test-secret".into()),
+        webhook_backoff_ms: 50,
+        ..Config::default()
+    }
+}
+
+impl TestServer {
+    async fn new(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = base_config(dir.path());
+        tweak(&mut config);
+        let state = AppState::open(config).await.unwrap();
+        let key = Self::add_key(&state, None).await;
+        TestServer {
+            router: app(state.clone()),
+            state,
+            key,
+            dir,
+        }
+    }
+
+    async fn fake() -> TestServer {
+        Self::new(|c| {
+            c.engine = EngineKind::Fake;
+            c.fake_step_ms = 1;
+        })
+        .await
+    }
+
+    async fn add_key(state: &AppState, limit_micros: Option<i64>) -> String {
+        let (row, secret) = easel_server::auth::new_key("test", limit_micros);
+        state
+            .store()
+            .insert_key(&row, &easel_server::auth::hash_secret(&secret))
+            .await
+            .unwrap();
+        secret
+    }
+
+    async fn send(&self, request: Request<Body>) -> (StatusCode, HeaderMap, Vec<u8>) {
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, headers, body.to_vec())
+    }
+
+    async fn call_as(
+        &self,
+        key: Option<&str>,
+        method: Method,
+        uri: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, HeaderMap, Value) {
+        let mut builder = Request::builder().method(method).uri(uri);
+        if let Some(key) = key {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        let request = match body {
+            Some(b) => builder
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(b.to_string()))
+                .unwrap(),
+            None => builder.body(Body::empty()).unwrap(),
+        };
+        let (status, headers, bytes) = self.send(request).await;
+        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, headers, value)
+    }
+
+    async fn call(&self, method: Method, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let (s, _, v) = self
+            .call_as(Some(&self.key.clone()), method, uri, body)
+            .await;
+        (s, v)
+    }
+
+    async fn post(&self, uri: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::POST, uri, Some(body)).await
+    }
+
+    async fn get(&self, uri: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, uri, None).await
+    }
+
+    /// Poll a job until it is finished (or panic after `secs`).
+    async fn wait_done(&self, id: &str, secs: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (status, job) = self.get(&format!("/v1/generations/{id}")).await;
+            assert_eq!(status, StatusCode::OK, "{job}");
+            if ["succeeded", "failed", "canceled"].contains(&job["status"].as_str().unwrap()) {
+                return job;
+            }
+            assert!(Instant::now() < deadline, "job {id} not done: {job}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_status(&self, id: &str, want: &str, secs: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (_, job) = self.get(&format!("/v1/generations/{id}")).await;
+            if job["status"] == want {
+                return job;
+            }
+            assert!(Instant::now() < deadline, "job {id} never {want}: {job}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Bytes of a file URL (through the router, path only).
+    async fn file(&self, url: &str) -> (StatusCode, HeaderMap, Vec<u8>) {
+        let path = &url[url.find("/v1/files/").unwrap()..];
+        self.send(Request::get(path).body(Body::empty()).unwrap())
+            .await
+    }
+
+    async fn count(&self, table: &str) -> i64 {
+        sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+            .fetch_one(self.state.store().pool())
+            .await
+            .unwrap()
+    }
+
+    /// Files in the assets folder.
+    fn asset_files(&self) -> Vec<PathBuf> {
+        self.state
+            .assets()
+            .files()
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect()
+    }
+}
+
+fn png_bytes(width: u32, height: u32, rgba: bool) -> Vec<u8> {
+    let channels = if rgba { 4 } else { 3 };
+    let pixels: Vec<u8> = (0..width * height * channels)
+        .map(|i| {
+            if rgba && i % 4 == 3 {
+                if i < width * height * 2 {
+                    0
+                } else {
+                    255
+                }
+            } else {
+                (i % 251) as u8
+            }
+        })
+        .collect();
+    let mut out = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut out, width, height);
+        encoder.set_color(if rgba {
+            png::ColorType::Rgba
+        } else {
+            png::ColorType::Rgb
+        });
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header().unwrap();
+        writer.write_image_data(&pixels).unwrap();
+    }
+    out
+}
+
+fn rgb8(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
+    let img = easel_core::decode_image(bytes).unwrap();
+    let (w, h) = (img.width, img.height);
+    (w, h, img.into_rgb8())
+}
+
+/// A multipart/form-data body: `(name, filename, bytes)`.
+fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "----easeltestboundary7MA4YWxkTrZu0gW";
+    let mut body = Vec::new();
+    for (name, filename, bytes) in parts {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        match filename {
+            Some(f) => body.extend_from_slice(
+                format!(
+                    "Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+                )
+                .as_bytes(),
+            ),
+            None => body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+            ),
+        }
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+async fn post_multipart(
+    server: &TestServer,
+    uri: &str,
+    parts: &[(&str, Option<&str>, &[u8])],
+) -> (StatusCode, Value) {
+    let (content_type, body) = multipart(parts);
+    let request = Request::post(uri)
+        .header(header::AUTHORIZATION, format!("Bearer {}", server.key))
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Body::from(body))
+        .unwrap();
+    let (status, _, bytes) = server.send(request).await;
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+// ---- native API on the tiny model ------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_lifecycle_records_assets_seeds_and_resolved_parameters() {
+    let server = TestServer::new(|_| {}).await;
+    let (status, job) = server
+        .post(
+            "/v1/generations",
+            json!({
+                "baseModel": tiny_sd15(),
+                "steps": 2, "width": 64, "height": 64, "outputFormat": "png",
+                "images": [{"prompt": "a red fox", "seed": 7, "batchSize": 2}]
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    assert!(job["links"]["events"]
+        .as_str()
+        .unwrap()
+        .ends_with("/events"));
+    assert_eq!(job["cost"]["amount_usd"], 0.02);
+    let job = server.wait_done(&id, 120).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let image = &job["images"][0];
+    assert_eq!(image["seeds"], json!([7, 8]));
+    let p = &image["parameters"];
+    assert_eq!(p["steps"], 2);
+    assert_eq!(p["guidanceScale"], 7.5);
+    assert_eq!(p["scheduler"], "PNDMScheduler");
+    assert_eq!(p["pipeline"], "StableDiffusionPipeline");
+    assert_eq!(
+        (p["width"].as_u64(), p["height"].as_u64()),
+        (Some(64), Some(64))
+    );
+    assert_eq!(p["computePrecision"], "fp32");
+    let assets = job["assets"].as_array().unwrap();
+    assert_eq!(assets.len(), 2);
+    for (i, a) in assets.iter().enumerate() {
+        assert_eq!(a["seed"], 7 + i as u64);
+        assert_eq!(a["file_type"], "image/png");
+        assert_eq!(a["generation_id"], id.as_str());
+        let (status, headers, bytes) = server.file(a["file_url"].as_str().unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::CONTENT_TYPE], "image/png");
+        assert_eq!(bytes.len() as u64, a["file_size"].as_u64().unwrap());
+        assert_eq!(
+            blake3::hash(&bytes).to_hex().as_str(),
+            a["content_hash"].as_str().unwrap()
+        );
+        let meta = easel_core::read_png_metadata(&bytes).unwrap();
+        assert_eq!(meta.seed, 7 + i as u64);
+        assert_eq!(meta.prompt, "a red fox");
+        // The asset record and its authenticated file route.
+        let (status, record) = server
+            .get(&format!("/v1/assets/{}", a["id"].as_str().unwrap()))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(record, *a);
+        let (status, headers, same) = server
+            .send(
+                Request::get(format!("/v1/assets/{}/file", a["id"].as_str().unwrap()))
+                    .header(header::AUTHORIZATION, format!("Bearer {}", server.key))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(
+            (status, &headers[header::CONTENT_TYPE]),
+            (StatusCode::OK, &"image/png".parse().unwrap())
+        );
+        assert_eq!(same, bytes);
+    }
+    let (status, list) = server.get(&format!("/v1/assets?generation={id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["data"].as_array().unwrap().len(), 2);
+    let (_, usage) = server.get("/v1/usage").await;
+    assert_eq!(usage["inferences_billed"], 1);
+    assert_eq!(usage["images_generated"], 2);
+    assert_eq!(usage["used_usd"], 0.02);
+    // The model is loaded now.
+    let (_, models) = server.get("/v1/models").await;
+    let tiny = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "tiny-sd15")
+        .unwrap_or_else(|| panic!("{models}"));
+    assert_eq!(tiny["loaded"], true, "{models}");
+    assert_eq!(tiny["pipeline_class"], "StableDiffusionPipeline");
+}
+
+/// Each definition of a request gives the pixels it gives alone (one engine
+/// call per definition by default); with `batch_definitions` on, definitions
+/// with equal settings share one tensor batch and may differ by a unit in a
+/// few values (CPU matmul rounding), never more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn definitions_equal_their_separate_runs() {
+    for batch_definitions in [false, true] {
+        let server = TestServer::new(|c| c.batch_definitions = batch_definitions).await;
+        let common = json!({"baseModel": tiny_sd15(), "steps": 2, "width": 64, "height": 64,
+                            "outputFormat": "png", "negativePrompt": "blurry"});
+        let mut together = common.clone();
+        together["images"] =
+            json!([{"prompt": "a red fox", "seed": 3}, {"prompt": "a blue bird", "seed": 11}]);
+        let (_, job) = server.post("/v1/generations", together).await;
+        let job = server.wait_done(job["id"].as_str().unwrap(), 120).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        let mut batched = Vec::new();
+        for a in job["assets"].as_array().unwrap() {
+            batched.push(rgb8(&server.file(a["file_url"].as_str().unwrap()).await.2));
+        }
+        for (i, (prompt, seed)) in [("a red fox", 3), ("a blue bird", 11)].iter().enumerate() {
+            let mut alone = common.clone();
+            alone["images"] = json!([{"prompt": prompt, "seed": seed}]);
+            let (_, job) = server.post("/v1/generations", alone).await;
+            let job = server.wait_done(job["id"].as_str().unwrap(), 120).await;
+            let bytes = server
+                .file(job["assets"][0]["file_url"].as_str().unwrap())
+                .await
+                .2;
+            let alone = rgb8(&bytes);
+            assert_eq!((alone.0, alone.1), (batched[i].0, batched[i].1));
+            if batch_definitions {
+                let max = alone
+                    .2
+                    .iter()
+                    .zip(&batched[i].2)
+                    .map(|(a, b)| a.abs_diff(*b))
+                    .max();
+                assert!(max <= Some(1), "image {i}: max difference {max:?}");
+            } else {
+                assert_eq!(
+                    alone, batched[i],
+                    "image {i} differs between the request and alone"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_get_documented_4xx_and_leave_nothing_behind() {
+    let server = TestServer::new(|c| c.max_body_bytes = 64 * 1024).await;
+    let model = tiny_sd15();
+    let ok = |images: Value| json!({"baseModel": model, "steps": 2, "images": images});
+    let outside = server.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let cases: Vec<(Value, StatusCode, &str, &str)> = vec![
+        (
+            ok(json!([{"prompt": "a", "width": "wide"}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_type",
+            "images[0].width",
+        ),
+        (
+            ok(json!([{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c", "width": 1001}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+            "images[2].width",
+        ),
+        (
+            ok(json!([{"prompt": "a", "steps": 0}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+            "images[0].steps",
+        ),
+        (
+            ok(json!([{"prompt": "a", "guidanceScale": 31}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+            "images[0].guidanceScale",
+        ),
+        (
+            ok(json!([{"prompt": "a", "batchSize": 5}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+            "images[0].batchSize",
+        ),
+        (
+            ok(json!([{"prompt": "a", "seed": -1}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+            "images[0].seed",
+        ),
+        (
+            ok(json!([{"prompt": "a", "negative_prompt": "x"}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_field",
+            "images[0].negative_prompt",
+        ),
+        (
+            ok(json!([{"steps": 3}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "missing_field",
+            "images[0].prompt",
+        ),
+        (
+            json!({"images": [{"prompt": "a"}]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "missing_field",
+            "images[0].baseModel",
+        ),
+        (
+            json!({"baseModel": model}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "missing_field",
+            "images",
+        ),
+        (
+            ok(json!([{"prompt": "a", "baseModel": "no-such-model"}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_model",
+            "images[0].baseModel",
+        ),
+        (
+            ok(json!([{"prompt": "a", "baseModel": "someorg/not-cached"}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_model",
+            "images[0].baseModel",
+        ),
+        (
+            ok(json!([{"prompt": "a", "baseModel": outside.display().to_string()}])),
+            StatusCode::FORBIDDEN,
+            "path_not_allowed",
+            "images[0].baseModel",
+        ),
+        (
+            ok(json!([{"prompt": "a", "baseModel": "/etc"}])),
+            StatusCode::FORBIDDEN,
+            "path_not_allowed",
+            "images[0].baseModel",
+        ),
+        (
+            ok(json!([{"prompt": "a", "trainingId": "4716c93e-03bc-49cf-921d-203971fe5866"}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_training",
+            "images[0].trainingId",
+        ),
+        (
+            ok(json!([{"prompt": "a", "loras": [{"path": "/etc/passwd"}]}])),
+            StatusCode::FORBIDDEN,
+            "path_not_allowed",
+            "images[0].loras[0].path",
+        ),
+        (
+            ok(json!([{"prompt": "a", "image": "not base64 at all!"}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_image",
+            "images[0].image",
+        ),
+        (
+            ok(json!([{"prompt": "a", "image": "aGVsbG8gd29ybGQ="}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_image",
+            "images[0].image",
+        ),
+        (
+            ok(json!([{"prompt": "a", "image": "data:image/png;base64,@@@"}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_image",
+            "images[0].image",
+        ),
+        (
+            ok(json!([{"prompt": "a", "scheduler": "nope"}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+            "images[0].scheduler",
+        ),
+        (
+            ok(json!([{"prompt": "a", "tiling": true}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unsupported_feature",
+            "images[0].tiling",
+        ),
+        (
+            json!({"baseModel": model, "images": [{"prompt": "a"}], "webhook": "ftp://x"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+            "webhook",
+        ),
+        (
+            json!({"baseModel": model, "images": [{"prompt": "a"}], "inferencePackId": "7e0b0c59-3f55-4d4b-8a4c-3c0a2d1e0f00"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_inference_pack",
+            "inferencePackId",
+        ),
+        (
+            ok(Value::Array(
+                (0..65).map(|i| json!({"prompt": i.to_string()})).collect(),
+            )),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "too_many_images",
+            "images",
+        ),
+    ];
+    for (body, status, code, field) in cases {
+        let (got, err) = server.post("/v1/generations", body.clone()).await;
+        assert_eq!(got, status, "{body} -> {err}");
+        assert_eq!(err["error"]["code"], code, "{body} -> {err}");
+        assert_eq!(err["error"]["field"], field, "{body} -> {err}");
+        assert!(!err["error"]["message"].as_str().unwrap().is_empty());
+    }
+    // Ranges are in the message.
+    let (_, err) = server
+        .post(
+            "/v1/generations",
+            ok(json!([{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c", "width": 1001}])),
+        )
+        .await;
+    assert_eq!(
+        err["error"]["message"],
+        "1001 is not a multiple of 8 (allowed: multiples of 8 from 8 to 2048)"
+    );
+    // Malformed JSON, oversized body, a valid image that is not a PNG/JPEG/WebP.
+    let request = |body: Vec<u8>| {
+        Request::post("/v1/generations")
+            .header(header::AUTHORIZATION, format!("Bearer {}", server.key))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let (status, _, body) = server.send(request(b"{\"images\": [".to_vec())).await;
+    let err: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_json"))
+    );
+    let big = json!({"baseModel": model, "images": [{"prompt": "x".repeat(100_000)}]}).to_string();
+    let (status, _, body) = server.send(request(big.into_bytes())).await;
+    let err: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large")),
+        "{err}"
+    );
+    // Nothing was stored, nothing was charged.
+    for table in ["generations", "generation_items", "assets", "ledger"] {
+        assert_eq!(server.count(table).await, 0, "{table}");
+    }
+    assert!(
+        server.asset_files().is_empty(),
+        "{:?}",
+        server.asset_files()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_is_required_and_each_key_sees_only_its_own() {
+    let server = TestServer::fake().await;
+    let (status, _, err) = server.call_as(None, Method::GET, "/v1/usage", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(err["error"]["code"], "unauthorized");
+    let (status, headers, _) = server
+        .call_as(Some("esk_wrong"), Method::GET, "/v1/usage", None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(headers.contains_key(header::WWW_AUTHENTICATE));
+    let (status, _, _) = server.call_as(None, Method::GET, "/healthz", None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let (_, job) = server
+        .post(
+            "/v1/generations",
+            json!({"baseModel": "fake/model", "images": [{"prompt": "a"}]}),
+        )
+        .await;
+    let id = job["id"].as_str().unwrap();
+    let other = TestServer::add_key(&server.state, None).await;
+    let (status, _, _) = server
+        .call_as(
+            Some(&other),
+            Method::GET,
+            &format!("/v1/generations/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = server
+        .call_as(
+            Some(&other),
+            Method::GET,
+            &format!("/v1/assets?generation={id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Revoked keys stop working.
+    let row = server.state.store().keys().await.unwrap().pop().unwrap();
+    assert!(server.state.store().revoke_key(&row.id).await.unwrap());
+    let (status, _, _) = server
+        .call_as(Some(&other), Method::GET, "/v1/usage", None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_key_returns_the_first_job() {
+    let server = TestServer::fake().await;
+    let body = json!({"baseModel": "fake/model", "images": [{"prompt": "a"}]});
+    let post = |body: Value, key: &'static str| {
+        Request::post("/v1/generations")
+            .header(header::AUTHORIZATION, format!("Bearer {}", server.key))
+            .header("Idempotency-Key", key)
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let (s1, _, b1) = server.send(post(body.clone(), "k1")).await;
+    let (s2, h2, b2) = server.send(post(body.clone(), "k1")).await;
+    assert_eq!((s1, s2), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
+    let (j1, j2): (Value, Value) = (
+        serde_json::from_slice(&b1).unwrap(),
+        serde_json::from_slice(&b2).unwrap(),
+    );
+    assert_eq!(j1["id"], j2["id"]);
+    assert_eq!(h2["idempotent-replayed"], "true");
+    let mut other = body.clone();
+    other["images"][0]["prompt"] = json!("b");
+    let (s3, _, b3) = server.send(post(other, "k1")).await;
+    let e: Value = serde_json::from_slice(&b3).unwrap();
+    assert_eq!(
+        (s3, e["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("idempotency_key_reused"))
+    );
+    assert_eq!(server.count("generations").await, 1);
+    assert_eq!(server.count("ledger").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_is_429_with_retry_after() {
+    let server = TestServer::new(|c| {
+        c.engine = EngineKind::Fake;
+        c.fake_step_ms = 100;
+        c.max_queue = 1;
+    })
+    .await;
+    let body = json!({"baseModel": "fake/model", "steps": 20, "images": [{"prompt": "a"}]});
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let (_, headers, v) = server
+            .call_as(
+                Some(&server.key.clone()),
+                Method::POST,
+                "/v1/generations",
+                Some(body.clone()),
+            )
+            .await;
+        if v["error"]["code"] == "queue_full" {
+            assert!(headers.contains_key(header::RETRY_AFTER));
+            statuses.push(429);
+        } else {
+            statuses.push(202);
+        }
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(
+        statuses.iter().filter(|s| **s == 202).count() <= 2,
+        "{statuses:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credit_limit_is_402_before_any_work_and_refunds_count() {
+    let server = TestServer::new(|c| {
+        c.engine = EngineKind::Fake;
+        c.fake_step_ms = 200;
+    })
+    .await;
+    let limited = TestServer::add_key(&server.state, Some(50_000)).await; // 0.05 USD
+    let post = |n: usize| {
+        let images: Vec<Value> = (0..n).map(|i| json!({"prompt": i.to_string()})).collect();
+        json!({"baseModel": "fake/model", "steps": 50, "images": images})
+    };
+    let (s, _, first) = server
+        .call_as(
+            Some(&limited),
+            Method::POST,
+            "/v1/generations",
+            Some(post(2)),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let (s, _, err) = server
+        .call_as(
+            Some(&limited),
+            Method::POST,
+            "/v1/generations",
+            Some(post(2)),
+        )
+        .await;
+    assert_eq!(s, StatusCode::PAYMENT_REQUIRED, "{err}");
+    assert_eq!(err["error"]["code"], "insufficient_credit");
+    // Cancel the first: its definitions are refunded, credit is back.
+    let id = first["id"].as_str().unwrap();
+    let (s, _, canceled) = server
+        .call_as(
+            Some(&limited),
+            Method::POST,
+            &format!("/v1/generations/{id}/cancel"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{canceled}");
+    assert_eq!(canceled["status"], "canceled");
+    assert_eq!(canceled["error"]["code"], "canceled");
+    assert_eq!(canceled["cost"]["total_usd"], 0.0);
+    let (_, _, usage) = server
+        .call_as(Some(&limited), Method::GET, "/v1/usage", None)
+        .await;
+    assert_eq!(usage["used_usd"], 0.0, "{usage}");
+    assert_eq!(usage["credit_limit_usd"], 0.05);
+    assert_eq!(usage["credit_remaining_usd"], 0.05);
+    let (s, _, _) = server
+        .call_as(
+            Some(&limited),
+            Method::POST,
+            "/v1/generations",
+            Some(post(2)),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    assert_eq!(server.count("generations").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_running_job_at_the_next_step_and_a_queued_one_at_once() {
+    let server = TestServer::new(|c| {
+        c.engine = EngineKind::Fake;
+        c.fake_step_ms = 50;
+    })
+    .await;
+    let body = json!({"baseModel": "fake/model", "steps": 60, "images": [{"prompt": "a"}]});
+    let (_, running) = server.post("/v1/generations", body.clone()).await;
+    let (_, queued) = server.post("/v1/generations", body).await;
+    let (rid, qid) = (
+        running["id"].as_str().unwrap(),
+        queued["id"].as_str().unwrap(),
+    );
+    let job = server.wait_status(rid, "running", 10).await;
+    assert_eq!(job["attempts"], 1);
+    let (s, q) = server
+        .post(&format!("/v1/generations/{qid}/cancel"), json!({}))
+        .await;
+    assert_eq!(
+        (s, q["status"].as_str()),
+        (StatusCode::OK, Some("canceled"))
+    );
+    let started = Instant::now();
+    let (s, r) = server
+        .post(&format!("/v1/generations/{rid}/cancel"), json!({}))
+        .await;
+    assert_eq!(
+        (s, r["status"].as_str()),
+        (StatusCode::OK, Some("canceled")),
+        "{r}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "cancel took {:?}",
+        started.elapsed()
+    );
+    assert!(r["assets"].as_array().unwrap().is_empty());
+    let (s, e) = server
+        .post(&format!("/v1/generations/{rid}/cancel"), json!({}))
+        .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("not_cancelable"))
+    );
+}
+
+// ---- trainings, packs ----------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trainings_upload_list_get_delete_and_are_usable_as_training_id() {
+    let server = TestServer::fake().await;
+    let lora = std::fs::read(fixtures().join("loras/tiny-sd15-lora.safetensors")).unwrap();
+    let (s, t) = post_multipart(
+        &server,
+        "/v1/trainings",
+        &[
+            ("file", Some("tiny.safetensors"), &lora),
+            ("baseModel", None, b"fake/model"),
+            ("name", None, b"my style"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    let id = t["id"].as_str().unwrap().to_string();
+    assert_eq!(t["name"], "my style");
+    assert_eq!(t["file_size"], lora.len());
+    let (_, list) = server.get("/v1/trainings").await;
+    assert_eq!(list["data"][0]["id"], id.as_str());
+    let (s, got) = server.get(&format!("/v1/trainings/{id}")).await;
+    assert_eq!((s, &got), (StatusCode::OK, &t));
+
+    let (s, job) = server
+        .post("/v1/generations", json!({"baseModel": "fake/model", "trainingId": id, "scale": 0.7,
+                                         "images": [{"prompt": "a"}, {"prompt": "b", "scale": 1.5}]}))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{job}");
+    let job = server.wait_done(job["id"].as_str().unwrap(), 30).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(
+        job["images"][0]["parameters"]["loras"],
+        json!([{"source": format!("training:{id}"), "scale": 0.7}])
+    );
+    assert_eq!(job["images"][1]["parameters"]["loras"][0]["scale"], 1.5);
+
+    // Not a LoRA, not safetensors, no base model: 422 naming the field.
+    let (s, e) = post_multipart(
+        &server,
+        "/v1/trainings",
+        &[
+            ("file", Some("x"), b"garbage"),
+            ("baseModel", None, b"fake/model"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (s, e["error"]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("file"))
+    );
+    let (s, e) = post_multipart(&server, "/v1/trainings", &[("file", Some("x"), &lora)]).await;
+    assert_eq!(
+        (s, e["error"]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("baseModel"))
+    );
+
+    let (s, _) = server
+        .call(Method::DELETE, &format!("/v1/trainings/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = server.get(&format!("/v1/trainings/{id}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, e) = server
+        .post(
+            "/v1/generations",
+            json!({"baseModel": "fake/model", "trainingId": id, "images": [{"prompt": "a"}]}),
+        )
+        .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("unknown_training"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_requests_are_refused_up_front_until_the_engine_applies_them() {
+    let server = TestServer::new(|_| {}).await;
+    let lora = fixtures()
+        .join("loras/tiny-sd15-lora.safetensors")
+        .display()
+        .to_string();
+    let (s, e) = server
+        .post("/v1/generations", json!({"baseModel": tiny_sd15(), "images": [{"prompt": "a", "loras": [{"path": lora}]}]}))
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    assert_eq!(e["error"]["code"], "unsupported_feature");
+    assert_eq!(e["error"]["field"], "images[0].loras");
+    assert_eq!(server.count("generations").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inference_pack_definitions_run_before_the_request_images() {
+    let server = TestServer::fake().await;
+    let (s, pack) = server
+        .post("/v1/inference-packs", json!({"name": "baseline", "steps": 3,
+                                             "images": [{"prompt": "pack one"}, {"prompt": "pack two", "seed": 5}]}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{pack}");
+    assert_eq!(pack["image_count"], 2);
+    let pid = pack["id"].as_str().unwrap();
+    let (s, e) = server
+        .post(
+            "/v1/inference-packs",
+            json!({"name": "bad", "images": [{"prompt": "x", "steps": 99}]}),
+        )
+        .await;
+    assert_eq!(
+        (s, e["error"]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("images[0].steps"))
+    );
+    let (_, list) = server.get("/v1/inference-packs").await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+
+    let (s, job) = server
+        .post(
+            "/v1/generations",
+            json!({"baseModel": "fake/model", "inferencePackId": pid,
+                                         "images": [{"prompt": "mine"}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{job}");
+    let job = server.wait_done(job["id"].as_str().unwrap(), 30).await;
+    let images = job["images"].as_array().unwrap();
+    let fields: Vec<&str> = images
+        .iter()
+        .map(|i| i["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "inferencePack.images[0]",
+            "inferencePack.images[1]",
+            "images[0]"
+        ]
+    );
+    assert_eq!(images[0]["parameters"]["prompt"], "pack one");
+    assert_eq!(images[0]["parameters"]["steps"], 3);
+    assert_eq!(images[1]["seeds"], json!([5]));
+    assert_eq!(
+        images[2]["parameters"]["steps"], 4,
+        "the pack's defaults stay in the pack"
+    );
+    assert_eq!(job["cost"]["inferences"], 3);
+    let (s, _) = server
+        .call(Method::DELETE, &format!("/v1/inference-packs/{pid}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = server.get(&format!("/v1/inference-packs/{pid}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_inputs_are_stored_as_input_assets() {
+    let server = TestServer::fake().await;
+    let png = png_bytes(64, 64, false);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
+    let (s, job) = server
+        .post(
+            "/v1/generations",
+            json!({"baseModel": "fake/model", "width": 64, "height": 64, "images": [
+                {"prompt": "a", "image": format!("data:image/png;base64,{b64}"), "strength": 0.5},
+                {"prompt": "b", "image": b64, "mask": b64},
+            ]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{job}");
+    let job = server.wait_done(job["id"].as_str().unwrap(), 30).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let input = job["images"][0]["requested"]["image"].as_str().unwrap();
+    assert_eq!(
+        job["images"][1]["requested"]["image"], input,
+        "the same bytes are one input"
+    );
+    let (s, asset) = server.get(&format!("/v1/assets/{input}")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(asset["kind"], "input");
+    assert_eq!(job["images"][0]["parameters"]["strength"], 0.5);
+    // An asset id works as an input too.
+    let out = job["assets"][0]["id"].as_str().unwrap();
+    let (s, j2) = server
+        .post(
+            "/v1/generations",
+            json!({"baseModel": "fake/model", "images": [{"prompt": "c", "image": out}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{j2}");
+}
+
+// ---- OpenAI compatibility ---------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_generations_accept_the_official_client_json() {
+    let server = TestServer::new(|c| {
+        c.engine = EngineKind::Fake;
+        c.fake_step_ms = 1;
+        c.default_model = Some("fake/model".into());
+    })
+    .await;
+    // client.images.generate(model="gpt-image-1", prompt=..., n=2, size="64x64")
+    let (s, r) = server
+        .post("/v1/images/generations", json!({"model": "gpt-image-1", "prompt": "a lighthouse", "n": 2, "size": "64x64",
+                                                "quality": "low", "moderation": "low", "background": "opaque",
+                                                "output_format": "webp", "output_compression": 70}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["data"].as_array().unwrap().len(), 2);
+    assert!(r["created"].as_i64().unwrap() > 1_600_000_000);
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(r["data"][0]["b64_json"].as_str().unwrap())
+        .unwrap();
+    let image = easel_core::decode_image(&bytes).unwrap();
+    assert_eq!(
+        (image.width, image.height, image.format),
+        (64, 64, easel_core::OutputFormat::Webp)
+    );
+    // dall-e style: url by default.
+    let (s, r) = server
+        .post("/v1/images/generations", json!({"prompt": "a lighthouse", "model": "dall-e-2", "size": "64x64", "response_format": "url"}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    let url = r["data"][0]["url"].as_str().unwrap();
+    let (s, h, _) = server.file(url).await;
+    assert_eq!(
+        (s, &h[header::CONTENT_TYPE]),
+        (StatusCode::OK, &"image/png".parse().unwrap())
+    );
+    // Errors in OpenAI's shape.
+    let (s, e) = server
+        .post(
+            "/v1/images/generations",
+            json!({"prompt": "x", "background": "transparent"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(e["error"]["param"], "background");
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+    let (s, e) = server
+        .post("/v1/images/generations", json!({"prompt": "x", "n": 11}))
+        .await;
+    assert_eq!(
+        (s, e["error"]["param"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("n"))
+    );
+    let (s, e) = server
+        .post(
+            "/v1/images/generations",
+            json!({"prompt": "x", "size": "1001x64"}),
+        )
+        .await;
+    assert_eq!(
+        (s, e["error"]["param"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("size")),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_edits_accept_the_official_client_multipart() {
+    let server = TestServer::new(|c| {
+        c.engine = EngineKind::Fake;
+        c.fake_step_ms = 1;
+        c.default_model = Some("fake/model".into());
+    })
+    .await;
+    let image = png_bytes(64, 64, false);
+    let mask = png_bytes(64, 64, true);
+    // client.images.edit(image=open(...), mask=open(...), prompt=..., n=1, size=...)
+    let (s, r) = post_multipart(
+        &server,
+        "/v1/images/edits",
+        &[
+            ("image", Some("image.png"), &image),
+            ("mask", Some("mask.png"), &mask),
+            ("prompt", None, b"add a hat"),
+            ("model", None, b"gpt-image-1"),
+            ("n", None, b"1"),
+            ("size", None, b"64x64"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert!(r["data"][0]["b64_json"].as_str().unwrap().len() > 100);
+    // Newer clients send `image[]`.
+    let (s, r) = post_multipart(
+        &server,
+        "/v1/images/edits",
+        &[
+            ("image[]", Some("image.png"), &image),
+            ("prompt", None, b"x"),
+            ("response_format", None, b"url"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert!(r["data"][0]["url"].as_str().unwrap().contains("/v1/files/"));
+    // The OpenAI mask (transparent = edit) was stored as easel's (white = repaint).
+    let (_, list) = server.get("/v1/generations?limit=10").await;
+    let first = list["data"].as_array().unwrap().last().unwrap();
+    let mask_id = first["images"][0]["requested"]["mask"].as_str().unwrap();
+    let (_, mask_asset) = server.get(&format!("/v1/assets/{mask_id}")).await;
+    let (_, _, bytes) = server.file(mask_asset["file_url"].as_str().unwrap()).await;
+    let (_, _, rgb) = rgb8(&bytes);
+    assert_eq!(rgb[0], 255, "transparent pixels repaint");
+    assert_eq!(*rgb.last().unwrap(), 0, "opaque pixels are kept");
+    let (s, e) = post_multipart(&server, "/v1/images/edits", &[("prompt", None, b"x")]).await;
+    assert_eq!(
+        (s, e["error"]["param"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("image"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_edits_on_a_text_to_image_model_fail_cleanly() {
+    let server = TestServer::new(|c| c.default_model = Some(tiny_sd15())).await;
+    let image = png_bytes(64, 64, false);
+    let (s, r) = post_multipart(
+        &server,
+        "/v1/images/edits",
+        &[
+            ("image", Some("image.png"), &image),
+            ("prompt", None, b"x"),
+            ("size", None, b"64x64"),
+        ],
+    )
+    .await;
+    // Until image-to-image lands in the engine this is a clean 400; after, images.
+    if s == StatusCode::OK {
+        assert!(r["data"][0]["url"].is_string(), "{r}");
+    } else {
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{r}");
+        assert_eq!(r["error"]["code"], "unsupported", "{r}");
+    }
+}
+
+// ---- operations ------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_metrics_openapi_and_docs() {
+    let server = TestServer::fake().await;
+    let (_, job) = server
+        .post(
+            "/v1/generations",
+            json!({"baseModel": "fake/model", "images": [{"prompt": "a"}]}),
+        )
+        .await;
+    server.wait_done(job["id"].as_str().unwrap(), 30).await;
+    let (s, _, v) = server.call_as(None, Method::GET, "/readyz", None).await;
+    assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("ready")));
+    let (s, h, body) = server
+        .send(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(h[header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = String::from_utf8(body).unwrap();
+    for line in [
+        "easel_queue_depth 0",
+        "easel_jobs_finished_total{status=\"succeeded\"} 1",
+        "easel_images_generated_total 1",
+        "easel_job_duration_seconds_count 1",
+    ] {
+        assert!(text.contains(line), "{line} not in\n{text}");
+    }
+    let (s, _, doc) = server
+        .call_as(None, Method::GET, "/openapi.json", None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(doc["paths"]["/v1/generations"]["post"].is_object());
+    let (s, h, _) = server
+        .send(Request::get("/docs").body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(h[header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let (s, _, e) = server.call_as(None, Method::GET, "/nope", None).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+}
+
+// ---- over a real socket ----------------------------------------------------
+
+/// Serve `server`'s router on a loopback port; returns the base URL.
+async fn listen(server: &TestServer) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    server.state.set_local_addr(addr);
+    let router = server.router.clone();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefer_wait_returns_the_finished_job_over_a_socket() {
+    let server = TestServer::new(|_| {}).await;
+    let base = listen(&server).await;
+    let key = server.key.clone();
+    let model = tiny_sd15();
+    let (status, applied, job) = tokio::task::spawn_blocking(move || {
+        let r = ureq::post(&format!("{base}/v1/generations"))
+            .set("Authorization", &format!("Bearer {key}"))
+            .set("Prefer", "wait=60")
+            .send_json(
+                json!({"baseModel": model, "steps": 2, "width": 64, "height": 64,
+                              "images": [{"prompt": "a", "seed": 1}]}),
+            )
+            .unwrap();
+        (
+            r.status(),
+            r.header("preference-applied").map(str::to_string),
+            r.into_json::<Value>().unwrap(),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(applied.as_deref(), Some("wait=60"));
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(job["assets"][0]["file_type"], "image/webp");
+    assert!(job["assets"][0]["file_url"]
+        .as_str()
+        .unwrap()
+        .starts_with("http://127.0.0.1:"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_streams_progress_and_the_final_status_over_a_socket() {
+    let server = TestServer::new(|c| {
+        c.engine = EngineKind::Fake;
+        c.fake_step_ms = 30;
+    })
+    .await;
+    let base = listen(&server).await;
+    let (_, job) = server
+        .post(
+            "/v1/generations",
+            json!({"baseModel": "fake/model", "steps": 8, "images": [{"prompt": "a"}]}),
+        )
+        .await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let key = server.key.clone();
+    let events = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let r = ureq::get(&format!("{base}/v1/generations/{id}/events"))
+            .set("Authorization", &format!("Bearer {key}"))
+            .call()
+            .unwrap();
+        assert_eq!(r.header("content-type"), Some("text/event-stream"));
+        let mut events: Vec<(String, Value)> = Vec::new();
+        let mut name = String::new();
+        for line in std::io::BufReader::new(r.into_reader()).lines() {
+            let line = line.unwrap();
+            if let Some(n) = line.strip_prefix("event: ") {
+                name = n.to_string();
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                events.push((name.clone(), serde_json::from_str(d).unwrap()));
+            }
+        }
+        events
+    })
+    .await
+    .unwrap();
+    assert_eq!(events.first().unwrap().0, "status");
+    let progress: Vec<&Value> = events
+        .iter()
+        .filter(|(n, _)| n == "progress")
+        .map(|(_, v)| v)
+        .collect();
+    assert!(
+        progress.iter().any(|p| p["step"] == 8 && p["steps"] == 8),
+        "{events:?}"
+    );
+    assert!(progress.iter().all(|p| p["images_total"] == 1));
+    let (last, data) = events.last().unwrap();
+    assert_eq!(last, "status");
+    assert_eq!(
+        data["status"], "succeeded",
+        "the stream ends with the finished job"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_are_signed_retried_and_never_block_the_worker() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    // A receiver that answers 500 to the first delivery and 200 after.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(HeaderMap, String)>::new()));
+    let r2 = received.clone();
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().enumerate() {
+            let mut stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut headers = HeaderMap::new();
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            loop {
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+                let l = line.trim_end();
+                if l.is_empty() {
+                    break;
+                }
+                let (k, v) = l.split_once(": ").unwrap();
+                headers.insert(
+                    axum::http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            let len: usize = headers["content-length"].to_str().unwrap().parse().unwrap();
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body).unwrap();
+            let status = if n == 0 {
+                "500 Internal Server Error"
+            } else {
+                "200 OK"
+            };
+            let _ = stream.write_all(
+                format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            );
+            r2.lock()
+                .unwrap()
+                .push((headers, String::from_utf8(body).unwrap()));
+        }
+    });
+    let server = TestServer::fake().await;
+    let (_, job) = server
+        .post(
+            "/v1/generations",
+            json!({"baseModel": "fake/model", "images": [{"prompt": "a"}],
+                                         "webhook": hook, "webhookEvents": ["start", "completed"]}),
+        )
+        .await;
+    let id = job["id"].as_str().unwrap();
+    let done = server.wait_done(id, 30).await;
+    assert_eq!(done["status"], "succeeded");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = received.lock().unwrap().clone();
+        let completed: Vec<_> = got
+            .iter()
+            .filter(|(h, _)| h["easel-event"] == "generation.completed")
+            .collect();
+        if got.len() >= 3 && !completed.is_empty() {
+            for (headers, body) in &got {
+                let sig = headers["easel-signature"].to_str().unwrap();
+                assert!(
+                    easel_server::webhooks::verify(b"test-secret", sig, body),
+                    "bad signature"
+                );
+                let v: Value = serde_json::from_str(body).unwrap();
+                assert_eq!(v["data"]["id"], id);
+            }
+            let last: Value = serde_json::from_str(&completed.last().unwrap().1).unwrap();
+            assert_eq!(last["data"]["status"], "succeeded");
+            // The 500 was retried with the same delivery id.
+            let ids: Vec<&str> = got
+                .iter()
+                .map(|(h, _)| h["easel-delivery"].to_str().unwrap())
+                .collect();
+            assert!(
+                ids.len() > ids.iter().collect::<std::collections::HashSet<_>>().len(),
+                "{ids:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "webhooks not received: {got:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Recovery at startup: a job a dead process left `running` is queued again
+/// (and finishes, its images kept), unless it was already started
+/// `max_attempts` times: then it fails with `interrupted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_requeues_running_jobs_and_fails_them_after_max_attempts() {
+    let server = TestServer::fake().await;
+    let mut ids = Vec::new();
+    for prompt in ["a", "b"] {
+        let (s, job) = server
+            .post(
+                "/v1/generations",
+                json!({"baseModel": "fake/model", "width": 64, "height": 64,
+                                           "images": [{"prompt": prompt, "seed": 1}]}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{job}");
+        let id = job["id"].as_str().unwrap().to_string();
+        assert_eq!(server.wait_done(&id, 30).await["status"], "succeeded");
+        ids.push(id);
+    }
+    server.state.shutdown().await;
+    // As a process killed mid-job leaves them: running, started 1 and 3 times.
+    for (id, attempts) in ids.iter().zip([1, 3]) {
+        sqlx::query("UPDATE generations SET status = 'running', finished_at = NULL, attempts = ? WHERE id = ?")
+            .bind(attempts)
+            .bind(id)
+            .execute(server.state.store().pool())
+            .await
+            .unwrap();
+    }
+    let mut config = base_config(server.dir.path());
+    config.engine = EngineKind::Fake;
+    config.fake_step_ms = 1;
+    config.max_attempts = 3;
+    let state = AppState::open(config).await.unwrap();
+    // The same data dir, so the same key.
+    let again = TestServer {
+        router: app(state.clone()),
+        state,
+        key: server.key.clone(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let requeued = again.wait_done(&ids[0], 30).await;
+    assert_eq!(requeued["status"], "succeeded", "{requeued}");
+    assert_eq!(
+        requeued["assets"].as_array().unwrap().len(),
+        1,
+        "its image is kept"
+    );
+    let (_, failed) = again.get(&format!("/v1/generations/{}", ids[1])).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["error"]["code"], "interrupted", "{failed}");
+    assert_eq!(
+        failed["assets"].as_array().unwrap().len(),
+        1,
+        "its image is kept"
+    );
+}
