@@ -411,3 +411,55 @@ fn keys_list_and_revoke() {
         .unwrap();
     assert!(String::from_utf8(o.stdout).unwrap().contains("revoked"));
 }
+
+/// A request's `loras[]` merges the adapter into the cached model: the
+/// server's pixels equal `easel generate --lora` with the same file and scale,
+/// and a following request without LoRAs equals plain `easel generate`.
+#[test]
+fn loras_give_the_pixels_of_easel_generate_with_lora() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let key = create_key(&data);
+    std::fs::create_dir_all(data.join("models")).unwrap();
+    let lora = data.join("models/tiny-sd15-lora.safetensors");
+    std::fs::copy(fixtures().join("loras/tiny-sd15-lora.safetensors"), &lora).unwrap();
+    let server = Server::start(&data, &key, &[]);
+    let model = fixtures().join("models/tiny-sd15").display().to_string();
+    let mut results: Vec<(u32, u32, Vec<u8>)> = Vec::new();
+    for (i, loras) in [
+        json!([{"path": lora.display().to_string(), "scale": 0.7}]),
+        json!([]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let with_lora = i == 0;
+        let request = json!({
+            "baseModel": model,
+            "width": 64, "height": 64, "steps": 2, "outputFormat": "png",
+            "images": [{"prompt": "a red bicycle", "seed": 3, "loras": loras}],
+        });
+        let job = server.post("/v1/generations", &request, Some(300));
+        assert_eq!(job["status"], "succeeded", "{job}");
+        let out = dir.path().join(format!("cli-{i}.png"));
+        let mut cmd = easel();
+        cmd.args(["generate", "--model", &model, "--prompt", "a red bicycle"])
+            .args([
+                "--seed", "3", "--width", "64", "--height", "64", "--steps", "2",
+            ])
+            .arg("--output")
+            .arg(&out);
+        if with_lora {
+            cmd.arg("--lora").arg(format!("{}:0.7", lora.display()));
+        }
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let asset = &job["images"][0]["assets"][0];
+        let got = rgb8(&server.bytes(asset["file_url"].as_str().unwrap()));
+        let want = rgb8(&std::fs::read(&out).unwrap());
+        assert!(
+            got == want,
+            "loras {with_lora}: pixels differ from easel generate"
+        );
+    }
+}

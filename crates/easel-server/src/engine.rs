@@ -171,9 +171,9 @@ pub trait Engine: Send {
 /// The capabilities of the engine `config` selects.
 pub fn capabilities(config: &Config) -> Capabilities {
     match config.engine {
-        // LoRA merging lands with the engine's `lora` module; until the
-        // worker calls it, requests with LoRAs are refused up front.
-        EngineKind::Diffusion => Capabilities { lora: false },
+        // LoRAs merge into the cached pipeline (Pipeline::set_loras); FLUX
+        // pipelines refuse them with an error the job reports.
+        EngineKind::Diffusion => Capabilities { lora: true },
         EngineKind::Fake => Capabilities { lora: true },
     }
 }
@@ -203,6 +203,14 @@ impl<T> ModelCache<T> {
     }
 
     /// The entry for `key`, marked most recently used.
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut T> {
+        let pos = self.entries.iter().position(|(k, _, _)| k == key)?;
+        let entry = self.entries.remove(pos);
+        self.entries.push(entry);
+        self.entries.last_mut().map(|(_, v, _)| v)
+    }
+
+    /// The value under `key`, marked most recently used.
     pub fn get(&mut self, key: &str) -> Option<&T> {
         let pos = self.entries.iter().position(|(k, _, _)| k == key)?;
         let entry = self.entries.remove(pos);
@@ -339,12 +347,20 @@ impl Engine for DiffusionEngine {
         progress: &mut dyn FnMut(u32, u32),
         cancel: &CancelToken,
     ) -> Result<BatchOutput, EngineError> {
-        if !batch.loras.is_empty() {
-            return Err(EngineError::Unsupported(
-                "LoRA adapters are not supported by this engine build yet".into(),
-            ));
-        }
-        let pipeline = self.pipeline(model)?;
+        let loras: Vec<easel_diffusion::lora::LoraSpec> = batch
+            .loras
+            .iter()
+            .map(|l| easel_diffusion::lora::LoraSpec::new(&l.path, l.scale))
+            .collect();
+        // Switching LoRA sets rebuilds the affected components from weights
+        // kept in memory (never from disk); an unchanged set is a no-op.
+        self.pipeline(model)?;
+        let pipeline = self
+            .cache
+            .get_mut(&model.load)
+            .ok_or_else(|| EngineError::Failed("model cache lost an entry".into()))?;
+        pipeline.set_loras(&loras).map_err(engine_error)?;
+        let pipeline = &*pipeline;
         let request = GenerationRequest {
             prompts: batch.prompts.clone(),
             negative_prompts: batch.negative_prompts.clone(),

@@ -899,20 +899,28 @@ async fn trainings_upload_list_get_delete_and_are_usable_as_training_id() {
     );
 }
 
+/// LoRA files under a model root are accepted (their pixels are checked
+/// against `easel generate --lora` in easel-cli's serve tests); LoRA URLs
+/// are refused up front, before anything is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lora_requests_are_refused_up_front_until_the_engine_applies_them() {
+async fn lora_paths_are_accepted_and_lora_urls_refused_up_front() {
     let server = TestServer::new(|_| {}).await;
+    let (s, e) = server
+        .post("/v1/generations", json!({"baseModel": tiny_sd15(), "images": [{"prompt": "a", "loras": [{"url": "https://example.com/x.safetensors"}]}]}))
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    assert_eq!(e["error"]["code"], "unsupported_feature");
+    assert_eq!(e["error"]["field"], "images[0].loras[0].url");
+    assert_eq!(server.count("generations").await, 0);
     let lora = fixtures()
         .join("loras/tiny-sd15-lora.safetensors")
         .display()
         .to_string();
-    let (s, e) = server
-        .post("/v1/generations", json!({"baseModel": tiny_sd15(), "images": [{"prompt": "a", "loras": [{"path": lora}]}]}))
+    let (s, job) = server
+        .post("/v1/generations", json!({"baseModel": tiny_sd15(), "images": [{"prompt": "a", "loras": [{"path": lora, "scale": 0.5}]}]}))
         .await;
-    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
-    assert_eq!(e["error"]["code"], "unsupported_feature");
-    assert_eq!(e["error"]["field"], "images[0].loras");
-    assert_eq!(server.count("generations").await, 0);
+    assert_eq!(s, StatusCode::ACCEPTED, "{job}");
+    assert_eq!(server.count("generations").await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
