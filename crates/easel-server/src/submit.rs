@@ -305,9 +305,32 @@ pub async fn prepare(
             }
         }
 
-        let (width, height) = def
+        let (mut width, mut height) = def
             .explicit_size()
             .map_err(|e| ApiError::from(e.with_prefix(&prefix)))?;
+        // With an init image and no size, the image sets the size, rounded
+        // down to the model's size multiple, as diffusers and `easel generate` do.
+        if let Some(i) = refs.0 {
+            let loaded = &inputs[i].loaded;
+            for (name, slot, pixels) in [
+                ("width", &mut width, loaded.width),
+                ("height", &mut height, loaded.height),
+            ] {
+                if slot.is_none() {
+                    let v = pixels / multiple * multiple;
+                    if !(multiple..=2048).contains(&v) {
+                        return Err(ApiError::invalid(
+                            "invalid_value",
+                            field(name),
+                            format!(
+                                "the init image's {name} {pixels} rounds down to {v}, outside {multiple}..=2048; give {name} to resize it"
+                            ),
+                        ));
+                    }
+                    *slot = Some(v);
+                }
+            }
+        }
         let seed = def.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
         let mut definition = def.clone();
         definition.seed = Some(seed);
