@@ -461,7 +461,9 @@ fn loras_give_the_pixels_of_easel_generate_with_lora() {
             got == want,
             "loras {with_lora}: pixels differ from easel generate"
         );
+        results.push(got);
     }
+    assert!(results[0] != results[1], "the LoRA changed nothing");
 }
 
 /// Image-to-image (`image` as a data URI, `strength`) and inpainting (`mask`
