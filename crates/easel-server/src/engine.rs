@@ -212,10 +212,7 @@ impl<T> ModelCache<T> {
 
     /// The value under `key`, marked most recently used.
     pub fn get(&mut self, key: &str) -> Option<&T> {
-        let pos = self.entries.iter().position(|(k, _, _)| k == key)?;
-        let entry = self.entries.remove(pos);
-        self.entries.push(entry);
-        self.entries.last().map(|(_, v, _)| v)
+        self.get_mut(key).map(|v| &*v)
     }
 
     /// Unload least recently used entries until `bytes` more fit the budget
@@ -269,7 +266,7 @@ impl DiffusionEngine {
         }
     }
 
-    fn pipeline(&mut self, model: &ModelSpec) -> Result<&Pipeline, EngineError> {
+    fn pipeline(&mut self, model: &ModelSpec) -> Result<&mut Pipeline, EngineError> {
         if self.cache.get(&model.load).is_none() {
             let started = Instant::now();
             let dir = resolve_model(&model.load, &self.options)
@@ -290,7 +287,7 @@ impl DiffusionEngine {
             self.cache.insert(model.load.clone(), pipeline, bytes);
         }
         self.cache
-            .get(&model.load)
+            .get_mut(&model.load)
             .ok_or_else(|| EngineError::Failed("model cache lost an entry".into()))
     }
 }
@@ -354,11 +351,7 @@ impl Engine for DiffusionEngine {
             .collect();
         // Switching LoRA sets rebuilds the affected components from weights
         // kept in memory (never from disk); an unchanged set is a no-op.
-        self.pipeline(model)?;
-        let pipeline = self
-            .cache
-            .get_mut(&model.load)
-            .ok_or_else(|| EngineError::Failed("model cache lost an entry".into()))?;
+        let pipeline = self.pipeline(model)?;
         pipeline.set_loras(&loras).map_err(engine_error)?;
         let pipeline = &*pipeline;
         let request = GenerationRequest {
