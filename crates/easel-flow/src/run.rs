@@ -518,31 +518,16 @@ fn new_run_id() -> String {
 /// The current time as RFC 3339 in UTC with milliseconds
 /// (`2026-05-01T12:30:00.250Z`).
 pub fn now_rfc3339() -> String {
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    rfc3339(since.as_secs(), since.subsec_millis())
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
+/// `secs` + `millis` after the Unix epoch as RFC 3339 (see [`now_rfc3339`]).
+#[cfg(test)]
 fn rfc3339(secs: u64, millis: u32) -> String {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    let t = UNIX_EPOCH
+        + std::time::Duration::from_secs(secs)
+        + std::time::Duration::from_millis(millis.into());
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 #[cfg(test)]
