@@ -764,6 +764,19 @@ fn generate_reproduces_flux_dev_img2img_png() {
     reproduce_png_in("generated", "flux_dev_img2img", "flow_match_euler", &[]);
 }
 
+/// Issue 5: FLUX.1 dev with a kohya-layout LoRA (original FLUX names) via
+/// `--lora FILE:1.6` reproduces diffusers' PNG.
+#[test]
+fn generate_reproduces_flux_dev_kohya_lora_png() {
+    let json = reproduce_png_in(
+        "generated",
+        "flux_dev_lora_kohya_scale1.6",
+        "flow_match_euler",
+        &[],
+    );
+    assert_eq!(json["loras"][0]["scale"], 1.6);
+}
+
 /// Issue 5: FLUX rounds width and height to multiples of 16 with a notice and
 /// uses the per-model defaults (schnell: 4 steps, guidance 0).
 #[test]

@@ -19,6 +19,18 @@
 //!   diffusers' `_maybe_map_sgm_blocks_to_diffusers` does. Underscore names
 //!   are matched against the model's own module names, so they are never
 //!   guessed.
+//! - FLUX (`FluxTransformer2DModel`): the PEFT layout with `transformer.`
+//!   (ai-toolkit, diffusers' trainers; `lora_down`/`lora_up`/`alpha`
+//!   spellings too); kohya sd-scripts' `lora_unet_` keys with the original
+//!   Black Forest Labs names (`double_blocks_0_img_attn_qkv`, fused q/k/v
+//!   and `single_blocks_N_linear1` split by rows among the diffusers
+//!   modules, see [`flux_bfl_to_diffusers`]), the same names with ComfyUI's
+//!   `diffusion_model.` prefix, and `lora_transformer_` with diffusers names;
+//!   `lora_te1_` for the CLIP text encoder. Unprefixed keys and `lora_unet_`
+//!   name the transformer of a FLUX pipeline. Unlike diffusers 0.42.1, whose
+//!   converter drops them, the kohya non-block layers (`img_in`, `txt_in`,
+//!   `time_in`, `vector_in`, `guidance_in`, `final_layer`) are applied, with
+//!   their α, as kohya's and ComfyUI's loaders do.
 //!
 //! Linear and convolution weights are supported (a convolution's update is
 //! `up (out, r, 1, 1) · down (r, in, k, k)`). LyCORIS variants (LoHa, LoKr,
@@ -151,6 +163,7 @@ fn split_key(key: &str) -> Option<(String, Part)> {
 fn component_of(stem: &str) -> (String, ModuleName) {
     for (prefix, component) in [
         ("lora_unet_", "unet"),
+        ("lora_transformer_", "transformer"),
         ("lora_te1_", "text_encoder"),
         ("lora_te2_", "text_encoder_2"),
         ("lora_te_", "text_encoder"),
@@ -158,6 +171,13 @@ fn component_of(stem: &str) -> (String, ModuleName) {
         if let Some(rest) = stem.strip_prefix(prefix) {
             return (component.into(), ModuleName::Underscored(rest.into()));
         }
+    }
+    // ComfyUI's spelling of the original FLUX names.
+    if let Some(rest) = stem.strip_prefix("diffusion_model.") {
+        return (
+            "transformer".into(),
+            ModuleName::Underscored(rest.replace('.', "_")),
+        );
     }
     for component in [
         "unet",
@@ -309,17 +329,134 @@ impl ModuleIndex {
         }
     }
 
-    fn resolve(&self, name: &ModuleName, layers_per_block: Option<usize>) -> Option<String> {
+    /// The weights `name` updates in this component. `layers_per_block`
+    /// enables the original-SD UNet names, `flux` the original FLUX ones.
+    fn resolve(
+        &self,
+        name: &ModuleName,
+        layers_per_block: Option<usize>,
+        flux: bool,
+    ) -> Option<Target> {
+        let single = |m: String| Target {
+            modules: vec![m],
+            swap_halves: false,
+        };
         match name {
             ModuleName::Dotted(m) => [m.clone(), format!("text_model.{m}")]
                 .into_iter()
-                .find(|c| self.dotted.contains(c)),
-            ModuleName::Underscored(m) => self.underscored.get(m).cloned().or_else(|| {
-                let mapped = sgm_to_diffusers(m, layers_per_block?)?;
-                self.underscored.get(&mapped).cloned()
-            }),
+                .find(|c| self.dotted.contains(c))
+                .map(single),
+            ModuleName::Underscored(m) => {
+                if let Some(found) = self.underscored.get(m) {
+                    return Some(single(found.clone()));
+                }
+                if let Some(lpb) = layers_per_block {
+                    let mapped = sgm_to_diffusers(m, lpb)?;
+                    return self.underscored.get(&mapped).cloned().map(single);
+                }
+                if flux {
+                    let target = flux_bfl_to_diffusers(m)?;
+                    return target
+                        .modules
+                        .iter()
+                        .all(|m| self.dotted.contains(m))
+                        .then_some(target);
+                }
+                None
+            }
         }
     }
+}
+
+/// The weights one layer of a file updates.
+#[derive(Debug, Clone, PartialEq)]
+struct Target {
+    /// Dotted module paths. A fused layer of the original FLUX code
+    /// (`img_attn_qkv`, `linear1`) updates several: its update's rows are
+    /// split among them in order, each taking its weight's row count.
+    modules: Vec<String>,
+    /// The update's two row halves are swapped first: the original FLUX
+    /// `final_layer.adaLN_modulation` orders its output (shift, scale),
+    /// diffusers' `norm_out.linear` (scale, shift).
+    swap_halves: bool,
+}
+
+/// Map a module name of the original FLUX code (Black Forest Labs' `flux`
+/// repository, as kohya sd-scripts and ComfyUI write LoRAs for it), with
+/// underscores (`double_blocks_3_img_attn_qkv`), to the diffusers
+/// `FluxTransformer2DModel` modules it updates, following diffusers'
+/// `_convert_kohya_flux_lora_to_diffusers`:
+///
+/// - `double_blocks_{i}_`: `img_attn_qkv` → `attn.to_q/to_k/to_v`,
+///   `img_attn_proj` → `attn.to_out.0`, `img_mlp_{0,2}` → `ff.net.{0.proj,2}`,
+///   `img_mod_lin` → `norm1.linear`, and `txt_*` likewise →
+///   `attn.add_{q,k,v}_proj`, `attn.to_add_out`, `ff_context.*`,
+///   `norm1_context.linear`, under `transformer_blocks.{i}`;
+/// - `single_blocks_{i}_`: `linear1` → `attn.to_q/to_k/to_v` + `proj_mlp`,
+///   `linear2` → `proj_out`, `modulation_lin` → `norm.linear`, under
+///   `single_transformer_blocks.{i}`;
+/// - `img_in`, `txt_in`, `time_in_*`, `vector_in_*`, `guidance_in_*`,
+///   `final_layer_linear`, `final_layer_adaLN_modulation_1` (rows swapped).
+///
+/// `None` when the name is none of these.
+fn flux_bfl_to_diffusers(name: &str) -> Option<Target> {
+    let target = |modules: Vec<String>| Target {
+        modules,
+        swap_halves: false,
+    };
+    let under = |prefix: String, parts: &[&str]| {
+        target(parts.iter().map(|p| format!("{prefix}.{p}")).collect())
+    };
+    let block = |rest: &str| -> Option<(usize, String)> {
+        let (i, part) = rest.split_once('_')?;
+        Some((i.parse().ok()?, part.to_string()))
+    };
+    if let Some((i, part)) = name.strip_prefix("double_blocks_").and_then(block) {
+        let prefix = format!("transformer_blocks.{i}");
+        let parts: &[&str] = match part.as_str() {
+            "img_attn_qkv" => &["attn.to_q", "attn.to_k", "attn.to_v"],
+            "img_attn_proj" => &["attn.to_out.0"],
+            "img_mlp_0" => &["ff.net.0.proj"],
+            "img_mlp_2" => &["ff.net.2"],
+            "img_mod_lin" => &["norm1.linear"],
+            "txt_attn_qkv" => &["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+            "txt_attn_proj" => &["attn.to_add_out"],
+            "txt_mlp_0" => &["ff_context.net.0.proj"],
+            "txt_mlp_2" => &["ff_context.net.2"],
+            "txt_mod_lin" => &["norm1_context.linear"],
+            _ => return None,
+        };
+        return Some(under(prefix, parts));
+    }
+    if let Some((i, part)) = name.strip_prefix("single_blocks_").and_then(block) {
+        let prefix = format!("single_transformer_blocks.{i}");
+        let parts: &[&str] = match part.as_str() {
+            "linear1" => &["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
+            "linear2" => &["proj_out"],
+            "modulation_lin" => &["norm.linear"],
+            _ => return None,
+        };
+        return Some(under(prefix, parts));
+    }
+    let module = match name {
+        "img_in" => "x_embedder",
+        "txt_in" => "context_embedder",
+        "time_in_in_layer" => "time_text_embed.timestep_embedder.linear_1",
+        "time_in_out_layer" => "time_text_embed.timestep_embedder.linear_2",
+        "vector_in_in_layer" => "time_text_embed.text_embedder.linear_1",
+        "vector_in_out_layer" => "time_text_embed.text_embedder.linear_2",
+        "guidance_in_in_layer" => "time_text_embed.guidance_embedder.linear_1",
+        "guidance_in_out_layer" => "time_text_embed.guidance_embedder.linear_2",
+        "final_layer_linear" => "proj_out",
+        "final_layer_adaLN_modulation_1" => {
+            return Some(Target {
+                modules: vec!["norm_out.linear".into()],
+                swap_halves: true,
+            })
+        }
+        _ => return None,
+    };
+    Some(target(vec![module.into()]))
 }
 
 /// Map an original-Stable-Diffusion UNet module name with underscores
@@ -445,7 +582,15 @@ pub fn merge_deltas(
         // Resolve every layer first, so an error leaves nothing half done.
         let mut resolved = Vec::with_capacity(adapter.layers.len());
         for layer in &adapter.layers {
-            let Some(index) = indexes.get(layer.component.as_str()) else {
+            // Keys without a component, and kohya's `lora_unet_`, name the
+            // denoiser: the UNet, or the transformer of a FLUX pipeline.
+            let component = match layer.component.as_str() {
+                "unet" if !indexes.contains_key("unet") && indexes.contains_key("transformer") => {
+                    "transformer"
+                }
+                c => c,
+            };
+            let Some(index) = indexes.get(component) else {
                 return Err(Error::invalid(
                     "lora",
                     format!(
@@ -453,7 +598,7 @@ pub fn merge_deltas(
                          (it has {}): the LoRA was made for another model family",
                         spec.path.display(),
                         layer.key,
-                        layer.component,
+                        component,
                         components
                             .iter()
                             .map(|c| c.0)
@@ -462,50 +607,66 @@ pub fn merge_deltas(
                     ),
                 ));
             };
-            let lpb = (layer.component == "unet")
+            let lpb = (component == "unet")
                 .then_some(unet_layers_per_block)
                 .flatten();
-            let Some(module) = index.resolve(&layer.module, lpb) else {
+            let Some(target) = index.resolve(&layer.module, lpb, component == "transformer") else {
                 return Err(Error::invalid(
                     "lora",
                     format!(
                         "{}: the model's {} has no module `{}` (key `{}`): the LoRA was made \
                          for another model",
                         spec.path.display(),
-                        layer.component,
+                        component,
                         layer.module,
                         layer.key
                     ),
                 ));
             };
-            resolved.push((layer, module));
+            resolved.push((layer, component, target));
         }
         if spec.scale == 0.0 {
             continue;
         }
-        for (layer, module) in resolved {
+        for (layer, component, target) in resolved {
             let source = components
                 .iter()
-                .find(|c| c.0 == layer.component)
+                .find(|c| c.0 == component)
                 .map(|c| c.1)
                 .ok_or_else(|| Error::invalid("lora", "component vanished"))?;
-            let weight_key = format!("{module}.weight");
-            let base = source
-                .tensor(&weight_key, &[], device)?
-                .ok_or_else(|| Error::invalid("lora", format!("`{weight_key}` is missing")))?;
-            let delta =
-                layer_delta(layer, base.dims(), spec.scale, &spec.path)?.to_device(device)?;
-            let slot = deltas
-                .entry(layer.component.clone())
-                .or_default()
-                .entry(weight_key);
-            match slot {
-                std::collections::hash_map::Entry::Occupied(mut e) => {
-                    let sum = (e.get() + &delta)?;
-                    e.insert(sum);
-                }
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(delta);
+            let weight_keys: Vec<String> = target
+                .modules
+                .iter()
+                .map(|m| format!("{m}.weight"))
+                .collect();
+            let mut weight_dims = Vec::with_capacity(weight_keys.len());
+            for key in &weight_keys {
+                let base = source
+                    .tensor(key, &[], device)?
+                    .ok_or_else(|| Error::invalid("lora", format!("`{key}` is missing")))?;
+                weight_dims.push(base.dims().to_vec());
+            }
+            let parts = layer_delta(
+                layer,
+                &weight_dims,
+                target.swap_halves,
+                spec.scale,
+                &spec.path,
+            )?;
+            for (weight_key, delta) in weight_keys.into_iter().zip(parts) {
+                let delta = delta.to_device(device)?;
+                let slot = deltas
+                    .entry(component.to_string())
+                    .or_default()
+                    .entry(weight_key);
+                match slot {
+                    std::collections::hash_map::Entry::Occupied(mut e) => {
+                        let sum = (e.get() + &delta)?;
+                        e.insert(sum);
+                    }
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(delta);
+                    }
                 }
             }
         }
@@ -513,13 +674,17 @@ pub fn merge_deltas(
     Ok(deltas)
 }
 
-/// `scale · (α / r) · up · down`, shaped like the weight (`weight_dims`).
+/// `scale · (α / r) · up · down`, split by rows among the weights it
+/// updates (one, or the parts of a fused layer) and shaped like each
+/// (`weight_dims`); with `swap_halves`, the two row halves of the product
+/// are exchanged first.
 fn layer_delta(
     layer: &LoraLayer,
-    weight_dims: &[usize],
+    weight_dims: &[Vec<usize>],
+    swap_halves: bool,
     scale: f64,
     path: &Path,
-) -> Result<Tensor> {
+) -> Result<Vec<Tensor>> {
     let (Some(down), Some(up)) = (&layer.down, &layer.up) else {
         return Err(Error::invalid(
             "lora",
@@ -530,9 +695,15 @@ fn layer_delta(
         Error::invalid(
             "lora",
             format!(
-                "{}: `{}` does not fit the weight of shape {weight_dims:?}: {why}",
+                "{}: `{}` does not fit the weight{} of shape {}: {why}",
                 path.display(),
-                layer.key
+                layer.key,
+                if weight_dims.len() > 1 { "s" } else { "" },
+                weight_dims
+                    .iter()
+                    .map(|d| format!("{d:?}"))
+                    .collect::<Vec<_>>()
+                    .join(" + ")
             ),
         )
     };
@@ -553,18 +724,38 @@ fn layer_delta(
     }
     let down2 = down.reshape((rank, down.elem_count() / rank))?;
     let up2 = up.reshape((out, rank))?;
-    let product = up2.matmul(&down2)?;
-    let weight_elems: usize = weight_dims.iter().product();
-    if weight_dims.first() != Some(&out) || product.elem_count() != weight_elems {
+    let inner = down2.dim(1)?;
+    let fits = weight_dims
+        .iter()
+        .map(|d| d.first().copied())
+        .sum::<Option<usize>>()
+        == Some(out)
+        && weight_dims
+            .iter()
+            .all(|d| d.iter().product::<usize>() == d[0] * inner);
+    if !fits || (swap_halves && out % 2 != 0) {
         return Err(bad(format!(
-            "down {:?} and up {:?} make a {out}x{} update",
+            "down {:?} and up {:?} make a {out}x{inner} update",
             down.dims(),
             up.dims(),
-            down2.dim(1)?
         )));
     }
     let factor = scale * layer.alpha.map_or(1.0, |a| a / rank as f64);
-    Ok((product.reshape(weight_dims)? * factor)?)
+    let mut product = (up2.matmul(&down2)? * factor)?;
+    if swap_halves {
+        let half = out / 2;
+        product = Tensor::cat(
+            &[product.narrow(0, half, half)?, product.narrow(0, 0, half)?],
+            0,
+        )?;
+    }
+    let mut row = 0;
+    let mut parts = Vec::with_capacity(weight_dims.len());
+    for dims in weight_dims {
+        parts.push(product.narrow(0, row, dims[0])?.reshape(dims.as_slice())?);
+        row += dims[0];
+    }
+    Ok(parts)
 }
 
 /// A [`TensorSource`] that returns `W + ΔW` for the weights a
@@ -853,5 +1044,99 @@ mod tests {
         );
         assert!(pick_lora_name(&names(&["a.safetensors", "b.safetensors"])).is_err());
         assert!(pick_lora_name(&names(&["a.bin"])).is_err());
+    }
+
+    #[test]
+    fn original_flux_names_map_to_diffusers_modules() {
+        let t = flux_bfl_to_diffusers("double_blocks_12_txt_attn_qkv").unwrap();
+        assert_eq!(
+            t.modules,
+            [
+                "transformer_blocks.12.attn.add_q_proj",
+                "transformer_blocks.12.attn.add_k_proj",
+                "transformer_blocks.12.attn.add_v_proj"
+            ]
+        );
+        assert!(!t.swap_halves);
+        let t = flux_bfl_to_diffusers("single_blocks_3_linear1").unwrap();
+        assert_eq!(t.modules.len(), 4);
+        assert_eq!(t.modules[3], "single_transformer_blocks.3.proj_mlp");
+        let t = flux_bfl_to_diffusers("final_layer_adaLN_modulation_1").unwrap();
+        assert_eq!(t.modules, ["norm_out.linear"]);
+        assert!(t.swap_halves);
+        assert_eq!(
+            flux_bfl_to_diffusers("guidance_in_out_layer")
+                .unwrap()
+                .modules,
+            ["time_text_embed.guidance_embedder.linear_2"]
+        );
+        for bad in [
+            "double_blocks_x_img_attn_qkv",
+            "double_blocks_0_img_attn_norm",
+            "single_blocks_0",
+            "down_blocks_0_attentions_0",
+        ] {
+            assert!(flux_bfl_to_diffusers(bad).is_none(), "{bad}");
+        }
+        assert_eq!(
+            component_of("diffusion_model.double_blocks.0.img_attn.qkv"),
+            (
+                "transformer".to_string(),
+                ModuleName::Underscored("double_blocks_0_img_attn_qkv".into())
+            )
+        );
+        assert_eq!(
+            component_of("lora_transformer_single_transformer_blocks_0_proj_out"),
+            (
+                "transformer".to_string(),
+                ModuleName::Underscored("single_transformer_blocks_0_proj_out".into())
+            )
+        );
+    }
+
+    /// A fused update is split by rows, and the halves swap when asked.
+    #[test]
+    fn fused_updates_split_by_rows() {
+        let down = Tensor::new(&[[1f32, 0.0], [0.0, 1.0]], &Device::Cpu).unwrap();
+        let up = Tensor::new(
+            &[[1f32, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 2.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let layer = LoraLayer {
+            key: "k".into(),
+            component: "transformer".into(),
+            module: ModuleName::Dotted("m".into()),
+            down: Some(down),
+            up: Some(up),
+            alpha: Some(1.0),
+        };
+        let rows = |t: &Tensor| t.to_vec2::<f32>().unwrap();
+        let parts = layer_delta(
+            &layer,
+            &[vec![1, 2], vec![3, 2]],
+            false,
+            2.0,
+            Path::new("f"),
+        )
+        .unwrap();
+        // scale 2 · α/r = 1/2 → factor 1.
+        assert_eq!(rows(&parts[0]), [[1.0, 0.0]]);
+        assert_eq!(rows(&parts[1]), [[0.0, 1.0], [2.0, 0.0], [0.0, 2.0]]);
+        let swapped = layer_delta(&layer, &[vec![4, 2]], true, 2.0, Path::new("f")).unwrap();
+        assert_eq!(
+            rows(&swapped[0]),
+            [[2.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 1.0]]
+        );
+        let e = layer_delta(
+            &layer,
+            &[vec![2, 2], vec![3, 2]],
+            false,
+            1.0,
+            Path::new("f"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("[2, 2] + [3, 2]"), "{e}");
     }
 }

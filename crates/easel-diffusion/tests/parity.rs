@@ -527,7 +527,7 @@ fn switching_loras_matches_fresh_loads() {
         (lat, img)
     };
     let mut shared = load_pipeline(&model, &Device::Cpu).unwrap();
-    let reads = shared.base_tensor_reads().unwrap();
+    let reads = shared.base_tensor_reads();
     assert!(reads > 0);
     // Each set, in an order that switches between all of them, including
     // back to none and a stack of both.
@@ -557,7 +557,7 @@ fn switching_loras_matches_fresh_loads() {
     }
     assert_eq!(
         shared.base_tensor_reads(),
-        Some(reads),
+        reads,
         "switching LoRAs read base weights again"
     );
 }
@@ -618,6 +618,158 @@ fn lora_for_another_model_is_an_error() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("not a readable safetensors"), "{e}");
+}
+
+// FLUX LoRA (issue 5): `tools/gen_flux_lora_refs.py` writes one rank-4
+// adapter for tiny-flux-dev (every transformer linear, CLIP attention and
+// MLP) in the PEFT layout and in kohya's layout with the original FLUX names
+// (fused q/k/v, `linear1`, `final_layer`), and runs diffusers with each.
+
+#[test]
+fn flux_dev_lora_peft_scale0_8() {
+    check_case_in("generated", "flux_dev_lora_peft_scale0.8", None);
+}
+
+#[test]
+fn flux_dev_lora_kohya_scale1_6() {
+    check_case_in("generated", "flux_dev_lora_kohya_scale1.6", None);
+}
+
+/// On one loaded FLUX pipeline, switching between the PEFT file, no LoRA
+/// and the kohya file gives each reference in turn and reads no base
+/// weights again.
+#[test]
+fn flux_lora_switching_matches_the_references() {
+    let model = ModelDir::open(fixtures().join("models/tiny-flux-dev")).unwrap();
+    let mut p = load_pipeline(&model, &Device::Cpu).unwrap();
+    let reads = p.base_tensor_reads();
+    assert!(reads > 0);
+    let peft = LoraSpec::new(fixtures().join("loras/tiny-flux-lora.safetensors"), 0.8);
+    let kohya = LoraSpec::new(
+        fixtures().join("loras/tiny-flux-lora-kohya.safetensors"),
+        1.6,
+    );
+    let steps: Vec<(Vec<LoraSpec>, &str, &str)> = vec![
+        (
+            vec![peft.clone()],
+            "generated",
+            "flux_dev_lora_peft_scale0.8",
+        ),
+        (vec![], "references", "flux_dev_txt2img"),
+        (
+            vec![kohya.clone()],
+            "generated",
+            "flux_dev_lora_kohya_scale1.6",
+        ),
+        (vec![peft], "generated", "flux_dev_lora_kohya_scale1.6"),
+    ];
+    for (loras, folder, case) in &steps {
+        p.set_loras(loras).unwrap();
+        assert_eq!(p.loras(), loras.as_slice());
+        let (lat, img, refs) = run_case(&p, folder, case, None);
+        assert_close(case, &lat, &img, &refs);
+    }
+    assert_eq!(p.base_tensor_reads(), reads, "switching read base weights");
+}
+
+/// The LoRA changes the result (so the parity above is not the base model's).
+#[test]
+fn flux_lora_moves_the_latents() {
+    let model = ModelDir::open(fixtures().join("models/tiny-flux-dev")).unwrap();
+    let p = load_pipeline(&model, &Device::Cpu).unwrap();
+    let (lat, _, refs) = run_case(&p, "generated", "flux_dev_lora_peft_scale0.8", None);
+    let d = rel_l2(&lat, &refs["latents_to_vae"]);
+    assert!(d > 1e-2, "the LoRA moved the latents by only {d:.2e}");
+}
+
+/// A LoRA whose shapes do not fit (the dev adapter's `x_embedder` on Fill,
+/// which takes 384 input channels) or whose modules the transformer lacks
+/// (an SD 1.5 LoRA) is an error naming the layer; the pipeline is unchanged.
+#[test]
+fn flux_lora_for_another_model_is_an_error() {
+    let model = ModelDir::open(fixtures().join("models/tiny-flux-fill")).unwrap();
+    let mut p = load_pipeline(&model, &Device::Cpu).unwrap();
+    let e = p
+        .set_loras(&[LoraSpec::new(
+            fixtures().join("loras/tiny-flux-lora.safetensors"),
+            1.0,
+        )])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("x_embedder") && e.contains("does not fit"),
+        "{e}"
+    );
+    assert!(p.loras().is_empty());
+    for file in [
+        "tiny-sd15-lora.safetensors",
+        "tiny-sd15-lora-kohya.safetensors",
+    ] {
+        let e = p
+            .set_loras(&[LoraSpec::new(fixtures().join("loras").join(file), 1.0)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("has no module"), "{e}");
+        assert!(e.contains("transformer"), "{e}");
+    }
+    assert!(p.loras().is_empty());
+}
+
+/// The kohya file's keys respelled as ComfyUI writes them
+/// (`diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight`) give
+/// the same result.
+#[test]
+fn flux_lora_comfyui_spelling_matches_kohya() {
+    let src = fixtures().join("loras/tiny-flux-lora-kohya.safetensors");
+    let all = candle_core::safetensors::load(&src, &Device::Cpu).unwrap();
+    let dotted = |name: &str| -> String {
+        // The original FLUX module path of an underscored kohya name.
+        let mut out = name.to_string();
+        for (from, to) in [
+            ("double_blocks_", "double_blocks."),
+            ("single_blocks_", "single_blocks."),
+            ("_img_attn_", ".img_attn."),
+            ("_txt_attn_", ".txt_attn."),
+            ("_img_mlp_", ".img_mlp."),
+            ("_txt_mlp_", ".txt_mlp."),
+            ("_img_mod_lin", ".img_mod.lin"),
+            ("_txt_mod_lin", ".txt_mod.lin"),
+            ("_linear1", ".linear1"),
+            ("_linear2", ".linear2"),
+            ("_modulation_lin", ".modulation.lin"),
+            ("_in_layer", ".in_layer"),
+            ("_out_layer", ".out_layer"),
+            (
+                "final_layer_adaLN_modulation_1",
+                "final_layer.adaLN_modulation.1",
+            ),
+            ("final_layer_linear", "final_layer.linear"),
+        ] {
+            out = out.replace(from, to);
+        }
+        out
+    };
+    let respelled: std::collections::HashMap<String, Tensor> = all
+        .into_iter()
+        .map(|(k, v)| match k.strip_prefix("lora_unet_") {
+            Some(rest) => {
+                let (stem, part) = rest.split_once('.').unwrap();
+                (format!("diffusion_model.{}.{part}", dotted(stem)), v)
+            }
+            None => (k, v),
+        })
+        .collect();
+    assert!(respelled
+        .keys()
+        .any(|k| k == "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("comfy.safetensors");
+    candle_core::safetensors::save(&respelled, &path).unwrap();
+    let model = ModelDir::open(fixtures().join("models/tiny-flux-dev")).unwrap();
+    let mut p = load_pipeline(&model, &Device::Cpu).unwrap();
+    p.set_loras(&[LoraSpec::new(path, 1.6)]).unwrap();
+    let (lat, img, refs) = run_case(&p, "generated", "flux_dev_lora_kohya_scale1.6", None);
+    assert_close("comfyui spelling", &lat, &img, &refs);
 }
 
 /// Pillow's Lanczos resize, byte for byte (`image_resize.safetensors`).

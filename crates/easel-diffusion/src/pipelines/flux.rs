@@ -21,7 +21,7 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::{
     component_weights, decode_to_images, repeat_interleave_batch, tokenize_clip, GenerationOutput,
@@ -30,6 +30,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::image_processor;
 use crate::loader::ModelDir;
+use crate::lora::{LoraSpec, LoraState};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::flux_transformer::{
@@ -109,10 +110,15 @@ pub fn round_to_flux_size(v: usize) -> Option<usize> {
 struct FluxComponents {
     tokenizer: ClipTokenizer,
     text_encoder: ClipTextModel,
+    text_encoder_config: ClipTextConfig,
     tokenizer_2: T5Tokenizer,
     text_encoder_2: T5EncoderModel,
     transformer: FluxTransformer2DModel,
+    transformer_config: FluxTransformer2DConfig,
     vae: AutoencoderKL,
+    /// The LoRA-targetable weights (CLIP text encoder, transformer), as
+    /// diffusers' `FluxLoraLoaderMixin`: T5 takes no adapters.
+    lora: LoraState,
     scheduler_config: serde_json::Value,
     flow_config: FlowMatchConfig,
     device: Device,
@@ -136,8 +142,22 @@ impl FluxComponents {
         };
         let tokenizer = ClipTokenizer::from_dir(model.component_dir("tokenizer")?)?;
         let te_cfg: ClipTextConfig = crate::models::read_config(&cfg("text_encoder")?)?;
-        let text_encoder =
-            ClipTextModel::load(&component_weights(model, "text_encoder", device)?, &te_cfg)?;
+        let lora = LoraState::new(
+            vec![
+                (
+                    "text_encoder".into(),
+                    super::component_source(model, "text_encoder")?,
+                ),
+                (
+                    "transformer".into(),
+                    super::component_source(model, "transformer")?,
+                ),
+            ],
+            None,
+            DType::F32,
+            device,
+        );
+        let text_encoder = ClipTextModel::load(&lora.base_weights("text_encoder")?, &te_cfg)?;
         let tokenizer_2 = T5Tokenizer::from_dir(model.component_dir("tokenizer_2")?)?;
         let t5_cfg: T5Config = crate::models::read_config(&cfg("text_encoder_2")?)?;
         let text_encoder_2 = T5EncoderModel::load(
@@ -145,10 +165,8 @@ impl FluxComponents {
             &t5_cfg,
         )?;
         let tr_cfg: FluxTransformer2DConfig = crate::models::read_config(&cfg("transformer")?)?;
-        let transformer = FluxTransformer2DModel::load(
-            &component_weights(model, "transformer", device)?,
-            &tr_cfg,
-        )?;
+        let transformer =
+            FluxTransformer2DModel::load(&lora.base_weights("transformer")?, &tr_cfg)?;
         let vae_cfg: AutoencoderKLConfig = crate::models::read_config(&cfg("vae")?)?;
         let vae = AutoencoderKL::load(&component_weights(model, "vae", device)?, &vae_cfg, true)?;
         let scheduler_config = model.component_config("scheduler")?;
@@ -187,10 +205,13 @@ impl FluxComponents {
         Ok(Self {
             tokenizer,
             text_encoder,
+            text_encoder_config: te_cfg,
             tokenizer_2,
             text_encoder_2,
             transformer,
+            transformer_config: tr_cfg,
             vae,
+            lora,
             scheduler_config,
             flow_config,
             device: device.clone(),
@@ -199,6 +220,36 @@ impl FluxComponents {
 
     fn vae_scale_factor(&self) -> usize {
         self.vae.config().vae_scale_factor()
+    }
+
+    /// See [`FluxPipeline::set_loras`].
+    fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
+        if self.lora.active() == loras {
+            return Ok(());
+        }
+        let (deltas, rebuild) = self.lora.plan(loras)?;
+        let text_encoder = match rebuild.iter().any(|c| c == "text_encoder") {
+            true => Some(ClipTextModel::load(
+                &self.lora.weights("text_encoder", Some(&deltas))?,
+                &self.text_encoder_config,
+            )?),
+            false => None,
+        };
+        let transformer = match rebuild.iter().any(|c| c == "transformer") {
+            true => Some(FluxTransformer2DModel::load(
+                &self.lora.weights("transformer", Some(&deltas))?,
+                &self.transformer_config,
+            )?),
+            false => None,
+        };
+        if let Some(t) = text_encoder {
+            self.text_encoder = t;
+        }
+        if let Some(t) = transformer {
+            self.transformer = t;
+        }
+        self.lora.commit(loras, &deltas);
+        Ok(())
     }
 
     fn latent_channels(&self) -> usize {
@@ -543,6 +594,29 @@ impl FluxPipeline {
         Ok(Self { components })
     }
 
+    /// Merge `loras` (stacked, each with its scale) into the CLIP text
+    /// encoder and the transformer, replacing the adapters merged before;
+    /// `[]` restores the base model. The base weights come from memory, not
+    /// from disk. Layouts: see [`crate::lora`] (PEFT / ai-toolkit, kohya
+    /// with the original FLUX names, ComfyUI).
+    ///
+    /// Errors (the pipeline is left as it was): see
+    /// [`crate::lora::merge_deltas`].
+    pub fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
+        self.components.set_loras(loras)
+    }
+
+    /// The adapters merged now.
+    pub fn loras(&self) -> &[LoraSpec] {
+        self.components.lora.active()
+    }
+
+    /// Tensors of the text encoder and transformer read from the weight
+    /// files so far (switching LoRAs reads none).
+    pub fn base_tensor_reads(&self) -> usize {
+        self.components.lora.base_reads()
+    }
+
     /// The model's `scheduler/scheduler_config.json`.
     pub fn scheduler_config(&self) -> &serde_json::Value {
         &self.components.scheduler_config
@@ -628,6 +702,29 @@ impl FluxFillPipeline {
             ));
         }
         Ok(Self { components })
+    }
+
+    /// Merge `loras` (stacked, each with its scale) into the CLIP text
+    /// encoder and the transformer, replacing the adapters merged before;
+    /// `[]` restores the base model. The base weights come from memory, not
+    /// from disk. Layouts: see [`crate::lora`] (PEFT / ai-toolkit, kohya
+    /// with the original FLUX names, ComfyUI).
+    ///
+    /// Errors (the pipeline is left as it was): see
+    /// [`crate::lora::merge_deltas`].
+    pub fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
+        self.components.set_loras(loras)
+    }
+
+    /// The adapters merged now.
+    pub fn loras(&self) -> &[LoraSpec] {
+        self.components.lora.active()
+    }
+
+    /// Tensors of the text encoder and transformer read from the weight
+    /// files so far (switching LoRAs reads none).
+    pub fn base_tensor_reads(&self) -> usize {
+        self.components.lora.base_reads()
     }
 
     /// The model's `scheduler/scheduler_config.json`.

@@ -531,38 +531,35 @@ impl Pipeline {
     ///
     /// Errors (the pipeline is left as it was): an unreadable or unknown
     /// LoRA file, a LoRA for a component or module this model lacks (the
-    /// message names the first such module), shapes that do not fit, or
-    /// any LoRA on a FLUX pipeline (not supported yet).
+    /// message names the first such module), or shapes that do not fit.
     pub fn set_loras(&mut self, loras: &[crate::lora::LoraSpec]) -> Result<()> {
         match self {
             Pipeline::StableDiffusion(p) => p.set_loras(loras),
             Pipeline::StableDiffusionXL(p) => p.set_loras(loras),
-            Pipeline::Flux(_) | Pipeline::FluxFill(_) if loras.is_empty() => Ok(()),
-            Pipeline::Flux(_) | Pipeline::FluxFill(_) => Err(Error::invalid(
-                "loras",
-                "LoRA adapters are not supported for FLUX models yet (supported: Stable Diffusion 1.x/2.x/XL)",
-            )),
+            Pipeline::Flux(p) => p.set_loras(loras),
+            Pipeline::FluxFill(p) => p.set_loras(loras),
         }
     }
 
-    /// The LoRA adapters merged now (always empty for FLUX).
+    /// The LoRA adapters merged now.
     pub fn loras(&self) -> &[crate::lora::LoraSpec] {
         match self {
             Pipeline::StableDiffusion(p) => p.loras(),
             Pipeline::StableDiffusionXL(p) => p.loras(),
-            Pipeline::Flux(_) | Pipeline::FluxFill(_) => &[],
+            Pipeline::Flux(p) => p.loras(),
+            Pipeline::FluxFill(p) => p.loras(),
         }
     }
 
     /// How many tensors of the LoRA-targetable components (text encoders,
-    /// UNet) were read from the weight files since loading; it does not
-    /// grow when LoRA sets are switched. `None` for FLUX pipelines, which
-    /// keep no LoRA weight cache.
-    pub fn base_tensor_reads(&self) -> Option<usize> {
+    /// UNet or transformer) were read from the weight files since loading;
+    /// it does not grow when LoRA sets are switched.
+    pub fn base_tensor_reads(&self) -> usize {
         match self {
-            Pipeline::StableDiffusion(p) => Some(p.base_tensor_reads()),
-            Pipeline::StableDiffusionXL(p) => Some(p.base_tensor_reads()),
-            Pipeline::Flux(_) | Pipeline::FluxFill(_) => None,
+            Pipeline::StableDiffusion(p) => p.base_tensor_reads(),
+            Pipeline::StableDiffusionXL(p) => p.base_tensor_reads(),
+            Pipeline::Flux(p) => p.base_tensor_reads(),
+            Pipeline::FluxFill(p) => p.base_tensor_reads(),
         }
     }
 
