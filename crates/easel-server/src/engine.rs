@@ -171,8 +171,8 @@ pub trait Engine: Send {
 /// The capabilities of the engine `config` selects.
 pub fn capabilities(config: &Config) -> Capabilities {
     match config.engine {
-        // LoRAs merge into the cached pipeline (Pipeline::set_loras); FLUX
-        // pipelines refuse them with an error the job reports.
+        // LoRAs merge into the cached pipeline (Pipeline::set_loras), SD and
+        // FLUX alike; a LoRA that does not fit the model fails the job.
         EngineKind::Diffusion => Capabilities { lora: true },
         EngineKind::Fake => Capabilities { lora: true },
     }
