@@ -109,7 +109,8 @@ pub use document::{FlowDocument, OnFailure, StepSpec};
 pub use error::{FlowError, ParamError, ParamPath, ValidationError, ValidationErrors};
 pub use event::{EventSink, FlowEvent};
 pub use run::{
-    ErrorRecord, FlowRun, FlowRunner, RunError, RunOptions, RunStatus, StepRun, StepStatus,
+    Checkpoint, ErrorRecord, FlowRun, FlowRunner, RunError, RunOptions, RunStatus, StepRun,
+    StepStatus,
 };
 pub use step::{is_dynamic, CancelToken, Step, StepContext, StepError, StepOutput, StepRegistry};
 pub use steps::{

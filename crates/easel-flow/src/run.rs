@@ -175,7 +175,15 @@ pub struct RunOptions {
     pub cancel: CancelToken,
     /// Receives progress events.
     pub events: Option<Arc<EventSink>>,
+    /// Receives the whole record whenever it changes durably: the run
+    /// started, a step started or finished, the run finished. A server
+    /// stores it, so a restarted process resumes from the last finished
+    /// step ([`FlowRunner::execute`]).
+    pub checkpoint: Option<Arc<Checkpoint>>,
 }
+
+/// A receiver of run records (see [`RunOptions::checkpoint`]).
+pub type Checkpoint = dyn Fn(&FlowRun) + Send + Sync;
 
 impl std::fmt::Debug for RunOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -184,6 +192,7 @@ impl std::fmt::Debug for RunOptions {
             .field("flow_id", &self.flow_id)
             .field("cancel", &self.cancel)
             .field("events", &self.events.is_some())
+            .field("checkpoint", &self.checkpoint.is_some())
             .finish()
     }
 }
@@ -325,12 +334,18 @@ impl FlowRunner {
                 sink(&event);
             }
         };
+        let save = |run: &FlowRun| {
+            if let Some(checkpoint) = options.checkpoint.as_deref() {
+                checkpoint(run);
+            }
+        };
         let clock = Instant::now();
         let previous_ms = run.duration_ms.unwrap_or(0);
         run.status = RunStatus::Running;
         if run.started_at.is_none() {
             run.started_at = Some(now_rfc3339());
         }
+        save(run);
         emit(FlowEvent::RunStarted {
             run_id: run.id.clone(),
             steps: run.steps.len(),
@@ -379,6 +394,7 @@ impl FlowRunner {
                 step.error = None;
                 step.result = None;
             }
+            save(run);
             emit(FlowEvent::StepStarted {
                 run_id: run.id.clone(),
                 step_id: spec.id.clone(),
@@ -434,12 +450,14 @@ impl FlowRunner {
                     }
                 }
             }
+            save(run);
         }
         if run.status == RunStatus::Running {
             run.status = RunStatus::Succeeded;
         }
         run.finished_at = Some(now_rfc3339());
         run.duration_ms = Some(previous_ms + millis(clock));
+        save(run);
         emit(FlowEvent::RunFinished {
             run_id: run.id.clone(),
             status: run.status,

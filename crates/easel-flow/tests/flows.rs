@@ -804,3 +804,37 @@ fn a_stored_run_resumes_after_its_finished_steps() {
         "finished steps do not run again"
     );
 }
+
+/// The checkpoint receives the record at each durable change; the one taken
+/// after the first step finished resumes without running that step again.
+#[test]
+fn checkpoints_record_each_step_and_resume() {
+    let backend = Arc::new(FakeBackend::default());
+    let runner = runner_with(backend.clone(), None);
+    let flow = runner
+        .load("[{ id: 'gen', type: 'ImageGenerator', parameters: { baseModel: 'm', images: [{ prompt: 'a' }] } }, { id: 't', type: 'Template', parameters: { template: '$.results.gen[0].file_url' } }]")
+        .unwrap();
+    let saved = Arc::new(Mutex::new(Vec::<FlowRun>::new()));
+    let sink = saved.clone();
+    let options = RunOptions {
+        checkpoint: Some(Arc::new(move |r: &FlowRun| {
+            sink.lock().unwrap().push(r.clone())
+        })),
+        ..RunOptions::default()
+    };
+    let run = runner.run(&flow, json!({}), &options).unwrap();
+    let saved = saved.lock().unwrap().clone();
+    // started, gen started, gen finished, t started, t finished, finished.
+    assert_eq!(saved.len(), 6, "{saved:#?}");
+    assert_eq!(saved.last(), Some(&run));
+    assert_eq!(saved[1].steps[0].status, StepStatus::Running);
+    let after_gen = saved[2].clone();
+    assert_eq!(after_gen.steps[0].status, StepStatus::Succeeded);
+    assert_eq!(after_gen.steps[1].status, StepStatus::Pending);
+    assert_eq!(backend.requests().len(), 1);
+    let mut resumed = after_gen;
+    runner.execute(&flow, &mut resumed, &RunOptions::default());
+    assert_eq!(resumed.status, RunStatus::Succeeded);
+    assert_eq!(resumed.results()["t"], run.results()["t"]);
+    assert_eq!(backend.requests().len(), 1, "gen did not run again");
+}
