@@ -61,6 +61,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/usage", get(get_usage))
         .route("/v1/images/generations", post(crate::openai::generations))
         .route("/v1/images/edits", post(crate::openai::edits))
+        .merge(crate::flows::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/healthz", get(healthz))
@@ -536,18 +537,7 @@ async fn cancel_generation(
             format!("the job is already {}", record.status.as_str()),
         ));
     }
-    let error = crate::job::JobError::new("canceled", "canceled by the client");
-    if state.store().cancel_queued(&id, &error).await? {
-        Metrics::inc(&state.metrics().jobs_canceled);
-        state.emit(JobEvent::Status {
-            id: id.clone(),
-            status: JobStatus::Canceled,
-        });
-        queue_webhook(&state, &id, "completed").await?;
-    } else {
-        // Running: the worker stops at the next step.
-        state.store().request_cancel(&id).await?;
-        state.worker().cancel(&id);
+    if !cancel_job(&state, &id).await? {
         wait_for(&state, &id, 10).await?;
     }
     let record = owned_record(&state, &principal, &id, &base).await?;
@@ -560,6 +550,29 @@ async fn cancel_generation(
 }
 
 use crate::metrics::Metrics;
+
+/// Cancel job `id`: a queued job is canceled now (true), a running one is
+/// asked to stop at its next step (false).
+///
+/// # Errors
+/// A store failure.
+pub async fn cancel_job(state: &AppState, id: &str) -> Result<bool, ApiError> {
+    let error = crate::job::JobError::new("canceled", "canceled by the client");
+    if state.store().cancel_queued(id, &error).await? {
+        Metrics::inc(&state.metrics().jobs_canceled);
+        state.emit(JobEvent::Status {
+            id: id.to_string(),
+            status: JobStatus::Canceled,
+        });
+        queue_webhook(state, id, "completed").await?;
+        Ok(true)
+    } else {
+        // Running: the worker stops at the next step.
+        state.store().request_cancel(id).await?;
+        state.worker().cancel(id);
+        Ok(false)
+    }
+}
 
 #[utoipa::path(get, path = "/v1/generations/{id}/events", tag = "generations",
     params(("id" = String, Path, description = "Job id")),
@@ -868,6 +881,28 @@ async fn create_training(
                 "give the base model the LoRA is for",
             )
         })?;
+    let name = name.filter(|n| !n.trim().is_empty()).or(file_name);
+    let row = register_training(&state, &principal, file.to_vec(), name, base_model).await?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        TrainingRecord::from(&row),
+    ))
+}
+
+/// Store a LoRA file as a training of `principal` (what `POST
+/// /v1/trainings` and the flows' `RegisterTraining` step do): the base model
+/// must resolve, the file must hold LoRA weights.
+///
+/// # Errors
+/// 403 `path_not_allowed` / 422 `unknown_model` for `baseModel`, 422
+/// `invalid_value` for `file`, or a store failure.
+pub async fn register_training(
+    state: &AppState,
+    principal: &Principal,
+    bytes: Vec<u8>,
+    name: Option<String>,
+    base_model: String,
+) -> Result<TrainingRow, ApiError> {
     let registry = state.models().clone();
     let b = base_model.clone();
     tokio::task::spawn_blocking(move || registry.resolve(&b))
@@ -881,7 +916,6 @@ async fn create_training(
                 ApiError::invalid("unknown_model", "baseModel", m)
             }
         })?;
-    let bytes = file.to_vec();
     let check = tokio::task::spawn_blocking(move || check_lora_file(&bytes).map(|_| bytes))
         .await
         .map_err(|e| ApiError::internal("reading a LoRA", e))?;
@@ -894,20 +928,14 @@ async fn create_training(
     let row = TrainingRow {
         id: new_id(),
         key_id: principal.key_id.clone(),
-        name: name
-            .filter(|n| !n.trim().is_empty())
-            .or(file_name)
-            .unwrap_or_else(|| "lora".into()),
+        name: name.unwrap_or_else(|| "lora".into()),
         base_model,
         hash: stored.hash,
         file_size: stored.size as i64,
         created_at: now_ms(),
     };
     state.store().insert_training(&row).await?;
-    Ok(json_response(
-        StatusCode::CREATED,
-        TrainingRecord::from(&row),
-    ))
+    Ok(row)
 }
 
 fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {

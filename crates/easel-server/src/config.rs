@@ -100,6 +100,14 @@ pub struct Config {
     /// Longest `Prefer: wait=N` honoured, in seconds (and how long the
     /// OpenAI-compatible endpoints wait for their images).
     pub max_wait_seconds: u64,
+    /// An OpenAI-compatible chat-completions server for the flows'
+    /// `ObjectGenerator` step (`http://127.0.0.1:8080/v1`); without one that
+    /// step fails with a message saying so.
+    pub llm_url: Option<String>,
+    /// The model name the chat-completions server expects (with `llm_url`).
+    pub llm_model: Option<String>,
+    /// A bearer token for the chat-completions server, if it needs one.
+    pub llm_api_key: Option<String>,
 }
 
 impl Default for Config {
@@ -131,6 +139,9 @@ impl Default for Config {
             allow_remote_images: true,
             max_input_image_bytes: 20 << 20,
             max_wait_seconds: 600,
+            llm_url: None,
+            llm_model: None,
+            llm_api_key: None,
         }
     }
 }
@@ -188,6 +199,9 @@ const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("allow_remote_images", EnvKind::Bool),
     ("max_input_image_bytes", EnvKind::Int),
     ("max_wait_seconds", EnvKind::Int),
+    ("llm_url", EnvKind::Str),
+    ("llm_model", EnvKind::Str),
+    ("llm_api_key", EnvKind::Str),
 ];
 
 impl Config {
@@ -277,7 +291,33 @@ impl Config {
                 )));
             }
         }
+        if let Some(url) = &self.llm_url {
+            let ok = url::Url::parse(url)
+                .map(|u| matches!(u.scheme(), "http" | "https"))
+                .unwrap_or(false);
+            if !ok {
+                return Err(ConfigError(format!(
+                    "llm_url: `{url}` is not an http(s) URL"
+                )));
+            }
+            if self.llm_model.as_deref().is_none_or(str::is_empty) {
+                return Err(ConfigError(
+                    "llm_url is set but llm_model is not: set it to the model name the \
+                     chat-completions server expects"
+                        .into(),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The chat-completions server of the flows' `ObjectGenerator` step,
+    /// if one is configured (`llm_url`, `llm_model`, `llm_api_key`).
+    pub fn chat_config(&self) -> Option<easel_flow::ChatConfig> {
+        let (url, model) = (self.llm_url.as_ref()?, self.llm_model.as_ref()?);
+        let mut chat = easel_flow::ChatConfig::new(url.clone(), model.clone());
+        chat.api_key = self.llm_api_key.clone();
+        Some(chat)
     }
 
     /// `bind` as a socket address.

@@ -11,6 +11,8 @@
 //! - [`worker`]: the engine thread: jobs in order, each request's images as
 //!   batches, the loaded model preferred when fair; [`engine`] wraps
 //!   `easel-diffusion` (the server never sees a tensor) and a fake for load tests.
+//! - [`flows`]: stored flows and durable runs (`/v1/flows`, `/v1/flow-runs`)
+//!   on `easel-flow`, with the server's image backend and steps.
 //! - [`api`] (native `/v1/...`), [`openai`] (`/v1/images/...`),
 //!   [`openapi`] (`/openapi.json`, `/docs`), [`auth`], [`webhooks`],
 //!   [`metrics`].
@@ -27,6 +29,7 @@ pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod flows;
 pub mod inputs;
 pub mod job;
 pub mod metrics;
@@ -116,6 +119,7 @@ struct Inner {
     shutting_down: AtomicBool,
     base_url: Mutex<String>,
     worker_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    flows: flows::FlowsShared,
 }
 
 /// The server's shared state: configuration, store, asset folders, the
@@ -186,6 +190,7 @@ impl AppState {
             shutting_down: AtomicBool::new(false),
             base_url: Mutex::new(format!("http://{bind}")),
             worker_thread: Mutex::new(None),
+            flows: flows::FlowsShared::default(),
             config,
         };
         let state = AppState(Arc::new(inner));
@@ -196,6 +201,7 @@ impl AppState {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(handle);
         tokio::spawn(webhooks::run_dispatcher(state.clone()));
+        flows::resume_unfinished(&state).await;
         Ok(state)
     }
 
@@ -227,6 +233,11 @@ impl AppState {
     /// What the engine can do.
     pub fn capabilities(&self) -> Capabilities {
         self.0.capabilities
+    }
+
+    /// Flow runs' events and cancel tokens.
+    pub fn flows(&self) -> &flows::FlowsShared {
+        &self.0.flows
     }
 
     /// Counters.

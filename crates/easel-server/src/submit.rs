@@ -31,6 +31,8 @@ pub enum Source {
     Native,
     /// `POST /v1/images/generations` or `/v1/images/edits`.
     OpenAi,
+    /// An `ImageGenerator` step of a flow run.
+    Flow,
 }
 
 impl Source {
@@ -38,6 +40,7 @@ impl Source {
         match self {
             Source::Native => "native",
             Source::OpenAi => "openai",
+            Source::Flow => "flow",
         }
     }
 }

@@ -1468,3 +1468,422 @@ async fn restart_requeues_running_jobs_and_fails_them_after_max_attempts() {
         "its image is kept"
     );
 }
+
+// ---- flows (issue 7) ------------------------------------------------------
+
+#[path = "../../easel-flow/tests/support/mod.rs"]
+mod flow_support;
+
+impl TestServer {
+    /// Poll a flow run until it is finished (or panic after `secs`).
+    async fn wait_run(&self, id: &str, secs: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (status, run) = self.get(&format!("/v1/flow-runs/{id}")).await;
+            assert_eq!(status, StatusCode::OK, "{run}");
+            if ["succeeded", "failed", "canceled"].contains(&run["status"].as_str().unwrap()) {
+                return run;
+            }
+            assert!(Instant::now() < deadline, "run {id} not done: {run:#}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Store `document` and start a run of it with `input`; the run's id.
+    async fn start_flow(&self, document: Value, input: Value) -> String {
+        let (s, flow) = self.post("/v1/flows", document).await;
+        assert_eq!(s, StatusCode::CREATED, "{flow}");
+        let (s, run) = self
+            .post(
+                &format!("/v1/flows/{}/runs", flow["id"].as_str().unwrap()),
+                json!({ "input": input }),
+            )
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{run}");
+        assert_eq!(run["object"], "flow_run");
+        run["id"].as_str().unwrap().to_string()
+    }
+}
+
+const SEED_GENRE_FLOW: &str = include_str!("../../easel-flow/tests/seed_flows/genre.json5");
+const SEED_TRAINED_MODEL_FLOW: &str =
+    include_str!("../../easel-flow/tests/seed_flows/trained_model.json5");
+
+/// Both example flows of the ImageGenerator seed document, stored and run
+/// over HTTP on the real engine with the tiny SD 1.5 fixture (the seed's
+/// model ids are aliases of it): the genre flow with its prompts from a
+/// chat-completions test server, one asset per prompt from ONE job; the
+/// trained-model flow after a `RegisterTraining` step, with the per-image
+/// `trainingId` / `baseModel` overrides reaching the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_flows_run_over_http_on_the_fixture_model() {
+    let chat = flow_support::FakeChatServer::start(4, |request| {
+        let genre = flow_support::user_message(request);
+        let prompts: Vec<String> = (0..3).map(|i| format!("{genre} scene {i}")).collect();
+        (
+            200,
+            flow_support::chat_answer(&json!({ "prompts": prompts }).to_string()),
+        )
+    });
+    let chat_url = chat.url.clone();
+    let server = TestServer::new(|c| {
+        for alias in [
+            "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "Realistic_Vision_V6.0_B1",
+        ] {
+            c.models.insert(alias.into(), tiny_sd15());
+        }
+        c.llm_url = Some(chat_url);
+        c.llm_model = Some("test-model".into());
+    })
+    .await;
+
+    // The genre flow: 3 prompts → 3 assets of one job.
+    let genre = server
+        .start_flow(
+            json!({ "document": SEED_GENRE_FLOW }),
+            json!({ "promptType": "film noir" }),
+        )
+        .await;
+    let run = server.wait_run(&genre, 300).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let gen = &run["steps"][1];
+    let job_id = gen["jobId"].as_str().unwrap();
+    let assets = gen["result"].as_array().unwrap();
+    assert_eq!(assets.len(), 3, "one asset per prompt");
+    let job = server.wait_done(job_id, 5).await;
+    assert_eq!(job["source"], "flow");
+    assert_eq!(job["images"].as_array().unwrap().len(), 3, "one job");
+    for (i, asset) in assets.iter().enumerate() {
+        assert_eq!(asset["job_id"], job_id);
+        assert_eq!(
+            job["images"][i]["parameters"]["prompt"],
+            format!("film noir scene {i}")
+        );
+        assert_eq!(job["images"][i]["parameters"]["steps"], 30);
+        let (s, _, bytes) = server.file(asset["file_url"].as_str().unwrap()).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(bytes.len() as u64, asset["file_size"].as_u64().unwrap());
+    }
+
+    // The trained-model flow: myTrainingStep registers the fixture LoRA;
+    // the second image overrides with another training, uploaded first.
+    let lora = std::fs::read(fixtures().join("loras/tiny-sd15-lora.safetensors")).unwrap();
+    let (s, other) = post_multipart(
+        &server,
+        "/v1/trainings",
+        &[
+            (
+                "file",
+                Some("kohya.safetensors"),
+                &std::fs::read(fixtures().join("loras/tiny-sd15-lora-kohya.safetensors")).unwrap(),
+            ),
+            ("baseModel", None, b"Realistic_Vision_V6.0_B1"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{other}");
+    drop(lora);
+    let other_id = other["id"].as_str().unwrap();
+    // The seed's sizes and steps, scaled to the tiny model; its
+    // override id replaced by a training this server has.
+    let document = SEED_TRAINED_MODEL_FLOW
+        .replace("4716c93e-03bc-49cf-921d-203971fe5866", other_id)
+        .replace("width: 768", "width: 64")
+        .replace("height: 768", "height: 64")
+        .replace("steps: 20", "steps: 4")
+        .replace(
+            "name: 'my subject' }",
+            "name: 'my subject', baseModel: 'stable-diffusion-v1-5/stable-diffusion-v1-5' }",
+        );
+    let lora_path = fixtures().join("loras/tiny-sd15-lora.safetensors");
+    let trained = server
+        .start_flow(
+            json!({ "document": document }),
+            json!({ "loraFile": lora_path.display().to_string() }),
+        )
+        .await;
+    let run = server.wait_run(&trained, 300).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let training = &run["steps"][0]["result"];
+    assert_eq!(training["object"], "training");
+    assert_eq!(training["name"], "my subject");
+    let (s, _) = server
+        .get(&format!(
+            "/v1/trainings/{}",
+            training["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "the step registered a training");
+    let gen = &run["steps"][1];
+    assert_eq!(gen["result"].as_array().unwrap().len(), 2);
+    let job = server.wait_done(gen["jobId"].as_str().unwrap(), 5).await;
+    let lora_of = |i: usize| job["images"][i]["parameters"]["loras"][0]["source"].clone();
+    assert_eq!(
+        lora_of(0),
+        format!("training:{}", training["id"].as_str().unwrap())
+    );
+    assert_eq!(lora_of(1), format!("training:{other_id}"));
+    assert_eq!(job["images"][1]["parameters"]["guidanceScale"], 8.0);
+}
+
+/// Flows are stored, listed, read and deleted; invalid documents are 422
+/// with every problem named by step and parameter; a failing second step
+/// fails the run (terminate) or is recorded and skipped past (continue);
+/// inputs that do not fit the references are refused before anything runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_crud_validation_and_on_failure_over_http() {
+    let server = TestServer::fake().await;
+    let (s, e) = server
+        .post(
+            "/v1/flows",
+            json!({ "document": "{ steps: [ { id: 'a', type: 'Nope' }, { id: 'b', type: 'Template', parameters: { template: '$.results.c' } } ] }" }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    assert_eq!(e["error"]["code"], "invalid_flow");
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("steps[0] (a).type: unknown step type `Nope`"),
+        "{message}"
+    );
+    assert!(message.contains("steps[1] (b)"), "{message}");
+
+    let flow = |on_failure: &str| {
+        json!({
+            "name": "two steps",
+            "steps": [
+                { "id": "gen", "type": "ImageGenerator", "onFailure": on_failure,
+                  "parameters": { "baseModel": tiny_sd15(), "images": [ { "prompt": "a", "width": 1001 } ] } },
+                { "id": "after", "type": "Template", "parameters": { "template": "done {{ $.input.x }}" } }
+            ]
+        })
+    };
+    let (s, created) = server.post("/v1/flows", flow("terminate")).await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    assert_eq!(created["object"], "flow");
+    assert_eq!(created["name"], "two steps");
+    assert_eq!(
+        created["steps"][1],
+        json!({ "id": "after", "type": "Template" })
+    );
+    let id = created["id"].as_str().unwrap();
+    let (_, list) = server.get("/v1/flows").await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    let (s, got) = server.get(&format!("/v1/flows/{id}")).await;
+    assert_eq!((s, &got["id"]), (StatusCode::OK, &created["id"]));
+
+    // The input lacks `x`: refused before anything runs.
+    let (s, e) = server
+        .post(&format!("/v1/flows/{id}/runs"), json!({ "input": {} }))
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("steps[1] (after)"),
+        "{e}"
+    );
+
+    // terminate: the run fails naming the step and field; `after` is skipped.
+    let (s, run) = server
+        .post(
+            &format!("/v1/flows/{id}/runs"),
+            json!({ "input": { "x": 1 } }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{run}");
+    let run = server.wait_run(run["id"].as_str().unwrap(), 30).await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    let message = run["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("steps[0] (gen): parameters.images[0].width"),
+        "{message}"
+    );
+    assert_eq!(run["steps"][1]["status"], "skipped");
+    let (_, runs) = server.get(&format!("/v1/flows/{id}/runs")).await;
+    assert_eq!(runs["data"][0]["id"], run["id"]);
+
+    // continue: the error is the step's result and the run goes on.
+    let run_id = server.start_flow(flow("continue"), json!({ "x": 2 })).await;
+    let run = server.wait_run(&run_id, 30).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(run["steps"][0]["status"], "failed");
+    assert!(run["steps"][0]["result"]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("width"));
+    assert_eq!(run["steps"][1]["result"], "done 2");
+
+    let (s, _) = server
+        .call(Method::DELETE, &format!("/v1/flows/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = server.get(&format!("/v1/flows/{id}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Its runs stay readable.
+    let (s, _) = server
+        .get(&format!("/v1/flow-runs/{}", run["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    // Another key sees none of it.
+    let other = TestServer::add_key(&server.state, None).await;
+    let (s, _, _) = server
+        .call_as(
+            Some(&other),
+            Method::GET,
+            &format!("/v1/flow-runs/{run_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+/// Canceling a run cancels its running image job; the SSE stream reports
+/// the steps and ends with the final record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_runs_cancel_and_stream_events() {
+    let server = TestServer::new(|c| {
+        c.engine = EngineKind::Fake;
+        c.fake_step_ms = 200;
+    })
+    .await;
+    let flow = json!({ "steps": [
+        { "id": "gen", "type": "ImageGenerator",
+          "parameters": { "baseModel": tiny_sd15(), "steps": 50, "images": [ { "prompt": "slow" } ] } },
+        { "id": "after", "type": "Constant", "parameters": { "value": 1 } }
+    ] });
+    let run_id = server.start_flow(flow, json!({})).await;
+    // Wait for the job to run, then cancel the run.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let job_id = loop {
+        let (_, run) = server.get(&format!("/v1/flow-runs/{run_id}")).await;
+        let (_, jobs) = server.get("/v1/generations").await;
+        if let Some(j) = jobs["data"].as_array().and_then(|d| d.first()) {
+            if j["status"] == "running" && run["steps"][0]["status"] == "running" {
+                break j["id"].as_str().unwrap().to_string();
+            }
+        }
+        assert!(Instant::now() < deadline, "the job never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (s, run) = server
+        .post(&format!("/v1/flow-runs/{run_id}/cancel"), json!({}))
+        .await;
+    assert!(
+        s == StatusCode::OK || s == StatusCode::ACCEPTED,
+        "{s} {run}"
+    );
+    let run = server.wait_run(&run_id, 30).await;
+    assert_eq!(run["status"], "canceled", "{run:#}");
+    assert_eq!(run["steps"][0]["status"], "canceled");
+    assert_eq!(run["steps"][1]["status"], "canceled");
+    let job = server.wait_done(&job_id, 10).await;
+    assert_eq!(job["status"], "canceled");
+    let (s, e) = server
+        .post(&format!("/v1/flow-runs/{run_id}/cancel"), json!({}))
+        .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("not_cancelable"))
+    );
+
+    // Events of a fresh run, from the start to the final record.
+    let fast = json!({ "steps": [
+        { "id": "gen", "type": "ImageGenerator",
+          "parameters": { "baseModel": tiny_sd15(), "steps": 5, "images": [ { "prompt": "a" } ] } },
+        { "id": "t", "type": "Template", "parameters": { "template": "$.results.gen[0].file_url" } }
+    ] });
+    let run_id = server.start_flow(fast, json!({})).await;
+    let request = Request::get(format!("/v1/flow-runs/{run_id}/events"))
+        .header(header::AUTHORIZATION, format!("Bearer {}", server.key))
+        .body(Body::empty())
+        .unwrap();
+    let (s, headers, body) = server.send(request).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(headers[header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let text = String::from_utf8(body).unwrap();
+    let events: Vec<(&str, Value)> = text
+        .split("\n\n")
+        .filter_map(|block| {
+            let name = block.lines().find_map(|l| l.strip_prefix("event: "))?;
+            let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
+            Some((name, serde_json::from_str(data).unwrap()))
+        })
+        .collect();
+    assert_eq!(events.first().unwrap().0, "status", "{text}");
+    let (last, record) = events.last().unwrap();
+    assert_eq!(*last, "status", "{text}");
+    assert_eq!(record["status"], "succeeded", "{text}");
+    assert_eq!(
+        record["steps"][1]["result"],
+        record["steps"][0]["result"][0]["file_url"]
+    );
+    if events.len() > 2 {
+        assert!(events.iter().any(|(n, _)| *n == "step_finished"), "{text}");
+    }
+}
+
+/// A run the process left `running` resumes when the server starts again,
+/// keeping its finished steps' stored results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_flow_run_resumes_on_restart() {
+    let server = TestServer::fake().await;
+    let text = "{ steps: [ { id: 'list', type: 'List', parameters: { value: ['fresh'] } }, { id: 't', type: 'Template', parameters: { template: 'got {{ $.results.list[0] }}' } } ] }";
+    let (s, flow) = server.post("/v1/flows", json!({ "document": text })).await;
+    assert_eq!(s, StatusCode::CREATED, "{flow}");
+    // A record as a dead process would have left it: `list` finished (with
+    // a result that differs from what it would compute now), `t` running.
+    let runner = easel_flow::FlowRunner::new(easel_flow::StepRegistry::with_basic_steps());
+    let document = runner.load(text).unwrap();
+    let mut run = runner
+        .prepare(&document, json!({}), &easel_flow::RunOptions::default())
+        .unwrap();
+    run.status = easel_flow::RunStatus::Running;
+    run.steps[0].status = easel_flow::StepStatus::Succeeded;
+    run.steps[0].result = Some(json!(["stored"]));
+    run.steps[1].status = easel_flow::StepStatus::Running;
+    let key_id = server
+        .state
+        .store()
+        .key_by_hash(&easel_server::auth::hash_secret(&server.key))
+        .await
+        .unwrap()
+        .unwrap()
+        .id;
+    let row = easel_server::store::FlowRunRow {
+        id: run.id.clone(),
+        flow_id: flow["id"].as_str().unwrap().to_string(),
+        key_id,
+        document: text.to_string(),
+        record_json: serde_json::to_string(&run).unwrap(),
+        cancel_requested: false,
+        created_at: 1,
+    };
+    server
+        .state
+        .store()
+        .insert_flow_run(&row, "running")
+        .await
+        .unwrap();
+    // Restart on the same data dir.
+    server.state.shutdown().await;
+    let config = Config {
+        engine: EngineKind::Fake,
+        ..base_config(server.dir.path())
+    };
+    let state = AppState::open(config).await.unwrap();
+    let restarted = TestServer {
+        router: app(state.clone()),
+        state,
+        key: server.key.clone(),
+        dir: server.dir,
+    };
+    let resumed = restarted.wait_run(&run.id, 30).await;
+    assert_eq!(resumed["status"], "succeeded", "{resumed:#}");
+    assert_eq!(resumed["steps"][1]["result"], "got stored");
+}
