@@ -772,6 +772,28 @@ fn flux_lora_comfyui_spelling_matches_kohya() {
     assert_close("comfyui spelling", &lat, &img, &refs);
 }
 
+/// The tiny fixtures have 32–64 channels, below the Winograd threshold, so
+/// the cases above run the direct 3×3 kernel; these run every convolution
+/// of the UNet / transformer-free VAE through Winograd F(2×2, 3×3) and must
+/// land within the same tolerances (text-to-image SD 1.5, SD 2 v-prediction,
+/// SDXL, inpainting, image-to-image with VAE encode, FLUX's 16-channel VAE).
+#[test]
+fn winograd_kernel_reproduces_the_references() {
+    use easel_diffusion::models::kernels::{with_conv3x3_kernel, Conv3x3Kernel};
+    with_conv3x3_kernel(Conv3x3Kernel::Winograd, || {
+        for case in [
+            "sd15_txt2img_euler",
+            "sd2v_txt2img_ddim",
+            "sdxl_txt2img_euler",
+            "sd15_inpaint_ddim",
+            "sd15_img2img_ddim",
+            "flux_dev_txt2img",
+        ] {
+            check_case(case);
+        }
+    });
+}
+
 /// Pillow's Lanczos resize, byte for byte (`image_resize.safetensors`).
 #[test]
 fn lanczos_resize_matches_pillow() {

@@ -114,20 +114,25 @@ impl Linear {
 
 /// `torch.nn.Conv2d` with square kernels, weight `(out, in, k, k)`.
 ///
-/// On the CPU, 3×3 stride-1 "same" convolutions run as nine shifted matrix
-/// products ([`kernels::conv3x3_same`]) and 1×1 convolutions as one; other
-/// shapes (the stride-2 down-samplers) use candle's convolution.
+/// On the CPU, 3×3 stride-1 "same" convolutions run as Winograd F(2×2, 3×3)
+/// ([`kernels::conv3x3_winograd`]) when channels are many, else as nine
+/// shifted matrix products ([`kernels::conv3x3_same`]; see
+/// [`kernels::conv3x3_prefers_winograd`]), and 1×1 convolutions as one matrix product;
+/// other shapes (the stride-2 down-samplers) use candle's convolution. The
+/// fast paths read the loaded weight tensor in place: no re-ordered second
+/// copy is kept (it would double the memory of weights that the LoRA cache
+/// also holds).
 #[derive(Clone, Debug)]
 pub struct Conv2d {
-    /// The weight as loaded, kept only for the shapes without a fast path.
-    weight: Option<Tensor>,
+    /// The weight as loaded, `(out, in, k, k)`.
+    weight: Tensor,
     /// `(out, in, k)`.
     dims: (usize, usize, usize),
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
-    /// The weight re-ordered for the fast path, when it applies.
-    packed: Option<Arc<Vec<f32>>>,
+    /// Whether a fast CPU kernel applies (f32 weight, stride 1, 3×3 "same" or 1×1).
+    fast: bool,
     bias_f32: Arc<Vec<f32>>,
 }
 
@@ -143,29 +148,22 @@ impl Conv2d {
     ) -> Result<Self> {
         let weight = w.get(&[out_channels, in_channels, kernel, kernel], "weight")?;
         let bias_t = w.get(&[out_channels], "bias")?;
-        let packed = if kernels::applies(&weight) && stride == 1 {
-            match (kernel, padding) {
-                (3, 1) => Some(Arc::new(kernels::with_f32(&weight, |d| {
-                    kernels::pack_conv3x3_weight(d, out_channels, in_channels)
-                })?)),
-                (1, 0) => Some(Arc::new(kernels::with_f32(&weight, <[f32]>::to_vec)?)),
-                _ => None,
-            }
-        } else {
-            None
-        };
+        let fast = kernels::applies(&weight)
+            && weight.is_contiguous()
+            && stride == 1
+            && matches!((kernel, padding), (3, 1) | (1, 0));
         let bias_f32 = Arc::new(if kernels::applies(&bias_t) {
             kernels::with_f32(&bias_t, <[f32]>::to_vec)?
         } else {
             Vec::new()
         });
         Ok(Self {
-            weight: if packed.is_some() { None } else { Some(weight) },
+            weight,
             dims: (out_channels, in_channels, kernel),
             bias: Some(bias_t),
             stride,
             padding,
-            packed,
+            fast,
             bias_f32,
         })
     }
@@ -174,7 +172,7 @@ impl Conv2d {
     /// `h' = (h + 2 padding - k) / stride + 1`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (co, in_c, k) = self.dims;
-        if let (Some(packed), true) = (&self.packed, kernels::applies(x)) {
+        if self.fast && kernels::applies(x) {
             let (b, ci, h, w) = x.dims4()?;
             if ci != in_c {
                 return Err(Error::invalid(
@@ -184,23 +182,21 @@ impl Conv2d {
             }
             count_flops(2 * b * co * h * w * in_c * k * k);
             let y = timed(if k == 3 { 0 } else { 1 }, || {
-                kernels::with_f32(x, |xd| {
-                    if k == 3 {
-                        kernels::conv3x3_same(xd, b, ci, h, w, packed, &self.bias_f32, co)
-                    } else {
-                        kernels::conv1x1(xd, b, ci, h * w, packed, &self.bias_f32, co)
-                    }
-                })
+                kernels::with_f32(&self.weight, |wd| {
+                    kernels::with_f32(x, |xd| {
+                        if k == 3 && kernels::conv3x3_prefers_winograd(ci, co) {
+                            kernels::conv3x3_winograd(xd, b, ci, h, w, wd, &self.bias_f32, co)
+                        } else if k == 3 {
+                            kernels::conv3x3_same(xd, b, ci, h, w, wd, &self.bias_f32, co)
+                        } else {
+                            kernels::conv1x1(xd, b, ci, h * w, wd, &self.bias_f32, co)
+                        }
+                    })
+                })?
             })?;
             return kernels::tensor(y, &[b, co, h, w]);
         }
-        let weight = match &self.weight {
-            Some(w) => w.to_dtype(x.dtype())?,
-            None => {
-                // Only an f32 CPU input reaches here without the original weight.
-                return Err(Error::invalid("conv2d", "expected an f32 CPU input"));
-            }
-        };
+        let weight = self.weight.to_dtype(x.dtype())?;
         let y = timed(2, || x.conv2d(&weight, self.padding, self.stride, 1, 1))?;
         count_flops(2 * y.elem_count() * in_c * k * k);
         match &self.bias {
