@@ -1,7 +1,8 @@
 //! The engine's own CPU kernels for the operations that dominate diffusion
-//! models: 3×3 convolution as nine shifted matrix products, group norm fused
-//! with SiLU, and attention computed block by block without materialising the
-//! full score matrix. Matrix products go through the `gemm` crate (runtime
+//! models: 3×3 convolution by Winograd F(2×2, 3×3) or as nine shifted
+//! matrix products (reading PyTorch's weight layout in place), group norm
+//! fused with SiLU, and attention computed block by block without
+//! materialising the full score matrix, its softmax on a vectorised `exp`. Matrix products go through the `gemm` crate (runtime
 //! dispatch to AVX2/AVX-512/NEON micro-kernels); everything around them
 //! (layout, padding, softmax, normalisation) is ours.
 //!
