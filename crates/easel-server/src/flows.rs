@@ -17,7 +17,9 @@
 //!   the process left `pending` or `running` is resumed when the server
 //!   starts, keeping its finished steps (a step that was running runs again;
 //!   an image step submits a new job). A run keeps the document it started
-//!   with, so deleting the flow does not break it.
+//!   with, so deleting the flow does not break it. While the server stops,
+//!   records are no longer written, so a run cut off by a graceful stop
+//!   resumes too.
 //! - Steps: `ImageGenerator` submits its request as ONE job of the run's
 //!   key ([`ServerImageBackend`]: same validation, queue, credit and worker
 //!   as `POST /v1/generations`, `source: flow`), waits for it, reports its
@@ -150,6 +152,13 @@ impl ImageBackend for ServerImageBackend {
                 .map(|g| g.status);
             if status.is_none_or(|s| s.is_terminal()) {
                 break;
+            }
+            if state.is_shutting_down() {
+                // The worker re-queues the job; the run's stored record stays
+                // `running` (checkpoints stop), so it resumes at the next start.
+                return Err(StepError::failed(
+                    "the server is stopping; this run resumes when it starts again",
+                ));
             }
             if ctx.is_canceled() && !canceled {
                 canceled = true;
@@ -350,6 +359,11 @@ fn spawn_run(
     let store_state = state.clone();
     let store_runtime = runtime.clone();
     let checkpoint = move |record: &FlowRun| {
+        // While stopping, keep the last stored record (`running`), so the
+        // next start resumes the run instead of seeing it failed.
+        if store_state.is_shutting_down() {
+            return;
+        }
         let text = serde_json::to_string(record).unwrap_or_else(|_| "{}".into());
         let status = status_name(record);
         let stored = store_runtime.block_on(
