@@ -69,7 +69,7 @@ pub struct Linear {
 impl Linear {
     /// Load `weight` (and `bias` when `bias` is true) from `w`.
     pub fn load(w: &Weights, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
-        let weight = w.get(&[out_features, in_features], "weight")?;
+        let weight = w.get_stored(&[out_features, in_features], "weight")?;
         let bias = if bias {
             Some(w.get(&[out_features], "bias")?)
         } else {
@@ -93,7 +93,7 @@ impl Linear {
         count_flops(2 * rows * in_f * out_f);
         let has_bias = self.inner.bias().is_some();
         if kernels::applies(x)
-            && kernels::applies(weight)
+            && kernels::applies_weight(weight)
             && x.dims().last() == Some(&in_f)
             && (!has_bias || self.bias_f32.len() == out_f)
         {
@@ -101,12 +101,17 @@ impl Linear {
             *shape.last_mut().expect("x has a last dimension") = out_f;
             let y = timed(3, || {
                 kernels::with_f32(x, |xd| {
-                    kernels::with_f32(weight, |wd| {
+                    kernels::with_f32_weight(weight, |wd| {
                         kernels::linear(xd, rows, in_f, wd, &self.bias_f32, out_f)
                     })
                 })
             })??;
             return kernels::tensor(y, &shape);
+        }
+        if weight.dtype() != x.dtype() {
+            let inner =
+                candle_nn::Linear::new(weight.to_dtype(x.dtype())?, self.inner.bias().cloned());
+            return timed(3, || Ok(inner.forward(x)?));
         }
         timed(3, || Ok(self.inner.forward(x)?))
     }
@@ -124,14 +129,16 @@ impl Linear {
 /// also holds).
 #[derive(Clone, Debug)]
 pub struct Conv2d {
-    /// The weight as loaded, `(out, in, k, k)`.
+    /// The weight as loaded, `(out, in, k, k)`, in its stored precision
+    /// (f16 / bf16 stay half size; see [`Weights::get_stored`]).
     weight: Tensor,
     /// `(out, in, k)`.
     dims: (usize, usize, usize),
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
-    /// Whether a fast CPU kernel applies (f32 weight, stride 1, 3×3 "same" or 1×1).
+    /// Whether a fast CPU kernel applies (f32 / f16 / bf16 CPU weight, stride
+    /// 1, 3×3 "same" or 1×1).
     fast: bool,
     bias_f32: Arc<Vec<f32>>,
 }
@@ -146,10 +153,10 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
-        let weight = w.get(&[out_channels, in_channels, kernel, kernel], "weight")?;
+        let weight = w.get_stored(&[out_channels, in_channels, kernel, kernel], "weight")?;
         let bias_t = w.get(&[out_channels], "bias")?;
-        let fast = kernels::applies(&weight)
-            && weight.is_contiguous()
+        let fast = kernels::applies_weight(&weight)
+            && kernels::applies(&bias_t)
             && stride == 1
             && matches!((kernel, padding), (3, 1) | (1, 0));
         let bias_f32 = Arc::new(if kernels::applies(&bias_t) {
@@ -182,7 +189,7 @@ impl Conv2d {
             }
             count_flops(2 * b * co * h * w * in_c * k * k);
             let y = timed(if k == 3 { 0 } else { 1 }, || {
-                kernels::with_f32(&self.weight, |wd| {
+                kernels::with_f32_weight(&self.weight, |wd| {
                     kernels::with_f32(x, |xd| {
                         if k == 3 && kernels::conv3x3_prefers_winograd(ci, co) {
                             kernels::conv3x3_winograd(xd, b, ci, h, w, wd, &self.bias_f32, co)

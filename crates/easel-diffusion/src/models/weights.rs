@@ -97,7 +97,8 @@ impl TensorSource for SafetensorsSource {
 }
 
 /// A [`TensorSource`] that keeps every tensor it has handed out, converted
-/// to `dtype`, so a component can be built again (with other LoRA
+/// to `dtype` (f16 / bf16 tensors stay as stored when `dtype` is f32), so a
+/// component can be built again (with other LoRA
 /// adapters merged) without reading or converting its weight files again.
 ///
 /// The cached tensors are the very tensors the models hold (candle tensors
@@ -140,7 +141,11 @@ impl TensorSource for CachedSource {
             return Ok(None);
         };
         self.reads.fetch_add(1, Ordering::Relaxed);
-        let t = t.to_dtype(self.dtype)?;
+        // Half-precision tensors stay as stored when computing in f32: the
+        // layers keep matrix weights in their stored precision
+        // (`Weights::get_stored`), so caching them widened would double them.
+        let keep = self.dtype == DType::F32 && matches!(t.dtype(), DType::F16 | DType::BF16);
+        let t = if keep { t } else { t.to_dtype(self.dtype)? };
         cache.insert(name.to_string(), t.clone());
         Ok(Some(t))
     }
@@ -313,6 +318,41 @@ impl Weights {
             });
         }
         Ok(t.to_dtype(self.dtype)?)
+    }
+
+    /// Like [`Weights::get`] for a matrix or convolution weight that the
+    /// CPU kernels read through [`super::kernels::with_f32_weight`]: with
+    /// f32 compute on the CPU, a tensor stored as f16 or bf16 is returned
+    /// in that precision (half the memory of f32; the kernels widen it
+    /// exactly, one layer at a time), anything else as [`Weights::get`].
+    ///
+    /// Errors: as [`Weights::get`].
+    pub fn get_stored(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+        let full = self.full_name(name);
+        let t = self
+            .source
+            .tensor(&full, shape, &self.device)?
+            .ok_or_else(|| Error::MissingTensor {
+                component: self.component.to_string(),
+                tensor: full.clone(),
+                file: self.source.origin(),
+            })?;
+        if t.dims() != shape {
+            return Err(Error::ShapeMismatch {
+                component: self.component.to_string(),
+                tensor: full,
+                expected: shape.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        let keep = self.dtype == DType::F32
+            && self.device.is_cpu()
+            && matches!(t.dtype(), DType::F16 | DType::BF16);
+        Ok(if keep {
+            t.contiguous()?
+        } else {
+            t.to_dtype(self.dtype)?
+        })
     }
 
     /// Like [`Weights::get`], but `None` when the tensor is absent.
