@@ -15,8 +15,9 @@
 //! - Durable: the record is stored at every checkpoint (run start, step
 //!   start and finish, end: [`easel_flow::RunOptions::checkpoint`]); a run
 //!   the process left `pending` or `running` is resumed when the server
-//!   starts, keeping its finished steps (a step that was running runs again;
-//!   an image step submits a new job). A run keeps the document it started
+//!   starts, keeping its finished steps. A step that was running runs
+//!   again, but an image step finds the job it had submitted (its
+//!   idempotency key is `flow-run:<run>:step:<index>`) and waits for it. A run keeps the document it started
 //!   with, so deleting the flow does not break it. While the server stops,
 //!   records are no longer written, so a run cut off by a graceful stop
 //!   resumes too.
@@ -122,7 +123,25 @@ impl ImageBackend for ServerImageBackend {
     fn generate(&self, request: Value, ctx: &StepContext<'_>) -> Result<ImageJobResult, StepError> {
         let state = &self.state;
         let bytes = serde_json::to_vec(&request).unwrap_or_default();
+        let hash = body_hash(&bytes);
+        // One idempotency key per run and step: a run resumed after a
+        // restart finds the job its step already submitted (same request)
+        // and waits for it instead of submitting the work again.
+        let key = format!("flow-run:{}:step:{}", ctx.run_id(), ctx.step_index());
         let job_id = self.runtime.block_on(async {
+            let existing = state
+                .store()
+                .generation_by_idempotency_key(&self.principal.key_id, &key)
+                .await
+                .map_err(|e| StepError::failed(format!("job store: {e}")))?;
+            let key = match existing {
+                Some(job) if job.request_hash.as_deref() == Some(hash.as_str()) => {
+                    return Ok(job.id);
+                }
+                // Another request under this key: submit without one.
+                Some(_) => None,
+                None => Some(key),
+            };
             let native = easel_core::NativeRequest::from_json(request.clone())
                 .map_err(|e| api_step_error(ApiError::from(e)))?;
             let prepared = prepare(
@@ -131,8 +150,8 @@ impl ImageBackend for ServerImageBackend {
                 &native,
                 Source::Flow,
                 request,
-                body_hash(&bytes),
-                None,
+                hash,
+                key,
             )
             .await
             .map_err(api_step_error)?;
@@ -141,7 +160,7 @@ impl ImageBackend for ServerImageBackend {
                 .map_err(api_step_error)?;
             Ok::<_, StepError>(committed.job.id)
         })?;
-        ctx.log(format!("job {job_id} submitted"));
+        ctx.log(format!("job {job_id}"));
         let mut events = state.subscribe();
         let mut canceled = false;
         loop {

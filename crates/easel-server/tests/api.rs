@@ -1887,3 +1887,85 @@ async fn an_interrupted_flow_run_resumes_on_restart() {
     assert_eq!(resumed["status"], "succeeded", "{resumed:#}");
     assert_eq!(resumed["steps"][1]["result"], "got stored");
 }
+
+/// A run cut off while its image step's job was in the queue re-attaches to
+/// that job when it resumes (the step's idempotency key), instead of
+/// submitting the work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_image_step_waits_for_the_job_it_submitted() {
+    let server = TestServer::fake().await;
+    let params = json!({ "baseModel": tiny_sd15(), "steps": 2, "images": [ { "prompt": "a" } ] });
+    let document =
+        json!({ "steps": [ { "id": "gen", "type": "ImageGenerator", "parameters": params } ] });
+    let (s, flow) = server.post("/v1/flows", document.clone()).await;
+    assert_eq!(s, StatusCode::CREATED, "{flow}");
+    let key_row = server
+        .state
+        .store()
+        .key_by_hash(&easel_server::auth::hash_secret(&server.key))
+        .await
+        .unwrap()
+        .unwrap();
+    let principal = easel_server::auth::Principal {
+        key_id: key_row.id.clone(),
+        credit_limit_micros: None,
+    };
+    let runner = easel_flow::FlowRunner::new(easel_server::flows::step_registry(
+        &server.state,
+        &principal,
+    ));
+    let text = document.to_string();
+    let parsed = runner.load(&text).unwrap();
+    let mut run = runner
+        .prepare(&parsed, json!({}), &easel_flow::RunOptions::default())
+        .unwrap();
+    // The job the step had submitted before the process stopped.
+    let request = Request::post("/v1/generations")
+        .header(header::AUTHORIZATION, format!("Bearer {}", server.key))
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("idempotency-key", format!("flow-run:{}:step:0", run.id))
+        .body(Body::from(params.to_string()))
+        .unwrap();
+    let (s, _, body) = server.send(request).await;
+    assert_eq!(
+        s,
+        StatusCode::ACCEPTED,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let job: Value = serde_json::from_slice(&body).unwrap();
+    run.status = easel_flow::RunStatus::Running;
+    run.steps[0].status = easel_flow::StepStatus::Running;
+    let row = easel_server::store::FlowRunRow {
+        id: run.id.clone(),
+        flow_id: flow["id"].as_str().unwrap().to_string(),
+        key_id: key_row.id.clone(),
+        document: text,
+        record_json: serde_json::to_string(&run).unwrap(),
+        cancel_requested: false,
+        created_at: 1,
+    };
+    server
+        .state
+        .store()
+        .insert_flow_run(&row, "running")
+        .await
+        .unwrap();
+    server.state.shutdown().await;
+    let state = AppState::open(Config {
+        engine: EngineKind::Fake,
+        ..base_config(server.dir.path())
+    })
+    .await
+    .unwrap();
+    let restarted = TestServer {
+        router: app(state.clone()),
+        state,
+        key: server.key.clone(),
+        dir: server.dir,
+    };
+    let resumed = restarted.wait_run(&run.id, 30).await;
+    assert_eq!(resumed["status"], "succeeded", "{resumed:#}");
+    assert_eq!(resumed["steps"][0]["jobId"], job["id"]);
+    assert_eq!(restarted.count("generations").await, 1, "no second job");
+}
