@@ -553,20 +553,12 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         } else {
             timings.denoising_s / t.steps.len() as f64
         };
-        // Image-to-image runs only the last floor(steps × strength) steps.
-        // (diffusers' get_timesteps: min(int(steps × strength), steps)).
-        let run = ((steps as f64 * strength) as usize).min(steps as usize);
-        let steps_text = if request.image.is_some() && run != steps as usize {
-            format!("{steps} steps, {run} run at strength {strength}")
-        } else {
-            format!("{steps} steps")
-        };
         eprintln!(
-            "{} {}x{}, {} ({}), guidance {}: load {:.2}s, text {:.2}s, denoise {:.2}s ({:.3}s/step), decode {:.2}s, total {:.2}s",
+            "{} {}x{}, {} steps ({}), guidance {}: load {:.2}s, text {:.2}s, denoise {:.2}s ({:.3}s/step), decode {:.2}s, total {:.2}s",
             pipeline.class_name(),
             width,
             height,
-            steps_text,
+            steps,
             output.scheduler,
             guidance_scale,
             timings.load_s,
