@@ -131,6 +131,14 @@ impl CachedSource {
     }
 }
 
+/// Whether a tensor stored as `stored` stays in that precision when the
+/// compute dtype is `compute`: f16 / bf16 matrix and convolution weights
+/// are kept half size for f32 compute and widened by the kernels per layer
+/// ([`super::kernels::with_f32_weight`]).
+fn keeps_stored(compute: DType, stored: DType) -> bool {
+    compute == DType::F32 && matches!(stored, DType::F16 | DType::BF16)
+}
+
 impl TensorSource for CachedSource {
     fn tensor(&self, name: &str, shape: &[usize], device: &Device) -> Result<Option<Tensor>> {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
@@ -141,11 +149,13 @@ impl TensorSource for CachedSource {
             return Ok(None);
         };
         self.reads.fetch_add(1, Ordering::Relaxed);
-        // Half-precision tensors stay as stored when computing in f32: the
-        // layers keep matrix weights in their stored precision
+        // The layers keep matrix weights in their stored precision
         // (`Weights::get_stored`), so caching them widened would double them.
-        let keep = self.dtype == DType::F32 && matches!(t.dtype(), DType::F16 | DType::BF16);
-        let t = if keep { t } else { t.to_dtype(self.dtype)? };
+        let t = if keeps_stored(self.dtype, t.dtype()) {
+            t
+        } else {
+            t.to_dtype(self.dtype)?
+        };
         cache.insert(name.to_string(), t.clone());
         Ok(Some(t))
     }
@@ -295,11 +305,9 @@ impl Weights {
         self.source.contains(&self.full_name(name))
     }
 
-    /// The tensor `name` under the current prefix, which must have `shape`.
-    ///
-    /// Errors: [`Error::MissingTensor`] when absent, [`Error::ShapeMismatch`]
-    /// when its shape differs from `shape`.
-    pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+    /// The tensor `name` under the current prefix, in its stored dtype,
+    /// checked to have `shape`.
+    fn fetch(&self, shape: &[usize], name: &str) -> Result<Tensor> {
         let full = self.full_name(name);
         let t = self
             .source
@@ -317,7 +325,15 @@ impl Weights {
                 found: t.dims().to_vec(),
             });
         }
-        Ok(t.to_dtype(self.dtype)?)
+        Ok(t)
+    }
+
+    /// The tensor `name` under the current prefix, which must have `shape`.
+    ///
+    /// Errors: [`Error::MissingTensor`] when absent, [`Error::ShapeMismatch`]
+    /// when its shape differs from `shape`.
+    pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+        Ok(self.fetch(shape, name)?.to_dtype(self.dtype)?)
     }
 
     /// Like [`Weights::get`] for a matrix or convolution weight that the
@@ -328,31 +344,14 @@ impl Weights {
     ///
     /// Errors: as [`Weights::get`].
     pub fn get_stored(&self, shape: &[usize], name: &str) -> Result<Tensor> {
-        let full = self.full_name(name);
-        let t = self
-            .source
-            .tensor(&full, shape, &self.device)?
-            .ok_or_else(|| Error::MissingTensor {
-                component: self.component.to_string(),
-                tensor: full.clone(),
-                file: self.source.origin(),
-            })?;
-        if t.dims() != shape {
-            return Err(Error::ShapeMismatch {
-                component: self.component.to_string(),
-                tensor: full,
-                expected: shape.to_vec(),
-                found: t.dims().to_vec(),
-            });
-        }
-        let keep = self.dtype == DType::F32
-            && self.device.is_cpu()
-            && matches!(t.dtype(), DType::F16 | DType::BF16);
-        Ok(if keep {
-            t.contiguous()?
-        } else {
-            t.to_dtype(self.dtype)?
-        })
+        let t = self.fetch(shape, name)?;
+        Ok(
+            if self.device.is_cpu() && keeps_stored(self.dtype, t.dtype()) {
+                t.contiguous()?
+            } else {
+                t.to_dtype(self.dtype)?
+            },
+        )
     }
 
     /// Like [`Weights::get`], but `None` when the tensor is absent.
