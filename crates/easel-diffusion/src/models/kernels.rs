@@ -91,22 +91,35 @@ pub fn with_f32_weight<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> 
     let (start, end) = layout
         .contiguous_offsets()
         .ok_or_else(|| Error::invalid("kernel", "tensor is not contiguous"))?;
-    let mut wide = vec![0f32; end - start];
-    match t.dtype() {
-        DType::F16 => {
-            let data = &cpu.as_slice::<half::f16>()?[start..end];
-            wide.par_chunks_mut(WIDEN_CHUNK)
-                .zip(data.par_chunks(WIDEN_CHUNK))
-                .for_each(|(dst, src)| src.convert_to_f32_slice(dst));
-        }
-        _ => {
-            let data = &cpu.as_slice::<half::bf16>()?[start..end];
-            wide.par_chunks_mut(WIDEN_CHUNK)
-                .zip(data.par_chunks(WIDEN_CHUNK))
-                .for_each(|(dst, src)| src.convert_to_f32_slice(dst));
-        }
+    fn widen<T: Sync>(data: &[T]) -> Vec<f32>
+    where
+        [T]: HalfFloatSliceExt,
+    {
+        let mut wide = vec![0f32; data.len()];
+        wide.par_chunks_mut(WIDEN_CHUNK)
+            .zip(data.par_chunks(WIDEN_CHUNK))
+            .for_each(|(dst, src)| src.convert_to_f32_slice(dst));
+        wide
     }
+    let wide = match t.dtype() {
+        DType::F16 => widen(&cpu.as_slice::<half::f16>()?[start..end]),
+        _ => widen(&cpu.as_slice::<half::bf16>()?[start..end]),
+    };
     Ok(f(&wide))
+}
+
+/// Copy `planes` of `h × w` values from `src` into `dst`, whose planes are
+/// `plane` values long with rows of `pw`, at row 1 and column 1: the
+/// zero-padded inputs of the 3×3 convolution kernels (`dst` zeroed).
+fn pad_planes(dst: &mut [f32], src: &[f32], h: usize, w: usize, plane: usize, pw: usize) {
+    dst.par_chunks_mut(plane)
+        .zip(src.par_chunks(h * w))
+        .for_each(|(dst, src)| {
+            for y in 0..h {
+                dst[(y + 1) * pw + 1..(y + 1) * pw + 1 + w]
+                    .copy_from_slice(&src[y * w..(y + 1) * w]);
+            }
+        });
 }
 
 /// Wrap a buffer as a CPU tensor of `shape`.
@@ -238,15 +251,7 @@ pub fn conv3x3_same(
     let mut out_pad = vec![0f32; co * n];
     for b in 0..batch {
         let xb = &x[b * ci * h * w..(b + 1) * ci * h * w];
-        padded
-            .par_chunks_mut(plane)
-            .zip(xb.par_chunks(h * w))
-            .for_each(|(dst, src)| {
-                for y in 0..h {
-                    dst[(y + 1) * wp + 1..(y + 1) * wp + 1 + w]
-                        .copy_from_slice(&src[y * w..(y + 1) * w]);
-                }
-            });
+        pad_planes(&mut padded, xb, h, w, plane, wp);
         for t in 0..9 {
             let (ky, kx) = (t / 3, t % 3);
             // SAFETY: tap t of `weight` is (co × ci) with row stride 9*ci and
@@ -391,15 +396,7 @@ pub fn conv3x3_winograd(
     let (ph, pw) = (2 * th + 2, 2 * tw + 2);
     // Zero-padded input, (batch, ci, ph, pw), data at (1, 1).
     let mut padded = vec![0f32; batch * ci * ph * pw];
-    padded
-        .par_chunks_mut(ph * pw)
-        .zip(x.par_chunks(h * w))
-        .for_each(|(dst, src)| {
-            for y in 0..h {
-                dst[(y + 1) * pw + 1..(y + 1) * pw + 1 + w]
-                    .copy_from_slice(&src[y * w..(y + 1) * w]);
-            }
-        });
+    pad_planes(&mut padded, x, h, w, ph * pw, pw);
     let u = winograd_filter(weight, co, ci);
     let tile_rows = batch * th; // global tile rows (image, ty)
     let rows_per_block = (WINOGRAD_TILE_BLOCK / tw).clamp(1, tile_rows);
