@@ -281,32 +281,21 @@ impl Config {
                 "max_attempts and webhook_max_attempts must be at least 1".into(),
             ));
         }
-        if let Some(url) = &self.public_url {
+        for (key, url) in [("public_url", &self.public_url), ("llm_url", &self.llm_url)] {
+            let Some(url) = url else { continue };
             let ok = url::Url::parse(url)
                 .map(|u| matches!(u.scheme(), "http" | "https"))
                 .unwrap_or(false);
             if !ok {
-                return Err(ConfigError(format!(
-                    "public_url: `{url}` is not an http(s) URL"
-                )));
+                return Err(ConfigError(format!("{key}: `{url}` is not an http(s) URL")));
             }
         }
-        if let Some(url) = &self.llm_url {
-            let ok = url::Url::parse(url)
-                .map(|u| matches!(u.scheme(), "http" | "https"))
-                .unwrap_or(false);
-            if !ok {
-                return Err(ConfigError(format!(
-                    "llm_url: `{url}` is not an http(s) URL"
-                )));
-            }
-            if self.llm_model.as_deref().is_none_or(str::is_empty) {
-                return Err(ConfigError(
-                    "llm_url is set but llm_model is not: set it to the model name the \
-                     chat-completions server expects"
-                        .into(),
-                ));
-            }
+        if self.llm_url.is_some() && self.llm_model.as_deref().is_none_or(str::is_empty) {
+            return Err(ConfigError(
+                "llm_url is set but llm_model is not: set it to the model name the \
+                 chat-completions server expects"
+                    .into(),
+            ));
         }
         Ok(())
     }
