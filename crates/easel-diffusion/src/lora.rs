@@ -876,6 +876,22 @@ impl LoraState {
         Ok((deltas, rebuild))
     }
 
+    /// `component` built again by `load` from its weights with `deltas`
+    /// added, when `rebuild` (from [`Self::plan`]) names it; `None` when it
+    /// keeps its current model.
+    pub fn rebuilt<T>(
+        &self,
+        component: &str,
+        deltas: &LoraDeltas,
+        rebuild: &[String],
+        load: impl FnOnce(&Weights) -> Result<T>,
+    ) -> Result<Option<T>> {
+        if !rebuild.iter().any(|c| c == component) {
+            return Ok(None);
+        }
+        load(&self.weights(component, Some(deltas))?).map(Some)
+    }
+
     /// Record that `specs` are now merged, per `deltas`.
     pub fn commit(&mut self, specs: &[LoraSpec], deltas: &LoraDeltas) {
         self.active = specs.to_vec();

@@ -228,20 +228,12 @@ impl FluxComponents {
             return Ok(());
         }
         let (deltas, rebuild) = self.lora.plan(loras)?;
-        let text_encoder = match rebuild.iter().any(|c| c == "text_encoder") {
-            true => Some(ClipTextModel::load(
-                &self.lora.weights("text_encoder", Some(&deltas))?,
-                &self.text_encoder_config,
-            )?),
-            false => None,
-        };
-        let transformer = match rebuild.iter().any(|c| c == "transformer") {
-            true => Some(FluxTransformer2DModel::load(
-                &self.lora.weights("transformer", Some(&deltas))?,
-                &self.transformer_config,
-            )?),
-            false => None,
-        };
+        let text_encoder = self.lora.rebuilt("text_encoder", &deltas, &rebuild, |w| {
+            ClipTextModel::load(w, &self.text_encoder_config)
+        })?;
+        let transformer = self.lora.rebuilt("transformer", &deltas, &rebuild, |w| {
+            FluxTransformer2DModel::load(w, &self.transformer_config)
+        })?;
         if let Some(t) = text_encoder {
             self.text_encoder = t;
         }

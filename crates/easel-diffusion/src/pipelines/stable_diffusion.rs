@@ -92,20 +92,12 @@ impl StableDiffusionPipeline {
             return Ok(());
         }
         let (deltas, rebuild) = self.lora.plan(loras)?;
-        let text_encoder = match rebuild.iter().any(|c| c == "text_encoder") {
-            true => Some(ClipTextModel::load(
-                &self.lora.weights("text_encoder", Some(&deltas))?,
-                &self.text_encoder_config,
-            )?),
-            false => None,
-        };
-        let unet = match rebuild.iter().any(|c| c == "unet") {
-            true => Some(UNet2DConditionModel::load(
-                &self.lora.weights("unet", Some(&deltas))?,
-                &self.unet_config,
-            )?),
-            false => None,
-        };
+        let text_encoder = self.lora.rebuilt("text_encoder", &deltas, &rebuild, |w| {
+            ClipTextModel::load(w, &self.text_encoder_config)
+        })?;
+        let unet = self.lora.rebuilt("unet", &deltas, &rebuild, |w| {
+            UNet2DConditionModel::load(w, &self.unet_config)
+        })?;
         if let Some(t) = text_encoder {
             self.text_encoder = t;
         }

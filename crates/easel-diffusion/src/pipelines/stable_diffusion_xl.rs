@@ -131,28 +131,17 @@ impl StableDiffusionXLPipeline {
             return Ok(());
         }
         let (deltas, rebuild) = self.lora.plan(loras)?;
-        let needs = |c: &str| rebuild.iter().any(|r| r == c);
-        let text_encoder = match needs("text_encoder") {
-            true => Some(ClipTextModel::load(
-                &self.lora.weights("text_encoder", Some(&deltas))?,
-                &self.text_encoder_configs[0],
-            )?),
-            false => None,
-        };
-        let text_encoder_2 = match needs("text_encoder_2") {
-            true => Some(ClipTextModel::load(
-                &self.lora.weights("text_encoder_2", Some(&deltas))?,
-                &self.text_encoder_configs[1],
-            )?),
-            false => None,
-        };
-        let unet = match needs("unet") {
-            true => Some(UNet2DConditionModel::load(
-                &self.lora.weights("unet", Some(&deltas))?,
-                &self.unet_config,
-            )?),
-            false => None,
-        };
+        let text_encoder = self.lora.rebuilt("text_encoder", &deltas, &rebuild, |w| {
+            ClipTextModel::load(w, &self.text_encoder_configs[0])
+        })?;
+        let text_encoder_2 = self
+            .lora
+            .rebuilt("text_encoder_2", &deltas, &rebuild, |w| {
+                ClipTextModel::load(w, &self.text_encoder_configs[1])
+            })?;
+        let unet = self.lora.rebuilt("unet", &deltas, &rebuild, |w| {
+            UNet2DConditionModel::load(w, &self.unet_config)
+        })?;
         if let Some(t) = text_encoder {
             self.text_encoder = t;
         }
