@@ -1489,6 +1489,35 @@ impl TestServer {
         }
     }
 
+    /// Stop this server and open a fake-engine one on the same data dir
+    /// (same keys), as after a process restart.
+    async fn restart_fake(self) -> TestServer {
+        self.state.shutdown().await;
+        let state = AppState::open(Config {
+            engine: EngineKind::Fake,
+            ..base_config(self.dir.path())
+        })
+        .await
+        .unwrap();
+        TestServer {
+            router: app(state.clone()),
+            state,
+            key: self.key,
+            dir: self.dir,
+        }
+    }
+
+    /// The id of this server's API key.
+    async fn key_id(&self) -> String {
+        self.state
+            .store()
+            .key_by_hash(&easel_server::auth::hash_secret(&self.key))
+            .await
+            .unwrap()
+            .unwrap()
+            .id
+    }
+
     /// Store `document` and start a run of it with `input`; the run's id.
     async fn start_flow(&self, document: Value, input: Value) -> String {
         let (s, flow) = self.post("/v1/flows", document).await;
@@ -1847,14 +1876,7 @@ async fn an_interrupted_flow_run_resumes_on_restart() {
     run.steps[0].status = easel_flow::StepStatus::Succeeded;
     run.steps[0].result = Some(json!(["stored"]));
     run.steps[1].status = easel_flow::StepStatus::Running;
-    let key_id = server
-        .state
-        .store()
-        .key_by_hash(&easel_server::auth::hash_secret(&server.key))
-        .await
-        .unwrap()
-        .unwrap()
-        .id;
+    let key_id = server.key_id().await;
     let row = easel_server::store::FlowRunRow {
         id: run.id.clone(),
         flow_id: flow["id"].as_str().unwrap().to_string(),
@@ -1870,19 +1892,7 @@ async fn an_interrupted_flow_run_resumes_on_restart() {
         .insert_flow_run(&row, "running")
         .await
         .unwrap();
-    // Restart on the same data dir.
-    server.state.shutdown().await;
-    let config = Config {
-        engine: EngineKind::Fake,
-        ..base_config(server.dir.path())
-    };
-    let state = AppState::open(config).await.unwrap();
-    let restarted = TestServer {
-        router: app(state.clone()),
-        state,
-        key: server.key.clone(),
-        dir: server.dir,
-    };
+    let restarted = server.restart_fake().await;
     let resumed = restarted.wait_run(&run.id, 30).await;
     assert_eq!(resumed["status"], "succeeded", "{resumed:#}");
     assert_eq!(resumed["steps"][1]["result"], "got stored");
@@ -1899,15 +1909,9 @@ async fn a_resumed_image_step_waits_for_the_job_it_submitted() {
         json!({ "steps": [ { "id": "gen", "type": "ImageGenerator", "parameters": params } ] });
     let (s, flow) = server.post("/v1/flows", document.clone()).await;
     assert_eq!(s, StatusCode::CREATED, "{flow}");
-    let key_row = server
-        .state
-        .store()
-        .key_by_hash(&easel_server::auth::hash_secret(&server.key))
-        .await
-        .unwrap()
-        .unwrap();
+    let key_id = server.key_id().await;
     let principal = easel_server::auth::Principal {
-        key_id: key_row.id.clone(),
+        key_id: key_id.clone(),
         credit_limit_micros: None,
     };
     let runner = easel_flow::FlowRunner::new(easel_server::flows::step_registry(
@@ -1939,7 +1943,7 @@ async fn a_resumed_image_step_waits_for_the_job_it_submitted() {
     let row = easel_server::store::FlowRunRow {
         id: run.id.clone(),
         flow_id: flow["id"].as_str().unwrap().to_string(),
-        key_id: key_row.id.clone(),
+        key_id,
         document: text,
         record_json: serde_json::to_string(&run).unwrap(),
         cancel_requested: false,
@@ -1951,19 +1955,7 @@ async fn a_resumed_image_step_waits_for_the_job_it_submitted() {
         .insert_flow_run(&row, "running")
         .await
         .unwrap();
-    server.state.shutdown().await;
-    let state = AppState::open(Config {
-        engine: EngineKind::Fake,
-        ..base_config(server.dir.path())
-    })
-    .await
-    .unwrap();
-    let restarted = TestServer {
-        router: app(state.clone()),
-        state,
-        key: server.key.clone(),
-        dir: server.dir,
-    };
+    let restarted = server.restart_fake().await;
     let resumed = restarted.wait_run(&run.id, 30).await;
     assert_eq!(resumed["status"], "succeeded", "{resumed:#}");
     assert_eq!(resumed["steps"][0]["jobId"], job["id"]);
