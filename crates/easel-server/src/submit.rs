@@ -94,6 +94,33 @@ fn unsupported(field: String, message: impl Into<String>) -> ApiError {
     ApiError::invalid("unsupported_feature", field, message)
 }
 
+/// The LoRA of training `id` of `principal` at `scale`; `field` and
+/// `unknown` name the field and say what is wrong when there is no such
+/// training.
+async fn training_lora(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+    scale: f64,
+    field: String,
+    unknown: String,
+) -> Result<LoraSpec, ApiError> {
+    let training = state
+        .store()
+        .training(&principal.key_id, id.trim())
+        .await?
+        .ok_or_else(|| ApiError::invalid("unknown_training", field, unknown))?;
+    let path = state
+        .trainings()
+        .path(&training.hash, "safetensors")
+        .ok_or_else(|| ApiError::internal("reading a training", "bad stored hash"))?;
+    Ok(LoraSpec {
+        source: format!("training:{}", training.id),
+        path,
+        scale,
+    })
+}
+
 /// Check a native request for `principal` and read its inputs; stores nothing.
 ///
 /// # Errors
@@ -204,26 +231,17 @@ pub async fn prepare(
         // LoRAs: trainingId first, then loras[].
         let mut loras = Vec::new();
         if let Some(id) = &def.training_id {
-            let training = state
-                .store()
-                .training(&principal.key_id, id.trim())
-                .await?
-                .ok_or_else(|| {
-                    ApiError::invalid(
-                        "unknown_training",
-                        field("trainingId"),
-                        format!("no training with id `{id}` (upload one with POST /v1/trainings)"),
-                    )
-                })?;
-            let path = state
-                .trainings()
-                .path(&training.hash, "safetensors")
-                .ok_or_else(|| ApiError::internal("reading a training", "bad stored hash"))?;
-            loras.push(LoraSpec {
-                source: format!("training:{}", training.id),
-                path,
-                scale: def.scale_or_default(),
-            });
+            loras.push(
+                training_lora(
+                    state,
+                    principal,
+                    id,
+                    def.scale_or_default(),
+                    field("trainingId"),
+                    format!("no training with id `{id}` (upload one with POST /v1/trainings)"),
+                )
+                .await?,
+            );
         }
         for (i, lora) in def.loras.iter().flatten().enumerate() {
             let lora_field = field(&format!("loras[{i}]"));
@@ -231,26 +249,17 @@ pub async fn prepare(
                 .scale
                 .unwrap_or(easel_core::request::DEFAULT_LORA_SCALE);
             if let Some(id) = &lora.id {
-                let training = state
-                    .store()
-                    .training(&principal.key_id, id.trim())
-                    .await?
-                    .ok_or_else(|| {
-                        ApiError::invalid(
-                            "unknown_training",
-                            format!("{lora_field}.id"),
-                            format!("no training with id `{id}`"),
-                        )
-                    })?;
-                let path = state
-                    .trainings()
-                    .path(&training.hash, "safetensors")
-                    .ok_or_else(|| ApiError::internal("reading a training", "bad stored hash"))?;
-                loras.push(LoraSpec {
-                    source: format!("training:{}", training.id),
-                    path,
-                    scale,
-                });
+                loras.push(
+                    training_lora(
+                        state,
+                        principal,
+                        id,
+                        scale,
+                        format!("{lora_field}.id"),
+                        format!("no training with id `{id}`"),
+                    )
+                    .await?,
+                );
             } else if let Some(path) = &lora.path {
                 let canonical = state
                     .models()
