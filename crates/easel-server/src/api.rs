@@ -908,14 +908,7 @@ pub async fn register_training(
     tokio::task::spawn_blocking(move || registry.resolve(&b))
         .await
         .map_err(|e| ApiError::internal("resolving a model", e))?
-        .map_err(|e| match e {
-            crate::models::ModelRefError::NotAllowed(m) => {
-                ApiError::new(StatusCode::FORBIDDEN, "path_not_allowed", m).with_field("baseModel")
-            }
-            crate::models::ModelRefError::Unknown(m) => {
-                ApiError::invalid("unknown_model", "baseModel", m)
-            }
-        })?;
+        .map_err(|e| crate::submit::model_error(e, "baseModel".into()))?;
     let check = tokio::task::spawn_blocking(move || check_lora_file(&bytes).map(|_| bytes))
         .await
         .map_err(|e| ApiError::internal("reading a LoRA", e))?;

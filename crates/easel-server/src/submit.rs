@@ -81,7 +81,9 @@ pub fn body_hash(body: &[u8]) -> String {
         .collect()
 }
 
-fn model_error(e: ModelRefError, field: String) -> ApiError {
+/// A model reference error as the API error for `field` (403
+/// `path_not_allowed` or 422 `unknown_model`).
+pub(crate) fn model_error(e: ModelRefError, field: String) -> ApiError {
     match e {
         ModelRefError::NotAllowed(m) => {
             ApiError::new(StatusCode::FORBIDDEN, "path_not_allowed", m).with_field(field)
