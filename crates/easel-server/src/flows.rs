@@ -763,11 +763,9 @@ async fn get_run(
     Ok(Json(run_view(&owned_run(&state, &principal, &id).await?)))
 }
 
+/// Whether a run record's `status` is terminal (`RunStatus::is_terminal`).
 fn is_finished(view: &Value) -> bool {
-    matches!(
-        view["status"].as_str(),
-        Some("succeeded" | "failed" | "canceled")
-    )
+    easel_flow::RunStatus::deserialize(&view["status"]).is_ok_and(|s| s.is_terminal())
 }
 
 #[utoipa::path(post, path = "/v1/flow-runs/{id}/cancel", tag = "flows",
