@@ -469,6 +469,7 @@ impl ImageBackend for LocalBackend {
                     negative_prompt: params.negative_prompt.clone(),
                     steps,
                     scheduler: output.scheduler.clone(),
+                    sigma_schedule: output.sigma_schedule.clone(),
                     guidance_scale,
                     seed: image_seed,
                     width,

@@ -487,6 +487,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
             negative_prompt: args.negative_prompt.clone(),
             steps,
             scheduler: output.scheduler.clone(),
+            sigma_schedule: output.sigma_schedule.clone(),
             guidance_scale,
             seed: image_seed,
             width,

@@ -2,15 +2,21 @@
 //! decode PNG, JPEG and WebP files (for image-to-image and inpainting); read
 //! the generation metadata back from a PNG.
 //!
-//! Metadata is embedded in PNG only, as two text chunks:
-//! - `parameters`: the human-readable line of AUTOMATIC1111's web UI
-//!   (prompt, `Negative prompt: ...`, then `Steps: 25, Sampler: ..., CFG
-//!   scale: 7.5, Seed: ..., Size: WxH, Model: ...`), which other tools show;
-//! - `easel`: the JSON of [`ImageMetadata`], which [`read_png_metadata`] reads.
+//! Every format carries the `parameters` text of AUTOMATIC1111's web UI
+//! (prompt, `Negative prompt: ...`, then `Steps: 25, Sampler: Euler a, CFG
+//! scale: 7.5, Seed: ..., Size: WxH, Model: ...`, see
+//! [`ImageMetadata::parameters_text`]), where that web UI, Forge, ComfyUI
+//! loaders, Civitai and similar tools look for it:
 //!
-//! Each is a `tEXt` chunk when its text is Latin-1, else an `iTXt` (UTF-8)
-//! chunk, so any prompt round-trips. JPEG and WebP files carry no metadata
-//! (the job record keeps the parameters; EXIF/XMP may come later).
+//! - PNG: two text chunks, `parameters` and `easel` (the JSON of
+//!   [`ImageMetadata`], which [`read_png_metadata`] reads). Each is a `tEXt`
+//!   chunk when its text is Latin-1, else an `iTXt` (UTF-8) chunk, so any
+//!   prompt round-trips.
+//! - JPEG: EXIF `UserComment` (`UNICODE` + UTF-16BE) in an `APP1` segment;
+//! - WebP: the same EXIF in an `EXIF` chunk of an extended (`VP8X`) file;
+//!
+//! see [`crate::exif`] for the exact bytes. JPEG and WebP carry no `easel`
+//! JSON (the job record keeps it).
 
 use std::collections::BTreeMap;
 use std::io::{Cursor, Write};
@@ -19,7 +25,9 @@ use image::codecs::jpeg::JpegEncoder;
 use image::{ExtendedColorType, ImageEncoder, ImageFormat};
 use serde::{Deserialize, Serialize};
 
+use crate::exif::{jpeg_with_user_comment, webp_with_user_comment};
 use crate::params::OutputFormat;
+use crate::sampler_names::a1111_sampler;
 
 /// Largest width or height libwebp encodes, in pixels.
 pub const WEBP_MAX_DIMENSION: u32 = 16383;
@@ -169,8 +177,15 @@ pub struct ImageMetadata {
     pub negative_prompt: Option<String>,
     /// Denoising steps run.
     pub steps: u32,
-    /// Sampler name, as resolved by the engine (e.g. `euler_a`).
+    /// The diffusers scheduler class that ran (e.g.
+    /// `EulerAncestralDiscreteScheduler`); the `parameters` text spells it
+    /// as the web UI does (see [`crate::sampler_names`]).
     pub scheduler: String,
+    /// The scheduler's sigma schedule when not the class default: `karras`
+    /// or `exponential` (diffusers' `use_karras_sigmas` /
+    /// `use_exponential_sigmas`); `None` for the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sigma_schedule: Option<String>,
     /// Guidance scale used.
     pub guidance_scale: f64,
     /// This image's own seed (image `i` of a batch has `seed + i`).
@@ -193,21 +208,24 @@ impl ImageMetadata {
     /// ```text
     /// a lighthouse at dusk
     /// Negative prompt: blurry
-    /// Steps: 25, Sampler: euler_a, CFG scale: 7.5, Seed: 42, Size: 512x768, Model: sd15, key: value
+    /// Steps: 25, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 512x768, Model: sd15, key: value
     /// ```
     ///
     /// The `Negative prompt` line is left out when there is none; values
     /// holding `,`, `:`, `"` or a line break are written as JSON strings, as
-    /// the web UI does.
+    /// the web UI's `quote` does, so its `parse_generation_parameters` reads
+    /// them back. `Sampler` (and, where needed, `Schedule type`, right after
+    /// it) use the web UI's names ([`crate::sampler_names::a1111_sampler`]).
     pub fn parameters_text(&self) -> String {
         let mut text = self.prompt.clone();
         if let Some(negative) = &self.negative_prompt {
             text.push_str("\nNegative prompt: ");
             text.push_str(negative);
         }
+        let sampler = a1111_sampler(&self.scheduler, self.sigma_schedule.as_deref());
         let mut fields = vec![
             ("Steps".to_string(), self.steps.to_string()),
-            ("Sampler".to_string(), quote(&self.scheduler)),
+            ("Sampler".to_string(), quote(&sampler.sampler)),
             ("CFG scale".to_string(), self.guidance_scale.to_string()),
             ("Seed".to_string(), self.seed.to_string()),
             (
@@ -216,6 +234,9 @@ impl ImageMetadata {
             ),
             ("Model".to_string(), quote(&self.model)),
         ];
+        if let Some(schedule_type) = sampler.schedule_type {
+            fields.insert(2, ("Schedule type".to_string(), schedule_type.to_string()));
+        }
         fields.extend(self.extra.iter().map(|(k, v)| (k.clone(), quote(v))));
         let line: Vec<String> = fields.iter().map(|(k, v)| format!("{k}: {v}")).collect();
         text.push('\n');
@@ -236,15 +257,18 @@ fn quote(value: &str) -> String {
 ///
 /// - PNG: lossless, 8-bit RGB, `quality` ignored; `metadata` embedded as the
 ///   `parameters` and `easel` text chunks (see the module docs).
-/// - JPEG: baseline at `quality` (1..=100); `metadata` not embedded.
+/// - JPEG: baseline at `quality` (1..=100); the `parameters` text as EXIF
+///   `UserComment` in an `APP1` segment.
 /// - WebP: lossy (libwebp) at `quality` (1..=100), at most 16383 pixels per
-///   side; `metadata` not embedded.
+///   side; an extended (`VP8X`) file with the `parameters` text as EXIF
+///   `UserComment` in an `EXIF` chunk.
 ///
 /// # Errors
 /// [`CodecError::EmptyImage`] / [`CodecError::BufferSize`] for a bad buffer,
 /// [`CodecError::InvalidQuality`] for a lossy format's quality outside
 /// 1..=100, [`CodecError::TooLarge`] past the format's size limit,
-/// [`CodecError::Encode`] when the encoder fails.
+/// [`CodecError::Encode`] when the encoder fails or (JPEG) the parameters
+/// text does not fit one EXIF segment (about 32,700 UTF-16 code units).
 pub fn encode_image(
     rgb: &RgbImageRef<'_>,
     format: OutputFormat,
@@ -280,7 +304,8 @@ pub fn encode_image(
             JpegEncoder::new_with_quality(&mut out, quality)
                 .write_image(rgb.data, rgb.width, rgb.height, ExtendedColorType::Rgb8)
                 .map_err(|e| encode_error(e.to_string()))?;
-            Ok(out)
+            jpeg_with_user_comment(out, &metadata.parameters_text())
+                .map_err(|e| encode_error(e.to_string()))
         }
         OutputFormat::Webp => {
             let mut config = webp::WebPConfig::new()
@@ -291,7 +316,8 @@ pub fn encode_image(
             let encoded = webp::Encoder::from_rgb(rgb.data, rgb.width, rgb.height)
                 .encode_advanced(&config)
                 .map_err(|e| encode_error(format!("libwebp error {e:?}")))?;
-            Ok(encoded.to_vec())
+            webp_with_user_comment(encoded.to_vec(), &metadata.parameters_text())
+                .map_err(|e| encode_error(e.to_string()))
         }
     }
 }
@@ -489,7 +515,8 @@ mod tests {
             prompt: prompt.into(),
             negative_prompt: Some("blurry, low quality".into()),
             steps: 25,
-            scheduler: "euler_a".into(),
+            scheduler: "EulerAncestralDiscreteScheduler".into(),
+            sigma_schedule: None,
             guidance_scale: 7.5,
             seed: u64::MAX - 1,
             width: 64,
@@ -559,7 +586,7 @@ mod tests {
         assert_eq!(
             latin1[0].1,
             "café\nNegative prompt: blurry, low quality\n\
-             Steps: 25, Sampler: euler_a, CFG scale: 7.5, Seed: 18446744073709551614, \
+             Steps: 25, Sampler: Euler a, CFG scale: 7.5, Seed: 18446744073709551614, \
              Size: 64x48, Model: stable-diffusion-v1-5/stable-diffusion-v1-5, \
              Lora: \"detail: 0.9\", Version: easel 0.1.0"
         );
@@ -584,6 +611,7 @@ mod tests {
             assert_eq!(decoded.layout, PixelLayout::Rgb8);
             let diff = mean_abs_diff(&decoded.pixels, &data);
             assert!(diff < 4.0, "{format}: mean abs diff {diff}");
+            // The `easel` JSON is a PNG chunk only.
             assert_eq!(read_png_metadata(&bytes), None);
         }
     }
@@ -745,5 +773,193 @@ mod tests {
         assert_eq!(decoded.layout, PixelLayout::Rgba8);
         assert_eq!(decoded.pixels, [1, 2, 3, 4, 5, 6, 7, 8]);
         assert_eq!(decoded.into_rgb8(), [1, 2, 3, 5, 6, 7]);
+    }
+
+    /// AUTOMATIC1111's `parse_generation_parameters` (modules/infotext_utils.py),
+    /// transcribed: prompt lines, then lines after `Negative prompt:`, and
+    /// the last line as `key: value` pairs when it holds at least 3 (quoted
+    /// values are JSON strings; `WxH` values split into `key-1`/`key-2`).
+    fn parse_generation_parameters(text: &str) -> BTreeMap<String, String> {
+        let re_param =
+            regex::Regex::new(r#"\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)"#).unwrap();
+        let re_size = regex::Regex::new(r"^(\d+)x(\d+)$").unwrap();
+        let mut res = BTreeMap::new();
+        let (mut prompt, mut negative) = (String::new(), String::new());
+        let mut done_with_prompt = false;
+        let mut lines: Vec<&str> = text.trim().split('\n').collect();
+        let mut last = lines.pop().unwrap_or("");
+        if re_param.captures_iter(last).count() < 3 {
+            lines.push(last);
+            last = "";
+        }
+        for line in lines {
+            let mut line = line.trim();
+            if let Some(rest) = line.strip_prefix("Negative prompt:") {
+                done_with_prompt = true;
+                line = rest.trim();
+            }
+            let target = if done_with_prompt {
+                &mut negative
+            } else {
+                &mut prompt
+            };
+            if !target.is_empty() {
+                target.push('\n');
+            }
+            target.push_str(line);
+        }
+        res.insert("Prompt".to_string(), prompt);
+        res.insert("Negative prompt".to_string(), negative);
+        for c in re_param.captures_iter(last) {
+            let key = c[1].to_string();
+            let mut value = c[2].to_string();
+            if value.len() >= 2 && value.starts_with('"') && value.ends_with('"') {
+                value = serde_json::from_str(&value).unwrap();
+            }
+            if let Some(m) = re_size.captures(&value) {
+                res.insert(format!("{key}-1"), m[1].to_string());
+                res.insert(format!("{key}-2"), m[2].to_string());
+            } else {
+                res.insert(key, value);
+            }
+        }
+        res
+    }
+
+    /// The `UserComment` of an EXIF block read by `kamadak-exif` (not by
+    /// this crate), decoded as piexif's `UserComment.load` does.
+    fn user_comment(exif: &exif::Exif) -> String {
+        let field = exif
+            .get_field(exif::Tag::UserComment, exif::In::PRIMARY)
+            .expect("no UserComment");
+        let exif::Value::Undefined(bytes, _) = &field.value else {
+            panic!("UserComment is {:?}", field.value);
+        };
+        let (code, text) = bytes.split_at(8);
+        assert_eq!(code, b"UNICODE\0");
+        let units: Vec<u16> = text
+            .chunks_exact(2)
+            .map(|b| match exif.little_endian() {
+                false => u16::from_be_bytes([b[0], b[1]]),
+                true => u16::from_le_bytes([b[0], b[1]]),
+            })
+            .collect();
+        String::from_utf16(&units).unwrap()
+    }
+
+    /// A prompt that needs every escape: commas, quotes, colons, line breaks
+    /// and text outside the BMP (UTF-16 surrogates).
+    fn hard_metadata() -> ImageMetadata {
+        ImageMetadata {
+            prompt: "a \"quoted\" café, at dusk: 夜\nsecond line 🐈".into(),
+            negative_prompt: Some("blurry, «low» quality\nsecond negative line".into()),
+            steps: 28,
+            scheduler: "DPMSolverMultistepScheduler".into(),
+            sigma_schedule: Some("karras".into()),
+            guidance_scale: 6.5,
+            seed: 18_446_744_073_709_551_614,
+            width: 64,
+            height: 48,
+            model: "org/model, v2: \"best\"".into(),
+            extra: BTreeMap::from([("Lora".to_string(), "detail: 0.9".to_string())]),
+        }
+    }
+
+    fn assert_a1111_round_trip(text: &str, meta: &ImageMetadata) {
+        let parsed = parse_generation_parameters(text);
+        let get = |k: &str| parsed.get(k).map(String::as_str);
+        assert_eq!(get("Prompt"), Some(meta.prompt.as_str()), "{text}");
+        assert_eq!(get("Negative prompt"), meta.negative_prompt.as_deref());
+        assert_eq!(get("Steps"), Some("28"));
+        assert_eq!(get("Sampler"), Some("DPM++ 2M Karras"));
+        assert_eq!(get("Schedule type"), None);
+        assert_eq!(get("CFG scale"), Some("6.5"));
+        assert_eq!(get("Seed"), Some("18446744073709551614"));
+        assert_eq!((get("Size-1"), get("Size-2")), (Some("64"), Some("48")));
+        assert_eq!(get("Model"), Some("org/model, v2: \"best\""));
+        assert_eq!(get("Lora"), Some("detail: 0.9"));
+    }
+
+    fn encode_hard(format: OutputFormat) -> Vec<u8> {
+        let data = test_pixels(64, 48);
+        let rgb = RgbImageRef::new(64, 48, &data).unwrap();
+        encode_image(&rgb, format, 90, &hard_metadata()).unwrap()
+    }
+
+    #[test]
+    fn png_parameters_parse_with_a1111_rules() {
+        let png = encode_hard(OutputFormat::Png);
+        let reader = png::Decoder::new(Cursor::new(png)).read_info().unwrap();
+        let text = reader
+            .info()
+            .utf8_text
+            .iter()
+            .find(|c| c.keyword == PNG_PARAMETERS_KEY)
+            .unwrap()
+            .get_text()
+            .unwrap();
+        assert_a1111_round_trip(&text, &hard_metadata());
+    }
+
+    #[test]
+    fn jpeg_parameters_are_an_exif_user_comment_a1111_reads() {
+        let jpeg = encode_hard(OutputFormat::Jpeg);
+        // APP1 right after SOI and the encoder's JFIF APP0.
+        assert_eq!(&jpeg[..2], &[0xFF, 0xD8]);
+        let exif = exif::Reader::new()
+            .read_from_container(&mut Cursor::new(&jpeg))
+            .unwrap();
+        assert!(!exif.little_endian(), "piexif writes big-endian TIFF");
+        assert_a1111_round_trip(&user_comment(&exif), &hard_metadata());
+        // Still a JPEG every decoder reads, pixels intact.
+        let decoded = decode_image(&jpeg).unwrap();
+        assert_eq!((decoded.width, decoded.height), (64, 48));
+        let diff = mean_abs_diff(&decoded.pixels, &test_pixels(64, 48));
+        assert!(diff < 4.0, "mean abs diff {diff}");
+    }
+
+    #[test]
+    fn webp_parameters_are_an_exif_chunk_in_a_vp8x_file() {
+        let webp = encode_hard(OutputFormat::Webp);
+        assert_eq!(&webp[..4], b"RIFF");
+        assert_eq!(&webp[8..16], b"WEBPVP8X");
+        // VP8X flags: EXIF (bit 3) set; canvas 64x48 stored minus one.
+        assert_eq!(webp[20] & 0b0000_1000, 0b0000_1000);
+        assert_eq!(&webp[24..30], &[63, 0, 0, 47, 0, 0]);
+        let riff_size = u32::from_le_bytes(webp[4..8].try_into().unwrap()) as usize;
+        assert_eq!(riff_size + 8, webp.len());
+        let exif = exif::Reader::new()
+            .read_from_container(&mut Cursor::new(&webp))
+            .unwrap();
+        assert_a1111_round_trip(&user_comment(&exif), &hard_metadata());
+        // Both the `image` crate and libwebp still decode it.
+        let decoded = decode_image(&webp).unwrap();
+        assert_eq!((decoded.width, decoded.height), (64, 48));
+        let diff = mean_abs_diff(&decoded.into_rgb8(), &test_pixels(64, 48));
+        assert!(diff < 4.0, "mean abs diff {diff}");
+        let libwebp = webp::Decoder::new(&webp).decode().expect("libwebp decodes");
+        assert_eq!((libwebp.width(), libwebp.height()), (64, 48));
+    }
+
+    #[test]
+    fn flow_match_is_euler_with_schedule_type_simple() {
+        let meta = ImageMetadata {
+            scheduler: "FlowMatchEulerDiscreteScheduler".into(),
+            ..hard_metadata()
+        };
+        let meta = ImageMetadata {
+            sigma_schedule: None,
+            ..meta
+        };
+        let parsed = parse_generation_parameters(&meta.parameters_text());
+        assert_eq!(parsed.get("Sampler").map(String::as_str), Some("Euler"));
+        assert_eq!(
+            parsed.get("Schedule type").map(String::as_str),
+            Some("Simple")
+        );
+        // The JSON record keeps the diffusers class.
+        let json: serde_json::Value = serde_json::to_value(&meta).unwrap();
+        assert_eq!(json["scheduler"], "FlowMatchEulerDiscreteScheduler");
+        assert!(json.get("sigmaSchedule").is_none());
     }
 }

@@ -5,7 +5,10 @@
 //!   runs, and their validation ([`ValidationError`] names the field path and
 //!   the allowed range; nothing is clamped silently).
 //! - [`codec`]: encode RGB8 pixels to PNG (with generation metadata), JPEG or
-//!   lossy WebP; decode PNG/JPEG/WebP; read the metadata back from a PNG.
+//!   lossy WebP, each with AUTOMATIC1111's `parameters` text; decode
+//!   PNG/JPEG/WebP; read the metadata back from a PNG.
+//! - [`exif`]: the `parameters` text as EXIF `UserComment` in JPEG and WebP.
+//! - [`sampler_names`]: diffusers scheduler classes in the web UI's spelling.
 //! - [`input`]: init images and masks: data URIs, alpha composited on white
 //!   or read as the mask, mask luma.
 //! - [`fs`]: atomic file writes and output file naming for the CLI.
@@ -15,10 +18,12 @@
 #![warn(missing_docs)]
 
 pub mod codec;
+pub mod exif;
 pub mod fs;
 pub mod input;
 pub mod params;
 pub mod request;
+pub mod sampler_names;
 
 pub use codec::{
     decode_image, encode_image, read_png_metadata, CodecError, DecodedImage, ImageMetadata,

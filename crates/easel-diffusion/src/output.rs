@@ -33,6 +33,8 @@ pub struct Rgb8Output {
     pub images: Vec<Vec<u8>>,
     /// The scheduler class that ran.
     pub scheduler: String,
+    /// Its σ ramp when not the class default (`karras`, `exponential`).
+    pub sigma_schedule: Option<String>,
     /// Things the user should know (e.g. a truncated prompt).
     pub warnings: Vec<String>,
     /// Per-stage timings.
@@ -53,6 +55,7 @@ impl Pipeline {
             height,
             images: images_to_rgb8(&output.images)?,
             scheduler: output.scheduler,
+            sigma_schedule: output.sigma_schedule,
             warnings: output.warnings,
             timings: output.timings,
         })

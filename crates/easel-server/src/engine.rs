@@ -97,6 +97,8 @@ pub struct BatchOutput {
     pub images: Vec<Vec<u8>>,
     /// The scheduler class that ran.
     pub scheduler: String,
+    /// Its σ ramp when not the class default (`karras`, `exponential`).
+    pub sigma_schedule: Option<String>,
     /// Things the user should know.
     pub warnings: Vec<String>,
 }
@@ -393,6 +395,7 @@ impl Engine for DiffusionEngine {
         Ok(BatchOutput {
             images: output.images,
             scheduler: output.scheduler,
+            sigma_schedule: output.sigma_schedule,
             warnings: output.warnings,
         })
     }
@@ -539,6 +542,7 @@ impl Engine for FakeEngine {
                 .scheduler
                 .clone()
                 .unwrap_or_else(|| "FakeScheduler".into()),
+            sigma_schedule: None,
             warnings,
         })
     }

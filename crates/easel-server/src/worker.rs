@@ -611,6 +611,7 @@ impl Worker {
                     negative_prompt: spec.definition.negative_prompt.clone(),
                     steps: planned.steps,
                     scheduler: output.scheduler.clone(),
+                    sigma_schedule: output.sigma_schedule.clone(),
                     guidance_scale: planned.guidance,
                     seed,
                     width: planned.width,

@@ -539,6 +539,7 @@ impl FluxComponents {
             images,
             latents_to_vae,
             scheduler: scheduler.class_name().to_string(),
+            sigma_schedule: scheduler.sigma_schedule().map(str::to_string),
             timings,
             warnings,
         })

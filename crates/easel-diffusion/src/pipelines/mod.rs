@@ -279,6 +279,8 @@ pub struct GenerationOutput {
     pub latents_to_vae: Tensor,
     /// The scheduler class that ran.
     pub scheduler: String,
+    /// Its σ ramp when not the class default (`karras`, `exponential`).
+    pub sigma_schedule: Option<String>,
     /// Per-stage timings.
     pub timings: StageTimings,
     /// Things the user should know (a prompt truncated to the encoder's

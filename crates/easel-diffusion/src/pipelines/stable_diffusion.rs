@@ -236,6 +236,7 @@ impl StableDiffusionPipeline {
             images,
             latents_to_vae,
             scheduler: scheduler.class_name().to_string(),
+            sigma_schedule: scheduler.sigma_schedule().map(str::to_string),
             timings,
             warnings,
         })

@@ -264,6 +264,10 @@ impl Scheduler for LmsDiscreteScheduler {
         SchedulerFamily::Ddpm
     }
 
+    fn sigma_schedule(&self) -> Option<&'static str> {
+        self.config.sigma_ramp.metadata_name()
+    }
+
     fn class_name(&self) -> &'static str {
         CLASS
     }

@@ -131,6 +131,15 @@ pub trait Scheduler: Send {
     /// The diffusers class name (`EulerDiscreteScheduler`).
     fn class_name(&self) -> &'static str;
 
+    /// The σ ramp when it is not the class default: `Some("karras")`
+    /// (`use_karras_sigmas`) or `Some("exponential")`
+    /// (`use_exponential_sigmas`); `None` otherwise and for classes without
+    /// such a choice. Written to image metadata, where e.g. DPM-Solver++ 2M
+    /// with Karras σ is named `DPM++ 2M Karras`.
+    fn sigma_schedule(&self) -> Option<&'static str> {
+        None
+    }
+
     /// Model calls per step of the underlying solver (Heun: 2).
     fn order(&self) -> usize {
         1

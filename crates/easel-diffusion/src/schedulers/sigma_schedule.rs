@@ -19,6 +19,16 @@ pub enum SigmaRamp {
 }
 
 impl SigmaRamp {
+    /// The name metadata uses (see `Scheduler::sigma_schedule`): `None` for
+    /// [`SigmaRamp::Interpolated`], else `karras` / `exponential`.
+    pub fn metadata_name(self) -> Option<&'static str> {
+        match self {
+            SigmaRamp::Interpolated => None,
+            SigmaRamp::Karras => Some("karras"),
+            SigmaRamp::Exponential => Some("exponential"),
+        }
+    }
+
     /// Read `use_karras_sigmas` / `use_exponential_sigmas` / `use_beta_sigmas`
     /// (at most one may be set; beta sigmas are not implemented).
     pub fn read(r: &ConfigReader, has_exponential: bool) -> Result<Self> {
