@@ -97,6 +97,19 @@ pub struct Config {
     pub allow_remote_images: bool,
     /// Largest input image (decoded from base64 or fetched), in bytes.
     pub max_input_image_bytes: usize,
+    /// Exceptions to the outbound fetcher's address rules (see `fetch.rs`):
+    /// CIDR blocks (`10.0.0.0/8`, `fd00::/8`), single addresses
+    /// (`127.0.0.1`, `::1`) or host names (`models.internal`, matched
+    /// exactly). By default image, mask and LoRA URLs and webhooks may only
+    /// reach public unicast addresses. In the environment: comma-separated.
+    pub allow_fetch_hosts: Vec<String>,
+    /// Total time one image or mask URL fetch may take (all redirects and
+    /// the body), in seconds.
+    pub fetch_timeout_seconds: u64,
+    /// Largest LoRA file downloaded from a `loras[].url`, in bytes.
+    pub max_lora_bytes: u64,
+    /// Total time one LoRA download may take, in seconds.
+    pub lora_fetch_timeout_seconds: u64,
     /// Longest `Prefer: wait=N` honoured, in seconds (and how long the
     /// OpenAI-compatible endpoints wait for their images).
     pub max_wait_seconds: u64,
@@ -138,6 +151,10 @@ impl Default for Config {
             webhook_timeout_seconds: 10,
             allow_remote_images: true,
             max_input_image_bytes: 20 << 20,
+            allow_fetch_hosts: Vec::new(),
+            fetch_timeout_seconds: 30,
+            max_lora_bytes: 2 << 30,
+            lora_fetch_timeout_seconds: 600,
             max_wait_seconds: 600,
             llm_url: None,
             llm_model: None,
@@ -170,6 +187,8 @@ enum EnvKind {
     Int,
     Float,
     Paths,
+    /// Comma-separated, blanks dropped.
+    List,
 }
 
 /// The keys settable from the environment, with their kind.
@@ -198,6 +217,10 @@ const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("webhook_timeout_seconds", EnvKind::Int),
     ("allow_remote_images", EnvKind::Bool),
     ("max_input_image_bytes", EnvKind::Int),
+    ("allow_fetch_hosts", EnvKind::List),
+    ("fetch_timeout_seconds", EnvKind::Int),
+    ("max_lora_bytes", EnvKind::Int),
+    ("lora_fetch_timeout_seconds", EnvKind::Int),
     ("max_wait_seconds", EnvKind::Int),
     ("llm_url", EnvKind::Str),
     ("llm_model", EnvKind::Str),
@@ -276,6 +299,19 @@ impl Config {
                 return Err(ConfigError(format!("{key}: must be at least 1")));
             }
         }
+        for (key, value) in [
+            ("fetch_timeout_seconds", self.fetch_timeout_seconds),
+            ("max_lora_bytes", self.max_lora_bytes),
+            (
+                "lora_fetch_timeout_seconds",
+                self.lora_fetch_timeout_seconds,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError(format!("{key}: must be at least 1")));
+            }
+        }
+        self.fetch_allow_list()?;
         if self.max_attempts == 0 || self.webhook_max_attempts == 0 {
             return Err(ConfigError(
                 "max_attempts and webhook_max_attempts must be at least 1".into(),
@@ -307,6 +343,15 @@ impl Config {
         let mut chat = easel_flow::ChatConfig::new(url.clone(), model.clone());
         chat.api_key = self.llm_api_key.clone();
         Some(chat)
+    }
+
+    /// `allow_fetch_hosts`, parsed.
+    ///
+    /// # Errors
+    /// An entry that is not a CIDR block, address or host name.
+    pub fn fetch_allow_list(&self) -> Result<crate::fetch::AllowList, ConfigError> {
+        crate::fetch::AllowList::parse(&self.allow_fetch_hosts)
+            .map_err(|e| ConfigError(format!("allow_fetch_hosts: {e}")))
     }
 
     /// `bind` as a socket address.
@@ -353,6 +398,13 @@ fn parse_env(value: &str, kind: EnvKind) -> Result<serde_json::Value, String> {
             .parse::<f64>()
             .map_err(|_| format!("expected a number, got `{v}`"))?
             .into(),
+        EnvKind::List => serde_json::Value::Array(
+            v.split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(serde_json::Value::from)
+                .collect(),
+        ),
         EnvKind::Paths => serde_json::Value::Array(
             std::env::split_paths(v)
                 .filter(|p| !p.as_os_str().is_empty())
@@ -390,6 +442,10 @@ mod tests {
                 ("EASEL_NO_AUTH", "1"),
                 ("EASEL_MODELS_DIRS", "/a:/b"),
                 ("EASEL_LOG", "debug"),
+                (
+                    "EASEL_ALLOW_FETCH_HOSTS",
+                    "127.0.0.1, 10.0.0.0/8,,models.internal",
+                ),
                 ("OTHER", "x"),
             ]),
         )
@@ -403,6 +459,19 @@ mod tests {
             [PathBuf::from("/a"), PathBuf::from("/b")]
         );
         assert_eq!(config.models["sd15"], "/models/sd15");
+        assert_eq!(
+            config.allow_fetch_hosts,
+            ["127.0.0.1", "10.0.0.0/8", "models.internal"]
+        );
+    }
+
+    #[test]
+    fn bad_fetch_allow_list_entries_are_named() {
+        let e = Config::load(None, env(&[("EASEL_ALLOW_FETCH_HOSTS", "10.0.0.0/40")])).unwrap_err();
+        assert!(
+            e.0.contains("allow_fetch_hosts") && e.0.contains("10.0.0.0/40"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Image inputs (`image`, `mask`): an `http(s)` URL, a `data:` URI, plain
 //! base64, or an asset id, read and decoded when the request arrives (a bad
 //! one is a 422 `invalid_image` naming the field, before anything is stored).
+//! URLs of this server's own files (`/v1/files/<hash>.<ext>`) are read from
+//! disk; other URLs go through the outbound fetcher ([`crate::fetch`]).
 
 use base64::Engine as _;
 use easel_core::{decode_image, DecodedImage, OutputFormat};
@@ -49,27 +51,12 @@ fn own_file(url: &str) -> Option<(String, String)> {
     crate::assets::is_hash(hash).then(|| (hash.to_string(), ext.to_string()))
 }
 
-fn fetch(url: &str, limit: usize) -> Result<Vec<u8>, String> {
-    use std::io::Read;
-    let agent = ureq::AgentBuilder::new()
-        .timeout(std::time::Duration::from_secs(30))
-        .redirects(5)
-        .build();
-    let response = agent.get(url).call().map_err(|e| e.to_string())?;
-    let mut bytes = Vec::new();
-    response
-        .into_reader()
-        .take(limit as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| e.to_string())?;
-    Ok(bytes)
-}
-
 /// Read the input `value` of request field `field` for `principal`.
 ///
 /// # Errors
 /// 422 `invalid_image` when it is none of the accepted forms, cannot be
-/// fetched, is too large, or is not a PNG/JPEG/WebP image that decodes.
+/// fetched (one message for every refused or failed fetch,
+/// [`crate::fetch::FETCH_FAILED`]), is too large, or is not a PNG/JPEG/WebP image that decodes.
 pub async fn load_input(
     state: &AppState,
     principal: &Principal,
@@ -108,10 +95,16 @@ pub async fn load_input(
             ));
         } else {
             let url = value.to_string();
-            let result = tokio::task::spawn_blocking(move || fetch(&url, limit))
-                .await
-                .map_err(|e| ApiError::internal("fetching an input image", e))?;
-            result.map_err(|e| invalid(field, format!("could not fetch the image URL: {e}")))?
+            let fetcher = state.fetcher().clone();
+            let timeout = std::time::Duration::from_secs(state.config().fetch_timeout_seconds);
+            let result =
+                tokio::task::spawn_blocking(move || fetcher.get(&url, limit as u64, timeout))
+                    .await
+                    .map_err(|e| ApiError::internal("fetching an input image", e))?;
+            result.map_err(|e| {
+                tracing::info!("{field}: fetching {value} failed: {}", e.detail);
+                invalid(field, e.to_string())
+            })?
         }
     } else if is_uuid(value) {
         let asset = state

@@ -136,6 +136,11 @@ pub struct LoraSpec {
     pub path: PathBuf,
     /// Strength.
     pub scale: f64,
+    /// For `loras[].url`: the resolved http(s) URL the worker downloads
+    /// into `path` (the LoRA cache) before the item runs, if it is not
+    /// there yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 /// An input image stored as an asset when the job was accepted.

@@ -29,9 +29,11 @@ pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod fetch;
 pub mod flows;
 pub mod inputs;
 pub mod job;
+pub mod lora_cache;
 pub mod metrics;
 pub mod models;
 pub mod openai;
@@ -116,6 +118,7 @@ struct Inner {
     worker: Arc<WorkerShared>,
     webhook_wake: Notify,
     webhook_secret: Vec<u8>,
+    fetcher: fetch::Fetcher,
     shutting_down: AtomicBool,
     base_url: Mutex<String>,
     worker_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -187,6 +190,7 @@ impl AppState {
             worker: Arc::new(WorkerShared::default()),
             webhook_wake: Notify::new(),
             webhook_secret,
+            fetcher: fetch::Fetcher::new(config.fetch_allow_list()?),
             shutting_down: AtomicBool::new(false),
             base_url: Mutex::new(format!("http://{bind}")),
             worker_thread: Mutex::new(None),
@@ -208,6 +212,11 @@ impl AppState {
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.0.config
+    }
+
+    /// The outbound fetcher for client-given URLs (images, LoRAs, webhooks).
+    pub fn fetcher(&self) -> &fetch::Fetcher {
+        &self.0.fetcher
     }
 
     /// The job store.

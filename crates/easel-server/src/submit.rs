@@ -117,9 +117,34 @@ async fn training_lora(
         .path(&training.hash, "safetensors")
         .ok_or_else(|| ApiError::internal("reading a training", "bad stored hash"))?;
     Ok(LoraSpec {
+        url: None,
         source: format!("training:{}", training.id),
         path,
         scale,
+    })
+}
+
+/// A `loras[].url` (an http(s) `.safetensors` URL or a Hugging Face repo id):
+/// the LoRA cache path it is (or will be) downloaded to. A file already in
+/// the cache is checked now; one that is not is downloaded by the worker.
+fn url_lora(state: &AppState, value: &str, scale: f64, field: &str) -> Result<LoraSpec, ApiError> {
+    let url = crate::lora_cache::resolve_url(value)
+        .map_err(|e| ApiError::invalid("invalid_value", field, e))?;
+    let path = crate::lora_cache::url_path(&state.config().data_dir, &url);
+    if path.is_file() {
+        crate::lora_cache::check_lora(&path).map_err(|e| {
+            ApiError::invalid(
+                "invalid_value",
+                field,
+                format!("the cached file of `{value}` is not a usable LoRA: {e}"),
+            )
+        })?;
+    }
+    Ok(LoraSpec {
+        source: value.to_string(),
+        path,
+        scale,
+        url: Some(url),
     })
 }
 
@@ -279,11 +304,15 @@ pub async fn prepare(
                     source: path.clone(),
                     path: canonical,
                     scale,
+                    url: None,
                 });
+            } else if let Some(value) = &lora.url {
+                loras.push(url_lora(state, value, scale, &format!("{lora_field}.url"))?);
             } else {
-                return Err(unsupported(
-                    format!("{lora_field}.url"),
-                    "LoRA URLs are not fetched; upload the file with POST /v1/trainings and pass its id",
+                return Err(ApiError::invalid(
+                    "invalid_value",
+                    lora_field,
+                    "a LoRA needs one of `id`, `path` or `url`",
                 ));
             }
         }
@@ -373,6 +402,25 @@ pub async fn prepare(
                 "invalid_value",
                 "webhook",
                 format!("`{url}` is not an http(s) URL"),
+            ));
+        }
+        // Resolve and check the address now (no connection is made), so a
+        // webhook to an internal address is refused before anything is stored.
+        let fetcher = state.fetcher().clone();
+        let target = url.clone();
+        let checked = tokio::task::spawn_blocking(move || fetcher.check_url(&target))
+            .await
+            .map_err(|e| ApiError::internal("checking the webhook URL", e))?;
+        if let Err(e) = checked {
+            tracing::info!("webhook {url} refused: {}", e.detail);
+            return Err(ApiError::invalid(
+                "invalid_value",
+                "webhook",
+                format!(
+                    "`{url}` cannot be used as a webhook: it does not resolve to an \
+                     address this server may deliver to (public addresses, or those in \
+                     allow_fetch_hosts)"
+                ),
             ));
         }
     }

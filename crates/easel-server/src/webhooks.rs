@@ -11,12 +11,18 @@
 //! or a network error is retried with exponential backoff
 //! (`webhook_backoff_ms`, doubling, at most one hour) up to
 //! `webhook_max_attempts` times; progress events are sent once, never retried.
+//!
+//! Deliveries go through the outbound fetcher ([`crate::fetch`]): the URL
+//! was checked at submission and is checked again at each delivery (DNS may
+//! have changed); a refused address is never connected to and not retried.
+//! Redirects are not followed.
 
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::fetch::{FetchError, Fetcher};
 use crate::metrics::Metrics;
 use crate::store::DeliveryRow;
 use crate::util::now_ms;
@@ -55,24 +61,27 @@ pub fn backoff_ms(base_ms: u64, attempt: u32) -> u64 {
     base_ms.saturating_mul(factor).min(3_600_000)
 }
 
-/// POST one delivery (blocking; run off the async runtime). `Ok` on 2xx.
-fn post(delivery: &DeliveryRow, secret: &[u8], timeout: Duration) -> Result<(), String> {
+/// POST one delivery through the outbound fetcher (blocking; run off the
+/// async runtime). `Ok` on 2xx; an address the fetcher refuses is never
+/// connected to.
+fn post(
+    fetcher: &Fetcher,
+    delivery: &DeliveryRow,
+    secret: &[u8],
+    timeout: Duration,
+) -> Result<(), FetchError> {
     let t = now_ms() / 1000;
-    let agent = ureq::AgentBuilder::new().timeout(timeout).build();
-    let result = agent
-        .post(&delivery.url)
-        .set("Content-Type", "application/json")
-        .set("User-Agent", concat!("easel/", env!("CARGO_PKG_VERSION")))
-        .set("Easel-Event", &delivery.event)
-        .set("Easel-Delivery", &delivery.id)
-        .set("Easel-Signature", &signature(secret, t, &delivery.payload))
-        .send_string(&delivery.payload);
-    match result {
-        Ok(response) if (200..300).contains(&response.status()) => Ok(()),
-        Ok(response) => Err(format!("HTTP {}", response.status())),
-        Err(ureq::Error::Status(code, _)) => Err(format!("HTTP {code}")),
-        Err(e) => Err(e.to_string()),
-    }
+    let signature = signature(secret, t, &delivery.payload);
+    fetcher.post_json(
+        &delivery.url,
+        &[
+            ("Easel-Event", &delivery.event),
+            ("Easel-Delivery", &delivery.id),
+            ("Easel-Signature", &signature),
+        ],
+        &delivery.payload,
+        timeout,
+    )
 }
 
 /// The dispatcher: deliver due events, sleeping until the next one is due
@@ -95,8 +104,9 @@ pub async fn run_dispatcher(state: AppState) {
         let mut handles = Vec::new();
         for delivery in due {
             let secret = secret.clone();
+            let fetcher = state.fetcher().clone();
             handles.push(tokio::task::spawn_blocking(move || {
-                let result = post(&delivery, &secret, timeout);
+                let result = post(&fetcher, &delivery, &secret, timeout);
                 (delivery, result)
             }));
         }
@@ -114,14 +124,16 @@ pub async fn run_dispatcher(state: AppState) {
                 Err(e) => {
                     Metrics::inc(&state.metrics().webhooks_failed_attempts);
                     tracing::info!(
-                        "webhook {} {} to {} failed (attempt {attempt}): {e}",
+                        "webhook {} {} to {} failed (attempt {attempt}): {}",
                         delivery.event,
                         delivery.id,
-                        delivery.url
+                        delivery.url,
+                        e.detail
                     );
-                    let retry = (attempt < delivery.max_attempts)
+                    // A refused address stays refused: no retry.
+                    let retry = (e.retryable() && attempt < delivery.max_attempts)
                         .then(|| now_ms() + backoff_ms(base, attempt as u32) as i64);
-                    (false, Some(e), retry)
+                    (false, Some(e.detail), retry)
                 }
             };
             if let Err(e) = state
@@ -177,5 +189,35 @@ mod tests {
         assert_eq!(backoff_ms(1000, 2), 2000);
         assert_eq!(backoff_ms(1000, 5), 16000);
         assert_eq!(backoff_ms(1000, 40), 3_600_000);
+    }
+
+    /// A delivery whose address is refused is never connected to and is not
+    /// retried (the check at submission may be stale: DNS can change).
+    #[test]
+    fn finding_2_ssrf_webhook_to_a_forbidden_address_is_never_attempted() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let fetcher = Fetcher::new(crate::fetch::AllowList::default()).recording();
+        for url in [
+            format!("http://{}/hook", listener.local_addr().unwrap()),
+            "http://169.254.169.254/hook".to_string(),
+        ] {
+            let delivery = DeliveryRow {
+                id: "d".into(),
+                generation_id: "g".into(),
+                url,
+                event: "generation.completed".into(),
+                payload: "{}".into(),
+                attempts: 0,
+                max_attempts: 6,
+            };
+            let e = post(&fetcher, &delivery, b"k", Duration::from_secs(2)).unwrap_err();
+            assert!(!e.retryable(), "{e:?}");
+        }
+        assert!(fetcher.handed_out().is_empty());
+        assert_eq!(
+            listener.accept().map_err(|e| e.kind()).unwrap_err(),
+            std::io::ErrorKind::WouldBlock
+        );
     }
 }

@@ -350,6 +350,20 @@ impl Worker {
             .into_iter()
             .filter(|i| i.status == crate::job::ItemStatus::Pending)
             .collect();
+        // LoRAs given by URL: download the missing ones now (this thread is
+        // not the async runtime); a failed download fails only its item,
+        // which is refunded like any failed item.
+        let mut ready = Vec::with_capacity(pending.len());
+        for item in pending {
+            match self.fetch_loras(&item) {
+                Ok(()) => ready.push(item),
+                Err(error) => {
+                    tracing::warn!("job {id}: {}: {}", item.spec.field, error.message);
+                    self.ctx.block(store.fail_items(id, &[item.idx], &error))?;
+                }
+            }
+        }
+        let pending = ready;
 
         // Group by model, in order of first appearance.
         let mut by_model: Vec<(String, Vec<ItemRow>)> = Vec::new();
@@ -477,6 +491,46 @@ impl Worker {
             status,
         });
         self.ctx.webhook(id, "completed");
+        Ok(())
+    }
+
+    /// Download the `loras[].url` files of `item` that are not in the LoRA
+    /// cache yet. The error names the field and tells a fetch failure (one
+    /// text for all, see `fetch.rs`) from a file that is not a LoRA.
+    fn fetch_loras(&self, item: &ItemRow) -> Result<(), JobError> {
+        let config = self.ctx.state.config();
+        for (j, lora) in item.spec.loras.iter().enumerate() {
+            let Some(url) = &lora.url else { continue };
+            if lora.path.is_file() {
+                continue;
+            }
+            let result = crate::lora_cache::download(
+                self.ctx.state.fetcher(),
+                &config.data_dir,
+                url,
+                config.max_lora_bytes,
+                Duration::from_secs(config.lora_fetch_timeout_seconds),
+            );
+            if let Err(e) = result {
+                if let crate::lora_cache::DownloadError::Fetch(f) = &e {
+                    tracing::info!("LoRA {url}: {}", f.detail);
+                }
+                let index = item.spec.definition.loras.as_ref().and_then(|refs| {
+                    refs.iter()
+                        .position(|r| r.url.as_deref() == Some(&lora.source))
+                });
+                let field = match index {
+                    Some(i) => format!("{}.loras[{i}].url", item.spec.field),
+                    None => format!("{}.loras[{j}].url", item.spec.field),
+                };
+                let mut error = JobError::new(
+                    "lora_fetch_failed",
+                    format!("LoRA `{}` could not be used: {e}", lora.source),
+                );
+                error.field = Some(field);
+                return Err(error);
+            }
+        }
         Ok(())
     }
 

@@ -900,16 +900,17 @@ async fn trainings_upload_list_get_delete_and_are_usable_as_training_id() {
 }
 
 /// LoRA files under a model root are accepted (their pixels are checked
-/// against `easel generate --lora` in easel-cli's serve tests); LoRA URLs
-/// are refused up front, before anything is stored.
+/// against `easel generate --lora` in easel-cli's serve tests); a LoRA URL
+/// that names no `.safetensors` file is refused up front, before anything
+/// is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lora_paths_are_accepted_and_lora_urls_refused_up_front() {
+async fn lora_paths_are_accepted_and_bad_lora_urls_refused_up_front() {
     let server = TestServer::new(|_| {}).await;
     let (s, e) = server
-        .post("/v1/generations", json!({"baseModel": tiny_sd15(), "images": [{"prompt": "a", "loras": [{"url": "https://example.com/x.safetensors"}]}]}))
+        .post("/v1/generations", json!({"baseModel": tiny_sd15(), "images": [{"prompt": "a", "loras": [{"url": "https://example.com/x.bin"}]}]}))
         .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
-    assert_eq!(e["error"]["code"], "unsupported_feature");
+    assert_eq!(e["error"]["code"], "invalid_value");
     assert_eq!(e["error"]["field"], "images[0].loras[0].url");
     assert_eq!(server.count("generations").await, 0);
     let lora = fixtures()
@@ -1364,7 +1365,13 @@ async fn webhooks_are_signed_retried_and_never_block_the_worker() {
                 .push((headers, String::from_utf8(body).unwrap()));
         }
     });
-    let server = TestServer::fake().await;
+    // The receiver is on loopback, which the outbound fetcher refuses unless allowed.
+    let server = TestServer::new(|c| {
+        c.engine = EngineKind::Fake;
+        c.fake_step_ms = 1;
+        c.allow_fetch_hosts = vec!["127.0.0.1".into()];
+    })
+    .await;
     let (_, job) = server
         .post(
             "/v1/generations",
@@ -1960,4 +1967,335 @@ async fn a_resumed_image_step_waits_for_the_job_it_submitted() {
     assert_eq!(resumed["status"], "succeeded", "{resumed:#}");
     assert_eq!(resumed["steps"][0]["jobId"], job["id"]);
     assert_eq!(restarted.count("generations").await, 1, "no second job");
+}
+
+// ---- issue 12, findings 1 and 2: the outbound fetcher (SSRF) ---------------
+
+/// A loopback listener that must never be connected to: `assert_untouched`
+/// checks that no connection is waiting in its backlog.
+struct Tripwire(std::net::TcpListener);
+
+impl Tripwire {
+    fn bind(ip: &str) -> Option<Tripwire> {
+        let listener = std::net::TcpListener::bind((ip, 0)).ok()?;
+        listener.set_nonblocking(true).unwrap();
+        Some(Tripwire(listener))
+    }
+    fn port(&self) -> u16 {
+        self.0.local_addr().unwrap().port()
+    }
+    fn assert_untouched(&self) {
+        match self.0.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("the tripwire got a connection: {other:?}"),
+        }
+    }
+}
+
+/// A loopback HTTP server answering every connection with `response`;
+/// returns its port and a connection counter.
+fn canned_server(response: Vec<u8>) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = [0u8; 8192];
+            let _ = stream.read(&mut buf);
+            let _ = stream.write_all(&response);
+        }
+    });
+    (port, hits)
+}
+
+fn http_ok(body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+async fn image_url_error(server: &TestServer, url: &str) -> Value {
+    let (s, e) = server
+        .post(
+            "/v1/generations",
+            json!({"baseModel": "fake/model", "images": [{"prompt": "a", "image": url}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{url}: {e}");
+    assert_eq!(e["error"]["code"], "invalid_image", "{url}: {e}");
+    assert_eq!(e["error"]["field"], "images[0].image", "{url}: {e}");
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finding_1_ssrf_image_url_to_loopback_gets_no_connection() {
+    let server = TestServer::fake().await;
+    let v4 = Tripwire::bind("127.0.0.1").unwrap();
+    let mut urls = vec![
+        format!("http://127.0.0.1:{}/x.png", v4.port()),
+        format!("http://localhost:{}/x.png", v4.port()),
+        // 2130706433 = 0x7f000001 = 127.0.0.1 (the URL standard's numeric host).
+        format!("http://2130706433:{}/x.png", v4.port()),
+        format!("http://0x7f.1:{}/x.png", v4.port()),
+        format!("http://[::ffff:127.0.0.1]:{}/x.png", v4.port()),
+    ];
+    let v6 = Tripwire::bind("::1");
+    if let Some(v6) = &v6 {
+        urls.push(format!("http://[::1]:{}/x.png", v6.port()));
+    }
+    for url in &urls {
+        let e = image_url_error(&server, url).await;
+        assert_eq!(
+            e["error"]["message"],
+            easel_server::fetch::FETCH_FAILED,
+            "{url}"
+        );
+    }
+    // The mask goes through the same fetcher.
+    let (s, e) = server
+        .post(
+            "/v1/generations",
+            json!({"baseModel": "fake/model", "images": [{"prompt": "a",
+                "image": format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png_bytes(64, 64, false))),
+                "mask": urls[0]}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    assert_eq!(e["error"]["field"], "images[0].mask");
+    v4.assert_untouched();
+    if let Some(v6) = &v6 {
+        v6.assert_untouched();
+    }
+    assert_eq!(server.count("generations").await, 0);
+}
+
+/// Private, link-local (the cloud metadata address), CGNAT and mapped forms
+/// are refused with the same text; they are refused by the address check
+/// before any connection (proved without dialling them in
+/// `fetch::tests::finding_1_ssrf_metadata_address_is_refused_before_any_connect`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finding_1_ssrf_internal_addresses_are_refused_with_one_message() {
+    let server = TestServer::fake().await;
+    for url in [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::ffff:169.254.169.254]/",
+        "http://10.0.0.1/x.png",
+        "http://192.168.1.1/x.png",
+        "http://100.64.0.1/x.png",
+        "http://[fd00::1]/x.png",
+        "http://0.0.0.0:1/x.png",
+    ] {
+        let e = image_url_error(&server, url).await;
+        assert_eq!(
+            e["error"]["message"],
+            easel_server::fetch::FETCH_FAILED,
+            "{url}"
+        );
+    }
+}
+
+/// No port-scan oracle: an open port that is not an image server, an open
+/// port answering 404, a closed port and a refused address all answer the
+/// same text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finding_1_ssrf_open_and_closed_ports_give_the_same_error() {
+    let allowed = TestServer::new(|c| {
+        c.engine = EngineKind::Fake;
+        c.allow_fetch_hosts = vec!["127.0.0.1".into()];
+    })
+    .await;
+    let (garbage, _) = canned_server(b"SSH-2.0-OpenSSH_9.6\r\n".to_vec());
+    let (not_found, _) = canned_server(
+        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let mut messages = Vec::new();
+    for port in [garbage, not_found, closed_port] {
+        let e = image_url_error(&allowed, &format!("http://127.0.0.1:{port}/x.png")).await;
+        messages.push(e["error"]["message"].clone());
+    }
+    let refused = TestServer::fake().await;
+    let e = image_url_error(&refused, &format!("http://127.0.0.1:{garbage}/x.png")).await;
+    messages.push(e["error"]["message"].clone());
+    let e = image_url_error(&refused, "http://no-such-host.invalid/x.png").await;
+    messages.push(e["error"]["message"].clone());
+    for m in &messages {
+        assert_eq!(m, easel_server::fetch::FETCH_FAILED, "{messages:?}");
+    }
+}
+
+/// An allow-listed image server works, and a redirect from it to a
+/// forbidden address is refused without connecting there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finding_1_ssrf_redirect_from_an_allowed_server_to_a_forbidden_address_is_refused() {
+    let server = TestServer::new(|c| {
+        c.engine = EngineKind::Fake;
+        c.fake_step_ms = 1;
+        c.allow_fetch_hosts = vec!["127.0.0.1".into()];
+    })
+    .await;
+    let (image, hits) = canned_server(http_ok(&png_bytes(64, 64, false)));
+    let (s, job) = server
+        .post(
+            "/v1/generations",
+            json!({"baseModel": "fake/model", "images": [{"prompt": "a", "image": format!("http://127.0.0.1:{image}/x.png")}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{job}");
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // 127.0.0.2 is loopback too, but only 127.0.0.1 is allowed.
+    let Some(trap) = Tripwire::bind("127.0.0.2") else {
+        return; // no 127.0.0.2 on this host
+    };
+    for target in [
+        format!("http://127.0.0.2:{}/x.png", trap.port()),
+        "http://169.254.169.254/latest/meta-data/".to_string(),
+    ] {
+        let (port, hits) = canned_server(
+            format!("HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .into_bytes(),
+        );
+        let e = image_url_error(&server, &format!("http://127.0.0.1:{port}/x.png")).await;
+        assert_eq!(e["error"]["message"], easel_server::fetch::FETCH_FAILED);
+        assert_eq!(
+            hits.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "{target}"
+        );
+    }
+    trap.assert_untouched();
+    assert_eq!(server.count("generations").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finding_2_ssrf_webhook_to_an_internal_address_is_refused_at_submission() {
+    let server = TestServer::fake().await;
+    let trap = Tripwire::bind("127.0.0.1").unwrap();
+    for hook in [
+        "http://169.254.169.254/h".to_string(),
+        format!("http://127.0.0.1:{}/h", trap.port()),
+        format!("http://localhost:{}/h", trap.port()),
+        format!("http://2130706433:{}/h", trap.port()),
+        "http://[::1]/h".to_string(),
+        "http://10.1.2.3/h".to_string(),
+    ] {
+        let (s, e) = server
+            .post(
+                "/v1/generations",
+                json!({"baseModel": "fake/model", "images": [{"prompt": "a"}], "webhook": hook}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{hook}: {e}");
+        assert_eq!(e["error"]["field"], "webhook", "{hook}: {e}");
+    }
+    assert_eq!(server.count("generations").await, 0);
+    trap.assert_untouched();
+}
+
+// ---- LoRA by URL (through the outbound fetcher) ----------------------------
+
+/// A LoRA URL on an allow-listed loopback server is downloaded once into
+/// the content-addressed cache and applied on the tiny SD 1.5 model; a
+/// second request for the same URL does not download again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_url_is_downloaded_once_and_applied() {
+    let server = TestServer::new(|c| c.allow_fetch_hosts = vec!["127.0.0.1".into()]).await;
+    let lora = std::fs::read(fixtures().join("loras/tiny-sd15-lora.safetensors")).unwrap();
+    let (port, hits) = canned_server(http_ok(&lora));
+    let url = format!("http://127.0.0.1:{port}/tiny.safetensors");
+    for round in 0..2 {
+        let (s, job) = server
+            .post(
+                "/v1/generations",
+                json!({"baseModel": tiny_sd15(), "steps": 2, "width": 64, "height": 64,
+                       "images": [{"prompt": "a", "seed": 1, "loras": [{"url": url, "scale": 0.5}]}]}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{job}");
+        let done = server.wait_done(job["id"].as_str().unwrap(), 120).await;
+        assert_eq!(done["status"], "succeeded", "round {round}: {done}");
+        assert_eq!(
+            hits.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "round {round}"
+        );
+    }
+    let cache = server.dir.path().join("data/models/lora-cache");
+    let blob = cache
+        .join("blobs")
+        .join(format!("{}.safetensors", blake3::hash(&lora).to_hex()));
+    assert_eq!(std::fs::read(&blob).unwrap(), lora);
+    let by_url = easel_server::lora_cache::url_path(&server.dir.path().join("data"), &url);
+    assert_eq!(std::fs::read(by_url).unwrap(), lora);
+}
+
+/// Finding 4 (for LoRA URLs): a cached file that is not a LoRA is refused
+/// with 422 naming the field before 202, and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finding_4_lora_url_whose_cached_file_is_not_a_lora_is_refused_before_202() {
+    let server = TestServer::fake().await;
+    let url = "https://loras.example/not-a-lora.safetensors";
+    let path = easel_server::lora_cache::url_path(&server.dir.path().join("data"), url);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    // A model's weights: safetensors, but no LoRA keys.
+    std::fs::copy(
+        fixtures().join("models/tiny-sd15/unet/diffusion_pytorch_model.safetensors"),
+        &path,
+    )
+    .unwrap();
+    let (s, e) = server
+        .post(
+            "/v1/generations",
+            json!({"baseModel": "fake/model", "images": [{"prompt": "a"}, {"prompt": "b", "loras": [{"url": url}]}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    assert_eq!(e["error"]["field"], "images[1].loras[0].url", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a LoRA"),
+        "{e}"
+    );
+    assert_eq!(server.count("generations").await, 0);
+}
+
+/// A LoRA download that fails (here a refused address, never dialled) fails
+/// only its own image definition, with a clear error, and that definition
+/// is not charged; the other definition runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_url_download_failure_fails_only_that_image_and_refunds_it() {
+    let server = TestServer::fake().await;
+    let trap = Tripwire::bind("127.0.0.1").unwrap();
+    let url = format!("http://127.0.0.1:{}/x.safetensors", trap.port());
+    let (s, job) = server
+        .post(
+            "/v1/generations",
+            json!({"baseModel": "fake/model", "images": [{"prompt": "a"}, {"prompt": "b", "loras": [{"url": url}]}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{job}");
+    let done = server.wait_done(job["id"].as_str().unwrap(), 30).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "lora_fetch_failed", "{done}");
+    assert_eq!(done["error"]["field"], "images[1].loras[0].url", "{done}");
+    assert!(done["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains(easel_server::fetch::FETCH_FAILED));
+    assert_eq!(done["cost"]["inferences"], 2, "{done}");
+    assert_eq!(done["cost"]["total_usd"], 0.02, "{done}");
+    assert_eq!(done["images"].as_array().map(Vec::len), Some(1), "{done}");
+    trap.assert_untouched();
 }
