@@ -370,7 +370,7 @@ pub struct ListQuery {
         (status = 409, description = "Idempotency-Key reused with another body", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 422, description = "Invalid field (wrong type, out of range, unknown model/training, bad image)", body = ErrorBody),
-        (status = 429, description = "Queue full (Retry-After)", body = ErrorBody),
+        (status = 429, description = "Queue full (`queue_full`) or this key's submission rate exceeded (`rate_limited`); Retry-After", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 async fn create_generation(
@@ -380,6 +380,7 @@ async fn create_generation(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
+    state.rate_limiter().check(&principal.key_id)?;
     let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

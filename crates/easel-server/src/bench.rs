@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, EngineKind};
-use crate::{app, AppState};
+use crate::AppState;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -197,6 +197,10 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, crate::StartError
         max_images_per_request: options.images_per_request.max(1),
         fake_step_ms: options.fake_step_ms,
         offline: true,
+        // One key submits everything as fast as it can: the per-key rate
+        // limit would measure itself, not the queue.
+        rate_limit_per_minute: 0,
+        max_connections: options.clients.max(1) * 2 + 64,
         ..Config::default()
     };
     let model = match &options.model {
@@ -221,8 +225,11 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, crate::StartError
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     state.set_local_addr(addr);
-    let router = app(state.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    let server = tokio::spawn(crate::serve_on(
+        listener,
+        state.clone(),
+        std::future::pending(),
+    ));
 
     let base = format!("http://{addr}");
     let report = Arc::new(Mutex::new(BenchReport {

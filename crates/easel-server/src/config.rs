@@ -121,6 +121,28 @@ pub struct Config {
     pub llm_model: Option<String>,
     /// A bearer token for the chat-completions server, if it needs one.
     pub llm_api_key: Option<String>,
+    /// Seconds a connection has to send a complete request head, from being
+    /// accepted or from the first byte of a kept-alive request (1..=3600).
+    /// Default 10.
+    pub header_read_timeout_seconds: u64,
+    /// Seconds a request has to send its whole body, from its head
+    /// (1..=3600). Default 60: `max_body_bytes` (32 MiB) at 10 Mbit/s with
+    /// room to spare.
+    pub body_read_timeout_seconds: u64,
+    /// Seconds a kept-alive connection may wait for its next request
+    /// (1..=3600). Default 60. Never cuts a response in flight (SSE,
+    /// `Prefer: wait`).
+    pub idle_timeout_seconds: u64,
+    /// Most client connections served at once (1..=1000000); beyond it new
+    /// connections wait briefly, then are closed. Kept below the open file
+    /// limit (a warning says so when it has to be lowered). Default 1024.
+    pub max_connections: usize,
+    /// Submissions per minute per API key (`POST /v1/generations`, the
+    /// OpenAI image routes, flow runs); `0` turns the limit off. Default 600.
+    pub rate_limit_per_minute: u32,
+    /// Submissions a key may make at once before the per-minute rate applies
+    /// (1..=1000000). Default 100.
+    pub rate_limit_burst: u32,
 }
 
 impl Default for Config {
@@ -159,6 +181,12 @@ impl Default for Config {
             llm_url: None,
             llm_model: None,
             llm_api_key: None,
+            header_read_timeout_seconds: 10,
+            body_read_timeout_seconds: 60,
+            idle_timeout_seconds: 60,
+            max_connections: 1024,
+            rate_limit_per_minute: 600,
+            rate_limit_burst: 100,
         }
     }
 }
@@ -225,6 +253,12 @@ const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("llm_url", EnvKind::Str),
     ("llm_model", EnvKind::Str),
     ("llm_api_key", EnvKind::Str),
+    ("header_read_timeout_seconds", EnvKind::Int),
+    ("body_read_timeout_seconds", EnvKind::Int),
+    ("idle_timeout_seconds", EnvKind::Int),
+    ("max_connections", EnvKind::Int),
+    ("rate_limit_per_minute", EnvKind::Int),
+    ("rate_limit_burst", EnvKind::Int),
 ];
 
 impl Config {
@@ -271,7 +305,9 @@ impl Config {
     }
 
     /// Check values that serde cannot: a parsable `bind`, `no_auth` only on
-    /// loopback, a finite non-negative price, non-zero limits.
+    /// loopback, a finite non-negative price, non-zero limits, listener
+    /// timeouts of 1..=3600 s, `max_connections` and `rate_limit_burst` in
+    /// 1..=1000000.
     ///
     /// # Errors
     /// A [`ConfigError`] naming the key.
@@ -316,6 +352,32 @@ impl Config {
             return Err(ConfigError(
                 "max_attempts and webhook_max_attempts must be at least 1".into(),
             ));
+        }
+        for (key, value) in [
+            (
+                "header_read_timeout_seconds",
+                self.header_read_timeout_seconds,
+            ),
+            ("body_read_timeout_seconds", self.body_read_timeout_seconds),
+            ("idle_timeout_seconds", self.idle_timeout_seconds),
+        ] {
+            if !(1..=3600).contains(&value) {
+                return Err(ConfigError(format!(
+                    "{key}: {value} is not between 1 and 3600 seconds"
+                )));
+            }
+        }
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            return Err(ConfigError(format!(
+                "max_connections: {} is not between 1 and 1000000",
+                self.max_connections
+            )));
+        }
+        if !(1..=1_000_000).contains(&self.rate_limit_burst) {
+            return Err(ConfigError(format!(
+                "rate_limit_burst: {} is not between 1 and 1000000",
+                self.rate_limit_burst
+            )));
         }
         for (key, url) in [("public_url", &self.public_url), ("llm_url", &self.llm_url)] {
             let Some(url) = url else { continue };
@@ -486,6 +548,41 @@ mod tests {
         std::fs::write(&file, "max_queue = \"x\"\n").unwrap();
         let e = Config::load(Some(&file), []).unwrap_err();
         assert!(e.0.contains("max_queue"), "{e}");
+    }
+
+    #[test]
+    fn listener_limits_from_the_environment_and_their_ranges() {
+        let config = Config::load(
+            None,
+            env(&[
+                ("EASEL_HEADER_READ_TIMEOUT_SECONDS", "5"),
+                ("EASEL_MAX_CONNECTIONS", "64"),
+                ("EASEL_RATE_LIMIT_PER_MINUTE", "0"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.header_read_timeout_seconds, 5);
+        assert_eq!(config.body_read_timeout_seconds, 60);
+        assert_eq!(config.max_connections, 64);
+        assert_eq!(config.rate_limit_per_minute, 0);
+        for (var, value, key) in [
+            (
+                "EASEL_HEADER_READ_TIMEOUT_SECONDS",
+                "0",
+                "header_read_timeout_seconds",
+            ),
+            (
+                "EASEL_BODY_READ_TIMEOUT_SECONDS",
+                "3601",
+                "body_read_timeout_seconds",
+            ),
+            ("EASEL_IDLE_TIMEOUT_SECONDS", "0", "idle_timeout_seconds"),
+            ("EASEL_MAX_CONNECTIONS", "0", "max_connections"),
+            ("EASEL_RATE_LIMIT_BURST", "0", "rate_limit_burst"),
+        ] {
+            let e = Config::load(None, env(&[(var, value)])).unwrap_err();
+            assert!(e.0.contains(key) && e.0.contains(value), "{e}");
+        }
     }
 
     #[test]

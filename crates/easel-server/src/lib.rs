@@ -16,9 +16,12 @@
 //! - [`api`] (native `/v1/...`), [`openai`] (`/v1/images/...`),
 //!   [`openapi`] (`/openapi.json`, `/docs`), [`auth`], [`webhooks`],
 //!   [`metrics`].
+//! - [`listener`]: the accept loop, connection cap and timeouts in front
+//!   of the router; [`ratelimit`]: per-key submission rate limits.
 //!
 //! [`app`] builds the router from an [`AppState`] (tests call it with
-//! `oneshot`); [`serve`] binds a socket and runs until Ctrl-C / SIGTERM.
+//! `oneshot`); [`serve`] binds a socket and runs until Ctrl-C / SIGTERM;
+//! [`serve_on`] serves an already bound listener (tests, `bench-api`).
 
 #![warn(missing_docs)]
 
@@ -33,11 +36,13 @@ pub mod fetch;
 pub mod flows;
 pub mod inputs;
 pub mod job;
+pub mod listener;
 pub mod lora_cache;
 pub mod metrics;
 pub mod models;
 pub mod openai;
 pub mod openapi;
+pub mod ratelimit;
 pub mod store;
 pub mod submit;
 pub mod util;
@@ -54,6 +59,7 @@ use tokio::sync::{broadcast, Notify};
 
 pub use config::Config;
 pub use error::ApiError;
+pub use listener::serve_on;
 
 use crate::assets::FileStore;
 use crate::engine::{Capabilities, Engine};
@@ -123,6 +129,7 @@ struct Inner {
     base_url: Mutex<String>,
     worker_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     flows: flows::FlowsShared,
+    rate_limiter: ratelimit::RateLimiter,
 }
 
 /// The server's shared state: configuration, store, asset folders, the
@@ -195,6 +202,10 @@ impl AppState {
             base_url: Mutex::new(format!("http://{bind}")),
             worker_thread: Mutex::new(None),
             flows: flows::FlowsShared::default(),
+            rate_limiter: ratelimit::RateLimiter::new(
+                config.rate_limit_per_minute,
+                config.rate_limit_burst,
+            ),
             config,
         };
         let state = AppState(Arc::new(inner));
@@ -247,6 +258,11 @@ impl AppState {
     /// Flow runs' events and cancel tokens.
     pub fn flows(&self) -> &flows::FlowsShared {
         &self.0.flows
+    }
+
+    /// Per-key submission rate limits.
+    pub fn rate_limiter(&self) -> &ratelimit::RateLimiter {
+        &self.0.rate_limiter
     }
 
     /// Counters.
@@ -356,8 +372,10 @@ pub fn app(state: AppState) -> Router {
     api::router(state)
 }
 
-/// Bind `config.bind`, serve until Ctrl-C or SIGTERM, then shut down
-/// gracefully (a running job goes back to the queue).
+/// Bind `config.bind`, serve (through [`serve_on`]: timeouts, connection
+/// cap) until Ctrl-C or SIGTERM, then shut down gracefully: stop accepting,
+/// let in-flight requests finish, then stop the worker (a running job goes
+/// back to the queue).
 ///
 /// # Errors
 /// The server cannot start or the address cannot be bound.
@@ -373,10 +391,7 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
         state.config().data_dir.display(),
         if state.config().no_auth { "off" } else { "on" }
     );
-    let router = app(state.clone());
-    let result = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal(state.clone()))
-        .await;
+    let result = serve_on(listener, state.clone(), shutdown_signal(state.clone())).await;
     state.shutdown().await;
     result.map_err(StartError::Io)
 }

@@ -1221,13 +1221,17 @@ async fn health_readiness_metrics_openapi_and_docs() {
 
 // ---- over a real socket ----------------------------------------------------
 
-/// Serve `server`'s router on a loopback port; returns the base URL.
+/// Serve `server` on a loopback port through the real listener
+/// (`serve_on`: its timeouts and connection cap); returns the base URL.
 async fn listen(server: &TestServer) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     server.state.set_local_addr(addr);
-    let router = server.router.clone();
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    tokio::spawn(easel_server::serve_on(
+        listener,
+        server.state.clone(),
+        std::future::pending(),
+    ));
     format!("http://{addr}")
 }
 
@@ -2298,4 +2302,299 @@ async fn lora_url_download_failure_fails_only_that_image_and_refunds_it() {
     assert_eq!(done["cost"]["total_usd"], 0.02, "{done}");
     assert_eq!(done["images"].as_array().map(Vec::len), Some(1), "{done}");
     trap.assert_untouched();
+}
+
+// ---- finding 3: slow clients, connection cap, rate limits -----------------
+
+/// Raise this process's soft open file limit to `want` (or the hard limit);
+/// returns the soft limit now in force.
+fn raise_fd_limit(want: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain libc calls on a struct we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur != libc::RLIM_INFINITY && (lim.rlim_cur as u64) < want {
+            let target = if lim.rlim_max == libc::RLIM_INFINITY {
+                want
+            } else {
+                want.min(lim.rlim_max as u64)
+            };
+            let raised = libc::rlimit {
+                rlim_cur: target as libc::rlim_t,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = raised.rlim_cur;
+            }
+        }
+    }
+    lim.rlim_cur as u64
+}
+
+/// One request on a new connection (`Connection: close`); the status line
+/// and the whole answer, or an error.
+async fn raw_request(addr: &str, request: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// Read until EOF (or a reset); the bytes read and when it ended.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(limit, read).await.ok()?;
+    Some(got)
+}
+
+const HEALTHZ: &str = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn finding_3_slow_clients_do_not_stop_healthz() {
+    use tokio::io::AsyncWriteExt;
+    // Each slow client costs two descriptors here (client and server side).
+    let wanted_n: usize = 300;
+    let limit = raise_fd_limit(4096);
+    let n = wanted_n.min((limit.saturating_sub(200) / 4) as usize);
+    assert!(
+        n >= 100,
+        "the open file limit ({limit}) is too low for this test"
+    );
+    let server = TestServer::new(|c| {
+        c.engine = EngineKind::Fake;
+        c.header_read_timeout_seconds = 1;
+        c.body_read_timeout_seconds = 1;
+        c.idle_timeout_seconds = 1;
+    })
+    .await;
+    let base = listen(&server).await;
+    let addr = base.trim_start_matches("http://").to_string();
+
+    let started = Instant::now();
+    let mut idle = Vec::new();
+    let mut half_open = Vec::new();
+    for _ in 0..n {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        // A request head without its final CRLF.
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        half_open.push(s);
+    }
+    // A POST whose body never completes.
+    let mut slow_body = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow_body
+        .write_all(
+            format!(
+                "POST /v1/generations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"baseModel\"",
+                server.key
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let opened = started.elapsed();
+
+    // With all of them open, /healthz answers at once.
+    let t = Instant::now();
+    let answer = raw_request(&addr, HEALTHZ).await.unwrap();
+    let took = t.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        took < Duration::from_millis(100),
+        "/healthz took {took:?} beside {n} idle and {n} half-open connections"
+    );
+
+    // The body read timeout answers the slow POST (400 naming the limit)
+    // and closes it.
+    let got = read_until_closed(&mut slow_body, Duration::from_secs(5))
+        .await
+        .expect("the slow-body connection is closed within 5 s");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("body_read_timeout_seconds"), "{text}");
+
+    // The header read timeout closes the idle and half-open ones, without
+    // an answer.
+    for (kind, streams) in [("idle", &mut idle), ("half-open", &mut half_open)] {
+        for s in streams.iter_mut() {
+            let got = read_until_closed(s, Duration::from_secs(5))
+                .await
+                .unwrap_or_else(|| panic!("an {kind} connection is still open after 5 s"));
+            assert!(got.is_empty(), "{kind}: {}", String::from_utf8_lossy(&got));
+        }
+    }
+    let closed = started.elapsed();
+    assert!(
+        closed >= Duration::from_secs(1),
+        "closed after {closed:?}, before the 1 s timeout"
+    );
+    eprintln!(
+        "finding 3: {n} idle + {n} half-open + 1 slow body opened in {opened:?}; \
+         /healthz in {took:?}; all closed after {closed:?}"
+    );
+    let answer = raw_request(&addr, HEALTHZ).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finding_3_connections_beyond_max_connections_are_closed() {
+    let server = TestServer::new(|c| {
+        c.header_read_timeout_seconds = 2;
+        c.max_connections = 8;
+    })
+    .await;
+    let base = listen(&server).await;
+    let addr = base.trim_start_matches("http://").to_string();
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The ninth waits briefly for a slot, then is closed unanswered.
+    let t = Instant::now();
+    let refused = raw_request(&addr, HEALTHZ).await.unwrap_or_default();
+    assert!(refused.is_empty(), "answered over the cap: {refused}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // Once the held ones time out, the slots are free again.
+    for s in held.iter_mut() {
+        assert!(read_until_closed(s, Duration::from_secs(5)).await.is_some());
+    }
+    let answer = raw_request(&addr, HEALTHZ).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finding_3_timeouts_do_not_cut_sse_streams_or_prefer_wait() {
+    // Steps 1.5 s apart: longer than every timeout, without a byte between.
+    let server = TestServer::new(|c| {
+        c.engine = EngineKind::Fake;
+        c.fake_step_ms = 1500;
+        c.header_read_timeout_seconds = 1;
+        c.body_read_timeout_seconds = 1;
+        c.idle_timeout_seconds = 1;
+    })
+    .await;
+    let base = listen(&server).await;
+    let (_, job) = server
+        .post(
+            "/v1/generations",
+            json!({"baseModel": "fake/model", "steps": 2, "images": [{"prompt": "a"}]}),
+        )
+        .await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let (key, base2) = (server.key.clone(), base.clone());
+    let sse = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let t = Instant::now();
+        let r = ureq::get(&format!("{base2}/v1/generations/{id}/events"))
+            .set("Authorization", &format!("Bearer {key}"))
+            .call()
+            .unwrap();
+        let mut last = Value::Null;
+        for line in std::io::BufReader::new(r.into_reader()).lines() {
+            if let Some(d) = line.unwrap().strip_prefix("data: ") {
+                last = serde_json::from_str(d).unwrap();
+            }
+        }
+        (t.elapsed(), last)
+    });
+    let key = server.key.clone();
+    let wait = tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        let r = ureq::post(&format!("{base}/v1/generations"))
+            .set("Authorization", &format!("Bearer {key}"))
+            .set("Prefer", "wait=30")
+            .send_json(json!({"baseModel": "fake/model", "steps": 2, "images": [{"prompt": "b"}]}))
+            .unwrap();
+        (t.elapsed(), r.status(), r.into_json::<Value>().unwrap())
+    });
+    let (took, last) = sse.await.unwrap();
+    assert_eq!(last["status"], "succeeded", "{last}");
+    assert!(took > Duration::from_secs(2), "the stream lasted {took:?}");
+    let (took, status, record) = wait.await.unwrap();
+    assert_eq!(
+        (status, &record["status"]),
+        (200, &json!("succeeded")),
+        "{record}"
+    );
+    assert!(took > Duration::from_secs(2), "the wait lasted {took:?}");
+}
+
+#[tokio::test]
+async fn finding_3_submissions_over_the_rate_limit_get_429_with_retry_after() {
+    let server = TestServer::new(|c| {
+        c.engine = EngineKind::Fake;
+        c.fake_step_ms = 1;
+        c.rate_limit_per_minute = 6; // one token per 10 s
+        c.rate_limit_burst = 3;
+    })
+    .await;
+    let body = json!({"baseModel": "fake/model", "steps": 1, "images": [{"prompt": "a"}]});
+    for _ in 0..3 {
+        let (s, v) = server.post("/v1/generations", body.clone()).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    }
+    let key = server.key.clone();
+    let (s, headers, v) = server
+        .call_as(
+            Some(&key),
+            Method::POST,
+            "/v1/generations",
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(v["error"]["code"], "rate_limited", "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("rate_limit_per_minute"));
+    let retry: u64 = headers[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=10).contains(&retry), "Retry-After {retry}");
+    assert_eq!(server.count("generations").await, 3, "nothing stored");
+    // The OpenAI route answers in OpenAI's shape, through its error path.
+    let (s, headers, v) = server
+        .call_as(
+            Some(&key),
+            Method::POST,
+            "/v1/images/generations",
+            Some(json!({"prompt": "a", "model": "fake/model"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(v["error"]["code"], "rate_limited", "{v}");
+    assert!(v["error"]["type"].is_string(), "{v}");
+    assert!(headers.contains_key(header::RETRY_AFTER));
+    // Another key has its own bucket; reads are not limited.
+    let other = TestServer::add_key(&server.state, None).await;
+    let (s, _, v) = server
+        .call_as(Some(&other), Method::POST, "/v1/generations", Some(body))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let (s, _, _) = server
+        .call_as(Some(&key), Method::GET, "/v1/generations", None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
 }
