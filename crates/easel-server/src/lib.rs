@@ -14,7 +14,8 @@
 //! - [`flows`]: stored flows and durable runs (`/v1/flows`, `/v1/flow-runs`)
 //!   on `easel-flow`, with the server's image backend and steps.
 //! - [`api`] (native `/v1/...`), [`openai`] (`/v1/images/...`),
-//!   [`openapi`] (`/openapi.json`, `/docs`), [`auth`], [`webhooks`],
+//!   [`openapi`] (`/openapi.json`, `/docs`), [`error_shape`] (one JSON
+//!   error shape per route family), [`auth`], [`webhooks`],
 //!   [`metrics`].
 //!
 //! [`app`] builds the router from an [`AppState`] (tests call it with
@@ -29,6 +30,7 @@ pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod error_shape;
 pub mod flows;
 pub mod inputs;
 pub mod job;
