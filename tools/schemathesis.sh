@@ -45,6 +45,7 @@ cat > "$work/easel.toml" <<EOF
 engine = "fake"
 fake_step_ms = 1
 offline = true
+default_model = "fake/model"
 max_wait_seconds = 5
 max_queue = 100000
 EOF

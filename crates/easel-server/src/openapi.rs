@@ -417,7 +417,9 @@ fn error_statuses(method: &str, path: &str, op: &Value) -> Vec<u16> {
         codes.push(404);
     }
     if has_body {
-        codes.extend([413, 422]);
+        // 403: a model or LoRA path outside the model roots, wherever a
+        // body can name one.
+        codes.extend([403, 413, 422]);
         if op["requestBody"]["content"]
             .get("multipart/form-data")
             .is_some()
