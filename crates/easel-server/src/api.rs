@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{
-    DefaultBodyLimit, FromRequest, FromRequestParts, Multipart, Path, Query, Request, State,
+    DefaultBodyLimit, FromRequest, FromRequestParts, Multipart, Path, Request, State,
 };
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -73,6 +73,7 @@ pub fn router(state: AppState) -> Router {
         .merge(authed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(crate::error_shape::shape_errors))
         .with_state(state)
 }
 
@@ -98,6 +99,28 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
             Ok(bytes) => Ok(RawBody(bytes)),
             Err(e) => Err(body_error(e.status(), e.body_text())),
         }
+    }
+}
+
+/// A query string deserialized into `T`; one that does not fit is a 400
+/// `bad_request` naming the parameter (`?limit=abc` -> field `limit`), in
+/// the native error shape (axum's own `Query` answers plain text).
+pub struct ApiQuery<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or_default();
+        let deserializer =
+            serde_urlencoded::Deserializer::new(url::form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(deserializer)
+            .map(ApiQuery)
+            .map_err(|e| {
+                let field = e.path().to_string();
+                let field = if field == "." { String::new() } else { field };
+                ApiError::bad_request(format!("query parameter: {}", e.inner())).with_field(field)
+            })
     }
 }
 
@@ -348,11 +371,37 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 /// Query of `GET /v1/generations`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only jobs with this status.
+    #[param(pattern = "^(queued|running|succeeded|failed|canceled)$")]
     pub status: Option<String>,
-    /// At most this many (default 20, at most 100).
+    /// At most this many, 1..=100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
+}
+
+/// `limit` of a list query: `default` when absent, else within `range`
+/// (a 422 `invalid_value` naming `limit` outside it; never clamped).
+pub fn list_limit(
+    limit: Option<i64>,
+    default: i64,
+    range: std::ops::RangeInclusive<i64>,
+) -> Result<i64, ApiError> {
+    let limit = limit.unwrap_or(default);
+    if range.contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::invalid(
+            "invalid_value",
+            "limit",
+            format!(
+                "{limit} is out of range (allowed: {} to {})",
+                range.start(),
+                range.end()
+            ),
+        ))
+    }
 }
 
 #[utoipa::path(post, path = "/v1/generations", tag = "generations",
@@ -475,7 +524,7 @@ async fn list_generations(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     BaseUrl(base): BaseUrl,
-    Query(query): Query<ListQuery>,
+    ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<ListOf<GenerationRecord>>, ApiError> {
     let status = match &query.status {
         Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
@@ -489,7 +538,7 @@ async fn list_generations(
         })?),
         None => None,
     };
-    let limit = query.limit.unwrap_or(20).clamp(1, 100);
+    let limit = list_limit(query.limit, 20, 1..=100)?;
     let rows = state
         .store()
         .generations(&principal.key_id, status, limit, None)
@@ -659,10 +708,12 @@ async fn generation_events(
 
 /// Query of `GET /v1/assets`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AssetQuery {
     /// Only the outputs of this job.
     pub generation: Option<String>,
-    /// At most this many (default 50, at most 500) when no job is given.
+    /// At most this many, 1..=500 (default 50) when no job is given.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
 }
 
@@ -673,8 +724,9 @@ async fn list_assets(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     BaseUrl(base): BaseUrl,
-    Query(query): Query<AssetQuery>,
+    ApiQuery(query): ApiQuery<AssetQuery>,
 ) -> Result<Json<ListOf<AssetRecord>>, ApiError> {
+    let limit = list_limit(query.limit, 50, 1..=500)?;
     let rows = match &query.generation {
         Some(id) => {
             let owned = state
@@ -690,7 +742,7 @@ async fn list_assets(
         None => {
             state
                 .store()
-                .assets_of_key(&principal.key_id, query.limit.unwrap_or(50).clamp(1, 500))
+                .assets_of_key(&principal.key_id, limit)
                 .await?
         }
     };

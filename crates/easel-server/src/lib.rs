@@ -14,7 +14,8 @@
 //! - [`flows`]: stored flows and durable runs (`/v1/flows`, `/v1/flow-runs`)
 //!   on `easel-flow`, with the server's image backend and steps.
 //! - [`api`] (native `/v1/...`), [`openai`] (`/v1/images/...`),
-//!   [`openapi`] (`/openapi.json`, `/docs`), [`auth`], [`webhooks`],
+//!   [`openapi`] (`/openapi.json`, `/docs`), [`error_shape`] (one JSON
+//!   error shape per route family), [`auth`], [`webhooks`],
 //!   [`metrics`].
 //! - [`listener`]: the accept loop, connection cap and timeouts in front
 //!   of the router; [`ratelimit`]: per-key submission rate limits.
@@ -32,6 +33,7 @@ pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod error_shape;
 pub mod fetch;
 pub mod flows;
 pub mod inputs;

@@ -60,19 +60,8 @@ impl From<sqlx::Error> for OpenAiError {
 impl IntoResponse for OpenAiError {
     fn into_response(self) -> Response {
         let e = self.0;
-        let kind = if e.status.is_server_error() {
-            "server_error"
-        } else {
-            "invalid_request_error"
-        };
-        let body = serde_json::json!({"error": {
-            "message": e.message,
-            "type": kind,
-            "param": e.field,
-            "code": e.code,
-            "field": e.field,
-        }});
-        let mut response = (e.status, Json(body)).into_response();
+        let body = openai_error_body(e.status, &e.message, e.field.as_deref(), e.code);
+        let mut response = (openai_status(e.status), Json(body)).into_response();
         if let Some(s) = e.retry_after {
             if let Ok(v) = s.to_string().parse() {
                 response.headers_mut().insert("retry-after", v);
@@ -80,6 +69,49 @@ impl IntoResponse for OpenAiError {
         }
         response
     }
+}
+
+/// The status an OpenAI route answers for an easel error status: OpenAI
+/// reports every invalid request as 400 `invalid_request_error` and never
+/// uses 422, so easel's 422 (a field out of range, e.g. a `size` that is
+/// not a multiple of 8) becomes 400 there - `size` errors are then 400
+/// whether the text or the numbers are wrong.
+pub fn openai_status(status: StatusCode) -> StatusCode {
+    if status == StatusCode::UNPROCESSABLE_ENTITY {
+        StatusCode::BAD_REQUEST
+    } else {
+        status
+    }
+}
+
+/// OpenAI's error body `{"error": {message, type, param, code}}` (plus
+/// easel's `field`, equal to `param`) for an error with `status`.
+///
+/// `type` follows the values OpenAI's API answers (its "Error codes"
+/// guide): `invalid_request_error` for 4xx (also a missing or wrong API key,
+/// whose `code` is `invalid_api_key`), `insufficient_quota` for 402 (credit
+/// used up), `requests` with code `rate_limit_exceeded` for 429, and
+/// `server_error` for 5xx. `param` is the OpenAI parameter at fault or null.
+pub fn openai_error_body(
+    status: StatusCode,
+    message: &str,
+    field: Option<&str>,
+    code: &str,
+) -> serde_json::Value {
+    let (kind, code) = match status {
+        StatusCode::UNAUTHORIZED => ("invalid_request_error", "invalid_api_key"),
+        StatusCode::PAYMENT_REQUIRED => ("insufficient_quota", "insufficient_quota"),
+        StatusCode::TOO_MANY_REQUESTS => ("requests", "rate_limit_exceeded"),
+        s if s.is_server_error() => ("server_error", code),
+        _ => ("invalid_request_error", code),
+    };
+    serde_json::json!({"error": {
+        "message": message,
+        "type": kind,
+        "param": field,
+        "code": code,
+        "field": field,
+    }})
 }
 
 fn bad(param: &str, message: impl Into<String>) -> OpenAiError {

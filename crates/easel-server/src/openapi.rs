@@ -4,8 +4,16 @@
 
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
-use easel_core::{ImageDefinition, LoraRef};
+use easel_core::params::{
+    BATCH_SIZE_RANGE, DEFAULT_SIZE_MULTIPLE, GUIDANCE_SCALE_MAX, OUTPUT_QUALITY_RANGE, SIZE_MAX,
+    SIZE_MIN, STEPS_RANGE,
+};
+use easel_core::request::{
+    ASPECT_RATIOS, LORA_SCALE_MAX, LORA_SCALE_MIN, MEGAPIXELS, WEBHOOK_EVENTS,
+};
+use easel_core::{ImageDefinition, LoraRef, OutputFormat};
 use serde::Serialize;
+use serde_json::{json, Value};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
@@ -120,9 +128,384 @@ impl Modify for BearerAuth {
 )]
 pub struct ApiDoc;
 
-/// `GET /openapi.json`.
+/// `GET /openapi.json`: [`document`].
 pub async fn openapi_json() -> Response {
-    Json(ApiDoc::openapi()).into_response()
+    Json(document()).into_response()
+}
+
+/// The OpenAPI 3.1 document served at `/openapi.json`: what utoipa derives
+/// from the handlers, completed where derivation cannot say enough, so that
+/// client generators and fuzzers (schemathesis) can use it:
+///
+/// - the image fields get their ranges, enums and multiples from the
+///   constants `easel-core` validates with ([`patch_image_definition`]);
+/// - the request bodies that take image fields at the top level are written
+///   out as plain objects (a flattened `allOf` of a closed object and
+///   another object admits no value);
+/// - every operation lists every error status it can answer, with the error
+///   schema of its family (native or OpenAI) ([`add_error_responses`]).
+pub fn document() -> Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    let schemas = &mut doc["components"]["schemas"];
+    patch_image_definition(&mut schemas["ImageDefinition"]);
+    patch_lora_ref(&mut schemas["LoraRef"]);
+    let image_props = schemas["ImageDefinition"]["properties"].clone();
+    schemas["GenerationRequestDoc"] = request_body_schema(
+        &image_props,
+        "The body of `POST /v1/generations`: every image field may also be given at the \
+         top level as a default for all images. `images` may be left out only with \
+         `inferencePackId`.",
+        json!({
+            "images": {"type": "array", "items": {"$ref": "#/components/schemas/ImageDefinition"},
+                "maxItems": 100,
+                "description": "The image definitions (at least one, unless `inferencePackId` gives some)."},
+            "inferencePackId": {"type": ["string", "null"],
+                "description": "An inference pack whose definitions run first."},
+            "webhook": {"type": ["string", "null"], "format": "uri",
+                "description": "An http(s) URL to POST signed events to."},
+            "webhookEvents": {"type": ["array", "null"],
+                "items": {"type": "string", "enum": WEBHOOK_EVENTS},
+                "description": "Events to send (default `completed`)."},
+        }),
+    );
+    schemas["PackRequestDoc"] = request_body_schema(
+        &image_props,
+        "The body of `POST /v1/inference-packs`: a name, image definitions, and \
+         defaults for them (any image field at the top level).",
+        json!({
+            "name": {"type": "string", "description": "A label."},
+            "images": {"type": "array", "items": {"$ref": "#/components/schemas/ImageDefinition"},
+                "maxItems": 100, "description": "The pack's image definitions."},
+        }),
+    );
+    schemas["ErrorBody"] = json!({
+        "type": "object", "required": ["error"], "additionalProperties": false,
+        "description": "A native error: `code` is stable, `field` the request field at fault.",
+        "properties": {"error": {"$ref": "#/components/schemas/ErrorDetail"}},
+    });
+    schemas["ErrorDetail"] = json!({
+        "type": "object", "required": ["code", "message", "field"],
+        "properties": {
+            "code": {"type": "string", "description": "Stable machine-readable code."},
+            "message": {"type": "string", "description": "What is wrong and what is allowed."},
+            "field": {"type": ["string", "null"], "description": "Path of the request field at fault (`images[2].width`), or null."},
+        },
+    });
+    schemas["OpenAiErrorBody"] = json!({
+        "type": "object", "required": ["error"],
+        "description": "An error of the OpenAI-compatible routes, in OpenAI's shape.",
+        "properties": {"error": {
+            "type": "object", "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string", "enum": ["invalid_request_error", "insufficient_quota", "requests", "server_error"]},
+                "param": {"type": ["string", "null"], "description": "The OpenAI parameter at fault, or null."},
+                "code": {"type": ["string", "null"]},
+                "field": {"type": ["string", "null"], "description": "easel: equal to `param`."},
+            },
+        }},
+    });
+    patch_images_request(&mut schemas["ImagesRequest"]);
+    let paths = &mut doc["paths"];
+    set_body(
+        &mut paths["/v1/flows"]["post"],
+        "application/json",
+        json!({"anyOf": [
+            {"type": "object", "required": ["steps"], "properties": {
+                "name": {"type": "string"},
+                "steps": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["id", "type"],
+                    "properties": {"id": {"type": "string", "minLength": 1},
+                        "type": {"type": "string", "minLength": 1},
+                        "parameters": {"type": "object"},
+                        "onFailure": {"type": "string"}}}}}},
+            {"type": "object", "required": ["document"], "additionalProperties": false,
+                "properties": {"document": {"type": "string",
+                    "description": "The flow document as JSON or JSON5 text."}}},
+        ]}),
+    );
+    set_body(
+        &mut paths["/v1/flows/{id}/runs"]["post"],
+        "application/json",
+        json!({
+        "type": "object", "properties": {"input": {"description": "`$.input` of the flow."}}}),
+    );
+    set_body(
+        &mut paths["/v1/trainings"]["post"],
+        "multipart/form-data",
+        json!({
+        "type": "object", "required": ["file", "baseModel"],
+        "properties": {
+            "file": {"type": "string", "contentMediaType": "application/octet-stream",
+                "description": "The LoRA `.safetensors` file."},
+            "baseModel": {"type": "string", "minLength": 1,
+                "description": "The model it was trained on."},
+            "name": {"type": "string"}}}),
+    );
+    let mut edit_props = doc["components"]["schemas"]["ImagesRequest"]["properties"].clone();
+    if let Some(props) = edit_props.as_object_mut() {
+        // Form fields are text: no nulls.
+        for prop in props.values_mut() {
+            if let Some(types) = prop["type"].as_array() {
+                let kept: Vec<Value> = types.iter().filter(|t| *t != "null").cloned().collect();
+                if kept.len() == 1 {
+                    prop["type"] = kept[0].clone();
+                }
+            }
+            if let Some(values) = prop.get_mut("enum").and_then(Value::as_array_mut) {
+                values.retain(|v| !v.is_null());
+            }
+        }
+        props.insert(
+            "image".into(),
+            json!({"type": "string",
+            "contentMediaType": "application/octet-stream",
+            "description": "The PNG, JPEG or WebP image to edit."}),
+        );
+        props.insert(
+            "mask".into(),
+            json!({"type": "string",
+            "contentMediaType": "application/octet-stream",
+            "description": "Optional: transparent (with alpha) or white (without) repaints."}),
+        );
+    }
+    set_body(
+        &mut doc["paths"]["/v1/images/edits"]["post"],
+        "multipart/form-data",
+        json!({
+        "type": "object", "required": ["image", "prompt"], "properties": edit_props}),
+    );
+    add_error_responses(&mut doc);
+    doc
+}
+
+/// Replace the request body schema of `op` with `schema` under `content_type`.
+fn set_body(op: &mut Value, content_type: &str, schema: Value) {
+    if op.is_object() {
+        let description = op["requestBody"]["description"].clone();
+        op["requestBody"] =
+            json!({"required": true, "content": {content_type: {"schema": schema}}});
+        if description.is_string() {
+            op["requestBody"]["description"] = description;
+        }
+    }
+}
+
+/// The OpenAI request fields' enums and ranges (as [`crate::openai`] checks).
+fn patch_images_request(schema: &mut Value) {
+    let nullable_enum = |values: &[&str]| {
+        let mut e: Vec<Value> = values.iter().map(|v| json!(v)).collect();
+        e.push(Value::Null);
+        json!({"type": ["string", "null"], "enum": e})
+    };
+    let p = &mut schema["properties"];
+    p["prompt"] = json!({"type": "string", "description": "What to draw."});
+    p["n"] = json!({"type": ["integer", "null"], "minimum": 1, "maximum": 10,
+        "description": "Images, 1..=10 (default 1)."});
+    p["size"] = json!({"type": ["string", "null"], "pattern": "^(auto|[0-9]{1,4}[xX][0-9]{1,4})$",
+        "description": "`WIDTHxHEIGHT` (each 8..=2048, a multiple of 8; 16 for FLUX) or `auto`."});
+    p["response_format"] = nullable_enum(&["url", "b64_json"]);
+    p["output_format"] = nullable_enum(&["png", "jpeg", "webp"]);
+    p["output_compression"] = json!({"type": ["integer", "null"], "minimum": 0, "maximum": 100});
+    p["background"] = nullable_enum(&["auto", "opaque"]);
+    p["quality"] = nullable_enum(&["auto", "low", "medium", "high", "standard", "hd"]);
+    p["moderation"] = nullable_enum(&["auto", "low"]);
+    p["style"] = nullable_enum(&["vivid", "natural"]);
+    p["input_fidelity"] = nullable_enum(&["low", "high"]);
+    p["stream"] = json!({"type": ["boolean", "null"], "enum": [false, null],
+        "description": "Streaming is not supported."});
+    p["partial_images"] = json!({"type": ["integer", "null"], "enum": [0, null],
+        "description": "Streaming is not supported."});
+    schema["additionalProperties"] = json!(false);
+}
+
+/// Ranges, enums and multiples of the image fields, from the constants
+/// `easel-core` validates with (`params.rs`, `request.rs`).
+pub fn patch_image_definition(schema: &mut Value) {
+    let ratios: Vec<&str> = ASPECT_RATIOS.iter().map(|(n, _)| *n).collect();
+    let formats: Vec<&str> = OutputFormat::ALL.iter().map(|f| f.as_str()).collect();
+    let p = &mut schema["properties"];
+    let set = |v: &mut Value, extra: Value| {
+        if let (Some(v), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+            for (k, e) in extra {
+                v.insert(k.clone(), e.clone());
+            }
+        }
+    };
+    set(
+        &mut p["steps"],
+        json!({"minimum": *STEPS_RANGE.start(), "maximum": *STEPS_RANGE.end()}),
+    );
+    for side in ["width", "height"] {
+        set(
+            &mut p[side],
+            json!({"minimum": SIZE_MIN, "maximum": SIZE_MAX,
+            "multipleOf": DEFAULT_SIZE_MULTIPLE}),
+        );
+    }
+    set(&mut p["aspectRatio"], json!({"enum": ratios}));
+    set(&mut p["megapixels"], json!({"enum": MEGAPIXELS}));
+    set(
+        &mut p["guidanceScale"],
+        json!({"minimum": 0.0, "maximum": GUIDANCE_SCALE_MAX}),
+    );
+    set(
+        &mut p["scale"],
+        json!({"minimum": LORA_SCALE_MIN, "maximum": LORA_SCALE_MAX}),
+    );
+    set(
+        &mut p["batchSize"],
+        json!({"minimum": *BATCH_SIZE_RANGE.start(), "maximum": *BATCH_SIZE_RANGE.end()}),
+    );
+    set(&mut p["strength"], json!({"minimum": 0.0, "maximum": 1.0}));
+    set(
+        &mut p["outputQuality"],
+        json!({"minimum": *OUTPUT_QUALITY_RANGE.start(), "maximum": *OUTPUT_QUALITY_RANGE.end()}),
+    );
+    set(&mut p["seed"], json!({"minimum": 0, "maximum": u64::MAX}));
+    p["precision"] = json!({"type": ["string", "null"], "enum": ["fp16", "bf16", null],
+        "description": "GPU compute dtype (default fp16); the CPU computes in f32."});
+    let mut format_enum: Vec<Value> = formats.iter().map(|f| json!(f)).collect();
+    format_enum.push(Value::Null);
+    p["outputFormat"] = json!({"type": ["string", "null"], "enum": format_enum,
+        "description": "Image format (default webp)."});
+    if let Some(ratio_enum) = p["aspectRatio"]["enum"].as_array_mut() {
+        ratio_enum.push(Value::Null);
+    }
+    if let Some(mp) = p["megapixels"]["enum"].as_array_mut() {
+        mp.push(Value::Null);
+    }
+}
+
+/// `LoraRef`: the scale range, and exactly one of `id`, `path`, `url` as a
+/// string (a null one counts as absent, as the server reads it).
+fn patch_lora_ref(schema: &mut Value) {
+    if let Some(scale) = schema["properties"]["scale"].as_object_mut() {
+        scale.insert("minimum".into(), json!(LORA_SCALE_MIN));
+        scale.insert("maximum".into(), json!(LORA_SCALE_MAX));
+    }
+    schema["oneOf"] = json!(["id", "path", "url"]
+        .iter()
+        .map(|k| json!({"required": [k], "properties": {*k: {"type": "string"}}}))
+        .collect::<Vec<_>>());
+}
+
+/// A closed object schema with the image fields and `extra` properties.
+fn request_body_schema(image_props: &Value, description: &str, extra: Value) -> Value {
+    let mut props = image_props.as_object().cloned().unwrap_or_default();
+    if let Some(extra) = extra.as_object() {
+        for (k, v) in extra {
+            props.insert(k.clone(), v.clone());
+        }
+    }
+    json!({"type": "object", "description": description, "properties": props,
+        "additionalProperties": false})
+}
+
+/// The error statuses of one operation.
+fn error_statuses(method: &str, path: &str, op: &Value) -> Vec<u16> {
+    let mut codes = vec![];
+    let has_params = op["parameters"].as_array().is_some_and(|p| !p.is_empty());
+    let has_body = op.get("requestBody").is_some();
+    if has_params || has_body {
+        codes.push(400);
+    }
+    if op.get("security").is_some() {
+        codes.push(401);
+    }
+    if path.contains('{') {
+        codes.push(404);
+    }
+    if has_body {
+        // 403: a model or LoRA path outside the model roots, wherever a
+        // body can name one.
+        codes.extend([403, 413, 422]);
+        if op["requestBody"]["content"]
+            .get("multipart/form-data")
+            .is_some()
+        {
+            codes.push(415);
+        }
+    }
+    let has_limit = op["parameters"]
+        .as_array()
+        .is_some_and(|ps| ps.iter().any(|p| p["name"] == "limit"));
+    if has_limit {
+        codes.push(422);
+    }
+    let submits = method == "post"
+        && (path == "/v1/generations"
+            || path.starts_with("/v1/images/")
+            || path == "/v1/flows/{id}/runs");
+    if submits {
+        codes.extend([402, 403, 409, 429, 503]);
+    }
+    if path.starts_with("/v1/images/") {
+        // OpenAI answers 400 where easel's native routes answer 422.
+        codes.retain(|c| *c != 422);
+        codes.extend([400, 504]);
+    }
+    codes.sort_unstable();
+    codes.dedup();
+    codes
+}
+
+fn error_description(code: u16) -> &'static str {
+    match code {
+        400 => "Malformed request: JSON, query string or a parameter of the wrong type",
+        401 => "Missing, malformed or revoked API key",
+        402 => "The key's credit limit is used up",
+        403 => "A path outside the server's model roots",
+        404 => "No such resource (or not this key's)",
+        409 => "Conflict: an Idempotency-Key reused with another body, or the resource is finished",
+        413 => "The body is larger than max_body_bytes",
+        415 => "Not multipart/form-data",
+        422 => "A field out of range or not allowed; `field` names it",
+        429 => "Too many requests or the queue is full; see Retry-After",
+        503 => "Shutting down or not ready; see Retry-After",
+        504 => "The images were not ready within max_wait_seconds (the job goes on)",
+        _ => "Error",
+    }
+}
+
+/// Add every error status an operation can answer (see [`error_statuses`]),
+/// with the native or OpenAI error schema; keeps what the handler declared.
+fn add_error_responses(doc: &mut Value) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for (method, op) in item.iter_mut() {
+            let openai = crate::error_shape::is_openai_path(path);
+            let schema = if openai {
+                "OpenAiErrorBody"
+            } else {
+                "ErrorBody"
+            };
+            let error_content = json!({"application/json": {"schema":
+                {"$ref": format!("#/components/schemas/{schema}")}}});
+            let codes = error_statuses(method, path, op);
+            let responses = &mut op["responses"];
+            for code in codes {
+                let key = code.to_string();
+                if responses.get(&key).is_none() {
+                    responses[&key] = json!({"description": error_description(code)});
+                }
+                responses[&key]["content"] = error_content.clone();
+            }
+            // Declared errors of the family schema too (handlers wrote ErrorBody).
+            if let Some(map) = responses.as_object_mut() {
+                for (code, r) in map.iter_mut() {
+                    if code.starts_with('4') || code.starts_with('5') {
+                        r["content"] = error_content.clone();
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `GET /docs`: the endpoints, their parameters and schemas, rendered in

@@ -1083,9 +1083,10 @@ async fn openai_generations_accept_the_official_client_json() {
             json!({"prompt": "x", "size": "1001x64"}),
         )
         .await;
+    // OpenAI answers 400 for every invalid request (issue 12, finding 6).
     assert_eq!(
         (s, e["error"]["param"].as_str()),
-        (StatusCode::UNPROCESSABLE_ENTITY, Some("size")),
+        (StatusCode::BAD_REQUEST, Some("size")),
         "{e}"
     );
 }
@@ -2597,4 +2598,299 @@ async fn finding_3_submissions_over_the_rate_limit_get_429_with_retry_after() {
         .call_as(Some(&key), Method::GET, "/v1/generations", None)
         .await;
     assert_eq!(s, StatusCode::OK);
+}
+// ---- issue 12, finding 5 and 6 (error shapes, OpenAPI) ---------------------
+
+/// The native error shape: `{"error": {code, message, field}}`, nothing else.
+fn assert_native_error(status: StatusCode, headers: &HeaderMap, body: &[u8], want: StatusCode) {
+    assert_eq!(status, want, "{}", String::from_utf8_lossy(body));
+    assert!(
+        headers[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json"),
+        "{headers:?}"
+    );
+    let v: Value = serde_json::from_slice(body).expect("a JSON error body");
+    let e = v["error"].as_object().expect("an error object");
+    assert!(e["code"].is_string() && e["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(e.contains_key("field"), "{v}");
+    assert_eq!(e.len(), 3, "{v}");
+}
+
+/// OpenAI's error shape: `{"error": {message, type, param, code}}`.
+fn assert_openai_error(v: &Value, want_type: &str) {
+    let e = &v["error"];
+    assert_eq!(e["type"], want_type, "{v}");
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
+}
+
+#[tokio::test]
+async fn finding_6_bad_query_is_a_json_400_naming_the_parameter() {
+    let server = TestServer::fake().await;
+    let key = server.key.clone();
+    for uri in [
+        "/v1/generations?limit=abc",
+        "/v1/assets?limit=1.5",
+        "/v1/flows/x/runs?limit=abc",
+    ] {
+        let request = Request::get(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .body(Body::empty())
+            .unwrap();
+        let (s, h, b) = server.send(request).await;
+        assert_native_error(s, &h, &b, StatusCode::BAD_REQUEST);
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["error"]["field"], "limit", "{uri}: {v}");
+    }
+    // Out of range is named, not clamped.
+    let (s, v) = server.get("/v1/generations?limit=0").await;
+    assert_eq!(
+        (s, v["error"]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("limit"))
+    );
+    let (s, v) = server.get("/v1/assets?limit=501").await;
+    assert_eq!(
+        (s, v["error"]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("limit"))
+    );
+    let (s, _) = server.get("/v1/generations?limit=100").await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn finding_6_method_not_allowed_is_a_json_405_with_allow() {
+    let server = TestServer::fake().await;
+    let (s, h, b) = server
+        .send(
+            Request::delete("/v1/generations")
+                .header(header::AUTHORIZATION, format!("Bearer {}", server.key))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_native_error(s, &h, &b, StatusCode::METHOD_NOT_ALLOWED);
+    let allow = h[header::ALLOW].to_str().unwrap().to_string();
+    assert!(allow.contains("GET") && allow.contains("POST"), "{allow}");
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["error"]["code"], "method_not_allowed");
+    // Also without a key, and on a public route.
+    let (s, h, b) = server
+        .send(Request::post("/healthz").body(Body::empty()).unwrap())
+        .await;
+    assert_native_error(s, &h, &b, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(h.contains_key(header::ALLOW));
+}
+
+#[tokio::test]
+async fn finding_6_unknown_routes_and_large_bodies_are_json_errors() {
+    let server = TestServer::new(|c| {
+        c.engine = EngineKind::Fake;
+        c.max_body_bytes = 1024;
+    })
+    .await;
+    let (s, h, b) = server
+        .send(Request::get("/v2/nothing").body(Body::empty()).unwrap())
+        .await;
+    assert_native_error(s, &h, &b, StatusCode::NOT_FOUND);
+    let big = json!({"prompt": "a".repeat(4096), "baseModel": "fake/model", "images": [{}]});
+    let (s, h, b) = server
+        .send(
+            Request::post("/v1/generations")
+                .header(header::AUTHORIZATION, format!("Bearer {}", server.key))
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(big.to_string()))
+                .unwrap(),
+        )
+        .await;
+    assert_native_error(s, &h, &b, StatusCode::PAYLOAD_TOO_LARGE);
+    // The same body on the OpenAI route: 413 in OpenAI's shape.
+    let big = json!({"prompt": "a".repeat(4096)});
+    let (s, _, v) = server
+        .call_as(
+            Some(&server.key.clone()),
+            Method::POST,
+            "/v1/images/generations",
+            Some(big),
+        )
+        .await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    assert_openai_error(&v, "invalid_request_error");
+}
+
+#[tokio::test]
+async fn finding_6_openai_401_has_openai_type_and_param() {
+    let server = TestServer::fake().await;
+    for key in [None, Some("esk_wrong")] {
+        for uri in ["/v1/images/generations", "/v1/images/edits"] {
+            let (s, h, v) = server
+                .call_as(key, Method::POST, uri, Some(json!({"prompt": "a"})))
+                .await;
+            assert_eq!(s, StatusCode::UNAUTHORIZED, "{uri}: {v}");
+            assert_openai_error(&v, "invalid_request_error");
+            assert_eq!(v["error"]["code"], "invalid_api_key");
+            assert!(v["error"]["param"].is_null());
+            assert!(h.contains_key(header::WWW_AUTHENTICATE));
+        }
+    }
+    // Native routes keep the native shape for the same 401.
+    let (s, h, b) = server
+        .send(Request::get("/v1/generations").body(Body::empty()).unwrap())
+        .await;
+    assert_native_error(s, &h, &b, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn finding_6_openai_size_errors_are_always_400() {
+    let server = TestServer::fake().await;
+    for size in ["big", "1001x64", "64x4096", "0x0"] {
+        let (s, v) = server
+            .post(
+                "/v1/images/generations",
+                json!({"model": "fake/model", "prompt": "a", "size": size}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{size}: {v}");
+        assert_openai_error(&v, "invalid_request_error");
+        assert_eq!(v["error"]["param"], "size", "{size}: {v}");
+    }
+}
+
+/// Every `$ref` in `v` and whether `allOf` members are closed objects
+/// combined with others (which no value satisfies).
+fn walk_schema(v: &Value, problems: &mut Vec<String>, at: &str) {
+    match v {
+        Value::Object(map) => {
+            if let Some(all) = map.get("allOf").and_then(Value::as_array) {
+                let closed = all.iter().any(|m| m["additionalProperties"] == false);
+                if closed && all.len() > 1 {
+                    problems.push(format!("{at}: allOf with a closed member"));
+                }
+                if all.iter().any(|m| m.get("$ref").is_some()) && all.len() > 1 {
+                    problems.push(format!("{at}: allOf of a $ref and more"));
+                }
+            }
+            for (k, child) in map {
+                walk_schema(child, problems, &format!("{at}/{k}"));
+            }
+        }
+        Value::Array(items) => {
+            for (i, child) in items.iter().enumerate() {
+                walk_schema(child, problems, &format!("{at}/{i}"));
+            }
+        }
+        _ => {}
+    }
+}
+
+#[tokio::test]
+async fn finding_5_openapi_is_usable_by_generators() {
+    let server = TestServer::fake().await;
+    let (s, _, doc) = server
+        .call_as(None, Method::GET, "/openapi.json", None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3.1."),
+        "{}",
+        doc["openapi"]
+    );
+    let mut problems = Vec::new();
+    walk_schema(&doc, &mut problems, "");
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let at = format!("{method} {path}");
+            let params = op["parameters"].as_array().cloned().unwrap_or_default();
+            let mut seen = std::collections::HashSet::new();
+            for p in &params {
+                let (name, place) = (p["name"].as_str().unwrap(), p["in"].as_str().unwrap());
+                if !seen.insert((name.to_string(), place.to_string())) {
+                    problems.push(format!("{at}: parameter {name} twice"));
+                }
+                if place == "path" && !path.contains(&format!("{{{name}}}")) {
+                    problems.push(format!("{at}: path parameter {name} not in the path"));
+                }
+            }
+            for segment in path.split('/').filter(|s| s.starts_with('{')) {
+                let name = segment.trim_matches(['{', '}']);
+                if !params
+                    .iter()
+                    .any(|p| p["name"] == name && p["in"] == "path")
+                {
+                    problems.push(format!("{at}: {{{name}}} is not declared"));
+                }
+            }
+            let responses = op["responses"].as_object().unwrap();
+            let mut want = vec![];
+            if op.get("security").is_some() {
+                want.push("401");
+            }
+            if path.contains('{') {
+                want.push("404");
+            }
+            if op.get("requestBody").is_some() {
+                want.extend(["400", "413"]);
+            }
+            if method == "post" && (path == "/v1/generations" || path.starts_with("/v1/images/")) {
+                want.extend(["402", "409", "429"]);
+            }
+            for code in want {
+                if !responses.contains_key(code) {
+                    problems.push(format!("{at}: {code} undocumented"));
+                }
+            }
+            for (code, r) in responses {
+                if code.starts_with('4') || code.starts_with('5') {
+                    let schema = r["content"]["application/json"]["schema"]["$ref"]
+                        .as_str()
+                        .unwrap_or_default();
+                    let family = if path.starts_with("/v1/images/") {
+                        "OpenAiErrorBody"
+                    } else {
+                        "ErrorBody"
+                    };
+                    if !schema.ends_with(family) {
+                        problems.push(format!("{at}: {code} has no {family} schema"));
+                    }
+                }
+            }
+        }
+    }
+    // Query parameters are declared as such.
+    let list = doc["paths"]["/v1/generations"]["get"]["parameters"]
+        .as_array()
+        .unwrap();
+    assert!(list
+        .iter()
+        .any(|p| p["name"] == "limit" && p["in"] == "query"));
+    // Ranges and enums of the image fields.
+    let image = &doc["components"]["schemas"]["ImageDefinition"]["properties"];
+    assert_eq!(
+        (
+            image["steps"]["minimum"].as_u64(),
+            image["steps"]["maximum"].as_u64()
+        ),
+        (Some(1), Some(60))
+    );
+    assert_eq!(image["width"]["maximum"].as_u64(), Some(2048));
+    assert!(image["outputFormat"]["enum"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("webp")));
+    assert!(image["aspectRatio"]["enum"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("16:9")));
+    assert!(image["precision"]["enum"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("bf16")));
+    let gen = &doc["components"]["schemas"]["GenerationRequestDoc"];
+    assert!(gen["properties"]["prompt"].is_object() && gen["properties"]["images"].is_object());
+    assert!(gen["properties"]["webhookEvents"]["items"]["enum"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("completed")));
+    assert!(problems.is_empty(), "{problems:#?}");
 }
