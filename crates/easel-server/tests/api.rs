@@ -2296,6 +2296,15 @@ async fn lora_url_download_failure_fails_only_that_image_and_refunds_it() {
         .contains(easel_server::fetch::FETCH_FAILED));
     assert_eq!(done["cost"]["inferences"], 2, "{done}");
     assert_eq!(done["cost"]["total_usd"], 0.02, "{done}");
-    assert_eq!(done["images"].as_array().map(Vec::len), Some(1), "{done}");
+    assert_eq!(done["cost"]["refunded_usd"], 0.02, "{done}");
+    assert_eq!(done["images"][0]["status"], "succeeded", "{done}");
+    assert_eq!(done["images"][1]["status"], "failed", "{done}");
+    assert_eq!(
+        done["images"][1]["error"]["code"], "lora_fetch_failed",
+        "{done}"
+    );
+    // The refused address is not cached: nothing entered the LoRA cache.
+    let cached = easel_server::lora_cache::url_path(&server.dir.path().join("data"), &url);
+    assert!(!cached.exists());
     trap.assert_untouched();
 }
