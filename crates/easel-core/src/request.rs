@@ -70,7 +70,10 @@ pub struct LoraRef {
     /// A local `.safetensors` file under one of the server's model roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
-    /// An `http(s)` URL of a `.safetensors` file.
+    /// An `http(s)` URL of a `.safetensors` file, or a Hugging Face repo id
+    /// `org/name` (its `pytorch_lora_weights.safetensors`) or
+    /// `org/name/file.safetensors`. The server downloads it once into its
+    /// LoRA cache through its outbound fetcher.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// Strength, -1..=3. Default 0.9.

@@ -96,6 +96,7 @@ impl ItemStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobError {
     /// Stable code: `engine_error`, `unsupported`, `model_load_failed`,
+    /// `lora_fetch_failed`,
     /// `interrupted`, `canceled`, `invalid_value`, ...
     pub code: String,
     /// What happened.

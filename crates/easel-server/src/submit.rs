@@ -126,11 +126,22 @@ async fn training_lora(
 
 /// A `loras[].url` (an http(s) `.safetensors` URL or a Hugging Face repo id):
 /// the LoRA cache path it is (or will be) downloaded to. A file already in
-/// the cache is checked now; one that is not is downloaded by the worker.
+/// the cache is checked now; one that is not is downloaded by the worker
+/// (refused here when the server is `offline`).
 fn url_lora(state: &AppState, value: &str, scale: f64, field: &str) -> Result<LoraSpec, ApiError> {
     let url = crate::lora_cache::resolve_url(value)
         .map_err(|e| ApiError::invalid("invalid_value", field, e))?;
     let path = crate::lora_cache::url_path(&state.config().data_dir, &url);
+    if !path.is_file() && state.config().offline {
+        return Err(ApiError::invalid(
+            "invalid_value",
+            field,
+            format!(
+                "`{value}` is not in this server's LoRA cache and the server does not \
+                 download (offline = true)"
+            ),
+        ));
+    }
     if path.is_file() {
         crate::lora_cache::check_lora(&path).map_err(|e| {
             ApiError::invalid(

@@ -2214,7 +2214,11 @@ async fn finding_2_ssrf_webhook_to_an_internal_address_is_refused_at_submission(
 /// second request for the same URL does not download again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lora_url_is_downloaded_once_and_applied() {
-    let server = TestServer::new(|c| c.allow_fetch_hosts = vec!["127.0.0.1".into()]).await;
+    let server = TestServer::new(|c| {
+        c.offline = false;
+        c.allow_fetch_hosts = vec!["127.0.0.1".into()];
+    })
+    .await;
     let lora = std::fs::read(fixtures().join("loras/tiny-sd15-lora.safetensors")).unwrap();
     let (port, hits) = canned_server(http_ok(&lora));
     let url = format!("http://127.0.0.1:{port}/tiny.safetensors");
@@ -2274,6 +2278,20 @@ async fn finding_4_lora_url_whose_cached_file_is_not_a_lora_is_refused_before_20
         "{e}"
     );
     assert_eq!(server.count("generations").await, 0);
+    // An offline server (the test default) does not download an uncached URL.
+    let (s, e) = server
+        .post(
+            "/v1/generations",
+            json!({"baseModel": "fake/model", "images": [{"prompt": "b", "loras": [{"url": "org/name"}]}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    assert_eq!(e["error"]["field"], "images[0].loras[0].url", "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("offline"),
+        "{e}"
+    );
+    assert_eq!(server.count("generations").await, 0);
 }
 
 /// A LoRA download that fails (here a refused address, never dialled) fails
@@ -2281,7 +2299,11 @@ async fn finding_4_lora_url_whose_cached_file_is_not_a_lora_is_refused_before_20
 /// is not charged; the other definition runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lora_url_download_failure_fails_only_that_image_and_refunds_it() {
-    let server = TestServer::fake().await;
+    let server = TestServer::new(|c| {
+        c.engine = EngineKind::Fake;
+        c.offline = false;
+    })
+    .await;
     let trap = Tripwire::bind("127.0.0.1").unwrap();
     let url = format!("http://127.0.0.1:{}/x.safetensors", trap.port());
     let (s, job) = server
@@ -2301,7 +2323,16 @@ async fn lora_url_download_failure_fails_only_that_image_and_refunds_it() {
         .contains(easel_server::fetch::FETCH_FAILED));
     assert_eq!(done["cost"]["inferences"], 2, "{done}");
     assert_eq!(done["cost"]["total_usd"], 0.02, "{done}");
-    assert_eq!(done["images"].as_array().map(Vec::len), Some(1), "{done}");
+    assert_eq!(done["cost"]["refunded_usd"], 0.02, "{done}");
+    assert_eq!(done["images"][0]["status"], "succeeded", "{done}");
+    assert_eq!(done["images"][1]["status"], "failed", "{done}");
+    assert_eq!(
+        done["images"][1]["error"]["code"], "lora_fetch_failed",
+        "{done}"
+    );
+    // The refused address is not cached: nothing entered the LoRA cache.
+    let cached = easel_server::lora_cache::url_path(&server.dir.path().join("data"), &url);
+    assert!(!cached.exists());
     trap.assert_untouched();
 }
 
