@@ -168,16 +168,22 @@ pub fn document() -> Value {
                 "description": "Events to send (default `completed`)."},
         }),
     );
+    schemas["GenerationRequestDoc"]["anyOf"] = json!([
+        {"required": ["images"], "properties": {"images": {"minItems": 1}}},
+        {"required": ["inferencePackId"], "properties": {"inferencePackId": {"type": "string"}}},
+    ]);
     schemas["PackRequestDoc"] = request_body_schema(
         &image_props,
         "The body of `POST /v1/inference-packs`: a name, image definitions, and \
          defaults for them (any image field at the top level).",
         json!({
-            "name": {"type": "string", "description": "A label."},
+            "name": {"type": "string", "minLength": 1, "pattern": "\\S",
+                "description": "A label (not blank)."},
             "images": {"type": "array", "items": {"$ref": "#/components/schemas/ImageDefinition"},
-                "maxItems": 100, "description": "The pack's image definitions."},
+                "minItems": 1, "maxItems": 100, "description": "The pack's image definitions."},
         }),
     );
+    schemas["PackRequestDoc"]["required"] = json!(["name", "images"]);
     schemas["ErrorBody"] = json!({
         "type": "object", "required": ["error"], "additionalProperties": false,
         "description": "A native error: `code` is stable, `field` the request field at fault.",
