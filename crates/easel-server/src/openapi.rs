@@ -234,7 +234,8 @@ pub fn document() -> Value {
         &mut paths["/v1/flows/{id}/runs"]["post"],
         "application/json",
         json!({
-        "type": "object", "properties": {"input": {"description": "`$.input` of the flow."}}}),
+        "type": "object", "additionalProperties": false,
+        "properties": {"input": {"type": "object", "description": "`$.input` of the flow."}}}),
     );
     set_body(
         &mut paths["/v1/trainings"]["post"],
@@ -246,7 +247,8 @@ pub fn document() -> Value {
                 "description": "The LoRA `.safetensors` file."},
             "baseModel": {"type": "string", "minLength": 1,
                 "description": "The model it was trained on."},
-            "name": {"type": "string"}}}),
+            "name": {"type": "string"}},
+        "additionalProperties": false}),
     );
     let mut edit_props = doc["components"]["schemas"]["ImagesRequest"]["properties"].clone();
     if let Some(props) = edit_props.as_object_mut() {
@@ -279,7 +281,8 @@ pub fn document() -> Value {
         &mut doc["paths"]["/v1/images/edits"]["post"],
         "multipart/form-data",
         json!({
-        "type": "object", "required": ["image", "prompt"], "properties": edit_props}),
+        "type": "object", "required": ["image", "prompt"], "properties": edit_props,
+        "additionalProperties": false}),
     );
     add_error_responses(&mut doc);
     doc
