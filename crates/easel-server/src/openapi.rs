@@ -372,6 +372,11 @@ pub fn patch_image_definition(schema: &mut Value) {
         json!({"minimum": *OUTPUT_QUALITY_RANGE.start(), "maximum": *OUTPUT_QUALITY_RANGE.end()}),
     );
     set(&mut p["seed"], json!({"minimum": 0, "maximum": u64::MAX}));
+    // utoipa writes `format: int64` for a u64, which tools read as at most
+    // 2^63 - 1; the server takes any u64.
+    if let Some(seed) = p["seed"].as_object_mut() {
+        seed.remove("format");
+    }
     p["precision"] = json!({"type": ["string", "null"], "enum": ["fp16", "bf16", null],
         "description": "GPU compute dtype (default fp16); the CPU computes in f32."});
     let mut format_enum: Vec<Value> = formats.iter().map(|f| json!(f)).collect();
