@@ -589,7 +589,20 @@ impl NativeRequest {
             Some(serde_json::Value::Array(items)) => items
                 .into_iter()
                 .enumerate()
-                .map(|(i, item)| from_json_at(item, &format!("images[{i}]")))
+                .map(|(i, item)| {
+                    // serde would read a struct from an array too (`[null, null]`).
+                    if !item.is_object() {
+                        return Err(RequestError {
+                            kind: RequestErrorKind::InvalidType,
+                            field: format!("images[{i}]"),
+                            message: format!(
+                                "invalid type: {}, expected an image definition object",
+                                json_type(&item)
+                            ),
+                        });
+                    }
+                    from_json_at(item, &format!("images[{i}]"))
+                })
                 .collect::<Result<_, _>>()?,
             Some(serde_json::Value::Null) | None => Vec::new(),
             Some(other) => {
@@ -668,6 +681,15 @@ mod tests {
 
     fn parse(v: serde_json::Value) -> Result<NativeRequest, RequestError> {
         NativeRequest::from_json(v)
+    }
+
+    #[test]
+    fn an_image_definition_must_be_an_object_not_an_array() {
+        let e = parse(json!({"prompt": "a", "images": [[null, null]]})).unwrap_err();
+        assert_eq!(
+            (e.kind, e.field.as_str()),
+            (RequestErrorKind::InvalidType, "images[0]")
+        );
     }
 
     #[test]

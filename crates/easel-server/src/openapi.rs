@@ -168,16 +168,22 @@ pub fn document() -> Value {
                 "description": "Events to send (default `completed`)."},
         }),
     );
+    schemas["GenerationRequestDoc"]["anyOf"] = json!([
+        {"required": ["images"], "properties": {"images": {"minItems": 1}}},
+        {"required": ["inferencePackId"], "properties": {"inferencePackId": {"type": "string"}}},
+    ]);
     schemas["PackRequestDoc"] = request_body_schema(
         &image_props,
         "The body of `POST /v1/inference-packs`: a name, image definitions, and \
          defaults for them (any image field at the top level).",
         json!({
-            "name": {"type": "string", "description": "A label."},
+            "name": {"type": "string", "minLength": 1, "pattern": "\\S",
+                "description": "A label (not blank)."},
             "images": {"type": "array", "items": {"$ref": "#/components/schemas/ImageDefinition"},
-                "maxItems": 100, "description": "The pack's image definitions."},
+                "minItems": 1, "maxItems": 100, "description": "The pack's image definitions."},
         }),
     );
+    schemas["PackRequestDoc"]["required"] = json!(["name", "images"]);
     schemas["ErrorBody"] = json!({
         "type": "object", "required": ["error"], "additionalProperties": false,
         "description": "A native error: `code` is stable, `field` the request field at fault.",
@@ -228,7 +234,8 @@ pub fn document() -> Value {
         &mut paths["/v1/flows/{id}/runs"]["post"],
         "application/json",
         json!({
-        "type": "object", "properties": {"input": {"description": "`$.input` of the flow."}}}),
+        "type": "object", "additionalProperties": false,
+        "properties": {"input": {"type": "object", "description": "`$.input` of the flow."}}}),
     );
     set_body(
         &mut paths["/v1/trainings"]["post"],
@@ -240,7 +247,8 @@ pub fn document() -> Value {
                 "description": "The LoRA `.safetensors` file."},
             "baseModel": {"type": "string", "minLength": 1,
                 "description": "The model it was trained on."},
-            "name": {"type": "string"}}}),
+            "name": {"type": "string"}},
+        "additionalProperties": false}),
     );
     let mut edit_props = doc["components"]["schemas"]["ImagesRequest"]["properties"].clone();
     if let Some(props) = edit_props.as_object_mut() {
@@ -273,7 +281,8 @@ pub fn document() -> Value {
         &mut doc["paths"]["/v1/images/edits"]["post"],
         "multipart/form-data",
         json!({
-        "type": "object", "required": ["image", "prompt"], "properties": edit_props}),
+        "type": "object", "required": ["image", "prompt"], "properties": edit_props,
+        "additionalProperties": false}),
     );
     add_error_responses(&mut doc);
     doc
@@ -363,6 +372,11 @@ pub fn patch_image_definition(schema: &mut Value) {
         json!({"minimum": *OUTPUT_QUALITY_RANGE.start(), "maximum": *OUTPUT_QUALITY_RANGE.end()}),
     );
     set(&mut p["seed"], json!({"minimum": 0, "maximum": u64::MAX}));
+    // utoipa writes `format: int64` for a u64, which tools read as at most
+    // 2^63 - 1; the server takes any u64.
+    if let Some(seed) = p["seed"].as_object_mut() {
+        seed.remove("format");
+    }
     p["precision"] = json!({"type": ["string", "null"], "enum": ["fp16", "bf16", null],
         "description": "GPU compute dtype (default fp16); the CPU computes in f32."});
     let mut format_enum: Vec<Value> = formats.iter().map(|f| json!(f)).collect();
