@@ -48,6 +48,8 @@ offline = true
 default_model = "fake/model"
 max_wait_seconds = 5
 max_queue = 100000
+rate_limit_per_minute = 1000000
+rate_limit_burst = 100000
 EOF
 
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
