@@ -1056,3 +1056,81 @@ fn bench_random_weights_runs_a_flux_model() {
     );
     assert!(out.contains("| transformer call (mean;"), "{out}");
 }
+
+/// The AUTOMATIC1111 `parameters` text of a JPEG or WebP file, read with
+/// `kamadak-exif` from EXIF `UserComment` (`UNICODE` + UTF-16, in the TIFF
+/// byte order), as the web UI's `read_info_from_image` reads it.
+fn exif_parameters(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    let exif = exif::Reader::new()
+        .read_from_container(&mut std::io::Cursor::new(&bytes))
+        .unwrap_or_else(|e| panic!("{}: no EXIF: {e}", path.display()));
+    let field = exif
+        .get_field(exif::Tag::UserComment, exif::In::PRIMARY)
+        .expect("no UserComment");
+    let exif::Value::Undefined(raw, _) = &field.value else {
+        panic!("UserComment is {:?}", field.value);
+    };
+    assert_eq!(&raw[..8], b"UNICODE\0");
+    let units: Vec<u16> = raw[8..]
+        .chunks_exact(2)
+        .map(|b| {
+            if exif.little_endian() {
+                u16::from_le_bytes([b[0], b[1]])
+            } else {
+                u16::from_be_bytes([b[0], b[1]])
+            }
+        })
+        .collect();
+    String::from_utf16(&units).unwrap()
+}
+
+/// Issue 12: `easel generate` writes JPEG and WebP with the `parameters`
+/// text other tools read (EXIF UserComment), sampler in the web UI's
+/// spelling (DPM-Solver++ with Karras sigmas is `DPM++ 2M Karras`).
+#[test]
+fn generate_writes_a1111_parameters_into_jpeg_and_webp_exif() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("models/tiny-sd15");
+    for ext in ["jpg", "webp"] {
+        let out = dir.path().join(format!("out.{ext}"));
+        let o = easel(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a red house, \"tall\": 家",
+            "--negative-prompt",
+            "blurry",
+            "--steps",
+            "2",
+            "--width",
+            "32",
+            "--height",
+            "40",
+            "--seed",
+            "5",
+            "--scheduler",
+            "dpmpp_2m_karras",
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let text = exif_parameters(&out);
+        let (prompt, rest) = text.split_once("\nNegative prompt: ").unwrap();
+        assert_eq!(prompt, "a red house, \"tall\": 家", "{ext}: {text}");
+        let (negative, line) = rest.split_once('\n').unwrap();
+        assert_eq!(negative, "blurry");
+        assert!(
+            line.starts_with("Steps: 2, Sampler: DPM++ 2M Karras, CFG scale: "),
+            "{ext}: {line}"
+        );
+        assert!(
+            line.contains(", Seed: 5, Size: 32x40, Model: "),
+            "{ext}: {line}"
+        );
+        // The file still decodes.
+        let (w, h, _) = rgb8(&out);
+        assert_eq!((w, h), (32, 40));
+    }
+}

@@ -2926,3 +2926,70 @@ async fn finding_5_openapi_is_usable_by_generators() {
         .contains(&json!("completed")));
     assert!(problems.is_empty(), "{problems:#?}");
 }
+// --- issue 12: metadata that other tools read --------------------------------
+
+/// The `parameters` text of a JPEG/WebP file from its EXIF `UserComment`
+/// (`UNICODE` + UTF-16 in the TIFF byte order), read with `kamadak-exif`.
+fn exif_user_comment(bytes: &[u8]) -> String {
+    let exif = exif::Reader::new()
+        .read_from_container(&mut std::io::Cursor::new(bytes))
+        .expect("the file has EXIF");
+    let field = exif
+        .get_field(exif::Tag::UserComment, exif::In::PRIMARY)
+        .expect("no UserComment");
+    let exif::Value::Undefined(raw, _) = &field.value else {
+        panic!("UserComment is {:?}", field.value);
+    };
+    assert_eq!(&raw[..8], b"UNICODE\0");
+    let units: Vec<u16> = raw[8..]
+        .chunks_exact(2)
+        .map(|b| {
+            if exif.little_endian() {
+                u16::from_le_bytes([b[0], b[1]])
+            } else {
+                u16::from_be_bytes([b[0], b[1]])
+            }
+        })
+        .collect();
+    String::from_utf16(&units).unwrap()
+}
+
+/// Issue 12: the worker writes JPEG and WebP outputs with the AUTOMATIC1111
+/// `parameters` text in EXIF, sampler in the web UI's spelling, while the
+/// job record keeps the diffusers class.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jpeg_and_webp_outputs_carry_a1111_parameters_in_exif() {
+    let server = TestServer::new(|_| {}).await;
+    for format in ["jpeg", "webp"] {
+        let (status, job) = server
+            .post(
+                "/v1/generations",
+                json!({
+                    "baseModel": tiny_sd15(),
+                    "steps": 2, "width": 64, "height": 64, "outputFormat": format,
+                    "scheduler": "euler_a",
+                    "images": [{"prompt": "a red fox, «snow»", "seed": 11}]
+                }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+        let job = server.wait_done(job["id"].as_str().unwrap(), 120).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_eq!(
+            job["images"][0]["parameters"]["scheduler"],
+            "EulerAncestralDiscreteScheduler"
+        );
+        let url = job["assets"][0]["file_url"].as_str().unwrap();
+        let (status, _, bytes) = server.file(url).await;
+        assert_eq!(status, StatusCode::OK);
+        let text = exif_user_comment(&bytes);
+        let (prompt, line) = text.split_once('\n').unwrap();
+        assert_eq!(prompt, "a red fox, «snow»", "{format}: {text}");
+        assert!(
+            line.starts_with(
+                "Steps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 11, Size: 64x64, Model: "
+            ),
+            "{format}: {line}"
+        );
+    }
+}

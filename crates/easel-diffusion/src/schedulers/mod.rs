@@ -701,6 +701,24 @@ mod tests {
     }
 
     #[test]
+    fn sigma_schedule_reports_the_ramp_for_metadata() {
+        let schedule =
+            |name: &str, cfg: &Value| build_scheduler(Some(name), cfg).unwrap().sigma_schedule();
+        assert_eq!(schedule("dpmpp_2m_karras", &sd15()), Some("karras"));
+        assert_eq!(schedule("dpmpp_2m", &sd15()), None);
+        assert_eq!(schedule("euler_a", &sd15()), None);
+        let mut cfg = sd15();
+        cfg["use_karras_sigmas"] = json!(true);
+        for name in ["euler", "heun", "lms", "unipc"] {
+            assert_eq!(schedule(name, &cfg), Some("karras"), "{name}");
+        }
+        let mut cfg = sd15();
+        cfg["use_exponential_sigmas"] = json!(true);
+        assert_eq!(schedule("euler", &cfg), Some("exponential"));
+        assert_eq!(schedule("flow_match_euler", &flux()), None);
+    }
+
+    #[test]
     fn dpmpp_2m_karras_forces_karras_sigmas() {
         let mut s = build_scheduler(Some("dpmpp_2m_karras"), &sd15()).unwrap();
         let mut plain = build_scheduler(Some("dpmpp_2m"), &sd15()).unwrap();
