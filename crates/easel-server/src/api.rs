@@ -429,7 +429,7 @@ async fn create_generation(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    state.rate_limiter().check(&principal.key_id)?;
+    state.check_submission_rate(&principal.key_id)?;
     let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

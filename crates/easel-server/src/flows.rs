@@ -650,7 +650,7 @@ async fn create_run(
     Path(id): Path<String>,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    state.rate_limiter().check(&principal.key_id)?;
+    state.check_submission_rate(&principal.key_id)?;
     let request: RunRequest = if body.iter().all(u8::is_ascii_whitespace) {
         RunRequest::default()
     } else {

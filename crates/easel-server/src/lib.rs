@@ -267,6 +267,17 @@ impl AppState {
         &self.0.rate_limiter
     }
 
+    /// Take a submission token for `key_id` (see [`ratelimit`]), counting
+    /// refusals in `/metrics`.
+    ///
+    /// # Errors
+    /// 429 `rate_limited` with `Retry-After` when the key's bucket is empty.
+    pub fn check_submission_rate(&self, key_id: &str) -> Result<(), ApiError> {
+        self.0.rate_limiter.check(key_id).inspect_err(|_| {
+            metrics::Metrics::inc(&self.0.metrics.rejected_rate_limited);
+        })
+    }
+
     /// Counters.
     pub fn metrics(&self) -> &Metrics {
         &self.0.metrics

@@ -164,17 +164,15 @@ pub async fn serve_on(
     serve_with_limits(listener, crate::app(state), limits, shutdown).await
 }
 
-/// [`serve_on`] with explicit `limits` and router.
-///
-/// # Errors
-/// As [`serve_on`].
-pub async fn serve_with_limits(
+/// [`serve_on`] with explicit `limits` (`max_connections` at most
+/// 1000000, as [`crate::Config::check`] ensures) and router.
+async fn serve_with_limits(
     listener: TcpListener,
     router: Router,
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let max = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+    let max = limits.max_connections.max(1);
     let slots = Arc::new(Semaphore::new(max));
     let (stop_tx, stop_rx) = watch::channel(false);
     let at_cap_logged = AtomicBool::new(false);

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub rejected_queue_full: AtomicU64,
     /// Requests refused: out of credit.
     pub rejected_credit: AtomicU64,
+    /// Submissions refused: the key's rate limit.
+    pub rejected_rate_limited: AtomicU64,
     /// Webhooks delivered.
     pub webhooks_delivered: AtomicU64,
     /// Webhook attempts that failed.
@@ -167,6 +169,10 @@ impl Metrics {
                 (
                     "{reason=\"insufficient_credit\"}".into(),
                     get(&self.rejected_credit).to_string(),
+                ),
+                (
+                    "{reason=\"rate_limited\"}".into(),
+                    get(&self.rejected_rate_limited).to_string(),
                 ),
             ],
         );

@@ -446,7 +446,7 @@ pub async fn generations(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, OpenAiError> {
-    state.rate_limiter().check(&principal.key_id)?;
+    state.check_submission_rate(&principal.key_id)?;
     let params: ImagesRequest = serde_json::from_slice::<serde_json::Value>(&body)
         .map_err(|e| bad("", format!("the body is not valid JSON: {e}")))
         .and_then(|v| {
@@ -516,7 +516,7 @@ pub async fn edits(
     headers: HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Response, OpenAiError> {
-    state.rate_limiter().check(&principal.key_id)?;
+    state.check_submission_rate(&principal.key_id)?;
     let mut multipart = multipart.map_err(|e| {
         OpenAiError(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -2606,6 +2606,14 @@ async fn finding_3_submissions_over_the_rate_limit_get_429_with_retry_after() {
         .unwrap();
     assert!((1..=10).contains(&retry), "Retry-After {retry}");
     assert_eq!(server.count("generations").await, 3, "nothing stored");
+    let (_, _, text) = server
+        .send(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await;
+    let text = String::from_utf8(text).unwrap();
+    assert!(
+        text.contains("easel_requests_rejected_total{reason=\"rate_limited\"} 1"),
+        "{text}"
+    );
     // The OpenAI route answers in OpenAI's shape, through its error path.
     let (s, headers, v) = server
         .call_as(
@@ -2992,4 +3000,50 @@ async fn jpeg_and_webp_outputs_carry_a1111_parameters_in_exif() {
             "{format}: {line}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_on_shutdown_stops_accepting_and_finishes_in_flight_requests() {
+    let server = TestServer::new(|c| {
+        c.engine = EngineKind::Fake;
+        c.fake_step_ms = 1000;
+        c.idle_timeout_seconds = 1;
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(easel_server::serve_on(
+        listener,
+        server.state.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let key = server.key.clone();
+    let in_flight = tokio::task::spawn_blocking(move || {
+        let r = ureq::post(&format!("http://{addr}/v1/generations"))
+            .set("Authorization", &format!("Bearer {key}"))
+            .set("Prefer", "wait=30")
+            .send_json(json!({"baseModel": "fake/model", "steps": 1, "images": [{"prompt": "a"}]}))
+            .unwrap();
+        (r.status(), r.into_json::<Value>().unwrap())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send(()).unwrap();
+    let (status, record) = in_flight.await.unwrap();
+    assert_eq!(
+        (status, &record["status"]),
+        (200, &json!("succeeded")),
+        "{record}"
+    );
+    tokio::time::timeout(Duration::from_secs(5), serving)
+        .await
+        .expect("serve_on returns once its connections are closed")
+        .unwrap()
+        .unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the listener is closed"
+    );
 }
