@@ -17,6 +17,7 @@
 pub mod codec;
 pub mod fs;
 pub mod input;
+pub mod integer;
 pub mod params;
 pub mod request;
 
