@@ -21,6 +21,7 @@ pub mod codec;
 pub mod exif;
 pub mod fs;
 pub mod input;
+pub mod integer;
 pub mod params;
 pub mod request;
 pub mod sampler_names;

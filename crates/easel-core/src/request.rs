@@ -110,15 +110,27 @@ pub struct ImageDefinition {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loras: Option<Vec<LoraRef>>,
     /// Denoising steps, 1..=60. Default: per model family (25; FLUX schnell 4).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::integer::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub steps: Option<u32>,
     /// Width in pixels, a multiple of 8 (16 for FLUX), 8..=2048. Default: the
     /// model's native size.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::integer::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub width: Option<u32>,
     /// Height in pixels, a multiple of 8 (16 for FLUX), 8..=2048. Default: the
     /// model's native size.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::integer::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub height: Option<u32>,
     /// Instead of width/height: `1:1`, `16:9`, `21:9`, `3:2`, `2:3`, `4:5`,
     /// `5:4`, `3:4`, `4:3`, `9:16`, `9:21`.
@@ -136,10 +148,18 @@ pub struct ImageDefinition {
     pub scheduler: Option<String>,
     /// Seed of the first image; image `i` of the batch uses `seed + i`.
     /// Default: random (below 2^32), and always reported.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::integer::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub seed: Option<u64>,
     /// Images from this definition, 1..=4. Default 1.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::integer::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub batch_size: Option<u32>,
     /// Image-to-image init image: an `http(s)` URL, a `data:` URI, plain
     /// base64, or an asset id.
@@ -161,7 +181,11 @@ pub struct ImageDefinition {
     #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "webp"))]
     pub output_format: Option<OutputFormat>,
     /// Quality of jpeg and webp, 1..=100. Default 80.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::integer::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub output_quality: Option<u32>,
     /// Seamless (tiling) images. Default false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -356,6 +380,14 @@ impl ImageDefinition {
                 return err(
                     "strength",
                     format!("{strength} is out of range (allowed: 0 to 1)"),
+                );
+            }
+            // As `easel generate --strength` without `--image`: a strength
+            // with nothing to apply it to is a mistake, not a no-op.
+            if self.image.is_none() {
+                return err(
+                    "strength",
+                    "applies to image-to-image and inpainting; give `image` too".into(),
                 );
             }
         }

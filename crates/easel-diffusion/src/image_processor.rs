@@ -179,6 +179,27 @@ pub fn same_aspect_ratio(a: (usize, usize), b: (usize, usize)) -> bool {
     (ra / rb - 1.0).abs() <= 0.01
 }
 
+/// Check that a `mask` of `(width, height)` fits an init image of
+/// `image_size`: the same aspect ratio within 1 % ([`same_aspect_ratio`]).
+/// [`preprocess_mask`] applies it when a job runs; the server applies it
+/// before accepting one.
+///
+/// # Errors
+/// An invalid `mask` naming both sizes.
+pub fn check_mask_shape(mask: (usize, usize), image_size: (usize, usize)) -> Result<()> {
+    if !same_aspect_ratio(mask, image_size) {
+        return Err(Error::invalid(
+            "mask",
+            format!(
+                "the mask is {}x{} but the image is {}x{}: their aspect ratios differ; \
+                 give a mask of the image's shape",
+                mask.0, mask.1, image_size.0, image_size.1
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn check_dims(field: &str, width: usize, height: usize, len: usize, channels: usize) -> Result<()> {
     if width == 0 || height == 0 {
         return Err(Error::invalid(
@@ -240,16 +261,7 @@ pub fn preprocess_mask(
     device: &Device,
 ) -> Result<Tensor> {
     check_dims("mask", mask.width, mask.height, mask.luma.len(), 1)?;
-    if !same_aspect_ratio((mask.width, mask.height), image_size) {
-        return Err(Error::invalid(
-            "mask",
-            format!(
-                "the mask is {}x{} but the image is {}x{}: their aspect ratios differ; \
-                 give a mask of the image's shape",
-                mask.width, mask.height, image_size.0, image_size.1
-            ),
-        ));
-    }
+    check_mask_shape((mask.width, mask.height), image_size)?;
     let pixels = if (mask.width, mask.height) == (width, height) {
         mask.luma.clone()
     } else {

@@ -193,6 +193,145 @@ fn component_of(stem: &str) -> (String, ModuleName) {
     ("unet".into(), ModuleName::Dotted(stem.into()))
 }
 
+/// The largest safetensors header [`check_lora_file`] reads (100 MB, the
+/// limit the `safetensors` crate itself applies).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// The error for `key`, which is of no LoRA layout this engine reads.
+fn unknown_key(path: &Path, key: &str) -> Error {
+    let variant = ["hada_", "lokr_", "dora_scale", "magnitude", "lora_mid"]
+        .iter()
+        .find(|v| key.contains(*v));
+    Error::invalid(
+        "lora",
+        match variant {
+            Some(v) => format!(
+                "{}: key `{key}` is a LyCORIS / DoRA variant (`{v}`), which is not \
+                 supported (plain LoRA only: lora_A/lora_B or lora_down/lora_up)",
+                path.display()
+            ),
+            None => format!(
+                "{}: key `{key}` is not a LoRA weight of a known layout \
+                 (diffusers/PEFT `lora_A`/`lora_B`, kohya `lora_down`/`lora_up`/`alpha`)",
+                path.display()
+            ),
+        },
+    )
+}
+
+/// Check cheaply that `path` is a LoRA file [`LoraAdapter::open`] accepts,
+/// reading only its safetensors header (the 8-byte little-endian length and
+/// the JSON table of tensor names, never the weights): every key is of a
+/// known layout (see the module docs), each module has both its down and
+/// its up matrix, and there is at least one. Whether the modules match a
+/// given model is only known once the model is loaded.
+///
+/// # Errors
+/// An invalid `lora` value: an unreadable file, a header that is not
+/// safetensors (longer than 100 MB, or not a JSON object), or the key
+/// problems [`LoraAdapter::open`] reports.
+pub fn check_lora_file(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let not_safetensors = |why: String| {
+        Error::invalid(
+            "lora",
+            format!("{}: not a readable safetensors file: {why}", path.display()),
+        )
+    };
+    let mut file = std::fs::File::open(path).map_err(|e| not_safetensors(e.to_string()))?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| not_safetensors(e.to_string()))?
+        .len();
+    let mut len_bytes = [0u8; 8];
+    file.read_exact(&mut len_bytes)
+        .map_err(|_| not_safetensors("shorter than a safetensors header".into()))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > MAX_HEADER_BYTES || header_len > file_len.saturating_sub(8) {
+        return Err(not_safetensors(format!(
+            "the header length {header_len} does not fit the file ({file_len} bytes)"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| not_safetensors(e.to_string()))?;
+    check_lora_header(path, &header)
+}
+
+/// As [`check_lora_file`], for a whole file already in memory (an upload);
+/// `label` names it in messages.
+///
+/// # Errors
+/// As [`check_lora_file`].
+pub fn check_lora_bytes(label: &Path, bytes: &[u8]) -> Result<()> {
+    let not_safetensors = |why: String| {
+        Error::invalid(
+            "lora",
+            format!(
+                "{}: not a readable safetensors file: {why}",
+                label.display()
+            ),
+        )
+    };
+    let len_bytes: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| not_safetensors("shorter than a safetensors header".into()))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    let available = bytes.len() as u64 - 8;
+    if header_len > MAX_HEADER_BYTES || header_len > available {
+        return Err(not_safetensors(format!(
+            "the header length {header_len} does not fit the file ({} bytes)",
+            bytes.len()
+        )));
+    }
+    check_lora_header(label, &bytes[8..8 + header_len as usize])
+}
+
+/// The key checks of [`check_lora_file`] on a safetensors JSON header.
+fn check_lora_header(path: &Path, header: &[u8]) -> Result<()> {
+    let not_safetensors = |why: String| {
+        Error::invalid(
+            "lora",
+            format!("{}: not a readable safetensors file: {why}", path.display()),
+        )
+    };
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header)
+        .map_err(|e| not_safetensors(format!("the header is not a JSON object: {e}")))?;
+    let mut parts: BTreeMap<String, (bool, bool)> = BTreeMap::new();
+    for key in header.keys().filter(|k| *k != "__metadata__") {
+        let Some((stem, part)) = split_key(key) else {
+            return Err(unknown_key(path, key));
+        };
+        let entry = parts.entry(stem).or_default();
+        match part {
+            Part::Down => entry.0 = true,
+            Part::Up => entry.1 = true,
+            Part::Alpha => {}
+        }
+    }
+    for (stem, (down, up)) in &parts {
+        if !down || !up {
+            return Err(Error::invalid(
+                "lora",
+                format!(
+                    "{}: `{stem}` has {} but no {} matrix",
+                    path.display(),
+                    if *down { "a down" } else { "an up" },
+                    if *down { "up" } else { "down" },
+                ),
+            ));
+        }
+    }
+    if parts.is_empty() {
+        return Err(Error::invalid(
+            "lora",
+            format!("{}: no LoRA weights in the file", path.display()),
+        ));
+    }
+    Ok(())
+}
+
 impl LoraAdapter {
     /// Read and parse a LoRA `.safetensors` file.
     ///
@@ -212,24 +351,7 @@ impl LoraAdapter {
         for key in keys {
             let tensor = &tensors[key];
             let Some((stem, part)) = split_key(key) else {
-                let variant = ["hada_", "lokr_", "dora_scale", "magnitude", "lora_mid"]
-                    .iter()
-                    .find(|v| key.contains(*v));
-                return Err(Error::invalid(
-                    "lora",
-                    match variant {
-                        Some(v) => format!(
-                            "{}: key `{key}` is a LyCORIS / DoRA variant (`{v}`), which is not \
-                             supported (plain LoRA only: lora_A/lora_B or lora_down/lora_up)",
-                            path.display()
-                        ),
-                        None => format!(
-                            "{}: key `{key}` is not a LoRA weight of a known layout \
-                             (diffusers/PEFT `lora_A`/`lora_B`, kohya `lora_down`/`lora_up`/`alpha`)",
-                            path.display()
-                        ),
-                    },
-                ));
+                return Err(unknown_key(path, key));
             };
             let (component, module) = component_of(&stem);
             let layer = layers.entry(stem.clone()).or_insert_with(|| LoraLayer {

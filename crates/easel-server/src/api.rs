@@ -860,25 +860,13 @@ async fn list_models(State(state): State<AppState>) -> Result<Json<ListOf<ModelE
 
 // ---- trainings ---------------------------------------------------------------
 
-/// Whether safetensors `bytes` hold LoRA weights (PEFT/diffusers
-/// `lora_A`/`lora_B` or kohya `lora_down`/`lora_up` keys).
-fn check_lora_file(bytes: &[u8]) -> Result<usize, String> {
-    let tensors = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|e| format!("not a safetensors file: {e}"))?;
-    let names = tensors.names();
-    if names.is_empty() {
-        return Err("the safetensors file holds no tensors".into());
-    }
-    if !names
-        .iter()
-        .any(|n| n.to_ascii_lowercase().contains("lora"))
-    {
-        return Err(
-            "no LoRA weights in the file (expected keys with lora_A/lora_B or lora_down/lora_up)"
-                .into(),
-        );
-    }
-    Ok(names.len())
+/// Whether safetensors `bytes` are a LoRA file the engine can apply: its
+/// header's keys must be of a layout the engine reads, each module with its
+/// down and up matrix ([`easel_diffusion::lora::check_lora_bytes`], the same
+/// rule as for `loras[].path` at submission and as the worker applies).
+fn check_lora_file(bytes: &[u8]) -> Result<(), String> {
+    easel_diffusion::lora::check_lora_bytes(std::path::Path::new("the uploaded file"), bytes)
+        .map_err(|e| crate::checks::engine_message(&e))
 }
 
 #[utoipa::path(post, path = "/v1/trainings", tag = "trainings",

@@ -120,6 +120,20 @@ fn api_step_error(e: ApiError) -> StepError {
 }
 
 impl ImageBackend for ServerImageBackend {
+    fn check_static(&self, parameters: &Value) -> Vec<ParamError> {
+        // Model folders and LoRA headers are small reads: done in place.
+        match crate::checks::check_flow_request(self.state.models(), parameters) {
+            Ok(()) => Vec::new(),
+            Err(e) => {
+                let path = match e.field.as_deref() {
+                    Some(f) if !f.is_empty() => ParamPath::field(&format!("parameters.{f}")),
+                    _ => ParamPath::root(),
+                };
+                vec![ParamError::new(path, e.message)]
+            }
+        }
+    }
+
     fn generate(&self, request: Value, ctx: &StepContext<'_>) -> Result<ImageJobResult, StepError> {
         let state = &self.state;
         let bytes = serde_json::to_vec(&request).unwrap_or_default();

@@ -30,6 +30,7 @@ pub mod api;
 pub mod assets;
 pub mod auth;
 pub mod bench;
+pub mod checks;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -128,7 +128,7 @@ pub struct ImagesRequest {
     #[serde(default)]
     pub model: Option<String>,
     /// Images, 1..=10. Default 1.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "easel_core::integer::option")]
     pub n: Option<u32>,
     /// `WxH` or `auto`.
     #[serde(default)]
@@ -140,7 +140,7 @@ pub struct ImagesRequest {
     #[serde(default)]
     pub output_format: Option<String>,
     /// 0..=100: the quality of jpeg/webp.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "easel_core::integer::option")]
     pub output_compression: Option<u32>,
     /// `auto` or `opaque` (`transparent` is refused).
     #[serde(default)]
@@ -164,7 +164,7 @@ pub struct ImagesRequest {
     #[serde(default)]
     pub stream: Option<bool>,
     /// Streaming is not supported: must be absent or 0.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "easel_core::integer::option")]
     pub partial_images: Option<u32>,
 }
 
@@ -197,11 +197,17 @@ fn translate(
         named => state.config().default_model.clone().ok_or_else(|| {
             bad(
                 "model",
-                format!(
-                    "{} has no easel equivalent configured: pass an easel model (see GET /v1/models) \
-                     or set default_model in the server config",
-                    named.map(|m| format!("model `{m}`")).unwrap_or_else(|| "no model".into())
-                ),
+                match named {
+                    Some(m) => format!(
+                        "model `{m}` is an OpenAI model name and this server has no default_model \
+                         to run it with: pass an easel model as `model` (GET /v1/models lists them) \
+                         or set default_model in the server config"
+                    ),
+                    None => "missing: no `model` was given and this server has no default_model; \
+                             pass an easel model as `model` (GET /v1/models lists them) or set \
+                             default_model in the server config"
+                        .to_string(),
+                },
             )
         })?,
     };
@@ -549,11 +555,13 @@ pub async fn edits(
                 let text =
                     String::from_utf8(bytes.to_vec()).map_err(|_| bad(&name, "must be text"))?;
                 let value = match name.as_str() {
-                    "n" | "output_compression" | "partial_images" => serde_json::Value::from(
-                        text.trim()
-                            .parse::<u32>()
-                            .map_err(|_| bad(&name, format!("`{text}` is not a whole number")))?,
-                    ),
+                    // A JSON number (`1`, or `1.0` as some clients send);
+                    // the request type checks that it is an integer.
+                    "n" | "output_compression" | "partial_images" => {
+                        serde_json::from_str::<serde_json::Number>(text.trim())
+                            .map(serde_json::Value::Number)
+                            .map_err(|_| bad(&name, format!("`{text}` is not a whole number")))?
+                    }
                     "stream" => serde_json::Value::from(text.trim() == "true"),
                     _ => serde_json::Value::from(text),
                 };

@@ -255,9 +255,7 @@ pub async fn prepare(
                 .field_prefix(prefix.clone()),
         )?;
         if let Some(name) = &def.scheduler {
-            easel_diffusion::schedulers::resolve_scheduler_name(name).map_err(|e| {
-                ApiError::invalid("invalid_value", field("scheduler"), e.to_string())
-            })?;
+            crate::checks::check_scheduler(name, Some(&model), field("scheduler"))?;
         }
         if def.tiling == Some(true) {
             return Err(unsupported(
@@ -269,17 +267,17 @@ pub async fn prepare(
         // LoRAs: trainingId first, then loras[].
         let mut loras = Vec::new();
         if let Some(id) = &def.training_id {
-            loras.push(
-                training_lora(
-                    state,
-                    principal,
-                    id,
-                    def.scale_or_default(),
-                    field("trainingId"),
-                    format!("no training with id `{id}` (upload one with POST /v1/trainings)"),
-                )
-                .await?,
-            );
+            let lora = training_lora(
+                state,
+                principal,
+                id,
+                def.scale_or_default(),
+                field("trainingId"),
+                format!("no training with id `{id}` (upload one with POST /v1/trainings)"),
+            )
+            .await?;
+            crate::checks::check_lora(&lora.path, field("trainingId"))?;
+            loras.push(lora);
         }
         for (i, lora) in def.loras.iter().flatten().enumerate() {
             let lora_field = field(&format!("loras[{i}]"));
@@ -287,30 +285,24 @@ pub async fn prepare(
                 .scale
                 .unwrap_or(easel_core::request::DEFAULT_LORA_SCALE);
             if let Some(id) = &lora.id {
-                loras.push(
-                    training_lora(
-                        state,
-                        principal,
-                        id,
-                        scale,
-                        format!("{lora_field}.id"),
-                        format!("no training with id `{id}`"),
-                    )
-                    .await?,
-                );
+                let spec = training_lora(
+                    state,
+                    principal,
+                    id,
+                    scale,
+                    format!("{lora_field}.id"),
+                    format!("no training with id `{id}`"),
+                )
+                .await?;
+                crate::checks::check_lora(&spec.path, format!("{lora_field}.id"))?;
+                loras.push(spec);
             } else if let Some(path) = &lora.path {
-                let canonical = state
-                    .models()
-                    .check_path(path)
-                    .map_err(|e| model_error(e, format!("{lora_field}.path")))?;
-                if !canonical.is_file() || canonical.extension().is_none_or(|e| e != "safetensors")
-                {
-                    return Err(ApiError::invalid(
-                        "invalid_value",
-                        format!("{lora_field}.path"),
-                        format!("`{path}` is not a .safetensors file"),
-                    ));
-                }
+                let registry = state.models().clone();
+                let (p, f) = (path.clone(), format!("{lora_field}.path"));
+                let canonical =
+                    tokio::task::spawn_blocking(move || crate::checks::lora_path(&registry, &p, f))
+                        .await
+                        .map_err(|e| ApiError::internal("reading a LoRA", e))??;
                 loras.push(LoraSpec {
                     source: path.clone(),
                     path: canonical,
@@ -357,6 +349,13 @@ pub async fn prepare(
             } else {
                 refs.1 = Some(index);
             }
+        }
+
+        // The engine's rules for these inputs on this model.
+        crate::checks::check_definition(&def, &model, refs.0.is_some(), refs.1.is_some(), &field)?;
+        if let (Some(i), Some(m)) = (refs.0, refs.1) {
+            let dims = |i: usize| (inputs[i].loaded.width, inputs[i].loaded.height);
+            crate::checks::check_mask_shape(dims(m), dims(i), field("mask"))?;
         }
 
         let (mut width, mut height) = def

@@ -1695,7 +1695,7 @@ async fn flows_crud_validation_and_on_failure_over_http() {
             "name": "two steps",
             "steps": [
                 { "id": "gen", "type": "ImageGenerator", "onFailure": on_failure,
-                  "parameters": { "baseModel": tiny_sd15(), "images": [ { "prompt": "a", "width": 1001 } ] } },
+                  "parameters": { "baseModel": tiny_sd15(), "images": [ { "prompt": "a", "width": "$.input.x" } ] } },
                 { "id": "after", "type": "Template", "parameters": { "template": "done {{ $.input.x }}" } }
             ]
         })
@@ -3046,4 +3046,417 @@ async fn serve_on_shutdown_stops_accepting_and_finishes_in_flight_requests() {
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "the listener is closed"
     );
+}
+
+// ---- issue 12: everything checked before 202 (findings 4 and 6) -----------
+
+fn fixture_model(name: &str) -> String {
+    fixtures().join("models").join(name).display().to_string()
+}
+
+fn png_data_uri(width: u32, height: u32) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(png_bytes(width, height, false));
+    format!("data:image/png;base64,{b64}")
+}
+
+impl TestServer {
+    /// Nothing was written: no job, no item, no input asset (row or file),
+    /// no ledger row.
+    async fn assert_nothing_written(&self, context: &str) {
+        for table in ["generations", "generation_items", "assets", "ledger"] {
+            assert_eq!(self.count(table).await, 0, "{context}: rows in {table}");
+        }
+        assert!(
+            self.asset_files().is_empty(),
+            "{context}: files {:?}",
+            self.asset_files()
+        );
+    }
+
+    /// POST `body` to /v1/generations; expect `status` naming `field`, and
+    /// nothing written.
+    async fn assert_refused(&self, body: Value, status: StatusCode, field: &str) -> Value {
+        let (s, e) = self.post("/v1/generations", body.clone()).await;
+        assert_eq!(s, status, "{body}: {e}");
+        assert_eq!(e["error"]["field"], field, "{body}: {e}");
+        self.assert_nothing_written(&format!("{field} ({e})")).await;
+        e
+    }
+}
+
+/// Finding 4: requests the worker used to fail after a 202 (leaving a job,
+/// input assets and a charge + refund) are refused up front, naming the
+/// field, with nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finding_4_checked_after_accepting_is_refused_before_202() {
+    let server = TestServer::new(|_| {}).await;
+    let unprocessable = StatusCode::UNPROCESSABLE_ENTITY;
+    let sd = fixture_model("tiny-sd15");
+    let dev = fixture_model("tiny-flux-dev");
+    let fill = fixture_model("tiny-flux-fill");
+    let image = png_data_uri(64, 64);
+    let one = |model: &str, image: Value| json!({"baseModel": model, "images": [image]});
+
+    // strength 0, and a strength whose floor(steps x strength) is 0 on SD.
+    let e = server
+        .assert_refused(
+            one(&sd, json!({"prompt": "a", "image": image, "strength": 0})),
+            unprocessable,
+            "images[0].strength",
+        )
+        .await;
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no denoising step"),
+        "{e}"
+    );
+    server
+        .assert_refused(
+            one(
+                &sd,
+                json!({"prompt": "a", "image": image, "steps": 4, "strength": 0.2}),
+            ),
+            unprocessable,
+            "images[0].strength",
+        )
+        .await;
+    // On FLUX only 0 leaves no step; 0 is refused there too.
+    server
+        .assert_refused(
+            one(&dev, json!({"prompt": "a", "image": image, "strength": 0})),
+            unprocessable,
+            "images[0].strength",
+        )
+        .await;
+    // strength without image: refused as `easel generate` does.
+    let e = server
+        .assert_refused(
+            one(&sd, json!({"prompt": "a", "strength": 0.5})),
+            unprocessable,
+            "images[0].strength",
+        )
+        .await;
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("give `image` too"),
+        "{e}"
+    );
+
+    // Masks: another aspect ratio, a non-Fill FLUX model, a Fill model
+    // without one, and a mask without an image.
+    let e = server
+        .assert_refused(
+            one(
+                &sd,
+                json!({"prompt": "a", "image": image, "mask": png_data_uri(32, 48)}),
+            ),
+            unprocessable,
+            "images[0].mask",
+        )
+        .await;
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("aspect ratios differ"),
+        "{e}"
+    );
+    let e = server
+        .assert_refused(
+            one(
+                &dev,
+                json!({"prompt": "a", "image": image, "mask": png_data_uri(32, 32)}),
+            ),
+            unprocessable,
+            "images[0].mask",
+        )
+        .await;
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("Fill"),
+        "{e}"
+    );
+    server
+        .assert_refused(
+            one(&fill, json!({"prompt": "a", "image": image})),
+            unprocessable,
+            "images[0].mask",
+        )
+        .await;
+    server
+        .assert_refused(
+            one(&sd, json!({"prompt": "a", "mask": png_data_uri(64, 64)})),
+            unprocessable,
+            "images[0].mask",
+        )
+        .await;
+
+    // Schedulers of the other family, both ways.
+    let e = server
+        .assert_refused(
+            one(&sd, json!({"prompt": "a", "scheduler": "flow_match_euler"})),
+            unprocessable,
+            "images[0].scheduler",
+        )
+        .await;
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("choose one of"),
+        "{e}"
+    );
+    server
+        .assert_refused(
+            one(&dev, json!({"prompt": "a", "scheduler": "euler"})),
+            unprocessable,
+            "images[0].scheduler",
+        )
+        .await;
+
+    // A safetensors file under a model root that is not a LoRA.
+    let weights = fixtures()
+        .join("models/tiny-sd15/unet/diffusion_pytorch_model.safetensors")
+        .display()
+        .to_string();
+    let e = server
+        .assert_refused(
+            one(&sd, json!({"prompt": "a", "loras": [{"path": weights}]})),
+            unprocessable,
+            "images[0].loras[0].path",
+        )
+        .await;
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a LoRA weight"),
+        "{e}"
+    );
+    // ... and refused at upload as a training, so no trainingId names one.
+    let bytes = std::fs::read(&weights).unwrap();
+    let (s, e) = post_multipart(
+        &server,
+        "/v1/trainings",
+        &[
+            ("file", Some("unet.safetensors"), &bytes),
+            ("baseModel", None, sd.as_bytes()),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (s, e["error"]["field"].as_str()),
+        (unprocessable, Some("file")),
+        "{e}"
+    );
+    assert_eq!(server.count("trainings").await, 0);
+
+    // The checks do not refuse what runs: a real LoRA and an image with a
+    // strength that leaves steps are accepted.
+    let lora = fixtures()
+        .join("loras/tiny-sd15-lora.safetensors")
+        .display()
+        .to_string();
+    let (s, job) = server
+        .post(
+            "/v1/generations",
+            one(
+                &sd,
+                json!({"prompt": "a", "steps": 4, "image": image, "strength": 0.25,
+                            "scheduler": "euler", "loras": [{"path": lora}]}),
+            ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{job}");
+}
+
+/// Finding 4: `/v1/images/edits` with a 32x48 mask on a 64x64 image was a
+/// 400 after the job, its input assets and its ledger rows were written;
+/// now it is refused before anything is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finding_4_openai_edits_with_a_mismatched_mask_write_nothing() {
+    let server = TestServer::new(|c| c.default_model = Some(tiny_sd15())).await;
+    let image = png_bytes(64, 64, false);
+    let mask = png_bytes(32, 48, true);
+    let (s, e) = post_multipart(
+        &server,
+        "/v1/images/edits",
+        &[
+            ("image", Some("image.png"), &image),
+            ("mask", Some("mask.png"), &mask),
+            ("prompt", None, b"x"),
+            ("size", None, b"64x64"),
+        ],
+    )
+    .await;
+    assert!(s.is_client_error(), "{s}: {e}");
+    assert_eq!(e["error"]["param"], "mask", "{e}");
+    server.assert_nothing_written("edits").await;
+}
+
+/// Finding 6: integral floats (`64.0`) are integers; `64.5` is refused
+/// naming the field and saying it must be an integer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finding_6_integral_floats_are_accepted_in_integer_fields() {
+    let server = TestServer::new(|c| {
+        c.engine = EngineKind::Fake;
+        c.fake_step_ms = 1;
+        c.default_model = Some("fake/model".into());
+    })
+    .await;
+    let (s, job) = server
+        .post(
+            "/v1/generations",
+            json!({"baseModel": "fake/model", "steps": 4.0, "images": [
+                {"prompt": "a", "width": 64.0, "height": 64, "seed": 42.0, "batchSize": 1.0}
+            ]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{job}");
+    let job = server.wait_done(job["id"].as_str().unwrap(), 30).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let p = &job["images"][0]["parameters"];
+    assert_eq!(
+        (&p["width"], &p["seed"], &p["steps"]),
+        (&json!(64), &json!(42), &json!(4)),
+        "{job}"
+    );
+
+    for (field, value) in [
+        ("width", json!(64.5)),
+        ("steps", json!(4.5)),
+        ("seed", json!(1e30)),
+    ] {
+        let mut image = json!({"prompt": "a"});
+        image[field] = value.clone();
+        let (s, e) = server
+            .post(
+                "/v1/generations",
+                json!({"baseModel": "fake/model", "images": [image]}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{field}={value}: {e}");
+        assert_eq!(e["error"]["field"], format!("images[0].{field}"), "{e}");
+        if field != "seed" {
+            assert!(
+                e["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("must be an integer"),
+                "{e}"
+            );
+        }
+    }
+    assert_eq!(server.count("generations").await, 1);
+
+    let (s, r) = server
+        .post(
+            "/v1/images/generations",
+            json!({"prompt": "a", "n": 1.0, "size": "64x64"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["data"].as_array().unwrap().len(), 1, "{r}");
+    let (s, e) = server
+        .post("/v1/images/generations", json!({"prompt": "a", "n": 1.5}))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    assert_eq!(e["error"]["param"], "n", "{e}");
+}
+
+/// Finding 6: a missing model says what is missing and how to give one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finding_6_a_missing_model_says_what_is_missing() {
+    let server = TestServer::fake().await;
+    let (s, e) = server
+        .post("/v1/images/generations", json!({"prompt": "a"}))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    assert_eq!(e["error"]["param"], "model", "{e}");
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(!message.contains("no model has"), "{message}");
+    assert!(message.contains("no `model` was given"), "{message}");
+    assert!(message.contains("default_model"), "{message}");
+    let (_, e) = server
+        .post(
+            "/v1/images/generations",
+            json!({"prompt": "a", "model": "dall-e-3"}),
+        )
+        .await;
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(message.contains("model `dall-e-3`"), "{message}");
+}
+
+/// Finding 6: flows whose static parameters break the generation rules
+/// (`width: 1001`, a `../` path, a scheduler of the other family, a file
+/// that is not a LoRA) are refused at creation (there is no update route)
+/// with 422
+/// `invalid_flow` naming the step and field; references are left to run
+/// time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finding_6_flows_with_bad_static_parameters_are_refused_at_creation() {
+    let server = TestServer::new(|_| {}).await;
+    let flow = |parameters: Value| json!({"name": "f", "steps": [{"id": "gen", "type": "ImageGenerator", "parameters": parameters}]});
+    let sd = tiny_sd15();
+    let weights = fixtures()
+        .join("models/tiny-sd15/unet/diffusion_pytorch_model.safetensors")
+        .display()
+        .to_string();
+    let cases = [
+        (
+            json!({"baseModel": sd, "images": [{"prompt": "a", "width": 1001}]}),
+            "steps[0] (gen).parameters.images[0].width",
+        ),
+        (
+            json!({"baseModel": sd, "width": 1001, "images": "$.input.images"}),
+            "steps[0] (gen).parameters.images[0].width",
+        ),
+        (
+            json!({"baseModel": "../../../etc", "images": [{"prompt": "a"}]}),
+            "steps[0] (gen).parameters.images[0].baseModel",
+        ),
+        (
+            json!({"baseModel": sd, "images": [{"prompt": "a", "loras": [{"path": "../../../../etc/passwd"}]}]}),
+            "steps[0] (gen).parameters.images[0].loras[0].path",
+        ),
+        (
+            json!({"baseModel": sd, "images": [{"prompt": "a", "loras": [{"path": weights}]}]}),
+            "steps[0] (gen).parameters.images[0].loras[0].path",
+        ),
+        (
+            json!({"baseModel": sd, "scheduler": "flow_match_euler", "images": [{"prompt": "$.input.p"}]}),
+            "steps[0] (gen).parameters.images[0].scheduler",
+        ),
+        (
+            json!({"baseModel": sd, "images": [{"prompt": "a", "strength": 0.5}]}),
+            "steps[0] (gen).parameters.images[0].strength",
+        ),
+        (
+            json!({"baseModel": fixture_model("tiny-flux-dev"), "images": [{"prompt": "a", "image": "$.input.i", "mask": "$.input.m"}]}),
+            "steps[0] (gen).parameters.images[0].mask",
+        ),
+    ];
+    for (parameters, want) in cases {
+        let (s, e) = server.post("/v1/flows", flow(parameters.clone())).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{parameters}: {e}");
+        assert_eq!(e["error"]["code"], "invalid_flow", "{e}");
+        let message = e["error"]["message"].as_str().unwrap();
+        assert!(message.contains(want), "{parameters}: {message}");
+        assert_eq!(server.count("flows").await, 0, "{parameters}");
+    }
+
+    // References and @Map expressions are only checked when the run starts.
+    let (s, created) = server
+        .post(
+            "/v1/flows",
+            flow(json!({"baseModel": "$.input.model", "steps": 4.0, "images": [
+                {"prompt": "{{ $.input.p }}", "width": "$.input.w", "image": "$.input.i", "strength": 0.5}
+            ]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    assert_eq!(server.count("flows").await, 1);
 }

@@ -347,27 +347,11 @@ impl FluxComponents {
         })?;
         let t_start = match strength {
             None => 0,
-            Some(s) => {
-                if !(0.0..=1.0).contains(&s) {
-                    return Err(Error::invalid(
-                        "strength",
-                        format!("{s} is out of range (allowed: 0 to 1)"),
-                    ));
-                }
-                // diffusers' get_timesteps.
-                let init = (n as f64 * s).min(n as f64);
-                let t_start = (n as f64 - init).max(0.0) as usize;
-                if t_start >= n {
-                    return Err(Error::invalid(
-                        "strength",
-                        format!(
-                            "strength {s} with {n} steps leaves no denoising step; raise the strength (at least {:.3}) or the steps",
-                            1.0 / n as f64
-                        ),
-                    ));
-                }
-                t_start
-            }
+            Some(s) => super::init_image::strength_start_step(
+                super::init_image::StrengthRule::Fractional,
+                n,
+                s,
+            )?,
         };
         scheduler.set_begin_index(t_start * scheduler.order());
         Ok((scheduler, t_start))

@@ -94,18 +94,7 @@ pub fn strength_begin_index(
     steps: usize,
     strength: f64,
 ) -> Result<usize> {
-    let init_timestep = ((steps as f64 * strength) as usize).min(steps);
-    if init_timestep == 0 {
-        return Err(Error::invalid(
-            "strength",
-            format!(
-                "strength {strength} with {steps} steps leaves no denoising step \
-                 (floor(steps x strength) = 0); use a strength of at least {:.4} or more steps",
-                1.0 / steps as f64
-            ),
-        ));
-    }
-    let t_start = steps - init_timestep;
+    let t_start = strength_start_step(StrengthRule::Floor, steps, strength)?;
     let begin = t_start * scheduler.order();
     if begin >= scheduler.timesteps().len() {
         return Err(Error::invalid(
@@ -115,6 +104,77 @@ pub fn strength_begin_index(
     }
     scheduler.set_begin_index(begin);
     Ok(begin)
+}
+
+/// How a pipeline shortens its `steps`-step schedule for image-to-image
+/// `strength` s (both follow diffusers' `get_timesteps`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StrengthRule {
+    /// Stable Diffusion (1.x, 2.x, XL): `init = min(floor(steps · s), steps)`
+    /// steps run, so `floor(steps · s) = 0` runs none.
+    Floor,
+    /// FLUX.1: `init = min(steps · s, steps)` keeps its fractional part and
+    /// the run starts at `floor(steps − init)`; only `s = 0` runs no step.
+    Fractional,
+}
+
+impl StrengthRule {
+    /// The rule of a diffusers pipeline class (`Flux*` is
+    /// [`StrengthRule::Fractional`], `StableDiffusion*` [`StrengthRule::Floor`]);
+    /// `None` for a class this engine does not run.
+    pub fn of_pipeline_class(class: &str) -> Option<StrengthRule> {
+        if class.starts_with("Flux") {
+            Some(StrengthRule::Fractional)
+        } else if class.starts_with("StableDiffusion") {
+            Some(StrengthRule::Floor)
+        } else {
+            None
+        }
+    }
+}
+
+/// The index of the first of `steps` steps that runs for `strength` under
+/// `rule` (`t_start`; the scheduler's begin index is `t_start · order`).
+/// The pipelines call this when they run, and the server before it accepts
+/// a job, so both refuse the same requests.
+///
+/// # Errors
+/// An invalid `strength` when it is outside 0..=1 or leaves no denoising
+/// step, naming the smallest strength that runs one.
+pub fn strength_start_step(rule: StrengthRule, steps: usize, strength: f64) -> Result<usize> {
+    check_strength(strength)?;
+    let no_step = || {
+        Error::invalid(
+            "strength",
+            match rule {
+                StrengthRule::Floor => format!(
+                    "strength {strength} with {steps} steps leaves no denoising step \
+                     (floor(steps x strength) = 0); use a strength of at least {:.4} or more steps",
+                    1.0 / steps.max(1) as f64
+                ),
+                StrengthRule::Fractional => {
+                    format!("strength {strength} leaves no denoising step; use a strength above 0")
+                }
+            },
+        )
+    };
+    let t_start = match rule {
+        StrengthRule::Floor => {
+            let init = ((steps as f64 * strength) as usize).min(steps);
+            if init == 0 {
+                return Err(no_step());
+            }
+            steps - init
+        }
+        StrengthRule::Fractional => {
+            let init = (steps as f64 * strength).min(steps as f64);
+            (steps as f64 - init).max(0.0) as usize
+        }
+    };
+    if t_start >= steps {
+        return Err(no_step());
+    }
+    Ok(t_start)
 }
 
 /// Check `strength` is a number in 0..=1.

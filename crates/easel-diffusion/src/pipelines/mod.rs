@@ -500,6 +500,51 @@ pub const SUPPORTED_PIPELINES: &[&str] = &[
     "FluxFillPipeline",
 ];
 
+/// The default number of steps of a pipeline class, as
+/// [`Pipeline::default_steps`] gives once loaded; `None` where it depends on
+/// the weights (`FluxPipeline`: 4 for schnell, 28 for dev) or the class is
+/// not one of [`SUPPORTED_PIPELINES`].
+pub fn class_default_steps(class: &str) -> Option<usize> {
+    match class {
+        "FluxFillPipeline" => Some(50),
+        "FluxPipeline" => None,
+        c if SUPPORTED_PIPELINES.contains(&c) => Some(25),
+        _ => None,
+    }
+}
+
+/// Check, before loading, that a model of pipeline class `class` can run a
+/// request with (`has_image`) an init image and (`has_mask`) a mask:
+/// `FluxPipeline` (schnell, dev) cannot inpaint, `FluxFillPipeline` only
+/// inpaints (image and mask), and no pipeline takes a mask without an
+/// image. The pipelines refuse the same when they run.
+///
+/// # Errors
+/// An invalid `mask` or `image`.
+pub fn check_inputs_for_class(class: &str, has_image: bool, has_mask: bool) -> Result<()> {
+    if has_mask && !has_image {
+        return Err(Error::invalid(
+            "mask",
+            "a mask needs an init image to repaint: give `image` too",
+        ));
+    }
+    match class {
+        "FluxPipeline" if has_mask => Err(Error::invalid(
+            "mask",
+            "FLUX.1 schnell / dev cannot inpaint; use a FLUX.1 Fill model (FluxFillPipeline)",
+        )),
+        "FluxFillPipeline" if !has_image => Err(Error::invalid(
+            "image",
+            "FLUX.1 Fill needs an image to inpaint (and a mask)",
+        )),
+        "FluxFillPipeline" if !has_mask => Err(Error::invalid(
+            "mask",
+            "FLUX.1 Fill needs a mask (white repaints, black keeps)",
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl Pipeline {
     /// Run a request.
     pub fn run(

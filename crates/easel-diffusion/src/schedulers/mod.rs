@@ -478,13 +478,45 @@ fn family_name(f: SchedulerFamily) -> &'static str {
 /// config is `model_scheduler_config` (see [`config_family`]): a
 /// flow-matching scheduler cannot sample a DDPM model, nor the reverse.
 pub fn check_family(class: &str, model_scheduler_config: &Value) -> Result<()> {
+    let model_class = model_scheduler_config
+        .get("_class_name")
+        .and_then(Value::as_str)
+        .unwrap_or("(no _class_name)");
+    check_class_family(class, config_family(model_scheduler_config), model_class)
+}
+
+/// The scheduler family a diffusers pipeline class samples with:
+/// `Flux*Pipeline` classes are flow matching, `StableDiffusion*Pipeline`
+/// classes DDPM-style; `None` for a class this engine does not know (the
+/// check is then left to the worker, which reads the scheduler config).
+pub fn pipeline_family(pipeline_class: &str) -> Option<SchedulerFamily> {
+    if pipeline_class.starts_with("Flux") {
+        Some(SchedulerFamily::FlowMatch)
+    } else if pipeline_class.starts_with("StableDiffusion") {
+        Some(SchedulerFamily::Ddpm)
+    } else {
+        None
+    }
+}
+
+/// Check, before any model is loaded, that scheduler `name` (a short name,
+/// alias or diffusers class, see [`resolve_scheduler_name`]) can drive a
+/// model of `family`; `model_label` names the model's scheduler (or
+/// pipeline) in the message. This is the same rule [`build_scheduler`]
+/// applies when the job runs, so a request that passes here does not fail
+/// there for its scheduler.
+///
+/// # Errors
+/// [`Error::UnknownScheduler`] for an unknown name, or an invalid
+/// `scheduler` value listing the schedulers of the model's family.
+pub fn check_scheduler_for(name: &str, family: SchedulerFamily, model_label: &str) -> Result<()> {
+    let resolved = resolve_scheduler_name(name)?;
+    check_class_family(resolved.class, family, model_label)
+}
+
+fn check_class_family(class: &str, model: SchedulerFamily, model_class: &str) -> Result<()> {
     let wanted = class_family(class).ok_or_else(|| unknown(class))?;
-    let model = config_family(model_scheduler_config);
     if wanted != model {
-        let model_class = model_scheduler_config
-            .get("_class_name")
-            .and_then(Value::as_str)
-            .unwrap_or("(no _class_name)");
         let choices: Vec<&str> = TABLE
             .iter()
             .filter(|e| e.info.family == model)

@@ -57,6 +57,17 @@ pub trait ImageBackend: Send + Sync {
     /// `ctx.progress(...)`. Invalid requests fail with the field path
     /// (`parameters.images[2].width: 1001 is not a multiple of 8`).
     fn generate(&self, request: Value, ctx: &StepContext<'_>) -> Result<ImageJobResult, StepError>;
+
+    /// Checks the static parts of a request when a flow document is
+    /// created, with the rules `generate` would apply (ranges, the model's
+    /// size multiple, path roots, scheduler family, LoRA files, ...).
+    /// Values that are references or `@Map` expressions (see
+    /// [`crate::is_dynamic`]) are only known at run time and are skipped.
+    /// Called only when the parameters' shape is valid. The default checks
+    /// nothing.
+    fn check_static(&self, _parameters: &Value) -> Vec<ParamError> {
+        Vec::new()
+    }
 }
 
 /// A backend for runners that cannot generate images: every request fails
@@ -197,6 +208,9 @@ impl Step for ImageGenerator {
                     type_name(other)
                 ),
             )),
+        }
+        if errors.is_empty() {
+            errors = self.backend.check_static(parameters);
         }
         finish(errors)
     }
