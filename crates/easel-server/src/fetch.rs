@@ -45,13 +45,36 @@ pub trait Dns: Send + Sync {
     fn lookup(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>>;
 }
 
-/// The system resolver (`getaddrinfo`).
+/// How long [`SystemDns`] waits for a name to resolve. `getaddrinfo` has no
+/// timeout of its own, so a slow resolver would otherwise hold the fetch (and
+/// a submission's webhook check) past every other deadline.
+pub const DNS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The system resolver (`getaddrinfo`), given up after [`DNS_TIMEOUT`]: the
+/// lookup runs on a helper thread, which is left to finish on its own when
+/// the wait times out.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SystemDns;
 
 impl Dns for SystemDns {
     fn lookup(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
-        (host, port).to_socket_addrs().map(Iterator::collect)
+        let (tx, rx) = std::sync::mpsc::channel();
+        let name = host.to_string();
+        std::thread::Builder::new()
+            .name("easel-dns".into())
+            .spawn(move || {
+                let result = (name.as_str(), port)
+                    .to_socket_addrs()
+                    .map(Iterator::collect::<Vec<_>>);
+                let _ = tx.send(result);
+            })?;
+        match rx.recv_timeout(DNS_TIMEOUT) {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("resolving {host} took longer than {DNS_TIMEOUT:?}"),
+            )),
+        }
     }
 }
 

@@ -366,7 +366,12 @@ pub fn patch_image_definition(schema: &mut Value) {
         &mut p["batchSize"],
         json!({"minimum": *BATCH_SIZE_RANGE.start(), "maximum": *BATCH_SIZE_RANGE.end()}),
     );
-    set(&mut p["strength"], json!({"minimum": 0.0, "maximum": 1.0}));
+    // 0 never leaves a denoising step on any model; the per-model rule
+    // (Stable Diffusion: floor(steps x strength) >= 1) is checked before 202.
+    set(
+        &mut p["strength"],
+        json!({"exclusiveMinimum": 0.0, "maximum": 1.0}),
+    );
     set(
         &mut p["outputQuality"],
         json!({"minimum": *OUTPUT_QUALITY_RANGE.start(), "maximum": *OUTPUT_QUALITY_RANGE.end()}),
