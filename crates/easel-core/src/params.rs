@@ -31,6 +31,12 @@ pub const DEFAULT_SIZE_MULTIPLE: u32 = 8;
 pub const FLUX_SIZE_MULTIPLE: u32 = 16;
 /// Largest allowed `guidanceScale` (the smallest is 0). FLUX Fill works at 30.
 pub const GUIDANCE_SCALE_MAX: f64 = 30.0;
+/// Longest `prompt` and `negativePrompt`, in characters (Unicode scalar
+/// values). Far past what the text encoders read (CLIP 77 tokens, T5 at most
+/// 512), and low enough that both prompts always fit the 64 KiB EXIF segment
+/// that carries the `parameters` text in JPEG (4 UTF-16 bytes a character at
+/// worst).
+pub const PROMPT_MAX_CHARS: usize = 6000;
 /// Allowed images per definition.
 pub const BATCH_SIZE_RANGE: RangeInclusive<u32> = 1..=4;
 /// Allowed `outputQuality` for the lossy formats.
@@ -382,6 +388,21 @@ impl GenerationParams {
                 ),
             );
         }
+        for (field, text) in [
+            ("prompt", Some(&self.prompt)),
+            ("negativePrompt", self.negative_prompt.as_ref()),
+        ] {
+            let chars = text.map_or(0, |t| t.chars().count());
+            if chars > PROMPT_MAX_CHARS {
+                check(
+                    field,
+                    Err(format!(
+                        "{chars} characters is too long (at most {PROMPT_MAX_CHARS}; \
+                         the text encoders read far less)"
+                    )),
+                );
+            }
+        }
         if let Some(steps) = self.steps {
             check("steps", in_range(steps, &STEPS_RANGE));
         }
@@ -658,6 +679,23 @@ mod tests {
             ValidationError::new("width", "x").with_prefix("").field,
             "width"
         );
+    }
+
+    #[test]
+    fn prompts_longer_than_the_limit_are_named() {
+        let mut params = GenerationParams::new("a".repeat(PROMPT_MAX_CHARS));
+        assert!(params.validate_with(&ValidateOptions::default()).is_ok());
+        params.negative_prompt = Some("é".repeat(PROMPT_MAX_CHARS + 1));
+        let e = params
+            .validate_with(&ValidateOptions::default())
+            .unwrap_err();
+        assert_eq!(e.field, "negativePrompt");
+        assert!(e.to_string().contains("at most 6000"), "{e}");
+        params.prompt.push('b');
+        let e = params
+            .validate_with(&ValidateOptions::default())
+            .unwrap_err();
+        assert_eq!(e.field, "prompt");
     }
 
     #[test]

@@ -5,8 +5,8 @@
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use easel_core::params::{
-    BATCH_SIZE_RANGE, DEFAULT_SIZE_MULTIPLE, GUIDANCE_SCALE_MAX, OUTPUT_QUALITY_RANGE, SIZE_MAX,
-    SIZE_MIN, STEPS_RANGE,
+    BATCH_SIZE_RANGE, DEFAULT_SIZE_MULTIPLE, GUIDANCE_SCALE_MAX, OUTPUT_QUALITY_RANGE,
+    PROMPT_MAX_CHARS, SIZE_MAX, SIZE_MIN, STEPS_RANGE,
 };
 use easel_core::request::{
     ASPECT_RATIOS, LORA_SCALE_MAX, LORA_SCALE_MIN, MEGAPIXELS, WEBHOOK_EVENTS,
@@ -308,7 +308,8 @@ fn patch_images_request(schema: &mut Value) {
         json!({"type": ["string", "null"], "enum": e})
     };
     let p = &mut schema["properties"];
-    p["prompt"] = json!({"type": "string", "description": "What to draw."});
+    p["prompt"] =
+        json!({"type": "string", "maxLength": PROMPT_MAX_CHARS, "description": "What to draw."});
     p["n"] = json!({"type": ["integer", "null"], "minimum": 1, "maximum": 10,
         "description": "Images, 1..=10 (default 1)."});
     p["size"] = json!({"type": ["string", "null"], "pattern": "^(auto|[0-9]{1,4}[xX][0-9]{1,4})$",
@@ -341,6 +342,9 @@ pub fn patch_image_definition(schema: &mut Value) {
             }
         }
     };
+    for text in ["prompt", "negativePrompt"] {
+        set(&mut p[text], json!({"maxLength": PROMPT_MAX_CHARS}));
+    }
     set(
         &mut p["steps"],
         json!({"minimum": *STEPS_RANGE.start(), "maximum": *STEPS_RANGE.end()}),
