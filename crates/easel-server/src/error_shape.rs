@@ -51,7 +51,7 @@ fn default_message(status: StatusCode, method: &str, allow: Option<&str>) -> Str
     match status {
         StatusCode::METHOD_NOT_ALLOWED => format!(
             "method {method} is not allowed on this endpoint (allowed: {})",
-            allow.unwrap_or("see /openapi.json")
+            allow.unwrap_or("listed in the Allow header")
         ),
         StatusCode::PAYLOAD_TOO_LARGE => {
             "the request body is larger than this server accepts (max_body_bytes)".into()
