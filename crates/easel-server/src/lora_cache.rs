@@ -11,7 +11,7 @@
 //! into place, so a reader never sees a partial file. Only files that pass
 //! [`check_lora`] enter the cache.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -85,54 +85,15 @@ pub fn url_path(data_dir: &Path, url: &str) -> PathBuf {
         .join(format!("{hash}.safetensors"))
 }
 
-/// Largest safetensors header read when checking a file (bytes).
-const MAX_HEADER: u64 = 100 << 20;
-
-/// Check that `path` is a safetensors file (its header, per the safetensors
-/// format: an 8-byte little-endian length, then that much JSON) whose tensor
-/// names are LoRA weights (`lora_A`/`lora_B`, `lora_down`/`lora_up`,
-/// `lora.down`/`lora.up`). The engine checks the full layout when it loads it.
+/// Check that `path` is a LoRA file the engine can read: the engine's own
+/// header-only check ([`easel_diffusion::lora::check_lora_file`]: safetensors
+/// header, keys of a known LoRA layout, each module with its down and up
+/// matrix), so a file accepted here is one the worker will load.
 ///
 /// # Errors
 /// A message saying what is wrong with the file.
 pub fn check_lora(path: &Path) -> Result<(), String> {
-    let mut file = std::fs::File::open(path).map_err(|e| format!("cannot read it: {e}"))?;
-    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len)
-        .map_err(|_| "not a safetensors file (too short)".to_string())?;
-    let n = u64::from_le_bytes(len);
-    if n == 0 || n > MAX_HEADER || n + 8 > size {
-        return Err("not a safetensors file (bad header length)".into());
-    }
-    let mut header = vec![0u8; n as usize];
-    file.read_exact(&mut header)
-        .map_err(|_| "not a safetensors file (truncated header)".to_string())?;
-    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
-        .map_err(|e| format!("not a safetensors file (header is not JSON: {e})"))?;
-    let names: Vec<&String> = map.keys().filter(|k| *k != "__metadata__").collect();
-    if names.is_empty() {
-        return Err("the safetensors file holds no tensors".into());
-    }
-    let lora_like = |k: &str| {
-        [
-            "lora_A",
-            "lora_B",
-            "lora_down",
-            "lora_up",
-            "lora.down",
-            "lora.up",
-            ".alpha",
-        ]
-        .iter()
-        .any(|p| k.contains(p))
-    };
-    if let Some(bad) = names.iter().find(|k| !lora_like(k)) {
-        return Err(format!(
-            "not a LoRA: tensor `{bad}` is not a LoRA weight (lora_A/lora_B or lora_down/lora_up)"
-        ));
-    }
-    Ok(())
+    easel_diffusion::lora::check_lora_file(path).map_err(|e| crate::checks::engine_message(&e))
 }
 
 /// Why a download did not give a usable LoRA.
