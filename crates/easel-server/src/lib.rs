@@ -178,7 +178,9 @@ impl AppState {
         let assets = FileStore::open(config.data_dir.join("assets"))?;
         let trainings = FileStore::open(config.data_dir.join("trainings"))?;
         let known = store.known_hashes().await?;
-        let removed = assets.sweep(&known) + trainings.sweep(&known);
+        let removed = assets.sweep(&known)
+            + trainings.sweep(&known)
+            + lora_cache::sweep_partial(&config.data_dir);
         if removed > 0 {
             tracing::warn!("removed {removed} orphan or partial files from the data dir");
         }

@@ -134,6 +134,27 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
+/// Name prefix of the files a download writes before it renames them into
+/// place; any left in the cache folder are from a process that died mid-download.
+const PARTIAL_PREFIX: &str = ".partial-";
+
+/// Remove what downloads interrupted by a crash left in the LoRA cache
+/// (files named [`PARTIAL_PREFIX`]`*` directly in [`cache_dir`]); returns how
+/// many were removed. Call at start, before any download runs.
+pub fn sweep_partial(data_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(cache_dir(data_dir)) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name().to_string_lossy().starts_with(PARTIAL_PREFIX)
+                && e.file_type().is_ok_and(|t| t.is_file())
+        })
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
 /// Download `url` (resolved) into the cache unless it is there, check it,
 /// and return its cache path ([`url_path`]). Blocking: run it off the async
 /// runtime.
@@ -155,7 +176,10 @@ pub fn download(
     let blobs = dir.join("blobs");
     std::fs::create_dir_all(&blobs).map_err(DownloadError::Io)?;
     std::fs::create_dir_all(dir.join("urls")).map_err(DownloadError::Io)?;
-    let temp = tempfile::NamedTempFile::new_in(&dir).map_err(DownloadError::Io)?;
+    let temp = tempfile::Builder::new()
+        .prefix(PARTIAL_PREFIX)
+        .tempfile_in(&dir)
+        .map_err(DownloadError::Io)?;
     let mut writer = Hashing {
         inner: std::io::BufWriter::new(temp.as_file()),
         hasher: blake3::Hasher::new(),
@@ -174,7 +198,7 @@ pub fn download(
             .map_err(|e| DownloadError::Io(e.error))?;
     }
     // Link the URL's name to the blob atomically: link (or copy) beside it, then rename.
-    let staged = dir.join(format!(".link-{}", uuid::Uuid::new_v4()));
+    let staged = dir.join(format!("{PARTIAL_PREFIX}link-{}", uuid::Uuid::new_v4()));
     if std::fs::hard_link(&blob, &staged).is_err() {
         std::fs::copy(&blob, &staged).map_err(DownloadError::Io)?;
     }
@@ -188,6 +212,21 @@ pub fn download(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sweep_removes_only_partial_downloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache_dir(dir.path());
+        std::fs::create_dir_all(cache.join("blobs")).unwrap();
+        std::fs::write(cache.join(".partial-abc"), b"half a file").unwrap();
+        std::fs::write(cache.join(".partial-link-1"), b"x").unwrap();
+        std::fs::write(cache.join("blobs/keep.safetensors"), b"x").unwrap();
+        assert_eq!(sweep_partial(dir.path()), 2);
+        assert!(!cache.join(".partial-abc").exists());
+        assert!(cache.join("blobs/keep.safetensors").is_file());
+        assert_eq!(sweep_partial(dir.path()), 0);
+        assert_eq!(sweep_partial(&dir.path().join("none")), 0);
+    }
 
     #[test]
     fn urls_and_repo_ids_resolve() {
