@@ -125,7 +125,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         .min_by_key(|r| r.total)
         .expect("at least one run");
     // FLUX embeds the guidance scale: one transformer pass per step.
-    let guided = guidance_scale > 1.0 && !model.pipeline.is_flux();
+    let guided = guidance_scale > 1.0 && model.pipeline.family().takes_negative_prompt();
     println!(
         "model: {} ({}), {}x{}, {} steps, batch {}, guidance {} ({} {} pass{} per step), device cpu, f32",
         args.model,

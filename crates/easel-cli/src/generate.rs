@@ -158,12 +158,6 @@ fn load_resolved(dir: ModelDir, start: Instant, random_weights: bool) -> Result<
     })
 }
 
-/// Whether a `model_index.json` pipeline class is a FLUX.1 pipeline (sizes in
-/// multiples of 16).
-fn is_flux_class(class: &str) -> bool {
-    class.starts_with("Flux")
-}
-
 /// FLUX sizes: `value` rounded to the nearest multiple of 16, with a notice
 /// on stderr (unless `quiet`) when it changes.
 fn round_flux_size(field: &str, value: u32, quiet: bool) -> u32 {
@@ -332,7 +326,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
 
     let load_start = Instant::now();
     let dir = resolve(&args.model, args.offline)?;
-    let flux = is_flux_class(dir.pipeline_class());
+    let flux = dir.family().is_some_and(|f| f.size_multiple() == 16);
     let quiet = args.json;
     // FLUX rounds sizes to multiples of 16 (with a notice); the other
     // families take multiples of 8 and refuse anything else.

@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use easel_diffusion::loader::ModelDir;
+use easel_diffusion::loader::{ModelDir, ModelFamily};
 use easel_diffusion::lora::LoraSpec;
 use easel_diffusion::noise::RecordedNoise;
 use easel_diffusion::pipelines::{
@@ -319,7 +319,10 @@ fn flux_defaults_follow_the_model() {
     ] {
         let p = load(name);
         assert_eq!(p.class_name(), class, "{name}");
-        assert!(p.is_flux(), "{name}");
+        assert!(
+            matches!(p.family(), ModelFamily::Flux | ModelFamily::FluxFill),
+            "{name}"
+        );
         assert_eq!(p.default_steps(), steps, "{name}");
         assert_eq!(p.default_guidance_scale(), guidance, "{name}");
         assert_eq!(p.default_strength(), strength, "{name}");

@@ -1,10 +1,10 @@
 //! The engine's own rules, applied before a job is accepted.
 //!
 //! Everything the worker would refuse and that can be known from the
-//! request, the model's pipeline class and its config files is checked here,
+//! request, the model's family and its config files is checked here,
 //! by calling the same engine functions the pipelines call when they run
-//! (`easel_diffusion`): the inputs a pipeline class takes
-//! ([`easel_diffusion::pipelines::check_inputs_for_class`]), the mask's
+//! (`easel_diffusion`): the inputs a model family takes
+//! ([`easel_diffusion::pipelines::check_inputs_for_family`]), the mask's
 //! aspect ratio ([`easel_diffusion::image_processor::check_mask_shape`]),
 //! whether `strength` leaves a denoising step
 //! ([`easel_diffusion::pipelines::init_image::strength_start_step`]), the
@@ -16,6 +16,7 @@
 use std::path::{Path, PathBuf};
 
 use easel_core::ImageDefinition;
+use easel_diffusion::loader::ModelFamily;
 use easel_diffusion::pipelines::init_image::{strength_start_step, StrengthRule};
 use easel_diffusion::schedulers::{self, SchedulerFamily};
 use serde_json::{Map, Value};
@@ -40,7 +41,7 @@ fn invalid(field: String, e: &easel_diffusion::Error) -> ApiError {
 
 /// The scheduler family of `model`: from its `scheduler/scheduler_config.json`
 /// when the model is a local folder (the config the worker will read), else
-/// from its pipeline class; `None` when neither says (the fake engine, or a
+/// from its model family; `None` when neither says (the fake engine, or a
 /// repo not downloaded yet).
 fn model_family(model: &ModelSpec) -> Option<(SchedulerFamily, String)> {
     let config_path = Path::new(&model.load).join("scheduler/scheduler_config.json");
@@ -54,8 +55,9 @@ fn model_family(model: &ModelSpec) -> Option<(SchedulerFamily, String)> {
             return Some((schedulers::config_family(&config), label));
         }
     }
-    let class = model.pipeline_class.as_deref()?;
-    schedulers::pipeline_family(class).map(|f| (f, class.to_string()))
+    let family = model.family()?;
+    let class = model.pipeline_class.clone().unwrap_or_default();
+    Some((family.scheduler_family(), class))
 }
 
 /// Check `scheduler` (a name the request gives) against `model`'s family.
@@ -76,9 +78,9 @@ pub fn check_scheduler(
 }
 
 /// Check a merged image definition against its model, given whether it has
-/// an init image and a mask: the pipeline class must take those inputs, and
-/// `strength` must leave a denoising step with the model's rule and steps
-/// (the definition's `steps`, else the class's default). `field` turns a
+/// an init image and a mask: the model family must take those inputs, and
+/// `strength` must leave a denoising step with the family's rule and steps
+/// (the definition's `steps`, else the family's default). `field` turns a
 /// field name into its path. (`strength` without `image` is refused by
 /// [`ImageDefinition::validate`].)
 ///
@@ -91,28 +93,27 @@ pub fn check_definition(
     has_mask: bool,
     field: &dyn Fn(&str) -> String,
 ) -> Result<(), ApiError> {
-    let class = model.pipeline_class.as_deref().unwrap_or_default();
-    easel_diffusion::pipelines::check_inputs_for_class(class, has_image, has_mask).map_err(
+    let family = model.family();
+    easel_diffusion::pipelines::check_inputs_for_family(family, has_image, has_mask).map_err(
         |e| match &e {
             easel_diffusion::Error::InvalidArgument { field: f, .. } => invalid(field(f), &e),
             _ => invalid(field("baseModel"), &e),
         },
     )?;
     if has_image {
-        let default_strength = if class == "FluxFillPipeline" {
-            1.0
-        } else {
-            easel_core::request::DEFAULT_STRENGTH
-        };
+        let default_strength = family.map_or(
+            easel_core::request::DEFAULT_STRENGTH,
+            ModelFamily::default_strength,
+        );
         let strength = def.strength.unwrap_or(default_strength);
         // Unknown classes (the fake engine) get the rule that refuses only
         // what every pipeline refuses (strength 0).
-        let rule = StrengthRule::of_pipeline_class(class).unwrap_or(StrengthRule::Fractional);
+        let rule = family.map_or(StrengthRule::Fractional, ModelFamily::strength_rule);
         // FLUX without steps: its rule does not depend on them.
         let steps = def
             .steps
             .map(|s| s as usize)
-            .or_else(|| easel_diffusion::pipelines::class_default_steps(class))
+            .or_else(|| family.and_then(ModelFamily::default_steps))
             .unwrap_or(*easel_core::params::STEPS_RANGE.end() as usize);
         strength_start_step(rule, steps, strength).map_err(|e| {
             let f = if def.strength.is_some() {
@@ -262,7 +263,7 @@ pub fn check_flow_request(registry: &ModelRegistry, parameters: &Value) -> Resul
         let model = registry
             .resolve(&reference)
             .map_err(|e| crate::submit::model_error(e, field("baseModel")))?;
-        let multiple = ModelRegistry::size_multiple(model.pipeline_class.as_deref());
+        let multiple = ModelRegistry::size_multiple(model.family());
         def.validate(&options.size_multiple(multiple))?;
         if let Some(name) = &def.scheduler {
             check_scheduler(name, Some(&model), field("scheduler"))?;

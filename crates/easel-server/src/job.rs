@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use easel_core::{ImageDefinition, OutputFormat, Precision};
+use easel_diffusion::loader::ModelFamily;
 use serde::{Deserialize, Serialize};
 
 /// The status of a generation job.
@@ -126,6 +127,17 @@ pub struct ModelSpec {
     pub load: String,
     /// `_class_name` of `model_index.json`, when known before loading.
     pub pipeline_class: Option<String>,
+}
+
+impl ModelSpec {
+    /// The model's family, as the engine's loader decides it from
+    /// [`Self::pipeline_class`]; `None` when the class is not known before
+    /// loading or is not one the engine loads (the fake engine's).
+    pub fn family(&self) -> Option<ModelFamily> {
+        self.pipeline_class
+            .as_deref()
+            .and_then(ModelFamily::from_class_name)
+    }
 }
 
 /// A LoRA adapter to apply, resolved to a file.

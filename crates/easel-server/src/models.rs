@@ -21,6 +21,7 @@ use easel_diffusion::loader::{list_local_models, resolve_model, ModelDir};
 use crate::config::{Config, EngineKind};
 use crate::engine::{resolve_options, FAKE_PIPELINE};
 use crate::job::ModelSpec;
+use easel_diffusion::loader::ModelFamily;
 
 /// Why a reference was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -305,12 +306,13 @@ impl ModelRegistry {
         }
     }
 
-    /// Width/height multiple for a pipeline class: 16 for FLUX, else 8.
-    pub fn size_multiple(pipeline_class: Option<&str>) -> u32 {
-        match pipeline_class {
-            Some(c) if c.contains("Flux") => easel_core::params::FLUX_SIZE_MULTIPLE,
-            _ => easel_core::params::DEFAULT_SIZE_MULTIPLE,
-        }
+    /// Width/height multiple for a model family (`ModelSpec::family`): the
+    /// family's (16 for FLUX), else 8 (an unknown class, the fake engine).
+    pub fn size_multiple(family: Option<ModelFamily>) -> u32 {
+        family.map_or(
+            easel_core::params::DEFAULT_SIZE_MULTIPLE,
+            ModelFamily::size_multiple,
+        )
     }
 
     /// Registry names and the models on disk, with `loaded` marking those

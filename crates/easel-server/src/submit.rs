@@ -248,7 +248,7 @@ pub async fn prepare(
                 spec
             }
         };
-        let multiple = ModelRegistry::size_multiple(model.pipeline_class.as_deref());
+        let multiple = ModelRegistry::size_multiple(model.family());
         def.validate(
             &ValidateOptions::default()
                 .size_multiple(multiple)

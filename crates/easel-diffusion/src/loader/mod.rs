@@ -18,12 +18,15 @@
 //! (`.bin`, `.ckpt`) files: a component with nothing else is an error.
 
 mod cache;
+mod family;
 mod hub;
 mod model_dir;
 mod weights;
 
 use std::path::{Path, PathBuf};
 
+pub(crate) use family::supported_class;
+pub use family::{MaskRule, ModelFamily, SUPPORTED_PIPELINES};
 pub use model_dir::{Component, ComponentKind, ModelDir, ModelSource};
 
 use crate::error::{Error, Result};

@@ -183,6 +183,12 @@ impl ModelDir {
         &self.pipeline_class
     }
 
+    /// The model's family, decided from [`Self::pipeline_class`]; `None`
+    /// for a class the engine does not load.
+    pub fn family(&self) -> Option<super::ModelFamily> {
+        super::ModelFamily::from_class_name(&self.pipeline_class)
+    }
+
     /// `_diffusers_version`, when the index records it.
     pub fn diffusers_version(&self) -> Option<&str> {
         self.diffusers_version.as_deref()

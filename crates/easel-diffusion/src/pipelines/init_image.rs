@@ -118,21 +118,6 @@ pub enum StrengthRule {
     Fractional,
 }
 
-impl StrengthRule {
-    /// The rule of a diffusers pipeline class (`Flux*` is
-    /// [`StrengthRule::Fractional`], `StableDiffusion*` [`StrengthRule::Floor`]);
-    /// `None` for a class this engine does not run.
-    pub fn of_pipeline_class(class: &str) -> Option<StrengthRule> {
-        if class.starts_with("Flux") {
-            Some(StrengthRule::Fractional)
-        } else if class.starts_with("StableDiffusion") {
-            Some(StrengthRule::Floor)
-        } else {
-            None
-        }
-    }
-}
-
 /// The index of the first of `steps` steps that runs for `strength` under
 /// `rule` (`t_start`; the scheduler's begin index is `t_start · order`).
 /// The pipelines call this when they run, and the server before it accepts

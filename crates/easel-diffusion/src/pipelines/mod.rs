@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::loader::ModelDir;
+use crate::loader::{MaskRule, ModelDir, ModelFamily};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::weights::{RandomSource, SafetensorsSource, TensorSource, Weights};
 use crate::noise::NoiseSource;
@@ -484,60 +484,40 @@ pub enum Pipeline {
     FluxFill(Box<flux::FluxFillPipeline>),
 }
 
-/// The pipeline classes [`load_pipeline`] accepts. The image-to-image and
-/// inpainting classes of Stable Diffusion load into the same pipelines as
-/// text-to-image: every SD pipeline runs all three tasks (an inpainting
-/// model, with a 9-channel UNet, runs inpainting only). `FluxPipeline` runs
-/// text-to-image and image-to-image, `FluxFillPipeline` inpainting.
-pub const SUPPORTED_PIPELINES: &[&str] = &[
-    "StableDiffusionPipeline",
-    "StableDiffusionImg2ImgPipeline",
-    "StableDiffusionInpaintPipeline",
-    "StableDiffusionXLPipeline",
-    "StableDiffusionXLImg2ImgPipeline",
-    "StableDiffusionXLInpaintPipeline",
-    "FluxPipeline",
-    "FluxFillPipeline",
-];
+/// The pipeline classes [`load_pipeline`] accepts (kept with the model
+/// families in the loader).
+pub use crate::loader::SUPPORTED_PIPELINES;
 
-/// The default number of steps of a pipeline class, as
-/// [`Pipeline::default_steps`] gives once loaded; `None` where it depends on
-/// the weights (`FluxPipeline`: 4 for schnell, 28 for dev) or the class is
-/// not one of [`SUPPORTED_PIPELINES`].
-pub fn class_default_steps(class: &str) -> Option<usize> {
-    match class {
-        "FluxFillPipeline" => Some(50),
-        "FluxPipeline" => None,
-        c if SUPPORTED_PIPELINES.contains(&c) => Some(25),
-        _ => None,
-    }
-}
-
-/// Check, before loading, that a model of pipeline class `class` can run a
-/// request with (`has_image`) an init image and (`has_mask`) a mask:
-/// `FluxPipeline` (schnell, dev) cannot inpaint, `FluxFillPipeline` only
+/// Check, before loading, that a model of `family` (`None`: a class the
+/// engine does not know, as the server's fake engine) can run a request with
+/// (`has_image`) an init image and (`has_mask`) a mask, by the family's
+/// [`MaskRule`]: FLUX.1 schnell / dev cannot inpaint, FLUX.1 Fill only
 /// inpaints (image and mask), and no pipeline takes a mask without an
 /// image. The pipelines refuse the same when they run.
 ///
 /// # Errors
 /// An invalid `mask` or `image`.
-pub fn check_inputs_for_class(class: &str, has_image: bool, has_mask: bool) -> Result<()> {
+pub fn check_inputs_for_family(
+    family: Option<ModelFamily>,
+    has_image: bool,
+    has_mask: bool,
+) -> Result<()> {
     if has_mask && !has_image {
         return Err(Error::invalid(
             "mask",
             "a mask needs an init image to repaint: give `image` too",
         ));
     }
-    match class {
-        "FluxPipeline" if has_mask => Err(Error::invalid(
+    match family.map(ModelFamily::mask_rule) {
+        Some(MaskRule::Refused) if has_mask => Err(Error::invalid(
             "mask",
             "FLUX.1 schnell / dev cannot inpaint; use a FLUX.1 Fill model (FluxFillPipeline)",
         )),
-        "FluxFillPipeline" if !has_image => Err(Error::invalid(
+        Some(MaskRule::Required) if !has_image => Err(Error::invalid(
             "image",
             "FLUX.1 Fill needs an image to inpaint (and a mask)",
         )),
-        "FluxFillPipeline" if !has_mask => Err(Error::invalid(
+        Some(MaskRule::Required) if !has_mask => Err(Error::invalid(
             "mask",
             "FLUX.1 Fill needs a mask (white repaints, black keeps)",
         )),
@@ -567,6 +547,16 @@ impl Pipeline {
             Pipeline::StableDiffusionXL(p) => p.class_name(),
             Pipeline::Flux(_) => "FluxPipeline",
             Pipeline::FluxFill(_) => "FluxFillPipeline",
+        }
+    }
+
+    /// The model's family (decided by the loader from `model_index.json`).
+    pub fn family(&self) -> ModelFamily {
+        match self {
+            Pipeline::StableDiffusion(_) => ModelFamily::StableDiffusion,
+            Pipeline::StableDiffusionXL(_) => ModelFamily::StableDiffusionXl,
+            Pipeline::Flux(_) => ModelFamily::Flux,
+            Pipeline::FluxFill(_) => ModelFamily::FluxFill,
         }
     }
 
@@ -624,43 +614,38 @@ impl Pipeline {
 
     /// The denoiser's name in reports (`UNet`, or `transformer` for FLUX).
     pub fn denoiser_name(&self) -> &'static str {
-        if self.is_flux() {
-            "transformer"
-        } else {
-            "UNet"
-        }
+        self.family().denoiser_name()
     }
 
-    /// The default number of denoising steps for this model: 25 for Stable
-    /// Diffusion; FLUX.1 schnell (the transformer without guidance
-    /// embedding) 4, dev 28, Fill 50 (diffusers' default).
+    /// The default number of denoising steps for this model: the family's
+    /// ([`ModelFamily::default_steps`]: Stable Diffusion 25, FLUX.1 Fill 50);
+    /// for `FluxPipeline` it depends on the model: schnell (the transformer
+    /// without guidance embedding) 4, dev 28.
     pub fn default_steps(&self) -> usize {
         match self {
             Pipeline::Flux(p) if !p.guidance_embeds() => 4,
             Pipeline::Flux(_) => 28,
-            Pipeline::FluxFill(_) => 50,
-            _ => 25,
+            _ => self.family().default_steps().unwrap_or(25),
         }
     }
 
-    /// The default guidance scale for this model: 7.5 for Stable Diffusion;
-    /// FLUX.1 schnell 0 (it has no guidance), dev 3.5, Fill 30.
+    /// The default guidance scale for this model: the family's
+    /// ([`ModelFamily::default_guidance_scale`]: Stable Diffusion 7.5,
+    /// FLUX.1 Fill 30); for `FluxPipeline` it depends on the model: schnell
+    /// 0 (it has no guidance), dev 3.5.
     pub fn default_guidance_scale(&self) -> f64 {
         match self {
             Pipeline::Flux(p) if !p.guidance_embeds() => 0.0,
             Pipeline::Flux(_) => 3.5,
-            Pipeline::FluxFill(_) => 30.0,
-            _ => 7.5,
+            _ => self.family().default_guidance_scale().unwrap_or(7.5),
         }
     }
 
     /// The default image-to-image / inpainting strength: [`DEFAULT_STRENGTH`]
-    /// (0.8), and 1.0 (the whole schedule) for FLUX.1 Fill, as diffusers.
+    /// (0.8), and 1.0 (the whole schedule) for FLUX.1 Fill, as diffusers
+    /// ([`ModelFamily::default_strength`]).
     pub fn default_strength(&self) -> f64 {
-        match self {
-            Pipeline::FluxFill(_) => 1.0,
-            _ => DEFAULT_STRENGTH,
-        }
+        self.family().default_strength()
     }
 
     /// The VAE scale factor (8).
@@ -673,19 +658,11 @@ impl Pipeline {
         }
     }
 
-    /// Width and height must be multiples of this: the VAE scale factor (8),
-    /// doubled for FLUX's 2x2 latent packing (16).
+    /// Width and height must be multiples of this: the VAE scale factor (8)
+    /// times the family's latent packing ([`ModelFamily::latent_packing`]:
+    /// doubled for FLUX's 2x2 latent packing, 16).
     pub fn size_multiple(&self) -> usize {
-        match self {
-            Pipeline::Flux(_) | Pipeline::FluxFill(_) => 2 * self.vae_scale_factor(),
-            _ => self.vae_scale_factor(),
-        }
-    }
-
-    /// Whether this is a FLUX.1 pipeline (sizes are rounded to multiples of
-    /// 16, no negative prompt, guidance is embedded).
-    pub fn is_flux(&self) -> bool {
-        matches!(self, Pipeline::Flux(_) | Pipeline::FluxFill(_))
+        self.family().latent_packing() * self.vae_scale_factor()
     }
 
     /// The model's own scheduler class (`_class_name` of its scheduler config).
@@ -709,23 +686,19 @@ impl Pipeline {
 /// missing component, or weights that don't fit the configs.
 pub fn load_pipeline(model: &ModelDir, device: &Device) -> Result<Pipeline> {
     let class = model.pipeline_class();
-    let known = SUPPORTED_PIPELINES.iter().find(|c| **c == class).copied();
-    match known {
-        Some(
-            c @ ("StableDiffusionPipeline"
-            | "StableDiffusionImg2ImgPipeline"
-            | "StableDiffusionInpaintPipeline"),
-        ) => Ok(Pipeline::StableDiffusion(Box::new(
-            stable_diffusion::StableDiffusionPipeline::load(model, device, c)?,
+    let supported = crate::loader::supported_class(class);
+    match supported.zip(model.family()) {
+        Some((class, ModelFamily::StableDiffusion)) => Ok(Pipeline::StableDiffusion(Box::new(
+            stable_diffusion::StableDiffusionPipeline::load(model, device, class)?,
         ))),
-        Some("FluxPipeline") => Ok(Pipeline::Flux(Box::new(flux::FluxPipeline::load(
+        Some((class, ModelFamily::StableDiffusionXl)) => Ok(Pipeline::StableDiffusionXL(Box::new(
+            stable_diffusion_xl::StableDiffusionXLPipeline::load(model, device, class)?,
+        ))),
+        Some((_, ModelFamily::Flux)) => Ok(Pipeline::Flux(Box::new(flux::FluxPipeline::load(
             model, device,
         )?))),
-        Some("FluxFillPipeline") => Ok(Pipeline::FluxFill(Box::new(flux::FluxFillPipeline::load(
-            model, device,
-        )?))),
-        Some(c) => Ok(Pipeline::StableDiffusionXL(Box::new(
-            stable_diffusion_xl::StableDiffusionXLPipeline::load(model, device, c)?,
+        Some((_, ModelFamily::FluxFill)) => Ok(Pipeline::FluxFill(Box::new(
+            flux::FluxFillPipeline::load(model, device)?,
         ))),
         None => Err(Error::config(
             "model_index.json",

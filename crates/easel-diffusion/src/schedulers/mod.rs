@@ -485,20 +485,6 @@ pub fn check_family(class: &str, model_scheduler_config: &Value) -> Result<()> {
     check_class_family(class, config_family(model_scheduler_config), model_class)
 }
 
-/// The scheduler family a diffusers pipeline class samples with:
-/// `Flux*Pipeline` classes are flow matching, `StableDiffusion*Pipeline`
-/// classes DDPM-style; `None` for a class this engine does not know (the
-/// check is then left to the worker, which reads the scheduler config).
-pub fn pipeline_family(pipeline_class: &str) -> Option<SchedulerFamily> {
-    if pipeline_class.starts_with("Flux") {
-        Some(SchedulerFamily::FlowMatch)
-    } else if pipeline_class.starts_with("StableDiffusion") {
-        Some(SchedulerFamily::Ddpm)
-    } else {
-        None
-    }
-}
-
 /// Check, before any model is loaded, that scheduler `name` (a short name,
 /// alias or diffusers class, see [`resolve_scheduler_name`]) can drive a
 /// model of `family`; `model_label` names the model's scheduler (or

@@ -1,0 +1,239 @@
+//! The model family: which kind of diffusers pipeline a model is, decided
+//! once from `model_index.json`'s `_class_name`, and the facts that follow
+//! from it. Callers outside the loader ask the family; they never test class
+//! names themselves.
+
+use crate::pipelines::init_image::StrengthRule;
+use crate::schedulers::SchedulerFamily;
+
+/// The pipeline classes the engine loads (`model_index.json`'s
+/// `_class_name`). The image-to-image and inpainting classes of Stable
+/// Diffusion load into the same pipelines as text-to-image: every SD pipeline
+/// runs all three tasks (an inpainting model, with a 9-channel UNet, runs
+/// inpainting only). `FluxPipeline` runs text-to-image and image-to-image,
+/// `FluxFillPipeline` inpainting.
+pub const SUPPORTED_PIPELINES: &[&str] = &[
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+    "FluxPipeline",
+    "FluxFillPipeline",
+];
+
+/// `class` as the `'static` entry of [`SUPPORTED_PIPELINES`] (the name a
+/// loaded pipeline reports); `None` for a class the engine does not load.
+pub(crate) fn supported_class(class: &str) -> Option<&'static str> {
+    SUPPORTED_PIPELINES.iter().copied().find(|c| *c == class)
+}
+
+/// A family of models that share one pipeline and its facts (size multiple,
+/// defaults, negative prompt, scheduler family, mask rule, LoRA targets).
+///
+/// Decided once, by the loader, from `model_index.json`'s `_class_name`
+/// ([`ModelFamily::from_class_name`]). Facts that differ between models of
+/// one family stay with the loaded model: FLUX.1 schnell vs dev is the
+/// transformer config's `guidance_embeds` (see `Pipeline::default_steps`),
+/// and whether an SD / SDXL model inpaints is its UNet's `in_channels`.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ModelFamily {
+    /// Stable Diffusion 1.x / 2.x: diffusers' `StableDiffusionPipeline`,
+    /// `StableDiffusionImg2ImgPipeline`, `StableDiffusionInpaintPipeline`.
+    StableDiffusion,
+    /// Stable Diffusion XL: diffusers' `StableDiffusionXLPipeline`,
+    /// `StableDiffusionXLImg2ImgPipeline`, `StableDiffusionXLInpaintPipeline`.
+    StableDiffusionXl,
+    /// FLUX.1 schnell / dev: diffusers' `FluxPipeline` (text-to-image and
+    /// image-to-image).
+    Flux,
+    /// FLUX.1 Fill: diffusers' `FluxFillPipeline` (inpainting only).
+    FluxFill,
+}
+
+/// Whether a family's pipeline takes a mask (inpainting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaskRule {
+    /// Never: `FluxPipeline` cannot inpaint.
+    Refused,
+    /// Always, with an init image: `FluxFillPipeline` only inpaints.
+    Required,
+    /// Optional: any SD / SDXL model inpaints with a mask (a 9-channel
+    /// inpainting UNet only inpaints, which the loaded pipeline checks).
+    Optional,
+}
+
+impl ModelFamily {
+    /// The family of a `model_index.json` `_class_name`; `None` for a class
+    /// the engine does not load (not one of [`SUPPORTED_PIPELINES`]). Only
+    /// the loader decides families from class names
+    /// ([`ModelDir::family`](crate::loader::ModelDir::family)); everything
+    /// else asks the family.
+    pub fn from_class_name(class: &str) -> Option<ModelFamily> {
+        match class {
+            "StableDiffusionPipeline"
+            | "StableDiffusionImg2ImgPipeline"
+            | "StableDiffusionInpaintPipeline" => Some(ModelFamily::StableDiffusion),
+            "StableDiffusionXLPipeline"
+            | "StableDiffusionXLImg2ImgPipeline"
+            | "StableDiffusionXLInpaintPipeline" => Some(ModelFamily::StableDiffusionXl),
+            "FluxPipeline" => Some(ModelFamily::Flux),
+            "FluxFillPipeline" => Some(ModelFamily::FluxFill),
+            _ => None,
+        }
+    }
+
+    /// Whether this is a FLUX.1 family (`FluxPipeline`, `FluxFillPipeline`);
+    /// callers ask for the fact they need instead.
+    fn is_flux(self) -> bool {
+        matches!(self, ModelFamily::Flux | ModelFamily::FluxFill)
+    }
+
+    /// How many VAE pixels per latent step a width or height must be a
+    /// multiple of, over the VAE scale factor: 2 for FLUX, which packs
+    /// 2x2 latent patches into its sequence (diffusers' `_pack_latents`),
+    /// else 1.
+    pub fn latent_packing(self) -> usize {
+        if self.is_flux() {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Width and height must be multiples of this, for a model with the
+    /// usual VAE scale factor of 8: 16 for FLUX (2x2 latent packing), else 8
+    /// (easel-core's `FLUX_SIZE_MULTIPLE` / `DEFAULT_SIZE_MULTIPLE`).
+    /// Used before a model is loaded; a loaded pipeline gives its own
+    /// (`Pipeline::size_multiple`: its VAE scale factor times
+    /// [`Self::latent_packing`]).
+    pub fn size_multiple(self) -> u32 {
+        if self.is_flux() {
+            16
+        } else {
+            8
+        }
+    }
+
+    /// The default number of denoising steps of the family: 25 for Stable
+    /// Diffusion (1.x, 2.x, XL), 50 for FLUX.1 Fill (diffusers' default);
+    /// `None` for `FluxPipeline`, where it depends on the model (schnell 4,
+    /// dev 28; see `Pipeline::default_steps`).
+    pub fn default_steps(self) -> Option<usize> {
+        match self {
+            ModelFamily::StableDiffusion | ModelFamily::StableDiffusionXl => Some(25),
+            ModelFamily::FluxFill => Some(50),
+            ModelFamily::Flux => None,
+        }
+    }
+
+    /// The default guidance scale of the family: 7.5 for Stable Diffusion,
+    /// 30 for FLUX.1 Fill (diffusers' defaults); `None` for `FluxPipeline`,
+    /// where it depends on the model (schnell 0, dev 3.5; see
+    /// `Pipeline::default_guidance_scale`).
+    pub fn default_guidance_scale(self) -> Option<f64> {
+        match self {
+            ModelFamily::StableDiffusion | ModelFamily::StableDiffusionXl => Some(7.5),
+            ModelFamily::FluxFill => Some(30.0),
+            ModelFamily::Flux => None,
+        }
+    }
+
+    /// The default image-to-image / inpainting strength: 1.0 (the whole
+    /// schedule) for FLUX.1 Fill, else 0.8 (`pipelines::DEFAULT_STRENGTH`),
+    /// as diffusers' pipelines.
+    pub fn default_strength(self) -> f64 {
+        match self {
+            ModelFamily::FluxFill => 1.0,
+            _ => crate::pipelines::DEFAULT_STRENGTH,
+        }
+    }
+
+    /// Whether the family takes a negative prompt and runs classifier-free
+    /// guidance (two denoiser passes per step when guidance > 1): Stable
+    /// Diffusion does; FLUX.1 embeds the guidance scale in the transformer
+    /// (one pass per step) and has no negative prompt.
+    pub fn takes_negative_prompt(self) -> bool {
+        !self.is_flux()
+    }
+
+    /// The scheduler family the pipeline samples with: flow matching for
+    /// FLUX, DDPM-style (epsilon / v-prediction) for Stable Diffusion.
+    pub fn scheduler_family(self) -> SchedulerFamily {
+        if self.is_flux() {
+            SchedulerFamily::FlowMatch
+        } else {
+            SchedulerFamily::Ddpm
+        }
+    }
+
+    /// How the pipeline shortens its schedule for image-to-image strength
+    /// (diffusers' `get_timesteps`): [`StrengthRule::Fractional`] for FLUX,
+    /// [`StrengthRule::Floor`] for Stable Diffusion.
+    pub fn strength_rule(self) -> StrengthRule {
+        if self.is_flux() {
+            StrengthRule::Fractional
+        } else {
+            StrengthRule::Floor
+        }
+    }
+
+    /// Whether the family takes a mask; see [`MaskRule`].
+    pub fn mask_rule(self) -> MaskRule {
+        match self {
+            ModelFamily::Flux => MaskRule::Refused,
+            ModelFamily::FluxFill => MaskRule::Required,
+            ModelFamily::StableDiffusion | ModelFamily::StableDiffusionXl => MaskRule::Optional,
+        }
+    }
+
+    /// The components LoRA adapters can target (their names in the model
+    /// folder and in diffusers / PEFT LoRA keys): SD `text_encoder`, `unet`;
+    /// SDXL also `text_encoder_2`; FLUX `text_encoder` (CLIP) and
+    /// `transformer`.
+    pub fn lora_components(self) -> &'static [&'static str] {
+        match self {
+            ModelFamily::StableDiffusion => &["text_encoder", "unet"],
+            ModelFamily::StableDiffusionXl => &["text_encoder", "text_encoder_2", "unet"],
+            ModelFamily::Flux | ModelFamily::FluxFill => &["text_encoder", "transformer"],
+        }
+    }
+
+    /// The denoiser's name in reports: `transformer` for FLUX, else `UNet`.
+    pub fn denoiser_name(self) -> &'static str {
+        if self.is_flux() {
+            "transformer"
+        } else {
+            "UNet"
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_supported_class_has_a_family() {
+        for class in SUPPORTED_PIPELINES {
+            assert!(ModelFamily::from_class_name(class).is_some(), "{class}");
+        }
+        assert_eq!(ModelFamily::from_class_name("FluxKontextPipeline"), None);
+        assert_eq!(ModelFamily::from_class_name(""), None);
+    }
+
+    #[test]
+    fn flux_facts() {
+        let flux = ModelFamily::from_class_name("FluxPipeline").unwrap();
+        assert_eq!(flux.size_multiple(), 16);
+        assert_eq!(flux.scheduler_family(), SchedulerFamily::FlowMatch);
+        assert!(!flux.takes_negative_prompt());
+        assert_eq!(flux.mask_rule(), MaskRule::Refused);
+        let sdxl = ModelFamily::from_class_name("StableDiffusionXLInpaintPipeline").unwrap();
+        assert_eq!(sdxl, ModelFamily::StableDiffusionXl);
+        assert_eq!(sdxl.size_multiple(), 8);
+        assert_eq!(sdxl.default_steps(), Some(25));
+    }
+}
