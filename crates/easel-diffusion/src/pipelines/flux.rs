@@ -29,7 +29,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::image_processor;
-use crate::loader::ModelDir;
+use crate::loader::{ModelDir, ModelFamily};
 use crate::lora::{LoraSpec, LoraState};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
@@ -143,16 +143,7 @@ impl FluxComponents {
         let tokenizer = ClipTokenizer::from_dir(model.component_dir("tokenizer")?)?;
         let te_cfg: ClipTextConfig = crate::models::read_config(&cfg("text_encoder")?)?;
         let lora = LoraState::new(
-            vec![
-                (
-                    "text_encoder".into(),
-                    super::component_source(model, "text_encoder")?,
-                ),
-                (
-                    "transformer".into(),
-                    super::component_source(model, "transformer")?,
-                ),
-            ],
+            super::lora_sources(model, ModelFamily::Flux)?,
             None,
             DType::F32,
             device,

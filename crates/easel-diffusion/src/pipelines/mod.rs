@@ -451,6 +451,19 @@ pub fn component_source(model: &ModelDir, component: &str) -> Result<Arc<dyn Ten
     })
 }
 
+/// The weights of the components LoRA adapters can target in a model of
+/// `family` ([`ModelFamily::lora_components`]), by name, for `LoraState`.
+pub(crate) fn lora_sources(
+    model: &ModelDir,
+    family: ModelFamily,
+) -> Result<Vec<(String, Arc<dyn TensorSource>)>> {
+    family
+        .lora_components()
+        .iter()
+        .map(|c| Ok((c.to_string(), component_source(model, c)?)))
+        .collect()
+}
+
 /// Open a component's weights (see [`component_source`]) as f32 on `device`.
 pub fn component_weights(model: &ModelDir, component: &str, device: &Device) -> Result<Weights> {
     Ok(Weights::new(

@@ -12,7 +12,7 @@ use super::{
     RunContext, StageTimings,
 };
 use crate::error::Result;
-use crate::loader::ModelDir;
+use crate::loader::{ModelDir, ModelFamily};
 use crate::lora::{LoraSpec, LoraState};
 use crate::models::autoencoder_kl::AutoencoderKL;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
@@ -46,13 +46,7 @@ impl StableDiffusionPipeline {
         let unet_config: UNet2DConditionConfig =
             crate::models::read_config(&model.component_dir("unet")?.join("config.json"))?;
         let lora = LoraState::new(
-            vec![
-                (
-                    "text_encoder".into(),
-                    super::component_source(model, "text_encoder")?,
-                ),
-                ("unet".into(), super::component_source(model, "unet")?),
-            ],
+            super::lora_sources(model, ModelFamily::StableDiffusion)?,
             unet_config.uniform_layers_per_block(),
             DType::F32,
             device,

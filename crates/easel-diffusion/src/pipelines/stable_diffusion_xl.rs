@@ -16,7 +16,7 @@ use super::{
     RunContext, StageTimings,
 };
 use crate::error::{Error, Result};
-use crate::loader::ModelDir;
+use crate::loader::{ModelDir, ModelFamily};
 use crate::lora::{LoraSpec, LoraState};
 use crate::models::autoencoder_kl::AutoencoderKL;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
@@ -69,17 +69,7 @@ impl StableDiffusionXLPipeline {
             ));
         }
         let lora = LoraState::new(
-            vec![
-                (
-                    "text_encoder".into(),
-                    super::component_source(model, "text_encoder")?,
-                ),
-                (
-                    "text_encoder_2".into(),
-                    super::component_source(model, "text_encoder_2")?,
-                ),
-                ("unet".into(), super::component_source(model, "unet")?),
-            ],
+            super::lora_sources(model, ModelFamily::StableDiffusionXl)?,
             unet_config.uniform_layers_per_block(),
             DType::F32,
             device,
