@@ -220,7 +220,7 @@ pub fn check_flow_request(registry: &ModelRegistry, parameters: &Value) -> Resul
     };
     let mut top = static_part(map);
     let images: Vec<Value> = match map.get("images") {
-        Some(Value::Array(items)) if !easel_flow::is_dynamic(&Value::Array(items.clone())) => items
+        Some(v @ Value::Array(items)) if !easel_flow::is_dynamic(v) => items
             .iter()
             .filter_map(|i| match i {
                 Value::Object(o) => Some(Value::Object(static_part(o))),

@@ -736,14 +736,7 @@ async fn list_runs(
     Path(id): Path<String>,
     crate::api::ApiQuery(query): crate::api::ApiQuery<RunsQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = query.limit.unwrap_or(20);
-    if !(1..=100).contains(&limit) {
-        return Err(ApiError::invalid(
-            "invalid_value",
-            "limit",
-            format!("{limit} is out of range (allowed: 1 to 100)"),
-        ));
-    }
+    let limit = crate::api::list_limit(query.limit, 20, 1..=100)?;
     let rows = state
         .store()
         .flow_runs(&principal.key_id, Some(&id), limit)

@@ -132,16 +132,6 @@ fn url_lora(state: &AppState, value: &str, scale: f64, field: &str) -> Result<Lo
     let url = crate::lora_cache::resolve_url(value)
         .map_err(|e| ApiError::invalid("invalid_value", field, e))?;
     let path = crate::lora_cache::url_path(&state.config().data_dir, &url);
-    if !path.is_file() && state.config().offline {
-        return Err(ApiError::invalid(
-            "invalid_value",
-            field,
-            format!(
-                "`{value}` is not in this server's LoRA cache and the server does not \
-                 download (offline = true)"
-            ),
-        ));
-    }
     if path.is_file() {
         crate::lora_cache::check_lora(&path).map_err(|e| {
             ApiError::invalid(
@@ -150,6 +140,15 @@ fn url_lora(state: &AppState, value: &str, scale: f64, field: &str) -> Result<Lo
                 format!("the cached file of `{value}` is not a usable LoRA: {e}"),
             )
         })?;
+    } else if state.config().offline {
+        return Err(ApiError::invalid(
+            "invalid_value",
+            field,
+            format!(
+                "`{value}` is not in this server's LoRA cache and the server does not \
+                 download (offline = true)"
+            ),
+        ));
     }
     Ok(LoraSpec {
         source: value.to_string(),
