@@ -298,8 +298,28 @@ fn check_lora_header(path: &Path, header: &[u8]) -> Result<()> {
     };
     let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header)
         .map_err(|e| not_safetensors(format!("the header is not a JSON object: {e}")))?;
+    check_lora_keys(
+        path,
+        header
+            .keys()
+            .filter(|k| *k != "__metadata__")
+            .map(String::as_str),
+    )
+}
+
+/// The key rules every LoRA file must pass, for [`LoraAdapter::open`] and the
+/// header-only checks alike: each key of a known layout (see the module
+/// docs), each module with both its down and its up matrix, and at least one
+/// module. Keys are checked in sorted order, so the first problem reported
+/// does not depend on the file's order.
+///
+/// # Errors
+/// An invalid `lora` value naming the key or module at fault.
+fn check_lora_keys<'a>(path: &Path, keys: impl Iterator<Item = &'a str>) -> Result<()> {
+    let mut keys: Vec<&str> = keys.collect();
+    keys.sort_unstable();
     let mut parts: BTreeMap<String, (bool, bool)> = BTreeMap::new();
-    for key in header.keys().filter(|k| *k != "__metadata__") {
+    for key in keys {
         let Some((stem, part)) = split_key(key) else {
             return Err(unknown_key(path, key));
         };
@@ -345,6 +365,8 @@ impl LoraAdapter {
                 format!("{}: not a readable safetensors file: {e}", path.display()),
             )
         })?;
+        // The key rules first, before any tensor is converted.
+        check_lora_keys(path, tensors.keys().map(String::as_str))?;
         let mut keys: Vec<&String> = tensors.keys().collect();
         keys.sort();
         let mut layers: BTreeMap<String, LoraLayer> = BTreeMap::new();
@@ -384,26 +406,6 @@ impl LoraAdapter {
             }
         }
         let layers: Vec<LoraLayer> = layers.into_values().collect();
-        for l in &layers {
-            if l.down.is_none() || l.up.is_none() {
-                return Err(Error::invalid(
-                    "lora",
-                    format!(
-                        "{}: `{}` has {} but no {} matrix",
-                        path.display(),
-                        l.key,
-                        if l.down.is_some() { "a down" } else { "an up" },
-                        if l.down.is_some() { "up" } else { "down" },
-                    ),
-                ));
-            }
-        }
-        if layers.is_empty() {
-            return Err(Error::invalid(
-                "lora",
-                format!("{}: no LoRA weights in the file", path.display()),
-            ));
-        }
         Ok(Self {
             path: path.to_path_buf(),
             layers,
