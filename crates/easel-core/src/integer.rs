@@ -118,18 +118,6 @@ where
     deserializer.deserialize_option(OptionVisitor(PhantomData))
 }
 
-/// As [`option`], for a required field.
-///
-/// # Errors
-/// As [`option`].
-pub fn required<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: TryFrom<u64>,
-{
-    deserializer.deserialize_any(IntegerVisitor(PhantomData))
-}
-
 #[cfg(test)]
 mod tests {
     use serde::Deserialize;

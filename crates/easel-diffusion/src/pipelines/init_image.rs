@@ -248,7 +248,7 @@ pub fn prepare_latents(
         Task::Inpaint => (request.image.as_ref(), request.mask.as_ref()),
     };
     let image = image.ok_or_else(|| Error::invalid("image", "missing"))?;
-    check_strength(request.strength)?;
+    // strength_begin_index checks the strength (range, and that a step runs).
     let begin = strength_begin_index(
         scheduler.as_mut(),
         request.num_inference_steps,
