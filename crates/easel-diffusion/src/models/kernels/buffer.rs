@@ -1,0 +1,120 @@
+//! f32 views of tensors for the kernels, and tensors from their outputs.
+
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Run `f` on the contiguous f32 data of `t` (copied to contiguous first if needed).
+///
+/// Errors: `t` is not an f32 CPU tensor.
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = if t.is_contiguous() {
+        t.clone()
+    } else {
+        t.contiguous()?
+    };
+    if t.dtype() != DType::F32 || !t.device().is_cpu() {
+        return Err(Error::invalid("kernel", "expected an f32 CPU tensor"));
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::invalid("kernel", "expected a CPU tensor"));
+    };
+    let data = cpu.as_slice::<f32>()?;
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::invalid("kernel", "tensor is not contiguous"))?;
+    Ok(f(&data[start..end]))
+}
+
+/// Whether the fast CPU kernels apply to `t` (an f32 tensor on the CPU).
+pub fn applies(t: &Tensor) -> bool {
+    t.dtype() == DType::F32 && t.device().is_cpu()
+}
+
+/// Whether `t` is a weight the fast kernels can read: a contiguous CPU
+/// tensor stored as f32, f16 or bf16 (see [`with_f32_weight`]).
+pub fn applies_weight(t: &Tensor) -> bool {
+    matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16)
+        && t.device().is_cpu()
+        && t.is_contiguous()
+}
+
+/// Elements widened per rayon task in [`with_f32_weight`].
+const WIDEN_CHUNK: usize = 1 << 16;
+
+/// Run `f` on the data of weight `t` as f32: in place for an f32 tensor,
+/// else widened from f16 / bf16 into a temporary buffer (exactly: every
+/// f16 and bf16 value is an f32 value), in parallel chunks with F16C where
+/// the CPU has it (`half`'s slice conversion). Weights stay in memory in
+/// their stored precision, half the bytes of f32, and only one layer's
+/// weight is widened at a time.
+///
+/// Errors: `t` is not a contiguous f32 / f16 / bf16 CPU tensor.
+pub fn with_f32_weight<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    use half::slice::HalfFloatSliceExt;
+    if t.dtype() == DType::F32 {
+        return with_f32(t, f);
+    }
+    if !applies_weight(t) {
+        return Err(Error::invalid(
+            "kernel",
+            "expected a contiguous f32, f16 or bf16 CPU weight",
+        ));
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::invalid("kernel", "expected a CPU tensor"));
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::invalid("kernel", "tensor is not contiguous"))?;
+    fn widen<T: Sync>(data: &[T]) -> Vec<f32>
+    where
+        [T]: HalfFloatSliceExt,
+    {
+        let mut wide = vec![0f32; data.len()];
+        wide.par_chunks_mut(WIDEN_CHUNK)
+            .zip(data.par_chunks(WIDEN_CHUNK))
+            .for_each(|(dst, src)| src.convert_to_f32_slice(dst));
+        wide
+    }
+    let wide = match t.dtype() {
+        DType::F16 => widen(&cpu.as_slice::<half::f16>()?[start..end]),
+        _ => widen(&cpu.as_slice::<half::bf16>()?[start..end]),
+    };
+    Ok(f(&wide))
+}
+
+/// Wrap a buffer as a CPU tensor of `shape`.
+pub fn tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::randn;
+    use super::*;
+
+    /// Half-precision weights widen exactly (also across widening chunks).
+    #[test]
+    fn half_weights_widen_exactly() {
+        let w = randn(&[3, WIDEN_CHUNK + 17], 5);
+        for dtype in [DType::F16, DType::BF16] {
+            let stored = w.to_dtype(dtype).unwrap();
+            let want = stored
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let got = with_f32_weight(&stored, <[f32]>::to_vec).unwrap();
+            assert_eq!(got, want, "{dtype:?}");
+        }
+        let strided = w.to_dtype(DType::F16).unwrap().t().unwrap();
+        assert!(!strided.is_contiguous());
+        assert!(with_f32_weight(&strided, |_| ()).is_err());
+    }
+}

@@ -1,0 +1,66 @@
+//! The engine's own CPU kernels for the operations that dominate diffusion
+//! models: 3×3 convolution by Winograd F(2×2, 3×3) or as nine shifted
+//! matrix products (reading PyTorch's weight layout in place), group norm
+//! fused with SiLU, and attention computed block by block without
+//! materialising the full score matrix, its softmax on a vectorised `exp`. Matrix products go through the `gemm` crate (runtime
+//! dispatch to AVX2/AVX-512/NEON micro-kernels); everything around them
+//! (layout, padding, softmax, normalisation) is ours.
+//!
+//! All functions take and return contiguous row-major f32 buffers; shapes
+//! are given explicitly. Results equal PyTorch's within float32 rounding.
+//!
+//! Layout: `buffer` gives the kernels f32 views of tensors, `matmul` the
+//! matrix products (`linear`), `conv` the 3×3 (direct and Winograd) and
+//! 1×1 convolutions, `norm` group norm, `attention` blocked attention and
+//! its softmax. Every kernel is re-exported here.
+
+mod attention;
+mod buffer;
+mod conv;
+mod matmul;
+mod norm;
+
+pub use attention::{attention, exp_f32};
+pub use buffer::{applies, applies_weight, tensor, with_f32, with_f32_weight};
+pub use conv::{
+    conv1x1, conv3x3_prefers_winograd, conv3x3_same, conv3x3_winograd, winograd_filter,
+    with_conv3x3_kernel, Conv3x3Kernel, WINOGRAD_MIN_CHANNELS,
+};
+pub use matmul::linear;
+pub use norm::group_norm;
+
+/// Threads the kernels use (rayon's pool, sized by `RAYON_NUM_THREADS` or the core count).
+pub fn num_threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+fn parallelism() -> gemm::Parallelism {
+    match num_threads() {
+        1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+#[cfg(test)]
+mod testing {
+    use candle_core::{Device, Tensor};
+
+    pub fn randn(shape: &[usize], seed: u64) -> Tensor {
+        crate::noise::TorchGenerator::new(seed)
+            .randn_tensor(shape, &Device::Cpu)
+            .unwrap()
+    }
+
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+}
