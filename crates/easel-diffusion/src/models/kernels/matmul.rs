@@ -9,6 +9,7 @@ use super::parallelism;
 /// The pointers must be valid for the given shapes and strides, and `dst`
 /// must not alias `a` or `b`.
 #[allow(clippy::too_many_arguments)]
+#[inline]
 pub(super) unsafe fn matmul(
     m: usize,
     n: usize,

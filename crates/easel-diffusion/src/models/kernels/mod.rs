@@ -34,6 +34,7 @@ pub fn num_threads() -> usize {
     rayon::current_num_threads().max(1)
 }
 
+#[inline]
 fn parallelism() -> gemm::Parallelism {
     match num_threads() {
         1 => gemm::Parallelism::None,
