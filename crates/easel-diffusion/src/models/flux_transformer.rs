@@ -22,8 +22,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 
+use super::embeddings::timestep_embedding;
 use super::layers::{merge_heads, scaled_dot_product_attention, split_heads, Activation, Linear};
-use super::unet_2d_condition::timestep_embedding;
 use super::weights::Weights;
 use crate::error::{Error, Result};
 

@@ -5,10 +5,12 @@
 pub mod autoencoder_kl;
 pub mod blocks;
 pub mod clip_text;
+pub mod embeddings;
 pub mod flux_transformer;
 pub mod kernels;
 pub mod layers;
 pub mod t5;
+mod unet_2d_blocks;
 pub mod unet_2d_condition;
 pub mod weights;
 

@@ -12,13 +12,16 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::blocks::{
     Downsample2D, ResnetBlock2D, ResnetConfig, Transformer2D, Transformer2DConfig, Upsample2D,
 };
-use super::layers::{group_norm_act, Activation, Conv2d, GroupNorm, Linear};
+pub use super::embeddings::timestep_embedding;
+use super::embeddings::TimestepEmbedding;
+use super::layers::{group_norm_act, Activation, Conv2d, GroupNorm};
+use super::unet_2d_blocks::{DownBlock, MidBlock, UpBlock};
 use super::weights::Weights;
 use crate::error::{Error, Result};
 
@@ -288,158 +291,6 @@ impl UNet2DConditionConfig {
             ));
         }
         Ok(())
-    }
-}
-
-/// Sinusoidal timestep embedding (`get_timestep_embedding` in diffusers,
-/// after "Attention Is All You Need"), computed in f32 as PyTorch does so
-/// the phases of large timesteps round the same way.
-///
-/// `timesteps`: one value per batch row → `(batch, dim)`.
-pub fn timestep_embedding(
-    timesteps: &[f64],
-    dim: usize,
-    flip_sin_to_cos: bool,
-    downscale_freq_shift: f64,
-    device: &Device,
-) -> Result<Tensor> {
-    let half = dim / 2;
-    let ln_max = -(10000f64.ln()) as f32;
-    let denom = (half as f64 - downscale_freq_shift) as f32;
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| ((ln_max * i as f32) / denom).exp())
-        .collect();
-    let mut data = Vec::with_capacity(timesteps.len() * dim);
-    for &t in timesteps {
-        let t = t as f32;
-        let args: Vec<f32> = freqs.iter().map(|f| t * f).collect();
-        let (first, second): (Vec<f32>, Vec<f32>) = if flip_sin_to_cos {
-            (
-                args.iter().map(|a| a.cos()).collect(),
-                args.iter().map(|a| a.sin()).collect(),
-            )
-        } else {
-            (
-                args.iter().map(|a| a.sin()).collect(),
-                args.iter().map(|a| a.cos()).collect(),
-            )
-        };
-        data.extend(first);
-        data.extend(second);
-        if dim % 2 == 1 {
-            data.push(0.0);
-        }
-    }
-    Ok(Tensor::from_vec(data, (timesteps.len(), dim), device)?)
-}
-
-/// `TimestepEmbedding`: `linear_2(act(linear_1(x)))`.
-struct TimestepEmbedding {
-    linear_1: Linear,
-    linear_2: Linear,
-    act: Activation,
-}
-
-impl TimestepEmbedding {
-    fn load(w: &Weights, in_dim: usize, out_dim: usize, act: Activation) -> Result<Self> {
-        Ok(Self {
-            linear_1: Linear::load(&w.pp("linear_1"), in_dim, out_dim, true)?,
-            linear_2: Linear::load(&w.pp("linear_2"), out_dim, out_dim, true)?,
-            act,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.linear_2
-            .forward(&self.act.forward(&self.linear_1.forward(x)?)?)
-    }
-}
-
-/// A down block: resnets (each optionally followed by a transformer) and an
-/// optional down-sampler (`DownBlock2D` / `CrossAttnDownBlock2D`).
-struct DownBlock {
-    resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<Transformer2D>,
-    downsampler: Option<Downsample2D>,
-}
-
-impl DownBlock {
-    /// Returns the output and the skip connections it contributes.
-    fn forward(
-        &self,
-        x: &Tensor,
-        temb: &Tensor,
-        context: &Tensor,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
-        let mut h = x.clone();
-        let mut skips = Vec::with_capacity(self.resnets.len() + 1);
-        for (i, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, Some(temb))?;
-            if let Some(attn) = self.attentions.get(i) {
-                h = attn.forward(&h, context)?;
-            }
-            skips.push(h.clone());
-        }
-        if let Some(down) = &self.downsampler {
-            h = down.forward(&h)?;
-            skips.push(h.clone());
-        }
-        Ok((h, skips))
-    }
-}
-
-/// An up block: resnets over the concatenation with the skip connections
-/// (each optionally followed by a transformer) and an optional up-sampler.
-struct UpBlock {
-    resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<Transformer2D>,
-    upsampler: Option<Upsample2D>,
-}
-
-impl UpBlock {
-    fn forward(
-        &self,
-        x: &Tensor,
-        skips: &mut Vec<Tensor>,
-        temb: &Tensor,
-        context: &Tensor,
-        upsample_size: Option<(usize, usize)>,
-    ) -> Result<Tensor> {
-        let mut h = x.clone();
-        for (i, resnet) in self.resnets.iter().enumerate() {
-            let skip = skips
-                .pop()
-                .ok_or_else(|| Error::config("unet", "ran out of skip connections"))?;
-            h = Tensor::cat(&[&h, &skip], 1)?;
-            h = resnet.forward(&h, Some(temb))?;
-            if let Some(attn) = self.attentions.get(i) {
-                h = attn.forward(&h, context)?;
-            }
-        }
-        if let Some(up) = &self.upsampler {
-            h = up.forward(&h, upsample_size)?;
-        }
-        Ok(h)
-    }
-}
-
-/// The mid block (`UNetMidBlock2DCrossAttn`: resnet, then transformer +
-/// resnet pairs; or `UNetMidBlock2D` without attention).
-struct MidBlock {
-    first: ResnetBlock2D,
-    rest: Vec<(Option<Transformer2D>, ResnetBlock2D)>,
-}
-
-impl MidBlock {
-    fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let mut h = self.first.forward(x, Some(temb))?;
-        for (attn, resnet) in &self.rest {
-            if let Some(attn) = attn {
-                h = attn.forward(&h, context)?;
-            }
-            h = resnet.forward(&h, Some(temb))?;
-        }
-        Ok(h)
     }
 }
 
