@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::run::{RunStatus, StepStatus};
+use crate::status::{RunStatus, StepStatus};
 
 /// Receives events as a run makes progress. Called on the thread that
 /// runs the flow; keep it quick (send to a channel, append to a log).

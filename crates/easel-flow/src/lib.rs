@@ -101,6 +101,7 @@ pub mod path;
 pub mod resolve;
 pub mod run;
 pub mod schema;
+pub mod status;
 pub mod step;
 pub mod steps;
 pub mod validate;
@@ -108,10 +109,8 @@ pub mod validate;
 pub use document::{FlowDocument, OnFailure, StepSpec};
 pub use error::{FlowError, ParamError, ParamPath, ValidationError, ValidationErrors};
 pub use event::{EventSink, FlowEvent};
-pub use run::{
-    Checkpoint, ErrorRecord, FlowRun, FlowRunner, RunError, RunOptions, RunStatus, StepRun,
-    StepStatus,
-};
+pub use run::{Checkpoint, ErrorRecord, FlowRun, FlowRunner, RunError, RunOptions, StepRun};
+pub use status::{RunStatus, StepStatus};
 pub use step::{is_dynamic, CancelToken, Step, StepContext, StepError, StepOutput, StepRegistry};
 pub use steps::{
     AssetRecord, ChatConfig, Constant, ImageBackend, ImageGenerator, ImageJobResult, List,

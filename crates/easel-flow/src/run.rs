@@ -1,5 +1,6 @@
-//! Running flows: [`FlowRunner`], the run record ([`FlowRun`], [`StepRun`])
-//! and its statuses.
+//! Running flows: [`FlowRunner`] and the run record ([`FlowRun`],
+//! [`StepRun`]). The statuses ([`RunStatus`], [`StepStatus`]) live in
+//! [`crate::status`], which the events use too; they are re-exported here.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,57 +14,9 @@ use crate::document::{FlowDocument, OnFailure};
 use crate::error::{FlowError, ValidationError, ValidationErrors};
 use crate::event::{EventSink, FlowEvent};
 use crate::resolve::{resolve_parameters, scope};
+pub use crate::status::{RunStatus, StepStatus};
 use crate::step::{CancelToken, StepContext, StepError, StepOutput, StepRegistry};
 use crate::validate::validate_flow;
-
-/// Where a step is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StepStatus {
-    /// Not started yet.
-    Pending,
-    /// Running now.
-    Running,
-    /// Produced a result.
-    Succeeded,
-    /// Failed; `error` says why (and with `onFailure: continue`, `result`
-    /// holds `{ "error": { "message": ... } }`).
-    Failed,
-    /// Not run because an earlier step failed with `onFailure: terminate`.
-    Skipped,
-    /// Stopped, or never started, because the run was canceled.
-    Canceled,
-}
-
-impl StepStatus {
-    /// True once the step will not change any more.
-    pub fn is_terminal(self) -> bool {
-        !matches!(self, Self::Pending | Self::Running)
-    }
-}
-
-/// Where a run is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RunStatus {
-    /// Validated, not started.
-    Pending,
-    /// Executing.
-    Running,
-    /// Every step ran; some may have failed with `onFailure: continue`.
-    Succeeded,
-    /// A step with `onFailure: terminate` failed; `error` names it.
-    Failed,
-    /// Canceled through the [`CancelToken`].
-    Canceled,
-}
-
-impl RunStatus {
-    /// True once the run will not change any more.
-    pub fn is_terminal(self) -> bool {
-        !matches!(self, Self::Pending | Self::Running)
-    }
-}
 
 /// An error message, as recorded (`{ "message": ... }`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
