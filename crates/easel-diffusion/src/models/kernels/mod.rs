@@ -2,9 +2,10 @@
 //! models: 3×3 convolution by Winograd F(2×2, 3×3) or as nine shifted
 //! matrix products (reading PyTorch's weight layout in place), group norm
 //! fused with SiLU, and attention computed block by block without
-//! materialising the full score matrix, its softmax on a vectorised `exp`. Matrix products go through the `gemm` crate (runtime
-//! dispatch to AVX2/AVX-512/NEON micro-kernels); everything around them
-//! (layout, padding, softmax, normalisation) is ours.
+//! materialising the full score matrix, its softmax on a vectorised `exp`.
+//! Matrix products go through the `gemm` crate (runtime dispatch to
+//! AVX2/AVX-512/NEON micro-kernels); everything around them (layout,
+//! padding, softmax, normalisation) is ours.
 //!
 //! All functions take and return contiguous row-major f32 buffers; shapes
 //! are given explicitly. Results equal PyTorch's within float32 rounding.
@@ -34,6 +35,8 @@ pub fn num_threads() -> usize {
     rayon::current_num_threads().max(1)
 }
 
+/// How the `gemm` crate may split a product: over rayon's pool, or not at
+/// all when it has one thread.
 #[inline]
 fn parallelism() -> gemm::Parallelism {
     match num_threads() {
@@ -42,16 +45,19 @@ fn parallelism() -> gemm::Parallelism {
     }
 }
 
+/// Helpers the kernels' tests share.
 #[cfg(test)]
 mod testing {
     use candle_core::{Device, Tensor};
 
+    /// Standard normal values of `shape`, torch-compatible for `seed`.
     pub fn randn(shape: &[usize], seed: u64) -> Tensor {
         crate::noise::TorchGenerator::new(seed)
             .randn_tensor(shape, &Device::Cpu)
             .unwrap()
     }
 
+    /// The largest absolute difference between two tensors of one shape.
     pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
