@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::DiffusionPipeline;
 use super::{
     component_weights, decode_to_images, repeat_interleave_batch, tokenize_clip, GenerationOutput,
     GenerationRequest, Progress, RunContext, StageTimings,
@@ -562,7 +563,9 @@ impl FluxPipeline {
         }
         Ok(Self { components })
     }
+}
 
+impl DiffusionPipeline for FluxPipeline {
     /// Merge `loras` (stacked, each with its scale) into the CLIP text
     /// encoder and the transformer, replacing the adapters merged before;
     /// `[]` restores the base model. The base weights come from memory, not
@@ -571,38 +574,38 @@ impl FluxPipeline {
     ///
     /// Errors (the pipeline is left as it was): see
     /// [`crate::lora::merge_deltas`].
-    pub fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
+    fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
         self.components.set_loras(loras)
     }
 
     /// The adapters merged now.
-    pub fn loras(&self) -> &[LoraSpec] {
+    fn loras(&self) -> &[LoraSpec] {
         self.components.lora.active()
     }
 
     /// Tensors of the text encoder and transformer read from the weight
     /// files so far (switching LoRAs reads none).
-    pub fn base_tensor_reads(&self) -> usize {
+    fn base_tensor_reads(&self) -> usize {
         self.components.lora.base_reads()
     }
 
     /// The model's `scheduler/scheduler_config.json`.
-    pub fn scheduler_config(&self) -> &serde_json::Value {
+    fn scheduler_config(&self) -> &serde_json::Value {
         &self.components.scheduler_config
     }
 
     /// The VAE scale factor (8).
-    pub fn vae_scale_factor(&self) -> usize {
+    fn vae_scale_factor(&self) -> usize {
         self.components.vae_scale_factor()
     }
 
     /// diffusers' default `(width, height)`: 128 × the VAE scale factor (1024²).
-    pub fn default_size(&self) -> (usize, usize) {
+    fn default_size(&self) -> (usize, usize) {
         self.components.default_size()
     }
 
     /// Whether the transformer embeds the guidance scale (dev: yes, schnell: no).
-    pub fn guidance_embeds(&self) -> bool {
+    fn guidance_embeds(&self) -> bool {
         self.components.guidance_embeds()
     }
 
@@ -615,7 +618,7 @@ impl FluxPipeline {
     /// Errors: a bad request (sizes not multiples of 16, a mask: inpainting
     /// needs a Fill model, a
     /// strength that leaves no step), cancellation, or a tensor error.
-    pub fn run(
+    fn run(
         &self,
         request: &GenerationRequest,
         ctx: &mut RunContext<'_>,
@@ -641,6 +644,14 @@ impl FluxPipeline {
             .run(request, ctx, strength, |c, scheduler, t_start, ctx| {
                 c.prepare_latents(request, image.as_ref(), scheduler, t_start, ctx)
             })
+    }
+
+    fn family(&self) -> ModelFamily {
+        ModelFamily::Flux
+    }
+
+    fn class_name(&self) -> &'static str {
+        "FluxPipeline"
     }
 }
 

@@ -11,10 +11,11 @@
 use candle_core::{Device, Tensor};
 
 use super::flux::{pack_latents, FluxComponents};
+use super::DiffusionPipeline;
 use super::{GenerationOutput, GenerationRequest, RunContext};
 use crate::error::{Error, Result};
 use crate::image_processor;
-use crate::loader::ModelDir;
+use crate::loader::{ModelDir, ModelFamily};
 use crate::lora::LoraSpec;
 
 /// A loaded `FluxFillPipeline` (FLUX.1 Fill): inpainting of `request.image`
@@ -45,7 +46,9 @@ impl FluxFillPipeline {
         }
         Ok(Self { components })
     }
+}
 
+impl DiffusionPipeline for FluxFillPipeline {
     /// Merge `loras` (stacked, each with its scale) into the CLIP text
     /// encoder and the transformer, replacing the adapters merged before;
     /// `[]` restores the base model. The base weights come from memory, not
@@ -54,33 +57,33 @@ impl FluxFillPipeline {
     ///
     /// Errors (the pipeline is left as it was): see
     /// [`crate::lora::merge_deltas`].
-    pub fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
+    fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
         self.components.set_loras(loras)
     }
 
     /// The adapters merged now.
-    pub fn loras(&self) -> &[LoraSpec] {
+    fn loras(&self) -> &[LoraSpec] {
         self.components.lora.active()
     }
 
     /// Tensors of the text encoder and transformer read from the weight
     /// files so far (switching LoRAs reads none).
-    pub fn base_tensor_reads(&self) -> usize {
+    fn base_tensor_reads(&self) -> usize {
         self.components.lora.base_reads()
     }
 
     /// The model's `scheduler/scheduler_config.json`.
-    pub fn scheduler_config(&self) -> &serde_json::Value {
+    fn scheduler_config(&self) -> &serde_json::Value {
         &self.components.scheduler_config
     }
 
     /// The VAE scale factor (8).
-    pub fn vae_scale_factor(&self) -> usize {
+    fn vae_scale_factor(&self) -> usize {
         self.components.vae_scale_factor()
     }
 
     /// diffusers' default `(width, height)`: 128 × the VAE scale factor (1024²).
-    pub fn default_size(&self) -> (usize, usize) {
+    fn default_size(&self) -> (usize, usize) {
         self.components.default_size()
     }
 
@@ -90,7 +93,7 @@ impl FluxFillPipeline {
     ///
     /// Errors: a missing image or mask, sizes that disagree, a strength that
     /// leaves no step, cancellation, or a tensor error.
-    pub fn run(
+    fn run(
         &self,
         request: &GenerationRequest,
         ctx: &mut RunContext<'_>,
@@ -131,6 +134,19 @@ impl FluxFillPipeline {
                 Ok(prepared)
             },
         )
+    }
+
+    fn family(&self) -> ModelFamily {
+        ModelFamily::FluxFill
+    }
+
+    fn class_name(&self) -> &'static str {
+        "FluxFillPipeline"
+    }
+
+    /// FLUX.1 Fill embeds the guidance scale, as dev does.
+    fn guidance_embeds(&self) -> bool {
+        self.components.guidance_embeds()
     }
 }
 
