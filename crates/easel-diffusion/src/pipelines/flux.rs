@@ -24,11 +24,11 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::DiffusionPipeline;
 use super::{
     component_weights, decode_to_images, repeat_interleave_batch, tokenize_clip, GenerationOutput,
     GenerationRequest, Progress, RunContext, StageTimings,
 };
+use super::{DiffusionPipeline, Task};
 use crate::error::{Error, Result};
 use crate::image_processor;
 use crate::loader::{ModelDir, ModelFamily};
@@ -623,14 +623,13 @@ impl DiffusionPipeline for FluxPipeline {
         request: &GenerationRequest,
         ctx: &mut RunContext<'_>,
     ) -> Result<GenerationOutput> {
-        if request.mask.is_some() {
-            return Err(Error::invalid(
-                "mask",
-                "FLUX.1 schnell / dev cannot inpaint; use a FLUX.1 Fill model (FluxFillPipeline)",
-            ));
-        }
+        // The family's mask rule refuses a mask (MaskRule::Refused).
+        let image = match Task::of(self.family(), request)? {
+            Task::TextToImage => None,
+            Task::ImageToImage(image) | Task::Inpaint(image, _) => Some(image),
+        };
         let device = self.components.device.clone();
-        let image = match &request.image {
+        let image = match image {
             Some(i) => Some(image_processor::preprocess_image(
                 i,
                 request.width,

@@ -11,7 +11,7 @@
 use candle_core::{Device, Tensor};
 
 use super::flux::{pack_latents, FluxComponents};
-use super::DiffusionPipeline;
+use super::{DiffusionPipeline, Task};
 use super::{GenerationOutput, GenerationRequest, RunContext};
 use crate::error::{Error, Result};
 use crate::image_processor;
@@ -100,18 +100,14 @@ impl DiffusionPipeline for FluxFillPipeline {
     ) -> Result<GenerationOutput> {
         let c = &self.components;
         let device = c.device.clone();
-        let image = request.image.as_ref().ok_or_else(|| {
-            Error::invalid(
-                "image",
-                "FLUX.1 Fill needs an image to inpaint (and a mask)",
-            )
-        })?;
-        let mask = request.mask.as_ref().ok_or_else(|| {
-            Error::invalid(
-                "mask",
-                "FLUX.1 Fill needs a mask (white repaints, black keeps)",
-            )
-        })?;
+        // The family's mask rule (MaskRule::Required) refuses anything but
+        // inpainting, with the messages users see.
+        let Task::Inpaint(image, mask) = Task::of(self.family(), request)? else {
+            return Err(Error::config(
+                "FluxFillPipeline",
+                "the FLUX.1 Fill mask rule let a request without image and mask through",
+            ));
+        };
         let (w, h) = (request.width, request.height);
         let init_image = image_processor::preprocess_image(image, w, h, &device)?;
         let mask =

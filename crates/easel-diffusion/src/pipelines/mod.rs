@@ -21,8 +21,8 @@
 //! - `request.rs`: [`GenerationRequest`] and its checks;
 //! - `run_context.rs`: [`RunContext`], [`Progress`], [`CancelToken`];
 //! - `generation_output.rs`: [`GenerationOutput`], [`StageTimings`];
-//! - `task.rs`: which init image / mask a family takes
-//!   ([`check_inputs_for_family`]);
+//! - `task.rs`: which init image / mask a family takes ([`Task`],
+//!   [`check_inputs_for_family`]);
 //! - `stages.rs`: stage helpers the pipelines share (tokenizing, the
 //!   guided denoising loop, decoding);
 //! - `components.rs`: opening a model's component weights;
@@ -60,7 +60,7 @@ pub use stages::{
     decode_to_images, denoise, denoise_from, prepare_scheduler, repeat_interleave_batch,
     tokenize_clip,
 };
-pub use task::check_inputs_for_family;
+pub use task::{check_inputs_for_family, Task};
 
 /// A loaded pipeline of any supported class, as [`load_pipeline`] returns
 /// it: ask it through [`DiffusionPipeline`].
