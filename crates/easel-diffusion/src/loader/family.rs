@@ -3,7 +3,6 @@
 //! from it. Callers outside the loader ask the family; they never test class
 //! names themselves.
 
-use crate::pipelines::init_image::StrengthRule;
 use crate::schedulers::SchedulerFamily;
 
 /// The pipeline classes the engine loads (`model_index.json`'s
@@ -51,6 +50,25 @@ pub enum ModelFamily {
     Flux,
     /// FLUX.1 Fill: diffusers' `FluxFillPipeline` (inpainting only).
     FluxFill,
+}
+
+/// The default image-to-image strength (the share of the schedule re-run)
+/// of every family but FLUX.1 Fill (see [`ModelFamily::default_strength`]);
+/// also `pipelines::DEFAULT_STRENGTH`.
+pub const DEFAULT_STRENGTH: f64 = 0.8;
+
+/// How a pipeline shortens its `steps`-step schedule for image-to-image
+/// `strength` s (both follow diffusers' `get_timesteps`);
+/// [`ModelFamily::strength_rule`] says which. Applied by
+/// `pipelines::init_image::strength_start_step`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StrengthRule {
+    /// Stable Diffusion (1.x, 2.x, XL): `init = min(floor(steps · s), steps)`
+    /// steps run, so `floor(steps · s) = 0` runs none.
+    Floor,
+    /// FLUX.1: `init = min(steps · s, steps)` keeps its fractional part and
+    /// the run starts at `floor(steps − init)`; only `s = 0` runs no step.
+    Fractional,
 }
 
 /// Whether a family's pipeline takes a mask (inpainting).
@@ -169,12 +187,12 @@ impl ModelFamily {
     }
 
     /// The default image-to-image / inpainting strength: 1.0 (the whole
-    /// schedule) for FLUX.1 Fill, else 0.8 (`pipelines::DEFAULT_STRENGTH`),
+    /// schedule) for FLUX.1 Fill, else 0.8 ([`DEFAULT_STRENGTH`]),
     /// as diffusers' pipelines.
     pub fn default_strength(self) -> f64 {
         match self {
             ModelFamily::FluxFill => 1.0,
-            _ => crate::pipelines::DEFAULT_STRENGTH,
+            _ => DEFAULT_STRENGTH,
         }
     }
 

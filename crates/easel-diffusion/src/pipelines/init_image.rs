@@ -84,17 +84,9 @@ pub fn strength_begin_index(
     Ok(begin)
 }
 
-/// How a pipeline shortens its `steps`-step schedule for image-to-image
-/// `strength` s (both follow diffusers' `get_timesteps`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StrengthRule {
-    /// Stable Diffusion (1.x, 2.x, XL): `init = min(floor(steps · s), steps)`
-    /// steps run, so `floor(steps · s) = 0` runs none.
-    Floor,
-    /// FLUX.1: `init = min(steps · s, steps)` keeps its fractional part and
-    /// the run starts at `floor(steps − init)`; only `s = 0` runs no step.
-    Fractional,
-}
+/// How a pipeline shortens its schedule for `strength` (kept with the
+/// model family's facts in the loader; re-exported here for its old path).
+pub use crate::loader::StrengthRule;
 
 /// The index of the first of `steps` steps that runs for `strength` under
 /// `rule` (`t_start`; the scheduler's begin index is `t_start · order`).

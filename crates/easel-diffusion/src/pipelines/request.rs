@@ -4,8 +4,9 @@
 use crate::error::{Error, Result};
 use crate::image_processor::{ImageInput, MaskInput};
 
-/// The default image-to-image strength (the share of the schedule re-run).
-pub const DEFAULT_STRENGTH: f64 = 0.8;
+/// The default image-to-image strength (the share of the schedule re-run):
+/// 0.8, the loader's [`crate::loader::DEFAULT_STRENGTH`].
+pub use crate::loader::DEFAULT_STRENGTH;
 
 /// What to generate, already validated and resolved against the model's
 /// defaults (the request schema and its ranges live in `easel-core`).
