@@ -124,6 +124,9 @@ pub(super) struct FluxComponents {
     pub(super) scheduler_config: serde_json::Value,
     flow_config: FlowMatchConfig,
     pub(super) device: Device,
+    /// The model's family, whose facts (strength rule, LoRA targets) the
+    /// shared stages follow.
+    family: ModelFamily,
 }
 
 /// What stage 3 produced.
@@ -138,14 +141,15 @@ pub(super) struct PreparedLatents {
 }
 
 impl FluxComponents {
-    pub(super) fn load(model: &ModelDir, device: &Device) -> Result<Self> {
+    /// Load the components of a model of `family` (FLUX.1 or FLUX.1 Fill).
+    pub(super) fn load(model: &ModelDir, device: &Device, family: ModelFamily) -> Result<Self> {
         let cfg = |component: &str| -> Result<std::path::PathBuf> {
             Ok(model.component_dir(component)?.join("config.json"))
         };
         let tokenizer = ClipTokenizer::from_dir(model.component_dir("tokenizer")?)?;
         let te_cfg: ClipTextConfig = crate::models::read_config(&cfg("text_encoder")?)?;
         let lora = LoraState::new(
-            super::lora_sources(model, ModelFamily::Flux)?,
+            super::lora_sources(model, family)?,
             None,
             DType::F32,
             device,
@@ -208,6 +212,7 @@ impl FluxComponents {
             scheduler_config,
             flow_config,
             device: device.clone(),
+            family,
         })
     }
 
@@ -340,11 +345,7 @@ impl FluxComponents {
         })?;
         let t_start = match strength {
             None => 0,
-            Some(s) => super::init_image::strength_start_step(
-                super::init_image::StrengthRule::Fractional,
-                n,
-                s,
-            )?,
+            Some(s) => super::init_image::strength_start_step(self.family.strength_rule(), n, s)?,
         };
         scheduler.set_begin_index(t_start * scheduler.order());
         Ok((scheduler, t_start))
@@ -547,7 +548,7 @@ impl FluxPipeline {
     /// Errors: a missing component, an unsupported config, weights that
     /// don't fit the configs, or components that don't fit each other.
     pub fn load(model: &ModelDir, device: &Device) -> Result<Self> {
-        let components = FluxComponents::load(model, device)?;
+        let components = FluxComponents::load(model, device, ModelFamily::Flux)?;
         let (t, v) = (
             components.transformer.config().in_channels,
             components.latent_channels() * 4,

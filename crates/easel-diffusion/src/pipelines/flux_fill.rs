@@ -32,7 +32,7 @@ impl FluxFillPipeline {
     /// latents, the masked-image latents and the mask (`in_channels` =
     /// 4 · latent channels · 2 + 4 · 64).
     pub fn load(model: &ModelDir, device: &Device) -> Result<Self> {
-        let components = FluxComponents::load(model, device)?;
+        let components = FluxComponents::load(model, device, ModelFamily::FluxFill)?;
         let f = components.vae_scale_factor();
         let want = components.latent_channels() * 4 * 2 + f * f * 4;
         let t = components.transformer.config().in_channels;

@@ -28,6 +28,7 @@ use candle_core::{Device, Tensor};
 use super::{GenerationRequest, RunContext};
 use crate::error::{Error, Result};
 use crate::image_processor::{interpolate_nearest, preprocess_image, preprocess_mask};
+use crate::loader::ModelFamily;
 use crate::models::autoencoder_kl::AutoencoderKL;
 use crate::schedulers::Scheduler;
 
@@ -61,7 +62,8 @@ pub struct PreparedLatents {
 }
 
 /// diffusers' `get_timesteps`: with `steps` steps and `strength` s, the
-/// last `min(floor(steps · s), steps)` steps run; the scheduler starts at
+/// steps `rule` leaves run (Stable Diffusion: the last
+/// `min(floor(steps · s), steps)`); the scheduler starts at
 /// `t_start · order`. Returns that begin index.
 ///
 /// Errors when no step would run (`floor(steps · s) = 0`), naming the
@@ -69,10 +71,11 @@ pub struct PreparedLatents {
 /// refuses it (its image-to-image pipeline would fail later).
 pub fn strength_begin_index(
     scheduler: &mut dyn Scheduler,
+    rule: StrengthRule,
     steps: usize,
     strength: f64,
 ) -> Result<usize> {
-    let t_start = strength_start_step(StrengthRule::Floor, steps, strength)?;
+    let t_start = strength_start_step(rule, steps, strength)?;
     let begin = t_start * scheduler.order();
     if begin >= scheduler.timesteps().len() {
         return Err(Error::invalid(
@@ -169,8 +172,8 @@ fn encode_sample(
 /// latents + mask + masked-image latents) or 4 (a regular UNet: the kept
 /// region is re-imposed after every step).
 ///
-/// `task` is the request's ([`Task::of`], which applies the family's
-/// input rule).
+/// `family` is the model's: its input rule decides the task ([`Task::of`]),
+/// its strength rule how the schedule is shortened.
 ///
 /// Errors: a 9-channel UNet without image and mask, a UNet with another
 /// channel count for an image task, a strength out of 0..=1 or too small
@@ -180,10 +183,11 @@ pub fn prepare_latents(
     unet_in_channels: usize,
     mut scheduler: Box<dyn Scheduler>,
     request: &GenerationRequest,
-    task: Task<'_>,
+    family: ModelFamily,
     ctx: &mut RunContext<'_>,
     device: &Device,
 ) -> Result<PreparedLatents> {
+    let task = Task::of(family, request)?;
     let f = vae.config().vae_scale_factor();
     let c = vae.config().latent_channels;
     let batch = request.batch_size();
@@ -223,6 +227,7 @@ pub fn prepare_latents(
     // strength_begin_index checks the strength (range, and that a step runs).
     let begin = strength_begin_index(
         scheduler.as_mut(),
+        family.strength_rule(),
         request.num_inference_steps,
         request.strength,
     )?;

@@ -8,10 +8,9 @@ use candle_core::{DType, Device, Tensor};
 
 use super::DiffusionPipeline;
 use super::{
-    decode_to_images, denoise_from,
-    init_image::{prepare_latents, Task},
-    load_vae, prepare_scheduler, repeat_interleave_batch, tokenize_clip, GenerationOutput,
-    GenerationRequest, Progress, RunContext, StageTimings,
+    decode_to_images, denoise_from, init_image::prepare_latents, load_vae, prepare_scheduler,
+    repeat_interleave_batch, tokenize_clip, GenerationOutput, GenerationRequest, Progress,
+    RunContext, StageTimings,
 };
 use crate::error::Result;
 use crate::loader::{ModelDir, ModelFamily};
@@ -201,7 +200,7 @@ impl DiffusionPipeline for StableDiffusionPipeline {
             self.unet.config().in_channels,
             scheduler,
             request,
-            Task::of(self.family(), request)?,
+            self.family(),
             ctx,
             &self.device,
         )?;
