@@ -28,7 +28,7 @@ pub struct FluxFillPipeline {
 impl FluxFillPipeline {
     /// Load every component from `model` onto `device`.
     ///
-    /// Errors: as [`FluxPipeline::load`]; the transformer must take the
+    /// Errors: as [`FluxPipeline::load`](super::flux::FluxPipeline::load); the transformer must take the
     /// latents, the masked-image latents and the mask (`in_channels` =
     /// 4 · latent channels · 2 + 4 · 64).
     pub fn load(model: &ModelDir, device: &Device) -> Result<Self> {

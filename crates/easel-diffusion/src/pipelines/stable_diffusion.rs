@@ -32,7 +32,7 @@ pub struct StableDiffusionPipeline {
     vae: AutoencoderKL,
     lora: LoraState,
     /// The model's `scheduler/scheduler_config.json`.
-    pub scheduler_config: serde_json::Value,
+    scheduler_config: serde_json::Value,
     device: Device,
 }
 

@@ -41,7 +41,7 @@ pub struct StableDiffusionXLPipeline {
     lora: LoraState,
     force_zeros_for_empty_prompt: bool,
     /// The model's `scheduler/scheduler_config.json`.
-    pub scheduler_config: serde_json::Value,
+    scheduler_config: serde_json::Value,
     device: Device,
 }
 
