@@ -136,7 +136,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         args.batch_size,
         guidance_scale,
         if guided { 2 } else { 1 },
-        model.pipeline.denoiser_name(),
+        model.pipeline.family().denoiser_name(),
         if guided { "es" } else { "" },
     );
     println!("| stage | seconds |");
@@ -146,7 +146,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     println!("| denoising step (mean) | {:.3} |", best.step.as_secs_f64());
     println!(
         "| {} call (mean; {:.3} TFLOP) | {:.3} |",
-        model.pipeline.denoiser_name(),
+        model.pipeline.family().denoiser_name(),
         best.flops_per_call / 1e12,
         best.call.as_secs_f64()
     );
@@ -175,7 +175,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     println!("| --- | --- |");
     println!(
         "| {} effective | {effective:.1} |",
-        model.pipeline.denoiser_name()
+        model.pipeline.family().denoiser_name()
     );
     if !args.no_peak {
         for (label, dtype) in [("f32", DType::F32), ("bf16", DType::BF16)] {
@@ -183,7 +183,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                 Ok(peak) => println!(
                     "| machine {label} matmul peak (2048³) | {peak:.1} ({:.0} % used by the {}) |",
                     100.0 * effective / peak,
-                    model.pipeline.denoiser_name()
+                    model.pipeline.family().denoiser_name()
                 ),
                 Err(e) => println!("| machine {label} matmul peak | unavailable: {e} |"),
             }

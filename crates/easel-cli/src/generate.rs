@@ -344,7 +344,9 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         model.pipeline.set_loras(&loras)?;
     }
     let pipeline = &model.pipeline;
-    let strength = args.strength.unwrap_or(pipeline.default_strength());
+    let strength = args
+        .strength
+        .unwrap_or(pipeline.family().default_strength());
     let (native_w, native_h) = match &inputs {
         // The init image sets the size, rounded down to the model's size
         // multiple (the VAE scale factor; 16 for FLUX), as diffusers does.

@@ -1,5 +1,9 @@
 //! Turning init images and masks into the tensors the pipelines consume,
-//! as diffusers' `VaeImageProcessor` does (`image_processor.py`).
+//! as diffusers' `VaeImageProcessor` does (`image_processor.py`), and the
+//! 8-bit input types themselves ([`ImageInput`], [`MaskInput`]; re-exported
+//! as `pipelines::{ImageInput, MaskInput}`), as diffusers keeps
+//! `PipelineImageInput` in `image_processor.py`. The pipelines depend on
+//! this module, never the other way.
 //!
 //! - Images are resized to the requested size with Pillow's Lanczos filter
 //!   (`Image.resize(size, Image.LANCZOS)`, which diffusers uses for PIL
@@ -23,7 +27,57 @@
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::pipelines::{ImageInput, MaskInput};
+
+/// An 8-bit RGB image handed to the engine (decoded by the caller).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageInput {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// `width * height * 3` bytes, row-major RGB.
+    pub rgb: Vec<u8>,
+}
+
+/// An 8-bit single-channel mask: 255 (white) repaints, 0 (black) keeps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MaskInput {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// `width * height` bytes, row-major.
+    pub luma: Vec<u8>,
+}
+
+impl MaskInput {
+    /// A mask from RGB8 pixels (`width * height * 3` bytes), converted to
+    /// luma as PIL's `convert("L")` does (ITU-R 601-2:
+    /// `(19595 R + 38470 G + 7471 B + 32768) >> 16`), so a grayscale file
+    /// expanded to RGB keeps its values.
+    ///
+    /// Errors: a byte count that does not match the size.
+    pub fn from_rgb8(width: usize, height: usize, rgb: &[u8]) -> Result<Self> {
+        if rgb.len() != width * height * 3 {
+            return Err(Error::invalid(
+                "mask",
+                format!("{} bytes for a {width}x{height} RGB image", rgb.len()),
+            ));
+        }
+        let luma = rgb
+            .chunks_exact(3)
+            .map(|p| {
+                let l = 19595 * p[0] as u32 + 38470 * p[1] as u32 + 7471 * p[2] as u32 + 0x8000;
+                (l >> 16) as u8
+            })
+            .collect();
+        Ok(Self {
+            width,
+            height,
+            luma,
+        })
+    }
+}
 
 /// Fractional bits of Pillow's 8-bit resampling coefficients.
 const PRECISION_BITS: u32 = 32 - 8 - 2;

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
-use crate::pipelines::{GenerationRequest, Pipeline, RunContext, StageTimings};
+use crate::pipelines::{DiffusionPipeline, GenerationRequest, RunContext, StageTimings};
 
 /// Quantise `(batch, H, W, 3)` float images in [0, 1] to RGB8 as diffusers'
 /// `numpy_to_pil` does: `round(x * 255)`, ties to even like NumPy.
@@ -41,8 +41,8 @@ pub struct Rgb8Output {
     pub timings: StageTimings,
 }
 
-impl Pipeline {
-    /// [`Pipeline::run`], then [`images_to_rgb8`].
+impl dyn DiffusionPipeline {
+    /// [`DiffusionPipeline::run`], then [`images_to_rgb8`].
     pub fn run_rgb8(
         &self,
         request: &GenerationRequest,

@@ -126,7 +126,7 @@ fn run_case(
     )
     .unwrap();
     let tensors = load_refs(&format!("{folder}/{name}.safetensors"));
-    let request = case_request(&dir, &case, scheduler, pipeline.default_strength());
+    let request = case_request(&dir, &case, scheduler, pipeline.family().default_strength());
     let draws: Vec<Tensor> = (0..)
         .map_while(|i| tensors.get(&format!("noise.{i}")).cloned())
         .collect();
@@ -325,14 +325,14 @@ fn flux_defaults_follow_the_model() {
         );
         assert_eq!(p.default_steps(), steps, "{name}");
         assert_eq!(p.default_guidance_scale(), guidance, "{name}");
-        assert_eq!(p.default_strength(), strength, "{name}");
+        assert_eq!(p.family().default_strength(), strength, "{name}");
         assert_eq!(p.size_multiple(), 16, "{name}");
         assert_eq!(p.default_size(), (1024, 1024), "{name}");
-        assert_eq!(p.denoiser_name(), "transformer", "{name}");
+        assert_eq!(p.family().denoiser_name(), "transformer", "{name}");
     }
     let sd = load("tiny-sd15");
     assert_eq!((sd.default_steps(), sd.size_multiple()), (25, 8));
-    assert_eq!(sd.denoiser_name(), "UNet");
+    assert_eq!(sd.family().denoiser_name(), "UNet");
 }
 
 /// Issue 5: FLUX requests that cannot run are errors naming the field.

@@ -3,7 +3,6 @@
 //! from it. Callers outside the loader ask the family; they never test class
 //! names themselves.
 
-use crate::pipelines::init_image::StrengthRule;
 use crate::schedulers::SchedulerFamily;
 
 /// The pipeline classes the engine loads (`model_index.json`'s
@@ -35,7 +34,7 @@ pub(crate) fn supported_class(class: &str) -> Option<&'static str> {
 /// Decided once, by the loader, from `model_index.json`'s `_class_name`
 /// ([`ModelFamily::from_class_name`]). Facts that differ between models of
 /// one family stay with the loaded model: FLUX.1 schnell vs dev is the
-/// transformer config's `guidance_embeds` (see `Pipeline::default_steps`),
+/// transformer config's `guidance_embeds` (see [`Self::default_steps_for`]),
 /// and whether an SD / SDXL model inpaints is its UNet's `in_channels`.
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -51,6 +50,25 @@ pub enum ModelFamily {
     Flux,
     /// FLUX.1 Fill: diffusers' `FluxFillPipeline` (inpainting only).
     FluxFill,
+}
+
+/// The default image-to-image strength (the share of the schedule re-run)
+/// of every family but FLUX.1 Fill (see [`ModelFamily::default_strength`]);
+/// also `pipelines::DEFAULT_STRENGTH`.
+pub const DEFAULT_STRENGTH: f64 = 0.8;
+
+/// How a pipeline shortens its `steps`-step schedule for image-to-image
+/// `strength` s (both follow diffusers' `get_timesteps`);
+/// [`ModelFamily::strength_rule`] says which. Applied by
+/// `pipelines::init_image::strength_start_step`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StrengthRule {
+    /// Stable Diffusion (1.x, 2.x, XL): `init = min(floor(steps · s), steps)`
+    /// steps run, so `floor(steps · s) = 0` runs none.
+    Floor,
+    /// FLUX.1: `init = min(steps · s, steps)` keeps its fractional part and
+    /// the run starts at `floor(steps − init)`; only `s = 0` runs no step.
+    Fractional,
 }
 
 /// Whether a family's pipeline takes a mask (inpainting).
@@ -107,7 +125,7 @@ impl ModelFamily {
     /// usual VAE scale factor of 8: 16 for FLUX (2x2 latent packing), else 8
     /// (easel-core's `FLUX_SIZE_MULTIPLE` / `DEFAULT_SIZE_MULTIPLE`).
     /// Used before a model is loaded; a loaded pipeline gives its own
-    /// (`Pipeline::size_multiple`: its VAE scale factor times
+    /// (`DiffusionPipeline::size_multiple`: its VAE scale factor times
     /// [`Self::latent_packing`]).
     pub fn size_multiple(self) -> u32 {
         if self.is_flux() {
@@ -119,35 +137,62 @@ impl ModelFamily {
 
     /// The default number of denoising steps of the family: 25 for Stable
     /// Diffusion (1.x, 2.x, XL), 50 for FLUX.1 Fill (diffusers' default);
-    /// `None` for `FluxPipeline`, where it depends on the model (schnell 4,
-    /// dev 28; see `Pipeline::default_steps`).
+    /// `None` for `FluxPipeline`, where it depends on the model (see
+    /// [`Self::default_steps_for`]).
     pub fn default_steps(self) -> Option<usize> {
         match self {
-            ModelFamily::StableDiffusion | ModelFamily::StableDiffusionXl => Some(25),
-            ModelFamily::FluxFill => Some(50),
             ModelFamily::Flux => None,
+            _ => Some(self.default_steps_for(false)),
+        }
+    }
+
+    /// The default number of denoising steps for a model of this family
+    /// whose denoiser does or does not embed the guidance scale
+    /// (`guidance_embeds`, the FLUX transformer config's flag, which tells
+    /// FLUX.1 dev from schnell): `FluxPipeline` 28 (dev) or 4 (schnell, a
+    /// timestep-distilled model), as Black Forest Labs use them; the other
+    /// families ignore the flag (Stable Diffusion 25, FLUX.1 Fill 50).
+    pub fn default_steps_for(self, guidance_embeds: bool) -> usize {
+        match self {
+            ModelFamily::StableDiffusion | ModelFamily::StableDiffusionXl => 25,
+            ModelFamily::FluxFill => 50,
+            ModelFamily::Flux if guidance_embeds => 28,
+            ModelFamily::Flux => 4,
         }
     }
 
     /// The default guidance scale of the family: 7.5 for Stable Diffusion,
     /// 30 for FLUX.1 Fill (diffusers' defaults); `None` for `FluxPipeline`,
-    /// where it depends on the model (schnell 0, dev 3.5; see
-    /// `Pipeline::default_guidance_scale`).
+    /// where it depends on the model (see
+    /// [`Self::default_guidance_scale_for`]).
     pub fn default_guidance_scale(self) -> Option<f64> {
         match self {
-            ModelFamily::StableDiffusion | ModelFamily::StableDiffusionXl => Some(7.5),
-            ModelFamily::FluxFill => Some(30.0),
             ModelFamily::Flux => None,
+            _ => Some(self.default_guidance_scale_for(false)),
+        }
+    }
+
+    /// The default guidance scale for a model of this family whose denoiser
+    /// does or does not embed the guidance scale (see
+    /// [`Self::default_steps_for`]): `FluxPipeline` 3.5 (dev) or 0 (schnell
+    /// has no guidance); the other families ignore the flag (Stable
+    /// Diffusion 7.5, FLUX.1 Fill 30).
+    pub fn default_guidance_scale_for(self, guidance_embeds: bool) -> f64 {
+        match self {
+            ModelFamily::StableDiffusion | ModelFamily::StableDiffusionXl => 7.5,
+            ModelFamily::FluxFill => 30.0,
+            ModelFamily::Flux if guidance_embeds => 3.5,
+            ModelFamily::Flux => 0.0,
         }
     }
 
     /// The default image-to-image / inpainting strength: 1.0 (the whole
-    /// schedule) for FLUX.1 Fill, else 0.8 (`pipelines::DEFAULT_STRENGTH`),
+    /// schedule) for FLUX.1 Fill, else 0.8 ([`DEFAULT_STRENGTH`]),
     /// as diffusers' pipelines.
     pub fn default_strength(self) -> f64 {
         match self {
             ModelFamily::FluxFill => 1.0,
-            _ => crate::pipelines::DEFAULT_STRENGTH,
+            _ => DEFAULT_STRENGTH,
         }
     }
 
@@ -235,5 +280,38 @@ mod tests {
         assert_eq!(sdxl, ModelFamily::StableDiffusionXl);
         assert_eq!(sdxl.size_multiple(), 8);
         assert_eq!(sdxl.default_steps(), Some(25));
+    }
+
+    #[test]
+    fn flux_defaults_depend_on_guidance_embedding_only_for_flux() {
+        let flux = ModelFamily::Flux;
+        assert_eq!(flux.default_steps(), None);
+        assert_eq!(flux.default_guidance_scale(), None);
+        // schnell (no guidance embedding), dev (guidance embedding).
+        assert_eq!(flux.default_steps_for(false), 4);
+        assert_eq!(flux.default_guidance_scale_for(false), 0.0);
+        assert_eq!(flux.default_steps_for(true), 28);
+        assert_eq!(flux.default_guidance_scale_for(true), 3.5);
+        for family in [
+            ModelFamily::StableDiffusion,
+            ModelFamily::StableDiffusionXl,
+            ModelFamily::FluxFill,
+        ] {
+            for embeds in [false, true] {
+                assert_eq!(
+                    Some(family.default_steps_for(embeds)),
+                    family.default_steps()
+                );
+                assert_eq!(
+                    Some(family.default_guidance_scale_for(embeds)),
+                    family.default_guidance_scale()
+                );
+            }
+        }
+        assert_eq!(ModelFamily::FluxFill.default_steps(), Some(50));
+        assert_eq!(
+            ModelFamily::StableDiffusion.default_guidance_scale(),
+            Some(7.5)
+        );
     }
 }

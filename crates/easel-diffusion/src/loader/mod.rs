@@ -26,7 +26,7 @@ mod weights;
 use std::path::{Path, PathBuf};
 
 pub(crate) use family::supported_class;
-pub use family::{MaskRule, ModelFamily, SUPPORTED_PIPELINES};
+pub use family::{MaskRule, ModelFamily, StrengthRule, DEFAULT_STRENGTH, SUPPORTED_PIPELINES};
 pub use model_dir::{Component, ComponentKind, ModelDir, ModelSource};
 
 use crate::error::{Error, Result};

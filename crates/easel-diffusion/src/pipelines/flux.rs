@@ -1,7 +1,8 @@
 //! FLUX.1 pipelines (Black Forest Labs 2024): `FluxPipeline` (schnell and
-//! dev: text-to-image and image-to-image) and `FluxFillPipeline` (Fill:
-//! inpainting), following diffusers' `pipeline_flux.py`,
-//! `pipeline_flux_img2img.py` and `pipeline_flux_fill.py`.
+//! dev: text-to-image and image-to-image), following diffusers'
+//! `pipeline_flux.py` and `pipeline_flux_img2img.py`, and the components and
+//! stages every FLUX.1 pipeline shares (`FluxComponents`, latent packing),
+//! which `FluxFillPipeline` ([`super::flux_fill`]) builds on.
 //!
 //! The stages: (1) encode the prompt with CLIP (pooled output) and T5 (the
 //! token sequence, `max_sequence_length` tokens); (2) prepare the
@@ -27,6 +28,7 @@ use super::{
     component_weights, decode_to_images, repeat_interleave_batch, tokenize_clip, GenerationOutput,
     GenerationRequest, Progress, RunContext, StageTimings,
 };
+use super::{DiffusionPipeline, Task};
 use crate::error::{Error, Result};
 use crate::image_processor;
 use crate::loader::{ModelDir, ModelFamily};
@@ -107,43 +109,47 @@ pub fn round_to_flux_size(v: usize) -> Option<usize> {
 }
 
 /// The components every FLUX.1 pipeline has, and the stages they share.
-struct FluxComponents {
+pub(super) struct FluxComponents {
     tokenizer: ClipTokenizer,
     text_encoder: ClipTextModel,
     text_encoder_config: ClipTextConfig,
     tokenizer_2: T5Tokenizer,
     text_encoder_2: T5EncoderModel,
-    transformer: FluxTransformer2DModel,
+    pub(super) transformer: FluxTransformer2DModel,
     transformer_config: FluxTransformer2DConfig,
     vae: AutoencoderKL,
     /// The LoRA-targetable weights (CLIP text encoder, transformer), as
     /// diffusers' `FluxLoraLoaderMixin`: T5 takes no adapters.
-    lora: LoraState,
-    scheduler_config: serde_json::Value,
+    pub(super) lora: LoraState,
+    pub(super) scheduler_config: serde_json::Value,
     flow_config: FlowMatchConfig,
-    device: Device,
+    pub(super) device: Device,
+    /// The model's family, whose facts (strength rule, LoRA targets) the
+    /// shared stages follow.
+    family: ModelFamily,
 }
 
 /// What stage 3 produced.
-struct PreparedLatents {
+pub(super) struct PreparedLatents {
     /// Packed latents `(batch, n_img, 64)`.
-    latents: Tensor,
+    pub(super) latents: Tensor,
     /// Fill: packed masked-image latents and mask, `(batch, n_img, 320)`.
-    condition: Option<Tensor>,
+    pub(super) condition: Option<Tensor>,
     /// Latent height and width (image / 8).
-    h: usize,
-    w: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
 }
 
 impl FluxComponents {
-    fn load(model: &ModelDir, device: &Device) -> Result<Self> {
+    /// Load the components of a model of `family` (FLUX.1 or FLUX.1 Fill).
+    pub(super) fn load(model: &ModelDir, device: &Device, family: ModelFamily) -> Result<Self> {
         let cfg = |component: &str| -> Result<std::path::PathBuf> {
             Ok(model.component_dir(component)?.join("config.json"))
         };
         let tokenizer = ClipTokenizer::from_dir(model.component_dir("tokenizer")?)?;
         let te_cfg: ClipTextConfig = crate::models::read_config(&cfg("text_encoder")?)?;
         let lora = LoraState::new(
-            super::lora_sources(model, ModelFamily::Flux)?,
+            super::lora_sources(model, family)?,
             None,
             DType::F32,
             device,
@@ -206,15 +212,16 @@ impl FluxComponents {
             scheduler_config,
             flow_config,
             device: device.clone(),
+            family,
         })
     }
 
-    fn vae_scale_factor(&self) -> usize {
+    pub(super) fn vae_scale_factor(&self) -> usize {
         self.vae.config().vae_scale_factor()
     }
 
     /// See [`FluxPipeline::set_loras`].
-    fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
+    pub(super) fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
         if self.lora.active() == loras {
             return Ok(());
         }
@@ -235,16 +242,16 @@ impl FluxComponents {
         Ok(())
     }
 
-    fn latent_channels(&self) -> usize {
+    pub(super) fn latent_channels(&self) -> usize {
         self.vae.config().latent_channels
     }
 
-    fn default_size(&self) -> (usize, usize) {
+    pub(super) fn default_size(&self) -> (usize, usize) {
         let s = DEFAULT_SAMPLE_SIZE * self.vae_scale_factor();
         (s, s)
     }
 
-    fn guidance_embeds(&self) -> bool {
+    pub(super) fn guidance_embeds(&self) -> bool {
         self.transformer.config().guidance_embeds
     }
 
@@ -338,11 +345,7 @@ impl FluxComponents {
         })?;
         let t_start = match strength {
             None => 0,
-            Some(s) => super::init_image::strength_start_step(
-                super::init_image::StrengthRule::Fractional,
-                n,
-                s,
-            )?,
+            Some(s) => super::init_image::strength_start_step(self.family.strength_rule(), n, s)?,
         };
         scheduler.set_begin_index(t_start * scheduler.order());
         Ok((scheduler, t_start))
@@ -350,7 +353,7 @@ impl FluxComponents {
 
     /// `(x − shift_factor) · scaling_factor` of the VAE posterior sample of
     /// `image` `(1, 3, H, W)`, drawn once per batch row.
-    fn encode_image(
+    pub(super) fn encode_image(
         &self,
         image: &Tensor,
         batch: usize,
@@ -368,7 +371,7 @@ impl FluxComponents {
 
     /// Stage 3 for text-to-image (`image` `None`) or image-to-image: the
     /// packed initial latents.
-    fn prepare_latents(
+    pub(super) fn prepare_latents(
         &self,
         request: &GenerationRequest,
         image: Option<&Tensor>,
@@ -460,7 +463,7 @@ impl FluxComponents {
     }
 
     /// Stages 1 to 6 around `prepare` (stage 3).
-    fn run(
+    pub(super) fn run(
         &self,
         request: &GenerationRequest,
         ctx: &mut RunContext<'_>,
@@ -545,7 +548,7 @@ impl FluxPipeline {
     /// Errors: a missing component, an unsupported config, weights that
     /// don't fit the configs, or components that don't fit each other.
     pub fn load(model: &ModelDir, device: &Device) -> Result<Self> {
-        let components = FluxComponents::load(model, device)?;
+        let components = FluxComponents::load(model, device, ModelFamily::Flux)?;
         let (t, v) = (
             components.transformer.config().in_channels,
             components.latent_channels() * 4,
@@ -561,7 +564,9 @@ impl FluxPipeline {
         }
         Ok(Self { components })
     }
+}
 
+impl DiffusionPipeline for FluxPipeline {
     /// Merge `loras` (stacked, each with its scale) into the CLIP text
     /// encoder and the transformer, replacing the adapters merged before;
     /// `[]` restores the base model. The base weights come from memory, not
@@ -570,38 +575,38 @@ impl FluxPipeline {
     ///
     /// Errors (the pipeline is left as it was): see
     /// [`crate::lora::merge_deltas`].
-    pub fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
+    fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
         self.components.set_loras(loras)
     }
 
     /// The adapters merged now.
-    pub fn loras(&self) -> &[LoraSpec] {
+    fn loras(&self) -> &[LoraSpec] {
         self.components.lora.active()
     }
 
     /// Tensors of the text encoder and transformer read from the weight
     /// files so far (switching LoRAs reads none).
-    pub fn base_tensor_reads(&self) -> usize {
+    fn base_tensor_reads(&self) -> usize {
         self.components.lora.base_reads()
     }
 
     /// The model's `scheduler/scheduler_config.json`.
-    pub fn scheduler_config(&self) -> &serde_json::Value {
+    fn scheduler_config(&self) -> &serde_json::Value {
         &self.components.scheduler_config
     }
 
     /// The VAE scale factor (8).
-    pub fn vae_scale_factor(&self) -> usize {
+    fn vae_scale_factor(&self) -> usize {
         self.components.vae_scale_factor()
     }
 
     /// diffusers' default `(width, height)`: 128 × the VAE scale factor (1024²).
-    pub fn default_size(&self) -> (usize, usize) {
+    fn default_size(&self) -> (usize, usize) {
         self.components.default_size()
     }
 
     /// Whether the transformer embeds the guidance scale (dev: yes, schnell: no).
-    pub fn guidance_embeds(&self) -> bool {
+    fn guidance_embeds(&self) -> bool {
         self.components.guidance_embeds()
     }
 
@@ -614,19 +619,18 @@ impl FluxPipeline {
     /// Errors: a bad request (sizes not multiples of 16, a mask: inpainting
     /// needs a Fill model, a
     /// strength that leaves no step), cancellation, or a tensor error.
-    pub fn run(
+    fn run(
         &self,
         request: &GenerationRequest,
         ctx: &mut RunContext<'_>,
     ) -> Result<GenerationOutput> {
-        if request.mask.is_some() {
-            return Err(Error::invalid(
-                "mask",
-                "FLUX.1 schnell / dev cannot inpaint; use a FLUX.1 Fill model (FluxFillPipeline)",
-            ));
-        }
+        // The family's mask rule refuses a mask (MaskRule::Refused).
+        let image = match Task::of(self.family(), request)? {
+            Task::TextToImage => None,
+            Task::ImageToImage(image) | Task::Inpaint(image, _) => Some(image),
+        };
         let device = self.components.device.clone();
-        let image = match &request.image {
+        let image = match image {
             Some(i) => Some(image_processor::preprocess_image(
                 i,
                 request.width,
@@ -641,157 +645,19 @@ impl FluxPipeline {
                 c.prepare_latents(request, image.as_ref(), scheduler, t_start, ctx)
             })
     }
-}
 
-/// A loaded `FluxFillPipeline` (FLUX.1 Fill): inpainting of `request.image`
-/// where `request.mask` is white, conditioned on the masked image's latents
-/// and the packed 8x8 mask.
-pub struct FluxFillPipeline {
-    components: FluxComponents,
-}
-
-impl FluxFillPipeline {
-    /// Load every component from `model` onto `device`.
-    ///
-    /// Errors: as [`FluxPipeline::load`]; the transformer must take the
-    /// latents, the masked-image latents and the mask (`in_channels` =
-    /// 4 · latent channels · 2 + 4 · 64).
-    pub fn load(model: &ModelDir, device: &Device) -> Result<Self> {
-        let components = FluxComponents::load(model, device)?;
-        let f = components.vae_scale_factor();
-        let want = components.latent_channels() * 4 * 2 + f * f * 4;
-        let t = components.transformer.config().in_channels;
-        if t != want {
-            return Err(Error::config(
-                "transformer",
-                format!(
-                    "in_channels {t} does not fit FluxFillPipeline (packed latents + masked-image latents + mask = {want})"
-                ),
-            ));
-        }
-        Ok(Self { components })
+    fn family(&self) -> ModelFamily {
+        ModelFamily::Flux
     }
 
-    /// Merge `loras` (stacked, each with its scale) into the CLIP text
-    /// encoder and the transformer, replacing the adapters merged before;
-    /// `[]` restores the base model. The base weights come from memory, not
-    /// from disk. Layouts: see [`crate::lora`] (PEFT / ai-toolkit, kohya
-    /// with the original FLUX names, ComfyUI).
-    ///
-    /// Errors (the pipeline is left as it was): see
-    /// [`crate::lora::merge_deltas`].
-    pub fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
-        self.components.set_loras(loras)
-    }
-
-    /// The adapters merged now.
-    pub fn loras(&self) -> &[LoraSpec] {
-        self.components.lora.active()
-    }
-
-    /// Tensors of the text encoder and transformer read from the weight
-    /// files so far (switching LoRAs reads none).
-    pub fn base_tensor_reads(&self) -> usize {
-        self.components.lora.base_reads()
-    }
-
-    /// The model's `scheduler/scheduler_config.json`.
-    pub fn scheduler_config(&self) -> &serde_json::Value {
-        &self.components.scheduler_config
-    }
-
-    /// The VAE scale factor (8).
-    pub fn vae_scale_factor(&self) -> usize {
-        self.components.vae_scale_factor()
-    }
-
-    /// diffusers' default `(width, height)`: 128 × the VAE scale factor (1024²).
-    pub fn default_size(&self) -> (usize, usize) {
-        self.components.default_size()
-    }
-
-    /// Run the pipeline on `request.image` and `request.mask` (both required,
-    /// of the request's size), re-running `request.strength` of the schedule
-    /// (diffusers' default 1.0: the whole schedule).
-    ///
-    /// Errors: a missing image or mask, sizes that disagree, a strength that
-    /// leaves no step, cancellation, or a tensor error.
-    pub fn run(
-        &self,
-        request: &GenerationRequest,
-        ctx: &mut RunContext<'_>,
-    ) -> Result<GenerationOutput> {
-        let c = &self.components;
-        let device = c.device.clone();
-        let image = request.image.as_ref().ok_or_else(|| {
-            Error::invalid(
-                "image",
-                "FLUX.1 Fill needs an image to inpaint (and a mask)",
-            )
-        })?;
-        let mask = request.mask.as_ref().ok_or_else(|| {
-            Error::invalid(
-                "mask",
-                "FLUX.1 Fill needs a mask (white repaints, black keeps)",
-            )
-        })?;
-        let (w, h) = (request.width, request.height);
-        let init_image = image_processor::preprocess_image(image, w, h, &device)?;
-        let mask =
-            image_processor::preprocess_mask(mask, (image.width, image.height), w, h, &device)?;
-        c.run(
-            request,
-            ctx,
-            Some(request.strength),
-            |c, scheduler, t_start, ctx| {
-                let mut prepared =
-                    c.prepare_latents(request, Some(&init_image), scheduler, t_start, ctx)?;
-                prepared.condition = Some(c.prepare_mask_latents(
-                    &init_image,
-                    &mask,
-                    request.batch_size(),
-                    prepared.h,
-                    prepared.w,
-                    ctx,
-                )?);
-                Ok(prepared)
-            },
-        )
-    }
-}
-
-impl FluxComponents {
-    /// Fill's condition: the packed latents of `image · (1 − mask)` and the
-    /// mask folded into 8x8 blocks and packed, concatenated,
-    /// `(batch, h/2 · w/2, 4 · latent_channels + 4 · 64)`
-    /// (diffusers' `prepare_mask_latents`).
-    fn prepare_mask_latents(
-        &self,
-        image: &Tensor,
-        mask: &Tensor,
-        batch: usize,
-        h: usize,
-        w: usize,
-        ctx: &mut RunContext<'_>,
-    ) -> Result<Tensor> {
-        let f = self.vae_scale_factor();
-        let masked_image = image.broadcast_mul(&(1.0 - mask)?)?;
-        let masked_latents = pack_latents(&self.encode_image(&masked_image, batch, ctx)?)?;
-        let mask = mask
-            .repeat((batch, 1, 1, 1))?
-            .squeeze(1)?
-            .reshape((batch, h, f, w, f))?
-            .permute((0, 2, 4, 1, 3))?
-            .reshape((batch, f * f, h, w))?;
-        let mask = pack_latents(&mask)?;
-        Ok(Tensor::cat(&[&masked_latents, &mask], 2)?)
+    fn class_name(&self) -> &'static str {
+        "FluxPipeline"
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipelines::MaskInput;
 
     #[test]
     fn pack_and_unpack_are_inverse_and_match_diffusers_layout() {
@@ -834,21 +700,5 @@ mod tests {
         assert_eq!(round_to_flux_size(999), Some(992));
         assert_eq!(round_to_flux_size(8), Some(16));
         assert_eq!(round_to_flux_size(0), Some(16));
-    }
-
-    #[test]
-    fn mask_binarizes_at_one_half() {
-        let m = MaskInput {
-            width: 3,
-            height: 1,
-            luma: vec![127, 128, 255],
-        };
-        let t: Vec<f32> = image_processor::preprocess_mask(&m, (3, 1), 3, 1, &Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert_eq!(t, vec![0., 1., 1.]);
     }
 }

@@ -28,34 +28,13 @@ use candle_core::{Device, Tensor};
 use super::{GenerationRequest, RunContext};
 use crate::error::{Error, Result};
 use crate::image_processor::{interpolate_nearest, preprocess_image, preprocess_mask};
+use crate::loader::ModelFamily;
 use crate::models::autoencoder_kl::AutoencoderKL;
 use crate::schedulers::Scheduler;
 
-/// What a request asks of a pipeline, from its `image` and `mask`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Task {
-    /// No init image: pure noise, the whole schedule.
-    TextToImage,
-    /// An init image, no mask.
-    ImageToImage,
-    /// An init image and a mask (white repaints).
-    Inpaint,
-}
-
-impl Task {
-    /// The task of `request`. Errors for a mask without an image.
-    pub fn of(request: &GenerationRequest) -> Result<Task> {
-        match (&request.image, &request.mask) {
-            (None, None) => Ok(Task::TextToImage),
-            (Some(_), None) => Ok(Task::ImageToImage),
-            (Some(_), Some(_)) => Ok(Task::Inpaint),
-            (None, Some(_)) => Err(Error::invalid(
-                "mask",
-                "a mask needs an init image to repaint: give `image` too",
-            )),
-        }
-    }
-}
+/// The task of a request (moved to `pipelines/task.rs`, beside the rule
+/// that decides it; kept here for its old path).
+pub use super::task::Task;
 
 /// The inpainting inputs the denoising loop uses at every step.
 pub struct InpaintConditioning {
@@ -83,7 +62,8 @@ pub struct PreparedLatents {
 }
 
 /// diffusers' `get_timesteps`: with `steps` steps and `strength` s, the
-/// last `min(floor(steps · s), steps)` steps run; the scheduler starts at
+/// steps `rule` leaves run (Stable Diffusion: the last
+/// `min(floor(steps · s), steps)`); the scheduler starts at
 /// `t_start · order`. Returns that begin index.
 ///
 /// Errors when no step would run (`floor(steps · s) = 0`), naming the
@@ -91,10 +71,11 @@ pub struct PreparedLatents {
 /// refuses it (its image-to-image pipeline would fail later).
 pub fn strength_begin_index(
     scheduler: &mut dyn Scheduler,
+    rule: StrengthRule,
     steps: usize,
     strength: f64,
 ) -> Result<usize> {
-    let t_start = strength_start_step(StrengthRule::Floor, steps, strength)?;
+    let t_start = strength_start_step(rule, steps, strength)?;
     let begin = t_start * scheduler.order();
     if begin >= scheduler.timesteps().len() {
         return Err(Error::invalid(
@@ -106,17 +87,9 @@ pub fn strength_begin_index(
     Ok(begin)
 }
 
-/// How a pipeline shortens its `steps`-step schedule for image-to-image
-/// `strength` s (both follow diffusers' `get_timesteps`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StrengthRule {
-    /// Stable Diffusion (1.x, 2.x, XL): `init = min(floor(steps · s), steps)`
-    /// steps run, so `floor(steps · s) = 0` runs none.
-    Floor,
-    /// FLUX.1: `init = min(steps · s, steps)` keeps its fractional part and
-    /// the run starts at `floor(steps − init)`; only `s = 0` runs no step.
-    Fractional,
-}
+/// How a pipeline shortens its schedule for `strength` (kept with the
+/// model family's facts in the loader; re-exported here for its old path).
+pub use crate::loader::StrengthRule;
 
 /// The index of the first of `steps` steps that runs for `strength` under
 /// `rule` (`t_start`; the scheduler's begin index is `t_start · order`).
@@ -199,6 +172,9 @@ fn encode_sample(
 /// latents + mask + masked-image latents) or 4 (a regular UNet: the kept
 /// region is re-imposed after every step).
 ///
+/// `family` is the model's: its input rule decides the task ([`Task::of`]),
+/// its strength rule how the schedule is shortened.
+///
 /// Errors: a 9-channel UNet without image and mask, a UNet with another
 /// channel count for an image task, a strength out of 0..=1 or too small
 /// to run a step, a mask whose aspect ratio differs from the image's.
@@ -207,17 +183,18 @@ pub fn prepare_latents(
     unet_in_channels: usize,
     mut scheduler: Box<dyn Scheduler>,
     request: &GenerationRequest,
+    family: ModelFamily,
     ctx: &mut RunContext<'_>,
     device: &Device,
 ) -> Result<PreparedLatents> {
-    let task = Task::of(request)?;
+    let task = Task::of(family, request)?;
     let f = vae.config().vae_scale_factor();
     let c = vae.config().latent_channels;
     let batch = request.batch_size();
     let (h, w) = (request.height / f, request.width / f);
     let shape = [batch, c, h, w];
     let inpainting_unet = unet_in_channels == 2 * c + 1;
-    if inpainting_unet && task != Task::Inpaint {
+    if inpainting_unet && !matches!(task, Task::Inpaint(..)) {
         return Err(Error::invalid(
             "mask",
             format!(
@@ -244,13 +221,13 @@ pub fn prepare_latents(
                 inpaint: None,
             });
         }
-        Task::ImageToImage => (request.image.as_ref(), None),
-        Task::Inpaint => (request.image.as_ref(), request.mask.as_ref()),
+        Task::ImageToImage(image) => (image, None),
+        Task::Inpaint(image, mask) => (image, Some(mask)),
     };
-    let image = image.ok_or_else(|| Error::invalid("image", "missing"))?;
     // strength_begin_index checks the strength (range, and that a step runs).
     let begin = strength_begin_index(
         scheduler.as_mut(),
+        family.strength_rule(),
         request.num_inference_steps,
         request.strength,
     )?;

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::DiffusionPipeline;
 use super::{
     decode_to_images, denoise_from, init_image::prepare_latents, load_vae, prepare_scheduler,
     repeat_interleave_batch, tokenize_clip, GenerationOutput, GenerationRequest, Progress,
@@ -31,7 +32,7 @@ pub struct StableDiffusionPipeline {
     vae: AutoencoderKL,
     lora: LoraState,
     /// The model's `scheduler/scheduler_config.json`.
-    pub scheduler_config: serde_json::Value,
+    scheduler_config: serde_json::Value,
     device: Device,
 }
 
@@ -68,61 +69,6 @@ impl StableDiffusionPipeline {
             scheduler_config,
             device: device.clone(),
         })
-    }
-
-    /// The diffusers pipeline class the model declares.
-    pub fn class_name(&self) -> &'static str {
-        self.class_name
-    }
-
-    /// Merge `loras` (stacked, each with its scale) into the text encoder
-    /// and UNet, replacing the adapters merged before; `[]` restores the
-    /// base model. The base weights come from memory, not from disk.
-    ///
-    /// Errors (the pipeline is left as it was): see
-    /// [`crate::lora::merge_deltas`].
-    pub fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
-        if self.lora.active() == loras {
-            return Ok(());
-        }
-        let (deltas, rebuild) = self.lora.plan(loras)?;
-        let text_encoder = self.lora.rebuilt("text_encoder", &deltas, &rebuild, |w| {
-            ClipTextModel::load(w, &self.text_encoder_config)
-        })?;
-        let unet = self.lora.rebuilt("unet", &deltas, &rebuild, |w| {
-            UNet2DConditionModel::load(w, &self.unet_config)
-        })?;
-        if let Some(t) = text_encoder {
-            self.text_encoder = t;
-        }
-        if let Some(u) = unet {
-            self.unet = u;
-        }
-        self.lora.commit(loras, &deltas);
-        Ok(())
-    }
-
-    /// The adapters merged now.
-    pub fn loras(&self) -> &[LoraSpec] {
-        self.lora.active()
-    }
-
-    /// Tensors of the text encoder and UNet read from the weight files so
-    /// far (switching LoRAs reads none).
-    pub fn base_tensor_reads(&self) -> usize {
-        self.lora.base_reads()
-    }
-
-    /// The VAE scale factor (8).
-    pub fn vae_scale_factor(&self) -> usize {
-        self.vae.config().vae_scale_factor()
-    }
-
-    /// Native `(width, height)`: UNet `sample_size` × VAE scale factor.
-    pub fn default_size(&self) -> (usize, usize) {
-        let f = self.vae_scale_factor();
-        let (h, w) = self.unet.config().sample_size().unwrap_or((64, 64));
-        (w * f, h * f)
     }
 
     /// Stage 1: `(prompt_embeds, negative_prompt_embeds)`, each
@@ -162,9 +108,66 @@ impl StableDiffusionPipeline {
         let neg = repeat_interleave_batch(&neg, request.num_images_per_prompt)?;
         Ok((embeds, Some(neg)))
     }
+}
+
+impl DiffusionPipeline for StableDiffusionPipeline {
+    /// The diffusers pipeline class the model declares.
+    fn class_name(&self) -> &'static str {
+        self.class_name
+    }
+
+    /// Merge `loras` (stacked, each with its scale) into the text encoder
+    /// and UNet, replacing the adapters merged before; `[]` restores the
+    /// base model. The base weights come from memory, not from disk.
+    ///
+    /// Errors (the pipeline is left as it was): see
+    /// [`crate::lora::merge_deltas`].
+    fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
+        if self.lora.active() == loras {
+            return Ok(());
+        }
+        let (deltas, rebuild) = self.lora.plan(loras)?;
+        let text_encoder = self.lora.rebuilt("text_encoder", &deltas, &rebuild, |w| {
+            ClipTextModel::load(w, &self.text_encoder_config)
+        })?;
+        let unet = self.lora.rebuilt("unet", &deltas, &rebuild, |w| {
+            UNet2DConditionModel::load(w, &self.unet_config)
+        })?;
+        if let Some(t) = text_encoder {
+            self.text_encoder = t;
+        }
+        if let Some(u) = unet {
+            self.unet = u;
+        }
+        self.lora.commit(loras, &deltas);
+        Ok(())
+    }
+
+    /// The adapters merged now.
+    fn loras(&self) -> &[LoraSpec] {
+        self.lora.active()
+    }
+
+    /// Tensors of the text encoder and UNet read from the weight files so
+    /// far (switching LoRAs reads none).
+    fn base_tensor_reads(&self) -> usize {
+        self.lora.base_reads()
+    }
+
+    /// The VAE scale factor (8).
+    fn vae_scale_factor(&self) -> usize {
+        self.vae.config().vae_scale_factor()
+    }
+
+    /// Native `(width, height)`: UNet `sample_size` × VAE scale factor.
+    fn default_size(&self) -> (usize, usize) {
+        let f = self.vae_scale_factor();
+        let (h, w) = self.unet.config().sample_size().unwrap_or((64, 64));
+        (w * f, h * f)
+    }
 
     /// Run the pipeline.
-    pub fn run(
+    fn run(
         &self,
         request: &GenerationRequest,
         ctx: &mut RunContext<'_>,
@@ -197,6 +200,7 @@ impl StableDiffusionPipeline {
             self.unet.config().in_channels,
             scheduler,
             request,
+            self.family(),
             ctx,
             &self.device,
         )?;
@@ -234,5 +238,13 @@ impl StableDiffusionPipeline {
             timings,
             warnings,
         })
+    }
+
+    fn family(&self) -> ModelFamily {
+        ModelFamily::StableDiffusion
+    }
+
+    fn scheduler_config(&self) -> &serde_json::Value {
+        &self.scheduler_config
     }
 }

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::DiffusionPipeline;
 use super::{
     decode_to_images, denoise_from, init_image::prepare_latents, load_vae, prepare_scheduler,
     repeat_interleave_batch, tokenize_clip, GenerationOutput, GenerationRequest, Progress,
@@ -40,7 +41,7 @@ pub struct StableDiffusionXLPipeline {
     lora: LoraState,
     force_zeros_for_empty_prompt: bool,
     /// The model's `scheduler/scheduler_config.json`.
-    pub scheduler_config: serde_json::Value,
+    scheduler_config: serde_json::Value,
     device: Device,
 }
 
@@ -105,69 +106,6 @@ impl StableDiffusionXLPipeline {
         })
     }
 
-    /// The diffusers pipeline class the model declares.
-    pub fn class_name(&self) -> &'static str {
-        self.class_name
-    }
-
-    /// Merge `loras` (stacked, each with its scale) into both text encoders
-    /// and the UNet, replacing the adapters merged before; `[]` restores
-    /// the base model. The base weights come from memory, not from disk.
-    ///
-    /// Errors (the pipeline is left as it was): see
-    /// [`crate::lora::merge_deltas`].
-    pub fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
-        if self.lora.active() == loras {
-            return Ok(());
-        }
-        let (deltas, rebuild) = self.lora.plan(loras)?;
-        let text_encoder = self.lora.rebuilt("text_encoder", &deltas, &rebuild, |w| {
-            ClipTextModel::load(w, &self.text_encoder_configs[0])
-        })?;
-        let text_encoder_2 = self
-            .lora
-            .rebuilt("text_encoder_2", &deltas, &rebuild, |w| {
-                ClipTextModel::load(w, &self.text_encoder_configs[1])
-            })?;
-        let unet = self.lora.rebuilt("unet", &deltas, &rebuild, |w| {
-            UNet2DConditionModel::load(w, &self.unet_config)
-        })?;
-        if let Some(t) = text_encoder {
-            self.text_encoder = t;
-        }
-        if let Some(t) = text_encoder_2 {
-            self.text_encoder_2 = t;
-        }
-        if let Some(u) = unet {
-            self.unet = u;
-        }
-        self.lora.commit(loras, &deltas);
-        Ok(())
-    }
-
-    /// The adapters merged now.
-    pub fn loras(&self) -> &[LoraSpec] {
-        self.lora.active()
-    }
-
-    /// Tensors of the text encoders and UNet read from the weight files so
-    /// far (switching LoRAs reads none).
-    pub fn base_tensor_reads(&self) -> usize {
-        self.lora.base_reads()
-    }
-
-    /// The VAE scale factor (8).
-    pub fn vae_scale_factor(&self) -> usize {
-        self.vae.config().vae_scale_factor()
-    }
-
-    /// Native `(width, height)`: UNet `sample_size` × VAE scale factor (1024² for SDXL base).
-    pub fn default_size(&self) -> (usize, usize) {
-        let f = self.vae_scale_factor();
-        let (h, w) = self.unet.config().sample_size().unwrap_or((128, 128));
-        (w * f, h * f)
-    }
-
     /// Encode texts with both encoders: penultimate hidden states
     /// concatenated on the feature axis, and the second encoder's projected
     /// pooled output.
@@ -203,9 +141,74 @@ impl StableDiffusionXLPipeline {
         })?;
         Ok(Encoded { embeds, pooled })
     }
+}
+
+impl DiffusionPipeline for StableDiffusionXLPipeline {
+    /// The diffusers pipeline class the model declares.
+    fn class_name(&self) -> &'static str {
+        self.class_name
+    }
+
+    /// Merge `loras` (stacked, each with its scale) into both text encoders
+    /// and the UNet, replacing the adapters merged before; `[]` restores
+    /// the base model. The base weights come from memory, not from disk.
+    ///
+    /// Errors (the pipeline is left as it was): see
+    /// [`crate::lora::merge_deltas`].
+    fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
+        if self.lora.active() == loras {
+            return Ok(());
+        }
+        let (deltas, rebuild) = self.lora.plan(loras)?;
+        let text_encoder = self.lora.rebuilt("text_encoder", &deltas, &rebuild, |w| {
+            ClipTextModel::load(w, &self.text_encoder_configs[0])
+        })?;
+        let text_encoder_2 = self
+            .lora
+            .rebuilt("text_encoder_2", &deltas, &rebuild, |w| {
+                ClipTextModel::load(w, &self.text_encoder_configs[1])
+            })?;
+        let unet = self.lora.rebuilt("unet", &deltas, &rebuild, |w| {
+            UNet2DConditionModel::load(w, &self.unet_config)
+        })?;
+        if let Some(t) = text_encoder {
+            self.text_encoder = t;
+        }
+        if let Some(t) = text_encoder_2 {
+            self.text_encoder_2 = t;
+        }
+        if let Some(u) = unet {
+            self.unet = u;
+        }
+        self.lora.commit(loras, &deltas);
+        Ok(())
+    }
+
+    /// The adapters merged now.
+    fn loras(&self) -> &[LoraSpec] {
+        self.lora.active()
+    }
+
+    /// Tensors of the text encoders and UNet read from the weight files so
+    /// far (switching LoRAs reads none).
+    fn base_tensor_reads(&self) -> usize {
+        self.lora.base_reads()
+    }
+
+    /// The VAE scale factor (8).
+    fn vae_scale_factor(&self) -> usize {
+        self.vae.config().vae_scale_factor()
+    }
+
+    /// Native `(width, height)`: UNet `sample_size` × VAE scale factor (1024² for SDXL base).
+    fn default_size(&self) -> (usize, usize) {
+        let f = self.vae_scale_factor();
+        let (h, w) = self.unet.config().sample_size().unwrap_or((128, 128));
+        (w * f, h * f)
+    }
 
     /// Run the pipeline.
-    pub fn run(
+    fn run(
         &self,
         request: &GenerationRequest,
         ctx: &mut RunContext<'_>,
@@ -270,6 +273,7 @@ impl StableDiffusionXLPipeline {
             self.unet.config().in_channels,
             scheduler,
             request,
+            self.family(),
             ctx,
             &self.device,
         )?;
@@ -311,5 +315,13 @@ impl StableDiffusionXLPipeline {
             timings,
             warnings,
         })
+    }
+
+    fn family(&self) -> ModelFamily {
+        ModelFamily::StableDiffusionXl
+    }
+
+    fn scheduler_config(&self) -> &serde_json::Value {
+        &self.scheduler_config
     }
 }

@@ -1,0 +1,57 @@
+//! Opening a model's components: their weights (memory-mapped safetensors,
+//! or synthesised ones for random-weight models), the LoRA-targetable
+//! weights of a family, and the VAE.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+
+use crate::error::Result;
+use crate::loader::{ModelDir, ModelFamily};
+use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+use crate::models::weights::{RandomSource, SafetensorsSource, TensorSource, Weights};
+
+/// Open a component's weights in their stored dtype: its safetensors files
+/// (memory-mapped), or synthesised f16 weights for a
+/// [`ModelDir::with_random_weights`] model.
+pub fn component_source(model: &ModelDir, component: &str) -> Result<Arc<dyn TensorSource>> {
+    Ok(if model.random_weights() {
+        Arc::new(RandomSource::new(DType::F16))
+    } else {
+        Arc::new(SafetensorsSource::open(&model.weight_files(component)?)?)
+    })
+}
+
+/// The weights of the components LoRA adapters can target in a model of
+/// `family` ([`ModelFamily::lora_components`]), by name, for `LoraState`.
+pub(crate) fn lora_sources(
+    model: &ModelDir,
+    family: ModelFamily,
+) -> Result<Vec<(String, Arc<dyn TensorSource>)>> {
+    family
+        .lora_components()
+        .iter()
+        .map(|c| Ok((c.to_string(), component_source(model, c)?)))
+        .collect()
+}
+
+/// Open a component's weights (see [`component_source`]) as f32 on `device`.
+pub fn component_weights(model: &ModelDir, component: &str, device: &Device) -> Result<Weights> {
+    Ok(Weights::new(
+        component_source(model, component)?,
+        component,
+        DType::F32,
+        device,
+    ))
+}
+
+/// Load the VAE (`with_encoder` for image-to-image) and its config.
+pub fn load_vae(model: &ModelDir, device: &Device, with_encoder: bool) -> Result<AutoencoderKL> {
+    let config: AutoencoderKLConfig =
+        crate::models::read_config(&model.component_dir("vae")?.join("config.json"))?;
+    AutoencoderKL::load(
+        &component_weights(model, "vae", device)?,
+        &config,
+        with_encoder,
+    )
+}

@@ -1,0 +1,59 @@
+//! Per-run inputs that are not part of the request: progress reports, the
+//! cancel token, and the [`RunContext`] that carries them with the noise.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::noise::NoiseSource;
+
+/// A progress report from a running pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// The prompt has been encoded.
+    PromptEncoded,
+    /// Denoising step `step` (1-based) of `total` finished.
+    Step { step: usize, total: usize },
+    /// The latents have been decoded to images.
+    Decoded,
+}
+
+/// A cancel token: cheap to clone, checked before every denoising step.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token that is not canceled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Ask the job to stop at its next check.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`CancelToken::cancel`] was called.
+    pub fn is_canceled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn check(&self) -> Result<()> {
+        if self.is_canceled() {
+            Err(Error::Canceled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Per-run inputs that are not part of the request: where the randomness
+/// comes from, who hears about progress, and how to cancel.
+pub struct RunContext<'a> {
+    /// Gaussian draws in pipeline order (initial latents first).
+    pub noise: &'a mut dyn NoiseSource,
+    /// Called after each stage and each denoising step.
+    pub progress: &'a mut dyn FnMut(Progress),
+    /// Checked before every denoising step.
+    pub cancel: CancelToken,
+}
