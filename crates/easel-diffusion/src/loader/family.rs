@@ -201,6 +201,21 @@ impl ModelFamily {
         }
     }
 
+    /// The components whose weights the family's pipeline loads (other
+    /// model components a repository may ship, such as SD's
+    /// `safety_checker`, are never read): SD `text_encoder`, `unet`, `vae`;
+    /// SDXL also `text_encoder_2`; FLUX `text_encoder` (CLIP),
+    /// `text_encoder_2` (T5), `transformer`, `vae`.
+    pub fn weight_components(self) -> &'static [&'static str] {
+        match self {
+            ModelFamily::StableDiffusion => &["text_encoder", "unet", "vae"],
+            ModelFamily::StableDiffusionXl => &["text_encoder", "text_encoder_2", "unet", "vae"],
+            ModelFamily::Flux | ModelFamily::FluxFill => {
+                &["text_encoder", "text_encoder_2", "transformer", "vae"]
+            }
+        }
+    }
+
     /// The denoiser's name in reports: `transformer` for FLUX, else `UNet`.
     pub fn denoiser_name(self) -> &'static str {
         if self.is_flux() {
