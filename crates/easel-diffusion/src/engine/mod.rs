@@ -1,4 +1,300 @@
-//! The engine's front door (stub while being written).
+//! The engine's front door: every caller (the CLI's `generate`, `bench` and
+//! `flow run`, the server's worker) generates through an [`Engine`].
+//!
+//! An [`Engine`] resolves a model reference ([`crate::loader::resolve_model`]),
+//! loads it through its own cache ([`cache::ModelCache`]: least recently used
+//! first out, within a memory budget spent by
+//! [`memory::estimate_model_bytes`]), merges the job's LoRA adapters, runs a
+//! fully resolved [`Job`] with progress and cancel, and returns 8-bit RGB
+//! images with the parameters that ran ([`JobOutput`]). [`JobRequest::build`]
+//! is the one builder that turns a validated request (easel-core's
+//! `GenerationParams` plus decoded inputs) into a [`Job`], against the
+//! loaded model's [`ModelDefaults`].
+
 pub mod cache;
+pub mod job;
 pub mod memory;
+
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+
+pub use cache::{CachedModel, ModelCache};
+pub use job::{Job, JobOutput, JobRequest, ResolvedLora, ResolvedParams, Task};
 pub use memory::estimate_model_bytes;
+
+use crate::error::{Error, Result};
+use crate::loader::{resolve_model, ModelDir, ModelFamily, ResolveOptions};
+use crate::noise::PerImageGenerators;
+use crate::output::images_to_rgb8;
+use crate::pipelines::{load_pipeline, CancelToken, Pipeline, Progress, RunContext};
+
+/// How an [`Engine`] finds and keeps models.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Where model references resolve (hub cache, model roots, offline).
+    pub resolve: ResolveOptions,
+    /// The model cache's budget in bytes (estimated as
+    /// [`estimate_model_bytes`]); the least recently used models are
+    /// unloaded to fit a new one, and a model larger than the budget still
+    /// loads, alone. `u64::MAX`: never unload.
+    pub cache_budget_bytes: u64,
+    /// Synthesise every weight instead of reading weight files
+    /// (`easel bench --random-weights`).
+    pub random_weights: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            resolve: ResolveOptions::default(),
+            cache_budget_bytes: u64::MAX,
+            random_weights: false,
+        }
+    }
+}
+
+/// What a loaded model uses when a request leaves a field out, and the
+/// facts a request is resolved with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelDefaults {
+    /// The pipeline class (`StableDiffusionPipeline`, ...).
+    pub pipeline: String,
+    /// The model family.
+    pub family: ModelFamily,
+    /// Native width in pixels.
+    pub width: usize,
+    /// Native height in pixels.
+    pub height: usize,
+    /// Default denoising steps.
+    pub steps: usize,
+    /// Default guidance scale.
+    pub guidance_scale: f64,
+    /// Default image-to-image strength (the family's).
+    pub strength: f64,
+    /// The model's own scheduler class.
+    pub scheduler: String,
+    /// Width and height must be multiples of this (pixels): the VAE scale
+    /// factor times the family's latent packing (8; 16 for FLUX).
+    pub size_multiple: usize,
+}
+
+impl ModelDefaults {
+    /// The defaults of a loaded pipeline: the family's facts, and where
+    /// they depend on the model (FLUX.1 schnell vs dev, the UNet's sample
+    /// size), the loaded model's.
+    pub fn of(pipeline: &Pipeline) -> Self {
+        let family = pipeline.family();
+        let (width, height) = pipeline.default_size();
+        Self {
+            pipeline: pipeline.class_name().to_string(),
+            family,
+            width,
+            height,
+            steps: family
+                .default_steps()
+                .unwrap_or_else(|| pipeline.default_steps()),
+            guidance_scale: family
+                .default_guidance_scale()
+                .unwrap_or_else(|| pipeline.default_guidance_scale()),
+            strength: family.default_strength(),
+            scheduler: pipeline.default_scheduler(),
+            size_multiple: family.latent_packing() * pipeline.vae_scale_factor(),
+        }
+    }
+}
+
+/// A model in the engine's cache.
+pub struct LoadedModel {
+    dir: ModelDir,
+    pipeline: Pipeline,
+    defaults: ModelDefaults,
+    bytes: u64,
+    load_time: Duration,
+}
+
+impl LoadedModel {
+    /// The resolved model folder.
+    pub fn dir(&self) -> &ModelDir {
+        &self.dir
+    }
+
+    /// The loaded pipeline.
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.pipeline
+    }
+
+    /// Its defaults.
+    pub fn defaults(&self) -> &ModelDefaults {
+        &self.defaults
+    }
+
+    /// Estimated bytes its weights hold ([`estimate_model_bytes`]).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// How long resolving and loading took.
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+}
+
+/// The engine: a model cache and the way to run jobs on it, on the CPU.
+pub struct Engine {
+    options: EngineOptions,
+    device: Device,
+    cache: ModelCache<LoadedModel>,
+}
+
+impl Engine {
+    /// An engine with an empty cache.
+    pub fn new(options: EngineOptions) -> Self {
+        Self {
+            cache: ModelCache::new(options.cache_budget_bytes),
+            device: Device::Cpu,
+            options,
+        }
+    }
+
+    /// Resolve `reference` (a local folder, a repo id in the hub cache or
+    /// downloaded into it, a registry name) without loading it, e.g. to
+    /// ask its family before loading.
+    ///
+    /// # Errors
+    /// As [`resolve_model`].
+    pub fn resolve(&self, reference: &str) -> Result<ModelDir> {
+        resolve_model(reference, &self.options.resolve)
+    }
+
+    /// The model `reference` names, from the cache or resolved and loaded
+    /// into it (unloading least recently used models to fit the budget).
+    ///
+    /// # Errors
+    /// The model cannot be resolved ([`resolve_model`]) or loaded
+    /// ([`load_pipeline`]).
+    pub fn load(&mut self, reference: &str) -> Result<&LoadedModel> {
+        if !self.cache.contains(reference) {
+            let started = Instant::now();
+            let dir = self.resolve(reference)?;
+            self.insert(reference, dir, started)?;
+        }
+        self.cached(reference)
+    }
+
+    /// [`Engine::load`] for a model already resolved with
+    /// [`Engine::resolve`], cached under `reference`.
+    ///
+    /// # Errors
+    /// As [`load_pipeline`].
+    pub fn load_resolved(&mut self, reference: &str, dir: ModelDir) -> Result<&LoadedModel> {
+        if !self.cache.contains(reference) {
+            self.insert(reference, dir, Instant::now())?;
+        }
+        self.cached(reference)
+    }
+
+    fn cached(&mut self, reference: &str) -> Result<&LoadedModel> {
+        self.cache
+            .get(reference)
+            .ok_or_else(|| Error::invalid("model", "the model cache lost an entry"))
+    }
+
+    fn insert(&mut self, reference: &str, dir: ModelDir, started: Instant) -> Result<()> {
+        let dir = dir.with_random_weights(self.options.random_weights);
+        let bytes = estimate_model_bytes(&dir);
+        for key in self.cache.make_room(bytes) {
+            tracing::info!("model cache: unloaded {key} to fit {bytes} bytes");
+        }
+        let pipeline = load_pipeline(&dir, &self.device)?;
+        let load_time = started.elapsed();
+        tracing::info!(
+            "loaded {reference} ({}) in {:.2}s, ~{} MiB",
+            pipeline.class_name(),
+            load_time.as_secs_f64(),
+            bytes >> 20
+        );
+        let defaults = ModelDefaults::of(&pipeline);
+        self.cache.insert(
+            reference.to_string(),
+            LoadedModel {
+                dir,
+                pipeline,
+                defaults,
+                bytes,
+                load_time,
+            },
+            bytes,
+        );
+        Ok(())
+    }
+
+    /// Whether the model `reference` names is in the cache.
+    pub fn is_loaded(&self, reference: &str) -> bool {
+        self.cache.contains(reference)
+    }
+
+    /// The models in the cache, most recently used first.
+    pub fn loaded(&self) -> Vec<CachedModel> {
+        self.cache.list()
+    }
+
+    /// Run `job`: load its model (see [`Engine::load`]), merge its LoRA
+    /// adapters (an unchanged set is a no-op; a switch rebuilds the
+    /// affected components from weights in memory), run the pipeline with
+    /// one seeded generator per image, calling `progress` after each stage
+    /// and step and stopping at the next step once `cancel` fires, and
+    /// quantise the images to 8-bit RGB.
+    ///
+    /// # Errors
+    /// [`Error::Canceled`]; the model cannot be loaded; a LoRA that does not
+    /// fit the model; a request the pipeline refuses (naming the field).
+    pub fn run(
+        &mut self,
+        job: &Job,
+        progress: &mut dyn FnMut(Progress),
+        cancel: &CancelToken,
+    ) -> Result<JobOutput> {
+        self.load(&job.model)?;
+        let model = self
+            .cache
+            .get_mut(&job.model)
+            .ok_or_else(|| Error::invalid("model", "the model cache lost an entry"))?;
+        model.pipeline.set_loras(&job.loras)?;
+        let request = job.generation_request();
+        let mut noise = PerImageGenerators::new(&job.seeds);
+        let mut ctx = RunContext {
+            noise: &mut noise,
+            progress,
+            cancel: cancel.clone(),
+        };
+        let output = model.pipeline.run(&request, &mut ctx)?;
+        let images = images_to_rgb8(&output.images)?;
+        Ok(JobOutput {
+            images,
+            params: ResolvedParams {
+                pipeline: model.pipeline.class_name().to_string(),
+                scheduler: output.scheduler,
+                sigma_schedule: output.sigma_schedule,
+                seeds: job.seeds.clone(),
+                width: job.width,
+                height: job.height,
+                steps: job.steps,
+                guidance_scale: job.guidance_scale,
+                strength: job.image.is_some().then_some(job.strength),
+                task: job.task(),
+                loras: job
+                    .loras
+                    .iter()
+                    .map(|l| ResolvedLora {
+                        path: l.path.clone(),
+                        scale: l.scale,
+                    })
+                    .collect(),
+                tiling: job.tiling,
+                warnings: output.warnings,
+            },
+            timings: output.timings,
+        })
+    }
+}

@@ -111,10 +111,24 @@ impl ModelFamily {
     /// [`Self::latent_packing`]).
     pub fn size_multiple(self) -> u32 {
         if self.is_flux() {
-            16
+            easel_core::params::FLUX_SIZE_MULTIPLE
         } else {
-            8
+            easel_core::params::DEFAULT_SIZE_MULTIPLE
         }
+    }
+
+    /// A width or height rounded to the nearest multiple of
+    /// [`Self::size_multiple`] (at least one multiple), for a family that
+    /// rounds sizes instead of refusing them: FLUX, as hosted FLUX APIs do
+    /// (diffusers rounds down with a warning). `None` when `value` already
+    /// is a multiple, or the family refuses other sizes (Stable Diffusion:
+    /// the request's validation names the allowed multiple).
+    pub fn round_size(self, value: u32) -> Option<u32> {
+        let m = self.size_multiple();
+        if !self.is_flux() || (value % m == 0 && value > 0) {
+            return None;
+        }
+        Some(((value + m / 2) / m * m).max(m))
     }
 
     /// The default number of denoising steps of the family: 25 for Stable
@@ -142,12 +156,12 @@ impl ModelFamily {
     }
 
     /// The default image-to-image / inpainting strength: 1.0 (the whole
-    /// schedule) for FLUX.1 Fill, else 0.8 (`pipelines::DEFAULT_STRENGTH`),
+    /// schedule) for FLUX.1 Fill, else 0.8 (easel-core's `DEFAULT_STRENGTH`),
     /// as diffusers' pipelines.
     pub fn default_strength(self) -> f64 {
         match self {
             ModelFamily::FluxFill => 1.0,
-            _ => crate::pipelines::DEFAULT_STRENGTH,
+            _ => easel_core::request::DEFAULT_STRENGTH,
         }
     }
 
@@ -250,5 +264,10 @@ mod tests {
         assert_eq!(sdxl, ModelFamily::StableDiffusionXl);
         assert_eq!(sdxl.size_multiple(), 8);
         assert_eq!(sdxl.default_steps(), Some(25));
+        assert_eq!(flux.round_size(1024), None);
+        assert_eq!(flux.round_size(1001), Some(1008));
+        assert_eq!(flux.round_size(999), Some(992));
+        assert_eq!(flux.round_size(3), Some(16));
+        assert_eq!(sdxl.round_size(1001), None);
     }
 }
