@@ -311,7 +311,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     // A family that rounds sizes (FLUX, to multiples of 16) does so with a
     // notice; the others take multiples of 8 and refuse anything else.
     let (arg_width, arg_height) = match dir.family() {
-        Some(family) if family.round_size(1).is_some() => (
+        Some(family) if family.rounds_sizes() => (
             args.width.map(|w| round_size(family, "width", w, quiet)),
             args.height.map(|h| round_size(family, "height", h, quiet)),
         ),

@@ -25,6 +25,9 @@ pub use memory::estimate_model_bytes;
 
 use crate::error::{Error, Result};
 use crate::loader::{resolve_model, ModelDir, ModelFamily, ResolveOptions};
+use crate::models::flux_transformer::FluxTransformer2DConfig;
+use crate::models::read_config;
+use crate::models::unet_2d_condition::UNet2DConditionConfig;
 use crate::noise::PerImageGenerators;
 use crate::output::images_to_rgb8;
 use crate::pipelines::{load_pipeline, CancelToken, Pipeline, Progress, RunContext};
@@ -80,27 +83,45 @@ pub struct ModelDefaults {
 }
 
 impl ModelDefaults {
-    /// The defaults of a loaded pipeline: the family's facts, and where
-    /// they depend on the model (FLUX.1 schnell vs dev, the UNet's sample
-    /// size), the loaded model's.
-    pub fn of(pipeline: &Pipeline) -> Self {
+    /// The defaults of a loaded pipeline of `model`: the family's facts
+    /// (`pipeline.family()`), and where they differ between the family's
+    /// models, the model's configs: a UNet's `sample_size` (native size),
+    /// a FLUX transformer's `guidance_embeds` (schnell or dev).
+    ///
+    /// # Errors
+    /// A UNet or transformer config that cannot be read (the load read it
+    /// before, so only a folder changed in between).
+    pub fn of(pipeline: &Pipeline, model: &ModelDir) -> Result<Self> {
         let family = pipeline.family();
-        let (width, height) = pipeline.default_size();
-        Self {
+        let vae_scale_factor = pipeline.vae_scale_factor();
+        let sample = if family.sample_size_in_config() {
+            let config = UNet2DConditionConfig::from_file(
+                &model.component_dir("unet")?.join("config.json"),
+            )?;
+            config.sample_size()
+        } else {
+            None
+        };
+        let (h, w) = sample.unwrap_or((family.default_sample_size(), family.default_sample_size()));
+        let guidance_embeds = match model.component("transformer") {
+            Some(_) => {
+                let config: FluxTransformer2DConfig =
+                    read_config(&model.component_dir("transformer")?.join("config.json"))?;
+                config.guidance_embeds
+            }
+            None => false,
+        };
+        Ok(Self {
             pipeline: pipeline.class_name().to_string(),
             family,
-            width,
-            height,
-            steps: family
-                .default_steps()
-                .unwrap_or_else(|| pipeline.default_steps()),
-            guidance_scale: family
-                .default_guidance_scale()
-                .unwrap_or_else(|| pipeline.default_guidance_scale()),
+            width: w * vae_scale_factor,
+            height: h * vae_scale_factor,
+            steps: family.default_steps_for(guidance_embeds),
+            guidance_scale: family.default_guidance_scale_for(guidance_embeds),
             strength: family.default_strength(),
             scheduler: pipeline.default_scheduler(),
-            size_multiple: family.latent_packing() * pipeline.vae_scale_factor(),
-        }
+            size_multiple: family.latent_packing() * vae_scale_factor,
+        })
     }
 }
 
@@ -214,7 +235,7 @@ impl Engine {
             load_time.as_secs_f64(),
             bytes >> 20
         );
-        let defaults = ModelDefaults::of(&pipeline);
+        let defaults = ModelDefaults::of(&pipeline, &dir)?;
         self.cache.insert(
             reference.to_string(),
             LoadedModel {

@@ -117,15 +117,22 @@ impl ModelFamily {
         }
     }
 
+    /// Whether a width or height that is not a multiple of
+    /// [`Self::size_multiple`] is rounded to the nearest one (with a notice)
+    /// instead of refused: FLUX rounds, as hosted FLUX APIs do (diffusers
+    /// rounds down with a warning); Stable Diffusion refuses, and the
+    /// request's validation names the allowed multiple.
+    pub fn rounds_sizes(self) -> bool {
+        self.is_flux()
+    }
+
     /// A width or height rounded to the nearest multiple of
-    /// [`Self::size_multiple`] (at least one multiple), for a family that
-    /// rounds sizes instead of refusing them: FLUX, as hosted FLUX APIs do
-    /// (diffusers rounds down with a warning). `None` when `value` already
-    /// is a multiple, or the family refuses other sizes (Stable Diffusion:
-    /// the request's validation names the allowed multiple).
+    /// [`Self::size_multiple`] (at least one multiple) for a family that
+    /// [rounds sizes](Self::rounds_sizes); `None` when `value` already is a
+    /// multiple, or the family refuses other sizes.
     pub fn round_size(self, value: u32) -> Option<u32> {
         let m = self.size_multiple();
-        if !self.is_flux() || (value % m == 0 && value > 0) {
+        if !self.rounds_sizes() || (value % m == 0 && value > 0) {
             return None;
         }
         Some(((value + m / 2) / m * m).max(m))
@@ -153,6 +160,49 @@ impl ModelFamily {
             ModelFamily::FluxFill => Some(30.0),
             ModelFamily::Flux => None,
         }
+    }
+
+    /// The default number of denoising steps of one model of the family:
+    /// [`Self::default_steps`], and for `FluxPipeline`, where it depends on
+    /// the model, 28 when its transformer embeds the guidance scale
+    /// (`guidance_embeds`: FLUX.1 dev) and 4 when not (schnell), as the
+    /// model cards recommend.
+    pub fn default_steps_for(self, guidance_embeds: bool) -> usize {
+        match self.default_steps() {
+            Some(steps) => steps,
+            None if guidance_embeds => 28,
+            None => 4,
+        }
+    }
+
+    /// The default guidance scale of one model of the family:
+    /// [`Self::default_guidance_scale`], and for `FluxPipeline` 3.5 when
+    /// its transformer embeds the guidance scale (dev) and 0 when not
+    /// (schnell has no guidance).
+    pub fn default_guidance_scale_for(self, guidance_embeds: bool) -> f64 {
+        match self.default_guidance_scale() {
+            Some(scale) => scale,
+            None if guidance_embeds => 3.5,
+            None => 0.0,
+        }
+    }
+
+    /// The native size in latent pixels (times the VAE scale factor: the
+    /// image size) when the model's config does not give one: 64 for SD
+    /// 1.x/2.x (512²), 128 for SDXL (1024²) and FLUX (diffusers'
+    /// `default_sample_size`; FLUX's transformer has no `sample_size`).
+    pub fn default_sample_size(self) -> usize {
+        match self {
+            ModelFamily::StableDiffusion => 64,
+            ModelFamily::StableDiffusionXl | ModelFamily::Flux | ModelFamily::FluxFill => 128,
+        }
+    }
+
+    /// Whether a model's denoiser config can set its native size
+    /// (`sample_size` of a Stable Diffusion UNet); FLUX always uses
+    /// [`Self::default_sample_size`].
+    pub fn sample_size_in_config(self) -> bool {
+        !self.is_flux()
     }
 
     /// The default image-to-image / inpainting strength: 1.0 (the whole
@@ -269,5 +319,14 @@ mod tests {
         assert_eq!(flux.round_size(999), Some(992));
         assert_eq!(flux.round_size(3), Some(16));
         assert_eq!(sdxl.round_size(1001), None);
+        // Per-model defaults: schnell (no guidance embedding) vs dev.
+        assert_eq!(flux.default_steps_for(false), 4);
+        assert_eq!(flux.default_steps_for(true), 28);
+        assert_eq!(flux.default_guidance_scale_for(false), 0.0);
+        assert_eq!(flux.default_guidance_scale_for(true), 3.5);
+        assert_eq!(ModelFamily::FluxFill.default_steps_for(true), 50);
+        assert_eq!(sdxl.default_guidance_scale_for(false), 7.5);
+        assert_eq!(ModelFamily::StableDiffusion.default_sample_size(), 64);
+        assert_eq!(sdxl.default_sample_size(), 128);
     }
 }
