@@ -319,3 +319,90 @@ impl Engine {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use easel_core::GenerationParams;
+
+    fn fixture(name: &str) -> String {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models")
+            .join(name)
+            .display()
+            .to_string()
+    }
+
+    #[test]
+    fn runs_a_resolved_job_and_reports_what_ran() {
+        let mut engine = Engine::new(EngineOptions::default());
+        let sd15 = fixture("tiny-sd15");
+        let defaults = engine.load(&sd15).unwrap().defaults().clone();
+        assert_eq!(defaults.family, ModelFamily::StableDiffusion);
+        assert_eq!((defaults.steps, defaults.guidance_scale), (25, 7.5));
+        let job = JobRequest::new(
+            sd15.clone(),
+            GenerationParams {
+                steps: Some(2),
+                width: Some(32),
+                height: Some(16),
+                seed: Some(4),
+                batch_size: Some(2),
+                scheduler: Some("euler".into()),
+                ..GenerationParams::new("a red house")
+            },
+        )
+        .build(&defaults)
+        .unwrap();
+        let mut steps = Vec::new();
+        let out = engine
+            .run(
+                &job,
+                &mut |p| {
+                    if let Progress::Step { step, total } = p {
+                        steps.push((step, total));
+                    }
+                },
+                &CancelToken::new(),
+            )
+            .unwrap();
+        assert_eq!(steps, [(1, 2), (2, 2)]);
+        assert_eq!(out.images.len(), 2);
+        assert!(out.images.iter().all(|i| i.len() == 32 * 16 * 3));
+        assert_ne!(out.images[0], out.images[1], "each image has its own seed");
+        let p = &out.params;
+        assert_eq!(p.seeds, [4, 5]);
+        assert_eq!((p.width, p.height, p.steps), (32, 16, 2));
+        assert_eq!(p.scheduler, "EulerDiscreteScheduler");
+        assert_eq!(p.pipeline, "StableDiffusionPipeline");
+        assert_eq!(p.task, Task::TextToImage);
+
+        // A canceled token stops the job before any step.
+        let canceled = CancelToken::new();
+        canceled.cancel();
+        assert!(matches!(
+            engine.run(&job, &mut |_| {}, &canceled),
+            Err(Error::Canceled)
+        ));
+    }
+
+    #[test]
+    fn the_cache_unloads_the_least_recently_used_model_to_fit_its_budget() {
+        let (sd15, sd2) = (fixture("tiny-sd15"), fixture("tiny-sd2-v"));
+        let one = estimate_model_bytes(&ModelDir::open(&sd15).unwrap());
+        assert!(one > 0);
+        // Room for one of the two (they are the same size to within 1 %).
+        let mut engine = Engine::new(EngineOptions {
+            cache_budget_bytes: one + one / 2,
+            ..EngineOptions::default()
+        });
+        engine.load(&sd15).unwrap();
+        assert!(engine.is_loaded(&sd15));
+        engine.load(&sd2).unwrap();
+        let keys: Vec<String> = engine.loaded().into_iter().map(|m| m.key).collect();
+        assert_eq!(keys, [sd2.clone()]);
+        assert!(engine.loaded()[0].bytes > 0);
+        // A reference that resolves to nothing is an error, not a panic.
+        assert!(engine.load("/no/such/model").is_err());
+    }
+}
