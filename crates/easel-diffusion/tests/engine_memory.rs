@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use candle_core::Device;
 use easel_diffusion::engine::estimate_model_bytes;
-use easel_diffusion::loader::ModelDir;
+use easel_diffusion::loader::{ModelDir, ModelFamily};
 use easel_diffusion::pipelines::load_pipeline;
 use easel_diffusion::tokenizer::{ClipTokenizer, T5Tokenizer};
 
@@ -69,14 +69,14 @@ fn live() -> i64 {
 fn tokenizer_bytes(model: &ModelDir) -> i64 {
     let before = live();
     let clip = ClipTokenizer::from_dir(model.component_dir("tokenizer").unwrap()).unwrap();
-    let second: Option<Box<dyn std::any::Any>> = match model.component("tokenizer_2") {
-        None => None,
-        Some(c) if c.class_name.starts_with("T5") => Some(Box::new(
+    let second: Option<Box<dyn std::any::Any>> = match model.family() {
+        Some(ModelFamily::Flux | ModelFamily::FluxFill) => Some(Box::new(
             T5Tokenizer::from_dir(model.component_dir("tokenizer_2").unwrap()).unwrap(),
         )),
-        Some(_) => Some(Box::new(
+        Some(ModelFamily::StableDiffusionXl) => Some(Box::new(
             ClipTokenizer::from_dir(model.component_dir("tokenizer_2").unwrap()).unwrap(),
         )),
+        _ => None,
     };
     let bytes = live() - before;
     drop((clip, second));
