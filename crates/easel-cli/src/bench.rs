@@ -6,11 +6,12 @@ use std::time::Duration;
 use anyhow::Result;
 use candle_core::DType;
 use clap::Args;
+use easel_core::GenerationParams;
+use easel_diffusion::engine::JobRequest;
 use easel_diffusion::models::layers::measure_matmul_gflops;
-use easel_diffusion::noise::PerImageGenerators;
-use easel_diffusion::pipelines::{CancelToken, GenerationRequest, RunContext};
+use easel_diffusion::pipelines::CancelToken;
 
-use crate::generate::{load_model, parse_bool_env};
+use crate::generate::{local_engine, parse_bool_env};
 
 /// Arguments of `easel bench`.
 #[derive(Args, Debug)]
@@ -76,33 +77,29 @@ struct Row {
 }
 
 pub fn run(args: BenchArgs) -> Result<ExitCode> {
-    let model = load_model(&args.model, args.offline, args.random_weights)?;
-    let (w, h) = model.pipeline.default_size();
-    let guidance_scale = args
-        .guidance_scale
-        .unwrap_or(model.pipeline.default_guidance_scale());
-    let request = GenerationRequest {
-        prompts: vec![args.prompt.clone()],
-        negative_prompts: vec![],
-        num_images_per_prompt: args.batch_size,
-        num_inference_steps: args.steps,
-        guidance_scale,
-        width: args.width.unwrap_or(w),
-        height: args.height.unwrap_or(h),
-        scheduler: args.scheduler.clone(),
-        ..Default::default()
-    };
-    let seeds: Vec<u64> = (0..args.batch_size as u64).collect();
+    let mut engine = local_engine(args.offline, args.random_weights);
+    let model = engine.load(&args.model)?;
+    let load_time = model.load_time();
+    let defaults = model.defaults().clone();
+    let family = defaults.family;
+    let job = JobRequest::new(
+        args.model.clone(),
+        GenerationParams {
+            steps: Some(args.steps as u32),
+            guidance_scale: args.guidance_scale,
+            width: args.width.map(|w| w as u32),
+            height: args.height.map(|h| h as u32),
+            seed: Some(0),
+            batch_size: Some(args.batch_size as u32),
+            scheduler: args.scheduler.clone(),
+            ..GenerationParams::new(args.prompt.clone())
+        },
+    )
+    .build(&defaults)?;
+    let guidance_scale = job.guidance_scale;
     let mut rows = Vec::new();
     for run in 0..=args.runs {
-        let mut noise = PerImageGenerators::new(&seeds);
-        let mut progress = |_| {};
-        let mut ctx = RunContext {
-            noise: &mut noise,
-            progress: &mut progress,
-            cancel: CancelToken::new(),
-        };
-        let out = model.pipeline.run(&request, &mut ctx)?;
+        let out = engine.run(&job, &mut |_| {}, &CancelToken::new())?;
         let t = out.timings;
         let label = if run == 0 { "warm-up" } else { "run" };
         eprintln!("{label} {run}: {:.2}s", t.total.as_secs_f64());
@@ -125,28 +122,28 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         .min_by_key(|r| r.total)
         .expect("at least one run");
     // FLUX embeds the guidance scale: one transformer pass per step.
-    let guided = guidance_scale > 1.0 && model.pipeline.family().takes_negative_prompt();
+    let guided = guidance_scale > 1.0 && family.takes_negative_prompt();
     println!(
         "model: {} ({}), {}x{}, {} steps, batch {}, guidance {} ({} {} pass{} per step), device cpu, f32",
         args.model,
-        model.pipeline.class_name(),
-        request.width,
-        request.height,
+        defaults.pipeline,
+        job.width,
+        job.height,
         args.steps,
         args.batch_size,
         guidance_scale,
         if guided { 2 } else { 1 },
-        model.pipeline.family().denoiser_name(),
+        family.denoiser_name(),
         if guided { "es" } else { "" },
     );
     println!("| stage | seconds |");
     println!("| --- | --- |");
-    println!("| model load | {:.3} |", model.load_time.as_secs_f64());
+    println!("| model load | {:.3} |", load_time.as_secs_f64());
     println!("| text encoding | {:.3} |", best.text.as_secs_f64());
     println!("| denoising step (mean) | {:.3} |", best.step.as_secs_f64());
     println!(
         "| {} call (mean; {:.3} TFLOP) | {:.3} |",
-        model.pipeline.family().denoiser_name(),
+        family.denoiser_name(),
         best.flops_per_call / 1e12,
         best.call.as_secs_f64()
     );
@@ -173,17 +170,14 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     println!();
     println!("| throughput | GFLOP/s |");
     println!("| --- | --- |");
-    println!(
-        "| {} effective | {effective:.1} |",
-        model.pipeline.family().denoiser_name()
-    );
+    println!("| {} effective | {effective:.1} |", family.denoiser_name());
     if !args.no_peak {
         for (label, dtype) in [("f32", DType::F32), ("bf16", DType::BF16)] {
             match measure_matmul_gflops(dtype, 2048, 3) {
                 Ok(peak) => println!(
                     "| machine {label} matmul peak (2048³) | {peak:.1} ({:.0} % used by the {}) |",
                     100.0 * effective / peak,
-                    model.pipeline.family().denoiser_name()
+                    family.denoiser_name()
                 ),
                 Err(e) => println!("| machine {label} matmul peak | unavailable: {e} |"),
             }

@@ -1,12 +1,15 @@
 //! `easel flow run` / `easel flow validate`: flows on this machine.
 //!
-//! Image steps run on the local engine ([`LocalBackend`]): every image
-//! definition of a step in one job, models loaded once per `easel` process,
-//! files stored under `DATA_DIR/assets/<job>/` and returned as asset records
-//! with `file://` URLs. Trainings, inference packs and LoRAs live in the
-//! server's stores, so flows that use them need the server.
+//! Image steps run on the local engine ([`LocalBackend`]) through the same
+//! front door and job builder as `easel generate`
+//! ([`easel_diffusion::engine`]): every image definition of a step in one
+//! job, `image`, `mask`, `strength`, `loras` (by `path`, or a Hugging Face
+//! repo id as `url`) and `tiling` as `easel generate` takes them, models kept
+//! in the engine's cache within `--model-cache-bytes`, files stored under
+//! `DATA_DIR/assets/<job>/` and returned as asset records with `file://`
+//! URLs. Trainings and inference packs live in the server's stores, so
+//! flows that use them need the server.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -14,9 +17,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Subcommand};
-use easel_core::{encode_image, write_atomic, GenerationParams, ImageMetadata, RgbImageRef};
-use easel_diffusion::noise::PerImageGenerators;
-use easel_diffusion::pipelines::{CancelToken, GenerationRequest, Progress, RunContext};
+use easel_core::{encode_image, write_atomic, ImageDefinition, ImageMetadata, RgbImageRef};
+use easel_diffusion::engine::{Engine, EngineOptions, JobRequest};
+use easel_diffusion::loader::ResolveOptions;
+use easel_diffusion::lora::{resolve_lora, LoraSpec};
+use easel_diffusion::pipelines::{CancelToken, Progress};
 use easel_diffusion::Error as EngineError;
 use easel_flow::document::parse_json_or_json5;
 use easel_flow::{
@@ -25,8 +30,8 @@ use easel_flow::{
 };
 use serde_json::{Map, Value};
 
-use crate::generate::{load_model, parse_bool_env, LoadedModel};
-use easel_diffusion::output::images_to_rgb8;
+use crate::generate::parse_bool_env;
+use crate::inputs::load_image_and_mask_as;
 
 /// `easel flow ...`
 #[derive(Subcommand, Debug)]
@@ -37,6 +42,10 @@ pub enum FlowCommand {
     /// Check a flow (and an input) without running anything.
     Validate(ValidateArgs),
 }
+
+/// The default `--model-cache-bytes`: 16 GiB, as the server's
+/// `model_cache_bytes`.
+pub const DEFAULT_MODEL_CACHE_BYTES: u64 = 16 << 30;
 
 /// Arguments of `easel flow run`.
 #[derive(Args, Debug)]
@@ -55,6 +64,11 @@ pub struct RunArgs {
     /// Never download models: use only models already on disk.
     #[arg(long, env = "HF_HUB_OFFLINE", value_parser = parse_bool_env)]
     pub offline: bool,
+    /// Memory budget of the loaded-model cache, in bytes (estimated from the
+    /// weights as loaded); least recently used models are unloaded to stay
+    /// within it, as the server's `model_cache_bytes`.
+    #[arg(long, env = "EASEL_MODEL_CACHE_BYTES", default_value_t = DEFAULT_MODEL_CACHE_BYTES)]
+    pub model_cache_bytes: u64,
     /// OpenAI-compatible chat-completions server for ObjectGenerator steps
     /// (e.g. http://127.0.0.1:8080/v1).
     #[arg(long, env = "EASEL_LLM_URL")]
@@ -136,7 +150,11 @@ fn run_flow(args: RunArgs) -> Result<ExitCode> {
     let input = read_input(&args.input)?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
-    let backend = Arc::new(LocalBackend::new(args.data_dir.clone(), args.offline)?);
+    let backend = Arc::new(LocalBackend::new(
+        args.data_dir.clone(),
+        args.offline,
+        args.model_cache_bytes,
+    )?);
     let runner = FlowRunner::new(StepRegistry::standard(backend, chat_config(&args)?));
     let flow = match runner.load(&text) {
         Ok(flow) => flow,
@@ -249,26 +267,13 @@ fn print_run(run: &FlowRun) {
     }
 }
 
-/// Fields of the native request this backend cannot serve yet, and why.
-const UNSUPPORTED: [(&str, &str); 9] = [
+/// Fields of the native request this backend cannot serve, and why.
+const UNSUPPORTED: [(&str, &str); 5] = [
     ("trainingId", "trainings are registered in the easel server"),
     ("scale", "trainings are registered in the easel server"),
     (
-        "loras",
-        "LoRAs are not applied by the CLI's flow backend yet",
-    ),
-    (
         "inferencePackId",
         "inference packs are stored in the easel server",
-    ),
-    (
-        "image",
-        "image-to-image is not in the CLI's flow backend yet",
-    ),
-    ("mask", "inpainting is not in the CLI's flow backend yet"),
-    (
-        "strength",
-        "image-to-image is not in the CLI's flow backend yet",
     ),
     ("aspectRatio", "use width and height"),
     ("megapixels", "use width and height"),
@@ -278,40 +283,73 @@ const UNSUPPORTED: [(&str, &str); 9] = [
 pub struct LocalBackend {
     data_dir: PathBuf,
     offline: bool,
-    models: Mutex<HashMap<String, Arc<LoadedModel>>>,
+    engine: Mutex<Engine>,
 }
 
 impl LocalBackend {
-    /// A backend storing files under `data_dir/assets`.
-    pub fn new(data_dir: PathBuf, offline: bool) -> Result<Self> {
+    /// A backend storing files under `data_dir/assets`, keeping loaded
+    /// models within `model_cache_bytes` (estimated).
+    pub fn new(data_dir: PathBuf, offline: bool, model_cache_bytes: u64) -> Result<Self> {
         let data_dir = data_dir
             .canonicalize()
             .with_context(|| format!("data directory {}", data_dir.display()))?;
+        let engine = Engine::new(EngineOptions {
+            resolve: ResolveOptions {
+                offline,
+                progress: true,
+                ..ResolveOptions::default()
+            },
+            cache_budget_bytes: model_cache_bytes,
+            random_weights: false,
+        });
         Ok(Self {
             data_dir,
             offline,
-            models: Mutex::new(HashMap::new()),
+            engine: Mutex::new(engine),
         })
     }
 
-    fn model(&self, reference: &str) -> Result<Arc<LoadedModel>, String> {
-        let mut models = self
-            .models
-            .lock()
-            .map_err(|_| "model cache poisoned".to_string())?;
-        if let Some(model) = models.get(reference) {
-            return Ok(model.clone());
+    /// The LoRA files of `definition`'s `loras` (by `path`, or a Hugging
+    /// Face repo id or file as `url`), resolved as `easel generate --lora`
+    /// resolves them; `prefix` is the definition's field path.
+    fn loras(
+        &self,
+        definition: &ImageDefinition,
+        prefix: &str,
+    ) -> Result<Vec<LoraSpec>, StepError> {
+        let options = ResolveOptions {
+            offline: self.offline,
+            progress: true,
+            ..ResolveOptions::default()
+        };
+        let mut specs = Vec::new();
+        for (j, lora) in definition.loras.iter().flatten().enumerate() {
+            let (field, reference) = match (&lora.path, &lora.url, &lora.id) {
+                (Some(path), _, _) => ("path", path),
+                (None, Some(url), _) => ("url", url),
+                _ => {
+                    return Err(StepError::failed(format!(
+                        "{prefix}.loras[{j}].id: not supported by `easel flow run` (trainings are \
+                         registered in the easel server); give `path` or `url`, or run this flow on the easel server"
+                    )))
+                }
+            };
+            let path = resolve_lora(reference, &options)
+                .map_err(|e| StepError::failed(format!("{prefix}.loras[{j}].{field}: {e}")))?;
+            specs.push(LoraSpec::new(
+                path,
+                lora.scale
+                    .unwrap_or(easel_core::request::DEFAULT_LORA_SCALE),
+            ));
         }
-        let model =
-            Arc::new(load_model(reference, self.offline, false).map_err(|e| format!("{e:#}"))?);
-        models.insert(reference.to_string(), model.clone());
-        Ok(model)
+        Ok(specs)
     }
 }
 
 /// The image definitions of a request with the global values merged in
-/// (per-image values win), parsed and validated.
-fn image_definitions(request: &Value) -> Result<Vec<GenerationParams>, StepError> {
+/// (per-image values win), parsed and validated as the server's
+/// ImageGenerator steps are (`ImageDefinition::validate`).
+fn image_definitions(request: &Value) -> Result<Vec<ImageDefinition>, StepError> {
     let fail = |path: String, message: String| StepError::failed(format!("{path}: {message}"));
     let Some(map) = request.as_object() else {
         return Err(StepError::failed("parameters: must be an object"));
@@ -351,18 +389,18 @@ fn image_definitions(request: &Value) -> Result<Vec<GenerationParams>, StepError
                 merged.insert(key.clone(), value.clone());
             }
         }
-        let params: GenerationParams = serde_json::from_value(Value::Object(merged))
+        let definition: ImageDefinition = serde_json::from_value(Value::Object(merged))
             .map_err(|e| fail(prefix.clone(), e.to_string()))?;
-        params
-            .validate_with(&easel_core::ValidateOptions::default().field_prefix(prefix.clone()))
-            .map_err(|e| StepError::failed(e.to_string()))?;
-        if params.base_model.is_none() {
+        if definition.base_model.is_none() {
             return Err(fail(
                 format!("{prefix}.baseModel"),
                 "missing: set `baseModel` on the step or on this image".to_string(),
             ));
         }
-        out.push(params);
+        definition
+            .validate(&easel_core::ValidateOptions::default().field_prefix(prefix.clone()))
+            .map_err(|e| StepError::failed(e.to_string()))?;
+        out.push(definition);
     }
     Ok(out)
 }
@@ -397,47 +435,63 @@ impl ImageBackend for LocalBackend {
             .map_err(|e| StepError::failed(format!("creating {}: {e}", dir.display())))?;
         let total_steps: u64 = definitions
             .iter()
-            .map(|p| u64::from(p.steps.unwrap_or(25)))
+            .map(|d| u64::from(d.steps.unwrap_or(25)))
             .sum();
+        let mut engine = self
+            .engine
+            .lock()
+            .map_err(|_| StepError::failed("the model cache is poisoned"))?;
         let mut done_steps = 0u64;
         let mut assets = Vec::new();
-        for (i, params) in definitions.iter().enumerate() {
+        for (i, definition) in definitions.iter().enumerate() {
             if ctx.is_canceled() {
                 return Err(StepError::canceled());
             }
+            let prefix = format!("parameters.images[{i}]");
+            let params = definition
+                .generation_params()
+                .map_err(|e| StepError::failed(e.with_prefix(&prefix).to_string()))?;
             let reference = params.base_model.clone().unwrap_or_default();
-            let model = self
-                .model(&reference)
-                .map_err(|e| StepError::failed(format!("parameters.images[{i}].baseModel: {e}")))?;
-            let pipeline = &model.pipeline;
-            let (native_w, native_h) = pipeline.default_size();
-            let width = params.width.unwrap_or(native_w as u32);
-            let height = params.height.unwrap_or(native_h as u32);
-            let steps = params.steps.unwrap_or(pipeline.default_steps() as u32);
-            let guidance_scale = params
-                .guidance_scale
-                .unwrap_or(pipeline.default_guidance_scale());
-            let seed = params.seed.unwrap_or_else(rand::random::<u64>);
-            let seeds: Vec<u64> = (0..u64::from(params.batch_size_or_default()))
-                .map(|b| seed.wrapping_add(b))
-                .collect();
+            // Inputs are read and checked before the model is loaded.
+            let (image, mask) = match &definition.image {
+                Some(image) => {
+                    let (image, mask, had_alpha) = load_image_and_mask_as(
+                        image,
+                        definition.mask.as_deref(),
+                        &format!("{prefix}.image"),
+                        &format!("{prefix}.mask"),
+                    )
+                    .map_err(|e| StepError::failed(format!("{e:#}")))?;
+                    if had_alpha && definition.mask.as_deref() != Some("alpha") {
+                        ctx.log(format!(
+                            "images[{i}]: the init image's transparent pixels were composited on white (mask `alpha` repaints them instead)"
+                        ));
+                    }
+                    (Some(image), mask)
+                }
+                None => (None, None),
+            };
+            let loras = self.loras(definition, &prefix)?;
+            let model = engine
+                .load(&reference)
+                .map_err(|e| StepError::failed(format!("{prefix}.baseModel: {e}")))?;
+            let job = JobRequest {
+                model: reference.clone(),
+                params: params.clone(),
+                image,
+                mask,
+                strength: definition.strength,
+                loras,
+                max_sequence_length: None,
+                tiling: definition.tiling.unwrap_or(false),
+            }
+            .build(model.defaults())
+            .map_err(|e| StepError::failed(format!("{prefix}: {e}")))?;
             let format = params.output_format_or_default();
             let quality = params
                 .output_quality_or_default()
                 .map_err(|e| StepError::failed(e.to_string()))?;
-            let generation = GenerationRequest {
-                prompts: vec![params.prompt.clone()],
-                negative_prompts: params.negative_prompt.iter().cloned().collect(),
-                num_images_per_prompt: seeds.len(),
-                num_inference_steps: steps as usize,
-                guidance_scale,
-                width: width as usize,
-                height: height as usize,
-                scheduler: params.scheduler.clone(),
-                ..Default::default()
-            };
             let engine_cancel = CancelToken::new();
-            let mut noise = PerImageGenerators::new(&seeds);
             let base = done_steps;
             let mut on_progress = |p: Progress| {
                 if ctx.is_canceled() {
@@ -447,35 +501,44 @@ impl ImageBackend for LocalBackend {
                     ctx.progress(base + step as u64, total_steps, Some("denoising steps"));
                 }
             };
-            let mut run_ctx = RunContext {
-                noise: &mut noise,
-                progress: &mut on_progress,
-                cancel: engine_cancel.clone(),
-            };
-            let output = match pipeline.run(&generation, &mut run_ctx) {
+            let output = match engine.run(&job, &mut on_progress, &engine_cancel) {
                 Ok(output) => output,
                 Err(EngineError::Canceled) => return Err(StepError::canceled()),
-                Err(e) => return Err(StepError::failed(format!("parameters.images[{i}]: {e}"))),
+                Err(e) => return Err(StepError::failed(format!("{prefix}: {e}"))),
             };
-            done_steps += u64::from(steps);
-            for w in &output.warnings {
+            let resolved = &output.params;
+            done_steps += resolved.steps as u64;
+            for w in &resolved.warnings {
                 ctx.log(format!("images[{i}]: {w}"));
             }
-            let rgb =
-                images_to_rgb8(&output.images).map_err(|e| StepError::failed(e.to_string()))?;
-            for (b, (pixels, &image_seed)) in rgb.iter().zip(&seeds).enumerate() {
+            let (width, height) = (resolved.width as u32, resolved.height as u32);
+            let mut extra_metadata: std::collections::BTreeMap<String, String> =
+                [("easel".to_string(), env!("CARGO_PKG_VERSION").to_string())].into();
+            if let Some(strength) = resolved.strength {
+                extra_metadata.insert("Denoising strength".into(), strength.to_string());
+            }
+            if !resolved.loras.is_empty() {
+                let list: Vec<String> = resolved
+                    .loras
+                    .iter()
+                    .map(|l| format!("{}:{}", l.path.display(), l.scale))
+                    .collect();
+                extra_metadata.insert("Lora".into(), list.join(" "));
+            }
+            for (b, (pixels, &image_seed)) in output.images.iter().zip(&resolved.seeds).enumerate()
+            {
                 let metadata = ImageMetadata {
                     prompt: params.prompt.clone(),
                     negative_prompt: params.negative_prompt.clone(),
-                    steps,
-                    scheduler: output.scheduler.clone(),
-                    sigma_schedule: output.sigma_schedule.clone(),
-                    guidance_scale,
+                    steps: resolved.steps as u32,
+                    scheduler: resolved.scheduler.clone(),
+                    sigma_schedule: resolved.sigma_schedule.clone(),
+                    guidance_scale: resolved.guidance_scale,
                     seed: image_seed,
                     width,
                     height,
                     model: reference.clone(),
-                    extra: [("easel".to_string(), env!("CARGO_PKG_VERSION").to_string())].into(),
+                    extra: extra_metadata.clone(),
                 };
                 let image = RgbImageRef::new(width, height, pixels)
                     .map_err(|e| StepError::failed(e.to_string()))?;

@@ -5,19 +5,14 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use clap::Args;
 use easel_core::{
     encode_image, output_paths, resolve_output_format, write_atomic, GenerationParams,
     ImageMetadata, OutputFormat, OutputTarget, Precision, RgbImageRef, ValidateOptions,
 };
-use easel_diffusion::loader::{resolve_model, ModelDir, ResolveOptions};
-use easel_diffusion::noise::PerImageGenerators;
-use easel_diffusion::output::images_to_rgb8;
-use easel_diffusion::pipelines::flux::round_to_flux_size;
-use easel_diffusion::pipelines::{
-    load_pipeline, CancelToken, GenerationRequest, Pipeline, Progress, RunContext,
-};
+use easel_diffusion::engine::{Engine, EngineOptions, JobRequest};
+use easel_diffusion::loader::{ModelFamily, ResolveOptions};
+use easel_diffusion::pipelines::{CancelToken, Progress};
 use easel_diffusion::schedulers::resolve_scheduler_name;
 use easel_diffusion::Error as EngineError;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -106,6 +101,11 @@ pub struct GenerateArgs {
     /// Repeat to stack several.
     #[arg(long = "lora", value_name = "PATH_OR_REPO[:SCALE]")]
     pub loras: Vec<String>,
+    /// Seamless tiling: the image repeats without seams left-right and
+    /// top-bottom (circular padding in the UNet and VAE convolutions, as
+    /// A1111's and stable-diffusion.cpp's `tiling`).
+    #[arg(long)]
+    pub tiling: bool,
     /// Never download: use only models already on disk.
     #[arg(long, env = "HF_HUB_OFFLINE", value_parser = parse_bool_env)]
     pub offline: bool,
@@ -120,53 +120,33 @@ pub fn parse_bool_env(s: &str) -> Result<bool, String> {
     }
 }
 
-/// A resolved and loaded model.
-pub struct LoadedModel {
-    pub dir: ModelDir,
-    pub pipeline: Pipeline,
-    pub load_time: Duration,
-}
-
-/// Resolve `reference` (local path or repo id) and load its pipeline on the
-/// CPU; `random_weights` synthesises the weights (benchmarks).
-pub fn load_model(reference: &str, offline: bool, random_weights: bool) -> Result<LoadedModel> {
-    let start = Instant::now();
-    let dir = resolve(reference, offline)?;
-    load_resolved(dir, start, random_weights)
-}
-
-/// Resolve `reference` (local path, HF cache or download) without loading it.
-fn resolve(reference: &str, offline: bool) -> Result<ModelDir> {
-    let options = ResolveOptions {
-        offline,
-        progress: true,
-        ..ResolveOptions::default()
-    };
-    Ok(resolve_model(reference, &options)?)
-}
-
-/// Load the pipeline of a resolved model on the CPU; `random_weights`
-/// synthesises the weights (benchmarks).
-fn load_resolved(dir: ModelDir, start: Instant, random_weights: bool) -> Result<LoadedModel> {
-    let dir = dir.with_random_weights(random_weights);
-    let pipeline = load_pipeline(&dir, &Device::Cpu)
-        .with_context(|| format!("loading model {}", dir.path().display()))?;
-    Ok(LoadedModel {
-        dir,
-        pipeline,
-        load_time: start.elapsed(),
+/// The CLI's engine: models resolved as `offline` says (with download
+/// progress on stderr), kept for the life of the process;
+/// `random_weights` synthesises the weights (benchmarks).
+pub fn local_engine(offline: bool, random_weights: bool) -> Engine {
+    Engine::new(EngineOptions {
+        resolve: ResolveOptions {
+            offline,
+            progress: true,
+            ..ResolveOptions::default()
+        },
+        random_weights,
+        ..EngineOptions::default()
     })
 }
 
-/// FLUX sizes: `value` rounded to the nearest multiple of 16, with a notice
-/// on stderr (unless `quiet`) when it changes.
-fn round_flux_size(field: &str, value: u32, quiet: bool) -> u32 {
-    match round_to_flux_size(value as usize) {
+/// A size rounded to the model family's multiple (FLUX: 16), with a
+/// notice on stderr (unless `quiet`) when it changes.
+fn round_size(family: ModelFamily, field: &str, value: u32, quiet: bool) -> u32 {
+    match family.round_size(value) {
         Some(r) => {
             if !quiet {
-                eprintln!("note: FLUX needs multiples of 16: --{field} {value} rounded to {r}");
+                eprintln!(
+                    "note: this model needs multiples of {}: --{field} {value} rounded to {r}",
+                    family.size_multiple()
+                );
             }
-            r as u32
+            r
         }
         None => value,
     }
@@ -325,94 +305,51 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     }
 
     let load_start = Instant::now();
-    let dir = resolve(&args.model, args.offline)?;
-    let flux = dir.family().is_some_and(|f| f.size_multiple() == 16);
+    let mut engine = local_engine(args.offline, false);
+    let dir = engine.resolve(&args.model)?;
     let quiet = args.json;
-    // FLUX rounds sizes to multiples of 16 (with a notice); the other
-    // families take multiples of 8 and refuse anything else.
-    let (arg_width, arg_height) = if flux {
-        (
-            args.width.map(|w| round_flux_size("width", w, quiet)),
-            args.height.map(|h| round_flux_size("height", h, quiet)),
-        )
-    } else {
-        params.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-        (args.width, args.height)
-    };
-    let mut model = load_resolved(dir, load_start, false)?;
-    if !loras.is_empty() {
-        model.pipeline.set_loras(&loras)?;
-    }
-    let pipeline = &model.pipeline;
-    let strength = args
-        .strength
-        .unwrap_or(pipeline.family().default_strength());
-    let (native_w, native_h) = match &inputs {
-        // The init image sets the size, rounded down to the model's size
-        // multiple (the VAE scale factor; 16 for FLUX), as diffusers does.
-        Some((image, _)) => {
-            let f = pipeline.size_multiple();
-            let size = (image.width / f * f, image.height / f * f);
-            for (field, flag, v, given) in [
-                ("width", "--width", size.0, arg_width),
-                ("height", "--height", size.1, arg_height),
-            ] {
-                if given.is_none() && !(f..=2048).contains(&v) {
-                    bail!(
-                        "{field}: {v} (the init image is {}x{}, rounded down to a multiple of {f}) \
-                         is out of range (allowed: {f} to 2048); pass {flag} to resize it",
-                        image.width,
-                        image.height
-                    );
-                }
-            }
-            size
+    // A family that rounds sizes (FLUX, to multiples of 16) does so with a
+    // notice; the others take multiples of 8 and refuse anything else.
+    let (arg_width, arg_height) = match dir.family() {
+        Some(family) if family.rounds_sizes() => (
+            args.width.map(|w| round_size(family, "width", w, quiet)),
+            args.height.map(|h| round_size(family, "height", h, quiet)),
+        ),
+        _ => {
+            params.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+            (args.width, args.height)
         }
-        None => pipeline.default_size(),
     };
-    let width = arg_width.unwrap_or(native_w as u32);
-    let height = arg_height.unwrap_or(native_h as u32);
-    let steps = args.steps.unwrap_or(pipeline.default_steps() as u32);
-    if inputs.is_some() && (steps as f64 * strength) as u32 == 0 {
-        bail!(
-            "strength: {strength} with {steps} steps runs no denoising step (floor(steps x strength) = 0); \
-             raise --strength to at least {:.4} or use more --steps",
-            1.0 / steps as f64
-        );
-    }
-    let guidance_scale = args
-        .guidance_scale
-        .unwrap_or(pipeline.default_guidance_scale());
-    let seed = args.seed.unwrap_or_else(rand::random::<u64>);
-    let seeds: Vec<u64> = (0..args.batch_size as u64)
-        .map(|i| seed.wrapping_add(i))
-        .collect();
-    let paths =
-        output_paths(&target, seeds.len(), format, seed).map_err(|e| anyhow::anyhow!("{e}"))?;
-
-    let request = GenerationRequest {
-        prompts: vec![args.prompt.clone()],
-        negative_prompts: args.negative_prompt.iter().cloned().collect(),
-        num_images_per_prompt: seeds.len(),
-        num_inference_steps: steps as usize,
-        guidance_scale,
-        width: width as usize,
-        height: height as usize,
-        scheduler: args.scheduler.clone(),
-        strength,
-        max_sequence_length: args.max_sequence_length,
+    let model_path = dir.path().to_path_buf();
+    let model = engine
+        .load_resolved(&args.model, dir)
+        .with_context(|| format!("loading model {}", model_path.display()))?;
+    let load_time = load_start.elapsed();
+    let job = JobRequest {
+        model: args.model.clone(),
+        params: GenerationParams {
+            width: arg_width,
+            height: arg_height,
+            ..params.clone()
+        },
         image: inputs.as_ref().map(|i| i.0.clone()),
         mask: inputs.as_ref().and_then(|i| i.1.clone()),
-    };
-    let task = match (&request.image, &request.mask) {
-        (None, _) => "text-to-image",
-        (Some(_), None) => "image-to-image",
-        (Some(_), Some(_)) => "inpainting",
-    };
+        strength: args.strength,
+        loras: loras.clone(),
+        max_sequence_length: args.max_sequence_length,
+        tiling: args.tiling,
+    }
+    .build(model.defaults())
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (width, height, steps) = (job.width as u32, job.height as u32, job.steps as u32);
+    let (guidance_scale, seed) = (job.guidance_scale, job.seeds[0]);
+    let paths =
+        output_paths(&target, job.seeds.len(), format, seed).map_err(|e| anyhow::anyhow!("{e}"))?;
+
     let mut extra: std::collections::BTreeMap<String, String> =
         [("easel".to_string(), env!("CARGO_PKG_VERSION").to_string())].into();
-    if request.image.is_some() {
-        extra.insert("Denoising strength".into(), strength.to_string());
+    if job.image.is_some() {
+        extra.insert("Denoising strength".into(), job.strength.to_string());
     }
     if let Some(n) = args.max_sequence_length {
         extra.insert("max_sequence_length".into(), n.to_string());
@@ -440,7 +377,6 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         .progress_chars("=> "),
     );
     bar.set_message("encoding prompt");
-    let mut noise = PerImageGenerators::new(&seeds);
     let mut on_progress = |p: Progress| match p {
         Progress::PromptEncoded => bar.set_message("denoising"),
         Progress::Step { step, total } => {
@@ -452,12 +388,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         }
         Progress::Decoded => bar.set_message("done"),
     };
-    let mut ctx = RunContext {
-        noise: &mut noise,
-        progress: &mut on_progress,
-        cancel: cancel.clone(),
-    };
-    let output = match pipeline.run(&request, &mut ctx) {
+    let output = match engine.run(&job, &mut on_progress, &cancel) {
         Ok(o) => o,
         Err(EngineError::Canceled) => {
             bar.abandon_with_message("canceled");
@@ -470,20 +401,20 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         }
     };
     bar.finish_and_clear();
-    for w in &output.warnings {
+    let resolved = &output.params;
+    for w in &resolved.warnings {
         eprintln!("warning: {w}");
     }
 
     let t_write = Instant::now();
-    let rgb = images_to_rgb8(&output.images)?;
     let mut written = Vec::new();
-    for ((pixels, path), &image_seed) in rgb.iter().zip(&paths).zip(&seeds) {
+    for ((pixels, path), &image_seed) in output.images.iter().zip(&paths).zip(&resolved.seeds) {
         let metadata = ImageMetadata {
             prompt: args.prompt.clone(),
             negative_prompt: args.negative_prompt.clone(),
             steps,
-            scheduler: output.scheduler.clone(),
-            sigma_schedule: output.sigma_schedule.clone(),
+            scheduler: resolved.scheduler.clone(),
+            sigma_schedule: resolved.sigma_schedule.clone(),
             guidance_scale,
             seed: image_seed,
             width,
@@ -505,7 +436,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     }
     let t = &output.timings;
     let timings = JsonTimings {
-        load_s: model.load_time.as_secs_f64(),
+        load_s: load_time.as_secs_f64(),
         text_encoding_s: t.text_encoding.as_secs_f64(),
         denoising_s: t.denoising.as_secs_f64(),
         step_s: t.steps.iter().map(Duration::as_secs_f64).collect(),
@@ -516,18 +447,19 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     if args.json {
         let result = JsonResult {
             model: args.model.clone(),
-            model_path: model.dir.path().to_path_buf(),
-            pipeline: pipeline.class_name().to_string(),
-            scheduler: output.scheduler.clone(),
+            model_path,
+            pipeline: resolved.pipeline.clone(),
+            scheduler: resolved.scheduler.clone(),
             prompt: args.prompt.clone(),
             negative_prompt: args.negative_prompt.clone(),
             steps,
             guidance_scale,
             width,
             height,
-            task,
-            strength: request.image.is_some().then_some(strength),
-            loras: loras
+            task: resolved.task.as_str(),
+            strength: resolved.strength,
+            loras: resolved
+                .loras
                 .iter()
                 .map(|l| JsonLora {
                     path: l.path.clone(),
@@ -537,7 +469,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
             device: "cpu",
             precision: "fp32",
             images: written,
-            warnings: output.warnings.clone(),
+            warnings: resolved.warnings.clone(),
             timings,
         };
         println!("{}", serde_json::to_string_pretty(&result)?);
@@ -552,11 +484,11 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         };
         eprintln!(
             "{} {}x{}, {} steps ({}), guidance {}: load {:.2}s, text {:.2}s, denoise {:.2}s ({:.3}s/step), decode {:.2}s, total {:.2}s",
-            pipeline.class_name(),
+            resolved.pipeline,
             width,
             height,
             steps,
-            output.scheduler,
+            resolved.scheduler,
             guidance_scale,
             timings.load_s,
             timings.text_encoding_s,

@@ -1,4 +1,5 @@
-//! `--image`, `--mask` and `--lora` of `easel generate`: reading image
+//! `--image`, `--mask` and `--lora` of `easel generate` (and the `image` and
+//! `mask` of `easel flow run`'s image steps): reading image
 //! sources (file path, `http(s)://` URL, `data:` URI), decoding them and
 //! turning them into the engine's inputs, and parsing LoRA references.
 
@@ -14,29 +15,30 @@ use easel_diffusion::pipelines::{ImageInput, MaskInput};
 pub const MAX_INPUT_BYTES: u64 = 64 << 20;
 
 /// The bytes an image source names: a `data:` URI, an `http(s)://` URL
-/// (with the `http` feature) or a file path. `what` names the flag in errors.
+/// (with the `http` feature) or a file path. `what` names the input in
+/// errors as given (`--image`, `parameters.images[0].image`).
 pub fn read_source(source: &str, what: &str) -> Result<Vec<u8>> {
     if source.starts_with("data:") {
-        return parse_data_uri(source).with_context(|| format!("--{what}"));
+        return parse_data_uri(source).with_context(|| what.to_string());
     }
     if source.starts_with("http://") || source.starts_with("https://") {
-        return fetch_url(source).with_context(|| format!("--{what}: fetching {source}"));
+        return fetch_url(source).with_context(|| format!("{what}: fetching {source}"));
     }
     let path = Path::new(source);
     let meta = std::fs::metadata(path)
-        .with_context(|| format!("--{what}: cannot read {}", path.display()))?;
+        .with_context(|| format!("{what}: cannot read {}", path.display()))?;
     if !meta.is_file() {
-        bail!("--{what}: {} is not a file", path.display());
+        bail!("{what}: {} is not a file", path.display());
     }
     if meta.len() > MAX_INPUT_BYTES {
         bail!(
-            "--{what}: {} is {} bytes, more than the {} allowed",
+            "{what}: {} is {} bytes, more than the {} allowed",
             path.display(),
             meta.len(),
             MAX_INPUT_BYTES
         );
     }
-    std::fs::read(path).with_context(|| format!("--{what}: cannot read {}", path.display()))
+    std::fs::read(path).with_context(|| format!("{what}: cannot read {}", path.display()))
 }
 
 #[cfg(feature = "http")]
@@ -65,10 +67,11 @@ fn fetch_url(_url: &str) -> Result<Vec<u8>> {
     )
 }
 
-/// Decode an image source (PNG, JPEG or WebP).
+/// Decode an image source (PNG, JPEG or WebP); `what` names the input in
+/// errors as given (`--image`, `parameters.images[0].image`).
 pub fn decode_source(source: &str, what: &str) -> Result<DecodedImage> {
     let bytes = read_source(source, what)?;
-    decode_image(&bytes).with_context(|| format!("--{what}: {}", short(source)))
+    decode_image(&bytes).with_context(|| format!("{what}: {}", short(source)))
 }
 
 /// A source for messages: data URIs are cut short.
@@ -80,13 +83,26 @@ fn short(source: &str) -> String {
     }
 }
 
-/// The init image and mask of a request. `mask` may be `alpha`: the init
-/// image's alpha channel is the mask (transparent repaints).
+/// The init image and mask of `easel generate --image/--mask`. `mask` may
+/// be `alpha`: the init image's alpha channel is the mask (transparent
+/// repaints). The bool tells whether the image had an alpha channel (then
+/// composited on white).
 pub fn load_image_and_mask(
     image: &str,
     mask: Option<&str>,
 ) -> Result<(ImageInput, Option<MaskInput>, bool)> {
-    let decoded = decode_source(image, "image")?;
+    load_image_and_mask_as(image, mask, "--image", "--mask")
+}
+
+/// [`load_image_and_mask`] with the inputs named `image_label` and
+/// `mask_label` in errors (a flow step's `parameters.images[0].image`).
+pub fn load_image_and_mask_as(
+    image: &str,
+    mask: Option<&str>,
+    image_label: &str,
+    mask_label: &str,
+) -> Result<(ImageInput, Option<MaskInput>, bool)> {
+    let decoded = decode_source(image, image_label)?;
     let init = InitImage::from_decoded(&decoded);
     let input = ImageInput {
         width: init.width as usize,
@@ -98,10 +114,10 @@ pub fn load_image_and_mask(
         Some("alpha") => Some(MaskInput {
             width: input.width,
             height: input.height,
-            luma: alpha_mask(&decoded).context("--mask alpha")?,
+            luma: alpha_mask(&decoded).with_context(|| format!("{mask_label} alpha"))?,
         }),
         Some(source) => {
-            let m = decode_source(source, "mask")?;
+            let m = decode_source(source, mask_label)?;
             Some(MaskInput {
                 width: m.width as usize,
                 height: m.height as usize,

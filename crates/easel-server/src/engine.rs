@@ -1,21 +1,18 @@
-//! The engine behind the worker: load a model (kept in an LRU cache within a
-//! memory budget), run a batch, hand back RGB8 pixels.
+//! The engine behind the worker: load a model, run a batch, hand back RGB8
+//! pixels.
 //!
-//! The server never sees a tensor: [`DiffusionEngine`] wraps
-//! `easel-diffusion` and returns bytes. [`FakeEngine`] draws deterministic
-//! patterns from the seed and prompt, for load tests of the service itself.
+//! The server never sees a tensor: [`DiffusionEngine`] is a thin adapter over
+//! `easel-diffusion`'s front door ([`easel_diffusion::engine::Engine`], which
+//! owns the model cache with its memory budget) and returns bytes.
+//! [`FakeEngine`] draws deterministic patterns from the seed and prompt, for
+//! load tests of the service itself.
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use candle_core::Device;
-use easel_diffusion::loader::{resolve_model, ResolveOptions};
-use easel_diffusion::noise::PerImageGenerators;
+use easel_diffusion::engine::{Engine as FrontDoor, EngineOptions, Job};
+use easel_diffusion::loader::ResolveOptions;
 pub use easel_diffusion::pipelines::CancelToken;
-use easel_diffusion::pipelines::{
-    load_pipeline, GenerationRequest, ImageInput, MaskInput, Pipeline, Progress as EngineProgress,
-    RunContext,
-};
+use easel_diffusion::pipelines::{ImageInput, MaskInput, Progress as EngineProgress};
 
 use crate::config::{Config, EngineKind};
 use crate::job::{LoraSpec, ModelSpec};
@@ -88,6 +85,8 @@ pub struct BatchRequest {
     pub strength: f64,
     /// LoRA adapters.
     pub loras: Vec<LoraSpec>,
+    /// Seamless tiling.
+    pub tiling: bool,
 }
 
 /// What a batch produced.
@@ -188,109 +187,44 @@ pub fn build(config: &Config) -> Box<dyn Engine> {
     }
 }
 
-/// A least-recently-used cache of loaded models within a byte budget.
-pub struct ModelCache<T> {
-    budget: u64,
-    /// Most recently used last.
-    entries: Vec<(String, T, u64)>,
-}
-
-impl<T> ModelCache<T> {
-    /// An empty cache holding at most `budget` bytes (estimated).
-    pub fn new(budget: u64) -> Self {
-        Self {
-            budget,
-            entries: Vec::new(),
-        }
-    }
-
-    /// The entry for `key`, marked most recently used.
-    pub fn get_mut(&mut self, key: &str) -> Option<&mut T> {
-        let pos = self.entries.iter().position(|(k, _, _)| k == key)?;
-        let entry = self.entries.remove(pos);
-        self.entries.push(entry);
-        self.entries.last_mut().map(|(_, v, _)| v)
-    }
-
-    /// The value under `key`, marked most recently used.
-    pub fn get(&mut self, key: &str) -> Option<&T> {
-        self.get_mut(key).map(|v| &*v)
-    }
-
-    /// Unload least recently used entries until `bytes` more fit the budget
-    /// (all of them when it never fits). Returns the keys unloaded.
-    pub fn make_room(&mut self, bytes: u64) -> Vec<String> {
-        let mut evicted = Vec::new();
-        while !self.entries.is_empty() && self.used() + bytes > self.budget {
-            let (key, _, _) = self.entries.remove(0);
-            evicted.push(key);
-        }
-        evicted
-    }
-
-    /// Insert `value` for `key` as most recently used.
-    pub fn insert(&mut self, key: String, value: T, bytes: u64) {
-        self.entries.retain(|(k, _, _)| *k != key);
-        self.entries.push((key, value, bytes));
-    }
-
-    /// Bytes in use.
-    pub fn used(&self) -> u64 {
-        self.entries.iter().map(|(_, _, b)| b).sum()
-    }
-
-    /// `(key, bytes)`, most recently used first.
-    pub fn list(&self) -> Vec<LoadedModel> {
-        self.entries
-            .iter()
-            .rev()
-            .map(|(k, _, b)| LoadedModel {
-                load: k.clone(),
-                bytes: *b,
-            })
-            .collect()
-    }
-}
-
-/// The diffusion engine (`easel-diffusion` on the CPU).
+/// The diffusion engine (`easel-diffusion` on the CPU): an adapter from the
+/// worker's [`Engine`] calls to the engine's front door.
 pub struct DiffusionEngine {
-    options: ResolveOptions,
-    cache: ModelCache<Pipeline>,
+    engine: FrontDoor,
 }
 
 impl DiffusionEngine {
     /// An engine resolving models as `config` says (hub cache, model roots,
-    /// offline), with its model-cache budget.
+    /// offline), with its model-cache budget (`model_cache_bytes`).
     pub fn new(config: &Config) -> Self {
         Self {
-            options: resolve_options(config, config.offline),
-            cache: ModelCache::new(config.model_cache_bytes),
+            engine: FrontDoor::new(EngineOptions {
+                resolve: resolve_options(config, config.offline),
+                cache_budget_bytes: config.model_cache_bytes,
+                random_weights: false,
+            }),
         }
     }
 
-    fn pipeline(&mut self, model: &ModelSpec) -> Result<&mut Pipeline, EngineError> {
-        if self.cache.get(&model.load).is_none() {
-            let started = Instant::now();
-            let dir = resolve_model(&model.load, &self.options)
+    /// Load `model` into the front door's cache (a no-op when it is there):
+    /// a reference that does not resolve, or a model that does not load, is
+    /// [`EngineError::ModelLoad`].
+    fn load(
+        &mut self,
+        model: &ModelSpec,
+    ) -> Result<&easel_diffusion::engine::LoadedModel, EngineError> {
+        if !self.engine.is_loaded(&model.load) {
+            let dir = self
+                .engine
+                .resolve(&model.load)
                 .map_err(|e| EngineError::ModelLoad(e.to_string()))?;
-            let bytes = estimate_model_bytes(dir.path());
-            for key in self.cache.make_room(bytes) {
-                tracing::info!("model cache: unloaded {key} to fit {bytes} bytes");
-            }
-            let pipeline = load_pipeline(&dir, &Device::Cpu)
+            self.engine
+                .load_resolved(&model.load, dir)
                 .map_err(|e| EngineError::ModelLoad(format!("loading {}: {e}", model.reference)))?;
-            tracing::info!(
-                "loaded {} ({}) in {:.2}s, ~{} MiB",
-                model.reference,
-                pipeline.class_name(),
-                started.elapsed().as_secs_f64(),
-                bytes >> 20
-            );
-            self.cache.insert(model.load.clone(), pipeline, bytes);
         }
-        self.cache
-            .get_mut(&model.load)
-            .ok_or_else(|| EngineError::Failed("model cache lost an entry".into()))
+        self.engine
+            .load(&model.load)
+            .map_err(|e| EngineError::ModelLoad(format!("loading {}: {e}", model.reference)))
     }
 }
 
@@ -327,15 +261,14 @@ fn engine_error(e: easel_diffusion::Error) -> EngineError {
 
 impl Engine for DiffusionEngine {
     fn prepare(&mut self, model: &ModelSpec) -> Result<ModelDefaults, EngineError> {
-        let pipeline = self.pipeline(model)?;
-        let (width, height) = pipeline.default_size();
+        let d = self.load(model)?.defaults();
         Ok(ModelDefaults {
-            pipeline: pipeline.class_name().to_string(),
-            width: width as u32,
-            height: height as u32,
-            steps: pipeline.default_steps() as u32,
-            guidance_scale: pipeline.default_guidance_scale(),
-            scheduler: pipeline.default_scheduler(),
+            pipeline: d.pipeline.clone(),
+            width: d.width as u32,
+            height: d.height as u32,
+            steps: d.steps as u32,
+            guidance_scale: d.guidance_scale,
+            scheduler: d.scheduler.clone(),
         })
     }
 
@@ -346,21 +279,15 @@ impl Engine for DiffusionEngine {
         progress: &mut dyn FnMut(u32, u32),
         cancel: &CancelToken,
     ) -> Result<BatchOutput, EngineError> {
-        let loras: Vec<easel_diffusion::lora::LoraSpec> = batch
-            .loras
-            .iter()
-            .map(|l| easel_diffusion::lora::LoraSpec::new(&l.path, l.scale))
-            .collect();
-        // Switching LoRA sets rebuilds the affected components from weights
-        // kept in memory (never from disk); an unchanged set is a no-op.
-        let pipeline = self.pipeline(model)?;
-        pipeline.set_loras(&loras).map_err(engine_error)?;
-        let pipeline = &*pipeline;
-        let request = GenerationRequest {
+        // The worker resolved the batch against the model's defaults
+        // (`prepare`); this is the job as it runs.
+        let job = Job {
+            model: model.load.clone(),
             prompts: batch.prompts.clone(),
             negative_prompts: batch.negative_prompts.clone(),
-            num_images_per_prompt: batch.images_per_prompt,
-            num_inference_steps: batch.steps as usize,
+            images_per_prompt: batch.images_per_prompt,
+            seeds: batch.seeds.clone(),
+            steps: batch.steps as usize,
             guidance_scale: batch.guidance_scale,
             width: batch.width as usize,
             height: batch.height as usize,
@@ -376,80 +303,42 @@ impl Engine for DiffusionEngine {
                 luma: m.luma.clone(),
             }),
             strength: batch.strength,
-            ..GenerationRequest::default()
+            loras: batch
+                .loras
+                .iter()
+                .map(|l| easel_diffusion::lora::LoraSpec::new(&l.path, l.scale))
+                .collect(),
+            max_sequence_length: None,
+            tiling: batch.tiling,
         };
-        let mut noise = PerImageGenerators::new(&batch.seeds);
+        self.load(model)?;
         let mut on_progress = |p: EngineProgress| {
             if let EngineProgress::Step { step, total } = p {
                 progress(step as u32, total as u32);
             }
         };
-        let mut ctx = RunContext {
-            noise: &mut noise,
-            progress: &mut on_progress,
-            cancel: cancel.clone(),
-        };
-        let output = pipeline
-            .run_rgb8(&request, &mut ctx)
+        let output = self
+            .engine
+            .run(&job, &mut on_progress, cancel)
             .map_err(engine_error)?;
         Ok(BatchOutput {
             images: output.images,
-            scheduler: output.scheduler,
-            sigma_schedule: output.sigma_schedule,
-            warnings: output.warnings,
+            scheduler: output.params.scheduler,
+            sigma_schedule: output.params.sigma_schedule,
+            warnings: output.params.warnings,
         })
     }
 
     fn loaded(&self) -> Vec<LoadedModel> {
-        self.cache.list()
+        self.engine
+            .loaded()
+            .into_iter()
+            .map(|m| LoadedModel {
+                load: m.key,
+                bytes: m.bytes,
+            })
+            .collect()
     }
-}
-
-/// Estimated memory of a loaded model: the sizes of its `.safetensors`
-/// files, doubled for half-precision files (the CPU upcasts to f32).
-pub fn estimate_model_bytes(dir: &Path) -> u64 {
-    fn walk(dir: &Path, depth: usize, total: &mut u64) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() && depth < 2 {
-                walk(&path, depth + 1, total);
-            } else if path.extension().is_some_and(|e| e == "safetensors") {
-                let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                *total += size * upcast_factor(&path);
-            }
-        }
-    }
-    let mut total = 0;
-    walk(dir, 0, &mut total);
-    total
-}
-
-/// 2 when the first tensor of a safetensors file is 16-bit, else 1.
-fn upcast_factor(path: &Path) -> u64 {
-    use std::io::Read;
-    let read = || -> Option<u64> {
-        let mut f = std::fs::File::open(path).ok()?;
-        let mut len = [0u8; 8];
-        f.read_exact(&mut len).ok()?;
-        let n = u64::from_le_bytes(len).min(100 << 20) as usize;
-        let mut header = vec![0u8; n];
-        f.read_exact(&mut header).ok()?;
-        let map: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&header).ok()?;
-        let dtype = map
-            .iter()
-            .find(|(k, _)| *k != "__metadata__")
-            .and_then(|(_, v)| v.get("dtype")?.as_str().map(str::to_string))?;
-        Some(if matches!(dtype.as_str(), "F16" | "BF16") {
-            2
-        } else {
-            1
-        })
-    };
-    read().unwrap_or(1)
 }
 
 /// A stand-in engine that draws a deterministic pattern from each image's
@@ -555,26 +444,5 @@ impl Engine for FakeEngine {
                 bytes: 0,
             })
             .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn model_cache_evicts_least_recently_used_within_budget() {
-        let mut cache = ModelCache::new(100);
-        cache.insert("a".into(), 1, 40);
-        cache.insert("b".into(), 2, 40);
-        assert_eq!(cache.get("a"), Some(&1));
-        // c needs 40: b (least recently used) goes, a stays.
-        assert_eq!(cache.make_room(40), ["b"]);
-        cache.insert("c".into(), 3, 40);
-        let keys: Vec<String> = cache.list().into_iter().map(|m| m.load).collect();
-        assert_eq!(keys, ["c", "a"]);
-        // Something larger than the budget empties the cache.
-        assert_eq!(cache.make_room(500), ["a", "c"]);
-        assert_eq!(cache.used(), 0);
     }
 }

@@ -256,12 +256,6 @@ pub async fn prepare(
         if let Some(name) = &def.scheduler {
             crate::checks::check_scheduler(name, Some(&model), field("scheduler"))?;
         }
-        if def.tiling == Some(true) {
-            return Err(unsupported(
-                field("tiling"),
-                "seamless tiling is not supported by this engine build yet",
-            ));
-        }
 
         // LoRAs: trainingId first, then loras[].
         let mut loras = Vec::new();

@@ -227,6 +227,7 @@ struct BatchKey {
     image: Option<String>,
     mask: Option<String>,
     strength_bits: u64,
+    tiling: bool,
     /// The definition's index when definitions are not batched together
     /// (`Config::batch_definitions` off).
     alone: Option<i64>,
@@ -587,6 +588,7 @@ impl Worker {
                 .strength
                 .unwrap_or(easel_core::request::DEFAULT_STRENGTH),
             loras: spec.loras.clone(),
+            tiling: first.key.tiling,
         };
         let batch_images = request.seeds.len() as u32;
         let first_image = offsets.get(&first.row.idx).copied().unwrap_or(0);
@@ -810,6 +812,7 @@ fn plan(row: ItemRow, defaults: &ModelDefaults, batch_definitions: bool) -> Plan
         image: spec.image.as_ref().map(|i| i.hash.clone()),
         mask: spec.mask.as_ref().map(|i| i.hash.clone()),
         strength_bits: d.strength.unwrap_or(-1.0).to_bits(),
+        tiling: d.tiling.unwrap_or(false),
         alone: (!batch_definitions).then_some(row.idx),
     };
     Planned {

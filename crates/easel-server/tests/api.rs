@@ -522,12 +522,6 @@ async fn bad_inputs_get_documented_4xx_and_leave_nothing_behind() {
             "images[0].scheduler",
         ),
         (
-            ok(json!([{"prompt": "a", "tiling": true}])),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "unsupported_feature",
-            "images[0].tiling",
-        ),
-        (
             json!({"baseModel": model, "images": [{"prompt": "a"}], "webhook": "ftp://x"}),
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_value",
@@ -3459,4 +3453,38 @@ async fn finding_6_flows_with_bad_static_parameters_are_refused_at_creation() {
         .await;
     assert_eq!(s, StatusCode::CREATED, "{created}");
     assert_eq!(server.count("flows").await, 1);
+}
+
+/// Issue 13: `tiling: true` is accepted (the engine's job carries it to the
+/// pipelines) and runs like any other definition; a non-boolean is still a
+/// named 422.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiling_is_accepted_and_runs() {
+    let server = TestServer::fake().await;
+    let (status, job) = server
+        .post(
+            "/v1/generations",
+            json!({
+                "baseModel": tiny_sd15(), "steps": 2, "width": 64, "height": 64,
+                "images": [{"prompt": "a tile", "seed": 3, "tiling": true}]
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let job = server.wait_done(job["id"].as_str().unwrap(), 30).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["assets"].as_array().unwrap().len(), 1, "{job}");
+    let (status, err) = server
+        .post(
+            "/v1/generations",
+            json!({"baseModel": tiny_sd15(), "images": [{"prompt": "a", "tiling": "yes"}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert!(
+        err["error"]["field"]
+            .as_str()
+            .is_some_and(|f| f.contains("tiling")),
+        "{err}"
+    );
 }

@@ -54,8 +54,9 @@ pub enum ModelFamily {
 
 /// The default image-to-image strength (the share of the schedule re-run)
 /// of every family but FLUX.1 Fill (see [`ModelFamily::default_strength`]);
-/// also `pipelines::DEFAULT_STRENGTH`.
-pub const DEFAULT_STRENGTH: f64 = 0.8;
+/// also `pipelines::DEFAULT_STRENGTH`. The request schema's default
+/// (`easel_core::request::DEFAULT_STRENGTH`), kept in one place.
+pub const DEFAULT_STRENGTH: f64 = easel_core::request::DEFAULT_STRENGTH;
 
 /// How a pipeline shortens its `steps`-step schedule for image-to-image
 /// `strength` s (both follow diffusers' `get_timesteps`);
@@ -129,10 +130,31 @@ impl ModelFamily {
     /// [`Self::latent_packing`]).
     pub fn size_multiple(self) -> u32 {
         if self.is_flux() {
-            16
+            easel_core::params::FLUX_SIZE_MULTIPLE
         } else {
-            8
+            easel_core::params::DEFAULT_SIZE_MULTIPLE
         }
+    }
+
+    /// Whether a width or height that is not a multiple of
+    /// [`Self::size_multiple`] is rounded to the nearest one (with a notice)
+    /// instead of refused: FLUX rounds, as hosted FLUX APIs do (diffusers
+    /// rounds down with a warning); Stable Diffusion refuses, and the
+    /// request's validation names the allowed multiple.
+    pub fn rounds_sizes(self) -> bool {
+        self.is_flux()
+    }
+
+    /// A width or height rounded to the nearest multiple of
+    /// [`Self::size_multiple`] (at least one multiple) for a family that
+    /// [rounds sizes](Self::rounds_sizes); `None` when `value` already is a
+    /// multiple, or the family refuses other sizes.
+    pub fn round_size(self, value: u32) -> Option<u32> {
+        let m = self.size_multiple();
+        if !self.rounds_sizes() || (value % m == 0 && value > 0) {
+            return None;
+        }
+        Some(((value + m / 2) / m * m).max(m))
     }
 
     /// The default number of denoising steps of the family: 25 for Stable
@@ -184,6 +206,24 @@ impl ModelFamily {
             ModelFamily::Flux if guidance_embeds => 3.5,
             ModelFamily::Flux => 0.0,
         }
+    }
+
+    /// The native size in latent pixels (times the VAE scale factor: the
+    /// image size) when the model's config does not give one: 64 for SD
+    /// 1.x/2.x (512²), 128 for SDXL (1024²) and FLUX (diffusers'
+    /// `default_sample_size`; FLUX's transformer has no `sample_size`).
+    pub fn default_sample_size(self) -> usize {
+        match self {
+            ModelFamily::StableDiffusion => 64,
+            ModelFamily::StableDiffusionXl | ModelFamily::Flux | ModelFamily::FluxFill => 128,
+        }
+    }
+
+    /// Whether a model's denoiser config can set its native size
+    /// (`sample_size` of a Stable Diffusion UNet); FLUX always uses
+    /// [`Self::default_sample_size`].
+    pub fn sample_size_in_config(self) -> bool {
+        !self.is_flux()
     }
 
     /// The default image-to-image / inpainting strength: 1.0 (the whole
@@ -246,6 +286,21 @@ impl ModelFamily {
         }
     }
 
+    /// The components whose weights the family's pipeline loads (other
+    /// model components a repository may ship, such as SD's
+    /// `safety_checker`, are never read): SD `text_encoder`, `unet`, `vae`;
+    /// SDXL also `text_encoder_2`; FLUX `text_encoder` (CLIP),
+    /// `text_encoder_2` (T5), `transformer`, `vae`.
+    pub fn weight_components(self) -> &'static [&'static str] {
+        match self {
+            ModelFamily::StableDiffusion => &["text_encoder", "unet", "vae"],
+            ModelFamily::StableDiffusionXl => &["text_encoder", "text_encoder_2", "unet", "vae"],
+            ModelFamily::Flux | ModelFamily::FluxFill => {
+                &["text_encoder", "text_encoder_2", "transformer", "vae"]
+            }
+        }
+    }
+
     /// The denoiser's name in reports: `transformer` for FLUX, else `UNet`.
     pub fn denoiser_name(self) -> &'static str {
         if self.is_flux() {
@@ -280,6 +335,20 @@ mod tests {
         assert_eq!(sdxl, ModelFamily::StableDiffusionXl);
         assert_eq!(sdxl.size_multiple(), 8);
         assert_eq!(sdxl.default_steps(), Some(25));
+        assert_eq!(flux.round_size(1024), None);
+        assert_eq!(flux.round_size(1001), Some(1008));
+        assert_eq!(flux.round_size(999), Some(992));
+        assert_eq!(flux.round_size(3), Some(16));
+        assert_eq!(sdxl.round_size(1001), None);
+        // Per-model defaults: schnell (no guidance embedding) vs dev.
+        assert_eq!(flux.default_steps_for(false), 4);
+        assert_eq!(flux.default_steps_for(true), 28);
+        assert_eq!(flux.default_guidance_scale_for(false), 0.0);
+        assert_eq!(flux.default_guidance_scale_for(true), 3.5);
+        assert_eq!(ModelFamily::FluxFill.default_steps_for(true), 50);
+        assert_eq!(sdxl.default_guidance_scale_for(false), 7.5);
+        assert_eq!(ModelFamily::StableDiffusion.default_sample_size(), 64);
+        assert_eq!(sdxl.default_sample_size(), 128);
     }
 
     #[test]

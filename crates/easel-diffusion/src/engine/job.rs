@@ -1,0 +1,414 @@
+//! The engine's job: a fully resolved generation (every default filled in
+//! from the loaded model), the one builder that makes it from a validated
+//! request, and what a run hands back.
+
+use std::path::PathBuf;
+
+use easel_core::GenerationParams;
+
+use crate::error::{Error, Result};
+use crate::lora::LoraSpec;
+use crate::pipelines::{GenerationRequest, ImageInput, MaskInput, StageTimings};
+
+use super::ModelDefaults;
+
+/// The largest width or height a job may have, in pixels (easel-core's
+/// `SIZE_MAX`).
+const SIZE_MAX: usize = easel_core::params::SIZE_MAX as usize;
+
+/// A validated request on its way to the engine: easel-core's
+/// [`GenerationParams`] (checked by `GenerationParams::validate_with` or
+/// `ImageDefinition::validate` before it gets here) with the inputs already
+/// decoded and the LoRA files resolved.
+///
+/// [`JobRequest::build`] is the one place a request becomes a [`Job`]: the
+/// CLI's `generate`, `bench` and `flow run` go through it (the server's
+/// worker resolves its batched definitions against the same
+/// [`ModelDefaults`]).
+#[derive(Debug, Clone, Default)]
+pub struct JobRequest {
+    /// The model reference (local folder, repo id, registry name): the
+    /// engine's cache key.
+    pub model: String,
+    /// Prompt, negative prompt, steps, guidance, size, seed, batch size and
+    /// scheduler; `None` fields take the model's defaults.
+    pub params: GenerationParams,
+    /// Image-to-image / inpainting: the decoded init image.
+    pub image: Option<ImageInput>,
+    /// Inpainting: the decoded mask (needs `image`).
+    pub mask: Option<MaskInput>,
+    /// How much of the init image is replaced, 0..=1 (needs `image`);
+    /// default the family's ([`crate::loader::ModelFamily::default_strength`]).
+    pub strength: Option<f64>,
+    /// LoRA adapters (resolved files), stacked in order.
+    pub loras: Vec<LoraSpec>,
+    /// FLUX: the T5 prompt length in tokens, 1..=512 (default per model).
+    pub max_sequence_length: Option<usize>,
+    /// Seamless tiling (circular padding), default off.
+    pub tiling: bool,
+}
+
+/// What a job does, by its inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// No init image.
+    TextToImage,
+    /// An init image, no mask.
+    ImageToImage,
+    /// An init image and a mask.
+    Inpainting,
+}
+
+impl Task {
+    /// `text-to-image`, `image-to-image` or `inpainting`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::TextToImage => "text-to-image",
+            Task::ImageToImage => "image-to-image",
+            Task::Inpainting => "inpainting",
+        }
+    }
+}
+
+/// A fully resolved job: nothing left to a default. Built by
+/// [`JobRequest::build`], or field by field by a caller that resolved its
+/// own batch (the server's worker).
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The model reference, the engine's cache key.
+    pub model: String,
+    /// One prompt per image definition.
+    pub prompts: Vec<String>,
+    /// Empty (no negative prompt), one for all prompts, or one per prompt.
+    pub negative_prompts: Vec<String>,
+    /// Images per prompt.
+    pub images_per_prompt: usize,
+    /// One seed per image, prompt-major (`prompts.len() * images_per_prompt`).
+    pub seeds: Vec<u64>,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Guidance scale.
+    pub guidance_scale: f64,
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// Scheduler name, or the model's own when `None`.
+    pub scheduler: Option<String>,
+    /// Init image.
+    pub image: Option<ImageInput>,
+    /// Inpainting mask.
+    pub mask: Option<MaskInput>,
+    /// Image-to-image strength (used only with `image`).
+    pub strength: f64,
+    /// LoRA adapters merged for this job (`[]`: the base model).
+    pub loras: Vec<LoraSpec>,
+    /// FLUX: the T5 prompt length in tokens.
+    pub max_sequence_length: Option<usize>,
+    /// Seamless tiling.
+    pub tiling: bool,
+}
+
+impl Job {
+    /// What the job does, by its inputs.
+    pub fn task(&self) -> Task {
+        match (&self.image, &self.mask) {
+            (None, _) => Task::TextToImage,
+            (Some(_), None) => Task::ImageToImage,
+            (Some(_), Some(_)) => Task::Inpainting,
+        }
+    }
+
+    /// The pipeline request of this job.
+    pub fn generation_request(&self) -> GenerationRequest {
+        GenerationRequest {
+            prompts: self.prompts.clone(),
+            negative_prompts: self.negative_prompts.clone(),
+            num_images_per_prompt: self.images_per_prompt,
+            num_inference_steps: self.steps,
+            guidance_scale: self.guidance_scale,
+            width: self.width,
+            height: self.height,
+            scheduler: self.scheduler.clone(),
+            image: self.image.clone(),
+            mask: self.mask.clone(),
+            strength: self.strength,
+            max_sequence_length: self.max_sequence_length,
+            tiling: self.tiling,
+        }
+    }
+}
+
+/// A seed from the standard library's per-process random hasher keys and
+/// the clock (a fresh `RandomState` is randomly keyed), for requests that
+/// give none; the seed used is always reported.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    h.finish()
+}
+
+impl JobRequest {
+    /// A request for `model` with `params` and nothing else.
+    pub fn new(model: impl Into<String>, params: GenerationParams) -> Self {
+        Self {
+            model: model.into(),
+            params,
+            ..Self::default()
+        }
+    }
+
+    /// Resolve this request against the loaded model's `defaults` into a
+    /// [`Job`], as `easel generate` always has:
+    /// - size: `width` / `height` as given; else the init image's size
+    ///   rounded down to the model's size multiple (diffusers' behaviour),
+    ///   which must then lie in `multiple..=2048`; else the model's native
+    ///   size;
+    /// - steps, guidance scale, strength: as given, else the model's;
+    /// - seeds: `seed + i` (wrapping) for image `i`, the seed random when
+    ///   not given.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the field: `strength` without an
+    /// image, out of 0..=1, or so small that `floor(steps x strength)` runs
+    /// no denoising step; `mask` without an image; a `width` / `height`
+    /// taken from the init image outside the allowed range; a batch size
+    /// of 0.
+    pub fn build(&self, defaults: &ModelDefaults) -> Result<Job> {
+        let p = &self.params;
+        if self.image.is_none() {
+            if self.strength.is_some() {
+                return Err(Error::invalid(
+                    "strength",
+                    "applies to image-to-image and inpainting; give an image too",
+                ));
+            }
+            if self.mask.is_some() {
+                return Err(Error::invalid(
+                    "mask",
+                    "a mask needs an init image to repaint: give an image too",
+                ));
+            }
+        }
+        let strength = self.strength.unwrap_or(defaults.strength);
+        if !strength.is_finite() || !(0.0..=1.0).contains(&strength) {
+            return Err(Error::invalid(
+                "strength",
+                format!("{strength} is out of range (allowed: 0 to 1)"),
+            ));
+        }
+        let (native_w, native_h) = match &self.image {
+            // The init image sets the size, rounded down to the model's size
+            // multiple (16 for FLUX), as diffusers does.
+            Some(image) => {
+                let f = defaults.size_multiple;
+                let size = (image.width / f * f, image.height / f * f);
+                for (field, v, given) in [("width", size.0, p.width), ("height", size.1, p.height)]
+                {
+                    if given.is_none() && !(f..=SIZE_MAX).contains(&v) {
+                        return Err(Error::invalid(
+                            field,
+                            format!(
+                                "{v} (the init image is {}x{}, rounded down to a multiple of {f}) \
+                                 is out of range (allowed: {f} to {SIZE_MAX}); give {field} to resize it",
+                                image.width, image.height
+                            ),
+                        ));
+                    }
+                }
+                size
+            }
+            None => (defaults.width, defaults.height),
+        };
+        let width = p.width.map_or(native_w, |w| w as usize);
+        let height = p.height.map_or(native_h, |h| h as usize);
+        let steps = p.steps.map_or(defaults.steps, |s| s as usize);
+        if self.image.is_some() && (steps as f64 * strength) as usize == 0 {
+            return Err(Error::invalid(
+                "strength",
+                format!(
+                    "{strength} with {steps} steps runs no denoising step (floor(steps x strength) = 0); \
+                     raise strength to at least {:.4} or use more steps",
+                    1.0 / steps as f64
+                ),
+            ));
+        }
+        let batch = p.batch_size_or_default() as u64;
+        if batch == 0 {
+            return Err(Error::invalid("batchSize", "must be at least 1"));
+        }
+        let seed = p.seed.unwrap_or_else(random_seed);
+        Ok(Job {
+            model: self.model.clone(),
+            prompts: vec![p.prompt.clone()],
+            negative_prompts: p.negative_prompt.iter().cloned().collect(),
+            images_per_prompt: batch as usize,
+            seeds: (0..batch).map(|i| seed.wrapping_add(i)).collect(),
+            steps,
+            guidance_scale: p.guidance_scale.unwrap_or(defaults.guidance_scale),
+            width,
+            height,
+            scheduler: p.scheduler.clone(),
+            image: self.image.clone(),
+            mask: self.mask.clone(),
+            strength,
+            loras: self.loras.clone(),
+            max_sequence_length: self.max_sequence_length,
+            tiling: self.tiling,
+        })
+    }
+}
+
+/// A LoRA adapter as it ran.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedLora {
+    /// The `.safetensors` file.
+    pub path: PathBuf,
+    /// Its scale.
+    pub scale: f64,
+}
+
+/// The parameters a job ran with, every default resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedParams {
+    /// The pipeline class (`StableDiffusionPipeline`, ...).
+    pub pipeline: String,
+    /// The scheduler class that ran.
+    pub scheduler: String,
+    /// Its σ ramp when not the class default (`karras`, `exponential`).
+    pub sigma_schedule: Option<String>,
+    /// One seed per image, in image order.
+    pub seeds: Vec<u64>,
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Guidance scale.
+    pub guidance_scale: f64,
+    /// Image-to-image strength; `None` without an init image.
+    pub strength: Option<f64>,
+    /// What the job did.
+    pub task: Task,
+    /// The LoRA adapters merged.
+    pub loras: Vec<ResolvedLora>,
+    /// Seamless tiling.
+    pub tiling: bool,
+    /// Things the user should know (a prompt truncated to the encoder's
+    /// 77 tokens, ...).
+    pub warnings: Vec<String>,
+}
+
+/// What a job produced.
+#[derive(Debug, Clone)]
+pub struct JobOutput {
+    /// One 8-bit RGB buffer (`width * height * 3` bytes, row-major) per
+    /// image, in seed order.
+    pub images: Vec<Vec<u8>>,
+    /// The parameters it ran with.
+    pub params: ResolvedParams,
+    /// Wall-clock time of each stage.
+    pub timings: StageTimings,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::ModelFamily;
+
+    fn sd15() -> ModelDefaults {
+        ModelDefaults {
+            pipeline: "StableDiffusionPipeline".into(),
+            family: ModelFamily::StableDiffusion,
+            width: 512,
+            height: 512,
+            steps: 25,
+            guidance_scale: 7.5,
+            strength: 0.8,
+            scheduler: "PNDMScheduler".into(),
+            size_multiple: 8,
+        }
+    }
+
+    fn image(width: usize, height: usize) -> ImageInput {
+        ImageInput {
+            width,
+            height,
+            rgb: vec![0; width * height * 3],
+        }
+    }
+
+    #[test]
+    fn defaults_fill_what_the_request_leaves_out() {
+        let params = GenerationParams {
+            seed: Some(u64::MAX),
+            batch_size: Some(2),
+            ..GenerationParams::new("a fox")
+        };
+        let job = JobRequest::new("m", params).build(&sd15()).unwrap();
+        assert_eq!((job.width, job.height, job.steps), (512, 512, 25));
+        assert_eq!(job.guidance_scale, 7.5);
+        // Seeds wrap, image i uses seed + i.
+        assert_eq!(job.seeds, [u64::MAX, 0]);
+        assert_eq!(job.images_per_prompt, 2);
+        assert_eq!(job.task(), Task::TextToImage);
+        assert!(!job.generation_request().tiling);
+    }
+
+    #[test]
+    fn the_init_image_sets_the_size_rounded_down_to_the_multiple() {
+        let request = JobRequest {
+            image: Some(image(70, 41)),
+            tiling: true,
+            ..JobRequest::new("m", GenerationParams::new("x"))
+        };
+        let job = request.build(&sd15()).unwrap();
+        assert_eq!((job.width, job.height), (64, 40));
+        assert_eq!(job.strength, 0.8);
+        assert_eq!(job.task(), Task::ImageToImage);
+        assert!(job.generation_request().tiling);
+        // Too small once rounded down: named, with the fix.
+        let request = JobRequest {
+            image: Some(image(64, 7)),
+            ..JobRequest::new("m", GenerationParams::new("x"))
+        };
+        let e = request.build(&sd15()).unwrap_err().to_string();
+        assert!(
+            e.contains("height") && e.contains("allowed: 8 to 2048"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn strength_is_checked_against_the_image_and_the_steps() {
+        let no_image = JobRequest {
+            strength: Some(0.5),
+            ..JobRequest::new("m", GenerationParams::new("x"))
+        };
+        let e = no_image.build(&sd15()).unwrap_err().to_string();
+        assert!(e.contains("strength") && e.contains("image"), "{e}");
+        let no_step = JobRequest {
+            image: Some(image(64, 64)),
+            strength: Some(0.1),
+            ..JobRequest::new(
+                "m",
+                GenerationParams {
+                    steps: Some(5),
+                    ..GenerationParams::new("x")
+                },
+            )
+        };
+        let e = no_step.build(&sd15()).unwrap_err().to_string();
+        assert!(
+            e.contains("no denoising step") && e.contains("0.2000"),
+            "{e}"
+        );
+    }
+}

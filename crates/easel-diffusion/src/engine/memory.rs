@@ -1,0 +1,136 @@
+//! How many bytes a model's weights hold once loaded, estimated before
+//! loading from the safetensors headers alone (the model cache's budget is
+//! spent with it).
+//!
+//! The estimate follows what the loader and the layers keep (see
+//! `models::weights`): on the CPU with f32 compute, a half-precision
+//! (f16 / bf16) matrix or convolution weight stays in its stored precision
+//! (the kernels widen it one layer at a time), every other floating-point
+//! tensor (biases, norm scales, embedding tables) is widened to f32. The
+//! components LoRA adapters can target
+//! ([`ModelFamily::lora_components`](crate::loader::ModelFamily::lora_components))
+//! also keep the stored copy of each widened tensor (the base weights a
+//! LoRA switch rebuilds from). Integer buffers (`position_ids`) are not read.
+//! The test `engine_memory` checks the estimate against the bytes the loaded
+//! tensors really hold, for every fixture model.
+
+use std::io::Read;
+use std::path::Path;
+
+use crate::loader::ModelDir;
+
+/// The largest safetensors header read (the format's own limit is 100 MB).
+const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+/// One tensor of a safetensors header: its name, dtype and shape.
+struct TensorInfo {
+    name: String,
+    dtype: String,
+    shape: Vec<usize>,
+}
+
+/// The tensors a safetensors file declares (its JSON header), without
+/// reading the data; `None` when the file is unreadable or not safetensors.
+fn header(path: &Path) -> Option<Vec<TensorInfo>> {
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).ok()?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER_BYTES {
+        return None;
+    }
+    let mut bytes = vec![0u8; n as usize];
+    file.read_exact(&mut bytes).ok()?;
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes).ok()?;
+    Some(
+        map.into_iter()
+            .filter(|(k, _)| k != "__metadata__")
+            .filter_map(|(name, v)| {
+                let dtype = v.get("dtype")?.as_str()?.to_string();
+                let shape = v
+                    .get("shape")?
+                    .as_array()?
+                    .iter()
+                    .map(|d| d.as_u64().map(|d| d as usize))
+                    .collect::<Option<Vec<_>>>()?;
+                Some(TensorInfo { name, dtype, shape })
+            })
+            .collect(),
+    )
+}
+
+/// Bytes per element of a safetensors dtype; `None` for integer and
+/// boolean types (buffers the models do not read).
+fn float_size(dtype: &str) -> Option<u64> {
+    match dtype {
+        "F16" | "BF16" => Some(2),
+        "F32" => Some(4),
+        "F64" => Some(8),
+        "F8_E4M3" | "F8_E5M2" => Some(1),
+        _ => None,
+    }
+}
+
+/// Whether a tensor is an embedding table (looked up by index, widened to
+/// f32 like a bias), by the checkpoint names of CLIP
+/// (`token_embedding.weight`, `position_embedding.weight`) and T5
+/// (`shared.weight`, `embed_tokens.weight`, `relative_attention_bias.weight`).
+fn is_embedding_table(name: &str) -> bool {
+    name.ends_with("embedding.weight")
+        || name.ends_with("embed_tokens.weight")
+        || name.ends_with("relative_attention_bias.weight")
+        || name == "shared.weight"
+}
+
+/// The bytes one tensor holds once loaded (see the module docs), and the
+/// extra bytes of the stored copy a LoRA-targetable component keeps of a
+/// widened tensor.
+fn tensor_bytes(t: &TensorInfo) -> (u64, u64) {
+    let Some(stored) = float_size(&t.dtype) else {
+        return (0, 0);
+    };
+    let numel: u64 = t.shape.iter().map(|&d| d as u64).product();
+    let half = stored == 2;
+    let matrix = matches!(t.shape.len(), 2 | 4)
+        && t.name.ends_with(".weight")
+        && !is_embedding_table(&t.name);
+    if half && matrix {
+        (numel * stored, 0)
+    } else if stored < 4 {
+        (numel * 4, numel * stored)
+    } else {
+        (numel * stored, 0)
+    }
+}
+
+/// The estimated bytes the weights of `model` hold once loaded on the CPU
+/// (f32 compute), from the safetensors headers of the components its
+/// family loads (`ModelFamily::weight_components`); 0 for a model with
+/// synthesised weights ([`ModelDir::with_random_weights`]), of an unknown
+/// pipeline class, or whose headers
+/// cannot be read (the load itself then reports the problem).
+///
+/// Within 10 % of the loaded tensors' bytes for every fixture model (the
+/// `engine_memory` test measures it).
+pub fn estimate_model_bytes(model: &ModelDir) -> u64 {
+    if model.random_weights() {
+        return 0;
+    }
+    let Some(family) = model.family() else {
+        return 0;
+    };
+    let mut total = 0;
+    for &component in family.weight_components() {
+        let Ok(files) = model.weight_files(component) else {
+            continue;
+        };
+        let keeps_base = family.lora_components().contains(&component);
+        for file in files {
+            for t in header(&file).unwrap_or_default() {
+                let (held, base_copy) = tensor_bytes(&t);
+                total += held + if keeps_base { base_copy } else { 0 };
+            }
+        }
+    }
+    total
+}

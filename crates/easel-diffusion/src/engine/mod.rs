@@ -1,0 +1,408 @@
+//! The engine's front door: every caller (the CLI's `generate`, `bench` and
+//! `flow run`, the server's worker) generates through an [`Engine`].
+//!
+//! An [`Engine`] resolves a model reference ([`crate::loader::resolve_model`]),
+//! loads it through its own cache ([`cache::ModelCache`]: least recently used
+//! first out, within a memory budget spent by
+//! [`memory::estimate_model_bytes`]), merges the job's LoRA adapters, runs a
+//! fully resolved [`Job`] with progress and cancel, and returns 8-bit RGB
+//! images with the parameters that ran ([`JobOutput`]). [`JobRequest::build`]
+//! is the one builder that turns a validated request (easel-core's
+//! `GenerationParams` plus decoded inputs) into a [`Job`], against the
+//! loaded model's [`ModelDefaults`].
+
+pub mod cache;
+pub mod job;
+pub mod memory;
+
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+
+pub use cache::{CachedModel, ModelCache};
+pub use job::{Job, JobOutput, JobRequest, ResolvedLora, ResolvedParams, Task};
+pub use memory::estimate_model_bytes;
+
+use crate::error::{Error, Result};
+use crate::loader::{resolve_model, ModelDir, ModelFamily, ResolveOptions};
+use crate::models::flux_transformer::FluxTransformer2DConfig;
+use crate::models::read_config;
+use crate::models::unet_2d_condition::UNet2DConditionConfig;
+use crate::noise::PerImageGenerators;
+use crate::output::images_to_rgb8;
+use crate::pipelines::{load_pipeline, CancelToken, Pipeline, Progress, RunContext};
+
+/// How an [`Engine`] finds and keeps models.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Where model references resolve (hub cache, model roots, offline).
+    pub resolve: ResolveOptions,
+    /// The model cache's budget in bytes (estimated as
+    /// [`estimate_model_bytes`]); the least recently used models are
+    /// unloaded to fit a new one, and a model larger than the budget still
+    /// loads, alone. `u64::MAX`: never unload.
+    pub cache_budget_bytes: u64,
+    /// Synthesise every weight instead of reading weight files
+    /// (`easel bench --random-weights`).
+    pub random_weights: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            resolve: ResolveOptions::default(),
+            cache_budget_bytes: u64::MAX,
+            random_weights: false,
+        }
+    }
+}
+
+/// What a loaded model uses when a request leaves a field out, and the
+/// facts a request is resolved with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelDefaults {
+    /// The pipeline class (`StableDiffusionPipeline`, ...).
+    pub pipeline: String,
+    /// The model family.
+    pub family: ModelFamily,
+    /// Native width in pixels.
+    pub width: usize,
+    /// Native height in pixels.
+    pub height: usize,
+    /// Default denoising steps.
+    pub steps: usize,
+    /// Default guidance scale.
+    pub guidance_scale: f64,
+    /// Default image-to-image strength (the family's).
+    pub strength: f64,
+    /// The model's own scheduler class.
+    pub scheduler: String,
+    /// Width and height must be multiples of this (pixels): the VAE scale
+    /// factor times the family's latent packing (8; 16 for FLUX).
+    pub size_multiple: usize,
+}
+
+impl ModelDefaults {
+    /// The defaults of a loaded pipeline of `model`: the family's facts
+    /// (`pipeline.family()`), and where they differ between the family's
+    /// models, the model's configs: a UNet's `sample_size` (native size),
+    /// a FLUX transformer's `guidance_embeds` (schnell or dev).
+    ///
+    /// # Errors
+    /// A UNet or transformer config that cannot be read (the load read it
+    /// before, so only a folder changed in between).
+    pub fn of(pipeline: &Pipeline, model: &ModelDir) -> Result<Self> {
+        let family = pipeline.family();
+        let vae_scale_factor = pipeline.vae_scale_factor();
+        let sample = if family.sample_size_in_config() {
+            let config = UNet2DConditionConfig::from_file(
+                &model.component_dir("unet")?.join("config.json"),
+            )?;
+            config.sample_size()
+        } else {
+            None
+        };
+        let (h, w) = sample.unwrap_or((family.default_sample_size(), family.default_sample_size()));
+        let guidance_embeds = match model.component("transformer") {
+            Some(_) => {
+                let config: FluxTransformer2DConfig =
+                    read_config(&model.component_dir("transformer")?.join("config.json"))?;
+                config.guidance_embeds
+            }
+            None => false,
+        };
+        Ok(Self {
+            pipeline: pipeline.class_name().to_string(),
+            family,
+            width: w * vae_scale_factor,
+            height: h * vae_scale_factor,
+            steps: family.default_steps_for(guidance_embeds),
+            guidance_scale: family.default_guidance_scale_for(guidance_embeds),
+            strength: family.default_strength(),
+            scheduler: pipeline.default_scheduler(),
+            size_multiple: family.latent_packing() * vae_scale_factor,
+        })
+    }
+}
+
+/// A model in the engine's cache.
+pub struct LoadedModel {
+    dir: ModelDir,
+    pipeline: Pipeline,
+    defaults: ModelDefaults,
+    bytes: u64,
+    load_time: Duration,
+}
+
+impl LoadedModel {
+    /// The resolved model folder.
+    pub fn dir(&self) -> &ModelDir {
+        &self.dir
+    }
+
+    /// The loaded pipeline.
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.pipeline
+    }
+
+    /// Its defaults.
+    pub fn defaults(&self) -> &ModelDefaults {
+        &self.defaults
+    }
+
+    /// Estimated bytes its weights hold ([`estimate_model_bytes`]).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// How long resolving and loading took.
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+}
+
+/// The engine: a model cache and the way to run jobs on it, on the CPU.
+pub struct Engine {
+    options: EngineOptions,
+    device: Device,
+    cache: ModelCache<LoadedModel>,
+}
+
+impl Engine {
+    /// An engine with an empty cache.
+    pub fn new(options: EngineOptions) -> Self {
+        Self {
+            cache: ModelCache::new(options.cache_budget_bytes),
+            device: Device::Cpu,
+            options,
+        }
+    }
+
+    /// Resolve `reference` (a local folder, a repo id in the hub cache or
+    /// downloaded into it, a registry name) without loading it, e.g. to
+    /// ask its family before loading.
+    ///
+    /// # Errors
+    /// As [`resolve_model`].
+    pub fn resolve(&self, reference: &str) -> Result<ModelDir> {
+        resolve_model(reference, &self.options.resolve)
+    }
+
+    /// The model `reference` names, from the cache or resolved and loaded
+    /// into it (unloading least recently used models to fit the budget).
+    ///
+    /// # Errors
+    /// The model cannot be resolved ([`resolve_model`]) or loaded
+    /// ([`load_pipeline`]).
+    pub fn load(&mut self, reference: &str) -> Result<&LoadedModel> {
+        if !self.cache.contains(reference) {
+            let started = Instant::now();
+            let dir = self.resolve(reference)?;
+            self.insert(reference, dir, started)?;
+        }
+        self.cached(reference)
+    }
+
+    /// [`Engine::load`] for a model already resolved with
+    /// [`Engine::resolve`], cached under `reference`.
+    ///
+    /// # Errors
+    /// As [`load_pipeline`].
+    pub fn load_resolved(&mut self, reference: &str, dir: ModelDir) -> Result<&LoadedModel> {
+        if !self.cache.contains(reference) {
+            self.insert(reference, dir, Instant::now())?;
+        }
+        self.cached(reference)
+    }
+
+    fn cached(&mut self, reference: &str) -> Result<&LoadedModel> {
+        self.cache
+            .get(reference)
+            .ok_or_else(|| Error::invalid("model", "the model cache lost an entry"))
+    }
+
+    fn insert(&mut self, reference: &str, dir: ModelDir, started: Instant) -> Result<()> {
+        let dir = dir.with_random_weights(self.options.random_weights);
+        let bytes = estimate_model_bytes(&dir);
+        for key in self.cache.make_room(bytes) {
+            tracing::info!("model cache: unloaded {key} to fit {bytes} bytes");
+        }
+        let pipeline = load_pipeline(&dir, &self.device)?;
+        let load_time = started.elapsed();
+        tracing::info!(
+            "loaded {reference} ({}) in {:.2}s, ~{} MiB",
+            pipeline.class_name(),
+            load_time.as_secs_f64(),
+            bytes >> 20
+        );
+        let defaults = ModelDefaults::of(&pipeline, &dir)?;
+        self.cache.insert(
+            reference.to_string(),
+            LoadedModel {
+                dir,
+                pipeline,
+                defaults,
+                bytes,
+                load_time,
+            },
+            bytes,
+        );
+        Ok(())
+    }
+
+    /// Whether the model `reference` names is in the cache.
+    pub fn is_loaded(&self, reference: &str) -> bool {
+        self.cache.contains(reference)
+    }
+
+    /// The models in the cache, most recently used first.
+    pub fn loaded(&self) -> Vec<CachedModel> {
+        self.cache.list()
+    }
+
+    /// Run `job`: load its model (see [`Engine::load`]), merge its LoRA
+    /// adapters (an unchanged set is a no-op; a switch rebuilds the
+    /// affected components from weights in memory), run the pipeline with
+    /// one seeded generator per image, calling `progress` after each stage
+    /// and step and stopping at the next step once `cancel` fires, and
+    /// quantise the images to 8-bit RGB.
+    ///
+    /// # Errors
+    /// [`Error::Canceled`]; the model cannot be loaded; a LoRA that does not
+    /// fit the model; a request the pipeline refuses (naming the field).
+    pub fn run(
+        &mut self,
+        job: &Job,
+        progress: &mut dyn FnMut(Progress),
+        cancel: &CancelToken,
+    ) -> Result<JobOutput> {
+        self.load(&job.model)?;
+        let model = self
+            .cache
+            .get_mut(&job.model)
+            .ok_or_else(|| Error::invalid("model", "the model cache lost an entry"))?;
+        model.pipeline.set_loras(&job.loras)?;
+        let request = job.generation_request();
+        let mut noise = PerImageGenerators::new(&job.seeds);
+        let mut ctx = RunContext {
+            noise: &mut noise,
+            progress,
+            cancel: cancel.clone(),
+        };
+        let output = model.pipeline.run(&request, &mut ctx)?;
+        let images = images_to_rgb8(&output.images)?;
+        Ok(JobOutput {
+            images,
+            params: ResolvedParams {
+                pipeline: model.pipeline.class_name().to_string(),
+                scheduler: output.scheduler,
+                sigma_schedule: output.sigma_schedule,
+                seeds: job.seeds.clone(),
+                width: job.width,
+                height: job.height,
+                steps: job.steps,
+                guidance_scale: job.guidance_scale,
+                strength: job.image.is_some().then_some(job.strength),
+                task: job.task(),
+                loras: job
+                    .loras
+                    .iter()
+                    .map(|l| ResolvedLora {
+                        path: l.path.clone(),
+                        scale: l.scale,
+                    })
+                    .collect(),
+                tiling: job.tiling,
+                warnings: output.warnings,
+            },
+            timings: output.timings,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use easel_core::GenerationParams;
+
+    fn fixture(name: &str) -> String {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models")
+            .join(name)
+            .display()
+            .to_string()
+    }
+
+    #[test]
+    fn runs_a_resolved_job_and_reports_what_ran() {
+        let mut engine = Engine::new(EngineOptions::default());
+        let sd15 = fixture("tiny-sd15");
+        let defaults = engine.load(&sd15).unwrap().defaults().clone();
+        assert_eq!(defaults.family, ModelFamily::StableDiffusion);
+        assert_eq!((defaults.steps, defaults.guidance_scale), (25, 7.5));
+        let job = JobRequest::new(
+            sd15.clone(),
+            GenerationParams {
+                steps: Some(2),
+                width: Some(32),
+                height: Some(16),
+                seed: Some(4),
+                batch_size: Some(2),
+                scheduler: Some("euler".into()),
+                ..GenerationParams::new("a red house")
+            },
+        )
+        .build(&defaults)
+        .unwrap();
+        let mut steps = Vec::new();
+        let out = engine
+            .run(
+                &job,
+                &mut |p| {
+                    if let Progress::Step { step, total } = p {
+                        steps.push((step, total));
+                    }
+                },
+                &CancelToken::new(),
+            )
+            .unwrap();
+        assert_eq!(steps, [(1, 2), (2, 2)]);
+        assert_eq!(out.images.len(), 2);
+        assert!(out.images.iter().all(|i| i.len() == 32 * 16 * 3));
+        assert_ne!(out.images[0], out.images[1], "each image has its own seed");
+        let p = &out.params;
+        assert_eq!(p.seeds, [4, 5]);
+        assert_eq!((p.width, p.height, p.steps), (32, 16, 2));
+        assert_eq!(p.scheduler, "EulerDiscreteScheduler");
+        assert_eq!(p.pipeline, "StableDiffusionPipeline");
+        assert_eq!(p.task, Task::TextToImage);
+
+        // A canceled token stops the job before any step.
+        let canceled = CancelToken::new();
+        canceled.cancel();
+        assert!(matches!(
+            engine.run(&job, &mut |_| {}, &canceled),
+            Err(Error::Canceled)
+        ));
+    }
+
+    #[test]
+    fn the_cache_unloads_the_least_recently_used_model_to_fit_its_budget() {
+        let (sd15, sd2) = (fixture("tiny-sd15"), fixture("tiny-sd2-v"));
+        let one = estimate_model_bytes(&ModelDir::open(&sd15).unwrap());
+        assert!(one > 0);
+        // Room for one of the two (they are the same size to within 1 %).
+        let mut engine = Engine::new(EngineOptions {
+            cache_budget_bytes: one + one / 2,
+            ..EngineOptions::default()
+        });
+        engine.load(&sd15).unwrap();
+        assert!(engine.is_loaded(&sd15));
+        engine.load(&sd2).unwrap();
+        let keys: Vec<String> = engine.loaded().into_iter().map(|m| m.key).collect();
+        assert_eq!(keys, [sd2.clone()]);
+        assert!(engine.loaded()[0].bytes > 0);
+        // A reference that resolves to nothing is an error, not a panic.
+        assert!(engine.load("/no/such/model").is_err());
+    }
+}
