@@ -1,7 +1,7 @@
 //! One place that gives every error response its documented JSON shape.
 //!
 //! Handlers answer [`ApiError`] (native `{"error": {code, message, field}}`)
-//! or [`OpenAiError`](crate::openai::OpenAiError). What they do not produce
+//! or [`OpenAiError`](crate::routes::openai::OpenAiError). What they do not produce
 //! is shaped here, after the router ran:
 //!
 //! - the framework's own rejections: 405 (axum sends an empty body, with
@@ -11,7 +11,7 @@
 //! - on the OpenAI routes (`/v1/images/...`), every native-shaped error
 //!   (the API-key middleware's 401, the body limit's 413, the rate limit's
 //!   429) is rewritten to OpenAI's `{"error": {message, type, param, code}}`
-//!   (see [`crate::openai::openai_error_body`]), so OpenAI clients always see
+//!   (see [`crate::routes::openai::openai_error_body`]), so OpenAI clients always see
 //!   the shape their SDKs parse.
 
 use axum::body::{to_bytes, Body};
@@ -140,12 +140,12 @@ fn finish_with_code(
     openai: bool,
 ) -> Response {
     let body = if openai {
-        crate::openai::openai_error_body(e.status, &e.message, e.field.as_deref(), code)
+        crate::routes::openai::openai_error_body(e.status, &e.message, e.field.as_deref(), code)
     } else {
         serde_json::json!({"error": {"code": code, "message": e.message, "field": e.field}})
     };
     let status = if openai {
-        crate::openai::openai_status(e.status)
+        crate::routes::openai::openai_status(e.status)
     } else {
         e.status
     };

@@ -26,7 +26,6 @@
 
 #![warn(missing_docs)]
 
-pub mod api;
 pub mod assets;
 pub mod auth;
 pub mod bench;
@@ -37,17 +36,19 @@ pub mod error;
 pub mod error_shape;
 pub mod fetch;
 pub mod flows;
+pub mod http;
 pub mod inputs;
 pub mod job;
+pub mod jobs;
 pub mod listener;
 pub mod lora_cache;
 pub mod metrics;
 pub mod models;
-pub mod openai;
-pub mod openapi;
 pub mod ratelimit;
+pub mod routes;
 pub mod store;
 pub mod submit;
+pub mod trainings;
 pub mod util;
 pub mod views;
 pub mod webhooks;
@@ -385,7 +386,7 @@ fn load_or_create_secret(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
 
 /// The router: every route of the service over `state`.
 pub fn app(state: AppState) -> Router {
-    api::router(state)
+    routes::router(state)
 }
 
 /// Bind `config.bind`, serve (through [`serve_on`]: timeouts, connection

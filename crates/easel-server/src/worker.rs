@@ -179,7 +179,7 @@ impl Ctx {
     }
 
     fn webhook(&self, id: &str, event: &str) {
-        if let Err(e) = self.block(crate::api::queue_webhook(&self.state, id, event)) {
+        if let Err(e) = self.block(crate::jobs::queue_webhook(&self.state, id, event)) {
             tracing::warn!("job {id}: queueing webhook {event}: {e}");
         }
     }

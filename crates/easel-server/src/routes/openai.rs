@@ -35,10 +35,11 @@ use base64::Engine as _;
 use easel_core::{ImageDefinition, NativeRequest, OutputFormat};
 use serde::Deserialize;
 
-use crate::api::{body_error, load_record, wait_for, BaseUrl, RawBody};
 use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::http::{body_error, BaseUrl, RawBody};
 use crate::job::JobStatus;
+use crate::jobs::{load_record, wait_for};
 use crate::submit::{body_hash, commit, prepare, Source};
 use crate::AppState;
 
