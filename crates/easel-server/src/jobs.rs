@@ -1,7 +1,9 @@
 //! The jobs service: what the route handlers, the flows' image step and
 //! the worker all do to a job after it was accepted ([`crate::submit`]
 //! accepts it): read its record, queue its webhooks, wait for it to
-//! finish, cancel it.
+//! finish, cancel it, and announce its status changes ([`announce_started`],
+//! [`announce_finished`]: event bus, webhooks, counters) the same way
+//! whoever changed it.
 
 use std::time::Duration;
 
@@ -127,12 +129,7 @@ pub async fn wait_for(state: &AppState, id: &str, seconds: u64) -> Result<bool, 
 pub async fn cancel_job(state: &AppState, id: &str) -> Result<bool, ApiError> {
     let error = crate::job::JobError::new("canceled", "canceled by the client");
     if state.store().cancel_queued(id, &error).await? {
-        Metrics::inc(&state.metrics().jobs_canceled);
-        state.emit(JobEvent::Status {
-            id: id.to_string(),
-            status: JobStatus::Canceled,
-        });
-        queue_webhook(state, id, "completed").await?;
+        announce_finished(state, id, JobStatus::Canceled).await?;
         Ok(true)
     } else {
         // Running: the worker stops at the next step.
@@ -140,4 +137,46 @@ pub async fn cancel_job(state: &AppState, id: &str) -> Result<bool, ApiError> {
         state.worker().cancel(id);
         Ok(false)
     }
+}
+
+/// Announce that job `id` started running (the store already says so):
+/// broadcast the status to event streams and waiters, and queue its
+/// `start` webhook if it subscribed to it.
+///
+/// # Errors
+/// A store failure while queueing the webhook (the status is broadcast
+/// before).
+pub async fn announce_started(state: &AppState, id: &str) -> Result<(), sqlx::Error> {
+    state.emit(JobEvent::Status {
+        id: id.to_string(),
+        status: JobStatus::Running,
+    });
+    queue_webhook(state, id, "start").await
+}
+
+/// Announce that job `id` finished with terminal `status` (the store
+/// already says so; the worker finished it, or a cancel caught it while
+/// queued): count it in `easel_jobs_finished_total` (`failed` for any
+/// status other than `succeeded` and `canceled`), broadcast the status,
+/// and queue its `completed` webhook.
+///
+/// # Errors
+/// A store failure while queueing the webhook (the count and the
+/// broadcast happen before).
+pub async fn announce_finished(
+    state: &AppState,
+    id: &str,
+    status: JobStatus,
+) -> Result<(), sqlx::Error> {
+    let metrics = state.metrics();
+    Metrics::inc(match status {
+        JobStatus::Succeeded => &metrics.jobs_succeeded,
+        JobStatus::Canceled => &metrics.jobs_canceled,
+        _ => &metrics.jobs_failed,
+    });
+    state.emit(JobEvent::Status {
+        id: id.to_string(),
+        status,
+    });
+    queue_webhook(state, id, "completed").await
 }

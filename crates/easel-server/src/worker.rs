@@ -36,6 +36,7 @@ use crate::inputs::mask_luma;
 use crate::job::{
     InputRef, ItemResult, JobError, JobStatus, Progress, ResolvedLora, ResolvedParameters,
 };
+use crate::jobs;
 use crate::metrics::Metrics;
 use crate::store::{AssetRow, ItemRow};
 use crate::util::{new_id, now_ms};
@@ -225,11 +226,9 @@ impl Worker {
             token.cancel();
         }
         tracing::info!("job {id}: running (attempt {attempt})");
-        state.emit(JobEvent::Status {
-            id: id.into(),
-            status: JobStatus::Running,
-        });
-        self.ctx.webhook(id, "start");
+        if let Err(e) = self.ctx.block(jobs::announce_started(&state, id)) {
+            tracing::warn!("job {id}: queueing webhook start: {e}");
+        }
 
         let items = self.ctx.block(store.items(id))?;
         let images_total: u32 = items.iter().map(|i| i.spec.batch_size).sum();
@@ -373,23 +372,17 @@ impl Worker {
         };
         self.ctx.block(store.finish(id, status, error.as_ref()))?;
         state.worker().set_running(None);
-        let metrics = state.metrics();
-        Metrics::inc(match status {
-            JobStatus::Succeeded => &metrics.jobs_succeeded,
-            JobStatus::Canceled => &metrics.jobs_canceled,
-            _ => &metrics.jobs_failed,
-        });
-        metrics.observe_job_duration(started.elapsed().as_secs_f64());
+        state
+            .metrics()
+            .observe_job_duration(started.elapsed().as_secs_f64());
         tracing::info!(
             "job {id}: {} in {:.2}s",
             status.as_str(),
             started.elapsed().as_secs_f64()
         );
-        state.emit(JobEvent::Status {
-            id: id.into(),
-            status,
-        });
-        self.ctx.webhook(id, "completed");
+        if let Err(e) = self.ctx.block(jobs::announce_finished(&state, id, status)) {
+            tracing::warn!("job {id}: queueing webhook completed: {e}");
+        }
         Ok(())
     }
 
