@@ -35,7 +35,7 @@ pub async fn register_training(
     tokio::task::spawn_blocking(move || registry.resolve(&b))
         .await
         .map_err(|e| ApiError::internal("resolving a model", e))?
-        .map_err(|e| crate::submit::model_error(e, "baseModel".into()))?;
+        .map_err(|e| crate::checks::model_error(e, "baseModel".into()))?;
     let check = tokio::task::spawn_blocking(move || check_lora_file(&bytes).map(|_| bytes))
         .await
         .map_err(|e| ApiError::internal("reading a LoRA", e))?;
