@@ -130,3 +130,13 @@ pub fn list_limit(
         ))
     }
 }
+
+/// The 400 `invalid_json` error for a body that does not parse as JSON
+/// (RFC 8259); the message carries the parser's position and reason.
+pub fn invalid_json(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_json",
+        format!("the body is not valid JSON: {e}"),
+    )
+}

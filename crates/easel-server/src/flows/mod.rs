@@ -48,7 +48,7 @@ pub use steps::{step_registry, RegisterTraining, ServerImageBackend};
 /// What the flow runs of a server share: their events (for SSE) and the
 /// cancel tokens of the runs executing now.
 pub struct FlowsShared {
-    pub(crate) events: broadcast::Sender<FlowEvent>,
+    events: broadcast::Sender<FlowEvent>,
     running: Mutex<HashMap<String, CancelToken>>,
 }
 
@@ -62,7 +62,17 @@ impl Default for FlowsShared {
 }
 
 impl FlowsShared {
-    pub(crate) fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancelToken>> {
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancelToken>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Follow the events of every run (Server-Sent Events filter by run).
+    pub fn subscribe(&self) -> broadcast::Receiver<FlowEvent> {
+        self.events.subscribe()
+    }
+
+    /// The cancel token of run `id` if it executes in this process now.
+    pub fn cancel_token(&self, id: &str) -> Option<CancelToken> {
+        self.running().get(id).cloned()
     }
 }

@@ -8,8 +8,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use easel_flow::{FlowDocument, FlowEvent, FlowRunner, RunOptions};
 use futures_util::stream::Stream;
 use serde::{Deserialize, Serialize};
@@ -18,12 +17,13 @@ use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::auth::Principal;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::flows::runs::{spawn_run, status_name};
 use crate::flows::step_registry;
-use crate::http::RawBody;
+use crate::http::{invalid_json, list_limit, ApiQuery, RawBody};
 use crate::store::{FlowRow, FlowRunRow};
 use crate::util::{new_id, now_ms, rfc3339};
+use crate::views::ListOf;
 use crate::AppState;
 
 /// A stored flow.
@@ -77,25 +77,6 @@ fn run_view(row: &FlowRunRow) -> Value {
     value
 }
 
-/// The flow routes (behind the API-key middleware).
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/flows", post(create_flow).get(list_flows))
-        .route("/v1/flows/{id}", get(get_flow).delete(delete_flow))
-        .route("/v1/flows/{id}/runs", post(create_run).get(list_runs))
-        .route("/v1/flow-runs/{id}", get(get_run))
-        .route("/v1/flow-runs/{id}/events", get(run_events))
-        .route("/v1/flow-runs/{id}/cancel", post(cancel_run))
-}
-
-fn invalid_json(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_REQUEST,
-        "invalid_json",
-        format!("the body is not valid JSON: {e}"),
-    )
-}
-
 /// 422 `invalid_flow` listing every problem.
 fn flow_error(message: String) -> ApiError {
     ApiError::invalid("invalid_flow", "document", message)
@@ -105,7 +86,7 @@ fn flow_error(message: String) -> ApiError {
     request_body(content = Object, description = "A flow document `{ name?, steps: [...] }`, \
         or `{ \"document\": \"<JSON or JSON5 text>\" }`"),
     responses((status = 201, body = FlowRecord),
-        (status = 422, description = "Invalid flow: every problem, each naming the step and parameter", body = crate::error::ErrorBody)),
+        (status = 422, description = "Invalid flow: every problem, each naming the step and parameter", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn create_flow(
     State(state): State<AppState>,
@@ -144,13 +125,13 @@ pub(super) async fn create_flow(
 }
 
 #[utoipa::path(get, path = "/v1/flows", tag = "flows",
-    responses((status = 200, body = crate::views::ListOf<FlowRecord>)), security(("bearer" = [])))]
+    responses((status = 200, body = ListOf<FlowRecord>)), security(("bearer" = [])))]
 pub(super) async fn list_flows(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-) -> Result<Json<crate::views::ListOf<FlowRecord>>, ApiError> {
+) -> Result<Json<ListOf<FlowRecord>>, ApiError> {
     let rows = state.store().flows(&principal.key_id).await?;
-    Ok(Json(crate::views::ListOf::new(
+    Ok(Json(ListOf::new(
         rows.iter().map(FlowRecord::new).collect(),
     )))
 }
@@ -169,7 +150,7 @@ async fn owned_flow(
 
 #[utoipa::path(get, path = "/v1/flows/{id}", tag = "flows",
     params(("id" = String, Path, description = "Flow id")),
-    responses((status = 200, body = FlowRecord), (status = 404, body = crate::error::ErrorBody)),
+    responses((status = 200, body = FlowRecord), (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn get_flow(
     State(state): State<AppState>,
@@ -184,7 +165,7 @@ pub(super) async fn get_flow(
 #[utoipa::path(delete, path = "/v1/flows/{id}", tag = "flows",
     params(("id" = String, Path, description = "Flow id")),
     responses((status = 204, description = "Deleted (its runs stay readable; running ones finish)"),
-        (status = 404, body = crate::error::ErrorBody)),
+        (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn delete_flow(
     State(state): State<AppState>,
@@ -210,8 +191,8 @@ struct RunRequest {
     params(("id" = String, Path, description = "Flow id")),
     request_body(content = Object, description = "`{ \"input\": { ... } }` (`$.input` of the flow)"),
     responses((status = 202, description = "Started: the run record (`pending`)", body = Object),
-        (status = 404, body = crate::error::ErrorBody),
-        (status = 422, description = "The input does not fit the flow's references, or a step cannot run here", body = crate::error::ErrorBody)),
+        (status = 404, body = ErrorBody),
+        (status = 422, description = "The input does not fit the flow's references, or a step cannot run here", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn create_run(
     State(state): State<AppState>,
@@ -289,9 +270,9 @@ pub(super) async fn list_runs(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
-    crate::http::ApiQuery(query): crate::http::ApiQuery<RunsQuery>,
+    ApiQuery(query): ApiQuery<RunsQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = crate::http::list_limit(query.limit, 20, 1..=100)?;
+    let limit = list_limit(query.limit, 20, 1..=100)?;
     let rows = state
         .store()
         .flow_runs(&principal.key_id, Some(&id), limit)
@@ -318,7 +299,7 @@ async fn owned_run(
 #[utoipa::path(get, path = "/v1/flow-runs/{id}", tag = "flows",
     params(("id" = String, Path, description = "Run id")),
     responses((status = 200, description = "The run record: per step status, times, result or error, job id", body = Object),
-        (status = 404, body = crate::error::ErrorBody)),
+        (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn get_run(
     State(state): State<AppState>,
@@ -337,8 +318,8 @@ fn is_finished(view: &Value) -> bool {
     params(("id" = String, Path, description = "Run id")),
     responses((status = 200, description = "Canceled", body = Object),
         (status = 202, description = "Cancel asked; the run stops at its next step (a running image job is canceled)", body = Object),
-        (status = 404, body = crate::error::ErrorBody),
-        (status = 409, description = "Already finished", body = crate::error::ErrorBody)),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "Already finished", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn cancel_run(
     State(state): State<AppState>,
@@ -358,7 +339,7 @@ pub(super) async fn cancel_run(
         ));
     }
     state.store().request_flow_cancel(&id).await?;
-    let token = state.flows().running().get(&id).cloned();
+    let token = state.flows().cancel_token(&id);
     if let Some(token) = token {
         token.cancel();
     }
@@ -387,7 +368,7 @@ pub(super) async fn run_events(
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     // Subscribe before reading the record, so nothing is missed between.
-    let events = state.flows().events.subscribe();
+    let events = state.flows().subscribe();
     let first = run_view(&owned_run(&state, &principal, &id).await?);
     struct S {
         state: AppState,

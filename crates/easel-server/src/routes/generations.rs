@@ -16,7 +16,9 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ErrorBody};
-use crate::http::{json_response, list_limit, prefer_wait, ApiQuery, BaseUrl, RawBody};
+use crate::http::{
+    invalid_json, json_response, list_limit, prefer_wait, ApiQuery, BaseUrl, RawBody,
+};
 use crate::job::JobStatus;
 use crate::jobs::{cancel_job, load_record, wait_for};
 use crate::submit::{body_hash, commit, prepare, Source};
@@ -80,13 +82,7 @@ pub(super) async fn create_generation(
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
     state.check_submission_rate(&principal.key_id)?;
-    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("the body is not valid JSON: {e}"),
-        )
-    })?;
+    let value: serde_json::Value = serde_json::from_slice(&body).map_err(invalid_json)?;
     let request = NativeRequest::from_json(value.clone())?;
     let idempotency_key = headers
         .get("idempotency-key")

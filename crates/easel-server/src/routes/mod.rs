@@ -66,7 +66,18 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/usage", get(usage::get_usage))
         .route("/v1/images/generations", post(openai::generations))
         .route("/v1/images/edits", post(openai::edits))
-        .merge(flows::routes())
+        .route("/v1/flows", post(flows::create_flow).get(flows::list_flows))
+        .route(
+            "/v1/flows/{id}",
+            get(flows::get_flow).delete(flows::delete_flow),
+        )
+        .route(
+            "/v1/flows/{id}/runs",
+            post(flows::create_run).get(flows::list_runs),
+        )
+        .route("/v1/flow-runs/{id}", get(flows::get_run))
+        .route("/v1/flow-runs/{id}/events", get(flows::run_events))
+        .route("/v1/flow-runs/{id}/cancel", post(flows::cancel_run))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/healthz", get(ops::healthz))

@@ -8,7 +8,7 @@ use easel_core::{ImageDefinition, NativeRequest, ValidateOptions};
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ErrorBody};
-use crate::http::{json_response, RawBody};
+use crate::http::{invalid_json, json_response, RawBody};
 use crate::store::PackRow;
 use crate::util::{new_id, now_ms};
 use crate::views::{ListOf, PackRecord};
@@ -23,13 +23,7 @@ pub(super) async fn create_pack(
     Extension(principal): Extension<Principal>,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let mut value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("the body is not valid JSON: {e}"),
-        )
-    })?;
+    let mut value: serde_json::Value = serde_json::from_slice(&body).map_err(invalid_json)?;
     let name = match value.as_object_mut().and_then(|m| m.remove("name")) {
         Some(serde_json::Value::String(n)) if !n.trim().is_empty() => n,
         Some(serde_json::Value::String(_)) | None => {
