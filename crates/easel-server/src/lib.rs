@@ -1,22 +1,28 @@
 //! easel-server: the image-generation HTTP service (`easel serve`).
 //!
-//! Layout (see `docs/ARCHITECTURE.md`):
-//! - [`config`]: defaults, TOML file, `EASEL_*` variables.
-//! - [`store`]: the SQLite job store (migrations embedded); [`job`] the
-//!   stored shapes of jobs and image definitions.
-//! - [`assets`]: files by content hash, written atomically before records
-//!   point to them.
-//! - [`submit`] and [`inputs`]: turning a request into an accepted job
-//!   (validation, model roots, trainings, packs, credit, idempotency).
+//! Layout (see `docs/ARCHITECTURE.md`), each layer importing only those
+//! below it and the shared [`AppState`]:
+//! - [`routes`]: the router ([`routes::router`]) and one module per
+//!   resource (generations, assets, models, trainings, packs, usage, flows,
+//!   the OpenAI routes, `/openapi.json` and `/docs`, operations); nothing
+//!   outside it imports it except [`app`]. [`http`]: the extractors and
+//!   helpers the routes share.
+//! - Services the routes, flow steps and worker share: [`submit`] and
+//!   [`inputs`] (turning a request into an accepted job: validation with
+//!   [`checks`], model roots, trainings, packs, credit, idempotency),
+//!   [`jobs`] (a job's record, webhooks, waiting, cancel, announcing its
+//!   start and end), [`trainings`] (registering a LoRA file), [`flows`]
+//!   (the server's flow steps, runs on their threads, resumption).
 //! - [`worker`]: the engine thread: jobs in order, each request's images as
 //!   batches, the loaded model preferred when fair; [`engine`] wraps
 //!   `easel-diffusion` (the server never sees a tensor) and a fake for load tests.
-//! - [`flows`]: stored flows and durable runs (`/v1/flows`, `/v1/flow-runs`)
-//!   on `easel-flow`, with the server's image backend and steps.
-//! - [`api`] (native `/v1/...`), [`openai`] (`/v1/images/...`),
-//!   [`openapi`] (`/openapi.json`, `/docs`), [`error_shape`] (one JSON
-//!   error shape per route family), [`auth`], [`webhooks`],
-//!   [`metrics`].
+//! - [`store`]: the SQLite job store (one module per table, migrations
+//!   embedded); [`job`] the stored shapes of jobs and image definitions;
+//!   [`assets`]: files by content hash, written atomically before records
+//!   point to them; [`models`], [`config`].
+//! - [`state`]: [`AppState`], the handles all of the above share, and
+//!   starting and stopping it; [`error_shape`] (one JSON error shape per
+//!   route family), [`auth`], [`webhooks`], [`metrics`].
 //! - [`listener`]: the accept loop, connection cap and timeouts in front
 //!   of the router; [`ratelimit`]: per-key submission rate limits.
 //!
