@@ -15,6 +15,7 @@
 
 use std::path::{Path, PathBuf};
 
+use axum::http::StatusCode;
 use easel_core::ImageDefinition;
 use easel_diffusion::loader::ModelFamily;
 use easel_diffusion::pipelines::init_image::{strength_start_step, StrengthRule};
@@ -23,7 +24,7 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 use crate::job::ModelSpec;
-use crate::models::ModelRegistry;
+use crate::models::{ModelRefError, ModelRegistry};
 
 /// The message of an engine error, without the field the API error names
 /// separately (`InvalidArgument`'s `field: ` prefix).
@@ -163,7 +164,7 @@ pub fn check_lora(path: &Path, field: String) -> Result<(), ApiError> {
 pub fn lora_path(registry: &ModelRegistry, path: &str, field: String) -> Result<PathBuf, ApiError> {
     let canonical = registry
         .check_path(path)
-        .map_err(|e| crate::submit::model_error(e, field.clone()))?;
+        .map_err(|e| model_error(e, field.clone()))?;
     if !canonical.is_file() || canonical.extension().is_none_or(|e| e != "safetensors") {
         return Err(ApiError::invalid(
             "invalid_value",
@@ -262,7 +263,7 @@ pub fn check_flow_request(registry: &ModelRegistry, parameters: &Value) -> Resul
         };
         let model = registry
             .resolve(&reference)
-            .map_err(|e| crate::submit::model_error(e, field("baseModel")))?;
+            .map_err(|e| model_error(e, field("baseModel")))?;
         let multiple = ModelRegistry::size_multiple(model.family());
         def.validate(&options.size_multiple(multiple))?;
         if let Some(name) = &def.scheduler {
@@ -282,4 +283,15 @@ pub fn check_flow_request(registry: &ModelRegistry, parameters: &Value) -> Resul
         )?;
     }
     Ok(())
+}
+
+/// A model reference error as the API error for `field` (403
+/// `path_not_allowed` or 422 `unknown_model`).
+pub(crate) fn model_error(e: ModelRefError, field: String) -> ApiError {
+    match e {
+        ModelRefError::NotAllowed(m) => {
+            ApiError::new(StatusCode::FORBIDDEN, "path_not_allowed", m).with_field(field)
+        }
+        ModelRefError::Unknown(m) => ApiError::invalid("unknown_model", field, m),
+    }
 }

@@ -1,7 +1,7 @@
 //! One place that gives every error response its documented JSON shape.
 //!
 //! Handlers answer [`ApiError`] (native `{"error": {code, message, field}}`)
-//! or [`OpenAiError`](crate::openai::OpenAiError). What they do not produce
+//! or [`OpenAiError`] (OpenAI's shape, defined here). What they do not produce
 //! is shaped here, after the router ran:
 //!
 //! - the framework's own rejections: 405 (axum sends an empty body, with
@@ -11,7 +11,7 @@
 //! - on the OpenAI routes (`/v1/images/...`), every native-shaped error
 //!   (the API-key middleware's 401, the body limit's 413, the rate limit's
 //!   429) is rewritten to OpenAI's `{"error": {message, type, param, code}}`
-//!   (see [`crate::openai::openai_error_body`]), so OpenAI clients always see
+//!   (see [`openai_error_body`]), so OpenAI clients always see
 //!   the shape their SDKs parse.
 
 use axum::body::{to_bytes, Body};
@@ -19,8 +19,81 @@ use axum::extract::Request;
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::Json;
 
 use crate::error::ApiError;
+
+/// An error in OpenAI's shape.
+pub struct OpenAiError(pub ApiError);
+
+impl From<ApiError> for OpenAiError {
+    fn from(e: ApiError) -> Self {
+        OpenAiError(e)
+    }
+}
+
+impl From<sqlx::Error> for OpenAiError {
+    fn from(e: sqlx::Error) -> Self {
+        OpenAiError(e.into())
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let e = self.0;
+        let body = openai_error_body(e.status, &e.message, e.field.as_deref(), e.code);
+        let mut response = (openai_status(e.status), Json(body)).into_response();
+        if let Some(s) = e.retry_after {
+            if let Ok(v) = s.to_string().parse() {
+                response.headers_mut().insert("retry-after", v);
+            }
+        }
+        response
+    }
+}
+
+/// The status an OpenAI route answers for an easel error status: OpenAI
+/// reports every invalid request as 400 `invalid_request_error` and never
+/// uses 422, so easel's 422 (a field out of range, e.g. a `size` that is
+/// not a multiple of 8) becomes 400 there - `size` errors are then 400
+/// whether the text or the numbers are wrong.
+pub fn openai_status(status: StatusCode) -> StatusCode {
+    if status == StatusCode::UNPROCESSABLE_ENTITY {
+        StatusCode::BAD_REQUEST
+    } else {
+        status
+    }
+}
+
+/// OpenAI's error body `{"error": {message, type, param, code}}` (plus
+/// easel's `field`, equal to `param`) for an error with `status`.
+///
+/// `type` follows the values OpenAI's API answers (its "Error codes"
+/// guide): `invalid_request_error` for 4xx (also a missing or wrong API key,
+/// whose `code` is `invalid_api_key`), `insufficient_quota` for 402 (credit
+/// used up), `requests` with code `rate_limit_exceeded` for 429, and
+/// `server_error` for 5xx. `param` is the OpenAI parameter at fault or null.
+pub fn openai_error_body(
+    status: StatusCode,
+    message: &str,
+    field: Option<&str>,
+    code: &str,
+) -> serde_json::Value {
+    let (kind, code) = match status {
+        StatusCode::UNAUTHORIZED => ("invalid_request_error", "invalid_api_key"),
+        StatusCode::PAYMENT_REQUIRED => ("insufficient_quota", "insufficient_quota"),
+        StatusCode::TOO_MANY_REQUESTS => ("requests", "rate_limit_exceeded"),
+        s if s.is_server_error() => ("server_error", code),
+        _ => ("invalid_request_error", code),
+    };
+    serde_json::json!({"error": {
+        "message": message,
+        "type": kind,
+        "param": field,
+        "code": code,
+        "field": field,
+    }})
+}
 
 /// The largest error body read back for rewriting (framework rejections
 /// are one line; handler errors a few hundred bytes).
@@ -140,12 +213,12 @@ fn finish_with_code(
     openai: bool,
 ) -> Response {
     let body = if openai {
-        crate::openai::openai_error_body(e.status, &e.message, e.field.as_deref(), code)
+        openai_error_body(e.status, &e.message, e.field.as_deref(), code)
     } else {
         serde_json::json!({"error": {"code": code, "message": e.message, "field": e.field}})
     };
     let status = if openai {
-        crate::openai::openai_status(e.status)
+        openai_status(e.status)
     } else {
         e.status
     };

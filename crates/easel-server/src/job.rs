@@ -301,3 +301,31 @@ pub struct Progress {
     /// Denoising steps of the running batch.
     pub steps: u32,
 }
+
+/// Something that happened to a job, broadcast to SSE streams and waiters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobEvent {
+    /// The job's status changed.
+    Status {
+        /// The job.
+        id: String,
+        /// Its new status.
+        status: JobStatus,
+    },
+    /// A running job progressed.
+    Progress {
+        /// The job.
+        id: String,
+        /// Where it is.
+        progress: Progress,
+    },
+}
+
+impl JobEvent {
+    /// The job this event is about.
+    pub fn id(&self) -> &str {
+        match self {
+            JobEvent::Status { id, .. } | JobEvent::Progress { id, .. } => id,
+        }
+    }
+}

@@ -1,22 +1,28 @@
 //! easel-server: the image-generation HTTP service (`easel serve`).
 //!
-//! Layout (see `docs/ARCHITECTURE.md`):
-//! - [`config`]: defaults, TOML file, `EASEL_*` variables.
-//! - [`store`]: the SQLite job store (migrations embedded); [`job`] the
-//!   stored shapes of jobs and image definitions.
-//! - [`assets`]: files by content hash, written atomically before records
-//!   point to them.
-//! - [`submit`] and [`inputs`]: turning a request into an accepted job
-//!   (validation, model roots, trainings, packs, credit, idempotency).
+//! Layout (see `docs/ARCHITECTURE.md`), each layer importing only those
+//! below it and the shared [`AppState`]:
+//! - [`routes`]: the router ([`routes::router`]) and one module per
+//!   resource (generations, assets, models, trainings, packs, usage, flows,
+//!   the OpenAI routes, `/openapi.json` and `/docs`, operations); nothing
+//!   outside it imports it except [`app`]. [`http`]: the extractors and
+//!   helpers the routes share.
+//! - Services the routes, flow steps and worker share: [`submit`] and
+//!   [`inputs`] (turning a request into an accepted job: validation with
+//!   [`checks`], model roots, trainings, packs, credit, idempotency),
+//!   [`jobs`] (a job's record, webhooks, waiting, cancel, announcing its
+//!   start and end), [`trainings`] (registering a LoRA file), [`flows`]
+//!   (the server's flow steps, runs on their threads, resumption).
 //! - [`worker`]: the engine thread: jobs in order, each request's images as
 //!   batches, the loaded model preferred when fair; [`engine`] wraps
 //!   `easel-diffusion` (the server never sees a tensor) and a fake for load tests.
-//! - [`flows`]: stored flows and durable runs (`/v1/flows`, `/v1/flow-runs`)
-//!   on `easel-flow`, with the server's image backend and steps.
-//! - [`api`] (native `/v1/...`), [`openai`] (`/v1/images/...`),
-//!   [`openapi`] (`/openapi.json`, `/docs`), [`error_shape`] (one JSON
-//!   error shape per route family), [`auth`], [`webhooks`],
-//!   [`metrics`].
+//! - [`store`]: the SQLite job store (one module per table, migrations
+//!   embedded); [`job`] the stored shapes of jobs and image definitions;
+//!   [`assets`]: files by content hash, written atomically before records
+//!   point to them; [`models`], [`config`].
+//! - [`state`]: [`AppState`], the handles all of the above share, and
+//!   starting and stopping it; [`error_shape`] (one JSON error shape per
+//!   route family), [`auth`], [`webhooks`], [`metrics`].
 //! - [`listener`]: the accept loop, connection cap and timeouts in front
 //!   of the router; [`ratelimit`]: per-key submission rate limits.
 //!
@@ -26,7 +32,6 @@
 
 #![warn(missing_docs)]
 
-pub mod api;
 pub mod assets;
 pub mod auth;
 pub mod bench;
@@ -37,355 +42,36 @@ pub mod error;
 pub mod error_shape;
 pub mod fetch;
 pub mod flows;
+pub mod http;
 pub mod inputs;
 pub mod job;
+pub mod jobs;
 pub mod listener;
 pub mod lora_cache;
 pub mod metrics;
 pub mod models;
-pub mod openai;
-pub mod openapi;
 pub mod ratelimit;
+pub mod routes;
+pub mod state;
 pub mod store;
 pub mod submit;
+pub mod trainings;
 pub mod util;
 pub mod views;
 pub mod webhooks;
 pub mod worker;
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-
-use axum::Router;
-use tokio::sync::{broadcast, Notify};
-
 pub use config::Config;
 pub use error::ApiError;
+pub use job::JobEvent;
 pub use listener::serve_on;
+pub use state::{AppState, StartError};
 
-use crate::assets::FileStore;
-use crate::engine::{Capabilities, Engine};
-use crate::job::{JobStatus, Progress};
-use crate::metrics::Metrics;
-use crate::models::ModelRegistry;
-use crate::store::Store;
-use crate::worker::WorkerShared;
-
-/// Something that happened to a job, broadcast to SSE streams and waiters.
-#[derive(Debug, Clone, PartialEq)]
-pub enum JobEvent {
-    /// The job's status changed.
-    Status {
-        /// The job.
-        id: String,
-        /// Its new status.
-        status: JobStatus,
-    },
-    /// A running job progressed.
-    Progress {
-        /// The job.
-        id: String,
-        /// Where it is.
-        progress: Progress,
-    },
-}
-
-impl JobEvent {
-    /// The job this event is about.
-    pub fn id(&self) -> &str {
-        match self {
-            JobEvent::Status { id, .. } | JobEvent::Progress { id, .. } => id,
-        }
-    }
-}
-
-/// Why the server could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// Invalid configuration.
-    #[error(transparent)]
-    Config(#[from] config::ConfigError),
-    /// The job store could not be opened or migrated.
-    #[error("job store: {0}")]
-    Store(#[from] sqlx::Error),
-    /// A folder or file of the data dir could not be used.
-    #[error("data dir: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-struct Inner {
-    config: Config,
-    store: Store,
-    assets: FileStore,
-    trainings: FileStore,
-    models: ModelRegistry,
-    capabilities: Capabilities,
-    events: broadcast::Sender<JobEvent>,
-    metrics: Metrics,
-    submit_lock: tokio::sync::Mutex<()>,
-    worker: Arc<WorkerShared>,
-    webhook_wake: Notify,
-    webhook_secret: Vec<u8>,
-    fetcher: fetch::Fetcher,
-    shutting_down: AtomicBool,
-    base_url: Mutex<String>,
-    worker_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    flows: flows::FlowsShared,
-    rate_limiter: ratelimit::RateLimiter,
-}
-
-/// The server's shared state: configuration, store, asset folders, the
-/// worker's handle, the event bus, metrics. Cheap to clone.
-#[derive(Clone)]
-pub struct AppState(Arc<Inner>);
-
-impl AppState {
-    /// Open the data dir (store, migrations, asset folders), recover jobs a
-    /// dead process left running, remove orphan files, and start the worker
-    /// (with the engine `config` selects) and the webhook dispatcher.
-    /// Must be called inside a tokio runtime.
-    ///
-    /// # Errors
-    /// An invalid configuration or an unusable data dir.
-    pub async fn open(config: Config) -> Result<AppState, StartError> {
-        let engine = engine::build(&config);
-        Self::open_with_engine(config, engine).await
-    }
-
-    /// [`AppState::open`] with a given engine.
-    ///
-    /// # Errors
-    /// As [`AppState::open`].
-    pub async fn open_with_engine(
-        config: Config,
-        engine: Box<dyn Engine>,
-    ) -> Result<AppState, StartError> {
-        config.check()?;
-        std::fs::create_dir_all(&config.data_dir)?;
-        std::fs::create_dir_all(config.data_dir.join("models"))?;
-        let store = Store::open(&config.data_dir).await?;
-        let recovery = store.recover(config.max_attempts).await?;
-        if recovery != store::Recovery::default() {
-            tracing::warn!(
-                "recovered interrupted jobs: {} re-queued, {} failed after {} attempts, {} canceled",
-                recovery.requeued,
-                recovery.failed,
-                config.max_attempts,
-                recovery.canceled
-            );
-        }
-        let assets = FileStore::open(config.data_dir.join("assets"))?;
-        let trainings = FileStore::open(config.data_dir.join("trainings"))?;
-        let known = store.known_hashes().await?;
-        let removed = assets.sweep(&known)
-            + trainings.sweep(&known)
-            + lora_cache::sweep_partial(&config.data_dir);
-        if removed > 0 {
-            tracing::warn!("removed {removed} orphan or partial files from the data dir");
-        }
-        let webhook_secret = match &config.webhook_secret {
-            Some(s) => s.as_bytes().to_vec(),
-            None => load_or_create_secret(&config.data_dir.join("webhook_secret"))?,
-        };
-        let (events, _) = broadcast::channel(4096);
-        let bind = config.bind.clone();
-        let inner = Inner {
-            models: ModelRegistry::new(&config),
-            capabilities: engine::capabilities(&config),
-            store,
-            assets,
-            trainings,
-            events,
-            metrics: Metrics::default(),
-            submit_lock: tokio::sync::Mutex::new(()),
-            worker: Arc::new(WorkerShared::default()),
-            webhook_wake: Notify::new(),
-            webhook_secret,
-            fetcher: fetch::Fetcher::new(config.fetch_allow_list()?),
-            shutting_down: AtomicBool::new(false),
-            base_url: Mutex::new(format!("http://{bind}")),
-            worker_thread: Mutex::new(None),
-            flows: flows::FlowsShared::default(),
-            rate_limiter: ratelimit::RateLimiter::new(
-                config.rate_limit_per_minute,
-                config.rate_limit_burst,
-            ),
-            config,
-        };
-        let state = AppState(Arc::new(inner));
-        let handle = worker::spawn(state.clone(), engine, tokio::runtime::Handle::current());
-        *state
-            .0
-            .worker_thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(handle);
-        tokio::spawn(webhooks::run_dispatcher(state.clone()));
-        flows::resume_unfinished(&state).await;
-        Ok(state)
-    }
-
-    /// The configuration.
-    pub fn config(&self) -> &Config {
-        &self.0.config
-    }
-
-    /// The outbound fetcher for client-given URLs (images, LoRAs, webhooks).
-    pub fn fetcher(&self) -> &fetch::Fetcher {
-        &self.0.fetcher
-    }
-
-    /// The job store.
-    pub fn store(&self) -> &Store {
-        &self.0.store
-    }
-
-    /// Generated and input images.
-    pub fn assets(&self) -> &FileStore {
-        &self.0.assets
-    }
-
-    /// Uploaded LoRA files.
-    pub fn trainings(&self) -> &FileStore {
-        &self.0.trainings
-    }
-
-    /// Model references.
-    pub fn models(&self) -> &ModelRegistry {
-        &self.0.models
-    }
-
-    /// What the engine can do.
-    pub fn capabilities(&self) -> Capabilities {
-        self.0.capabilities
-    }
-
-    /// Flow runs' events and cancel tokens.
-    pub fn flows(&self) -> &flows::FlowsShared {
-        &self.0.flows
-    }
-
-    /// Per-key submission rate limits.
-    pub fn rate_limiter(&self) -> &ratelimit::RateLimiter {
-        &self.0.rate_limiter
-    }
-
-    /// Take a submission token for `key_id` (see [`ratelimit`]), counting
-    /// refusals in `/metrics`.
-    ///
-    /// # Errors
-    /// 429 `rate_limited` with `Retry-After` when the key's bucket is empty.
-    pub fn check_submission_rate(&self, key_id: &str) -> Result<(), ApiError> {
-        self.0.rate_limiter.check(key_id).inspect_err(|_| {
-            metrics::Metrics::inc(&self.0.metrics.rejected_rate_limited);
-        })
-    }
-
-    /// Counters.
-    pub fn metrics(&self) -> &Metrics {
-        &self.0.metrics
-    }
-
-    /// The worker's shared handle.
-    pub fn worker(&self) -> &Arc<WorkerShared> {
-        &self.0.worker
-    }
-
-    /// Serialises acceptance (idempotency, queue length, credit, insert).
-    pub fn submit_lock(&self) -> &tokio::sync::Mutex<()> {
-        &self.0.submit_lock
-    }
-
-    /// The webhook signing key.
-    pub fn webhook_secret(&self) -> &[u8] {
-        &self.0.webhook_secret
-    }
-
-    /// Wakes the webhook dispatcher.
-    pub fn webhook_wake(&self) -> &Notify {
-        &self.0.webhook_wake
-    }
-
-    /// Subscribe to job events.
-    pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
-        self.0.events.subscribe()
-    }
-
-    /// Broadcast a job event (no one listening is fine).
-    pub fn emit(&self, event: JobEvent) {
-        let _ = self.0.events.send(event);
-    }
-
-    /// Whether [`AppState::shutdown`] was called.
-    pub fn is_shutting_down(&self) -> bool {
-        self.0.shutting_down.load(Ordering::SeqCst)
-    }
-
-    /// The base of absolute URLs when no request is at hand (webhooks):
-    /// `public_url`, else `http://` + the bound address.
-    pub fn default_base_url(&self) -> String {
-        match &self.config().public_url {
-            Some(url) => url.trim_end_matches('/').to_string(),
-            None => self
-                .0
-                .base_url
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
-        }
-    }
-
-    /// Record the address the server listens on (for [`Self::default_base_url`]).
-    pub fn set_local_addr(&self, addr: SocketAddr) {
-        *self.0.base_url.lock().unwrap_or_else(|e| e.into_inner()) = format!("http://{addr}");
-    }
-
-    /// Stop the worker (a running job is put back in the queue, not
-    /// failed) and the webhook dispatcher; waits for the worker thread.
-    pub async fn shutdown(&self) {
-        self.0.shutting_down.store(true, Ordering::SeqCst);
-        self.0.worker.stop();
-        self.0.webhook_wake.notify_waiters();
-        let handle = self
-            .0
-            .worker_thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(handle) = handle {
-            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
-        }
-    }
-}
-
-/// Read the webhook secret file, or create it with a random key (mode 0600).
-fn load_or_create_secret(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
-    if let Ok(text) = std::fs::read_to_string(path) {
-        let text = text.trim();
-        if !text.is_empty() {
-            return Ok(text.as_bytes().to_vec());
-        }
-    }
-    let secret: String = {
-        use rand::Rng;
-        let mut rng = rand::rng();
-        (0..32)
-            .map(|_| format!("{:02x}", rng.random::<u8>()))
-            .collect()
-    };
-    let secret = format!("whsec_{secret}");
-    easel_core::write_atomic(path, secret.as_bytes())?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-    }
-    Ok(secret.into_bytes())
-}
+use axum::Router;
 
 /// The router: every route of the service over `state`.
 pub fn app(state: AppState) -> Router {
-    api::router(state)
+    routes::router(state)
 }
 
 /// Bind `config.bind`, serve (through [`serve_on`]: timeouts, connection
@@ -433,5 +119,5 @@ async fn shutdown_signal(state: AppState) {
     }
     eprintln!("easel serve: shutting down");
     // Event streams end and waiters return; the worker stops after serve.
-    state.0.shutting_down.store(true, Ordering::SeqCst);
+    state.mark_shutting_down();
 }

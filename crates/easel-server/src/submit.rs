@@ -15,11 +15,12 @@ use easel_core::{ImageDefinition, NativeRequest, ValidateOptions};
 use sha2::{Digest, Sha256};
 
 use crate::auth::Principal;
+use crate::checks::model_error;
 use crate::error::ApiError;
 use crate::inputs::{load_input, LoadedInput};
 use crate::job::{InputRef, ItemSpec, LoraSpec, ModelSpec};
 use crate::metrics::Metrics;
-use crate::models::{ModelRefError, ModelRegistry};
+use crate::models::ModelRegistry;
 use crate::store::{AssetRow, GenerationRow, NewGeneration};
 use crate::util::{new_id, now_ms};
 use crate::AppState;
@@ -79,17 +80,6 @@ pub fn body_hash(body: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// A model reference error as the API error for `field` (403
-/// `path_not_allowed` or 422 `unknown_model`).
-pub(crate) fn model_error(e: ModelRefError, field: String) -> ApiError {
-    match e {
-        ModelRefError::NotAllowed(m) => {
-            ApiError::new(StatusCode::FORBIDDEN, "path_not_allowed", m).with_field(field)
-        }
-        ModelRefError::Unknown(m) => ApiError::invalid("unknown_model", field, m),
-    }
 }
 
 fn unsupported(field: String, message: impl Into<String>) -> ApiError {

@@ -351,3 +351,36 @@ impl<T: ToSchema> ListOf<T> {
         }
     }
 }
+
+// ---- request bodies (documentation types) ----------------------------------
+
+/// The body of `POST /v1/generations` (documentation type): every image
+/// field may also be given at the top level as a default for all images.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GenerationRequestDoc {
+    /// Request-wide defaults: any image field.
+    #[serde(flatten)]
+    pub defaults: ImageDefinition,
+    /// The image definitions (at least one, unless `inferencePackId` gives some).
+    pub images: Vec<ImageDefinition>,
+    /// An inference pack whose definitions run first.
+    pub inference_pack_id: Option<String>,
+    /// An http(s) URL to POST signed events to.
+    pub webhook: Option<String>,
+    /// Events to send: `start`, `progress`, `completed` (default `completed`).
+    pub webhook_events: Option<Vec<String>>,
+}
+
+/// The body of `POST /v1/inference-packs` (documentation type).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PackRequestDoc {
+    /// A label.
+    pub name: String,
+    /// Defaults for the pack's images: any image field.
+    #[serde(flatten)]
+    pub defaults: ImageDefinition,
+    /// The pack's image definitions.
+    pub images: Vec<ImageDefinition>,
+}

@@ -24,101 +24,29 @@
 //! job is re-queued and only its pending definitions run.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use easel_core::{decode_image, encode_image, ImageMetadata, RgbImageRef};
 use tokio::runtime::Handle;
 
 use crate::engine::{
-    BatchRequest, CancelToken, Engine, EngineError, LoadedModel, MaskInputBytes, ModelDefaults,
-    RgbInput,
+    BatchRequest, CancelToken, Engine, EngineError, MaskInputBytes, ModelDefaults, RgbInput,
 };
 use crate::inputs::mask_luma;
 use crate::job::{
     InputRef, ItemResult, JobError, JobStatus, Progress, ResolvedLora, ResolvedParameters,
 };
+use crate::jobs;
 use crate::metrics::Metrics;
 use crate::store::{AssetRow, ItemRow};
 use crate::util::{new_id, now_ms};
 use crate::{AppState, JobEvent};
 
-/// What the API shares with the worker thread.
-#[derive(Debug, Default)]
-pub struct WorkerShared {
-    wake: Mutex<bool>,
-    cv: Condvar,
-    running: Mutex<Option<(String, CancelToken)>>,
-    stopping: AtomicBool,
-    loaded: Mutex<Vec<LoadedModel>>,
-}
+mod handle;
+mod schedule;
 
-impl WorkerShared {
-    /// Wake the worker (a job was queued).
-    pub fn wake(&self) {
-        *self.wake.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        self.cv.notify_all();
-    }
-
-    fn wait(&self, timeout: Duration) {
-        let guard = self.wake.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut woken, _) = self
-            .cv
-            .wait_timeout_while(guard, timeout, |w| !*w)
-            .unwrap_or_else(|e| e.into_inner());
-        *woken = false;
-    }
-
-    /// Stop: the running job is interrupted and goes back to the queue.
-    pub fn stop(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
-        if let Some((_, token)) = &*self.running.lock().unwrap_or_else(|e| e.into_inner()) {
-            token.cancel();
-        }
-        self.wake();
-    }
-
-    fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::SeqCst)
-    }
-
-    /// Cancel job `id` if it is the running one; true when it was.
-    pub fn cancel(&self, id: &str) -> bool {
-        match &*self.running.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some((running, token)) if running == id => {
-                token.cancel();
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// The running job's id.
-    pub fn running(&self) -> Option<String> {
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|(id, _)| id.clone())
-    }
-
-    /// The models the engine has loaded, most recently used first.
-    pub fn loaded(&self) -> Vec<LoadedModel> {
-        self.loaded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    fn set_running(&self, value: Option<(String, CancelToken)>) {
-        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = value;
-    }
-
-    fn set_loaded(&self, loaded: Vec<LoadedModel>) {
-        *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = loaded;
-    }
-}
+pub use handle::WorkerShared;
+pub use schedule::choose;
 
 /// Start the worker thread.
 pub fn spawn(state: AppState, engine: Box<dyn Engine>, rt: Handle) -> std::thread::JoinHandle<()> {
@@ -179,36 +107,8 @@ impl Ctx {
     }
 
     fn webhook(&self, id: &str, event: &str) {
-        if let Err(e) = self.block(crate::api::queue_webhook(&self.state, id, event)) {
+        if let Err(e) = self.block(crate::jobs::queue_webhook(&self.state, id, event)) {
             tracing::warn!("job {id}: queueing webhook {event}: {e}");
-        }
-    }
-}
-
-/// Pick from the queue (oldest first): the head, unless a later job's model
-/// is loaded and the head has been skipped fewer than `limit` times.
-pub fn choose(
-    queue: &[(String, String)],
-    loaded: &[String],
-    skips: &mut u32,
-    limit: u32,
-) -> Option<String> {
-    let (head, head_model) = queue.first()?;
-    if loaded.iter().any(|m| m == head_model) || *skips >= limit {
-        *skips = 0;
-        return Some(head.clone());
-    }
-    match queue
-        .iter()
-        .find(|(_, model)| loaded.iter().any(|m| m == model))
-    {
-        Some((id, _)) => {
-            *skips += 1;
-            Some(id.clone())
-        }
-        None => {
-            *skips = 0;
-            Some(head.clone())
         }
     }
 }
@@ -327,11 +227,9 @@ impl Worker {
             token.cancel();
         }
         tracing::info!("job {id}: running (attempt {attempt})");
-        state.emit(JobEvent::Status {
-            id: id.into(),
-            status: JobStatus::Running,
-        });
-        self.ctx.webhook(id, "start");
+        if let Err(e) = self.ctx.block(jobs::announce_started(&state, id)) {
+            tracing::warn!("job {id}: queueing webhook start: {e}");
+        }
 
         let items = self.ctx.block(store.items(id))?;
         let images_total: u32 = items.iter().map(|i| i.spec.batch_size).sum();
@@ -475,23 +373,17 @@ impl Worker {
         };
         self.ctx.block(store.finish(id, status, error.as_ref()))?;
         state.worker().set_running(None);
-        let metrics = state.metrics();
-        Metrics::inc(match status {
-            JobStatus::Succeeded => &metrics.jobs_succeeded,
-            JobStatus::Canceled => &metrics.jobs_canceled,
-            _ => &metrics.jobs_failed,
-        });
-        metrics.observe_job_duration(started.elapsed().as_secs_f64());
+        state
+            .metrics()
+            .observe_job_duration(started.elapsed().as_secs_f64());
         tracing::info!(
             "job {id}: {} in {:.2}s",
             status.as_str(),
             started.elapsed().as_secs_f64()
         );
-        state.emit(JobEvent::Status {
-            id: id.into(),
-            status,
-        });
-        self.ctx.webhook(id, "completed");
+        if let Err(e) = self.ctx.block(jobs::announce_finished(&state, id, status)) {
+            tracing::warn!("job {id}: queueing webhook completed: {e}");
+        }
         Ok(())
     }
 
@@ -858,45 +750,5 @@ fn resolved(planned: &Planned, scheduler: &str) -> ResolvedParameters {
         output_quality: spec.output_quality(),
         precision: d.precision.unwrap_or(easel_core::params::DEFAULT_PRECISION),
         compute_precision: "fp32".into(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn q(items: &[(&str, &str)]) -> Vec<(String, String)> {
-        items
-            .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn loaded_model_goes_first_but_not_forever() {
-        let queue = q(&[("a", "m1"), ("b", "m2"), ("c", "m2")]);
-        let loaded = vec!["m2".to_string()];
-        let mut skips = 0;
-        assert_eq!(choose(&queue, &loaded, &mut skips, 2).as_deref(), Some("b"));
-        assert_eq!(
-            choose(
-                &queue[..1]
-                    .iter()
-                    .chain(&queue[2..])
-                    .cloned()
-                    .collect::<Vec<_>>(),
-                &loaded,
-                &mut skips,
-                2
-            )
-            .as_deref(),
-            Some("c")
-        );
-        // Two skips used: the oldest job runs now.
-        assert_eq!(choose(&queue, &loaded, &mut skips, 2).as_deref(), Some("a"));
-        assert_eq!(skips, 0);
-        // Nothing loaded: strict order.
-        assert_eq!(choose(&queue, &[], &mut skips, 2).as_deref(), Some("a"));
-        assert_eq!(choose(&[], &loaded, &mut skips, 2), None);
     }
 }

@@ -3488,3 +3488,46 @@ async fn tiling_is_accepted_and_runs() {
         "{err}"
     );
 }
+
+// ---- issue 13: the jobs service ------------------------------------------------
+
+/// A job canceled while queued (by the handler) and one canceled while
+/// running (finished by the worker) are announced through the same jobs
+/// service: each is counted once as canceled, and only the one that ran
+/// has a duration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canceled_jobs_are_counted_once_whoever_finished_them() {
+    let server = TestServer::new(|c| {
+        c.engine = EngineKind::Fake;
+        c.fake_step_ms = 50;
+    })
+    .await;
+    let body = json!({"baseModel": "fake/model", "steps": 60, "images": [{"prompt": "a"}]});
+    let (_, running) = server.post("/v1/generations", body.clone()).await;
+    let (_, queued) = server.post("/v1/generations", body).await;
+    let (rid, qid) = (
+        running["id"].as_str().unwrap(),
+        queued["id"].as_str().unwrap(),
+    );
+    server.wait_status(rid, "running", 10).await;
+    for id in [qid, rid] {
+        let (s, job) = server
+            .post(&format!("/v1/generations/{id}/cancel"), json!({}))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{job}");
+        assert_eq!(job["status"], "canceled", "{job}");
+    }
+    let (s, _, body) = server
+        .send(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let text = String::from_utf8(body).unwrap();
+    for line in [
+        "easel_jobs_finished_total{status=\"canceled\"} 2\n",
+        "easel_jobs_finished_total{status=\"succeeded\"} 0\n",
+        "easel_jobs_finished_total{status=\"failed\"} 0\n",
+        "easel_job_duration_seconds_count 1\n",
+    ] {
+        assert!(text.contains(line), "{line} not in\n{text}");
+    }
+}

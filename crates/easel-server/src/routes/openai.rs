@@ -35,84 +35,14 @@ use base64::Engine as _;
 use easel_core::{ImageDefinition, NativeRequest, OutputFormat};
 use serde::Deserialize;
 
-use crate::api::{body_error, load_record, wait_for, BaseUrl, RawBody};
 use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::error_shape::OpenAiError;
+use crate::http::{body_error, BaseUrl, RawBody};
 use crate::job::JobStatus;
+use crate::jobs::{load_record, wait_for};
 use crate::submit::{body_hash, commit, prepare, Source};
 use crate::AppState;
-
-/// An error in OpenAI's shape.
-pub struct OpenAiError(pub ApiError);
-
-impl From<ApiError> for OpenAiError {
-    fn from(e: ApiError) -> Self {
-        OpenAiError(e)
-    }
-}
-
-impl From<sqlx::Error> for OpenAiError {
-    fn from(e: sqlx::Error) -> Self {
-        OpenAiError(e.into())
-    }
-}
-
-impl IntoResponse for OpenAiError {
-    fn into_response(self) -> Response {
-        let e = self.0;
-        let body = openai_error_body(e.status, &e.message, e.field.as_deref(), e.code);
-        let mut response = (openai_status(e.status), Json(body)).into_response();
-        if let Some(s) = e.retry_after {
-            if let Ok(v) = s.to_string().parse() {
-                response.headers_mut().insert("retry-after", v);
-            }
-        }
-        response
-    }
-}
-
-/// The status an OpenAI route answers for an easel error status: OpenAI
-/// reports every invalid request as 400 `invalid_request_error` and never
-/// uses 422, so easel's 422 (a field out of range, e.g. a `size` that is
-/// not a multiple of 8) becomes 400 there - `size` errors are then 400
-/// whether the text or the numbers are wrong.
-pub fn openai_status(status: StatusCode) -> StatusCode {
-    if status == StatusCode::UNPROCESSABLE_ENTITY {
-        StatusCode::BAD_REQUEST
-    } else {
-        status
-    }
-}
-
-/// OpenAI's error body `{"error": {message, type, param, code}}` (plus
-/// easel's `field`, equal to `param`) for an error with `status`.
-///
-/// `type` follows the values OpenAI's API answers (its "Error codes"
-/// guide): `invalid_request_error` for 4xx (also a missing or wrong API key,
-/// whose `code` is `invalid_api_key`), `insufficient_quota` for 402 (credit
-/// used up), `requests` with code `rate_limit_exceeded` for 429, and
-/// `server_error` for 5xx. `param` is the OpenAI parameter at fault or null.
-pub fn openai_error_body(
-    status: StatusCode,
-    message: &str,
-    field: Option<&str>,
-    code: &str,
-) -> serde_json::Value {
-    let (kind, code) = match status {
-        StatusCode::UNAUTHORIZED => ("invalid_request_error", "invalid_api_key"),
-        StatusCode::PAYMENT_REQUIRED => ("insufficient_quota", "insufficient_quota"),
-        StatusCode::TOO_MANY_REQUESTS => ("requests", "rate_limit_exceeded"),
-        s if s.is_server_error() => ("server_error", code),
-        _ => ("invalid_request_error", code),
-    };
-    serde_json::json!({"error": {
-        "message": message,
-        "type": kind,
-        "param": field,
-        "code": code,
-        "field": field,
-    }})
-}
 
 fn bad(param: &str, message: impl Into<String>) -> OpenAiError {
     OpenAiError(ApiError::new(StatusCode::BAD_REQUEST, "invalid_value", message).with_field(param))

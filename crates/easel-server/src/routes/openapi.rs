@@ -12,50 +12,18 @@ use easel_core::request::{
     ASPECT_RATIOS, LORA_SCALE_MAX, LORA_SCALE_MIN, MEGAPIXELS, WEBHOOK_EVENTS,
 };
 use easel_core::{ImageDefinition, LoraRef, OutputFormat};
-use serde::Serialize;
 use serde_json::{json, Value};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{Modify, OpenApi};
 
+use super::openai::ImagesRequest;
 use crate::error::{ErrorBody, ErrorDetail};
 use crate::job::{ItemStatus, JobError, JobStatus, Progress, ResolvedLora, ResolvedParameters};
 use crate::models::ModelEntry;
-use crate::openai::ImagesRequest;
 use crate::views::{
-    AssetRecord, Cost, GenerationRecord, ImageResult, JobLinks, PackRecord, TrainingRecord,
-    UsageRecord,
+    AssetRecord, Cost, GenerationRecord, GenerationRequestDoc, ImageResult, JobLinks, PackRecord,
+    PackRequestDoc, TrainingRecord, UsageRecord,
 };
-
-/// The body of `POST /v1/generations` (documentation type): every image
-/// field may also be given at the top level as a default for all images.
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct GenerationRequestDoc {
-    /// Request-wide defaults: any image field.
-    #[serde(flatten)]
-    pub defaults: ImageDefinition,
-    /// The image definitions (at least one, unless `inferencePackId` gives some).
-    pub images: Vec<ImageDefinition>,
-    /// An inference pack whose definitions run first.
-    pub inference_pack_id: Option<String>,
-    /// An http(s) URL to POST signed events to.
-    pub webhook: Option<String>,
-    /// Events to send: `start`, `progress`, `completed` (default `completed`).
-    pub webhook_events: Option<Vec<String>>,
-}
-
-/// The body of `POST /v1/inference-packs` (documentation type).
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct PackRequestDoc {
-    /// A label.
-    pub name: String,
-    /// Defaults for the pack's images: any image field.
-    #[serde(flatten)]
-    pub defaults: ImageDefinition,
-    /// The pack's image definitions.
-    pub images: Vec<ImageDefinition>,
-}
 
 struct BearerAuth;
 
@@ -84,45 +52,45 @@ impl Modify for BearerAuth {
             `{\"error\": {\"code\", \"message\", \"field\"}}`; see docs/API.md."
     ),
     paths(
-        crate::api::healthz,
-        crate::api::readyz,
-        crate::api::metrics,
-        crate::api::create_generation,
-        crate::api::list_generations,
-        crate::api::get_generation,
-        crate::api::cancel_generation,
-        crate::api::generation_events,
-        crate::api::list_assets,
-        crate::api::get_asset,
-        crate::api::get_asset_file,
-        crate::api::get_file,
-        crate::api::list_models,
-        crate::api::create_training,
-        crate::api::list_trainings,
-        crate::api::get_training,
-        crate::api::delete_training,
-        crate::api::create_pack,
-        crate::api::list_packs,
-        crate::api::get_pack,
-        crate::api::delete_pack,
-        crate::api::get_usage,
-        crate::openai::generations,
-        crate::openai::edits,
-        crate::flows::create_flow,
-        crate::flows::list_flows,
-        crate::flows::get_flow,
-        crate::flows::delete_flow,
-        crate::flows::create_run,
-        crate::flows::list_runs,
-        crate::flows::get_run,
-        crate::flows::cancel_run,
-        crate::flows::run_events,
+        super::ops::healthz,
+        super::ops::readyz,
+        super::ops::metrics,
+        super::generations::create_generation,
+        super::generations::list_generations,
+        super::generations::get_generation,
+        super::generations::cancel_generation,
+        super::generations::generation_events,
+        super::assets::list_assets,
+        super::assets::get_asset,
+        super::assets::get_asset_file,
+        super::assets::get_file,
+        super::models::list_models,
+        super::trainings::create_training,
+        super::trainings::list_trainings,
+        super::trainings::get_training,
+        super::trainings::delete_training,
+        super::packs::create_pack,
+        super::packs::list_packs,
+        super::packs::get_pack,
+        super::packs::delete_pack,
+        super::usage::get_usage,
+        super::openai::generations,
+        super::openai::edits,
+        super::flows::create_flow,
+        super::flows::list_flows,
+        super::flows::get_flow,
+        super::flows::delete_flow,
+        super::flows::create_run,
+        super::flows::list_runs,
+        super::flows::get_run,
+        super::flows::cancel_run,
+        super::flows::run_events,
     ),
     components(schemas(
         GenerationRequestDoc, PackRequestDoc, ImageDefinition, LoraRef, GenerationRecord,
         ImageResult, AssetRecord, Cost, JobLinks, JobStatus, ItemStatus, JobError, Progress,
         ResolvedParameters, ResolvedLora, TrainingRecord, PackRecord, UsageRecord, ModelEntry,
-        ErrorBody, ErrorDetail, ImagesRequest, crate::flows::FlowRecord,
+        ErrorBody, ErrorDetail, ImagesRequest, super::flows::FlowRecord,
     )),
     modifiers(&BearerAuth),
 )]
@@ -300,7 +268,7 @@ fn set_body(op: &mut Value, content_type: &str, schema: Value) {
     }
 }
 
-/// The OpenAI request fields' enums and ranges (as [`crate::openai`] checks).
+/// The OpenAI request fields' enums and ranges (as [`super::openai`] checks).
 fn patch_images_request(schema: &mut Value) {
     let nullable_enum = |values: &[&str]| {
         let mut e: Vec<Value> = values.iter().map(|v| json!(v)).collect();

@@ -1,0 +1,147 @@
+//! `/v1/assets` (a key's images) and `/v1/files/{name}` (files by content
+//! hash, no API key: the URL is the capability).
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::Deserialize;
+
+use crate::auth::Principal;
+use crate::error::{ApiError, ErrorBody};
+use crate::http::{list_limit, ApiQuery, BaseUrl};
+use crate::views::{AssetRecord, ListOf};
+use crate::AppState;
+
+/// Query of `GET /v1/assets`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AssetQuery {
+    /// Only the outputs of this job.
+    pub generation: Option<String>,
+    /// At most this many, 1..=500 (default 50) when no job is given.
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<i64>,
+}
+
+#[utoipa::path(get, path = "/v1/assets", tag = "assets", params(AssetQuery),
+    responses((status = 200, body = ListOf<AssetRecord>), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(super) async fn list_assets(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    BaseUrl(base): BaseUrl,
+    ApiQuery(query): ApiQuery<AssetQuery>,
+) -> Result<Json<ListOf<AssetRecord>>, ApiError> {
+    let limit = list_limit(query.limit, 50, 1..=500)?;
+    let rows = match &query.generation {
+        Some(id) => {
+            let owned = state
+                .store()
+                .generation(id)
+                .await?
+                .is_some_and(|g| g.key_id == principal.key_id);
+            if !owned {
+                return Err(ApiError::not_found("generation", id));
+            }
+            state.store().assets_of(id).await?
+        }
+        None => {
+            state
+                .store()
+                .assets_of_key(&principal.key_id, limit)
+                .await?
+        }
+    };
+    Ok(Json(ListOf::new(
+        rows.iter().map(|a| AssetRecord::new(a, &base)).collect(),
+    )))
+}
+
+async fn owned_asset(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+) -> Result<crate::store::AssetRow, ApiError> {
+    state
+        .store()
+        .asset(id)
+        .await?
+        .filter(|a| a.key_id == principal.key_id)
+        .ok_or_else(|| ApiError::not_found("asset", id))
+}
+
+#[utoipa::path(get, path = "/v1/assets/{id}", tag = "assets",
+    params(("id" = String, Path, description = "Asset id")),
+    responses((status = 200, body = AssetRecord), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(super) async fn get_asset(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    BaseUrl(base): BaseUrl,
+    Path(id): Path<String>,
+) -> Result<Json<AssetRecord>, ApiError> {
+    let a = owned_asset(&state, &principal, &id).await?;
+    Ok(Json(AssetRecord::new(&a, &base)))
+}
+
+async fn file_response(
+    state: &AppState,
+    hash: &str,
+    ext: &str,
+    mime: &str,
+) -> Result<Response, ApiError> {
+    let path = state
+        .assets()
+        .path(hash, ext)
+        .ok_or_else(|| ApiError::not_found("file", hash))?;
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|_| ApiError::not_found("file", hash))?;
+    let mut response = bytes.into_response();
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(mime) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=31536000, immutable"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{hash}\"")) {
+        h.insert(header::ETAG, v);
+    }
+    Ok(response)
+}
+
+#[utoipa::path(get, path = "/v1/assets/{id}/file", tag = "assets",
+    params(("id" = String, Path, description = "Asset id")),
+    responses((status = 200, description = "The image, with its content type"), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(super) async fn get_asset_file(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let a = owned_asset(&state, &principal, &id).await?;
+    file_response(&state, &a.hash, &a.extension, &a.file_type).await
+}
+
+#[utoipa::path(get, path = "/v1/files/{name}", tag = "assets",
+    params(("name" = String, Path, description = "`<content hash>.<ext>` as in an asset's `file_url`")),
+    responses((status = 200, description = "The image, with its content type (no API key: the URL names the content hash)"),
+              (status = 404, body = ErrorBody)))]
+pub(super) async fn get_file(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let (hash, ext) = name
+        .split_once('.')
+        .ok_or_else(|| ApiError::not_found("file", &name))?;
+    let asset = state
+        .store()
+        .asset_by_hash(hash)
+        .await?
+        .filter(|a| a.extension == ext)
+        .ok_or_else(|| ApiError::not_found("file", &name))?;
+    file_response(&state, hash, ext, &asset.file_type).await
+}

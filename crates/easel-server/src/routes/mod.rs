@@ -1,0 +1,102 @@
+//! The router, assembled from one module per resource. Handlers depend on
+//! [`crate::http`] (extractors, helpers) and the services ([`crate::jobs`],
+//! [`crate::submit`], [`crate::trainings`], [`crate::flows`]); nothing
+//! outside this module imports from it except [`crate::app`] and the error
+//! shaping middleware (the OpenAI error body).
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::middleware;
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::auth::require_key;
+use crate::error::ApiError;
+use crate::AppState;
+
+pub mod assets;
+pub mod flows;
+pub mod generations;
+pub mod models;
+pub mod openai;
+pub mod openapi;
+pub mod ops;
+pub mod packs;
+pub mod trainings;
+pub mod usage;
+
+/// The router: public operational routes, the file route (capability
+/// URLs), and the `/v1` API behind the API-key middleware.
+pub fn router(state: AppState) -> Router {
+    let limit = state.config().max_body_bytes;
+    let authed = Router::new()
+        .route(
+            "/v1/generations",
+            post(generations::create_generation).get(generations::list_generations),
+        )
+        .route("/v1/generations/{id}", get(generations::get_generation))
+        .route(
+            "/v1/generations/{id}/events",
+            get(generations::generation_events),
+        )
+        .route(
+            "/v1/generations/{id}/cancel",
+            post(generations::cancel_generation),
+        )
+        .route("/v1/assets", get(assets::list_assets))
+        .route("/v1/assets/{id}", get(assets::get_asset))
+        .route("/v1/assets/{id}/file", get(assets::get_asset_file))
+        .route("/v1/models", get(models::list_models))
+        .route(
+            "/v1/trainings",
+            post(trainings::create_training).get(trainings::list_trainings),
+        )
+        .route(
+            "/v1/trainings/{id}",
+            get(trainings::get_training).delete(trainings::delete_training),
+        )
+        .route(
+            "/v1/inference-packs",
+            post(packs::create_pack).get(packs::list_packs),
+        )
+        .route(
+            "/v1/inference-packs/{id}",
+            get(packs::get_pack).delete(packs::delete_pack),
+        )
+        .route("/v1/usage", get(usage::get_usage))
+        .route("/v1/images/generations", post(openai::generations))
+        .route("/v1/images/edits", post(openai::edits))
+        .route("/v1/flows", post(flows::create_flow).get(flows::list_flows))
+        .route(
+            "/v1/flows/{id}",
+            get(flows::get_flow).delete(flows::delete_flow),
+        )
+        .route(
+            "/v1/flows/{id}/runs",
+            post(flows::create_run).get(flows::list_runs),
+        )
+        .route("/v1/flow-runs/{id}", get(flows::get_run))
+        .route("/v1/flow-runs/{id}/events", get(flows::run_events))
+        .route("/v1/flow-runs/{id}/cancel", post(flows::cancel_run))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
+        .route("/docs", get(openapi::docs_page))
+        .route("/v1/files/{name}", get(assets::get_file))
+        .merge(authed)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(crate::error_shape::shape_errors))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint; see /docs or /openapi.json",
+    )
+}

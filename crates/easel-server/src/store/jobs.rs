@@ -1,0 +1,526 @@
+//! The `generations` and `generation_items` tables: jobs, their image
+//! definitions, the queue, state transitions, idempotency keys, the
+//! charges and refunds of the `ledger` that go with them, and recovery at
+//! startup.
+
+use sqlx::sqlite::SqliteRow;
+
+use sqlx::Row;
+
+use super::{decode_err, json, parse_json, AssetRow, Store, StoreResult};
+use crate::job::{ItemResult, ItemSpec, ItemStatus, JobError, JobStatus, Progress};
+use crate::util::now_ms;
+
+/// A job row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationRow {
+    /// Insertion order.
+    pub seq: i64,
+    /// UUID.
+    pub id: String,
+    /// The API key that created it.
+    pub key_id: String,
+    /// `native` or `openai`.
+    pub source: String,
+    /// Status.
+    pub status: JobStatus,
+    /// The request body as received (after inputs were replaced by asset ids).
+    pub request_json: String,
+    /// The model of the first definition (the worker prefers loaded models).
+    pub primary_model: String,
+    /// Image definitions (billed inferences).
+    pub inferences: i64,
+    /// Images (sum of batch sizes).
+    pub images_total: i64,
+    /// Price per inference when accepted, micro-USD.
+    pub price_micros: i64,
+    /// Times the worker started it.
+    pub attempts: i64,
+    /// A cancel was asked while it ran.
+    pub cancel_requested: bool,
+    /// Progress of a running job.
+    pub progress: Option<Progress>,
+    /// The job's error, if it failed or was canceled.
+    pub error: Option<JobError>,
+    /// The `Idempotency-Key` it was created with.
+    pub idempotency_key: Option<String>,
+    /// SHA-256 of the request body, to detect a reused idempotency key.
+    pub request_hash: Option<String>,
+    /// Webhook URL.
+    pub webhook_url: Option<String>,
+    /// Webhook events subscribed to.
+    pub webhook_events: Vec<String>,
+    /// Times (ms).
+    pub created_at: i64,
+    /// When it (last) started running.
+    pub started_at: Option<i64>,
+    /// When it finished.
+    pub finished_at: Option<i64>,
+}
+
+/// An image definition row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemRow {
+    /// Its job.
+    pub generation_id: String,
+    /// Its index in the job (pack definitions first).
+    pub idx: i64,
+    /// The resolved spec.
+    pub spec: ItemSpec,
+    /// Status.
+    pub status: ItemStatus,
+    /// What running it resolved.
+    pub result: Option<ItemResult>,
+    /// Its error.
+    pub error: Option<JobError>,
+}
+
+/// Counts of what [`Store::recover`] did at startup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Recovery {
+    /// Running jobs put back in the queue.
+    pub requeued: u64,
+    /// Running jobs failed after too many attempts.
+    pub failed: u64,
+    /// Running jobs whose cancel had been asked, now canceled.
+    pub canceled: u64,
+}
+
+/// A job to insert.
+#[derive(Debug, Clone)]
+pub struct NewGeneration {
+    /// UUID.
+    pub id: String,
+    /// Owner.
+    pub key_id: String,
+    /// `native` or `openai`.
+    pub source: String,
+    /// The request as received.
+    pub request_json: String,
+    /// The image definitions.
+    pub items: Vec<ItemSpec>,
+    /// Price per inference, micro-USD.
+    pub price_micros: i64,
+    /// `Idempotency-Key`.
+    pub idempotency_key: Option<String>,
+    /// SHA-256 of the body.
+    pub request_hash: Option<String>,
+    /// Webhook URL.
+    pub webhook_url: Option<String>,
+    /// Webhook events.
+    pub webhook_events: Vec<String>,
+    /// Input images stored for it.
+    pub inputs: Vec<AssetRow>,
+}
+
+impl Store {
+    fn generation_row(row: &SqliteRow) -> StoreResult<GenerationRow> {
+        let status: String = row.get("status");
+        let events: Option<String> = row.get("webhook_events");
+        Ok(GenerationRow {
+            seq: row.get("seq"),
+            id: row.get("id"),
+            key_id: row.get("key_id"),
+            source: row.get("source"),
+            status: JobStatus::parse(&status).ok_or_else(|| decode_err("status", &status))?,
+            request_json: row.get("request_json"),
+            primary_model: row.get("primary_model"),
+            inferences: row.get("inferences"),
+            images_total: row.get("images_total"),
+            price_micros: row.get("price_micros"),
+            attempts: row.get("attempts"),
+            cancel_requested: row.get::<i64, _>("cancel_requested") != 0,
+            progress: parse_json(row.get("progress_json"), "progress")?,
+            error: parse_json(row.get("error_json"), "error")?,
+            idempotency_key: row.get("idempotency_key"),
+            request_hash: row.get("request_hash"),
+            webhook_url: row.get("webhook_url"),
+            webhook_events: parse_json(events, "webhook_events")?.unwrap_or_default(),
+            created_at: row.get("created_at"),
+            started_at: row.get("started_at"),
+            finished_at: row.get("finished_at"),
+        })
+    }
+
+    fn item_row(row: &SqliteRow) -> StoreResult<ItemRow> {
+        let status: String = row.get("status");
+        Ok(ItemRow {
+            generation_id: row.get("generation_id"),
+            idx: row.get("idx"),
+            spec: parse_json(Some(row.get("spec_json")), "spec")?
+                .ok_or_else(|| decode_err("spec", "null"))?,
+            status: ItemStatus::parse(&status).ok_or_else(|| decode_err("status", &status))?,
+            result: parse_json(row.get("result_json"), "result")?,
+            error: parse_json(row.get("error_json"), "error")?,
+        })
+    }
+
+    /// The job created with `idempotency_key` by `key_id`, if any.
+    pub async fn generation_by_idempotency_key(
+        &self,
+        key_id: &str,
+        idempotency_key: &str,
+    ) -> StoreResult<Option<GenerationRow>> {
+        let row = sqlx::query("SELECT * FROM generations WHERE key_id = ? AND idempotency_key = ?")
+            .bind(key_id)
+            .bind(idempotency_key)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(Self::generation_row).transpose()
+    }
+
+    /// Insert a job, its image definitions, its input assets and its charge,
+    /// in one transaction.
+    pub async fn insert_generation(&self, g: &NewGeneration) -> StoreResult<GenerationRow> {
+        let now = now_ms();
+        let inferences = g.items.len() as i64;
+        let images_total: i64 = g.items.iter().map(|i| i64::from(i.batch_size)).sum();
+        let primary_model = g
+            .items
+            .first()
+            .map(|i| i.model.load.clone())
+            .unwrap_or_default();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO generations (id, key_id, source, status, request_json, primary_model,
+                 inferences, images_total, price_micros, idempotency_key, request_hash,
+                 webhook_url, webhook_events, created_at)
+             VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&g.id)
+        .bind(&g.key_id)
+        .bind(&g.source)
+        .bind(&g.request_json)
+        .bind(&primary_model)
+        .bind(inferences)
+        .bind(images_total)
+        .bind(g.price_micros)
+        .bind(&g.idempotency_key)
+        .bind(&g.request_hash)
+        .bind(&g.webhook_url)
+        .bind(json(&g.webhook_events))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        for (i, item) in g.items.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO generation_items (generation_id, idx, spec_json, status)
+                 VALUES (?, ?, ?, 'pending')",
+            )
+            .bind(&g.id)
+            .bind(i as i64)
+            .bind(json(item))
+            .execute(&mut *tx)
+            .await?;
+        }
+        for input in &g.inputs {
+            Self::insert_asset_tx(&mut tx, input).await?;
+        }
+        sqlx::query(
+            "INSERT INTO ledger (key_id, generation_id, kind, inferences, amount_micros, created_at)
+             VALUES (?, ?, 'charge', ?, ?, ?)",
+        )
+        .bind(&g.key_id)
+        .bind(&g.id)
+        .bind(inferences)
+        .bind(inferences * g.price_micros)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.generation(&g.id)
+            .await?
+            .ok_or_else(|| sqlx::Error::RowNotFound)
+    }
+
+    /// A job by id (any owner).
+    pub async fn generation(&self, id: &str) -> StoreResult<Option<GenerationRow>> {
+        let row = sqlx::query("SELECT * FROM generations WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(Self::generation_row).transpose()
+    }
+
+    /// A key's jobs, newest first, optionally only those with `status`.
+    pub async fn generations(
+        &self,
+        key_id: &str,
+        status: Option<JobStatus>,
+        limit: i64,
+        before_seq: Option<i64>,
+    ) -> StoreResult<Vec<GenerationRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM generations
+             WHERE key_id = ? AND (? IS NULL OR status = ?) AND (? IS NULL OR seq < ?)
+             ORDER BY seq DESC LIMIT ?",
+        )
+        .bind(key_id)
+        .bind(status.map(JobStatus::as_str))
+        .bind(status.map(JobStatus::as_str))
+        .bind(before_seq)
+        .bind(before_seq)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(Self::generation_row).collect()
+    }
+
+    /// A job's image definitions, in order.
+    pub async fn items(&self, generation_id: &str) -> StoreResult<Vec<ItemRow>> {
+        let rows =
+            sqlx::query("SELECT * FROM generation_items WHERE generation_id = ? ORDER BY idx")
+                .bind(generation_id)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(Self::item_row).collect()
+    }
+
+    /// Jobs waiting, oldest first: `(id, primary_model)`.
+    pub async fn queued(&self, limit: i64) -> StoreResult<Vec<(String, String)>> {
+        let rows = sqlx::query(
+            "SELECT id, primary_model FROM generations WHERE status = 'queued' ORDER BY seq LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("id"), r.get("primary_model")))
+            .collect())
+    }
+
+    /// How many jobs are queued and running.
+    pub async fn counts(&self) -> StoreResult<(i64, i64)> {
+        let row = sqlx::query(
+            "SELECT SUM(status = 'queued') AS q, SUM(status = 'running') AS r
+             FROM generations WHERE status IN ('queued', 'running')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((
+            row.get::<Option<i64>, _>("q").unwrap_or(0),
+            row.get::<Option<i64>, _>("r").unwrap_or(0),
+        ))
+    }
+
+    /// Mark a queued job running (attempts + 1). `None` when it is no
+    /// longer queued (canceled meanwhile).
+    pub async fn start(&self, id: &str) -> StoreResult<Option<i64>> {
+        let row = sqlx::query(
+            "UPDATE generations SET status = 'running', attempts = attempts + 1, started_at = ?,
+                 progress_json = NULL
+             WHERE id = ? AND status = 'queued' RETURNING attempts",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| r.get("attempts")))
+    }
+
+    /// Put a running job back in the queue without counting the attempt
+    /// (the server is shutting down).
+    pub async fn requeue(&self, id: &str) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE generations SET status = 'queued', attempts = MAX(attempts - 1, 0),
+                 progress_json = NULL
+             WHERE id = ? AND status = 'running'",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Record the progress of a running job.
+    pub async fn set_progress(&self, id: &str, progress: &Progress) -> StoreResult<()> {
+        sqlx::query("UPDATE generations SET progress_json = ? WHERE id = ? AND status = 'running'")
+            .bind(json(progress))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Store the images of an image definition (files already written) and
+    /// mark it succeeded, in one transaction.
+    pub async fn complete_item(
+        &self,
+        generation_id: &str,
+        idx: i64,
+        assets: &[AssetRow],
+        result: &ItemResult,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        for a in assets {
+            Self::insert_asset_tx(&mut tx, a).await?;
+        }
+        sqlx::query(
+            "UPDATE generation_items SET status = 'succeeded', result_json = ?, error_json = NULL
+             WHERE generation_id = ? AND idx = ?",
+        )
+        .bind(json(result))
+        .bind(generation_id)
+        .bind(idx)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    }
+
+    /// Mark image definitions failed with `error`.
+    pub async fn fail_items(
+        &self,
+        generation_id: &str,
+        idxs: &[i64],
+        error: &JobError,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        for idx in idxs {
+            sqlx::query(
+                "UPDATE generation_items SET status = 'failed', error_json = ?
+                 WHERE generation_id = ? AND idx = ? AND status = 'pending'",
+            )
+            .bind(json(error))
+            .bind(generation_id)
+            .bind(idx)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await
+    }
+
+    /// Finish a job: `status`, its error, pending definitions marked
+    /// canceled (for a cancel) or failed, and a refund of every definition
+    /// that did not succeed. Returns false when the job was already finished.
+    pub async fn finish(
+        &self,
+        id: &str,
+        status: JobStatus,
+        error: Option<&JobError>,
+    ) -> StoreResult<bool> {
+        self.finish_from(id, status, error, "('queued', 'running')")
+            .await
+    }
+
+    /// Cancel a job only if it is still queued (not yet picked by the
+    /// worker), refunding it. False when it is not queued.
+    pub async fn cancel_queued(&self, id: &str, error: &JobError) -> StoreResult<bool> {
+        self.finish_from(id, JobStatus::Canceled, Some(error), "('queued')")
+            .await
+    }
+
+    async fn finish_from(
+        &self,
+        id: &str,
+        status: JobStatus,
+        error: Option<&JobError>,
+        from: &str,
+    ) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        let sql = format!(
+            "UPDATE generations SET status = ?, error_json = ?, finished_at = ?
+             WHERE id = ? AND status IN {from}"
+        );
+        let done = sqlx::query(&sql)
+            .bind(status.as_str())
+            .bind(error.map(json))
+            .bind(now_ms())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        let item_status = if status == JobStatus::Canceled {
+            ItemStatus::Canceled
+        } else {
+            ItemStatus::Failed
+        };
+        sqlx::query(
+            "UPDATE generation_items SET status = ?, error_json = COALESCE(error_json, ?)
+             WHERE generation_id = ? AND status = 'pending'",
+        )
+        .bind(item_status.as_str())
+        .bind(error.map(json))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        let row = sqlx::query(
+            "SELECT g.key_id, g.price_micros,
+                    (SELECT COUNT(*) FROM generation_items i
+                     WHERE i.generation_id = g.id AND i.status != 'succeeded') AS unbilled
+             FROM generations g WHERE g.id = ?",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let unbilled: i64 = row.get("unbilled");
+        if unbilled > 0 {
+            let price: i64 = row.get("price_micros");
+            sqlx::query(
+                "INSERT INTO ledger (key_id, generation_id, kind, inferences, amount_micros, created_at)
+                 VALUES (?, ?, 'refund', ?, ?, ?)",
+            )
+            .bind(row.get::<String, _>("key_id"))
+            .bind(id)
+            .bind(unbilled)
+            .bind(unbilled * price)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Ask a running job to stop (the worker finishes it as canceled).
+    pub async fn request_cancel(&self, id: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE generations SET cancel_requested = 1 WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// At startup, before the worker runs: every job left `running` by a
+    /// process that died is canceled (a cancel was asked), failed (it has
+    /// been started `max_attempts` times) or queued again. Its finished
+    /// image definitions keep their images.
+    pub async fn recover(&self, max_attempts: u32) -> StoreResult<Recovery> {
+        let mut recovery = Recovery::default();
+        let rows = sqlx::query(
+            "SELECT id, attempts, cancel_requested FROM generations WHERE status = 'running'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for row in rows {
+            let id: String = row.get("id");
+            let attempts: i64 = row.get("attempts");
+            if row.get::<i64, _>("cancel_requested") != 0 {
+                let error = JobError::new("canceled", "canceled by the client");
+                self.finish(&id, JobStatus::Canceled, Some(&error)).await?;
+                recovery.canceled += 1;
+            } else if attempts >= i64::from(max_attempts) {
+                let error = JobError::new(
+                    "interrupted",
+                    format!(
+                        "the server stopped while running this job {attempts} times \
+                         (max_attempts = {max_attempts}); images finished before are kept"
+                    ),
+                );
+                self.finish(&id, JobStatus::Failed, Some(&error)).await?;
+                recovery.failed += 1;
+            } else {
+                sqlx::query(
+                    "UPDATE generations SET status = 'queued', progress_json = NULL WHERE id = ?",
+                )
+                .bind(&id)
+                .execute(&self.pool)
+                .await?;
+                recovery.requeued += 1;
+            }
+        }
+        Ok(recovery)
+    }
+}

@@ -1,0 +1,134 @@
+//! The `webhook_deliveries` table: the outbox the dispatcher drains.
+
+use sqlx::Row;
+
+use super::{Store, StoreResult};
+use crate::util::now_ms;
+
+/// A webhook delivery waiting in the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryRow {
+    /// UUID (sent as `Easel-Delivery`).
+    pub id: String,
+    /// The job.
+    pub generation_id: String,
+    /// Target URL.
+    pub url: String,
+    /// `generation.started`, `generation.progress`, `generation.completed`.
+    pub event: String,
+    /// The JSON body.
+    pub payload: String,
+    /// Attempts so far.
+    pub attempts: i64,
+    /// Attempts allowed.
+    pub max_attempts: i64,
+}
+
+impl Store {
+    /// Put a webhook delivery in the outbox.
+    pub async fn enqueue_delivery(
+        &self,
+        generation_id: &str,
+        url: &str,
+        event: &str,
+        payload: &str,
+        max_attempts: u32,
+    ) -> StoreResult<()> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO webhook_deliveries (id, generation_id, url, event, payload, status,
+                 max_attempts, next_attempt_at, created_at)
+             VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+        )
+        .bind(crate::util::new_id())
+        .bind(generation_id)
+        .bind(url)
+        .bind(event)
+        .bind(payload)
+        .bind(i64::from(max_attempts))
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Deliveries due now, oldest first, and the time of the next one not due yet.
+    pub async fn due_deliveries(&self, limit: i64) -> StoreResult<(Vec<DeliveryRow>, Option<i64>)> {
+        let now = now_ms();
+        let rows = sqlx::query(
+            "SELECT * FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= ?
+             ORDER BY next_attempt_at, seq LIMIT ?",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let next: Option<i64> = sqlx::query(
+            "SELECT MIN(next_attempt_at) AS t FROM webhook_deliveries
+             WHERE status = 'pending' AND next_attempt_at > ?",
+        )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?
+        .get("t");
+        let rows = rows
+            .iter()
+            .map(|r| DeliveryRow {
+                id: r.get("id"),
+                generation_id: r.get("generation_id"),
+                url: r.get("url"),
+                event: r.get("event"),
+                payload: r.get("payload"),
+                attempts: r.get("attempts"),
+                max_attempts: r.get("max_attempts"),
+            })
+            .collect();
+        Ok((rows, next))
+    }
+
+    /// Record a delivery attempt: delivered, retry at `retry_at`, or given up
+    /// (`retry_at` `None` after a failure).
+    pub async fn record_delivery(
+        &self,
+        id: &str,
+        delivered: bool,
+        error: Option<&str>,
+        retry_at: Option<i64>,
+    ) -> StoreResult<()> {
+        let status = match (delivered, retry_at) {
+            (true, _) => "delivered",
+            (false, Some(_)) => "pending",
+            (false, None) => "failed",
+        };
+        sqlx::query(
+            "UPDATE webhook_deliveries SET status = ?, attempts = attempts + 1, last_error = ?,
+                 next_attempt_at = COALESCE(?, next_attempt_at)
+             WHERE id = ?",
+        )
+        .bind(status)
+        .bind(error)
+        .bind(retry_at)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Delivery statuses of a job's webhooks: `(event, status, attempts)`.
+    pub async fn deliveries_of(
+        &self,
+        generation_id: &str,
+    ) -> StoreResult<Vec<(String, String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT event, status, attempts FROM webhook_deliveries WHERE generation_id = ? ORDER BY seq",
+        )
+        .bind(generation_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("event"), r.get("status"), r.get("attempts")))
+            .collect())
+    }
+}
