@@ -401,6 +401,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         max_sequence_length: args.max_sequence_length,
         image: inputs.as_ref().map(|i| i.0.clone()),
         mask: inputs.as_ref().and_then(|i| i.1.clone()),
+        tiling: false,
     };
     let task = match (&request.image, &request.mask) {
         (None, _) => "text-to-image",

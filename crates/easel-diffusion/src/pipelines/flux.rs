@@ -619,6 +619,8 @@ impl FluxPipeline {
         request: &GenerationRequest,
         ctx: &mut RunContext<'_>,
     ) -> Result<GenerationOutput> {
+        // Seamless tiling: circular padding in every convolution of this run.
+        let _tiling = crate::models::layers::circular_padding(request.tiling);
         if request.mask.is_some() {
             return Err(Error::invalid(
                 "mask",
@@ -721,6 +723,8 @@ impl FluxFillPipeline {
         request: &GenerationRequest,
         ctx: &mut RunContext<'_>,
     ) -> Result<GenerationOutput> {
+        // Seamless tiling: circular padding in every convolution of this run.
+        let _tiling = crate::models::layers::circular_padding(request.tiling);
         let c = &self.components;
         let device = c.device.clone();
         let image = request.image.as_ref().ok_or_else(|| {

@@ -117,6 +117,9 @@ pub struct GenerationRequest {
     pub strength: f64,
     /// FLUX: the T5 prompt length in tokens (default per model).
     pub max_sequence_length: Option<usize>,
+    /// Seamless tiling: circular padding in the UNet and VAE convolutions (A1111's and
+    /// stable-diffusion.cpp's `tiling`), so the image repeats without seams.
+    pub tiling: bool,
 }
 
 impl Default for GenerationRequest {
@@ -134,6 +137,7 @@ impl Default for GenerationRequest {
             mask: None,
             strength: DEFAULT_STRENGTH,
             max_sequence_length: None,
+            tiling: false,
         }
     }
 }
