@@ -30,7 +30,7 @@ use easel_diffusion::models::layers::{
     circular_padding, circular_padding_active, pad_circular, Conv2d,
 };
 use easel_diffusion::models::weights::{RandomSource, Weights};
-use easel_diffusion::noise::{NoiseSource, PerImageGenerators};
+use easel_diffusion::noise::{NoiseSource, PerImageGenerators, RecordedNoise};
 use easel_diffusion::pipelines::{
     load_pipeline, load_vae, CancelToken, GenerationOutput, GenerationRequest, ImageInput,
     Pipeline, RunContext,
@@ -396,4 +396,79 @@ fn sd15_tiled_image_to_image_runs() {
         .all(|v| v.is_finite());
     assert!(finite);
     assert!(max_abs(&tiled, &untiled) > 1e-2);
+}
+
+/// Run the diffusers reference case `name` of `tests/fixtures/generated/`
+/// (made by `tools/gen_tiling_refs.py`: every `nn.Conv2d` of the UNet /
+/// transformer and the VAE set to `padding_mode="circular"`, as A1111's
+/// `tiling`) with its recorded noise and `tiling: true`; compare with the
+/// tolerances of the parity tests, and check that zero padding would not
+/// have matched (so the comparison can fail).
+fn check_tiling_reference(name: &str) {
+    let dir = fixtures().join("generated");
+    let case: serde_json::Value = easel_diffusion::json::parse_lenient(
+        &std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(case["tiling"], true);
+    let tensors = load_refs(&format!("generated/{name}.safetensors"));
+    let pipeline = load_pipeline(
+        &ModelDir::open(fixtures().join(case["model"].as_str().unwrap())).unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let run = |tiling: bool| {
+        let request = GenerationRequest {
+            prompts: vec![case["prompt"].as_str().unwrap().to_string()],
+            negative_prompts: case["negative_prompt"]
+                .as_str()
+                .map(String::from)
+                .into_iter()
+                .collect(),
+            num_inference_steps: case["num_inference_steps"].as_u64().unwrap() as usize,
+            guidance_scale: case["guidance_scale"].as_f64().unwrap(),
+            width: case["width"].as_u64().unwrap() as usize,
+            height: case["height"].as_u64().unwrap() as usize,
+            scheduler: case["scheduler"].as_str().map(String::from),
+            max_sequence_length: case["max_sequence_length"].as_u64().map(|v| v as usize),
+            tiling,
+            ..Default::default()
+        };
+        let draws: Vec<Tensor> = (0..)
+            .map_while(|i| tensors.get(&format!("noise.{i}")).cloned())
+            .collect();
+        let mut noise = RecordedNoise::new(draws);
+        let mut progress = |_| {};
+        let mut ctx = RunContext {
+            noise: &mut noise,
+            progress: &mut progress,
+            cancel: CancelToken::new(),
+        };
+        let out = pipeline.run(&request, &mut ctx).unwrap();
+        assert_eq!(noise.remaining(), 0, "{name}: recorded draws left over");
+        out
+    };
+    let tiled = run(true);
+    let lat = rel_l2(&tiled.latents_to_vae, &tensors["latents_to_vae"]);
+    let img = max_abs(&tiled.images, &tensors["image"]);
+    eprintln!("{name}: latents_to_vae rel L2 {lat:.2e}, image max abs {img:.2e}");
+    assert!(lat <= 1e-4, "{name}: latents_to_vae relative L2 {lat:.3e}");
+    assert!(img <= 1e-3, "{name}: image max abs {img:.3e}");
+    let zero = max_abs(&run(false).images, &tensors["image"]);
+    assert!(zero > 1e-2, "{name}: zero padding matches too ({zero:.3e})");
+}
+
+#[test]
+fn sd15_tiling_matches_diffusers_with_circular_convs() {
+    check_tiling_reference("sd15_tiling_ddim");
+}
+
+#[test]
+fn sdxl_tiling_matches_diffusers_with_circular_convs() {
+    check_tiling_reference("sdxl_tiling_euler");
+}
+
+#[test]
+fn flux_tiling_matches_diffusers_with_circular_convs() {
+    check_tiling_reference("flux_schnell_tiling");
 }
