@@ -36,9 +36,11 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
+    StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
+from PIL import Image
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
 OUT = os.path.join(ROOT, "generated")
@@ -80,6 +82,13 @@ CASES = [
     dict(name="sd15_tiling_ddim", cls=StableDiffusionPipeline, model="tiny-sd15",
          scheduler="DDIMScheduler", prompt="a seamless stone wall texture",
          negative_prompt="blurry", steps=4, guidance_scale=7.5, height=64, width=96, seed=5),
+    # Image-to-image: the init image goes through the VAE encoder with
+    # circular convolutions too (its down-samplers' explicit (0, 1, 0, 1)
+    # zero pad is F.pad, not a convolution's padding, and stays zeros).
+    dict(name="sd15_img2img_tiling_ddim", cls=StableDiffusionImg2ImgPipeline, model="tiny-sd15",
+         scheduler="DDIMScheduler", prompt="a seamless stone wall texture",
+         init_image="init_image.png", strength=0.7, steps=5, guidance_scale=7.5,
+         height=64, width=64, seed=9),
     dict(name="sdxl_tiling_euler", cls=StableDiffusionXLPipeline, model="tiny-sdxl",
          scheduler="EulerDiscreteScheduler", prompt="a seamless tiled floor",
          steps=3, guidance_scale=5.0, height=64, width=64, seed=6),
@@ -110,11 +119,14 @@ def run_case(case):
         prompt=case["prompt"],
         num_inference_steps=case["steps"],
         guidance_scale=case["guidance_scale"],
-        height=case["height"],
-        width=case["width"],
         generator=torch.Generator("cpu").manual_seed(case["seed"]),
         output_type="np",
     )
+    if "init_image" in case:
+        kwargs["image"] = Image.open(os.path.join(OUT, case["init_image"])).convert("RGB")
+        kwargs["strength"] = case["strength"]
+    else:
+        kwargs["height"], kwargs["width"] = case["height"], case["width"]
     for key in ("negative_prompt", "max_sequence_length"):
         if key in case:
             kwargs[key] = case[key]
@@ -149,7 +161,7 @@ def run_case(case):
         "noise_draws": len(_draws),
         "images": pngs,
     }
-    for key in ("negative_prompt", "max_sequence_length"):
+    for key in ("negative_prompt", "max_sequence_length", "init_image", "strength"):
         if key in case:
             meta[key] = case[key]
     with open(os.path.join(OUT, f"{name}.json"), "w") as f:

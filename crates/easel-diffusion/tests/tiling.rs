@@ -352,52 +352,6 @@ fn flux_tiling_reaches_the_vae_only_and_its_decoder_is_circular() {
     }
 }
 
-/// Image-to-image with tiling: the init image goes through the VAE encoder
-/// in the same circular scope (its stride-2 down-samplers keep their
-/// explicit right/bottom zero pad, as in A1111), and the run finishes with
-/// finite pixels that differ from the untiled run's.
-#[test]
-fn sd15_tiled_image_to_image_runs() {
-    let pipeline = load("tiny-sd15");
-    let rgb = (0..64 * 64)
-        .flat_map(|i| [(i % 64 * 4) as u8, (i / 64 * 4) as u8, 128])
-        .collect();
-    let run = |tiling| {
-        let request = GenerationRequest {
-            prompts: vec!["a tiled floor".into()],
-            num_inference_steps: 4,
-            width: 64,
-            height: 64,
-            image: Some(ImageInput {
-                width: 64,
-                height: 64,
-                rgb: Vec::clone(&rgb),
-            }),
-            strength: 0.6,
-            tiling,
-            ..Default::default()
-        };
-        let mut noise = PerImageGenerators::new(&[3]);
-        let mut progress = |_| {};
-        let mut ctx = RunContext {
-            noise: &mut noise,
-            progress: &mut progress,
-            cancel: CancelToken::new(),
-        };
-        pipeline.run(&request, &mut ctx).unwrap().images
-    };
-    let (tiled, untiled) = (run(true), run(false));
-    let finite = tiled
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .all(|v| v.is_finite());
-    assert!(finite);
-    assert!(max_abs(&tiled, &untiled) > 1e-2);
-}
-
 /// Run the diffusers reference case `name` of `tests/fixtures/generated/`
 /// (made by `tools/gen_tiling_refs.py`: every `nn.Conv2d` of the UNet /
 /// transformer and the VAE set to `padding_mode="circular"`, as A1111's
@@ -431,6 +385,15 @@ fn check_tiling_reference(name: &str) {
             height: case["height"].as_u64().unwrap() as usize,
             scheduler: case["scheduler"].as_str().map(String::from),
             max_sequence_length: case["max_sequence_length"].as_u64().map(|v| v as usize),
+            image: case["init_image"].as_str().map(|f| {
+                let img = easel_core::decode_image(&std::fs::read(dir.join(f)).unwrap()).unwrap();
+                ImageInput {
+                    width: img.width as usize,
+                    height: img.height as usize,
+                    rgb: img.into_rgb8(),
+                }
+            }),
+            strength: case["strength"].as_f64().unwrap_or(0.8),
             tiling,
             ..Default::default()
         };
@@ -461,6 +424,11 @@ fn check_tiling_reference(name: &str) {
 #[test]
 fn sd15_tiling_matches_diffusers_with_circular_convs() {
     check_tiling_reference("sd15_tiling_ddim");
+}
+
+#[test]
+fn sd15_tiled_image_to_image_matches_diffusers_with_circular_convs() {
+    check_tiling_reference("sd15_img2img_tiling_ddim");
 }
 
 #[test]
