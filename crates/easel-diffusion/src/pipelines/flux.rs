@@ -619,7 +619,8 @@ impl FluxPipeline {
         request: &GenerationRequest,
         ctx: &mut RunContext<'_>,
     ) -> Result<GenerationOutput> {
-        // Seamless tiling: circular padding in every convolution of this run.
+        // Seamless tiling: circular padding in the VAE's convolutions (the
+        // transformer has no spatial convolutions).
         let _tiling = crate::models::layers::circular_padding(request.tiling);
         if request.mask.is_some() {
             return Err(Error::invalid(
@@ -723,7 +724,8 @@ impl FluxFillPipeline {
         request: &GenerationRequest,
         ctx: &mut RunContext<'_>,
     ) -> Result<GenerationOutput> {
-        // Seamless tiling: circular padding in every convolution of this run.
+        // Seamless tiling: circular padding in the VAE's convolutions (the
+        // transformer has no spatial convolutions).
         let _tiling = crate::models::layers::circular_padding(request.tiling);
         let c = &self.components;
         let device = c.device.clone();
