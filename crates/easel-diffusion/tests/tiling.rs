@@ -12,6 +12,10 @@
 //!   half, wrapping around, which no image with a seam can do).
 //! - FLUX: only the VAE has convolutions; its decoder is circular and joins
 //!   the edges, the transformer's latents are untouched.
+//! - Against diffusers: tiled SD 1.5 (text-to-image and image-to-image),
+//!   SDXL and FLUX runs match diffusers with every `nn.Conv2d` set to
+//!   `padding_mode="circular"` (`tools/gen_tiling_refs.py`) within the
+//!   parity tolerances.
 //!
 //! The fixture models have random weights, so their images are textures:
 //! "continues" is measured as the correlation of the last line with the
