@@ -2,6 +2,8 @@
 //! linear and convolution layers, normalisations, activations and
 //! scaled dot-product attention, with PyTorch's semantics.
 
+use std::cell::Cell;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -127,6 +129,10 @@ impl Linear {
 /// fast paths read the loaded weight tensor in place: no re-ordered second
 /// copy is kept (it would double the memory of weights that the LoRA cache
 /// also holds).
+///
+/// Inside a [`circular_padding`] scope a layer with `padding > 0` pads
+/// circularly instead of with zeros (PyTorch's `padding_mode="circular"`):
+/// see [`Conv2d::forward`].
 #[derive(Clone, Debug)]
 pub struct Conv2d {
     /// The weight as loaded, `(out, in, k, k)`, in its stored precision
@@ -177,7 +183,42 @@ impl Conv2d {
 
     /// `x`: `(batch, in, h, w)` → `(batch, out, h', w')` with
     /// `h' = (h + 2 padding - k) / stride + 1`.
+    ///
+    /// The `padding` is zeros, or, inside a [`circular_padding`] scope of
+    /// this thread, the input wrapped around on both spatial axes
+    /// ([`pad_circular`]) followed by the convolution without padding, as
+    /// PyTorch's `Conv2d(padding_mode="circular")` computes it. On the fast
+    /// 3×3 path the wrapped input runs through the same zero-padding kernel
+    /// and the one-pixel output border (the only outputs that read the
+    /// kernel's zeros) is cropped.
+    ///
+    /// Errors: an input of the wrong rank or channel count; in a circular
+    /// scope, a spatial size smaller than `padding` (PyTorch refuses to wrap
+    /// more than once too).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.padding > 0 && circular_padding_active() {
+            return self.forward_circular(x);
+        }
+        self.forward_padded(x)
+    }
+
+    /// [`Conv2d::forward`] with circular padding.
+    fn forward_circular(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let p = self.padding;
+        let wrapped = pad_circular(x, p)?;
+        if self.fast && kernels::applies(&wrapped) {
+            // `fast` with padding > 0 is the 3×3 "same" kernel (padding 1):
+            // on the wrapped `(h + 2, w + 2)` input, its interior outputs
+            // read wrapped values only and equal the unpadded convolution.
+            let y = self.forward_padded(&wrapped)?;
+            return Ok(y.narrow(2, p, h)?.narrow(3, p, w)?.contiguous()?);
+        }
+        self.forward_candle(&wrapped, 0)
+    }
+
+    /// The convolution with the layer's zero padding.
+    fn forward_padded(&self, x: &Tensor) -> Result<Tensor> {
         let (co, in_c, k) = self.dims;
         if self.fast && kernels::applies(x) {
             let (b, ci, h, w) = x.dims4()?;
@@ -203,14 +244,103 @@ impl Conv2d {
             })?;
             return kernels::tensor(y, &[b, co, h, w]);
         }
+        self.forward_candle(x, self.padding)
+    }
+
+    /// candle's convolution with `padding` zeros on every side, plus the bias.
+    fn forward_candle(&self, x: &Tensor, padding: usize) -> Result<Tensor> {
+        let (_, in_c, k) = self.dims;
         let weight = self.weight.to_dtype(x.dtype())?;
-        let y = timed(2, || x.conv2d(&weight, self.padding, self.stride, 1, 1))?;
+        let y = timed(2, || x.conv2d(&weight, padding, self.stride, 1, 1))?;
         count_flops(2 * y.elem_count() * in_c * k * k);
         match &self.bias {
             Some(b) => Ok(y.broadcast_add(&b.reshape((1, (), 1, 1))?)?),
             None => Ok(y),
         }
     }
+}
+
+thread_local! {
+    /// Whether the convolutions run on this thread pad circularly; set only
+    /// through [`circular_padding`].
+    static CIRCULAR_PADDING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Seamless tiling, as A1111's `tiling` option (every `nn.Conv2d` switched
+/// to `padding_mode="circular"`) and stable-diffusion.cpp's `--circular`
+/// do it: while the returned guard lives, every [`Conv2d`] with
+/// `padding > 0` run **on this thread** pads its input by wrapping it
+/// around on both axes instead of with zeros, so the left edge continues
+/// the right one and the top the bottom. `false` selects zero padding (the
+/// default) for the scope, e.g. inside an outer circular scope. Dropping
+/// the guard restores the mode that was set before, also on unwinding.
+///
+/// Padding that is not a convolution's own (the VAE encoder's explicit
+/// right/bottom zero pad before its stride-2 down-samplers) stays zeros,
+/// as in A1111, where only the convolutions' `padding_mode` changes.
+///
+/// Why a scope on the calling thread rather than a flag in the model: the
+/// pipelines take `&self` and may be shared between threads; a per-thread
+/// scope gives each run its own mode, so two runs on one shared model
+/// never see each other's setting, and the model needs no interior
+/// mutability. It works because a model's layers run on the thread that
+/// calls the model (the kernels fan out over worker threads below the
+/// layer, on already padded inputs); the guard is not `Send`, so it cannot
+/// be dropped on another thread.
+#[must_use = "circular padding applies only while the guard lives"]
+pub fn circular_padding(circular: bool) -> CircularPaddingGuard {
+    let previous = CIRCULAR_PADDING.with(|c| c.replace(circular));
+    CircularPaddingGuard {
+        previous,
+        _not_send: PhantomData,
+    }
+}
+
+/// Whether a [`circular_padding`] scope is active on this thread.
+pub fn circular_padding_active() -> bool {
+    CIRCULAR_PADDING.with(Cell::get)
+}
+
+/// Restores the padding mode of before [`circular_padding`] when dropped.
+#[derive(Debug)]
+pub struct CircularPaddingGuard {
+    previous: bool,
+    /// Thread-bound: the mode is per thread.
+    _not_send: PhantomData<*const ()>,
+}
+
+impl Drop for CircularPaddingGuard {
+    fn drop(&mut self) {
+        CIRCULAR_PADDING.with(|c| c.set(self.previous));
+    }
+}
+
+/// Pad `x`, `(batch, channels, h, w)`, by `pad` on every side with the
+/// values wrapped around (PyTorch's `F.pad(x, (pad,) * 4, mode="circular")`):
+/// the left pad is the last `pad` columns, the right pad the first ones,
+/// and likewise for rows, so corners come from the opposite corners.
+/// Returns `(batch, channels, h + 2 pad, w + 2 pad)`.
+///
+/// Errors: `x` not of rank 4, or `pad` larger than `h` or `w` (wrapping
+/// more than once; PyTorch refuses it too).
+pub fn pad_circular(x: &Tensor, pad: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if pad > h || pad > w {
+        return Err(Error::invalid(
+            "tiling",
+            format!(
+                "circular padding of {pad} needs a feature map of at least {pad}x{pad}, got {h}x{w}"
+            ),
+        ));
+    }
+    if pad == 0 {
+        return Ok(x.clone());
+    }
+    let x = Tensor::cat(&[&x.narrow(3, w - pad, pad)?, x, &x.narrow(3, 0, pad)?], 3)?;
+    Ok(Tensor::cat(
+        &[&x.narrow(2, h - pad, pad)?, &x, &x.narrow(2, 0, pad)?],
+        2,
+    )?)
 }
 
 /// `torch.nn.GroupNorm` over `(batch, channels, ...)`.

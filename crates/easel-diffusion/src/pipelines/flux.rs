@@ -624,6 +624,9 @@ impl DiffusionPipeline for FluxPipeline {
         request: &GenerationRequest,
         ctx: &mut RunContext<'_>,
     ) -> Result<GenerationOutput> {
+        // Seamless tiling: circular padding in the VAE's convolutions (the
+        // transformer has no spatial convolutions).
+        let _tiling = crate::models::layers::circular_padding(request.tiling);
         // The family's mask rule refuses a mask (MaskRule::Refused).
         let image = match Task::of(self.family(), request)? {
             Task::TextToImage => None,

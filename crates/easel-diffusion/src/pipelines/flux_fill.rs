@@ -98,6 +98,9 @@ impl DiffusionPipeline for FluxFillPipeline {
         request: &GenerationRequest,
         ctx: &mut RunContext<'_>,
     ) -> Result<GenerationOutput> {
+        // Seamless tiling: circular padding in the VAE's convolutions (the
+        // transformer has no spatial convolutions).
+        let _tiling = crate::models::layers::circular_padding(request.tiling);
         let c = &self.components;
         let device = c.device.clone();
         // The family's mask rule (MaskRule::Required) refuses anything but

@@ -172,6 +172,8 @@ impl DiffusionPipeline for StableDiffusionPipeline {
         request: &GenerationRequest,
         ctx: &mut RunContext<'_>,
     ) -> Result<GenerationOutput> {
+        // Seamless tiling: circular padding in every convolution of this run.
+        let _tiling = crate::models::layers::circular_padding(request.tiling);
         let started = Instant::now();
         let f = self.vae_scale_factor();
         request.check(f)?;
