@@ -170,6 +170,48 @@ fn random_seed() -> u64 {
     h.finish()
 }
 
+/// The size an init image of `image` (width, height) pixels sets where the
+/// request gives none (`given` width / height): each side rounded down to
+/// the model's size `multiple` (16 for FLUX), as diffusers' image processor
+/// does; a given side is returned as given (its range is checked with the
+/// request). The one rule for `easel generate`, `easel flow run` and the
+/// server's submit step.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming `width` or `height` when a side that
+/// is not given rounds down outside `multiple..=2048`.
+pub fn init_image_size(
+    image: (usize, usize),
+    given: (Option<u32>, Option<u32>),
+    multiple: usize,
+) -> Result<(usize, usize)> {
+    let f = multiple.max(1);
+    let mut size = [0usize; 2];
+    for (slot, (field, pixels, given)) in size
+        .iter_mut()
+        .zip([("width", image.0, given.0), ("height", image.1, given.1)])
+    {
+        *slot = match given {
+            Some(v) => v as usize,
+            None => {
+                let v = pixels / f * f;
+                if !(f..=SIZE_MAX).contains(&v) {
+                    return Err(Error::invalid(
+                        field,
+                        format!(
+                            "{v} (the init image is {}x{}, rounded down to a multiple of {f}) \
+                             is out of range (allowed: {f} to {SIZE_MAX}); give {field} to resize it",
+                            image.0, image.1
+                        ),
+                    ));
+                }
+                v
+            }
+        };
+    }
+    Ok((size[0], size[1]))
+}
+
 impl JobRequest {
     /// A request for `model` with `params` and nothing else.
     pub fn new(model: impl Into<String>, params: GenerationParams) -> Self {
@@ -219,26 +261,11 @@ impl JobRequest {
             ));
         }
         let (native_w, native_h) = match &self.image {
-            // The init image sets the size, rounded down to the model's size
-            // multiple (16 for FLUX), as diffusers does.
-            Some(image) => {
-                let f = defaults.size_multiple;
-                let size = (image.width / f * f, image.height / f * f);
-                for (field, v, given) in [("width", size.0, p.width), ("height", size.1, p.height)]
-                {
-                    if given.is_none() && !(f..=SIZE_MAX).contains(&v) {
-                        return Err(Error::invalid(
-                            field,
-                            format!(
-                                "{v} (the init image is {}x{}, rounded down to a multiple of {f}) \
-                                 is out of range (allowed: {f} to {SIZE_MAX}); give {field} to resize it",
-                                image.width, image.height
-                            ),
-                        ));
-                    }
-                }
-                size
-            }
+            Some(image) => init_image_size(
+                (image.width, image.height),
+                (p.width, p.height),
+                defaults.size_multiple,
+            )?,
             None => (defaults.width, defaults.height),
         };
         let width = p.width.map_or(native_w, |w| w as usize);

@@ -21,7 +21,7 @@ use candle_core::Device;
 
 pub use crate::pipelines::TaskKind;
 pub use cache::{CachedModel, ModelCache};
-pub use job::{Job, JobOutput, JobRequest, ResolvedLora, ResolvedParams};
+pub use job::{init_image_size, Job, JobOutput, JobRequest, ResolvedLora, ResolvedParams};
 pub use memory::estimate_model_bytes;
 
 use crate::error::{Error, Result};
