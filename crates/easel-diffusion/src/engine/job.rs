@@ -437,7 +437,7 @@ mod tests {
         };
         let field_of = |defaults: &ModelDefaults, image: bool, mask_too: bool| {
             let request = JobRequest {
-                image: image.then(|| image_64()),
+                image: image.then(image_64),
                 mask: mask_too.then(mask),
                 ..JobRequest::new("m", GenerationParams::new("x"))
             };
