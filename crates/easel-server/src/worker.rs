@@ -8,12 +8,14 @@
 //!    model already loaded and the oldest has not been passed over
 //!    `fair_skip_limit` times in a row;
 //! 2. mark it running (attempts + 1) and register its cancel token;
-//! 3. group its pending image definitions by model (loaded once); each
-//!    definition is one engine call of its `batchSize` images (seeds
-//!    `seed + j`), exactly what `easel generate` runs. With
-//!    `batch_definitions` on, definitions with equal engine settings (size,
-//!    steps, guidance, scheduler, batch size, LoRAs, inputs) run as one
-//!    batch instead: prompt `i` with seeds `seed_i + j` (faster, not
+//! 3. group its pending image definitions by model (loaded once, its
+//!    `ModelDefaults` returned); build each definition's engine job with
+//!    the one builder, `JobRequest::build` (`worker/plan.rs`): one engine
+//!    call of its `batchSize` images (seeds `seed + j`), exactly what
+//!    `easel generate` runs. With `batch_definitions` on, jobs with equal
+//!    settings (size, steps, guidance, scheduler, strength, batch size,
+//!    LoRAs, inputs, tiling: `Job::batches_with`) run as one batch instead
+//!    (`Job::append`): prompt `i` with seeds `seed_i + j` (faster, not
 //!    bit-exact against separate runs on the CPU);
 //! 4. encode each image, write it by hash (atomically), then record the
 //!    definition's assets and resolved parameters in one transaction;
@@ -308,20 +310,16 @@ impl Worker {
                         continue;
                     }
                 };
-                let joined = batch_definitions
-                    && batches.iter_mut().any(|b| {
-                        let fits = b.job.append(&job);
-                        if fits {
-                            b.rows.push((row.clone(), job.clone()));
-                        }
-                        fits
-                    });
-                if !joined {
-                    batches.push(Batch {
+                let joins = batch_definitions
+                    .then(|| batches.iter().position(|b| b.job.batches_with(&job)))
+                    .flatten();
+                match joins {
+                    Some(i) if batches[i].job.append(&job) => batches[i].rows.push((row, job)),
+                    _ => batches.push(Batch {
                         job: job.clone(),
                         rows: vec![(row, job)],
                         defaults: defaults.clone(),
-                    });
+                    }),
                 }
             }
             for batch in batches {
