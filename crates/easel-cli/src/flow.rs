@@ -405,6 +405,30 @@ fn image_definitions(request: &Value) -> Result<Vec<ImageDefinition>, StepError>
     Ok(out)
 }
 
+/// The denoising steps of a step's definitions, for its progress total:
+/// each definition's `steps`, or its model's default steps where it gives
+/// none (Stable Diffusion 25, FLUX.1 schnell 4, dev 28, Fill 50). Such a
+/// model loads now; the generation loop then finds it in the cache.
+///
+/// # Errors
+/// A model that cannot be loaded, naming `parameters.images[i].baseModel`.
+fn total_steps(definitions: &[ImageDefinition], engine: &mut Engine) -> Result<u64, StepError> {
+    let mut total = 0u64;
+    for (i, definition) in definitions.iter().enumerate() {
+        total += match definition.steps {
+            Some(steps) => u64::from(steps),
+            None => {
+                let reference = definition.base_model.clone().unwrap_or_default();
+                let model = engine.load(&reference).map_err(|e| {
+                    StepError::failed(format!("parameters.images[{i}].baseModel: {e}"))
+                })?;
+                model.defaults().steps as u64
+            }
+        };
+    }
+    Ok(total)
+}
+
 /// `file://` URL of an absolute path, with unsafe bytes percent-encoded.
 fn file_url(path: &Path) -> String {
     let mut url = String::from("file://");
@@ -433,14 +457,11 @@ impl ImageBackend for LocalBackend {
         let dir = self.data_dir.join("assets").join(&job_id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| StepError::failed(format!("creating {}: {e}", dir.display())))?;
-        let total_steps: u64 = definitions
-            .iter()
-            .map(|d| u64::from(d.steps.unwrap_or(25)))
-            .sum();
         let mut engine = self
             .engine
             .lock()
             .map_err(|_| StepError::failed("the model cache is poisoned"))?;
+        let total_steps = total_steps(&definitions, &mut engine)?;
         let mut done_steps = 0u64;
         let mut assets = Vec::new();
         for (i, definition) in definitions.iter().enumerate() {
@@ -586,6 +607,39 @@ mod tests {
         assert_eq!(defs[1].base_model.as_deref(), Some("other"));
         assert_eq!(defs[1].steps, Some(4));
         assert_eq!(defs[1].negative_prompt.as_deref(), Some("n"));
+    }
+
+    #[test]
+    fn the_progress_total_uses_each_models_default_steps() {
+        let fixture = |name: &str| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/models")
+                .join(name)
+                .display()
+                .to_string()
+        };
+        let (schnell, sd15) = (fixture("tiny-flux-schnell"), fixture("tiny-sd15"));
+        let defs = image_definitions(&json!({
+            "images": [
+                { "prompt": "a", "baseModel": schnell },
+                { "prompt": "b", "baseModel": sd15, "steps": 3 },
+                { "prompt": "c", "baseModel": sd15 },
+            ]
+        }))
+        .unwrap();
+        let mut engine = Engine::new(EngineOptions::default());
+        // FLUX.1 schnell's 4, the given 3, Stable Diffusion's 25.
+        assert_eq!(total_steps(&defs, &mut engine).unwrap(), 4 + 3 + 25);
+        let defs = image_definitions(&json!({
+            "images": [{ "prompt": "a", "baseModel": "/no/such/model" }]
+        }))
+        .unwrap();
+        let e = total_steps(&defs, &mut engine).unwrap_err();
+        assert!(
+            e.message.starts_with("parameters.images[0].baseModel: "),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

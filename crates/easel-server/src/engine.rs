@@ -3,91 +3,23 @@
 //!
 //! The server never sees a tensor: [`DiffusionEngine`] is a thin adapter over
 //! `easel-diffusion`'s front door ([`easel_diffusion::engine::Engine`], which
-//! owns the model cache with its memory budget) and returns bytes.
+//! owns the model cache with its memory budget) and returns bytes. The worker
+//! hands every engine the front door's own [`Job`], built by
+//! [`easel_diffusion::engine::JobRequest::build`] against the model's
+//! [`ModelDefaults`] (what [`Engine::prepare`] returns).
 //! [`FakeEngine`] draws deterministic patterns from the seed and prompt, for
 //! load tests of the service itself.
 
 use std::time::Duration;
 
-use easel_diffusion::engine::{Engine as FrontDoor, EngineOptions, Job};
-use easel_diffusion::loader::ResolveOptions;
+use easel_diffusion::engine::{Engine as FrontDoor, EngineOptions};
+pub use easel_diffusion::engine::{Job, ModelDefaults};
+use easel_diffusion::loader::{ModelFamily, ResolveOptions};
 pub use easel_diffusion::pipelines::CancelToken;
-use easel_diffusion::pipelines::{ImageInput, MaskInput, Progress as EngineProgress};
+use easel_diffusion::pipelines::Progress as EngineProgress;
 
 use crate::config::{Config, EngineKind};
-use crate::job::{LoraSpec, ModelSpec};
-
-/// What a loaded model uses when a request leaves a field out.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ModelDefaults {
-    /// The pipeline class (`StableDiffusionPipeline`, ...).
-    pub pipeline: String,
-    /// Native width in pixels.
-    pub width: u32,
-    /// Native height in pixels.
-    pub height: u32,
-    /// Default denoising steps.
-    pub steps: u32,
-    /// Default guidance scale.
-    pub guidance_scale: f64,
-    /// The model's own scheduler class.
-    pub scheduler: String,
-}
-
-/// An RGB8 input image.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RgbInput {
-    /// Pixels.
-    pub width: u32,
-    /// Pixels.
-    pub height: u32,
-    /// `width * height * 3` bytes.
-    pub rgb: Vec<u8>,
-}
-
-/// An 8-bit mask: 255 repaints, 0 keeps.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MaskInputBytes {
-    /// Pixels.
-    pub width: u32,
-    /// Pixels.
-    pub height: u32,
-    /// `width * height` bytes.
-    pub luma: Vec<u8>,
-}
-
-/// One engine call: image definitions with the same settings, run as one batch.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BatchRequest {
-    /// One prompt per image definition.
-    pub prompts: Vec<String>,
-    /// Empty (no negative prompt), or one per prompt.
-    pub negative_prompts: Vec<String>,
-    /// Images per prompt.
-    pub images_per_prompt: usize,
-    /// One seed per image, prompt-major.
-    pub seeds: Vec<u64>,
-    /// Denoising steps.
-    pub steps: u32,
-    /// Guidance scale.
-    pub guidance_scale: f64,
-    /// Pixels.
-    pub width: u32,
-    /// Pixels.
-    pub height: u32,
-    /// Scheduler name, or the model's.
-    pub scheduler: Option<String>,
-    /// Init image (image-to-image, inpainting).
-    pub image: Option<RgbInput>,
-    /// Inpainting mask.
-    pub mask: Option<MaskInputBytes>,
-    /// Image-to-image strength.
-    pub strength: f64,
-    /// LoRA adapters.
-    pub loras: Vec<LoraSpec>,
-    /// Seamless tiling.
-    pub tiling: bool,
-}
+use crate::job::ModelSpec;
 
 /// What a batch produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -146,21 +78,22 @@ pub struct Capabilities {
 
 /// An engine the worker drives. Runs on the worker's own thread.
 pub trait Engine: Send {
-    /// Load `model` (or find it in the cache) and return its defaults.
+    /// Load `model` (or find it in the cache) and return its defaults, the
+    /// ones the worker builds its jobs against.
     ///
     /// # Errors
     /// [`EngineError::ModelLoad`] when it cannot be found or loaded.
     fn prepare(&mut self, model: &ModelSpec) -> Result<ModelDefaults, EngineError>;
 
-    /// Run `batch` on `model` (prepared before), calling `progress(step,
-    /// total)` after each denoising step and stopping when `cancel` fires.
+    /// Run `job` (its model, `job.model`, prepared before), calling
+    /// `progress(step, total)` after each denoising step and stopping when
+    /// `cancel` fires.
     ///
     /// # Errors
-    /// [`EngineError::Canceled`], or why the batch could not run.
+    /// [`EngineError::Canceled`], or why the job could not run.
     fn run(
         &mut self,
-        model: &ModelSpec,
-        batch: &BatchRequest,
+        job: &Job,
         progress: &mut dyn FnMut(u32, u32),
         cancel: &CancelToken,
     ) -> Result<BatchOutput, EngineError>;
@@ -206,25 +139,27 @@ impl DiffusionEngine {
         }
     }
 
-    /// Load `model` into the front door's cache (a no-op when it is there):
-    /// a reference that does not resolve, or a model that does not load, is
-    /// [`EngineError::ModelLoad`].
+    /// Load the model `load` names (`ModelSpec::load`, the cache key)
+    /// into the front door's cache (a no-op when it is there): a reference
+    /// that does not resolve, or a model that does not load, is
+    /// [`EngineError::ModelLoad`], naming `reference` (as requested).
     fn load(
         &mut self,
-        model: &ModelSpec,
+        load: &str,
+        reference: &str,
     ) -> Result<&easel_diffusion::engine::LoadedModel, EngineError> {
-        if !self.engine.is_loaded(&model.load) {
+        if !self.engine.is_loaded(load) {
             let dir = self
                 .engine
-                .resolve(&model.load)
+                .resolve(load)
                 .map_err(|e| EngineError::ModelLoad(e.to_string()))?;
             self.engine
-                .load_resolved(&model.load, dir)
-                .map_err(|e| EngineError::ModelLoad(format!("loading {}: {e}", model.reference)))?;
+                .load_resolved(load, dir)
+                .map_err(|e| EngineError::ModelLoad(format!("loading {reference}: {e}")))?;
         }
         self.engine
-            .load(&model.load)
-            .map_err(|e| EngineError::ModelLoad(format!("loading {}: {e}", model.reference)))
+            .load(load)
+            .map_err(|e| EngineError::ModelLoad(format!("loading {reference}: {e}")))
     }
 }
 
@@ -239,7 +174,9 @@ pub fn resolve_options(config: &Config, offline: bool) -> ResolveOptions {
     }
 }
 
-fn engine_error(e: easel_diffusion::Error) -> EngineError {
+/// The worker's error for an engine error: cancellation, a field the
+/// request got wrong (named), an unsupported feature, or a failure.
+pub fn engine_error(e: easel_diffusion::Error) -> EngineError {
     use easel_diffusion::Error as E;
     match e {
         E::Canceled => EngineError::Canceled,
@@ -261,57 +198,16 @@ fn engine_error(e: easel_diffusion::Error) -> EngineError {
 
 impl Engine for DiffusionEngine {
     fn prepare(&mut self, model: &ModelSpec) -> Result<ModelDefaults, EngineError> {
-        let d = self.load(model)?.defaults();
-        Ok(ModelDefaults {
-            pipeline: d.pipeline.clone(),
-            width: d.width as u32,
-            height: d.height as u32,
-            steps: d.steps as u32,
-            guidance_scale: d.guidance_scale,
-            scheduler: d.scheduler.clone(),
-        })
+        Ok(self.load(&model.load, &model.reference)?.defaults().clone())
     }
 
     fn run(
         &mut self,
-        model: &ModelSpec,
-        batch: &BatchRequest,
+        job: &Job,
         progress: &mut dyn FnMut(u32, u32),
         cancel: &CancelToken,
     ) -> Result<BatchOutput, EngineError> {
-        // The worker resolved the batch against the model's defaults
-        // (`prepare`); this is the job as it runs.
-        let job = Job {
-            model: model.load.clone(),
-            prompts: batch.prompts.clone(),
-            negative_prompts: batch.negative_prompts.clone(),
-            images_per_prompt: batch.images_per_prompt,
-            seeds: batch.seeds.clone(),
-            steps: batch.steps as usize,
-            guidance_scale: batch.guidance_scale,
-            width: batch.width as usize,
-            height: batch.height as usize,
-            scheduler: batch.scheduler.clone(),
-            image: batch.image.as_ref().map(|i| ImageInput {
-                width: i.width as usize,
-                height: i.height as usize,
-                rgb: i.rgb.clone(),
-            }),
-            mask: batch.mask.as_ref().map(|m| MaskInput {
-                width: m.width as usize,
-                height: m.height as usize,
-                luma: m.luma.clone(),
-            }),
-            strength: batch.strength,
-            loras: batch
-                .loras
-                .iter()
-                .map(|l| easel_diffusion::lora::LoraSpec::new(&l.path, l.scale))
-                .collect(),
-            max_sequence_length: None,
-            tiling: batch.tiling,
-        };
-        self.load(model)?;
+        self.load(&job.model, &job.model)?;
         let mut on_progress = |p: EngineProgress| {
             if let EngineProgress::Step { step, total } = p {
                 progress(step as u32, total as u32);
@@ -319,7 +215,7 @@ impl Engine for DiffusionEngine {
         };
         let output = self
             .engine
-            .run(&job, &mut on_progress, cancel)
+            .run(job, &mut on_progress, cancel)
             .map_err(engine_error)?;
         Ok(BatchOutput {
             images: output.images,
@@ -363,6 +259,10 @@ impl FakeEngine {
 pub const FAKE_PIPELINE: &str = "FakePipeline";
 
 impl Engine for FakeEngine {
+    /// The fake model's defaults: 64x64, 4 steps, guidance 7.5; the family
+    /// the model's `pipelineClass` names (for its default strength and size
+    /// multiple), Stable Diffusion when it names none the engine knows (the
+    /// fake registry's [`FAKE_PIPELINE`]).
     fn prepare(&mut self, model: &ModelSpec) -> Result<ModelDefaults, EngineError> {
         if model.load.contains("missing") {
             return Err(EngineError::ModelLoad(format!(
@@ -372,34 +272,38 @@ impl Engine for FakeEngine {
         }
         self.loaded.retain(|m| *m != model.load);
         self.loaded.insert(0, model.load.clone());
+        let family = model.family().unwrap_or(ModelFamily::StableDiffusion);
         Ok(ModelDefaults {
             pipeline: FAKE_PIPELINE.into(),
+            family,
             width: 64,
             height: 64,
             steps: 4,
             guidance_scale: 7.5,
+            strength: family.default_strength(),
             scheduler: "FakeScheduler".into(),
+            size_multiple: family.size_multiple() as usize,
         })
     }
 
     fn run(
         &mut self,
-        _model: &ModelSpec,
-        batch: &BatchRequest,
+        job: &Job,
         progress: &mut dyn FnMut(u32, u32),
         cancel: &CancelToken,
     ) -> Result<BatchOutput, EngineError> {
-        for step in 1..=batch.steps {
+        let steps = job.steps as u32;
+        for step in 1..=steps {
             if cancel.is_canceled() {
                 return Err(EngineError::Canceled);
             }
             std::thread::sleep(self.step);
-            progress(step, batch.steps);
+            progress(step, steps);
         }
-        let (w, h) = (batch.width as usize, batch.height as usize);
+        let (w, h) = (job.width, job.height);
         let mut images = Vec::new();
-        for (i, seed) in batch.seeds.iter().enumerate() {
-            let prompt = &batch.prompts[i / batch.images_per_prompt.max(1)];
+        for (i, seed) in job.seeds.iter().enumerate() {
+            let prompt = &job.prompts[i / job.images_per_prompt.max(1)];
             let key = blake3::hash(format!("{seed}:{prompt}").as_bytes());
             let k = key.as_bytes();
             let mut rgb = vec![0u8; w * h * 3];
@@ -411,9 +315,9 @@ impl Engine for FakeEngine {
                     rgb[p + 2] = k[2] ^ ((x + y) as u8);
                 }
             }
-            if let Some(init) = &batch.image {
-                if init.width == batch.width && init.height == batch.height {
-                    let s = batch.strength;
+            if let Some(init) = &job.image {
+                if init.width == job.width && init.height == job.height {
+                    let s = job.strength;
                     for (o, i) in rgb.iter_mut().zip(&init.rgb) {
                         *o = (f64::from(*o) * s + f64::from(*i) * (1.0 - s)).round() as u8;
                     }
@@ -422,12 +326,12 @@ impl Engine for FakeEngine {
             images.push(rgb);
         }
         let mut warnings = Vec::new();
-        if !batch.loras.is_empty() {
+        if !job.loras.is_empty() {
             warnings.push("fake engine: LoRA adapters are not applied".to_string());
         }
         Ok(BatchOutput {
             images,
-            scheduler: batch
+            scheduler: job
                 .scheduler
                 .clone()
                 .unwrap_or_else(|| "FakeScheduler".into()),

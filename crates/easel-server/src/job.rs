@@ -261,6 +261,10 @@ pub struct ResolvedParameters {
     pub strength: Option<f64>,
     /// LoRA adapters applied.
     pub loras: Vec<ResolvedLora>,
+    /// Seamless tiling (circular padding) was on. Records stored before
+    /// this field existed read as `false`.
+    #[serde(default)]
+    pub tiling: bool,
     /// Encoded format.
     #[schema(value_type = String)]
     pub output_format: OutputFormat,

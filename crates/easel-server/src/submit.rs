@@ -345,27 +345,23 @@ pub async fn prepare(
             .explicit_size()
             .map_err(|e| ApiError::from(e.with_prefix(&prefix)))?;
         // With an init image and no size, the image sets the size, rounded
-        // down to the model's size multiple, as diffusers and `easel generate` do.
+        // down to the model's size multiple: the engine's one rule, as in
+        // diffusers and `easel generate`.
         if let Some(i) = refs.0 {
             let loaded = &inputs[i].loaded;
-            for (name, slot, pixels) in [
-                ("width", &mut width, loaded.width),
-                ("height", &mut height, loaded.height),
-            ] {
-                if slot.is_none() {
-                    let v = pixels / multiple * multiple;
-                    if !(multiple..=2048).contains(&v) {
-                        return Err(ApiError::invalid(
-                            "invalid_value",
-                            field(name),
-                            format!(
-                                "the init image's {name} {pixels} rounds down to {v}, outside {multiple}..=2048; give {name} to resize it"
-                            ),
-                        ));
-                    }
-                    *slot = Some(v);
-                }
-            }
+            let (w, h) = easel_diffusion::engine::init_image_size(
+                (loaded.width as usize, loaded.height as usize),
+                (width, height),
+                multiple as usize,
+            )
+            .map_err(|e| match e {
+                easel_diffusion::Error::InvalidArgument {
+                    field: name,
+                    message,
+                } => ApiError::invalid("invalid_value", field(&name), message),
+                other => ApiError::invalid("invalid_value", field("image"), other.to_string()),
+            })?;
+            (width, height) = (Some(w as u32), Some(h as u32));
         }
         let seed = def.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
         let mut definition = def.clone();

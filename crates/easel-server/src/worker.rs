@@ -8,12 +8,14 @@
 //!    model already loaded and the oldest has not been passed over
 //!    `fair_skip_limit` times in a row;
 //! 2. mark it running (attempts + 1) and register its cancel token;
-//! 3. group its pending image definitions by model (loaded once); each
-//!    definition is one engine call of its `batchSize` images (seeds
-//!    `seed + j`), exactly what `easel generate` runs. With
-//!    `batch_definitions` on, definitions with equal engine settings (size,
-//!    steps, guidance, scheduler, batch size, LoRAs, inputs) run as one
-//!    batch instead: prompt `i` with seeds `seed_i + j` (faster, not
+//! 3. group its pending image definitions by model (loaded once, its
+//!    `ModelDefaults` returned); build each definition's engine job with
+//!    the one builder, `JobRequest::build` (`worker/plan.rs`): one engine
+//!    call of its `batchSize` images (seeds `seed + j`), exactly what
+//!    `easel generate` runs. With `batch_definitions` on, jobs with equal
+//!    settings (size, steps, guidance, scheduler, strength, batch size,
+//!    LoRAs, inputs, tiling: `Job::batches_with`) run as one batch instead
+//!    (`Job::append`): prompt `i` with seeds `seed_i + j` (faster, not
 //!    bit-exact against separate runs on the CPU);
 //! 4. encode each image, write it by hash (atomically), then record the
 //!    definition's assets and resolved parameters in one transaction;
@@ -29,13 +31,11 @@ use std::time::{Duration, Instant};
 use easel_core::{decode_image, encode_image, ImageMetadata, RgbImageRef};
 use tokio::runtime::Handle;
 
-use crate::engine::{
-    BatchRequest, CancelToken, Engine, EngineError, MaskInputBytes, ModelDefaults, RgbInput,
-};
+use easel_diffusion::pipelines::{ImageInput, MaskInput};
+
+use crate::engine::{CancelToken, Engine, EngineError, Job, ModelDefaults};
 use crate::inputs::mask_luma;
-use crate::job::{
-    InputRef, ItemResult, JobError, JobStatus, Progress, ResolvedLora, ResolvedParameters,
-};
+use crate::job::{InputRef, ItemResult, ItemSpec, JobError, JobStatus, Progress};
 use crate::jobs;
 use crate::metrics::Metrics;
 use crate::store::{AssetRow, ItemRow};
@@ -43,9 +43,11 @@ use crate::util::{new_id, now_ms};
 use crate::{AppState, JobEvent};
 
 mod handle;
+mod plan;
 mod schedule;
 
 pub use handle::WorkerShared;
+use plan::{plan, resolved};
 pub use schedule::choose;
 
 /// Start the worker thread.
@@ -113,35 +115,21 @@ impl Ctx {
     }
 }
 
-/// Engine settings that must be equal within one batch.
-#[derive(Debug, Clone, PartialEq)]
-struct BatchKey {
-    width: u32,
-    height: u32,
-    steps: u32,
-    guidance_bits: u64,
-    scheduler: Option<String>,
-    has_negative: bool,
-    batch_size: u32,
-    loras: Vec<(std::path::PathBuf, u64)>,
-    image: Option<String>,
-    mask: Option<String>,
-    strength_bits: u64,
-    tiling: bool,
-    /// The definition's index when definitions are not batched together
-    /// (`Config::batch_definitions` off).
-    alone: Option<i64>,
+/// Image definitions that run as one engine call: their rows, in order,
+/// and the job that runs them all (each definition's job, built by
+/// [`plan`], [appended](Job::append) to the first's).
+struct Batch {
+    rows: Vec<(ItemRow, Job)>,
+    job: Job,
+    defaults: ModelDefaults,
 }
 
-/// One pending definition with its defaults resolved.
-struct Planned {
-    row: ItemRow,
-    key: BatchKey,
-    steps: u32,
-    guidance: f64,
-    width: u32,
-    height: u32,
-    defaults: ModelDefaults,
+/// The decoded inputs of one model group, by asset hash (an input shared
+/// by several definitions is read and decoded once).
+#[derive(Default)]
+struct Inputs {
+    images: HashMap<String, ImageInput>,
+    masks: HashMap<String, MaskInput>,
 }
 
 fn job_error_for(e: &EngineError, item_field: &str) -> JobError {
@@ -304,14 +292,34 @@ impl Worker {
                 }
             };
             state.worker().set_loaded(self.engine.loaded());
-            // Subgroups with equal engine settings.
+            // Each definition's job, built against the model's defaults;
+            // with `batch_definitions`, jobs with equal settings run as one.
             let batch_definitions = state.config().batch_definitions;
-            let mut batches: Vec<Vec<Planned>> = Vec::new();
+            let mut inputs = Inputs::default();
+            let mut batches: Vec<Batch> = Vec::new();
             for row in rows {
-                let planned = plan(row, &defaults, batch_definitions);
-                match batches.iter_mut().find(|b| b[0].key == planned.key) {
-                    Some(batch) => batch.push(planned),
-                    None => batches.push(vec![planned]),
+                let job = match self
+                    .read_inputs(&row.spec, &mut inputs)
+                    .and_then(|(image, mask)| plan(&row.spec, image, mask, &defaults))
+                {
+                    Ok(job) => job,
+                    Err(e) => {
+                        let error = job_error_for(&e, &row.spec.field);
+                        tracing::warn!("job {id}: {}: {e}", row.spec.field);
+                        self.ctx.block(store.fail_items(id, &[row.idx], &error))?;
+                        continue;
+                    }
+                };
+                let joins = batch_definitions
+                    .then(|| batches.iter().position(|b| b.job.batches_with(&job)))
+                    .flatten();
+                match joins {
+                    Some(i) if batches[i].job.append(&job) => batches[i].rows.push((row, job)),
+                    _ => batches.push(Batch {
+                        job: job.clone(),
+                        rows: vec![(row, job)],
+                        defaults: defaults.clone(),
+                    }),
                 }
             }
             for batch in batches {
@@ -325,8 +333,8 @@ impl Worker {
                         break 'models;
                     }
                     Err(BatchFailure::Engine(e)) => {
-                        let idxs: Vec<i64> = batch.iter().map(|p| p.row.idx).collect();
-                        let error = job_error_for(&e, &batch[0].row.spec.field);
+                        let idxs: Vec<i64> = batch.rows.iter().map(|(r, _)| r.idx).collect();
+                        let error = job_error_for(&e, &batch.rows[0].0.spec.field);
                         tracing::warn!("job {id}: batch failed: {e}");
                         self.ctx.block(store.fail_items(id, &idxs, &error))?;
                     }
@@ -430,60 +438,17 @@ impl Worker {
     fn run_batch(
         &mut self,
         id: &str,
-        batch: &[Planned],
+        batch: &Batch,
         token: &CancelToken,
         images_done: u32,
         images_total: u32,
         offsets: &HashMap<i64, u32>,
     ) -> Result<u32, BatchFailure> {
-        let first = &batch[0];
-        let spec = &first.row.spec;
-        let per_prompt = spec.batch_size as usize;
-        let has_negative = first.key.has_negative;
-        let request = BatchRequest {
-            prompts: batch
-                .iter()
-                .map(|p| p.row.spec.definition.prompt.clone().unwrap_or_default())
-                .collect(),
-            negative_prompts: if has_negative {
-                batch
-                    .iter()
-                    .map(|p| {
-                        p.row
-                            .spec
-                            .definition
-                            .negative_prompt
-                            .clone()
-                            .unwrap_or_default()
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            },
-            images_per_prompt: per_prompt,
-            seeds: batch.iter().flat_map(|p| p.row.spec.seeds()).collect(),
-            steps: first.steps,
-            guidance_scale: first.guidance,
-            width: first.width,
-            height: first.height,
-            scheduler: spec.definition.scheduler.clone(),
-            image: match &spec.image {
-                Some(input) => Some(self.read_rgb(input)?),
-                None => None,
-            },
-            mask: match &spec.mask {
-                Some(input) => Some(self.read_mask(input)?),
-                None => None,
-            },
-            strength: spec
-                .definition
-                .strength
-                .unwrap_or(easel_core::request::DEFAULT_STRENGTH),
-            loras: spec.loras.clone(),
-            tiling: first.key.tiling,
-        };
+        let first = &batch.rows[0].0;
+        let request = &batch.job;
+        let steps = request.steps as u32;
         let batch_images = request.seeds.len() as u32;
-        let first_image = offsets.get(&first.row.idx).copied().unwrap_or(0);
+        let first_image = offsets.get(&first.idx).copied().unwrap_or(0);
         let base = Progress {
             stage: "denoising".into(),
             images_done,
@@ -491,7 +456,7 @@ impl Worker {
             first_image,
             batch_images,
             step: 0,
-            steps: first.steps,
+            steps,
         };
         self.ctx.progress(id, base.clone(), true);
         let state = self.ctx.state.clone();
@@ -504,7 +469,6 @@ impl Worker {
             .is_some_and(|g| {
                 g.webhook_url.is_some() && g.webhook_events.iter().any(|e| e == "progress")
             });
-        let model = spec.model.clone();
         let ctx = &self.ctx;
         let mut on_step = |step: u32, total: u32| {
             let p = Progress {
@@ -518,7 +482,7 @@ impl Worker {
                 ctx.webhook(id, "progress");
             }
         };
-        let output = self.engine.run(&model, &request, &mut on_step, token);
+        let output = self.engine.run(request, &mut on_step, token);
         Metrics::inc(&state.metrics().batches);
         let output = match output {
             Ok(o) => o,
@@ -536,7 +500,7 @@ impl Worker {
             id,
             Progress {
                 stage: "saving".into(),
-                step: first.steps,
+                step: steps,
                 ..base.clone()
             },
             true,
@@ -545,8 +509,9 @@ impl Worker {
         // Encode and store each definition's images, then record them.
         let mut made = 0;
         let mut images = output.images.iter();
-        for planned in batch {
-            let spec = &planned.row.spec;
+        for (row, job) in &batch.rows {
+            let spec = &row.spec;
+            let (width, height) = (job.width as u32, job.height as u32);
             let format = spec.output_format();
             let quality = spec.output_quality();
             let mut assets = Vec::new();
@@ -557,13 +522,13 @@ impl Worker {
                 let metadata = ImageMetadata {
                     prompt: spec.definition.prompt.clone().unwrap_or_default(),
                     negative_prompt: spec.definition.negative_prompt.clone(),
-                    steps: planned.steps,
+                    steps,
                     scheduler: output.scheduler.clone(),
                     sigma_schedule: output.sigma_schedule.clone(),
-                    guidance_scale: planned.guidance,
+                    guidance_scale: job.guidance_scale,
                     seed,
-                    width: planned.width,
-                    height: planned.height,
+                    width,
+                    height,
                     model: spec.model.reference.clone(),
                     extra: [
                         ("easel".to_string(), env!("CARGO_PKG_VERSION").to_string()),
@@ -571,7 +536,7 @@ impl Worker {
                     ]
                     .into(),
                 };
-                let image = RgbImageRef::new(planned.width, planned.height, pixels)
+                let image = RgbImageRef::new(width, height, pixels)
                     .map_err(|e| BatchFailure::Engine(EngineError::Failed(e.to_string())))?;
                 let bytes = encode_image(&image, format, quality, &metadata)
                     .map_err(|e| BatchFailure::Engine(EngineError::Failed(e.to_string())))?;
@@ -590,22 +555,22 @@ impl Worker {
                     file_name: format!(
                         "easel-{}-{}-{j}-{seed}.{}",
                         &id[..8],
-                        planned.row.idx,
+                        row.idx,
                         format.extension()
                     ),
                     file_size: stored.size as i64,
                     file_type: format.mime_type().into(),
-                    width: Some(i64::from(planned.width)),
-                    height: Some(i64::from(planned.height)),
+                    width: Some(i64::from(width)),
+                    height: Some(i64::from(height)),
                     seed: Some(seed),
                     generation_id: Some(id.into()),
-                    item_idx: Some(planned.row.idx),
+                    item_idx: Some(row.idx),
                     image_idx: Some(j as i64),
                     created_at: now_ms(),
                 });
             }
             let result = ItemResult {
-                parameters: resolved(planned, &output.scheduler),
+                parameters: resolved(spec, job, &batch.defaults, &output.scheduler),
                 warnings: output.warnings.clone(),
             };
             let key_id = self
@@ -618,11 +583,7 @@ impl Worker {
                 a.key_id = key_id.clone();
             }
             self.ctx
-                .block(
-                    state
-                        .store()
-                        .complete_item(id, planned.row.idx, &assets, &result),
-                )
+                .block(state.store().complete_item(id, row.idx, &assets, &result))
                 .map_err(BatchFailure::Store)?;
             made += assets.len() as u32;
             for _ in &assets {
@@ -632,40 +593,58 @@ impl Worker {
         Ok(made)
     }
 
-    fn read_input(&self, input: &InputRef) -> Result<easel_core::DecodedImage, BatchFailure> {
+    fn read_input(&self, input: &InputRef) -> Result<easel_core::DecodedImage, EngineError> {
         let path = self
             .ctx
             .state
             .assets()
             .path(&input.hash, &input.extension)
-            .ok_or_else(|| BatchFailure::Engine(EngineError::Failed("bad input hash".into())))?;
-        let bytes = std::fs::read(&path).map_err(|e| {
-            BatchFailure::Engine(EngineError::Failed(format!(
-                "reading input {}: {e}",
-                path.display()
-            )))
-        })?;
-        decode_image(&bytes).map_err(|e| BatchFailure::Engine(EngineError::Failed(e.to_string())))
+            .ok_or_else(|| EngineError::Failed("bad input hash".into()))?;
+        let bytes = std::fs::read(&path)
+            .map_err(|e| EngineError::Failed(format!("reading input {}: {e}", path.display())))?;
+        decode_image(&bytes).map_err(|e| EngineError::Failed(e.to_string()))
     }
 
-    fn read_rgb(&self, input: &InputRef) -> Result<RgbInput, BatchFailure> {
-        let decoded = self.read_input(input)?;
-        let (width, height) = (decoded.width, decoded.height);
-        Ok(RgbInput {
-            width,
-            height,
-            rgb: decoded.into_rgb8(),
-        })
-    }
-
-    fn read_mask(&self, input: &InputRef) -> Result<MaskInputBytes, BatchFailure> {
-        let decoded = self.read_input(input)?;
-        let (width, height) = (decoded.width, decoded.height);
-        Ok(MaskInputBytes {
-            width,
-            height,
-            luma: mask_luma(decoded),
-        })
+    /// The decoded init image and mask of `spec`, from `inputs` or read
+    /// into it.
+    fn read_inputs(
+        &self,
+        spec: &ItemSpec,
+        inputs: &mut Inputs,
+    ) -> Result<(Option<ImageInput>, Option<MaskInput>), EngineError> {
+        let image = match &spec.image {
+            Some(input) => Some(match inputs.images.get(&input.hash) {
+                Some(image) => image.clone(),
+                None => {
+                    let decoded = self.read_input(input)?;
+                    let image = ImageInput {
+                        width: decoded.width as usize,
+                        height: decoded.height as usize,
+                        rgb: decoded.into_rgb8(),
+                    };
+                    inputs.images.insert(input.hash.clone(), image.clone());
+                    image
+                }
+            }),
+            None => None,
+        };
+        let mask = match &spec.mask {
+            Some(input) => Some(match inputs.masks.get(&input.hash) {
+                Some(mask) => mask.clone(),
+                None => {
+                    let decoded = self.read_input(input)?;
+                    let mask = MaskInput {
+                        width: decoded.width as usize,
+                        height: decoded.height as usize,
+                        luma: mask_luma(decoded),
+                    };
+                    inputs.masks.insert(input.hash.clone(), mask.clone());
+                    mask
+                }
+            }),
+            None => None,
+        };
+        Ok((image, mask))
     }
 }
 
@@ -678,77 +657,5 @@ enum BatchFailure {
 impl From<sqlx::Error> for BatchFailure {
     fn from(e: sqlx::Error) -> Self {
         BatchFailure::Store(e)
-    }
-}
-
-fn plan(row: ItemRow, defaults: &ModelDefaults, batch_definitions: bool) -> Planned {
-    let spec = &row.spec;
-    let d = &spec.definition;
-    let steps = d.steps.unwrap_or(defaults.steps);
-    let guidance = d.guidance_scale.unwrap_or(defaults.guidance_scale);
-    let width = spec.width.unwrap_or(defaults.width);
-    let height = spec.height.unwrap_or(defaults.height);
-    let key = BatchKey {
-        width,
-        height,
-        steps,
-        guidance_bits: guidance.to_bits(),
-        scheduler: d.scheduler.clone(),
-        has_negative: d.negative_prompt.is_some(),
-        batch_size: spec.batch_size,
-        loras: spec
-            .loras
-            .iter()
-            .map(|l| (l.path.clone(), l.scale.to_bits()))
-            .collect(),
-        image: spec.image.as_ref().map(|i| i.hash.clone()),
-        mask: spec.mask.as_ref().map(|i| i.hash.clone()),
-        strength_bits: d.strength.unwrap_or(-1.0).to_bits(),
-        tiling: d.tiling.unwrap_or(false),
-        alone: (!batch_definitions).then_some(row.idx),
-    };
-    Planned {
-        row,
-        key,
-        steps,
-        guidance,
-        width,
-        height,
-        defaults: defaults.clone(),
-    }
-}
-
-fn resolved(planned: &Planned, scheduler: &str) -> ResolvedParameters {
-    let spec = &planned.row.spec;
-    let d = &spec.definition;
-    ResolvedParameters {
-        prompt: d.prompt.clone().unwrap_or_default(),
-        negative_prompt: d.negative_prompt.clone(),
-        base_model: spec.model.reference.clone(),
-        pipeline: planned.defaults.pipeline.clone(),
-        steps: planned.steps,
-        guidance_scale: planned.guidance,
-        width: planned.width,
-        height: planned.height,
-        scheduler: scheduler.to_string(),
-        seed: spec.seed,
-        seeds: spec.seeds(),
-        batch_size: spec.batch_size,
-        strength: spec
-            .image
-            .as_ref()
-            .map(|_| d.strength.unwrap_or(easel_core::request::DEFAULT_STRENGTH)),
-        loras: spec
-            .loras
-            .iter()
-            .map(|l| ResolvedLora {
-                source: l.source.clone(),
-                scale: l.scale,
-            })
-            .collect(),
-        output_format: spec.output_format(),
-        output_quality: spec.output_quality(),
-        precision: d.precision.unwrap_or(easel_core::params::DEFAULT_PRECISION),
-        compute_precision: "fp32".into(),
     }
 }

@@ -3531,3 +3531,56 @@ async fn canceled_jobs_are_counted_once_whoever_finished_them() {
         assert!(text.contains(line), "{line} not in\n{text}");
     }
 }
+
+// ---- issue 13: the worker builds its jobs with the engine's one builder ------
+
+/// The worker resolves each definition with the engine's builder: the
+/// resolved parameters record `tiling` and the image-to-image strength
+/// (the family's default), and an init image without a size sets it,
+/// rounded down to the size multiple by the engine's one rule (the same
+/// refusal, naming the field, when it rounds down to nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_records_what_the_engines_builder_resolved() {
+    let server = TestServer::fake().await;
+    let (status, job) = server
+        .post(
+            "/v1/generations",
+            json!({
+                "baseModel": tiny_sd15(), "steps": 2,
+                "images": [
+                    {"prompt": "a tile", "seed": 3, "tiling": true},
+                    {"prompt": "a cat", "seed": 4, "image": png_data_uri(70, 41)}
+                ]
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let job = server.wait_done(job["id"].as_str().unwrap(), 30).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let tiled = &job["images"][0]["parameters"];
+    assert_eq!(tiled["tiling"], true, "{job}");
+    assert_eq!(tiled["strength"], Value::Null, "{job}");
+    assert_eq!(
+        (tiled["width"].as_u64(), tiled["height"].as_u64()),
+        (Some(64), Some(64))
+    );
+    let img2img = &job["images"][1]["parameters"];
+    assert_eq!(img2img["tiling"], false, "{job}");
+    assert_eq!(img2img["strength"], 0.8, "{job}");
+    assert_eq!(
+        (img2img["width"].as_u64(), img2img["height"].as_u64()),
+        (Some(64), Some(40)),
+        "{job}"
+    );
+
+    let (status, e) = server
+        .post(
+            "/v1/generations",
+            json!({"baseModel": tiny_sd15(), "images": [{"prompt": "a", "image": png_data_uri(64, 7)}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    assert_eq!(e["error"]["field"], "images[0].height", "{e}");
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(message.contains("allowed: 8 to 2048"), "{message}");
+}

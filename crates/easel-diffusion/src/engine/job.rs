@@ -8,7 +8,9 @@ use easel_core::GenerationParams;
 
 use crate::error::{Error, Result};
 use crate::lora::LoraSpec;
-use crate::pipelines::{GenerationRequest, ImageInput, MaskInput, StageTimings};
+use crate::pipelines::{
+    check_inputs_for_family, GenerationRequest, ImageInput, MaskInput, StageTimings, TaskKind,
+};
 
 use super::ModelDefaults;
 
@@ -46,28 +48,6 @@ pub struct JobRequest {
     pub max_sequence_length: Option<usize>,
     /// Seamless tiling (circular padding), default off.
     pub tiling: bool,
-}
-
-/// What a job does, by its inputs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Task {
-    /// No init image.
-    TextToImage,
-    /// An init image, no mask.
-    ImageToImage,
-    /// An init image and a mask.
-    Inpainting,
-}
-
-impl Task {
-    /// `text-to-image`, `image-to-image` or `inpainting`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Task::TextToImage => "text-to-image",
-            Task::ImageToImage => "image-to-image",
-            Task::Inpainting => "inpainting",
-        }
-    }
 }
 
 /// A fully resolved job: nothing left to a default. Built by
@@ -111,12 +91,48 @@ pub struct Job {
 
 impl Job {
     /// What the job does, by its inputs.
-    pub fn task(&self) -> Task {
-        match (&self.image, &self.mask) {
-            (None, _) => Task::TextToImage,
-            (Some(_), None) => Task::ImageToImage,
-            (Some(_), Some(_)) => Task::Inpainting,
+    pub fn task(&self) -> TaskKind {
+        TaskKind::from_inputs(self.image.is_some(), self.mask.is_some())
+    }
+
+    /// Whether `other` can run in the same engine call as this job: equal
+    /// in everything but its prompts, negative prompts and seeds (model,
+    /// images per prompt, steps, guidance, size, scheduler, inputs,
+    /// strength, LoRAs, sequence length, tiling), and both without negative
+    /// prompts or both with one per prompt.
+    pub fn batches_with(&self, other: &Job) -> bool {
+        let per_prompt =
+            |j: &Job| j.negative_prompts.is_empty() || j.negative_prompts.len() == j.prompts.len();
+        per_prompt(self)
+            && per_prompt(other)
+            && self.negative_prompts.is_empty() == other.negative_prompts.is_empty()
+            && self.model == other.model
+            && self.images_per_prompt == other.images_per_prompt
+            && self.steps == other.steps
+            && self.guidance_scale.to_bits() == other.guidance_scale.to_bits()
+            && (self.width, self.height) == (other.width, other.height)
+            && self.scheduler == other.scheduler
+            && self.strength.to_bits() == other.strength.to_bits()
+            && self.loras == other.loras
+            && self.max_sequence_length == other.max_sequence_length
+            && self.tiling == other.tiling
+            && self.image == other.image
+            && self.mask == other.mask
+    }
+
+    /// Append `other`'s prompts, negative prompts and seeds to this job, so
+    /// that one engine call runs both (prompt `i` with its own seeds, in
+    /// order), when it [batches with](Self::batches_with) this job.
+    /// Returns whether it did; this job is unchanged when not.
+    pub fn append(&mut self, other: &Job) -> bool {
+        if !self.batches_with(other) {
+            return false;
         }
+        self.prompts.extend(other.prompts.iter().cloned());
+        self.negative_prompts
+            .extend(other.negative_prompts.iter().cloned());
+        self.seeds.extend(other.seeds.iter().copied());
+        true
     }
 
     /// The pipeline request of this job.
@@ -154,6 +170,48 @@ fn random_seed() -> u64 {
     h.finish()
 }
 
+/// The size an init image of `image` (width, height) pixels sets where the
+/// request gives none (`given` width / height): each side rounded down to
+/// the model's size `multiple` (16 for FLUX), as diffusers' image processor
+/// does; a given side is returned as given (its range is checked with the
+/// request). The one rule for `easel generate`, `easel flow run` and the
+/// server's submit step.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming `width` or `height` when a side that
+/// is not given rounds down outside `multiple..=2048`.
+pub fn init_image_size(
+    image: (usize, usize),
+    given: (Option<u32>, Option<u32>),
+    multiple: usize,
+) -> Result<(usize, usize)> {
+    let f = multiple.max(1);
+    let mut size = [0usize; 2];
+    for (slot, (field, pixels, given)) in size
+        .iter_mut()
+        .zip([("width", image.0, given.0), ("height", image.1, given.1)])
+    {
+        *slot = match given {
+            Some(v) => v as usize,
+            None => {
+                let v = pixels / f * f;
+                if !(f..=SIZE_MAX).contains(&v) {
+                    return Err(Error::invalid(
+                        field,
+                        format!(
+                            "{v} (the init image is {}x{}, rounded down to a multiple of {f}) \
+                             is out of range (allowed: {f} to {SIZE_MAX}); give {field} to resize it",
+                            image.0, image.1
+                        ),
+                    ));
+                }
+                v
+            }
+        };
+    }
+    Ok((size[0], size[1]))
+}
+
 impl JobRequest {
     /// A request for `model` with `params` and nothing else.
     pub fn new(model: impl Into<String>, params: GenerationParams) -> Self {
@@ -177,24 +235,23 @@ impl JobRequest {
     /// # Errors
     /// [`Error::InvalidArgument`] naming the field: `strength` without an
     /// image, out of 0..=1, or so small that `floor(steps x strength)` runs
-    /// no denoising step; `mask` without an image; a `width` / `height`
+    /// no denoising step; an `image` / `mask` the model's family does not
+    /// take ([`check_inputs_for_family`]: a mask without an image, a mask
+    /// for FLUX.1 schnell / dev, FLUX.1 Fill without both); a `width` / `height`
     /// taken from the init image outside the allowed range; a batch size
     /// of 0.
     pub fn build(&self, defaults: &ModelDefaults) -> Result<Job> {
         let p = &self.params;
-        if self.image.is_none() {
-            if self.strength.is_some() {
-                return Err(Error::invalid(
-                    "strength",
-                    "applies to image-to-image and inpainting; give an image too",
-                ));
-            }
-            if self.mask.is_some() {
-                return Err(Error::invalid(
-                    "mask",
-                    "a mask needs an init image to repaint: give an image too",
-                ));
-            }
+        check_inputs_for_family(
+            Some(defaults.family),
+            self.image.is_some(),
+            self.mask.is_some(),
+        )?;
+        if self.image.is_none() && self.strength.is_some() {
+            return Err(Error::invalid(
+                "strength",
+                "applies to image-to-image and inpainting; give an image too",
+            ));
         }
         let strength = self.strength.unwrap_or(defaults.strength);
         if !strength.is_finite() || !(0.0..=1.0).contains(&strength) {
@@ -204,26 +261,11 @@ impl JobRequest {
             ));
         }
         let (native_w, native_h) = match &self.image {
-            // The init image sets the size, rounded down to the model's size
-            // multiple (16 for FLUX), as diffusers does.
-            Some(image) => {
-                let f = defaults.size_multiple;
-                let size = (image.width / f * f, image.height / f * f);
-                for (field, v, given) in [("width", size.0, p.width), ("height", size.1, p.height)]
-                {
-                    if given.is_none() && !(f..=SIZE_MAX).contains(&v) {
-                        return Err(Error::invalid(
-                            field,
-                            format!(
-                                "{v} (the init image is {}x{}, rounded down to a multiple of {f}) \
-                                 is out of range (allowed: {f} to {SIZE_MAX}); give {field} to resize it",
-                                image.width, image.height
-                            ),
-                        ));
-                    }
-                }
-                size
-            }
+            Some(image) => init_image_size(
+                (image.width, image.height),
+                (p.width, p.height),
+                defaults.size_multiple,
+            )?,
             None => (defaults.width, defaults.height),
         };
         let width = p.width.map_or(native_w, |w| w as usize);
@@ -296,7 +338,7 @@ pub struct ResolvedParams {
     /// Image-to-image strength; `None` without an init image.
     pub strength: Option<f64>,
     /// What the job did.
-    pub task: Task,
+    pub task: TaskKind,
     /// The LoRA adapters merged.
     pub loras: Vec<ResolvedLora>,
     /// Seamless tiling.
@@ -358,7 +400,7 @@ mod tests {
         // Seeds wrap, image i uses seed + i.
         assert_eq!(job.seeds, [u64::MAX, 0]);
         assert_eq!(job.images_per_prompt, 2);
-        assert_eq!(job.task(), Task::TextToImage);
+        assert_eq!(job.task(), TaskKind::TextToImage);
         assert!(!job.generation_request().tiling);
     }
 
@@ -372,7 +414,7 @@ mod tests {
         let job = request.build(&sd15()).unwrap();
         assert_eq!((job.width, job.height), (64, 40));
         assert_eq!(job.strength, 0.8);
-        assert_eq!(job.task(), Task::ImageToImage);
+        assert_eq!(job.task(), TaskKind::ImageToImage);
         assert!(job.generation_request().tiling);
         // Too small once rounded down: named, with the fix.
         let request = JobRequest {
@@ -384,6 +426,88 @@ mod tests {
             e.contains("height") && e.contains("allowed: 8 to 2048"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_family_decides_which_inputs_a_job_takes() {
+        let mask = || MaskInput {
+            width: 64,
+            height: 64,
+            luma: vec![255; 64 * 64],
+        };
+        let field_of = |defaults: &ModelDefaults, image: bool, mask_too: bool| {
+            let request = JobRequest {
+                image: image.then(image_64),
+                mask: mask_too.then(mask),
+                ..JobRequest::new("m", GenerationParams::new("x"))
+            };
+            match request.build(defaults) {
+                Ok(job) => job.task().as_str().to_string(),
+                Err(Error::InvalidArgument { field, .. }) => format!("refused {field}"),
+                Err(e) => panic!("unexpected error {e}"),
+            }
+        };
+        let flux_fill = ModelDefaults {
+            family: ModelFamily::FluxFill,
+            strength: 1.0,
+            size_multiple: 16,
+            ..sd15()
+        };
+        let flux = ModelDefaults {
+            family: ModelFamily::Flux,
+            ..flux_fill.clone()
+        };
+        assert_eq!(field_of(&sd15(), false, true), "refused mask");
+        assert_eq!(field_of(&sd15(), true, true), "inpainting");
+        assert_eq!(field_of(&flux, true, true), "refused mask");
+        assert_eq!(field_of(&flux_fill, true, false), "refused mask");
+        assert_eq!(field_of(&flux_fill, false, false), "refused image");
+        assert_eq!(field_of(&flux_fill, true, true), "inpainting");
+        // FLUX.1 Fill's default strength is the family's 1.0.
+        let job = JobRequest {
+            image: Some(image_64()),
+            mask: Some(mask()),
+            ..JobRequest::new("m", GenerationParams::new("x"))
+        }
+        .build(&flux_fill)
+        .unwrap();
+        assert_eq!(job.strength, 1.0);
+    }
+
+    fn image_64() -> ImageInput {
+        image(64, 64)
+    }
+
+    #[test]
+    fn jobs_with_equal_settings_append_into_one_call() {
+        let build = |prompt: &str, seed: u64, negative: Option<&str>, steps: u32| {
+            JobRequest::new(
+                "m",
+                GenerationParams {
+                    seed: Some(seed),
+                    batch_size: Some(2),
+                    steps: Some(steps),
+                    negative_prompt: negative.map(str::to_string),
+                    ..GenerationParams::new(prompt)
+                },
+            )
+            .build(&sd15())
+            .unwrap()
+        };
+        let mut job = build("a", 10, Some("blur"), 5);
+        assert!(job.append(&build("b", 20, Some("dark"), 5)));
+        assert_eq!(job.prompts, ["a", "b"]);
+        assert_eq!(job.negative_prompts, ["blur", "dark"]);
+        assert_eq!(job.seeds, [10, 11, 20, 21]);
+        assert_eq!(job.images_per_prompt, 2);
+        // Other settings, or one with a negative prompt and one without:
+        // refused, the job unchanged.
+        assert!(!job.append(&build("c", 30, Some("x"), 6)));
+        assert!(!job.append(&build("c", 30, None, 5)));
+        assert_eq!(job.seeds.len(), 4);
+        let mut plain = build("a", 1, None, 5);
+        assert!(plain.append(&build("b", 2, None, 5)));
+        assert!(plain.negative_prompts.is_empty());
     }
 
     #[test]

@@ -19,18 +19,18 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 
+pub use crate::pipelines::TaskKind;
 pub use cache::{CachedModel, ModelCache};
-pub use job::{Job, JobOutput, JobRequest, ResolvedLora, ResolvedParams, Task};
+pub use job::{init_image_size, Job, JobOutput, JobRequest, ResolvedLora, ResolvedParams};
 pub use memory::estimate_model_bytes;
 
 use crate::error::{Error, Result};
 use crate::loader::{resolve_model, ModelDir, ModelFamily, ResolveOptions};
-use crate::models::flux_transformer::FluxTransformer2DConfig;
-use crate::models::read_config;
-use crate::models::unet_2d_condition::UNet2DConditionConfig;
 use crate::noise::PerImageGenerators;
 use crate::output::images_to_rgb8;
-use crate::pipelines::{load_pipeline, CancelToken, Pipeline, Progress, RunContext};
+use crate::pipelines::{
+    load_pipeline, CancelToken, DiffusionPipeline, Pipeline, Progress, RunContext,
+};
 
 /// How an [`Engine`] finds and keeps models.
 #[derive(Debug, Clone)]
@@ -83,45 +83,25 @@ pub struct ModelDefaults {
 }
 
 impl ModelDefaults {
-    /// The defaults of a loaded pipeline of `model`: the family's facts
-    /// (`pipeline.family()`), and where they differ between the family's
-    /// models, the model's configs: a UNet's `sample_size` (native size),
-    /// a FLUX transformer's `guidance_embeds` (schnell or dev).
-    ///
-    /// # Errors
-    /// A UNet or transformer config that cannot be read (the load read it
-    /// before, so only a folder changed in between).
-    pub fn of(pipeline: &Pipeline, model: &ModelDir) -> Result<Self> {
+    /// The defaults of a loaded pipeline, as the pipeline answers them
+    /// ([`DiffusionPipeline::default_size`], `default_steps`,
+    /// `default_guidance_scale`, `size_multiple`, `default_scheduler`) and
+    /// its family's default strength
+    /// ([`ModelFamily::default_strength`]): one source for each default.
+    pub fn of(pipeline: &dyn DiffusionPipeline) -> Self {
         let family = pipeline.family();
-        let vae_scale_factor = pipeline.vae_scale_factor();
-        let sample = if family.sample_size_in_config() {
-            let config = UNet2DConditionConfig::from_file(
-                &model.component_dir("unet")?.join("config.json"),
-            )?;
-            config.sample_size()
-        } else {
-            None
-        };
-        let (h, w) = sample.unwrap_or((family.default_sample_size(), family.default_sample_size()));
-        let guidance_embeds = match model.component("transformer") {
-            Some(_) => {
-                let config: FluxTransformer2DConfig =
-                    read_config(&model.component_dir("transformer")?.join("config.json"))?;
-                config.guidance_embeds
-            }
-            None => false,
-        };
-        Ok(Self {
+        let (width, height) = pipeline.default_size();
+        Self {
             pipeline: pipeline.class_name().to_string(),
             family,
-            width: w * vae_scale_factor,
-            height: h * vae_scale_factor,
-            steps: family.default_steps_for(guidance_embeds),
-            guidance_scale: family.default_guidance_scale_for(guidance_embeds),
+            width,
+            height,
+            steps: pipeline.default_steps(),
+            guidance_scale: pipeline.default_guidance_scale(),
             strength: family.default_strength(),
             scheduler: pipeline.default_scheduler(),
-            size_multiple: family.latent_packing() * vae_scale_factor,
-        })
+            size_multiple: pipeline.size_multiple(),
+        }
     }
 }
 
@@ -235,7 +215,7 @@ impl Engine {
             load_time.as_secs_f64(),
             bytes >> 20
         );
-        let defaults = ModelDefaults::of(&pipeline, &dir)?;
+        let defaults = ModelDefaults::of(pipeline.as_ref());
         self.cache.insert(
             reference.to_string(),
             LoadedModel {
@@ -375,7 +355,7 @@ mod tests {
         assert_eq!((p.width, p.height, p.steps), (32, 16, 2));
         assert_eq!(p.scheduler, "EulerDiscreteScheduler");
         assert_eq!(p.pipeline, "StableDiffusionPipeline");
-        assert_eq!(p.task, Task::TextToImage);
+        assert_eq!(p.task, TaskKind::TextToImage);
 
         // A canceled token stops the job before any step.
         let canceled = CancelToken::new();

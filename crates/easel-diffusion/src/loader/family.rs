@@ -219,13 +219,6 @@ impl ModelFamily {
         }
     }
 
-    /// Whether a model's denoiser config can set its native size
-    /// (`sample_size` of a Stable Diffusion UNet); FLUX always uses
-    /// [`Self::default_sample_size`].
-    pub fn sample_size_in_config(self) -> bool {
-        !self.is_flux()
-    }
-
     /// The default image-to-image / inpainting strength: 1.0 (the whole
     /// schedule) for FLUX.1 Fill, else 0.8 ([`DEFAULT_STRENGTH`]),
     /// as diffusers' pipelines.

@@ -60,7 +60,7 @@ pub use stages::{
     decode_to_images, denoise, denoise_from, prepare_scheduler, repeat_interleave_batch,
     tokenize_clip,
 };
-pub use task::{check_inputs_for_family, Task};
+pub use task::{check_inputs_for_family, Task, TaskKind};
 
 /// A loaded pipeline of any supported class, as [`load_pipeline`] returns
 /// it: ask it through [`DiffusionPipeline`].

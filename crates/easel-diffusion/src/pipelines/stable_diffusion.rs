@@ -162,7 +162,12 @@ impl DiffusionPipeline for StableDiffusionPipeline {
     /// Native `(width, height)`: UNet `sample_size` × VAE scale factor.
     fn default_size(&self) -> (usize, usize) {
         let f = self.vae_scale_factor();
-        let (h, w) = self.unet.config().sample_size().unwrap_or((64, 64));
+        let fallback = self.family().default_sample_size();
+        let (h, w) = self
+            .unet
+            .config()
+            .sample_size()
+            .unwrap_or((fallback, fallback));
         (w * f, h * f)
     }
 

@@ -203,7 +203,12 @@ impl DiffusionPipeline for StableDiffusionXLPipeline {
     /// Native `(width, height)`: UNet `sample_size` × VAE scale factor (1024² for SDXL base).
     fn default_size(&self) -> (usize, usize) {
         let f = self.vae_scale_factor();
-        let (h, w) = self.unet.config().sample_size().unwrap_or((128, 128));
+        let fallback = self.family().default_sample_size();
+        let (h, w) = self
+            .unet
+            .config()
+            .sample_size()
+            .unwrap_or((fallback, fallback));
         (w * f, h * f)
     }
 

@@ -21,7 +21,50 @@ pub enum Task<'a> {
     Inpaint(&'a ImageInput, &'a MaskInput),
 }
 
+/// What a request does, as a tag without its inputs: the kind of a
+/// [`Task`] ([`Task::kind`]), reported with a job's resolved parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskKind {
+    /// No init image.
+    TextToImage,
+    /// An init image, no mask.
+    ImageToImage,
+    /// An init image and a mask.
+    Inpainting,
+}
+
+impl TaskKind {
+    /// The kind of a request with (`has_image`) an init image and
+    /// (`has_mask`) a mask; a mask without an image (refused by
+    /// [`check_inputs_for_family`]) counts as text-to-image.
+    pub fn from_inputs(has_image: bool, has_mask: bool) -> Self {
+        match (has_image, has_mask) {
+            (false, _) => TaskKind::TextToImage,
+            (true, false) => TaskKind::ImageToImage,
+            (true, true) => TaskKind::Inpainting,
+        }
+    }
+
+    /// `text-to-image`, `image-to-image` or `inpainting`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::TextToImage => "text-to-image",
+            TaskKind::ImageToImage => "image-to-image",
+            TaskKind::Inpainting => "inpainting",
+        }
+    }
+}
+
 impl<'a> Task<'a> {
+    /// The task's kind, without its inputs.
+    pub fn kind(&self) -> TaskKind {
+        match self {
+            Task::TextToImage => TaskKind::TextToImage,
+            Task::ImageToImage(_) => TaskKind::ImageToImage,
+            Task::Inpaint(..) => TaskKind::Inpainting,
+        }
+    }
+
     /// The task of `request` for a model of `family`, after
     /// [`check_inputs_for_family`].
     ///
@@ -147,6 +190,22 @@ mod tests {
         // mask-without-image rule applies.
         assert!(check_inputs_for_family(None, true, true).is_ok());
         assert!(check_inputs_for_family(None, false, true).is_err());
+    }
+
+    #[test]
+    fn a_task_and_its_inputs_have_the_same_kind() {
+        for (image, mask, kind) in [
+            (false, false, TaskKind::TextToImage),
+            (true, false, TaskKind::ImageToImage),
+            (true, true, TaskKind::Inpainting),
+        ] {
+            let r = request(image, mask);
+            let task = Task::of(ModelFamily::StableDiffusion, &r).unwrap();
+            assert_eq!(task.kind(), kind);
+            assert_eq!(TaskKind::from_inputs(image, mask), kind);
+        }
+        assert_eq!(TaskKind::Inpainting.as_str(), "inpainting");
+        assert_eq!(TaskKind::ImageToImage.as_str(), "image-to-image");
     }
 
     #[test]
