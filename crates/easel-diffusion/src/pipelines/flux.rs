@@ -43,13 +43,8 @@ use crate::schedulers::common::np_linspace;
 use crate::schedulers::{build_scheduler, FlowMatchConfig, Scheduler, TimestepsRequest};
 use crate::tokenizer::{ClipTokenizer, T5Tokenizer};
 
-/// diffusers' `default_sample_size` for FLUX: the default size is 128 latent
-/// pixels × the VAE scale factor (1024 × 1024).
-pub const DEFAULT_SAMPLE_SIZE: usize = 128;
 /// The largest `max_sequence_length` FLUX accepts (diffusers' check).
 pub const MAX_SEQUENCE_LENGTH: usize = 512;
-/// Width and height are multiples of this: the VAE factor 8 × the 2x2 packing.
-pub const FLUX_SIZE_MULTIPLE: usize = 16;
 
 /// Pack latents `(batch, channels, h, w)` into tokens of 2x2 patches,
 /// `(batch, h/2 · w/2, channels · 4)` (diffusers' `_pack_latents`).
@@ -95,17 +90,6 @@ pub fn latent_image_ids(rows: usize, cols: usize, device: &Device) -> Result<Ten
         .flat_map(|r| (0..cols).flat_map(move |c| [0.0, r as f32, c as f32]))
         .collect();
     Ok(Tensor::from_vec(data, (rows * cols, 3), device)?)
-}
-
-/// Round a width or height to the nearest multiple of 16 (at least 16), as
-/// FLUX needs; `None` when it already is one. Hosted FLUX APIs round this way
-/// instead of refusing (diffusers rounds down with a warning).
-pub fn round_to_flux_size(v: usize) -> Option<usize> {
-    let m = FLUX_SIZE_MULTIPLE;
-    if v % m == 0 && v > 0 {
-        return None;
-    }
-    Some(((v + m / 2) / m * m).max(m))
 }
 
 /// The components every FLUX.1 pipeline has, and the stages they share.
@@ -247,7 +231,7 @@ impl FluxComponents {
     }
 
     pub(super) fn default_size(&self) -> (usize, usize) {
-        let s = DEFAULT_SAMPLE_SIZE * self.vae_scale_factor();
+        let s = self.family.default_sample_size() * self.vae_scale_factor();
         (s, s)
     }
 
@@ -693,15 +677,5 @@ mod tests {
         assert_eq!(ids[0], vec![0., 0., 0.]);
         assert_eq!(ids[4], vec![0., 1., 1.]);
         assert_eq!(ids.len(), 6);
-    }
-
-    #[test]
-    fn sizes_round_to_the_nearest_multiple_of_16() {
-        assert_eq!(round_to_flux_size(1024), None);
-        assert_eq!(round_to_flux_size(1000), Some(1008));
-        assert_eq!(round_to_flux_size(1001), Some(1008));
-        assert_eq!(round_to_flux_size(999), Some(992));
-        assert_eq!(round_to_flux_size(8), Some(16));
-        assert_eq!(round_to_flux_size(0), Some(16));
     }
 }
