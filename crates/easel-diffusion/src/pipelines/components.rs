@@ -9,6 +9,7 @@ use candle_core::{DType, Device};
 use crate::error::Result;
 use crate::loader::{ModelDir, ModelFamily};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+use crate::models::unet_2d_condition::UNet2DConditionConfig;
 use crate::models::weights::{RandomSource, SafetensorsSource, TensorSource, Weights};
 
 /// Open a component's weights in their stored dtype: its safetensors files
@@ -54,4 +55,18 @@ pub fn load_vae(model: &ModelDir, device: &Device, with_encoder: bool) -> Result
         &config,
         with_encoder,
     )
+}
+
+/// A UNet model's native `(width, height)` in pixels: its config's
+/// `sample_size` (latent pixels; the family's default where the config has
+/// none) times the VAE scale factor, as diffusers' Stable Diffusion
+/// pipelines default `height` / `width`.
+pub(super) fn unet_native_size(
+    unet: &UNet2DConditionConfig,
+    vae_scale_factor: usize,
+    family: ModelFamily,
+) -> (usize, usize) {
+    let fallback = family.default_sample_size();
+    let (h, w) = unet.sample_size().unwrap_or((fallback, fallback));
+    (w * vae_scale_factor, h * vae_scale_factor)
 }

@@ -110,7 +110,7 @@ pub(super) struct FluxComponents {
     pub(super) device: Device,
     /// The model's family, whose facts (strength rule, LoRA targets) the
     /// shared stages follow.
-    family: ModelFamily,
+    pub(super) family: ModelFamily,
 }
 
 /// What stage 3 produced.
@@ -550,49 +550,65 @@ impl FluxPipeline {
     }
 }
 
+/// The [`DiffusionPipeline`] methods every FLUX.1 pipeline answers from
+/// its [`FluxComponents`] (`self.components`), written once for
+/// `FluxPipeline` and `FluxFillPipeline` (expanded inside their trait impls).
+macro_rules! flux_component_methods {
+    () => {
+        /// Merge `loras` (stacked, each with its scale) into the CLIP text
+        /// encoder and the transformer, replacing the adapters merged before;
+        /// `[]` restores the base model. The base weights come from memory, not
+        /// from disk. Layouts: see [`crate::lora`] (PEFT / ai-toolkit, kohya
+        /// with the original FLUX names, ComfyUI).
+        ///
+        /// Errors (the pipeline is left as it was): see
+        /// [`crate::lora::merge_deltas`].
+        fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
+            self.components.set_loras(loras)
+        }
+
+        /// The adapters merged now.
+        fn loras(&self) -> &[LoraSpec] {
+            self.components.lora.active()
+        }
+
+        /// Tensors of the text encoder and transformer read from the weight
+        /// files so far (switching LoRAs reads none).
+        fn base_tensor_reads(&self) -> usize {
+            self.components.lora.base_reads()
+        }
+
+        /// The model's `scheduler/scheduler_config.json`.
+        fn scheduler_config(&self) -> &serde_json::Value {
+            &self.components.scheduler_config
+        }
+
+        /// The VAE scale factor (8).
+        fn vae_scale_factor(&self) -> usize {
+            self.components.vae_scale_factor()
+        }
+
+        /// diffusers' default `(width, height)`: 128 × the VAE scale factor (1024²).
+        fn default_size(&self) -> (usize, usize) {
+            self.components.default_size()
+        }
+
+        /// Whether the transformer embeds the guidance scale (dev and Fill:
+        /// yes, schnell: no).
+        fn guidance_embeds(&self) -> bool {
+            self.components.guidance_embeds()
+        }
+
+        /// The family the pipeline was loaded as (FLUX.1 or FLUX.1 Fill).
+        fn family(&self) -> ModelFamily {
+            self.components.family
+        }
+    };
+}
+pub(super) use flux_component_methods;
+
 impl DiffusionPipeline for FluxPipeline {
-    /// Merge `loras` (stacked, each with its scale) into the CLIP text
-    /// encoder and the transformer, replacing the adapters merged before;
-    /// `[]` restores the base model. The base weights come from memory, not
-    /// from disk. Layouts: see [`crate::lora`] (PEFT / ai-toolkit, kohya
-    /// with the original FLUX names, ComfyUI).
-    ///
-    /// Errors (the pipeline is left as it was): see
-    /// [`crate::lora::merge_deltas`].
-    fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
-        self.components.set_loras(loras)
-    }
-
-    /// The adapters merged now.
-    fn loras(&self) -> &[LoraSpec] {
-        self.components.lora.active()
-    }
-
-    /// Tensors of the text encoder and transformer read from the weight
-    /// files so far (switching LoRAs reads none).
-    fn base_tensor_reads(&self) -> usize {
-        self.components.lora.base_reads()
-    }
-
-    /// The model's `scheduler/scheduler_config.json`.
-    fn scheduler_config(&self) -> &serde_json::Value {
-        &self.components.scheduler_config
-    }
-
-    /// The VAE scale factor (8).
-    fn vae_scale_factor(&self) -> usize {
-        self.components.vae_scale_factor()
-    }
-
-    /// diffusers' default `(width, height)`: 128 × the VAE scale factor (1024²).
-    fn default_size(&self) -> (usize, usize) {
-        self.components.default_size()
-    }
-
-    /// Whether the transformer embeds the guidance scale (dev: yes, schnell: no).
-    fn guidance_embeds(&self) -> bool {
-        self.components.guidance_embeds()
-    }
+    flux_component_methods!();
 
     /// Run the pipeline: text-to-image, or image-to-image with `request.image`
     /// and `request.strength`.
@@ -631,10 +647,6 @@ impl DiffusionPipeline for FluxPipeline {
             .run(request, ctx, strength, |c, scheduler, t_start, ctx| {
                 c.prepare_latents(request, image.as_ref(), scheduler, t_start, ctx)
             })
-    }
-
-    fn family(&self) -> ModelFamily {
-        ModelFamily::Flux
     }
 
     fn class_name(&self) -> &'static str {

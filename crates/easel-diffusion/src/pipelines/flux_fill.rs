@@ -10,7 +10,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::flux::{pack_latents, FluxComponents};
+use super::flux::{flux_component_methods, pack_latents, FluxComponents};
 use super::{DiffusionPipeline, Task};
 use super::{GenerationOutput, GenerationRequest, RunContext};
 use crate::error::{Error, Result};
@@ -49,43 +49,7 @@ impl FluxFillPipeline {
 }
 
 impl DiffusionPipeline for FluxFillPipeline {
-    /// Merge `loras` (stacked, each with its scale) into the CLIP text
-    /// encoder and the transformer, replacing the adapters merged before;
-    /// `[]` restores the base model. The base weights come from memory, not
-    /// from disk. Layouts: see [`crate::lora`] (PEFT / ai-toolkit, kohya
-    /// with the original FLUX names, ComfyUI).
-    ///
-    /// Errors (the pipeline is left as it was): see
-    /// [`crate::lora::merge_deltas`].
-    fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
-        self.components.set_loras(loras)
-    }
-
-    /// The adapters merged now.
-    fn loras(&self) -> &[LoraSpec] {
-        self.components.lora.active()
-    }
-
-    /// Tensors of the text encoder and transformer read from the weight
-    /// files so far (switching LoRAs reads none).
-    fn base_tensor_reads(&self) -> usize {
-        self.components.lora.base_reads()
-    }
-
-    /// The model's `scheduler/scheduler_config.json`.
-    fn scheduler_config(&self) -> &serde_json::Value {
-        &self.components.scheduler_config
-    }
-
-    /// The VAE scale factor (8).
-    fn vae_scale_factor(&self) -> usize {
-        self.components.vae_scale_factor()
-    }
-
-    /// diffusers' default `(width, height)`: 128 × the VAE scale factor (1024²).
-    fn default_size(&self) -> (usize, usize) {
-        self.components.default_size()
-    }
+    flux_component_methods!();
 
     /// Run the pipeline on `request.image` and `request.mask` (both required,
     /// of the request's size), re-running `request.strength` of the schedule
@@ -135,17 +99,8 @@ impl DiffusionPipeline for FluxFillPipeline {
         )
     }
 
-    fn family(&self) -> ModelFamily {
-        ModelFamily::FluxFill
-    }
-
     fn class_name(&self) -> &'static str {
         "FluxFillPipeline"
-    }
-
-    /// FLUX.1 Fill embeds the guidance scale, as dev does.
-    fn guidance_embeds(&self) -> bool {
-        self.components.guidance_embeds()
     }
 }
 

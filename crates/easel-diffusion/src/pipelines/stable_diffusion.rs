@@ -161,14 +161,11 @@ impl DiffusionPipeline for StableDiffusionPipeline {
 
     /// Native `(width, height)`: UNet `sample_size` × VAE scale factor.
     fn default_size(&self) -> (usize, usize) {
-        let f = self.vae_scale_factor();
-        let fallback = self.family().default_sample_size();
-        let (h, w) = self
-            .unet
-            .config()
-            .sample_size()
-            .unwrap_or((fallback, fallback));
-        (w * f, h * f)
+        super::components::unet_native_size(
+            self.unet.config(),
+            self.vae_scale_factor(),
+            self.family(),
+        )
     }
 
     /// Run the pipeline.
