@@ -574,3 +574,220 @@ fn lists_cached_and_local_models() {
     };
     assert!(list_local_models(&empty).is_empty());
 }
+
+// Single-file checkpoints (issue 14): the default config repo from the hub
+// cache, the `--config` hint when it is missing, the prediction type, and
+// the refusals (pickles, unknown layouts, a config of another family).
+
+fn single_file(name: &str) -> PathBuf {
+    fixtures().join(format!("generated/single_file/{name}.safetensors"))
+}
+
+/// A copy of `source` without its `.safetensors` files (configs and tokenizers).
+fn copy_configs(source: &Path, target: &Path) {
+    for rel in files_under(source) {
+        if rel.extension().is_some_and(|e| e == "safetensors") {
+            continue;
+        }
+        std::fs::create_dir_all(target.join(&rel).parent().unwrap()).unwrap();
+        std::fs::copy(source.join(&rel), target.join(&rel)).unwrap();
+    }
+}
+
+#[test]
+fn single_file_takes_the_default_config_repo_from_the_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let configs = tmp.path().join("configs");
+    copy_configs(&tiny_sd15(), &configs);
+    let hub = tmp.path().join("hub");
+    add_snapshot(
+        &hub,
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        MAIN,
+        &["main"],
+        &configs,
+    );
+    let file = single_file("tiny-sd15");
+    let model = resolve_model(file.to_str().unwrap(), &offline(&hub)).unwrap();
+    let single = model.single_file().expect("opened as a single file");
+    assert_eq!(single.path(), file);
+    assert_eq!(
+        single.detected().architecture,
+        easel_diffusion::loader::Architecture::StableDiffusion1
+    );
+    assert_eq!(model.name(), file.display().to_string());
+    assert_eq!(
+        model.family(),
+        Some(easel_diffusion::loader::ModelFamily::StableDiffusion)
+    );
+    assert_eq!(
+        single.components().collect::<Vec<_>>(),
+        ["text_encoder", "unet", "vae"]
+    );
+    let unet = single.source("unet").unwrap();
+    assert!(unet.contains("down_blocks.0.attentions.0.proj_in.weight"));
+    assert!(unet.contains("up_blocks.0.upsamplers.0.conv.weight"));
+    let vae = single.source("vae").unwrap();
+    // 1x1 convolution in the file, a linear weight under the diffusers name.
+    let q = vae
+        .tensor(
+            "decoder.mid_block.attentions.0.to_q.weight",
+            &[64, 64],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(q.dims(), [64, 64]);
+}
+
+#[test]
+fn single_file_without_its_config_repo_names_the_config_option() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = resolve_model(
+        single_file("tiny-sdxl").to_str().unwrap(),
+        &offline(tmp.path()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("--config"), "{err}");
+    assert!(
+        err.contains("stabilityai/stable-diffusion-xl-base-1.0"),
+        "{err}"
+    );
+    assert!(err.contains("Stable Diffusion XL"), "{err}");
+}
+
+#[test]
+fn pickle_checkpoints_are_refused_with_how_to_convert() {
+    let tmp = tempfile::tempdir().unwrap();
+    for ext in ["ckpt", "pt", "pth", "bin"] {
+        let path = tmp.path().join(format!("model.{ext}"));
+        std::fs::write(&path, b"\x80\x02}q\x00.").unwrap();
+        let err = resolve_model(path.to_str().unwrap(), &offline(tmp.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pickle"), "{ext}: {err}");
+        assert!(err.contains("run any code"), "{ext}: {err}");
+        assert!(err.contains("safetensors"), "{ext}: {err}");
+        assert!(err.contains("weights_only=True"), "{ext}: {err}");
+    }
+}
+
+#[test]
+fn single_files_of_unknown_layouts_are_refused_naming_what_was_looked_for() {
+    use candle_core::{Device, Tensor};
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |name: &str, keys: &[&str]| {
+        let path = tmp.path().join(name);
+        let tensors: std::collections::HashMap<String, Tensor> = keys
+            .iter()
+            .map(|k| {
+                (
+                    k.to_string(),
+                    Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap(),
+                )
+            })
+            .collect();
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        path
+    };
+    // A LoRA is a .safetensors file, but not a model.
+    let lora = write(
+        "lora.safetensors",
+        &["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"],
+    );
+    let err = resolve_model(lora.to_str().unwrap(), &offline(tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("match no supported single-file layout"),
+        "{err}"
+    );
+    assert!(err.contains("model.diffusion_model."), "{err}");
+    assert!(err.contains("cond_stage_model.transformer."), "{err}");
+    assert!(err.contains("conditioner.embedders.1.model."), "{err}");
+    assert!(
+        err.contains("lora_unet_down_blocks_0_attentions_0_proj_in"),
+        "{err}"
+    );
+    // FLUX in Black Forest Labs' layout: recognised, not supported yet.
+    let flux = write("flux.safetensors", &["double_blocks.0.img_attn.qkv.weight"]);
+    let err = resolve_model(flux.to_str().unwrap(), &offline(tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("FLUX"), "{err}");
+    assert!(err.contains("not supported yet"), "{err}");
+    // Not safetensors at all.
+    let junk = tmp.path().join("junk.safetensors");
+    std::fs::write(&junk, b"not a safetensors file").unwrap();
+    let err = resolve_model(junk.to_str().unwrap(), &offline(tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a readable safetensors file"), "{err}");
+}
+
+#[test]
+fn single_file_config_must_be_of_the_same_architecture() {
+    let err = easel_diffusion::loader::open_single_file(
+        &single_file("tiny-sdxl"),
+        Some(tiny_sd15().to_str().unwrap()),
+        None,
+        &ResolveOptions {
+            offline: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("Stable Diffusion XL"), "{err}");
+    assert!(err.contains("StableDiffusionPipeline"), "{err}");
+}
+
+#[test]
+fn single_file_prediction_type_from_the_option_the_file_or_the_config() {
+    use candle_core::{Device, Tensor};
+    let tmp = tempfile::tempdir().unwrap();
+    let options = ResolveOptions {
+        offline: true,
+        ..Default::default()
+    };
+    // A config folder whose scheduler says epsilon.
+    let configs = tmp.path().join("sd2-epsilon");
+    copy_configs(&fixtures().join("models/tiny-sd2-v"), &configs);
+    let scheduler = configs.join("scheduler/scheduler_config.json");
+    let text = std::fs::read_to_string(&scheduler).unwrap();
+    assert!(text.contains("v_prediction"));
+    std::fs::write(&scheduler, text.replace("v_prediction", "epsilon")).unwrap();
+    let prediction = |file: &Path, option: Option<&str>| {
+        let model = easel_diffusion::loader::open_single_file(
+            file,
+            Some(configs.to_str().unwrap()),
+            option,
+            &options,
+        )
+        .unwrap();
+        model.component_config("scheduler").unwrap()["prediction_type"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let sd2 = single_file("tiny-sd2-v");
+    // The tiny file does not tell: the config's.
+    assert_eq!(prediction(&sd2, None), "epsilon");
+    assert_eq!(prediction(&sd2, Some("v_prediction")), "v_prediction");
+    // ComfyUI marks v models with a `v_pred` key.
+    let mut tensors = candle_core::safetensors::load(&sd2, &Device::Cpu).unwrap();
+    tensors.insert(
+        "v_pred".into(),
+        Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    let marked = tmp.path().join("sd2-vpred.safetensors");
+    candle_core::safetensors::save(&tensors, &marked).unwrap();
+    assert_eq!(prediction(&marked, None), "v_prediction");
+    assert_eq!(prediction(&marked, Some("epsilon")), "epsilon");
+    let err = easel_diffusion::loader::open_single_file(&sd2, None, Some("v"), &options)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("prediction_type"), "{err}");
+    assert!(err.contains("epsilon, v_prediction, sample"), "{err}");
+}
