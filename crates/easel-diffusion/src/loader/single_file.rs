@@ -168,19 +168,18 @@ pub fn detect(file: &Path, tensors: &MmapedSafetensors) -> Result<Detected> {
     if has_prefix("double_blocks.") || has_prefix("model.diffusion_model.double_blocks.") {
         return Err(unsupported("FLUX (Black Forest Labs layout)"));
     }
-    let architecture = if has_prefix(&format!("{XL_CLIP_L}"))
-        && has_prefix(&format!("{XL_CLIP_G}transformer.resblocks."))
-    {
-        Some(Architecture::StableDiffusionXl)
-    } else if has_prefix("conditioner.embedders.0.model.") {
-        return Err(unsupported("SDXL refiner"));
-    } else if has_prefix(&format!("{SD2_CLIP}transformer.resblocks.")) {
-        Some(Architecture::StableDiffusion2)
-    } else if has_prefix(SD1_CLIP) {
-        Some(Architecture::StableDiffusion1)
-    } else {
-        None
-    };
+    let architecture =
+        if has_prefix(XL_CLIP_L) && has_prefix(&format!("{XL_CLIP_G}transformer.resblocks.")) {
+            Some(Architecture::StableDiffusionXl)
+        } else if has_prefix("conditioner.embedders.0.model.") {
+            return Err(unsupported("SDXL refiner"));
+        } else if has_prefix(&format!("{SD2_CLIP}transformer.resblocks.")) {
+            Some(Architecture::StableDiffusion2)
+        } else if has_prefix(SD1_CLIP) {
+            Some(Architecture::StableDiffusion1)
+        } else {
+            None
+        };
     let conv_in = tensors
         .get(&format!("{UNET}input_blocks.0.0.weight"))
         .ok()
@@ -258,13 +257,16 @@ pub fn detect(file: &Path, tensors: &MmapedSafetensors) -> Result<Detected> {
     })
 }
 
+/// One component's renames: diffusers key -> (file key, how it is reshaped).
+type KeyMap = HashMap<String, (String, Op)>;
+
 /// A single-file checkpoint: the mapped file, what it holds, and for each
 /// component the diffusers keys it provides.
 pub struct SingleFile {
     path: PathBuf,
     detected: Detected,
     tensors: Arc<MmapedSafetensors>,
-    components: BTreeMap<String, Arc<HashMap<String, (String, Op)>>>,
+    components: BTreeMap<String, Arc<KeyMap>>,
 }
 
 impl fmt::Debug for SingleFile {
@@ -309,7 +311,7 @@ impl SingleFile {
 struct RenamedSource {
     path: PathBuf,
     tensors: Arc<MmapedSafetensors>,
-    map: Arc<HashMap<String, (String, Op)>>,
+    map: Arc<KeyMap>,
 }
 
 impl TensorSource for RenamedSource {
@@ -465,7 +467,7 @@ fn component_maps(
     model: &ModelDir,
     detected: &Detected,
     tensors: &MmapedSafetensors,
-) -> Result<BTreeMap<String, Arc<HashMap<String, (String, Op)>>>> {
+) -> Result<BTreeMap<String, Arc<KeyMap>>> {
     let unet_config = model.component_config("unet")?;
     let layers_per_block = unet_config
         .get("layers_per_block")
@@ -483,7 +485,7 @@ fn component_maps(
         .map(Vec::len)
         .ok_or_else(|| Error::config("vae", "the config has no `block_out_channels`"))?;
 
-    let mut maps: BTreeMap<String, HashMap<String, (String, Op)>> = BTreeMap::new();
+    let mut maps: BTreeMap<String, KeyMap> = BTreeMap::new();
     let mut put = |component: &str, diffusers: String, key: &str, op: Op| {
         maps.entry(component.to_string())
             .or_default()
