@@ -19,9 +19,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use easel_diffusion::loader::{
-    is_checkpoint_file, list_local_models, open_single_file, resolve_model, ModelDir,
-};
+use easel_diffusion::loader::{is_checkpoint_file, list_local_models, resolve_model, ModelDir};
 
 use crate::config::{Config, EngineKind};
 use crate::engine::{resolve_options, FAKE_PIPELINE};
@@ -193,10 +191,12 @@ impl ModelRegistry {
 
     /// A single-file checkpoint: detected and its configs found now (a
     /// pickle, an unknown layout or a config repo that is neither cached nor
-    /// downloadable is refused); the worker opens it the same way.
+    /// downloadable is refused), with the `config` / `prediction_type` of
+    /// its registry entry ([`resolve_options`] carries them); the worker
+    /// opens it the same way.
     fn local_file(&self, reference: &str, file: &Path) -> Result<ModelSpec, ModelRefError> {
         let options = resolve_options(&self.config, true);
-        let pipeline_class = match open_single_file(file, None, None, &options) {
+        let pipeline_class = match resolve_model(&file.display().to_string(), &options) {
             Ok(dir) => Some(dir.pipeline_class().to_string()),
             // Its config repo is not cached: the worker downloads its
             // configs, unless the server is offline.
@@ -245,7 +245,8 @@ impl ModelRegistry {
     pub fn resolve(&self, reference: &str) -> Result<ModelSpec, ModelRefError> {
         let reference = reference.trim();
         // 1. Registry names: trusted targets.
-        if let Some(target) = self.config.models.get(reference) {
+        if let Some(entry) = self.config.models.get(reference) {
+            let target = entry.target();
             let target_path = Path::new(target);
             if target_path.is_absolute() || target.starts_with('.') {
                 let folder = target_path
@@ -360,7 +361,8 @@ impl ModelRegistry {
                 source: "registry".into(),
                 pipeline_class: spec.as_ref().and_then(|s| s.pipeline_class.clone()),
                 size_bytes: None,
-                loaded: spec.as_ref().is_some_and(|s| is_loaded(&s.load)) || is_loaded(target),
+                loaded: spec.as_ref().is_some_and(|s| is_loaded(&s.load))
+                    || is_loaded(target.target()),
                 owned_by: "easel".into(),
                 created: 0,
             });
@@ -559,5 +561,57 @@ mod tests {
             reg.resolve(&outside.display().to_string()),
             Err(ModelRefError::NotAllowed(_))
         ));
+    }
+
+    /// Issue 14: a registry entry `{ path, config, prediction_type }` opens
+    /// a single file with that config (no default repo needed, offline),
+    /// and the worker's resolve options carry the same settings.
+    #[test]
+    fn registry_entries_give_single_files_their_config() {
+        use crate::config::ModelTarget;
+        let dir = tempfile::tempdir().unwrap();
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        let file = fixtures.join("generated/single_file/tiny-sd2-v.safetensors");
+        let config_dir = fixtures.join("models/tiny-sd2-v");
+        let mut config = Config {
+            data_dir: dir.path().join("data"),
+            hf_cache: Some(dir.path().join("hub")),
+            offline: true,
+            ..Config::default()
+        };
+        config.models.insert(
+            "sd2".into(),
+            ModelTarget::Entry {
+                path: file.display().to_string(),
+                config: Some(config_dir.display().to_string()),
+                prediction_type: Some("epsilon".into()),
+            },
+        );
+        // Settings go with the file: another entry needs another file.
+        let copy = dir.path().join("sd2-copy.safetensors");
+        std::fs::copy(&file, &copy).unwrap();
+        config.models.insert(
+            "sd2-default".into(),
+            ModelTarget::Reference(copy.display().to_string()),
+        );
+        let reg = ModelRegistry::new(&config);
+        let spec = reg.resolve("sd2").unwrap();
+        assert_eq!(
+            spec.pipeline_class.as_deref(),
+            Some("StableDiffusionPipeline")
+        );
+        let options = resolve_options(&config, true);
+        let model = resolve_model(&spec.load, &options).unwrap();
+        assert!(model.single_file().is_some());
+        assert_eq!(
+            model.component_config("scheduler").unwrap()["prediction_type"],
+            "epsilon"
+        );
+        // Without a config, the default repo (not cached, offline) is missing.
+        let err = reg.resolve("sd2-default").unwrap_err();
+        assert!(
+            matches!(&err, ModelRefError::Unknown(m) if m.contains("stabilityai/stable-diffusion-2-1")),
+            "{err}"
+        );
     }
 }

@@ -3,6 +3,9 @@
 //! A model reference is resolved to a diffusers folder ([`ModelDir`]):
 //!
 //! * a local folder (absolute or relative path) holding `model_index.json`;
+//! * a single-file checkpoint (`.safetensors` in the original SD 1.x / 2.x /
+//!   XL layout; pickles refused), opened by [`open_single_file`] with the
+//!   settings [`ResolveOptions::single_files`] gives it;
 //! * a folder name found in one of the extra model folders
 //!   ([`ResolveOptions::model_dirs`]);
 //! * a Hugging Face repo id `org/name`, optionally `org/name@revision`
@@ -67,6 +70,24 @@ pub struct ResolveOptions {
     pub skip_components: Vec<String>,
     /// Show download progress bars on stderr.
     pub progress: bool,
+    /// Settings of single-file checkpoints, by file path (compared after
+    /// resolving symlinks and `..`): the `config` and `prediction_type`
+    /// [`open_single_file`] uses when [`resolve_model`] opens that file
+    /// (the server's registry entries). Default: none (a file takes the
+    /// default config repo of its architecture).
+    pub single_files: Vec<SingleFileSettings>,
+}
+
+/// The `config` / `prediction_type` of one single-file checkpoint (see
+/// [`ResolveOptions::single_files`] and [`open_single_file`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SingleFileSettings {
+    /// The checkpoint file.
+    pub file: PathBuf,
+    /// A diffusers folder or repo id giving its configs and tokenizers.
+    pub config: Option<String>,
+    /// `epsilon`, `v_prediction` or `sample`.
+    pub prediction_type: Option<String>,
 }
 
 impl Default for ResolveOptions {
@@ -79,6 +100,7 @@ impl Default for ResolveOptions {
             endpoint: None,
             skip_components: vec!["safety_checker".to_string()],
             progress: false,
+            single_files: Vec::new(),
         }
     }
 }
@@ -174,8 +196,8 @@ fn parse_repo_id(reference: &str) -> Option<(String, String)> {
 
 /// Resolves a model reference to a diffusers model folder.
 ///
-/// In order: an existing path (it must be a folder holding
-/// `model_index.json`); a folder name in one of [`ResolveOptions::model_dirs`];
+/// In order: an existing path (a folder holding `model_index.json`, or a
+/// single-file checkpoint: see [`open_single_file`]); a folder name in one of [`ResolveOptions::model_dirs`];
 /// a Hugging Face repo id `org/name[@revision]`, taken from the hub cache
 /// when its snapshot is there and complete, else downloaded into it (not
 /// when offline; then an incomplete snapshot is used as it is).
@@ -228,7 +250,16 @@ pub fn resolve_model(reference: &str, options: &ResolveOptions) -> Result<ModelD
 
 fn open_local(path: &Path, reference: &str, options: &ResolveOptions) -> Result<ModelDir> {
     if single_file::is_checkpoint_file(path) {
-        return single_file::open_single_file(path, None, None, options);
+        let canonical = path.canonicalize().ok();
+        let settings = options.single_files.iter().find(|s| {
+            s.file == path || (canonical.is_some() && s.file.canonicalize().ok() == canonical)
+        });
+        return single_file::open_single_file(
+            path,
+            settings.and_then(|s| s.config.as_deref()),
+            settings.and_then(|s| s.prediction_type.as_deref()),
+            options,
+        );
     }
     if !path.is_dir() {
         return Err(Error::ModelNotFound(format!(
