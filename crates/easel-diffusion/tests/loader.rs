@@ -710,6 +710,7 @@ fn single_files_of_unknown_layouts_are_refused_naming_what_was_looked_for() {
         err.contains("lora_unet_down_blocks_0_attentions_0_proj_in"),
         "{err}"
     );
+    assert!(err.contains("looks like a LoRA adapter"), "{err}");
     // FLUX in Black Forest Labs' layout: recognised, not supported yet.
     let flux = write("flux.safetensors", &["double_blocks.0.img_attn.qkv.weight"]);
     let err = resolve_model(flux.to_str().unwrap(), &offline(tmp.path()))

@@ -132,8 +132,8 @@ fn pickle_refusal(path: &Path) -> Error {
              it holds, so easel does not read them. Convert it to .safetensors once, in a Python \
              environment you trust with the file: `python -c \"import torch, safetensors.torch as s; \
              sd = torch.load('{name}', map_location='cpu', weights_only=True); \
-             sd = sd.get('state_dict', sd); s.save_file({{k: v.contiguous() for k, v in sd.items() \
-             if hasattr(v, 'contiguous')}}, '{stem}.safetensors')\"` (weights_only=True refuses \
+             sd = sd.get('state_dict', sd); s.save_file({{k: v.clone() for k, v in sd.items() \
+             if isinstance(v, torch.Tensor)}}, '{stem}.safetensors')\"` (weights_only=True refuses \
              code), or download the .safetensors version most checkpoints are also published as",
             path.display(),
             name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
@@ -196,6 +196,11 @@ pub fn detect(file: &Path, tensors: &MmapedSafetensors) -> Result<Detected> {
             })
             .collect();
         let found: Vec<String> = prefixes.into_iter().take(12).collect();
+        let hint = if keys.iter().any(|k| k.contains("lora")) {
+            " (this looks like a LoRA adapter: pass it with --lora / `loras`)"
+        } else {
+            ""
+        };
         return Err(Error::invalid(
             "model",
             format!(
@@ -203,7 +208,7 @@ pub fn detect(file: &Path, tensors: &MmapedSafetensors) -> Result<Detected> {
                  (LDM / A1111) layout: a UNet under `{UNET}*` (with `{UNET}input_blocks.0.0.weight`), \
                  a VAE under `{VAE}*`, and a text encoder under `{SD1_CLIP}*` (SD 1.x), \
                  `{SD2_CLIP}transformer.resblocks.*` (SD 2.x) or `{XL_CLIP_L}*` + \
-                 `{XL_CLIP_G}*` (SDXL). Found {} keys, starting: {}",
+                 `{XL_CLIP_G}*` (SDXL). Found {} keys, starting: {}{hint}",
                 file.display(),
                 keys.len(),
                 if found.is_empty() {
