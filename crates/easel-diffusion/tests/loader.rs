@@ -792,3 +792,57 @@ fn single_file_prediction_type_from_the_option_the_file_or_the_config() {
     assert!(err.contains("prediction_type"), "{err}");
     assert!(err.contains("epsilon, v_prediction, sample"), "{err}");
 }
+
+/// ComfyUI's test of an SD 2.x checkpoint of real size: the spread of the
+/// last attention block's norm bias tells v-prediction (wide) from epsilon,
+/// which also picks the default config repo (`-2-1` vs `-2-1-base`); a
+/// 9-channel conv_in is an inpainting model.
+#[test]
+fn sd2_prediction_type_is_detected_from_real_size_weights() {
+    use candle_core::{DType, Device, Tensor};
+    use easel_diffusion::loader::{detect_single_file, Architecture};
+    let tmp = tempfile::tempdir().unwrap();
+    let detect = |name: &str, bias_scale: f64, in_channels: usize| {
+        let mut tensors = std::collections::HashMap::new();
+        let small = || Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+        tensors.insert(
+            "model.diffusion_model.input_blocks.0.0.weight".to_string(),
+            Tensor::zeros((320, in_channels, 3, 3), DType::F32, &Device::Cpu).unwrap(),
+        );
+        tensors.insert(
+            "first_stage_model.encoder.conv_in.bias".to_string(),
+            small(),
+        );
+        tensors.insert(
+            "cond_stage_model.model.transformer.resblocks.0.ln_1.bias".to_string(),
+            small(),
+        );
+        let bias = (Tensor::randn(0f32, 1f32, 1280, &Device::Cpu).unwrap() * bias_scale).unwrap();
+        tensors.insert(
+            "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias".to_string(),
+            bias,
+        );
+        let path = tmp.path().join(name);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(&path) }.unwrap();
+        detect_single_file(&path, &mapped)
+    };
+    let v = detect("v.safetensors", 0.2, 4).unwrap();
+    assert_eq!(v.architecture, Architecture::StableDiffusion2);
+    assert_eq!(v.v_prediction, Some(true));
+    assert_eq!(v.default_config_repo(), "stabilityai/stable-diffusion-2-1");
+    let eps = detect("eps.safetensors", 0.02, 4).unwrap();
+    assert_eq!(eps.v_prediction, Some(false));
+    assert_eq!(
+        eps.default_config_repo(),
+        "stabilityai/stable-diffusion-2-1-base"
+    );
+    let inpaint = detect("inpaint.safetensors", 0.02, 9).unwrap();
+    assert!(inpaint.inpainting);
+    assert_eq!(
+        inpaint.default_config_repo(),
+        "stabilityai/stable-diffusion-2-inpainting"
+    );
+    let err = detect("odd.safetensors", 0.02, 5).unwrap_err().to_string();
+    assert!(err.contains("supported: 4"), "{err}");
+}
