@@ -23,10 +23,24 @@ use crate::inputs::{load_image_and_mask, resolve_loras};
 /// Arguments of `easel generate`.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// A local diffusers directory, or a Hugging Face repo id (`org/name[@revision]`)
-    /// found in the Hugging Face cache or downloaded into it.
+    /// A local diffusers directory, a single-file checkpoint (`.safetensors`
+    /// in the original SD 1.x / 2.x / XL layout, as A1111 and ComfyUI load),
+    /// or a Hugging Face repo id (`org/name[@revision]`) found in the Hugging
+    /// Face cache or downloaded into it.
     #[arg(long, short = 'm')]
     pub model: String,
+    /// For a single-file --model: the diffusers folder or repo id whose
+    /// configs, tokenizers and scheduler config it uses (as diffusers'
+    /// `from_single_file(..., config=...)`) [default: the standard repo of
+    /// the detected architecture, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5;
+    /// only its config files are downloaded].
+    #[arg(long, value_name = "DIR_OR_REPO")]
+    pub config: Option<String>,
+    /// For a single-file --model: the scheduler's prediction type, `epsilon`
+    /// or `v_prediction` (SD 2.x 768 models) [default: what the file tells,
+    /// else the config's].
+    #[arg(long, value_name = "TYPE")]
+    pub prediction_type: Option<String>,
     /// What to generate.
     #[arg(long, short = 'p')]
     pub prompt: String,
@@ -133,6 +147,29 @@ pub fn local_engine(offline: bool, random_weights: bool) -> Engine {
         random_weights,
         ..EngineOptions::default()
     })
+}
+
+/// The single-file checkpoint --model with --config / --prediction-type.
+fn single_file_model(args: &GenerateArgs) -> Result<easel_diffusion::loader::ModelDir> {
+    let file = Path::new(&args.model);
+    if !file.is_file() {
+        bail!(
+            "--config and --prediction-type apply to a single-file checkpoint; --model `{}` is \
+             not a file",
+            args.model
+        );
+    }
+    let options = ResolveOptions {
+        offline: args.offline,
+        progress: true,
+        ..ResolveOptions::default()
+    };
+    Ok(easel_diffusion::loader::open_single_file(
+        file,
+        args.config.as_deref(),
+        args.prediction_type.as_deref(),
+        &options,
+    )?)
 }
 
 /// A size rounded to the model family's multiple (FLUX: 16), with a
@@ -306,7 +343,11 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
 
     let load_start = Instant::now();
     let mut engine = local_engine(args.offline, false);
-    let dir = engine.resolve(&args.model)?;
+    let dir = if args.config.is_some() || args.prediction_type.is_some() {
+        single_file_model(&args)?
+    } else {
+        engine.resolve(&args.model)?
+    };
     let quiet = args.json;
     // A family that rounds sizes (FLUX, to multiples of 16) does so with a
     // notice; the others take multiples of 8 and refuse anything else.

@@ -1289,3 +1289,103 @@ fn flow_img2img_and_lora_steps_match_generate_pixel_for_pixel() {
         "{message}"
     );
 }
+
+// Single-file checkpoints (issue 14).
+
+/// `--model FILE.safetensors --config DIR` (the tiny SD 2 v-prediction model
+/// in the original LDM layout, `tests/fixtures/generated/single_file/`)
+/// reproduces the folder's diffusers PNG within one level; pickles and
+/// bad prediction types are refused before anything is written.
+#[test]
+fn generate_from_a_single_file_with_config() {
+    let refs = fixtures().join("references");
+    let case = "sd2v_txt2img_ddim";
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(refs.join(format!("{case}.json"))).unwrap())
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    let file = fixtures().join("generated/single_file/tiny-sd2-v.safetensors");
+    let config = fixtures().join("models/tiny-sd2-v");
+    let num = |k: &str| c[k].to_string();
+    let (steps, guidance, seed, width, height) = (
+        num("num_inference_steps"),
+        num("guidance_scale"),
+        num("seed"),
+        num("width"),
+        num("height"),
+    );
+    let mut args = vec![
+        "generate",
+        "--model",
+        file.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--prompt",
+        c["prompt"].as_str().unwrap(),
+        "--steps",
+        &steps,
+        "--guidance-scale",
+        &guidance,
+        "--seed",
+        &seed,
+        "--width",
+        &width,
+        "--height",
+        &height,
+        "--scheduler",
+        "ddim",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    if let Some(neg) = c["negative_prompt"].as_str() {
+        args.extend(["--negative-prompt", neg]);
+    }
+    let o = easel(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (_, _, got) = rgb8(&out);
+    let (_, _, want) = rgb8(&refs.join(format!("{case}.0.png")));
+    let d = max_level_diff(&got, &want);
+    assert!(
+        d <= 1,
+        "{case} from a single file: max difference {d} levels"
+    );
+
+    // The same file with the wrong prediction type gives another image.
+    let other = dir.path().join("eps.png");
+    let mut eps_args = args.clone();
+    let at = eps_args.iter().position(|a| *a == "--output").unwrap();
+    eps_args[at + 1] = other.to_str().unwrap();
+    eps_args.extend(["--prediction-type", "epsilon"]);
+    let o = easel(&eps_args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (_, _, eps) = rgb8(&other);
+    assert!(max_level_diff(&eps, &want) > 1);
+
+    // Refusals: an unknown prediction type, a pickle, --config on a folder.
+    let bad = dir.path().join("bad.png");
+    let mut bad_args = args.clone();
+    let at = bad_args.iter().position(|a| *a == "--output").unwrap();
+    bad_args[at + 1] = bad.to_str().unwrap();
+    let mut typo = bad_args.clone();
+    typo.extend(["--prediction-type", "v"]);
+    let o = easel(&typo);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("epsilon, v_prediction, sample"),
+        "{}",
+        stderr(&o)
+    );
+    let ckpt = dir.path().join("model.ckpt");
+    std::fs::write(&ckpt, b"\x80\x02}q\x00.").unwrap();
+    let at = bad_args.iter().position(|a| *a == "--model").unwrap();
+    bad_args[at + 1] = ckpt.to_str().unwrap();
+    let o = easel(&bad_args);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("pickle"), "{}", stderr(&o));
+    bad_args[at + 1] = config.to_str().unwrap();
+    let o = easel(&bad_args);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not a file"), "{}", stderr(&o));
+    assert!(!bad.exists());
+}

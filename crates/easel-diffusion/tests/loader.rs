@@ -574,3 +574,275 @@ fn lists_cached_and_local_models() {
     };
     assert!(list_local_models(&empty).is_empty());
 }
+
+// Single-file checkpoints (issue 14): the default config repo from the hub
+// cache, the `--config` hint when it is missing, the prediction type, and
+// the refusals (pickles, unknown layouts, a config of another family).
+
+fn single_file(name: &str) -> PathBuf {
+    fixtures().join(format!("generated/single_file/{name}.safetensors"))
+}
+
+/// A copy of `source` without its `.safetensors` files (configs and tokenizers).
+fn copy_configs(source: &Path, target: &Path) {
+    for rel in files_under(source) {
+        if rel.extension().is_some_and(|e| e == "safetensors") {
+            continue;
+        }
+        std::fs::create_dir_all(target.join(&rel).parent().unwrap()).unwrap();
+        std::fs::copy(source.join(&rel), target.join(&rel)).unwrap();
+    }
+}
+
+#[test]
+fn single_file_takes_the_default_config_repo_from_the_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let configs = tmp.path().join("configs");
+    copy_configs(&tiny_sd15(), &configs);
+    let hub = tmp.path().join("hub");
+    add_snapshot(
+        &hub,
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        MAIN,
+        &["main"],
+        &configs,
+    );
+    let file = single_file("tiny-sd15");
+    let model = resolve_model(file.to_str().unwrap(), &offline(&hub)).unwrap();
+    let single = model.single_file().expect("opened as a single file");
+    assert_eq!(single.path(), file);
+    assert_eq!(
+        single.detected().architecture,
+        easel_diffusion::loader::Architecture::StableDiffusion1
+    );
+    assert_eq!(model.name(), file.display().to_string());
+    assert_eq!(
+        model.family(),
+        Some(easel_diffusion::loader::ModelFamily::StableDiffusion)
+    );
+    assert_eq!(
+        single.components().collect::<Vec<_>>(),
+        ["text_encoder", "unet", "vae"]
+    );
+    let unet = single.source("unet").unwrap();
+    assert!(unet.contains("down_blocks.0.attentions.0.proj_in.weight"));
+    assert!(unet.contains("up_blocks.0.upsamplers.0.conv.weight"));
+    let vae = single.source("vae").unwrap();
+    // 1x1 convolution in the file, a linear weight under the diffusers name.
+    let q = vae
+        .tensor(
+            "decoder.mid_block.attentions.0.to_q.weight",
+            &[64, 64],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(q.dims(), [64, 64]);
+}
+
+#[test]
+fn single_file_without_its_config_repo_names_the_config_option() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = resolve_model(
+        single_file("tiny-sdxl").to_str().unwrap(),
+        &offline(tmp.path()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("--config"), "{err}");
+    assert!(
+        err.contains("stabilityai/stable-diffusion-xl-base-1.0"),
+        "{err}"
+    );
+    assert!(err.contains("Stable Diffusion XL"), "{err}");
+}
+
+#[test]
+fn pickle_checkpoints_are_refused_with_how_to_convert() {
+    let tmp = tempfile::tempdir().unwrap();
+    for ext in ["ckpt", "pt", "pth", "bin"] {
+        let path = tmp.path().join(format!("model.{ext}"));
+        std::fs::write(&path, b"\x80\x02}q\x00.").unwrap();
+        let err = resolve_model(path.to_str().unwrap(), &offline(tmp.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pickle"), "{ext}: {err}");
+        assert!(err.contains("run any code"), "{ext}: {err}");
+        assert!(err.contains("safetensors"), "{ext}: {err}");
+        assert!(err.contains("weights_only=True"), "{ext}: {err}");
+    }
+}
+
+#[test]
+fn single_files_of_unknown_layouts_are_refused_naming_what_was_looked_for() {
+    use candle_core::{Device, Tensor};
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |name: &str, keys: &[&str]| {
+        let path = tmp.path().join(name);
+        let tensors: std::collections::HashMap<String, Tensor> = keys
+            .iter()
+            .map(|k| {
+                (
+                    k.to_string(),
+                    Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap(),
+                )
+            })
+            .collect();
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        path
+    };
+    // A LoRA is a .safetensors file, but not a model.
+    let lora = write(
+        "lora.safetensors",
+        &["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"],
+    );
+    let err = resolve_model(lora.to_str().unwrap(), &offline(tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("match no supported single-file layout"),
+        "{err}"
+    );
+    assert!(err.contains("model.diffusion_model."), "{err}");
+    assert!(err.contains("cond_stage_model.transformer."), "{err}");
+    assert!(err.contains("conditioner.embedders.1.model."), "{err}");
+    assert!(
+        err.contains("lora_unet_down_blocks_0_attentions_0_proj_in"),
+        "{err}"
+    );
+    assert!(err.contains("looks like a LoRA adapter"), "{err}");
+    // FLUX in Black Forest Labs' layout: recognised, not supported yet.
+    let flux = write("flux.safetensors", &["double_blocks.0.img_attn.qkv.weight"]);
+    let err = resolve_model(flux.to_str().unwrap(), &offline(tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("FLUX"), "{err}");
+    assert!(err.contains("not supported yet"), "{err}");
+    // Not safetensors at all.
+    let junk = tmp.path().join("junk.safetensors");
+    std::fs::write(&junk, b"not a safetensors file").unwrap();
+    let err = resolve_model(junk.to_str().unwrap(), &offline(tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a readable safetensors file"), "{err}");
+}
+
+#[test]
+fn single_file_config_must_be_of_the_same_architecture() {
+    let err = easel_diffusion::loader::open_single_file(
+        &single_file("tiny-sdxl"),
+        Some(tiny_sd15().to_str().unwrap()),
+        None,
+        &ResolveOptions {
+            offline: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("Stable Diffusion XL"), "{err}");
+    assert!(err.contains("StableDiffusionPipeline"), "{err}");
+}
+
+#[test]
+fn single_file_prediction_type_from_the_option_the_file_or_the_config() {
+    use candle_core::{Device, Tensor};
+    let tmp = tempfile::tempdir().unwrap();
+    let options = ResolveOptions {
+        offline: true,
+        ..Default::default()
+    };
+    // A config folder whose scheduler says epsilon.
+    let configs = tmp.path().join("sd2-epsilon");
+    copy_configs(&fixtures().join("models/tiny-sd2-v"), &configs);
+    let scheduler = configs.join("scheduler/scheduler_config.json");
+    let text = std::fs::read_to_string(&scheduler).unwrap();
+    assert!(text.contains("v_prediction"));
+    std::fs::write(&scheduler, text.replace("v_prediction", "epsilon")).unwrap();
+    let prediction = |file: &Path, option: Option<&str>| {
+        let model = easel_diffusion::loader::open_single_file(
+            file,
+            Some(configs.to_str().unwrap()),
+            option,
+            &options,
+        )
+        .unwrap();
+        model.component_config("scheduler").unwrap()["prediction_type"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let sd2 = single_file("tiny-sd2-v");
+    // The tiny file does not tell: the config's.
+    assert_eq!(prediction(&sd2, None), "epsilon");
+    assert_eq!(prediction(&sd2, Some("v_prediction")), "v_prediction");
+    // ComfyUI marks v models with a `v_pred` key.
+    let mut tensors = candle_core::safetensors::load(&sd2, &Device::Cpu).unwrap();
+    tensors.insert(
+        "v_pred".into(),
+        Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    let marked = tmp.path().join("sd2-vpred.safetensors");
+    candle_core::safetensors::save(&tensors, &marked).unwrap();
+    assert_eq!(prediction(&marked, None), "v_prediction");
+    assert_eq!(prediction(&marked, Some("epsilon")), "epsilon");
+    let err = easel_diffusion::loader::open_single_file(&sd2, None, Some("v"), &options)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("prediction_type"), "{err}");
+    assert!(err.contains("epsilon, v_prediction, sample"), "{err}");
+}
+
+/// ComfyUI's test of an SD 2.x checkpoint of real size: the spread of the
+/// last attention block's norm bias tells v-prediction (wide) from epsilon,
+/// which also picks the default config repo (`-2-1` vs `-2-1-base`); a
+/// 9-channel conv_in is an inpainting model.
+#[test]
+fn sd2_prediction_type_is_detected_from_real_size_weights() {
+    use candle_core::{DType, Device, Tensor};
+    use easel_diffusion::loader::{detect_single_file, Architecture};
+    let tmp = tempfile::tempdir().unwrap();
+    let detect = |name: &str, bias_scale: f64, in_channels: usize| {
+        let mut tensors = std::collections::HashMap::new();
+        let small = || Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+        tensors.insert(
+            "model.diffusion_model.input_blocks.0.0.weight".to_string(),
+            Tensor::zeros((320, in_channels, 3, 3), DType::F32, &Device::Cpu).unwrap(),
+        );
+        tensors.insert(
+            "first_stage_model.encoder.conv_in.bias".to_string(),
+            small(),
+        );
+        tensors.insert(
+            "cond_stage_model.model.transformer.resblocks.0.ln_1.bias".to_string(),
+            small(),
+        );
+        let bias = (Tensor::randn(0f32, 1f32, 1280, &Device::Cpu).unwrap() * bias_scale).unwrap();
+        tensors.insert(
+            "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias".to_string(),
+            bias,
+        );
+        let path = tmp.path().join(name);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(&path) }.unwrap();
+        detect_single_file(&path, &mapped)
+    };
+    let v = detect("v.safetensors", 0.2, 4).unwrap();
+    assert_eq!(v.architecture, Architecture::StableDiffusion2);
+    assert_eq!(v.v_prediction, Some(true));
+    assert_eq!(v.default_config_repo(), "stabilityai/stable-diffusion-2-1");
+    let eps = detect("eps.safetensors", 0.02, 4).unwrap();
+    assert_eq!(eps.v_prediction, Some(false));
+    assert_eq!(
+        eps.default_config_repo(),
+        "stabilityai/stable-diffusion-2-1-base"
+    );
+    let inpaint = detect("inpaint.safetensors", 0.02, 9).unwrap();
+    assert!(inpaint.inpainting);
+    assert_eq!(
+        inpaint.default_config_repo(),
+        "stabilityai/stable-diffusion-2-inpainting"
+    );
+    let err = detect("odd.safetensors", 0.02, 5).unwrap_err().to_string();
+    assert!(err.contains("supported: 4"), "{err}");
+}

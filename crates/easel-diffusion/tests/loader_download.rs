@@ -373,3 +373,40 @@ fn hub_failures_are_model_not_found_with_the_cache_path() {
     );
     assert!(single.downloaded().is_empty());
 }
+
+/// Issue 14: a single-file checkpoint's config repo is downloaded without
+/// its weights (configs and tokenizer files only), then the model runs on
+/// the file's weights; a cached config snapshot needs no request.
+#[test]
+fn single_file_config_repo_downloads_configs_only() {
+    if offline_by_env() {
+        eprintln!("HF_HUB_OFFLINE is set: skipping the download test");
+        return;
+    }
+    let fake = FakeHub::start("org/served", served_repo());
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = tmp.path().join("hub");
+    let options = online(&hub, &fake.url);
+    let file = fixtures().join("generated/single_file/tiny-sd15.safetensors");
+    let model =
+        easel_diffusion::loader::open_single_file(&file, Some("org/served"), None, &options)
+            .unwrap();
+    assert_eq!(
+        fake.downloaded(),
+        [
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "text_encoder/config.json",
+            "tokenizer/merges.txt",
+            "tokenizer/tokenizer_config.json",
+            "tokenizer/vocab.json",
+            "unet/config.json",
+            "vae/config.json",
+        ]
+    );
+    assert_eq!(model.single_file().unwrap().path(), file);
+    assert!(easel_diffusion::pipelines::load_pipeline(&model, &candle_core::Device::Cpu).is_ok());
+    let before = fake.hits.load(Ordering::SeqCst);
+    easel_diffusion::loader::open_single_file(&file, Some("org/served"), None, &options).unwrap();
+    assert_eq!(fake.hits.load(Ordering::SeqCst), before);
+}

@@ -820,3 +820,92 @@ fn lanczos_resize_matches_pillow() {
         assert_eq!(diff, 0, "{key}: {diff} bytes differ from Pillow");
     }
 }
+
+// Single-file checkpoints (issue 14): the fixture models converted to the
+// original LDM / A1111 layout by `tools/gen_single_files.py` (which proves
+// with diffusers' `from_single_file` that they hold the folders' weights)
+// must reproduce the folders' references, with the configs of a copy of
+// the folder that has no weight files (so every tensor comes from the
+// single file).
+
+/// A copy of fixture model `name` without its `.safetensors` files.
+fn configs_only(name: &str) -> tempfile::TempDir {
+    fn copy(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let path = entry.unwrap().path();
+            let target = to.join(path.file_name().unwrap());
+            if path.is_dir() {
+                copy(&path, &target);
+            } else if path.extension().is_none_or(|e| e != "safetensors") {
+                std::fs::copy(&path, &target).unwrap();
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    copy(&model(name), dir.path());
+    dir
+}
+
+/// Run reference case `name` on its model loaded from the single file.
+fn check_single_file_case(folder: &str, name: &str) {
+    let case: Value = easel_diffusion::json::parse_lenient(
+        &std::fs::read_to_string(fixtures().join(folder).join(format!("{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    let model_name = case["model"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("models/")
+        .to_string();
+    let file = fixtures()
+        .join("generated/single_file")
+        .join(format!("{model_name}.safetensors"));
+    let config = configs_only(&model_name);
+    let options = easel_diffusion::loader::ResolveOptions {
+        offline: true,
+        ..Default::default()
+    };
+    let model = easel_diffusion::loader::open_single_file(
+        &file,
+        Some(config.path().to_str().unwrap()),
+        None,
+        &options,
+    )
+    .unwrap();
+    assert_eq!(model.single_file().unwrap().path(), file);
+    let mut pipeline = load_pipeline(&model, &Device::Cpu).unwrap();
+    pipeline.set_loras(&case_loras(&case)).unwrap();
+    let (latents, images, tensors) = run_case(&pipeline, folder, name, None);
+    assert_close(
+        &format!("{name} (single file)"),
+        &latents,
+        &images,
+        &tensors,
+    );
+}
+
+#[test]
+fn single_file_sd15_txt2img_euler() {
+    check_single_file_case("references", "sd15_txt2img_euler");
+}
+
+#[test]
+fn single_file_sd15_lora_kohya() {
+    check_single_file_case("references", "sd15_lora_kohya_scale1.0");
+}
+
+#[test]
+fn single_file_sd2v_txt2img_ddim() {
+    check_single_file_case("references", "sd2v_txt2img_ddim");
+}
+
+#[test]
+fn single_file_sdxl_txt2img_euler() {
+    check_single_file_case("references", "sdxl_txt2img_euler");
+}
+
+#[test]
+fn single_file_sdxl_lora_kohya() {
+    check_single_file_case("generated", "sdxl_lora_kohya_scale1.6");
+}

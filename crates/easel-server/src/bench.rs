@@ -208,7 +208,7 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, crate::StartError
             config.engine = EngineKind::Diffusion;
             config
                 .models
-                .insert("bench".into(), path.display().to_string());
+                .insert("bench".into(), path.display().to_string().into());
             "bench".to_string()
         }
         None => {

@@ -26,6 +26,65 @@ pub enum EngineKind {
     Fake,
 }
 
+/// A registry entry of the `[models]` table: a reference (repo id or path),
+/// or a table for a single-file checkpoint with the diffusers folder or repo
+/// giving its configs (as `easel generate --config`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ModelTarget {
+    /// `name = "org/repo"` or `name = "/path/to/model"`.
+    Reference(String),
+    /// `name = { path = "...", config = "...", prediction_type = "..." }`.
+    /// The settings go with the file (the worker loads models by path):
+    /// two entries naming the same file share the first one's.
+    Entry {
+        /// The model: a path (a `.safetensors` single file, or a folder) or a repo id.
+        path: String,
+        /// For a single file: the diffusers folder or repo id of its configs
+        /// and tokenizers; default: the standard repo of its architecture.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        config: Option<String>,
+        /// For a single file: `epsilon`, `v_prediction` or `sample`;
+        /// default: what the file tells, else the config's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prediction_type: Option<String>,
+    },
+}
+
+impl ModelTarget {
+    /// The model reference (the path or repo id).
+    pub fn target(&self) -> &str {
+        match self {
+            ModelTarget::Reference(r) => r,
+            ModelTarget::Entry { path, .. } => path,
+        }
+    }
+
+    /// The single-file config, when the entry gives one.
+    pub fn config(&self) -> Option<&str> {
+        match self {
+            ModelTarget::Entry { config, .. } => config.as_deref(),
+            ModelTarget::Reference(_) => None,
+        }
+    }
+
+    /// The single-file prediction type, when the entry gives one.
+    pub fn prediction_type(&self) -> Option<&str> {
+        match self {
+            ModelTarget::Entry {
+                prediction_type, ..
+            } => prediction_type.as_deref(),
+            ModelTarget::Reference(_) => None,
+        }
+    }
+}
+
+impl From<String> for ModelTarget {
+    fn from(reference: String) -> Self {
+        ModelTarget::Reference(reference)
+    }
+}
+
 /// The server's configuration. See the module docs for where values come from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -51,9 +110,12 @@ pub struct Config {
     pub engine: EngineKind,
     /// Milliseconds per denoising step of the `fake` engine.
     pub fake_step_ms: u64,
-    /// Registry names: `name = "repo/id"` or `name = "/path/to/model"`.
+    /// Registry names: `name = "repo/id"` or `name = "/path/to/model"`,
+    /// or for a single-file checkpoint
+    /// `name = { path = "/models/x.safetensors", config = "DIR_OR_REPO",
+    /// prediction_type = "v_prediction" }` (see [`ModelTarget`]).
     /// Targets here are trusted (not limited to the model roots).
-    pub models: BTreeMap<String, String>,
+    pub models: BTreeMap<String, ModelTarget>,
     /// The model for OpenAI-compatible requests that name an OpenAI model
     /// (`dall-e-2`, `dall-e-3`, `gpt-image-1`) or none.
     pub default_model: Option<String>,
@@ -434,6 +496,20 @@ impl Config {
         (self.price_per_inference_usd * 1e6).round() as i64
     }
 
+    /// The `config` / `prediction_type` of the registry entries that give
+    /// them (single-file checkpoints), for the loader's resolve options.
+    pub fn single_file_settings(&self) -> Vec<easel_diffusion::loader::SingleFileSettings> {
+        self.models
+            .values()
+            .filter(|t| t.config().is_some() || t.prediction_type().is_some())
+            .map(|t| easel_diffusion::loader::SingleFileSettings {
+                file: PathBuf::from(t.target()),
+                config: t.config().map(str::to_string),
+                prediction_type: t.prediction_type().map(str::to_string),
+            })
+            .collect()
+    }
+
     /// The model roots: `DATA_DIR/models`, each of `models_dirs` (a local
     /// model or LoRA path must lie under one of these or the hub cache).
     pub fn model_roots(&self) -> Vec<PathBuf> {
@@ -494,7 +570,8 @@ mod tests {
         std::fs::write(
             &file,
             "max_queue = 5\nbind = \"127.0.0.1:9000\"\nprice_per_inference_usd = 0.05\n\
-             [models]\nsd15 = \"/models/sd15\"\n",
+             [models]\nsd15 = \"/models/sd15\"\n\
+             sd2 = { path = \"/models/sd2.safetensors\", config = \"org/sd2\" }\n",
         )
         .unwrap();
         let config = Config::load(
@@ -520,7 +597,11 @@ mod tests {
             config.models_dirs,
             [PathBuf::from("/a"), PathBuf::from("/b")]
         );
-        assert_eq!(config.models["sd15"], "/models/sd15");
+        assert_eq!(config.models["sd15"].target(), "/models/sd15");
+        assert_eq!(config.models["sd15"].config(), None);
+        assert_eq!(config.models["sd2"].target(), "/models/sd2.safetensors");
+        assert_eq!(config.models["sd2"].config(), Some("org/sd2"));
+        assert_eq!(config.models["sd2"].prediction_type(), None);
         assert_eq!(
             config.allow_fetch_hosts,
             ["127.0.0.1", "10.0.0.0/8", "models.internal"]

@@ -164,12 +164,14 @@ impl DiffusionEngine {
 }
 
 /// Resolve options for the server: the configured hub cache, the model
-/// roots as registry folders, and downloads only when not `offline`.
+/// roots as registry folders, downloads only when not `offline`, and the
+/// `config` / `prediction_type` of registry entries for single files.
 pub fn resolve_options(config: &Config, offline: bool) -> ResolveOptions {
     ResolveOptions {
         cache_dir: config.hf_cache.clone(),
         offline,
         model_dirs: config.model_roots(),
+        single_files: config.single_file_settings(),
         ..ResolveOptions::default()
     }
 }

@@ -4,7 +4,10 @@
 //! 1. a registry name from the config's `[models]` table (its target is
 //!    trusted: any repo id or path);
 //! 2. a local path (absolute, starting with `.` or `~`, or existing relative
-//!    to the server's folder): accepted only under a model root
+//!    to the server's folder) of a diffusers folder or a single-file
+//!    checkpoint (`.safetensors` in the original SD 1.x / 2.x / XL layout,
+//!    with the configs of the default repo of its architecture; pickles
+//!    are refused): accepted only under a model root
 //!    (`DATA_DIR/models`, each `models_dirs` entry, the Hugging Face cache),
 //!    after resolving `..` and symlinks, so no client can make the server
 //!    read other files;
@@ -16,7 +19,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use easel_diffusion::loader::{list_local_models, resolve_model, ModelDir};
+use easel_diffusion::loader::{is_checkpoint_file, list_local_models, resolve_model, ModelDir};
 
 use crate::config::{Config, EngineKind};
 use crate::engine::{resolve_options, FAKE_PIPELINE};
@@ -186,7 +189,35 @@ impl ModelRegistry {
         Ok(canonical)
     }
 
+    /// A single-file checkpoint: detected and its configs found now (a
+    /// pickle, an unknown layout or a config repo that is neither cached nor
+    /// downloadable is refused), with the `config` / `prediction_type` of
+    /// its registry entry ([`resolve_options`] carries them); the worker
+    /// opens it the same way.
+    fn local_file(&self, reference: &str, file: &Path) -> Result<ModelSpec, ModelRefError> {
+        let options = resolve_options(&self.config, true);
+        let pipeline_class = match resolve_model(&file.display().to_string(), &options) {
+            Ok(dir) => Some(dir.pipeline_class().to_string()),
+            // Its config repo is not cached: the worker downloads its
+            // configs, unless the server is offline.
+            Err(easel_diffusion::Error::ModelNotFound(_)) if !self.config.offline => None,
+            Err(e) => {
+                return Err(ModelRefError::Unknown(format!(
+                    "`{reference}` cannot be used as a model: {e}"
+                )))
+            }
+        };
+        Ok(ModelSpec {
+            reference: reference.into(),
+            load: file.display().to_string(),
+            pipeline_class,
+        })
+    }
+
     fn local_folder(&self, reference: &str, folder: &Path) -> Result<ModelSpec, ModelRefError> {
+        if folder.is_file() && is_checkpoint_file(folder) {
+            return self.local_file(reference, folder);
+        }
         if self.config.engine == EngineKind::Fake {
             return Ok(ModelSpec {
                 reference: reference.into(),
@@ -214,7 +245,8 @@ impl ModelRegistry {
     pub fn resolve(&self, reference: &str) -> Result<ModelSpec, ModelRefError> {
         let reference = reference.trim();
         // 1. Registry names: trusted targets.
-        if let Some(target) = self.config.models.get(reference) {
+        if let Some(entry) = self.config.models.get(reference) {
+            let target = entry.target();
             let target_path = Path::new(target);
             if target_path.is_absolute() || target.starts_with('.') {
                 let folder = target_path
@@ -231,9 +263,10 @@ impl ModelRegistry {
         // 2. Local paths: only under the roots.
         if Self::looks_like_path(reference) {
             let folder = self.check_path(reference)?;
-            if !folder.is_dir() {
+            if !folder.is_dir() && !is_checkpoint_file(&folder) {
                 return Err(ModelRefError::Unknown(format!(
-                    "`{reference}` is a file, not a diffusers model folder"
+                    "`{reference}` is a file, not a diffusers model folder nor a .safetensors \
+                     single-file checkpoint"
                 )));
             }
             return self.local_folder(reference, &folder);
@@ -328,7 +361,8 @@ impl ModelRegistry {
                 source: "registry".into(),
                 pipeline_class: spec.as_ref().and_then(|s| s.pipeline_class.clone()),
                 size_bytes: None,
-                loaded: spec.as_ref().is_some_and(|s| is_loaded(&s.load)) || is_loaded(target),
+                loaded: spec.as_ref().is_some_and(|s| is_loaded(&s.load))
+                    || is_loaded(target.target()),
                 owned_by: "easel".into(),
                 created: 0,
             });
@@ -457,5 +491,127 @@ mod tests {
         ] {
             assert!(!is_repo_id(bad), "{bad}");
         }
+    }
+
+    /// Issue 14: a single-file checkpoint under a model root is a model
+    /// (with its default config repo from the hub cache); a pickle there
+    /// is refused, saying why; without the config repo an offline server
+    /// names `--config`.
+    #[test]
+    fn single_file_checkpoints_under_a_model_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path());
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        let file = dir.path().join("models/sd15.safetensors");
+        std::fs::copy(
+            fixtures.join("generated/single_file/tiny-sd15.safetensors"),
+            &file,
+        )
+        .unwrap();
+        let err = reg.resolve(&file.display().to_string()).unwrap_err();
+        assert!(
+            matches!(&err, ModelRefError::Unknown(m) if m.contains("--config")),
+            "{err}"
+        );
+
+        // The default config repo's configs in the hub cache.
+        let commit = "1111111111111111111111111111111111111111";
+        let repo = dir
+            .path()
+            .join("hub/models--stable-diffusion-v1-5--stable-diffusion-v1-5");
+        let snapshot = repo.join("snapshots").join(commit);
+        let source = fixtures.join("models/tiny-sd15");
+        let mut stack = vec![source.clone()];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d).unwrap() {
+                let path = entry.unwrap().path();
+                let target = snapshot.join(path.strip_prefix(&source).unwrap());
+                if path.is_dir() {
+                    std::fs::create_dir_all(&target).unwrap();
+                    stack.push(path);
+                } else if path.extension().is_none_or(|e| e != "safetensors") {
+                    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+                    std::fs::copy(&path, &target).unwrap();
+                }
+            }
+        }
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), commit).unwrap();
+        let spec = reg.resolve(&file.display().to_string()).unwrap();
+        assert_eq!(
+            spec.pipeline_class.as_deref(),
+            Some("StableDiffusionPipeline")
+        );
+        assert_eq!(
+            Path::new(&spec.load).canonicalize().unwrap(),
+            file.canonicalize().unwrap()
+        );
+
+        let ckpt = dir.path().join("models/old.ckpt");
+        std::fs::write(&ckpt, b"\x80\x02}q\x00.").unwrap();
+        let err = reg.resolve(&ckpt.display().to_string()).unwrap_err();
+        assert!(
+            matches!(&err, ModelRefError::Unknown(m) if m.contains("pickle")),
+            "{err}"
+        );
+        // Outside the roots, a file is refused like a folder.
+        let outside = dir.path().join("outside/sd15.safetensors");
+        std::fs::copy(&file, &outside).unwrap();
+        assert!(matches!(
+            reg.resolve(&outside.display().to_string()),
+            Err(ModelRefError::NotAllowed(_))
+        ));
+    }
+
+    /// Issue 14: a registry entry `{ path, config, prediction_type }` opens
+    /// a single file with that config (no default repo needed, offline),
+    /// and the worker's resolve options carry the same settings.
+    #[test]
+    fn registry_entries_give_single_files_their_config() {
+        use crate::config::ModelTarget;
+        let dir = tempfile::tempdir().unwrap();
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        let file = fixtures.join("generated/single_file/tiny-sd2-v.safetensors");
+        let config_dir = fixtures.join("models/tiny-sd2-v");
+        let mut config = Config {
+            data_dir: dir.path().join("data"),
+            hf_cache: Some(dir.path().join("hub")),
+            offline: true,
+            ..Config::default()
+        };
+        config.models.insert(
+            "sd2".into(),
+            ModelTarget::Entry {
+                path: file.display().to_string(),
+                config: Some(config_dir.display().to_string()),
+                prediction_type: Some("epsilon".into()),
+            },
+        );
+        // Settings go with the file: another entry needs another file.
+        let copy = dir.path().join("sd2-copy.safetensors");
+        std::fs::copy(&file, &copy).unwrap();
+        config.models.insert(
+            "sd2-default".into(),
+            ModelTarget::Reference(copy.display().to_string()),
+        );
+        let reg = ModelRegistry::new(&config);
+        let spec = reg.resolve("sd2").unwrap();
+        assert_eq!(
+            spec.pipeline_class.as_deref(),
+            Some("StableDiffusionPipeline")
+        );
+        let options = resolve_options(&config, true);
+        let model = resolve_model(&spec.load, &options).unwrap();
+        assert!(model.single_file().is_some());
+        assert_eq!(
+            model.component_config("scheduler").unwrap()["prediction_type"],
+            "epsilon"
+        );
+        // Without a config, the default repo (not cached, offline) is missing.
+        let err = reg.resolve("sd2-default").unwrap_err();
+        assert!(
+            matches!(&err, ModelRefError::Unknown(m) if m.contains("stabilityai/stable-diffusion-2-1")),
+            "{err}"
+        );
     }
 }

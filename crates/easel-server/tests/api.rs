@@ -1566,7 +1566,7 @@ async fn seed_flows_run_over_http_on_the_fixture_model() {
             "stable-diffusion-v1-5/stable-diffusion-v1-5",
             "Realistic_Vision_V6.0_B1",
         ] {
-            c.models.insert(alias.into(), tiny_sd15());
+            c.models.insert(alias.into(), tiny_sd15().into());
         }
         c.llm_url = Some(chat_url);
         c.llm_model = Some("test-model".into());

@@ -38,11 +38,24 @@ pub(crate) struct Plan {
 /// [`Error::MissingComponent`] when a model component has no weights or a
 /// component has no config; [`Error::UnsupportedWeights`] when it has only
 /// non-safetensors weights.
+#[cfg(test)]
 pub(crate) fn plan(
     model: &str,
     index: &ModelIndex,
     repo_files: &[String],
     skip: &[String],
+) -> Result<Plan> {
+    plan_files(model, index, repo_files, skip, true)
+}
+
+/// As [`plan`]; without `with_weights`, only configs and tokenizer files
+/// (the configs of a single-file checkpoint).
+pub(crate) fn plan_files(
+    model: &str,
+    index: &ModelIndex,
+    repo_files: &[String],
+    skip: &[String],
+    with_weights: bool,
 ) -> Result<Plan> {
     let mut plan = Plan::default();
     for component in index.components.values() {
@@ -89,7 +102,7 @@ pub(crate) fn plan(
                 plan.files.push(format!("{prefix}{config}"));
             }
         }
-        if kind != ComponentKind::Model {
+        if kind != ComponentKind::Model || !with_weights {
             continue;
         }
         match weights::choose(&files) {
@@ -158,6 +171,18 @@ pub(crate) fn download(
     access: &HubAccess,
     skip: &[String],
 ) -> std::result::Result<(PathBuf, String), DownloadError> {
+    download_files(repo_id, revision, access, skip, true)
+}
+
+/// As [`download`]; without `with_weights`, only configs and tokenizer
+/// files ([`plan_files`]).
+pub(crate) fn download_files(
+    repo_id: &str,
+    revision: &str,
+    access: &HubAccess,
+    skip: &[String],
+    with_weights: bool,
+) -> std::result::Result<(PathBuf, String), DownloadError> {
     let mut builder = ApiBuilder::from_cache(Cache::new(access.cache.clone()))
         .with_progress(access.progress)
         .with_token(access.token.clone());
@@ -203,7 +228,7 @@ pub(crate) fn download(
             .into())
         }
     };
-    let plan = plan(repo_id, &index, &repo_files, skip)?;
+    let plan = plan_files(repo_id, &index, &repo_files, skip, with_weights)?;
     for file in &plan.files {
         fetch(file)?;
     }

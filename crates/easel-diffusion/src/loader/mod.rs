@@ -3,6 +3,9 @@
 //! A model reference is resolved to a diffusers folder ([`ModelDir`]):
 //!
 //! * a local folder (absolute or relative path) holding `model_index.json`;
+//! * a single-file checkpoint (`.safetensors` in the original SD 1.x / 2.x /
+//!   XL layout; pickles refused), opened by [`open_single_file`] with the
+//!   settings [`ResolveOptions::single_files`] gives it;
 //! * a folder name found in one of the extra model folders
 //!   ([`ResolveOptions::model_dirs`]);
 //! * a Hugging Face repo id `org/name`, optionally `org/name@revision`
@@ -20,7 +23,9 @@
 mod cache;
 mod family;
 mod hub;
+mod ldm_keys;
 mod model_dir;
+mod single_file;
 mod weights;
 
 use std::path::{Path, PathBuf};
@@ -28,6 +33,10 @@ use std::path::{Path, PathBuf};
 pub(crate) use family::supported_class;
 pub use family::{MaskRule, ModelFamily, StrengthRule, DEFAULT_STRENGTH, SUPPORTED_PIPELINES};
 pub use model_dir::{Component, ComponentKind, ModelDir, ModelSource};
+pub use single_file::{
+    detect as detect_single_file, is_checkpoint_file, open_single_file, Architecture, Detected,
+    SingleFile,
+};
 
 use crate::error::{Error, Result};
 
@@ -61,6 +70,24 @@ pub struct ResolveOptions {
     pub skip_components: Vec<String>,
     /// Show download progress bars on stderr.
     pub progress: bool,
+    /// Settings of single-file checkpoints, by file path (compared after
+    /// resolving symlinks and `..`): the `config` and `prediction_type`
+    /// [`open_single_file`] uses when [`resolve_model`] opens that file
+    /// (the server's registry entries). Default: none (a file takes the
+    /// default config repo of its architecture).
+    pub single_files: Vec<SingleFileSettings>,
+}
+
+/// The `config` / `prediction_type` of one single-file checkpoint (see
+/// [`ResolveOptions::single_files`] and [`open_single_file`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SingleFileSettings {
+    /// The checkpoint file.
+    pub file: PathBuf,
+    /// A diffusers folder or repo id giving its configs and tokenizers.
+    pub config: Option<String>,
+    /// `epsilon`, `v_prediction` or `sample`.
+    pub prediction_type: Option<String>,
 }
 
 impl Default for ResolveOptions {
@@ -73,6 +100,7 @@ impl Default for ResolveOptions {
             endpoint: None,
             skip_components: vec!["safety_checker".to_string()],
             progress: false,
+            single_files: Vec::new(),
         }
     }
 }
@@ -168,8 +196,8 @@ fn parse_repo_id(reference: &str) -> Option<(String, String)> {
 
 /// Resolves a model reference to a diffusers model folder.
 ///
-/// In order: an existing path (it must be a folder holding
-/// `model_index.json`); a folder name in one of [`ResolveOptions::model_dirs`];
+/// In order: an existing path (a folder holding `model_index.json`, or a
+/// single-file checkpoint: see [`open_single_file`]); a folder name in one of [`ResolveOptions::model_dirs`];
 /// a Hugging Face repo id `org/name[@revision]`, taken from the hub cache
 /// when its snapshot is there and complete, else downloaded into it (not
 /// when offline; then an incomplete snapshot is used as it is).
@@ -189,7 +217,7 @@ pub fn resolve_model(reference: &str, options: &ResolveOptions) -> Result<ModelD
     }
     let path = Path::new(reference);
     if path.exists() {
-        return open_local(path, reference);
+        return open_local(path, reference, options);
     }
     if !reference.contains(['/', '\\']) {
         for dir in &options.model_dirs {
@@ -220,12 +248,23 @@ pub fn resolve_model(reference: &str, options: &ResolveOptions) -> Result<ModelD
     }
 }
 
-fn open_local(path: &Path, reference: &str) -> Result<ModelDir> {
+fn open_local(path: &Path, reference: &str, options: &ResolveOptions) -> Result<ModelDir> {
+    if single_file::is_checkpoint_file(path) {
+        let canonical = path.canonicalize().ok();
+        let settings = options.single_files.iter().find(|s| {
+            s.file == path || (canonical.is_some() && s.file.canonicalize().ok() == canonical)
+        });
+        return single_file::open_single_file(
+            path,
+            settings.and_then(|s| s.config.as_deref()),
+            settings.and_then(|s| s.prediction_type.as_deref()),
+            options,
+        );
+    }
     if !path.is_dir() {
         return Err(Error::ModelNotFound(format!(
-            "model `{reference}` is a file, not a diffusers model folder: single-file checkpoints \
-             are not supported; pass a folder with model_index.json (diffusers' \
-             `from_single_file(...).save_pretrained(dir)` makes one)"
+            "model `{reference}` is a file, not a diffusers model folder nor a .safetensors \
+             single-file checkpoint; pass a folder with model_index.json or a .safetensors file"
         )));
     }
     if !path.join("model_index.json").is_file() {
@@ -235,6 +274,79 @@ fn open_local(path: &Path, reference: &str) -> Result<ModelDir> {
         )));
     }
     ModelDir::open_as(path, reference.to_string(), ModelSource::Local)
+}
+
+/// The configs of a single-file checkpoint: a folder name in
+/// [`ResolveOptions::model_dirs`], or a repo id `org/name[@revision]` from
+/// the hub cache, else downloaded into it (config and tokenizer files only,
+/// never weights).
+///
+/// # Errors
+/// [`Error::ModelNotFound`] when it is neither, or the repo is not cached
+/// and cannot be downloaded (offline, network or hub error).
+pub(crate) fn resolve_config_repo(reference: &str, options: &ResolveOptions) -> Result<ModelDir> {
+    let reference = reference.trim();
+    if !reference.contains(['/', '\\']) {
+        for dir in &options.model_dirs {
+            let candidate = dir.join(reference);
+            if candidate.join("model_index.json").is_file() {
+                return ModelDir::open_as(&candidate, reference.to_string(), ModelSource::Local);
+            }
+        }
+    }
+    let Some((repo_id, revision)) = parse_repo_id(reference) else {
+        return Err(Error::ModelNotFound(format!(
+            "config `{reference}`: no such folder, and not a Hugging Face repo id (org/name)"
+        )));
+    };
+    let cache_dir = options.hub_cache()?;
+    let source = |commit: String| ModelSource::HubCache {
+        repo_id: repo_id.clone(),
+        revision: revision.clone(),
+        commit,
+    };
+    let offline = options.is_offline();
+    if let Some(snapshot) = cache::find_snapshot(&cache_dir, &repo_id, &revision) {
+        let dir = ModelDir::open_as(
+            &snapshot.path,
+            reference.to_string(),
+            source(snapshot.commit.clone()),
+        )?;
+        if offline || dir.check_configs(&options.skip_components).is_ok() {
+            return Ok(dir);
+        }
+    }
+    let repo_folder = cache_dir.join(cache::repo_folder_name(&repo_id));
+    if offline {
+        return Err(Error::ModelNotFound(format!(
+            "config repo `{reference}` is not in the Hugging Face cache ({}) and downloads are off \
+             (offline mode or HF_HUB_OFFLINE)",
+            repo_folder.display()
+        )));
+    }
+    let access = hub::HubAccess {
+        cache: cache_dir.clone(),
+        endpoint: options.endpoint.clone().or_else(|| env_var("HF_ENDPOINT")),
+        token: options.hub_token(),
+        progress: options.progress,
+    };
+    match hub::download_files(
+        &repo_id,
+        &revision,
+        &access,
+        &options.skip_components,
+        false,
+    ) {
+        Ok((snapshot, commit)) => {
+            ModelDir::open_as(&snapshot, reference.to_string(), source(commit))
+        }
+        Err(hub::DownloadError::Hub(message)) => Err(Error::ModelNotFound(format!(
+            "config repo `{reference}` is not in the Hugging Face cache ({}) and its configs could \
+             not be downloaded: {message}",
+            repo_folder.display()
+        ))),
+        Err(hub::DownloadError::Model(error)) => Err(error),
+    }
 }
 
 fn resolve_hub(repo_id: &str, revision: &str, options: &ResolveOptions) -> Result<ModelDir> {

@@ -2,9 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+use super::single_file::SingleFile;
 use super::weights::{self, NoWeights, WeightChoice};
 use crate::error::{Error, Result};
 
@@ -99,6 +101,8 @@ pub struct ModelDir {
     components: BTreeMap<String, Component>,
     options: Map<String, Value>,
     random_weights: bool,
+    single_file: Option<Arc<SingleFile>>,
+    prediction_type: Option<String>,
 }
 
 impl ModelDir {
@@ -145,6 +149,8 @@ impl ModelDir {
             components: parsed.components,
             options: parsed.options,
             random_weights: false,
+            single_file: None,
+            prediction_type: None,
         })
     }
 
@@ -155,6 +161,28 @@ impl ModelDir {
     pub fn with_random_weights(mut self, random: bool) -> Self {
         self.random_weights = random;
         self
+    }
+
+    /// Makes this (config) folder the configs of the single-file checkpoint
+    /// `file`, named `name` in messages; `prediction_type` (when given)
+    /// replaces the scheduler config's.
+    pub(crate) fn set_single_file(
+        &mut self,
+        name: String,
+        file: Arc<SingleFile>,
+        prediction_type: Option<String>,
+    ) {
+        self.name = name;
+        self.single_file = Some(file);
+        self.prediction_type = prediction_type;
+    }
+
+    /// The single-file checkpoint the weights come from, when the model was
+    /// opened from one ([`super::open_single_file`]); then this folder only
+    /// gives configs and tokenizers, and a component the file holds is read
+    /// from the file ([`SingleFile::source`]).
+    pub fn single_file(&self) -> Option<&SingleFile> {
+        self.single_file.as_deref()
     }
 
     /// Whether [`Self::with_random_weights`] is on.
@@ -243,7 +271,28 @@ impl ModelDir {
         if !path.is_file() {
             return Err(self.missing(format!("`{name}` config"), path));
         }
-        read_json(&path)
+        let mut config = read_json(&path)?;
+        if let (Some(p), Value::Object(map)) = (&self.prediction_type, &mut config) {
+            if kind == ComponentKind::Scheduler {
+                map.insert("prediction_type".into(), Value::String(p.clone()));
+            }
+        }
+        Ok(config)
+    }
+
+    /// Checks that every component not in `skip` has its folder and config
+    /// (tokenizers: their files), not weights: a folder that gives a
+    /// single-file checkpoint its configs.
+    ///
+    /// # Errors
+    /// As [`Self::component_config`].
+    pub(crate) fn check_configs(&self, skip: &[String]) -> Result<()> {
+        for component in self.components.values() {
+            if !skip.iter().any(|s| s == &component.name) {
+                self.component_config(&component.name)?;
+            }
+        }
+        Ok(())
     }
 
     /// The weight files of a model component: one `.safetensors` file, or

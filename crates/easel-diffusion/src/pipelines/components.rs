@@ -15,7 +15,17 @@ use crate::models::weights::{RandomSource, SafetensorsSource, TensorSource, Weig
 /// Open a component's weights in their stored dtype: its safetensors files
 /// (memory-mapped), or synthesised f16 weights for a
 /// [`ModelDir::with_random_weights`] model.
+///
+/// For a model opened from a single-file checkpoint, the components the
+/// file holds are read from it ([`crate::loader::SingleFile::source`]).
 pub fn component_source(model: &ModelDir, component: &str) -> Result<Arc<dyn TensorSource>> {
+    if let Some(source) = model
+        .single_file()
+        .filter(|_| !model.random_weights())
+        .and_then(|f| f.source(component))
+    {
+        return Ok(source);
+    }
     Ok(if model.random_weights() {
         Arc::new(RandomSource::new(DType::F16))
     } else {

@@ -1,0 +1,557 @@
+//! Single-file checkpoints in the original Stable Diffusion layout (the
+//! `.safetensors` files A1111, Forge and ComfyUI load), opened as a
+//! [`ModelDir`] whose weights come from the file.
+//!
+//! As diffusers' `from_single_file(file, config=...)`: the architecture is
+//! detected from the file's keys and tensor shapes (ComfyUI's
+//! `model_detection`, diffusers' `infer_diffusers_model_type`); configs,
+//! tokenizers and the scheduler config come from a diffusers folder or
+//! repo (`--config`), by default the repo diffusers uses for the detected
+//! architecture (`DIFFUSERS_DEFAULT_PIPELINE_PATHS`), of which only the
+//! config and tokenizer files are downloaded. The weights stay in the
+//! memory-mapped file: each component reads its tensors through a renaming
+//! [`TensorSource`] ([`super::ldm_keys`]).
+//!
+//! Pickle checkpoints (`.ckpt`, `.pt`, `.pth`, `.bin`) are refused: loading
+//! one runs whatever code it holds.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use super::ldm_keys::{self, Op};
+use super::{ModelDir, ModelFamily, ResolveOptions};
+use crate::error::{Error, Result};
+use crate::models::weights::TensorSource;
+
+/// The Stable Diffusion generation a single-file checkpoint holds, as
+/// detected from its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// SD 1.x: OpenAI CLIP text encoder under `cond_stage_model.transformer.`.
+    StableDiffusion1,
+    /// SD 2.x: OpenCLIP text encoder under `cond_stage_model.model.`.
+    StableDiffusion2,
+    /// SDXL base: CLIP-L under `conditioner.embedders.0.transformer.`,
+    /// OpenCLIP bigG under `conditioner.embedders.1.model.`.
+    StableDiffusionXl,
+}
+
+impl Architecture {
+    /// The model family its pipeline belongs to.
+    pub fn family(self) -> ModelFamily {
+        match self {
+            Architecture::StableDiffusionXl => ModelFamily::StableDiffusionXl,
+            _ => ModelFamily::StableDiffusion,
+        }
+    }
+
+    /// Its name in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Architecture::StableDiffusion1 => "Stable Diffusion 1.x",
+            Architecture::StableDiffusion2 => "Stable Diffusion 2.x",
+            Architecture::StableDiffusionXl => "Stable Diffusion XL",
+        }
+    }
+}
+
+/// What the keys of a checkpoint say about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Detected {
+    /// The architecture.
+    pub architecture: Architecture,
+    /// Whether the UNet takes 9 input channels (an inpainting model).
+    pub inpainting: bool,
+    /// `Some(true)` when the file says it predicts v (a `v_pred` key, as
+    /// ComfyUI saves; or, for SD 2.x of real size, ComfyUI's test of the
+    /// spread of `output_blocks.11.1.transformer_blocks.0.norm1.bias`),
+    /// `Some(false)` when that test says epsilon, `None` when the file does
+    /// not tell.
+    pub v_prediction: Option<bool>,
+}
+
+impl Detected {
+    /// The diffusers repo whose configs and tokenizers a checkpoint of this
+    /// kind uses when no `--config` is given, as diffusers'
+    /// `DIFFUSERS_DEFAULT_PIPELINE_PATHS` (SD 2.x epsilon: the 512 `-base`).
+    pub fn default_config_repo(&self) -> &'static str {
+        match (self.architecture, self.inpainting) {
+            (Architecture::StableDiffusion1, false) => {
+                "stable-diffusion-v1-5/stable-diffusion-v1-5"
+            }
+            (Architecture::StableDiffusion1, true) => {
+                "stable-diffusion-v1-5/stable-diffusion-inpainting"
+            }
+            (Architecture::StableDiffusion2, true) => "stabilityai/stable-diffusion-2-inpainting",
+            (Architecture::StableDiffusion2, false) if self.v_prediction == Some(false) => {
+                "stabilityai/stable-diffusion-2-1-base"
+            }
+            (Architecture::StableDiffusion2, false) => "stabilityai/stable-diffusion-2-1",
+            (Architecture::StableDiffusionXl, false) => "stabilityai/stable-diffusion-xl-base-1.0",
+            (Architecture::StableDiffusionXl, true) => {
+                "diffusers/stable-diffusion-xl-1.0-inpainting-0.1"
+            }
+        }
+    }
+}
+
+/// File extensions of pickle checkpoints, refused.
+const PICKLE_EXTENSIONS: [&str; 4] = ["ckpt", "pt", "pth", "bin"];
+
+/// The UNet, VAE and text encoder key prefixes of the LDM layout.
+const UNET: &str = "model.diffusion_model.";
+const VAE: &str = "first_stage_model.";
+const SD1_CLIP: &str = "cond_stage_model.transformer.";
+const SD2_CLIP: &str = "cond_stage_model.model.";
+const XL_CLIP_L: &str = "conditioner.embedders.0.transformer.";
+const XL_CLIP_G: &str = "conditioner.embedders.1.model.";
+
+/// Whether `path` names a file that [`open_single_file`] is the loader of
+/// (or refuses): a file (not a folder) ending in `.safetensors` or a
+/// pickle extension.
+pub fn is_checkpoint_file(path: &Path) -> bool {
+    path.is_file()
+        && path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+            let e = e.to_ascii_lowercase();
+            e == "safetensors" || PICKLE_EXTENSIONS.contains(&e.as_str())
+        })
+}
+
+/// The refusal of a pickle checkpoint, with how to convert it.
+fn pickle_refusal(path: &Path) -> Error {
+    Error::invalid(
+        "model",
+        format!(
+            "{} is a pickle checkpoint (.ckpt / .pt / .pth / .bin): loading one can run any code \
+             it holds, so easel does not read them. Convert it to .safetensors once, in a Python \
+             environment you trust with the file: `python -c \"import torch, safetensors.torch as s; \
+             sd = torch.load('{name}', map_location='cpu', weights_only=True); \
+             sd = sd.get('state_dict', sd); s.save_file({{k: v.clone() for k, v in sd.items() \
+             if isinstance(v, torch.Tensor)}}, '{stem}.safetensors')\"` (weights_only=True refuses \
+             code), or download the .safetensors version most checkpoints are also published as",
+            path.display(),
+            name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+            stem = path
+                .file_stem()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default(),
+        ),
+    )
+}
+
+/// Detects the architecture of a checkpoint from its keys and shapes.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] (field `model`) when the keys match no
+/// supported layout, naming the layouts looked for and the file's top-level
+/// key prefixes; FLUX (Black Forest Labs layout) and SDXL refiner files are
+/// named as not supported yet.
+pub fn detect(file: &Path, tensors: &MmapedSafetensors) -> Result<Detected> {
+    let keys: Vec<String> = tensors.tensors().into_iter().map(|(k, _)| k).collect();
+    let has_prefix = |p: &str| keys.iter().any(|k| k.starts_with(p));
+    let unsupported = |what: &str| {
+        Error::invalid(
+            "model",
+            format!(
+                "{}: {what} single-file checkpoints are not supported yet; use a diffusers folder \
+                 or repo (diffusers' `from_single_file(...).save_pretrained(dir)` makes one)",
+                file.display()
+            ),
+        )
+    };
+    if has_prefix("double_blocks.") || has_prefix("model.diffusion_model.double_blocks.") {
+        return Err(unsupported("FLUX (Black Forest Labs layout)"));
+    }
+    let architecture =
+        if has_prefix(XL_CLIP_L) && has_prefix(&format!("{XL_CLIP_G}transformer.resblocks.")) {
+            Some(Architecture::StableDiffusionXl)
+        } else if has_prefix("conditioner.embedders.0.model.") {
+            return Err(unsupported("SDXL refiner"));
+        } else if has_prefix(&format!("{SD2_CLIP}transformer.resblocks.")) {
+            Some(Architecture::StableDiffusion2)
+        } else if has_prefix(SD1_CLIP) {
+            Some(Architecture::StableDiffusion1)
+        } else {
+            None
+        };
+    let conv_in = tensors
+        .get(&format!("{UNET}input_blocks.0.0.weight"))
+        .ok()
+        .map(|v| v.shape().to_vec());
+    let (Some(architecture), Some(conv_in), true) = (architecture, conv_in, has_prefix(VAE)) else {
+        let prefixes: BTreeSet<String> = keys
+            .iter()
+            .map(|k| {
+                let mut parts = k.splitn(3, '.');
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some(a), Some(b), Some(_)) => format!("{a}.{b}.*"),
+                    _ => k.clone(),
+                }
+            })
+            .collect();
+        let found: Vec<String> = prefixes.into_iter().take(12).collect();
+        let hint = if keys.iter().any(|k| k.contains("lora")) {
+            " (this looks like a LoRA adapter: pass it with --lora / `loras`)"
+        } else {
+            ""
+        };
+        return Err(Error::invalid(
+            "model",
+            format!(
+                "{}: its keys match no supported single-file layout. Looked for the original \
+                 (LDM / A1111) layout: a UNet under `{UNET}*` (with `{UNET}input_blocks.0.0.weight`), \
+                 a VAE under `{VAE}*`, and a text encoder under `{SD1_CLIP}*` (SD 1.x), \
+                 `{SD2_CLIP}transformer.resblocks.*` (SD 2.x) or `{XL_CLIP_L}*` + \
+                 `{XL_CLIP_G}*` (SDXL). Found {} keys, starting: {}{hint}",
+                file.display(),
+                keys.len(),
+                if found.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    found.join(", ")
+                }
+            ),
+        ));
+    };
+    let inpainting = match conv_in.get(1) {
+        Some(4) => false,
+        Some(9) => true,
+        other => {
+            return Err(Error::invalid(
+                "model",
+                format!(
+                    "{}: the UNet's conv_in takes {other:?} channels; supported: 4 \
+                     (text-to-image) or 9 (inpainting)",
+                    file.display()
+                ),
+            ))
+        }
+    };
+    let v_prediction = if keys.iter().any(|k| k == "v_pred") {
+        Some(true)
+    } else if architecture == Architecture::StableDiffusion2 && !inpainting {
+        // ComfyUI's `SD20.model_type`: a v model's last attention block
+        // has norm biases spread wider than an epsilon one's.
+        let key = format!("{UNET}output_blocks.11.1.transformer_blocks.0.norm1.bias");
+        match tensors.load(&key, &Device::Cpu) {
+            Ok(t) => {
+                let t = t.to_dtype(DType::F32)?.flatten_all()?;
+                let mean = t.mean_all()?.to_scalar::<f32>()?;
+                let var = t
+                    .broadcast_sub(&Tensor::new(mean, &Device::Cpu)?)?
+                    .sqr()?
+                    .mean_all()?
+                    .to_scalar::<f32>()?;
+                Some(var.sqrt() > 0.09)
+            }
+            Err(_) => None,
+        }
+    } else {
+        None
+    };
+    Ok(Detected {
+        architecture,
+        inpainting,
+        v_prediction,
+    })
+}
+
+/// One component's renames: diffusers key -> (file key, how it is reshaped).
+type KeyMap = HashMap<String, (String, Op)>;
+
+/// A single-file checkpoint: the mapped file, what it holds, and for each
+/// component the diffusers keys it provides.
+pub struct SingleFile {
+    path: PathBuf,
+    detected: Detected,
+    tensors: Arc<MmapedSafetensors>,
+    components: BTreeMap<String, Arc<KeyMap>>,
+}
+
+impl fmt::Debug for SingleFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SingleFile")
+            .field("path", &self.path)
+            .field("detected", &self.detected)
+            .field("components", &self.components.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl SingleFile {
+    /// The checkpoint file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What was detected from its keys.
+    pub fn detected(&self) -> Detected {
+        self.detected
+    }
+
+    /// The components whose weights the file holds.
+    pub fn components(&self) -> impl Iterator<Item = &str> {
+        self.components.keys().map(String::as_str)
+    }
+
+    /// The weights of `component`, read from the file under their diffusers
+    /// names; `None` when the file does not hold that component.
+    pub fn source(&self, component: &str) -> Option<Arc<dyn TensorSource>> {
+        let map = self.components.get(component)?;
+        Some(Arc::new(RenamedSource {
+            path: self.path.clone(),
+            tensors: self.tensors.clone(),
+            map: map.clone(),
+        }))
+    }
+}
+
+/// One component's weights in a single file, by diffusers key.
+struct RenamedSource {
+    path: PathBuf,
+    tensors: Arc<MmapedSafetensors>,
+    map: Arc<KeyMap>,
+}
+
+impl TensorSource for RenamedSource {
+    fn tensor(&self, name: &str, shape: &[usize], device: &Device) -> Result<Option<Tensor>> {
+        let Some((key, op)) = self.map.get(name) else {
+            return Ok(None);
+        };
+        let t = self.tensors.load(key, device)?;
+        Ok(Some(match *op {
+            Op::Same => t,
+            Op::Reshape
+                if t.dims() != shape && t.elem_count() == shape.iter().product::<usize>() =>
+            {
+                t.reshape(shape)?
+            }
+            Op::Reshape => t,
+            Op::Transpose => t.t()?.contiguous()?,
+            Op::Chunk { index, parts } => {
+                let rows = t.dim(0)? / parts;
+                if rows * parts != t.dim(0)? {
+                    return Err(Error::config(
+                        "single file",
+                        format!(
+                            "{}: `{key}` has {} rows, not a multiple of {parts}",
+                            self.path.display(),
+                            t.dim(0)?
+                        ),
+                    ));
+                }
+                t.narrow(0, index * rows, rows)?.contiguous()?
+            }
+        }))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.map.contains_key(name)
+    }
+
+    fn origin(&self) -> PathBuf {
+        self.path.clone()
+    }
+
+    fn keys(&self) -> Vec<String> {
+        self.map.keys().cloned().collect()
+    }
+}
+
+/// Opens the single-file checkpoint `file` as a model: its weights, with
+/// the configs and tokenizers of `config` (a diffusers folder, or a repo id
+/// `org/name[@revision]` resolved as [`super::resolve_model`] does but
+/// downloading only config and tokenizer files); without `config`, the
+/// default repo of the detected architecture
+/// ([`Detected::default_config_repo`]). `prediction_type`
+/// (`epsilon` / `v_prediction` / `sample`) overrides the scheduler's, else
+/// what the file tells ([`Detected::v_prediction`]) does.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for a pickle file, a file that is not
+/// safetensors, keys of no supported layout ([`detect`]), a config of
+/// another family, or an unknown `prediction_type`;
+/// [`Error::ModelNotFound`] when the config repo is not cached and cannot
+/// be downloaded (the message names `--config`).
+pub fn open_single_file(
+    file: &Path,
+    config: Option<&str>,
+    prediction_type: Option<&str>,
+    options: &ResolveOptions,
+) -> Result<ModelDir> {
+    let ext = file
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    if PICKLE_EXTENSIONS.contains(&ext.as_str()) {
+        return Err(pickle_refusal(file));
+    }
+    if let Some(p) = prediction_type {
+        if !matches!(p, "epsilon" | "v_prediction" | "sample") {
+            return Err(Error::invalid(
+                "prediction_type",
+                format!("`{p}` is not a prediction type; allowed: epsilon, v_prediction, sample"),
+            ));
+        }
+    }
+    if !file.is_file() {
+        return Err(Error::io(
+            file,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "checkpoint file not found"),
+        ));
+    }
+    // SAFETY: read-only mapping; like every safetensors loader we rely on
+    // the file not being truncated while mapped.
+    let tensors = unsafe { MmapedSafetensors::new(file) }.map_err(|e| {
+        Error::invalid(
+            "model",
+            format!(
+                "{} is not a readable safetensors file ({e}); single files must be .safetensors",
+                file.display()
+            ),
+        )
+    })?;
+    let detected = detect(file, &tensors)?;
+    let config_ref = config.unwrap_or(detected.default_config_repo());
+    let mut model = if Path::new(config_ref).exists() {
+        ModelDir::open(config_ref)?
+    } else {
+        super::resolve_config_repo(config_ref, options).map_err(|e| match (config, e) {
+            (None, Error::ModelNotFound(m)) => Error::ModelNotFound(format!(
+                "{}: detected {}; its configs and tokenizers come from `{config_ref}` by \
+                 default, which is not usable: {m}. Pass --config (server: `config`) with a \
+                 diffusers folder or repo id of the same architecture",
+                file.display(),
+                detected.architecture.name()
+            )),
+            (_, e) => e,
+        })?
+    };
+    if model.family() != Some(detected.architecture.family()) {
+        return Err(Error::invalid(
+            "config",
+            format!(
+                "{} is {} but the config `{config_ref}` is a {} model; pass a config of the same \
+                 architecture",
+                file.display(),
+                detected.architecture.name(),
+                model.pipeline_class()
+            ),
+        ));
+    }
+    let components = component_maps(&model, &detected, &tensors)?;
+    let prediction = prediction_type
+        .map(str::to_string)
+        .or(match detected.v_prediction {
+            Some(true) => Some("v_prediction".to_string()),
+            Some(false) => Some("epsilon".to_string()),
+            None => None,
+        });
+    model.set_single_file(
+        file.display().to_string(),
+        Arc::new(SingleFile {
+            path: file.to_path_buf(),
+            detected,
+            tensors: Arc::new(tensors),
+            components,
+        }),
+        prediction,
+    );
+    Ok(model)
+}
+
+/// Each component's diffusers keys and the file keys they come from.
+fn component_maps(
+    model: &ModelDir,
+    detected: &Detected,
+    tensors: &MmapedSafetensors,
+) -> Result<BTreeMap<String, Arc<KeyMap>>> {
+    let unet_config = model.component_config("unet")?;
+    let layers_per_block = unet_config
+        .get("layers_per_block")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| {
+            Error::config(
+                "unet",
+                "single file: the config has no integer `layers_per_block` (a list is not supported)",
+            )
+        })? as usize;
+    let vae_config = model.component_config("vae")?;
+    let up_blocks = vae_config
+        .get("block_out_channels")
+        .and_then(Value::as_array)
+        .map(Vec::len)
+        .ok_or_else(|| Error::config("vae", "the config has no `block_out_channels`"))?;
+
+    let mut maps: BTreeMap<String, KeyMap> = BTreeMap::new();
+    let mut put = |component: &str, diffusers: String, key: &str, op: Op| {
+        maps.entry(component.to_string())
+            .or_default()
+            .insert(diffusers, (key.to_string(), op));
+    };
+    let (clip, open_clip) = match detected.architecture {
+        Architecture::StableDiffusion1 => (Some(("text_encoder", SD1_CLIP)), None),
+        Architecture::StableDiffusion2 => (None, Some(("text_encoder", SD2_CLIP))),
+        Architecture::StableDiffusionXl => (
+            Some(("text_encoder", XL_CLIP_L)),
+            Some(("text_encoder_2", XL_CLIP_G)),
+        ),
+    };
+    for (key, _) in tensors.tensors() {
+        if let Some(rest) = key.strip_prefix(UNET) {
+            if let Some(d) = ldm_keys::unet_key(rest, layers_per_block) {
+                put("unet", d, &key, Op::Same);
+            }
+        } else if let Some(rest) = key.strip_prefix(VAE) {
+            if let Some((d, op)) = ldm_keys::vae_key(rest, up_blocks) {
+                put("vae", d, &key, op);
+            }
+        } else if let Some(rest) = clip.and_then(|(_, p)| key.strip_prefix(p)) {
+            let component = clip.map_or("", |(c, _)| c);
+            put(component, ldm_keys::clip_key(rest), &key, Op::Same);
+        } else if let Some(rest) = open_clip.and_then(|(_, p)| key.strip_prefix(p)) {
+            let component = open_clip.map_or("", |(c, _)| c);
+            for (d, op) in ldm_keys::open_clip_keys(rest) {
+                put(component, d, &key, op);
+            }
+        }
+    }
+    Ok(maps.into_iter().map(|(k, v)| (k, Arc::new(v))).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_repos_follow_diffusers() {
+        let d = |architecture, inpainting, v_prediction| Detected {
+            architecture,
+            inpainting,
+            v_prediction,
+        };
+        assert_eq!(
+            d(Architecture::StableDiffusion1, false, None).default_config_repo(),
+            "stable-diffusion-v1-5/stable-diffusion-v1-5"
+        );
+        assert_eq!(
+            d(Architecture::StableDiffusion2, false, None).default_config_repo(),
+            "stabilityai/stable-diffusion-2-1"
+        );
+        assert_eq!(
+            d(Architecture::StableDiffusion2, false, Some(false)).default_config_repo(),
+            "stabilityai/stable-diffusion-2-1-base"
+        );
+        assert_eq!(
+            d(Architecture::StableDiffusionXl, false, None).default_config_repo(),
+            "stabilityai/stable-diffusion-xl-base-1.0"
+        );
+    }
+}
