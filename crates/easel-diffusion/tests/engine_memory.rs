@@ -83,10 +83,24 @@ fn tokenizer_bytes(model: &ModelDir) -> i64 {
     bytes
 }
 
+/// Copy the folder `from` to `to` without its `.safetensors` files.
+fn copy_without_weights(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_without_weights(&path, &target);
+        } else if path.extension().is_none_or(|e| e != "safetensors") {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}
+
 #[test]
 fn estimate_matches_loaded_tensor_bytes_for_every_fixture_model() {
     let mut report = Vec::new();
-    for name in [
+    let folders = [
         "tiny-sd15",
         "tiny-sd15-inpaint",
         "tiny-sd2-v",
@@ -94,8 +108,34 @@ fn estimate_matches_loaded_tensor_bytes_for_every_fixture_model() {
         "tiny-flux-schnell",
         "tiny-flux-dev",
         "tiny-flux-fill",
-    ] {
-        let model = ModelDir::open(common::model(name)).unwrap();
+    ]
+    .map(|name| {
+        (
+            name.to_string(),
+            ModelDir::open(common::model(name)).unwrap(),
+        )
+    });
+    // Single-file checkpoints (LDM layout) with a config folder that holds
+    // no weights (as `--config` usually is): the estimate must count the
+    // file's tensors under the names the model loads.
+    let configs = tempfile::tempdir().unwrap();
+    let single_files = ["tiny-sd15", "tiny-sd2-v", "tiny-sdxl"].map(|name| {
+        let file = common::fixtures().join(format!("generated/single_file/{name}.safetensors"));
+        let config = configs.path().join(name);
+        copy_without_weights(&common::model(name), &config);
+        let model = easel_diffusion::loader::open_single_file(
+            &file,
+            Some(config.to_str().unwrap()),
+            None,
+            &easel_diffusion::loader::ResolveOptions {
+                offline: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        (format!("{name} (single file)"), model)
+    });
+    for (name, model) in folders.into_iter().chain(single_files) {
         let estimate = estimate_model_bytes(&model) as f64;
         // Warm one load up first: lazily initialised statics (thread pools,
         // kernel tables) are allocated once and would count as weights.

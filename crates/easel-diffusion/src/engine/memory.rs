@@ -121,14 +121,29 @@ pub fn estimate_model_bytes(model: &ModelDir) -> u64 {
     };
     let mut total = 0;
     for &component in family.weight_components() {
+        let keeps_base = family.lora_components().contains(&component);
+        let mut count = |t: TensorInfo| {
+            let (held, base_copy) = tensor_bytes(&t);
+            total += held + if keeps_base { base_copy } else { 0 };
+        };
+        // A single-file checkpoint's components come from the file (under
+        // their diffusers names), not from the config folder.
+        let from_file = model
+            .single_file()
+            .map(|f| f.tensor_infos(component))
+            .unwrap_or_default();
+        if !from_file.is_empty() {
+            for (name, dtype, shape) in from_file {
+                count(TensorInfo { name, dtype, shape });
+            }
+            continue;
+        }
         let Ok(files) = model.weight_files(component) else {
             continue;
         };
-        let keeps_base = family.lora_components().contains(&component);
         for file in files {
             for t in header(&file).unwrap_or_default() {
-                let (held, base_copy) = tensor_bytes(&t);
-                total += held + if keeps_base { base_copy } else { 0 };
+                count(t);
             }
         }
     }

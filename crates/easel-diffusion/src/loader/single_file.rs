@@ -300,6 +300,31 @@ impl SingleFile {
         self.components.keys().map(String::as_str)
     }
 
+    /// The tensors the file holds for `component`, as the model will load
+    /// them, read from the header only: `(diffusers name, safetensors dtype
+    /// name (`F16`, `BF16`, `F32`, ...), shape)`; a fused tensor split into
+    /// parts (OpenCLIP's `in_proj`) counts once per part with its share of
+    /// rows, a transposed one with its dimensions swapped. Empty when the
+    /// file does not hold `component`. For the model cache's estimate
+    /// ([`crate::engine::estimate_model_bytes`]).
+    pub fn tensor_infos(&self, component: &str) -> Vec<(String, String, Vec<usize>)> {
+        let Some(map) = self.components.get(component) else {
+            return Vec::new();
+        };
+        map.iter()
+            .filter_map(|(name, (key, op))| {
+                let view = self.tensors.get(key).ok()?;
+                let mut shape = view.shape().to_vec();
+                match *op {
+                    Op::Chunk { parts, .. } if !shape.is_empty() => shape[0] /= parts.max(1),
+                    Op::Transpose => shape.reverse(),
+                    _ => {}
+                }
+                Some((name.clone(), format!("{:?}", view.dtype()), shape))
+            })
+            .collect()
+    }
+
     /// The weights of `component`, read from the file under their diffusers
     /// names; `None` when the file does not hold that component.
     pub fn source(&self, component: &str) -> Option<Arc<dyn TensorSource>> {
