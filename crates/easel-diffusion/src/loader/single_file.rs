@@ -564,10 +564,12 @@ pub fn open_single_file(
         ModelDir::open(config_ref)?
     } else if detected.transformer_only() {
         // A transformer-only file: the text encoders and the VAE are the
-        // config repo's, downloaded with it (all but its transformer).
-        let mut options = options.clone();
-        options.skip_components.push("transformer".to_string());
-        super::resolve_model(config_ref, &options).map_err(not_usable)?
+        // config repo's, downloaded with it (all weights but the
+        // transformer's), then every config (the transformer's included).
+        let mut weights = options.clone();
+        weights.skip_components.push("transformer".to_string());
+        super::resolve_model(config_ref, &weights).map_err(not_usable)?;
+        super::resolve_config_repo(config_ref, options).map_err(not_usable)?
     } else {
         super::resolve_config_repo(config_ref, options).map_err(not_usable)?
     };
