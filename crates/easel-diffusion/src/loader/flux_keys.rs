@@ -128,6 +128,17 @@ mod tests {
                 ),
             ]
         );
+        // FLUX.1 at real size: width 3072, MLP 4 x 3072.
+        assert_eq!(
+            flux_keys("single_blocks.37.linear1.bias", 21504, 3072)[3],
+            (
+                "single_transformer_blocks.37.proj_mlp.bias".to_string(),
+                Op::Rows {
+                    start: 9216,
+                    len: 12288
+                }
+            )
+        );
         // Too few rows for q, k, v of that width: no mapping.
         assert!(flux_keys("single_blocks.3.linear1.weight", 96, 32).is_empty());
         assert_eq!(
