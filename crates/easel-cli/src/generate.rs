@@ -31,9 +31,11 @@ pub struct GenerateArgs {
     pub model: String,
     /// For a single-file --model: the diffusers folder or repo id whose
     /// configs, tokenizers and scheduler config it uses (as diffusers'
-    /// `from_single_file(..., config=...)`) [default: the standard repo of
-    /// the detected architecture, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5;
-    /// only its config files are downloaded].
+    /// `from_single_file(..., config=...)`); for a FLUX transformer-only
+    /// file also its text encoders and VAE [default: the standard repo of
+    /// the detected architecture, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5
+    /// or black-forest-labs/FLUX.1-dev; only its config files are
+    /// downloaded, for FLUX all but the transformer].
     #[arg(long, value_name = "DIR_OR_REPO")]
     pub config: Option<String>,
     /// For a single-file --model: the scheduler's prediction type, `epsilon`

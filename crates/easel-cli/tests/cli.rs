@@ -1389,3 +1389,78 @@ fn generate_from_a_single_file_with_config() {
     assert!(stderr(&o).contains("not a file"), "{}", stderr(&o));
     assert!(!bad.exists());
 }
+
+/// `--model flux.safetensors --config DIR`: a FLUX.1 schnell transformer
+/// in Black Forest Labs' layout with ComfyUI's `model.diffusion_model.`
+/// prefix (`tools/gen_flux_single_files.py`) and a config folder holding
+/// every component but the transformer reproduces the folder's diffusers
+/// PNG within one level.
+#[test]
+fn generate_from_a_flux_transformer_file_with_config() {
+    let refs = fixtures().join("references");
+    let case = "flux_schnell_txt2img";
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(refs.join(format!("{case}.json"))).unwrap())
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The fixture folder without its transformer weights.
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let path = entry.unwrap().path();
+            let target = to.join(path.file_name().unwrap());
+            if path.is_dir() {
+                copy(&path, &target);
+            } else if !(from.ends_with("transformer")
+                && path.extension().is_some_and(|e| e == "safetensors"))
+            {
+                std::fs::copy(&path, &target).unwrap();
+            }
+        }
+    }
+    let config = dir.path().join("config");
+    copy(&fixtures().join("models/tiny-flux-schnell"), &config);
+    let out = dir.path().join("out.png");
+    let file = fixtures().join("generated/single_file/tiny-flux-schnell.safetensors");
+    let num = |k: &str| c[k].to_string();
+    let (steps, guidance, seed, width, height, max_len) = (
+        num("num_inference_steps"),
+        num("guidance_scale"),
+        num("seed"),
+        num("width"),
+        num("height"),
+        num("max_sequence_length"),
+    );
+    let args = vec![
+        "generate",
+        "--model",
+        file.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--prompt",
+        c["prompt"].as_str().unwrap(),
+        "--steps",
+        &steps,
+        "--guidance-scale",
+        &guidance,
+        "--seed",
+        &seed,
+        "--width",
+        &width,
+        "--height",
+        &height,
+        "--max-sequence-length",
+        &max_len,
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    let o = easel(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (_, _, got) = rgb8(&out);
+    let (_, _, want) = rgb8(&refs.join(format!("{case}.0.png")));
+    let d = max_level_diff(&got, &want);
+    assert!(
+        d <= 1,
+        "{case} from a FLUX single file: max difference {d} levels"
+    );
+}

@@ -83,15 +83,18 @@ fn tokenizer_bytes(model: &ModelDir) -> i64 {
     bytes
 }
 
-/// Copy the folder `from` to `to` without its `.safetensors` files.
-fn copy_without_weights(from: &std::path::Path, to: &std::path::Path) {
+/// Copy the folder `from` to `to` without its `.safetensors` files (with
+/// `flux`, without its transformer's only: a FLUX single file holds only
+/// the transformer, the rest comes from the config folder).
+fn copy_without_weights(from: &std::path::Path, to: &std::path::Path, flux: bool) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
         let path = entry.unwrap().path();
         let target = to.join(path.file_name().unwrap());
+        let weights = path.extension().is_some_and(|e| e == "safetensors");
         if path.is_dir() {
-            copy_without_weights(&path, &target);
-        } else if path.extension().is_none_or(|e| e != "safetensors") {
+            copy_without_weights(&path, &target, flux);
+        } else if !weights || (flux && !from.ends_with("transformer")) {
             std::fs::copy(&path, &target).unwrap();
         }
     }
@@ -116,13 +119,23 @@ fn estimate_matches_loaded_tensor_bytes_for_every_fixture_model() {
         )
     });
     // Single-file checkpoints (LDM layout) with a config folder that holds
-    // no weights (as `--config` usually is): the estimate must count the
-    // file's tensors under the names the model loads.
+    // no weights (as `--config` usually is), and FLUX transformer-only
+    // files (BFL layout) with a config folder without transformer weights:
+    // the estimate must count the file's tensors under the names the model
+    // loads (fused qkv / linear1 split into their parts).
     let configs = tempfile::tempdir().unwrap();
-    let single_files = ["tiny-sd15", "tiny-sd2-v", "tiny-sdxl"].map(|name| {
+    let single_files = [
+        "tiny-sd15",
+        "tiny-sd2-v",
+        "tiny-sdxl",
+        "tiny-flux-dev",
+        "tiny-flux-schnell",
+        "tiny-flux-fill",
+    ]
+    .map(|name| {
         let file = common::fixtures().join(format!("generated/single_file/{name}.safetensors"));
         let config = configs.path().join(name);
-        copy_without_weights(&common::model(name), &config);
+        copy_without_weights(&common::model(name), &config, name.contains("flux"));
         let model = easel_diffusion::loader::open_single_file(
             &file,
             Some(config.to_str().unwrap()),

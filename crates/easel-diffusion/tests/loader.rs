@@ -711,13 +711,15 @@ fn single_files_of_unknown_layouts_are_refused_naming_what_was_looked_for() {
         "{err}"
     );
     assert!(err.contains("looks like a LoRA adapter"), "{err}");
-    // FLUX in Black Forest Labs' layout: recognised, not supported yet.
+    // FLUX in Black Forest Labs' layout without the `img_in` its kind is
+    // told by: refused naming the tensor and the widths supported.
     let flux = write("flux.safetensors", &["double_blocks.0.img_attn.qkv.weight"]);
     let err = resolve_model(flux.to_str().unwrap(), &offline(tmp.path()))
         .unwrap_err()
         .to_string();
     assert!(err.contains("FLUX"), "{err}");
-    assert!(err.contains("not supported yet"), "{err}");
+    assert!(err.contains("img_in.weight"), "{err}");
+    assert!(err.contains("[width, 384]"), "{err}");
     // Not safetensors at all.
     let junk = tmp.path().join("junk.safetensors");
     std::fs::write(&junk, b"not a safetensors file").unwrap();
@@ -845,4 +847,112 @@ fn sd2_prediction_type_is_detected_from_real_size_weights() {
     );
     let err = detect("odd.safetensors", 0.02, 5).unwrap_err().to_string();
     assert!(err.contains("supported: 4"), "{err}");
+}
+
+// FLUX transformer-only single files (BFL layout, issue 14).
+
+#[test]
+fn flux_single_files_are_told_apart_by_guidance_and_img_in_width() {
+    use easel_diffusion::loader::{detect_single_file, Architecture, ModelFamily};
+    for (name, architecture, fill, repo) in [
+        (
+            "tiny-flux-dev",
+            Architecture::FluxDev,
+            false,
+            "black-forest-labs/FLUX.1-dev",
+        ),
+        (
+            "tiny-flux-schnell",
+            Architecture::FluxSchnell,
+            false,
+            "black-forest-labs/FLUX.1-schnell",
+        ),
+        (
+            "tiny-flux-fill",
+            Architecture::FluxDev,
+            true,
+            "black-forest-labs/FLUX.1-Fill-dev",
+        ),
+    ] {
+        let file = single_file(name);
+        // SAFETY: a fixture file nobody writes while the test runs.
+        let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::new(&file) }.unwrap();
+        let detected = detect_single_file(&file, &tensors).unwrap();
+        assert_eq!(detected.architecture, architecture, "{name}");
+        assert_eq!(detected.inpainting, fill, "{name}");
+        assert!(detected.transformer_only(), "{name}");
+        assert_eq!(detected.default_config_repo(), repo, "{name}");
+        let family = if fill {
+            ModelFamily::FluxFill
+        } else {
+            ModelFamily::Flux
+        };
+        assert_eq!(detected.family(), family, "{name}");
+    }
+}
+
+#[test]
+fn flux_single_file_takes_other_components_from_the_default_repo() {
+    // No --config: the FLUX.1-dev repo from the hub cache gives the text
+    // encoders, VAE, tokenizers and scheduler; its transformer weights are
+    // not needed (removed here), the file's are read.
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = tmp.path().join("hub");
+    let snapshot = add_snapshot(
+        &hub,
+        "black-forest-labs/FLUX.1-dev",
+        MAIN,
+        &["main"],
+        &fixtures().join("models/tiny-flux-dev"),
+    );
+    std::fs::remove_file(snapshot.join("transformer/diffusion_pytorch_model.safetensors")).unwrap();
+    let file = single_file("tiny-flux-dev");
+    let model = resolve_model(file.to_str().unwrap(), &offline(&hub)).unwrap();
+    assert_eq!(
+        model.family(),
+        Some(easel_diffusion::loader::ModelFamily::Flux)
+    );
+    let single = model.single_file().unwrap();
+    assert_eq!(single.components().collect::<Vec<_>>(), ["transformer"]);
+    let infos = single.tensor_infos("transformer");
+    let find = |n: &str| {
+        infos
+            .iter()
+            .find(|(k, _, _)| k == n)
+            .map(|(_, _, s)| s.clone())
+    };
+    // linear1 [3*32 + 128, 32] splits by the width img_in gives (32).
+    assert_eq!(
+        find("single_transformer_blocks.1.attn.to_v.weight"),
+        Some(vec![32, 32])
+    );
+    assert_eq!(
+        find("single_transformer_blocks.1.proj_mlp.weight"),
+        Some(vec![128, 32])
+    );
+    assert_eq!(find("norm_out.linear.weight"), Some(vec![64, 32]));
+    // Without the repo in the cache: an error naming it and --config.
+    let err = resolve_model(file.to_str().unwrap(), &offline(&tmp.path().join("empty")))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("black-forest-labs/FLUX.1-dev"), "{err}");
+    assert!(err.contains("--config"), "{err}");
+    assert!(err.contains("text encoders and VAE"), "{err}");
+}
+
+#[test]
+fn flux_single_file_config_must_be_flux() {
+    let err = easel_diffusion::loader::open_single_file(
+        &single_file("tiny-flux-schnell"),
+        Some(tiny_sd15().to_str().unwrap()),
+        None,
+        &ResolveOptions {
+            offline: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("FLUX.1 schnell"), "{err}");
+    assert!(err.contains("StableDiffusionPipeline"), "{err}");
 }

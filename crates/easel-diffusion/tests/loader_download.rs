@@ -155,8 +155,9 @@ fn serve(
 
 /// tiny-sd15 as a hub repository, plus what a real one also holds: pickle
 /// weights, a safety checker, fp16 variants, a sharded text encoder.
-fn served_repo() -> BTreeMap<String, Vec<u8>> {
-    let root = fixtures().join("models/tiny-sd15");
+/// The files of fixture model `name`, by path in the repo.
+fn served(name: &str) -> BTreeMap<String, Vec<u8>> {
+    let root = fixtures().join("models").join(name);
     let mut files = BTreeMap::new();
     let mut stack = vec![root.clone()];
     while let Some(dir) = stack.pop() {
@@ -175,6 +176,13 @@ fn served_repo() -> BTreeMap<String, Vec<u8>> {
             }
         }
     }
+    files
+}
+
+/// tiny-sd15 as served, with what a real repo also holds (a safety
+/// checker, fp16 and pickle variants, a sharded text encoder).
+fn served_repo() -> BTreeMap<String, Vec<u8>> {
+    let mut files = served("tiny-sd15");
     let mut index: serde_json::Value = serde_json::from_slice(&files["model_index.json"]).unwrap();
     index["safety_checker"] =
         serde_json::json!(["stable_diffusion", "StableDiffusionSafetyChecker"]);
@@ -409,4 +417,42 @@ fn single_file_config_repo_downloads_configs_only() {
     let before = fake.hits.load(Ordering::SeqCst);
     easel_diffusion::loader::open_single_file(&file, Some("org/served"), None, &options).unwrap();
     assert_eq!(fake.hits.load(Ordering::SeqCst), before);
+}
+
+/// Issue 14: a FLUX transformer-only file's config repo gives the text
+/// encoders and VAE too: everything is downloaded but the transformer's
+/// weights, which come from the file.
+#[test]
+fn flux_single_file_config_repo_downloads_all_but_the_transformer() {
+    if offline_by_env() {
+        eprintln!("HF_HUB_OFFLINE is set: skipping the download test");
+        return;
+    }
+    let fake = FakeHub::start("org/flux", served("tiny-flux-schnell"));
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = tmp.path().join("hub");
+    let options = online(&hub, &fake.url);
+    let file = fixtures().join("generated/single_file/tiny-flux-schnell.safetensors");
+    let model =
+        easel_diffusion::loader::open_single_file(&file, Some("org/flux"), None, &options).unwrap();
+    let downloaded = fake.downloaded();
+    assert!(
+        !downloaded
+            .iter()
+            .any(|f| f.starts_with("transformer/") && f.ends_with(".safetensors")),
+        "{downloaded:?}"
+    );
+    for needed in [
+        "text_encoder/model.safetensors",
+        "text_encoder_2/model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "transformer/config.json",
+    ] {
+        assert!(
+            downloaded.iter().any(|f| f == needed),
+            "{needed}: {downloaded:?}"
+        );
+    }
+    assert_eq!(model.single_file().unwrap().path(), file);
+    assert!(easel_diffusion::pipelines::load_pipeline(&model, &candle_core::Device::Cpu).is_ok());
 }

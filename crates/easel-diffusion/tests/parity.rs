@@ -828,22 +828,26 @@ fn lanczos_resize_matches_pillow() {
 // the folder that has no weight files (so every tensor comes from the
 // single file).
 
-/// A copy of fixture model `name` without its `.safetensors` files.
+/// A copy of fixture model `name` without its `.safetensors` files (for a
+/// FLUX model, without its transformer's only: the text encoders and VAE
+/// of a transformer-only file come from the config folder).
 fn configs_only(name: &str) -> tempfile::TempDir {
-    fn copy(from: &std::path::Path, to: &std::path::Path) {
+    fn copy(from: &std::path::Path, to: &std::path::Path, flux: bool) {
         std::fs::create_dir_all(to).unwrap();
         for entry in std::fs::read_dir(from).unwrap() {
             let path = entry.unwrap().path();
             let target = to.join(path.file_name().unwrap());
+            let weights = path.extension().is_some_and(|e| e == "safetensors");
+            let keep = !weights || (flux && !from.ends_with("transformer"));
             if path.is_dir() {
-                copy(&path, &target);
-            } else if path.extension().is_none_or(|e| e != "safetensors") {
+                copy(&path, &target, flux);
+            } else if keep {
                 std::fs::copy(&path, &target).unwrap();
             }
         }
     }
     let dir = tempfile::tempdir().unwrap();
-    copy(&model(name), dir.path());
+    copy(&model(name), dir.path(), name.contains("flux"));
     dir
 }
 
@@ -908,4 +912,30 @@ fn single_file_sdxl_txt2img_euler() {
 #[test]
 fn single_file_sdxl_lora_kohya() {
     check_single_file_case("generated", "sdxl_lora_kohya_scale1.6");
+}
+
+// FLUX transformer-only files in the Black Forest Labs layout, written by
+// `tools/gen_flux_single_files.py` (proved with diffusers'
+// `FluxTransformer2DModel.from_single_file`): the transformer from the
+// file, everything else from the config folder. The schnell file has
+// ComfyUI's `model.diffusion_model.` prefix.
+
+#[test]
+fn single_file_flux_dev_txt2img() {
+    check_single_file_case("references", "flux_dev_txt2img");
+}
+
+#[test]
+fn single_file_flux_dev_lora_kohya() {
+    check_single_file_case("generated", "flux_dev_lora_kohya_scale1.6");
+}
+
+#[test]
+fn single_file_flux_schnell_comfy_prefix_txt2img() {
+    check_single_file_case("references", "flux_schnell_txt2img");
+}
+
+#[test]
+fn single_file_flux_fill_inpaint() {
+    check_single_file_case("references", "flux_fill_inpaint");
 }

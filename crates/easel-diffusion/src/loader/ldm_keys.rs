@@ -24,6 +24,13 @@ pub(crate) enum Op {
     /// Transposed: OpenCLIP's `text_projection` is stored `[in, out]`,
     /// a linear weight is `[out, in]`.
     Transpose,
+    /// Rows `start..start + len` along the first dimension: FLUX's fused
+    /// `linear1` holds q, k, v and the MLP input, of unequal sizes.
+    Rows { start: usize, len: usize },
+    /// The two halves of the first dimension swapped: FLUX's
+    /// `final_layer.adaLN_modulation` orders (shift, scale), diffusers'
+    /// `norm_out.linear` (scale, shift).
+    SwapHalves,
 }
 
 /// The diffusers UNet key of `key` (an LDM UNet key without its

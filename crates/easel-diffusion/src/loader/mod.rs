@@ -22,6 +22,7 @@
 
 mod cache;
 mod family;
+mod flux_keys;
 mod hub;
 mod ldm_keys;
 mod model_dir;

@@ -24,6 +24,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
+use super::flux_keys;
 use super::ldm_keys::{self, Op};
 use super::{ModelDir, ModelFamily, ResolveOptions};
 use crate::error::{Error, Result};
@@ -40,6 +41,12 @@ pub enum Architecture {
     /// SDXL base: CLIP-L under `conditioner.embedders.0.transformer.`,
     /// OpenCLIP bigG under `conditioner.embedders.1.model.`.
     StableDiffusionXl,
+    /// FLUX.1 dev (and Fill): a transformer-only file in the Black Forest
+    /// Labs layout (`double_blocks.*`, `single_blocks.*`) with a guidance
+    /// embedder (`guidance_in.*`).
+    FluxDev,
+    /// FLUX.1 schnell: the same layout without `guidance_in.*`.
+    FluxSchnell,
 }
 
 impl Architecture {
@@ -47,6 +54,7 @@ impl Architecture {
     pub fn family(self) -> ModelFamily {
         match self {
             Architecture::StableDiffusionXl => ModelFamily::StableDiffusionXl,
+            Architecture::FluxDev | Architecture::FluxSchnell => ModelFamily::Flux,
             _ => ModelFamily::StableDiffusion,
         }
     }
@@ -57,6 +65,8 @@ impl Architecture {
             Architecture::StableDiffusion1 => "Stable Diffusion 1.x",
             Architecture::StableDiffusion2 => "Stable Diffusion 2.x",
             Architecture::StableDiffusionXl => "Stable Diffusion XL",
+            Architecture::FluxDev => "FLUX.1 dev",
+            Architecture::FluxSchnell => "FLUX.1 schnell",
         }
     }
 }
@@ -66,7 +76,9 @@ impl Architecture {
 pub struct Detected {
     /// The architecture.
     pub architecture: Architecture,
-    /// Whether the UNet takes 9 input channels (an inpainting model).
+    /// Whether the UNet takes 9 input channels (an inpainting model); for
+    /// FLUX, whether `img_in` takes 384 features (FLUX.1 Fill: 64 latent,
+    /// 64 masked-image and 256 mask features per patch).
     pub inpainting: bool,
     /// `Some(true)` when the file says it predicts v (a `v_pred` key, as
     /// ComfyUI saves; or, for SD 2.x of real size, ComfyUI's test of the
@@ -77,6 +89,20 @@ pub struct Detected {
 }
 
 impl Detected {
+    /// The model family of its pipeline (FLUX.1 Fill: [`ModelFamily::FluxFill`]).
+    pub fn family(&self) -> ModelFamily {
+        match (self.architecture.family(), self.inpainting) {
+            (ModelFamily::Flux, true) => ModelFamily::FluxFill,
+            (family, _) => family,
+        }
+    }
+
+    /// Whether the file holds only a transformer (FLUX): every other
+    /// component comes from the config.
+    pub fn transformer_only(&self) -> bool {
+        self.architecture.family() == ModelFamily::Flux
+    }
+
     /// The diffusers repo whose configs and tokenizers a checkpoint of this
     /// kind uses when no `--config` is given, as diffusers'
     /// `DIFFUSERS_DEFAULT_PIPELINE_PATHS` (SD 2.x epsilon: the 512 `-base`).
@@ -97,6 +123,11 @@ impl Detected {
             (Architecture::StableDiffusionXl, true) => {
                 "diffusers/stable-diffusion-xl-1.0-inpainting-0.1"
             }
+            (Architecture::FluxDev | Architecture::FluxSchnell, true) => {
+                "black-forest-labs/FLUX.1-Fill-dev"
+            }
+            (Architecture::FluxDev, false) => "black-forest-labs/FLUX.1-dev",
+            (Architecture::FluxSchnell, false) => "black-forest-labs/FLUX.1-schnell",
         }
     }
 }
@@ -150,8 +181,8 @@ fn pickle_refusal(path: &Path) -> Error {
 /// # Errors
 /// [`Error::InvalidArgument`] (field `model`) when the keys match no
 /// supported layout, naming the layouts looked for and the file's top-level
-/// key prefixes; FLUX (Black Forest Labs layout) and SDXL refiner files are
-/// named as not supported yet.
+/// key prefixes; SDXL refiner files are named as not supported yet. FLUX
+/// files ([`detect_flux`]) are told by `double_blocks.*` keys.
 pub fn detect(file: &Path, tensors: &MmapedSafetensors) -> Result<Detected> {
     let keys: Vec<String> = tensors.tensors().into_iter().map(|(k, _)| k).collect();
     let has_prefix = |p: &str| keys.iter().any(|k| k.starts_with(p));
@@ -165,8 +196,10 @@ pub fn detect(file: &Path, tensors: &MmapedSafetensors) -> Result<Detected> {
             ),
         )
     };
-    if has_prefix("double_blocks.") || has_prefix("model.diffusion_model.double_blocks.") {
-        return Err(unsupported("FLUX (Black Forest Labs layout)"));
+    if has_prefix("double_blocks.")
+        || has_prefix(&format!("{}double_blocks.", flux_keys::COMFY_PREFIX))
+    {
+        return detect_flux(file, tensors, &keys);
     }
     let architecture =
         if has_prefix(XL_CLIP_L) && has_prefix(&format!("{XL_CLIP_G}transformer.resblocks.")) {
@@ -262,6 +295,54 @@ pub fn detect(file: &Path, tensors: &MmapedSafetensors) -> Result<Detected> {
     })
 }
 
+/// The prefix of a FLUX file's keys: none (BFL) or ComfyUI's
+/// `model.diffusion_model.`.
+fn flux_prefix(keys: &[String]) -> &'static str {
+    if keys.iter().any(|k| k.starts_with("double_blocks.")) {
+        ""
+    } else {
+        flux_keys::COMFY_PREFIX
+    }
+}
+
+/// Detects a FLUX.1 transformer file: dev when it has a guidance embedder
+/// (`guidance_in.*`), else schnell; Fill when `img_in` takes 384 features
+/// (64 for text-to-image), as diffusers' `infer_diffusers_model_type`.
+fn detect_flux(file: &Path, tensors: &MmapedSafetensors, keys: &[String]) -> Result<Detected> {
+    let prefix = flux_prefix(keys);
+    let img_in = tensors
+        .get(&format!("{prefix}img_in.weight"))
+        .ok()
+        .map(|v| v.shape().to_vec());
+    let inpainting = match img_in.as_deref() {
+        Some([_, 64]) => false,
+        Some([_, 384]) => true,
+        other => {
+            return Err(Error::invalid(
+                "model",
+                format!(
+                    "{}: a FLUX transformer file (`double_blocks.*` keys) whose `{prefix}img_in.weight` \
+                     has shape {other:?}; supported: [width, 64] (FLUX.1 dev / schnell) or \
+                     [width, 384] (FLUX.1 Fill)",
+                    file.display()
+                ),
+            ))
+        }
+    };
+    let guidance = keys
+        .iter()
+        .any(|k| k.starts_with(&format!("{prefix}guidance_in.")));
+    Ok(Detected {
+        architecture: if guidance {
+            Architecture::FluxDev
+        } else {
+            Architecture::FluxSchnell
+        },
+        inpainting,
+        v_prediction: None,
+    })
+}
+
 /// One component's renames: diffusers key -> (file key, how it is reshaped).
 type KeyMap = HashMap<String, (String, Op)>;
 
@@ -317,6 +398,7 @@ impl SingleFile {
                 let mut shape = view.shape().to_vec();
                 match *op {
                     Op::Chunk { parts, .. } if !shape.is_empty() => shape[0] /= parts.max(1),
+                    Op::Rows { len, .. } if !shape.is_empty() => shape[0] = len,
                     Op::Transpose => shape.reverse(),
                     _ => {}
                 }
@@ -372,6 +454,24 @@ impl TensorSource for RenamedSource {
                     ));
                 }
                 t.narrow(0, index * rows, rows)?.contiguous()?
+            }
+            Op::Rows { start, len } => {
+                if start + len > t.dim(0)? {
+                    return Err(Error::config(
+                        "single file",
+                        format!(
+                            "{}: `{key}` has {} rows, fewer than {}",
+                            self.path.display(),
+                            t.dim(0)?,
+                            start + len
+                        ),
+                    ));
+                }
+                t.narrow(0, start, len)?.contiguous()?
+            }
+            Op::SwapHalves => {
+                let half = t.dim(0)? / 2;
+                Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)?.contiguous()?
             }
         }))
     }
@@ -445,21 +545,35 @@ pub fn open_single_file(
     })?;
     let detected = detect(file, &tensors)?;
     let config_ref = config.unwrap_or(detected.default_config_repo());
-    let mut model = if Path::new(config_ref).exists() {
-        ModelDir::open(config_ref)?
-    } else {
-        super::resolve_config_repo(config_ref, options).map_err(|e| match (config, e) {
-            (None, Error::ModelNotFound(m)) => Error::ModelNotFound(format!(
-                "{}: detected {}; its configs and tokenizers come from `{config_ref}` by \
+    let not_usable = |e: Error| match (config, e) {
+        (None, Error::ModelNotFound(m)) => Error::ModelNotFound(format!(
+            "{}: detected {}; its configs and tokenizers{} come from `{config_ref}` by \
                  default, which is not usable: {m}. Pass --config (server: `config`) with a \
                  diffusers folder or repo id of the same architecture",
-                file.display(),
-                detected.architecture.name()
-            )),
-            (_, e) => e,
-        })?
+            file.display(),
+            detected.architecture.name(),
+            if detected.transformer_only() {
+                " (and its text encoders and VAE)"
+            } else {
+                ""
+            }
+        )),
+        (_, e) => e,
     };
-    if model.family() != Some(detected.architecture.family()) {
+    let mut model = if Path::new(config_ref).exists() {
+        ModelDir::open(config_ref)?
+    } else if detected.transformer_only() {
+        // A transformer-only file: the text encoders and the VAE are the
+        // config repo's, downloaded with it (all weights but the
+        // transformer's), then every config (the transformer's included).
+        let mut weights = options.clone();
+        weights.skip_components.push("transformer".to_string());
+        super::resolve_model(config_ref, &weights).map_err(not_usable)?;
+        super::resolve_config_repo(config_ref, options).map_err(not_usable)?
+    } else {
+        super::resolve_config_repo(config_ref, options).map_err(not_usable)?
+    };
+    if model.family() != Some(detected.family()) {
         return Err(Error::invalid(
             "config",
             format!(
@@ -471,7 +585,11 @@ pub fn open_single_file(
             ),
         ));
     }
-    let components = component_maps(&model, &detected, &tensors)?;
+    let components = if detected.transformer_only() {
+        flux_component_maps(file, &tensors)?
+    } else {
+        component_maps(&model, &detected, &tensors)?
+    };
     let prediction = prediction_type
         .map(str::to_string)
         .or(match detected.v_prediction {
@@ -490,6 +608,46 @@ pub fn open_single_file(
         prediction,
     );
     Ok(model)
+}
+
+/// A FLUX file's one component, `transformer`: its diffusers keys and the
+/// file keys they come from ([`flux_keys::flux_keys`]), the model width
+/// taken from `img_in.weight`'s rows.
+fn flux_component_maps(
+    file: &Path,
+    tensors: &MmapedSafetensors,
+) -> Result<BTreeMap<String, Arc<KeyMap>>> {
+    let keys: Vec<(String, Vec<usize>)> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.shape().to_vec()))
+        .collect();
+    let names: Vec<String> = keys.iter().map(|(k, _)| k.clone()).collect();
+    let prefix = flux_prefix(&names);
+    let hidden = tensors
+        .get(&format!("{prefix}img_in.weight"))
+        .ok()
+        .and_then(|v| v.shape().first().copied())
+        .ok_or_else(|| {
+            Error::invalid(
+                "model",
+                format!(
+                    "{}: a FLUX file without `{prefix}img_in.weight`",
+                    file.display()
+                ),
+            )
+        })?;
+    let mut map = KeyMap::new();
+    for (key, shape) in keys {
+        let Some(rest) = key.strip_prefix(prefix) else {
+            continue;
+        };
+        let rows = shape.first().copied().unwrap_or(0);
+        for (d, op) in flux_keys::flux_keys(rest, rows, hidden) {
+            map.insert(d, (key.clone(), op));
+        }
+    }
+    Ok(BTreeMap::from([("transformer".to_string(), Arc::new(map))]))
 }
 
 /// Each component's diffusers keys and the file keys they come from.
@@ -528,6 +686,8 @@ fn component_maps(
             Some(("text_encoder", XL_CLIP_L)),
             Some(("text_encoder_2", XL_CLIP_G)),
         ),
+        // Transformer-only: mapped by `flux_component_maps`.
+        Architecture::FluxDev | Architecture::FluxSchnell => (None, None),
     };
     for (key, _) in tensors.tensors() {
         if let Some(rest) = key.strip_prefix(UNET) {

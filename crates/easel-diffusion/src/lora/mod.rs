@@ -56,7 +56,7 @@ use std::path::PathBuf;
 
 mod format;
 mod merge;
-mod names;
+pub(crate) mod names;
 mod resolve;
 mod state;
 

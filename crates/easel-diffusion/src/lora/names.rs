@@ -73,15 +73,15 @@ impl ModuleIndex {
 
 /// The weights one layer of a file updates.
 #[derive(Debug, Clone, PartialEq)]
-pub(super) struct Target {
+pub(crate) struct Target {
     /// Dotted module paths. A fused layer of the original FLUX code
     /// (`img_attn_qkv`, `linear1`) updates several: its update's rows are
     /// split among them in order, each taking its weight's row count.
-    pub(super) modules: Vec<String>,
+    pub(crate) modules: Vec<String>,
     /// The update's two row halves are swapped first: the original FLUX
     /// `final_layer.adaLN_modulation` orders its output (shift, scale),
     /// diffusers' `norm_out.linear` (scale, shift).
-    pub(super) swap_halves: bool,
+    pub(crate) swap_halves: bool,
 }
 
 /// Map a module name of the original FLUX code (Black Forest Labs' `flux`
@@ -101,8 +101,9 @@ pub(super) struct Target {
 /// - `img_in`, `txt_in`, `time_in_*`, `vector_in_*`, `guidance_in_*`,
 ///   `final_layer_linear`, `final_layer_adaLN_modulation_1` (rows swapped).
 ///
-/// `None` when the name is none of these.
-fn flux_bfl_to_diffusers(name: &str) -> Option<Target> {
+/// `None` when the name is none of these. Also the key map of FLUX
+/// single-file checkpoints ([`crate::loader`]'s `flux_keys`).
+pub(crate) fn flux_bfl_to_diffusers(name: &str) -> Option<Target> {
     let target = |modules: Vec<String>| Target {
         modules,
         swap_halves: false,
