@@ -139,7 +139,7 @@ impl<W: Write> Write for Hashing<W> {
 const PARTIAL_PREFIX: &str = ".partial-";
 
 /// Remove what downloads interrupted by a crash left in the LoRA cache
-/// (files named [`PARTIAL_PREFIX`]`*` directly in [`cache_dir`]); returns how
+/// (files named `PARTIAL_PREFIX*` directly in [`cache_dir`]); returns how
 /// many were removed. Call at start, before any download runs.
 pub fn sweep_partial(data_dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(cache_dir(data_dir)) else {

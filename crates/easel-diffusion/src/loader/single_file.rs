@@ -182,7 +182,7 @@ fn pickle_refusal(path: &Path) -> Error {
 /// [`Error::InvalidArgument`] (field `model`) when the keys match no
 /// supported layout, naming the layouts looked for and the file's top-level
 /// key prefixes; SDXL refiner files are named as not supported yet. FLUX
-/// files ([`detect_flux`]) are told by `double_blocks.*` keys.
+/// files (`detect_flux`) are told by `double_blocks.*` keys.
 pub fn detect(file: &Path, tensors: &MmapedSafetensors) -> Result<Detected> {
     let keys: Vec<String> = tensors.tensors().into_iter().map(|(k, _)| k).collect();
     let has_prefix = |p: &str| keys.iter().any(|k| k.starts_with(p));

@@ -111,7 +111,7 @@ pub async fn openapi_json() -> Response {
 ///   out as plain objects (a flattened `allOf` of a closed object and
 ///   another object admits no value);
 /// - every operation lists every error status it can answer, with the error
-///   schema of its family (native or OpenAI) ([`add_error_responses`]).
+///   schema of its family (native or OpenAI) (`add_error_responses`).
 pub fn document() -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
     let schemas = &mut doc["components"]["schemas"];

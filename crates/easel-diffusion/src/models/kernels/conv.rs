@@ -178,7 +178,7 @@ pub fn winograd_filter(weight: &[f32], co: usize, ci: usize) -> Vec<f32> {
 ///   last tile reads zero padding and writes only the pixels that exist).
 ///
 /// Tiles are processed in blocks of whole tile rows across the batch
-/// ([`WINOGRAD_TILE_BLOCK`]); the transforms run row-vectorised per channel.
+/// (`WINOGRAD_TILE_BLOCK`); the transforms run row-vectorised per channel.
 /// Results equal the direct convolution within f32 rounding (the transforms
 /// only add, subtract and halve).
 #[allow(clippy::too_many_arguments)]
