@@ -614,4 +614,72 @@ mod tests {
             "{err}"
         );
     }
+
+    /// Issue 14: a FLUX.1 transformer file (BFL layout, ComfyUI's prefix)
+    /// as a registry entry with a diffusers `config` is a FLUX model for the
+    /// server: its family decides the size multiple, and the worker's
+    /// engine loads and runs it (transformer from the file, the rest from
+    /// the config).
+    #[test]
+    fn registry_entries_give_flux_transformer_files_their_config() {
+        use crate::config::ModelTarget;
+        let dir = tempfile::tempdir().unwrap();
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        let file = fixtures.join("generated/single_file/tiny-flux-schnell.safetensors");
+        let mut config = Config {
+            data_dir: dir.path().join("data"),
+            hf_cache: Some(dir.path().join("hub")),
+            offline: true,
+            ..Config::default()
+        };
+        config.models.insert(
+            "schnell".into(),
+            ModelTarget::Entry {
+                path: file.display().to_string(),
+                config: Some(
+                    fixtures
+                        .join("models/tiny-flux-schnell")
+                        .display()
+                        .to_string(),
+                ),
+                prediction_type: None,
+            },
+        );
+        let reg = ModelRegistry::new(&config);
+        let spec = reg.resolve("schnell").unwrap();
+        assert_eq!(spec.pipeline_class.as_deref(), Some("FluxPipeline"));
+        assert_eq!(spec.family(), Some(ModelFamily::Flux));
+        let mut engine =
+            easel_diffusion::engine::Engine::new(easel_diffusion::engine::EngineOptions {
+                resolve: resolve_options(&config, true),
+                ..Default::default()
+            });
+        let job = easel_diffusion::engine::JobRequest::new(
+            spec.load.clone(),
+            easel_core::GenerationParams {
+                steps: Some(2),
+                width: Some(32),
+                height: Some(32),
+                seed: Some(1),
+                ..easel_core::GenerationParams::new("a lighthouse")
+            },
+        );
+        let defaults = engine.load(&spec.load).unwrap().defaults().clone();
+        assert!(engine
+            .load(&spec.load)
+            .unwrap()
+            .dir()
+            .single_file()
+            .is_some());
+        let out = engine
+            .run(
+                &job.build(&defaults).unwrap(),
+                &mut |_| {},
+                &easel_diffusion::pipelines::CancelToken::new(),
+            )
+            .unwrap();
+        assert_eq!(out.params.pipeline, "FluxPipeline");
+        assert_eq!(out.images.len(), 1);
+        assert_eq!(out.images[0].len(), 32 * 32 * 3);
+    }
 }
