@@ -96,7 +96,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         },
     )
     .build(&defaults)?;
-    let guidance_scale = job.guidance_scale;
+    let guidance_scale = job.request.guidance_scale;
     let mut rows = Vec::new();
     for run in 0..=args.runs {
         let out = engine.run(&job, &mut |_| {}, &CancelToken::new())?;
@@ -127,8 +127,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         "model: {} ({}), {}x{}, {} steps, batch {}, guidance {} ({} {} pass{} per step), device cpu, f32",
         args.model,
         defaults.pipeline,
-        job.width,
-        job.height,
+        job.request.width,
+        job.request.height,
         args.steps,
         args.batch_size,
         guidance_scale,

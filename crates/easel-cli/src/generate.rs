@@ -384,15 +384,22 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     }
     .build(model.defaults())
     .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (width, height, steps) = (job.width as u32, job.height as u32, job.steps as u32);
-    let (guidance_scale, seed) = (job.guidance_scale, job.seeds[0]);
+    let (width, height, steps) = (
+        job.request.width as u32,
+        job.request.height as u32,
+        job.request.num_inference_steps as u32,
+    );
+    let (guidance_scale, seed) = (job.request.guidance_scale, job.seeds[0]);
     let paths =
         output_paths(&target, job.seeds.len(), format, seed).map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let mut extra: std::collections::BTreeMap<String, String> =
         [("easel".to_string(), env!("CARGO_PKG_VERSION").to_string())].into();
-    if job.image.is_some() {
-        extra.insert("Denoising strength".into(), job.strength.to_string());
+    if job.request.image.is_some() {
+        extra.insert(
+            "Denoising strength".into(),
+            job.request.strength.to_string(),
+        );
     }
     if let Some(n) = args.max_sequence_length {
         extra.insert("max_sequence_length".into(), n.to_string());

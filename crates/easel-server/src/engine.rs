@@ -294,7 +294,7 @@ impl Engine for FakeEngine {
         progress: &mut dyn FnMut(u32, u32),
         cancel: &CancelToken,
     ) -> Result<BatchOutput, EngineError> {
-        let steps = job.steps as u32;
+        let steps = job.request.num_inference_steps as u32;
         for step in 1..=steps {
             if cancel.is_canceled() {
                 return Err(EngineError::Canceled);
@@ -302,10 +302,10 @@ impl Engine for FakeEngine {
             std::thread::sleep(self.step);
             progress(step, steps);
         }
-        let (w, h) = (job.width, job.height);
+        let (w, h) = (job.request.width, job.request.height);
         let mut images = Vec::new();
         for (i, seed) in job.seeds.iter().enumerate() {
-            let prompt = &job.prompts[i / job.images_per_prompt.max(1)];
+            let prompt = &job.request.prompts[i / job.request.num_images_per_prompt.max(1)];
             let key = blake3::hash(format!("{seed}:{prompt}").as_bytes());
             let k = key.as_bytes();
             let mut rgb = vec![0u8; w * h * 3];
@@ -317,9 +317,9 @@ impl Engine for FakeEngine {
                     rgb[p + 2] = k[2] ^ ((x + y) as u8);
                 }
             }
-            if let Some(init) = &job.image {
-                if init.width == job.width && init.height == job.height {
-                    let s = job.strength;
+            if let Some(init) = &job.request.image {
+                if init.width == job.request.width && init.height == job.request.height {
+                    let s = job.request.strength;
                     for (o, i) in rgb.iter_mut().zip(&init.rgb) {
                         *o = (f64::from(*o) * s + f64::from(*i) * (1.0 - s)).round() as u8;
                     }
@@ -334,6 +334,7 @@ impl Engine for FakeEngine {
         Ok(BatchOutput {
             images,
             scheduler: job
+                .request
                 .scheduler
                 .clone()
                 .unwrap_or_else(|| "FakeScheduler".into()),

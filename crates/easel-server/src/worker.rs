@@ -445,9 +445,9 @@ impl Worker {
         offsets: &HashMap<i64, u32>,
     ) -> Result<u32, BatchFailure> {
         let first = &batch.rows[0].0;
-        let request = &batch.job;
-        let steps = request.steps as u32;
-        let batch_images = request.seeds.len() as u32;
+        let job = &batch.job;
+        let steps = job.request.num_inference_steps as u32;
+        let batch_images = job.seeds.len() as u32;
         let first_image = offsets.get(&first.idx).copied().unwrap_or(0);
         let base = Progress {
             stage: "denoising".into(),
@@ -482,18 +482,18 @@ impl Worker {
                 ctx.webhook(id, "progress");
             }
         };
-        let output = self.engine.run(request, &mut on_step, token);
+        let output = self.engine.run(job, &mut on_step, token);
         Metrics::inc(&state.metrics().batches);
         let output = match output {
             Ok(o) => o,
             Err(EngineError::Canceled) => return Err(BatchFailure::Canceled),
             Err(e) => return Err(BatchFailure::Engine(e)),
         };
-        if output.images.len() != request.seeds.len() {
+        if output.images.len() != job.seeds.len() {
             return Err(BatchFailure::Engine(EngineError::Failed(format!(
                 "the engine returned {} images for {} seeds",
                 output.images.len(),
-                request.seeds.len()
+                job.seeds.len()
             ))));
         }
         self.ctx.progress(
@@ -511,7 +511,7 @@ impl Worker {
         let mut images = output.images.iter();
         for (row, job) in &batch.rows {
             let spec = &row.spec;
-            let (width, height) = (job.width as u32, job.height as u32);
+            let (width, height) = (job.request.width as u32, job.request.height as u32);
             let format = spec.output_format();
             let quality = spec.output_quality();
             let mut assets = Vec::new();
@@ -525,7 +525,7 @@ impl Worker {
                     steps,
                     scheduler: output.scheduler.clone(),
                     sigma_schedule: output.sigma_schedule.clone(),
-                    guidance_scale: job.guidance_scale,
+                    guidance_scale: job.request.guidance_scale,
                     seed,
                     width,
                     height,

@@ -51,48 +51,26 @@ pub struct JobRequest {
 }
 
 /// A fully resolved job: nothing left to a default. Built by
-/// [`JobRequest::build`], or field by field by a caller that resolved its
-/// own batch (the server's worker).
+/// [`JobRequest::build`] (and joined into batches with [`Job::append`]).
 #[derive(Debug, Clone)]
 pub struct Job {
     /// The model reference, the engine's cache key.
     pub model: String,
-    /// One prompt per image definition.
-    pub prompts: Vec<String>,
-    /// Empty (no negative prompt), one for all prompts, or one per prompt.
-    pub negative_prompts: Vec<String>,
-    /// Images per prompt.
-    pub images_per_prompt: usize,
-    /// One seed per image, prompt-major (`prompts.len() * images_per_prompt`).
+    /// What the pipeline runs: prompts, images per prompt, steps,
+    /// guidance, size, scheduler, inputs, strength, sequence length,
+    /// tiling, every default resolved.
+    pub request: GenerationRequest,
+    /// One seed per image, prompt-major
+    /// (`request.prompts.len() * request.num_images_per_prompt`).
     pub seeds: Vec<u64>,
-    /// Denoising steps.
-    pub steps: usize,
-    /// Guidance scale.
-    pub guidance_scale: f64,
-    /// Width in pixels.
-    pub width: usize,
-    /// Height in pixels.
-    pub height: usize,
-    /// Scheduler name, or the model's own when `None`.
-    pub scheduler: Option<String>,
-    /// Init image.
-    pub image: Option<ImageInput>,
-    /// Inpainting mask.
-    pub mask: Option<MaskInput>,
-    /// Image-to-image strength (used only with `image`).
-    pub strength: f64,
     /// LoRA adapters merged for this job (`[]`: the base model).
     pub loras: Vec<LoraSpec>,
-    /// FLUX: the T5 prompt length in tokens.
-    pub max_sequence_length: Option<usize>,
-    /// Seamless tiling.
-    pub tiling: bool,
 }
 
 impl Job {
     /// What the job does, by its inputs.
     pub fn task(&self) -> TaskKind {
-        TaskKind::from_inputs(self.image.is_some(), self.mask.is_some())
+        TaskKind::from_inputs(self.request.image.is_some(), self.request.mask.is_some())
     }
 
     /// Whether `other` can run in the same engine call as this job: equal
@@ -101,23 +79,26 @@ impl Job {
     /// strength, LoRAs, sequence length, tiling), and both without negative
     /// prompts or both with one per prompt.
     pub fn batches_with(&self, other: &Job) -> bool {
-        let per_prompt =
-            |j: &Job| j.negative_prompts.is_empty() || j.negative_prompts.len() == j.prompts.len();
+        let per_prompt = |j: &Job| {
+            j.request.negative_prompts.is_empty()
+                || j.request.negative_prompts.len() == j.request.prompts.len()
+        };
+        let (a, b) = (&self.request, &other.request);
         per_prompt(self)
             && per_prompt(other)
-            && self.negative_prompts.is_empty() == other.negative_prompts.is_empty()
+            && a.negative_prompts.is_empty() == b.negative_prompts.is_empty()
             && self.model == other.model
-            && self.images_per_prompt == other.images_per_prompt
-            && self.steps == other.steps
-            && self.guidance_scale.to_bits() == other.guidance_scale.to_bits()
-            && (self.width, self.height) == (other.width, other.height)
-            && self.scheduler == other.scheduler
-            && self.strength.to_bits() == other.strength.to_bits()
+            && a.num_images_per_prompt == b.num_images_per_prompt
+            && a.num_inference_steps == b.num_inference_steps
+            && a.guidance_scale.to_bits() == b.guidance_scale.to_bits()
+            && (a.width, a.height) == (b.width, b.height)
+            && a.scheduler == b.scheduler
+            && a.strength.to_bits() == b.strength.to_bits()
             && self.loras == other.loras
-            && self.max_sequence_length == other.max_sequence_length
-            && self.tiling == other.tiling
-            && self.image == other.image
-            && self.mask == other.mask
+            && a.max_sequence_length == b.max_sequence_length
+            && a.tiling == b.tiling
+            && a.image == b.image
+            && a.mask == b.mask
     }
 
     /// Append `other`'s prompts, negative prompts and seeds to this job, so
@@ -128,30 +109,12 @@ impl Job {
         if !self.batches_with(other) {
             return false;
         }
-        self.prompts.extend(other.prompts.iter().cloned());
-        self.negative_prompts
-            .extend(other.negative_prompts.iter().cloned());
+        let (a, b) = (&mut self.request, &other.request);
+        a.prompts.extend(b.prompts.iter().cloned());
+        a.negative_prompts
+            .extend(b.negative_prompts.iter().cloned());
         self.seeds.extend(other.seeds.iter().copied());
         true
-    }
-
-    /// The pipeline request of this job.
-    pub fn generation_request(&self) -> GenerationRequest {
-        GenerationRequest {
-            prompts: self.prompts.clone(),
-            negative_prompts: self.negative_prompts.clone(),
-            num_images_per_prompt: self.images_per_prompt,
-            num_inference_steps: self.steps,
-            guidance_scale: self.guidance_scale,
-            width: self.width,
-            height: self.height,
-            scheduler: self.scheduler.clone(),
-            image: self.image.clone(),
-            mask: self.mask.clone(),
-            strength: self.strength,
-            max_sequence_length: self.max_sequence_length,
-            tiling: self.tiling,
-        }
     }
 }
 
@@ -288,21 +251,23 @@ impl JobRequest {
         let seed = p.seed.unwrap_or_else(random_seed);
         Ok(Job {
             model: self.model.clone(),
-            prompts: vec![p.prompt.clone()],
-            negative_prompts: p.negative_prompt.iter().cloned().collect(),
-            images_per_prompt: batch as usize,
+            request: GenerationRequest {
+                prompts: vec![p.prompt.clone()],
+                negative_prompts: p.negative_prompt.iter().cloned().collect(),
+                num_images_per_prompt: batch as usize,
+                num_inference_steps: steps,
+                guidance_scale: p.guidance_scale.unwrap_or(defaults.guidance_scale),
+                width,
+                height,
+                scheduler: p.scheduler.clone(),
+                image: self.image.clone(),
+                mask: self.mask.clone(),
+                strength,
+                max_sequence_length: self.max_sequence_length,
+                tiling: self.tiling,
+            },
             seeds: (0..batch).map(|i| seed.wrapping_add(i)).collect(),
-            steps,
-            guidance_scale: p.guidance_scale.unwrap_or(defaults.guidance_scale),
-            width,
-            height,
-            scheduler: p.scheduler.clone(),
-            image: self.image.clone(),
-            mask: self.mask.clone(),
-            strength,
             loras: self.loras.clone(),
-            max_sequence_length: self.max_sequence_length,
-            tiling: self.tiling,
         })
     }
 }
@@ -395,13 +360,20 @@ mod tests {
             ..GenerationParams::new("a fox")
         };
         let job = JobRequest::new("m", params).build(&sd15()).unwrap();
-        assert_eq!((job.width, job.height, job.steps), (512, 512, 25));
-        assert_eq!(job.guidance_scale, 7.5);
+        assert_eq!(
+            (
+                job.request.width,
+                job.request.height,
+                job.request.num_inference_steps
+            ),
+            (512, 512, 25)
+        );
+        assert_eq!(job.request.guidance_scale, 7.5);
         // Seeds wrap, image i uses seed + i.
         assert_eq!(job.seeds, [u64::MAX, 0]);
-        assert_eq!(job.images_per_prompt, 2);
+        assert_eq!(job.request.num_images_per_prompt, 2);
         assert_eq!(job.task(), TaskKind::TextToImage);
-        assert!(!job.generation_request().tiling);
+        assert!(!job.request.tiling);
     }
 
     #[test]
@@ -412,10 +384,10 @@ mod tests {
             ..JobRequest::new("m", GenerationParams::new("x"))
         };
         let job = request.build(&sd15()).unwrap();
-        assert_eq!((job.width, job.height), (64, 40));
-        assert_eq!(job.strength, 0.8);
+        assert_eq!((job.request.width, job.request.height), (64, 40));
+        assert_eq!(job.request.strength, 0.8);
         assert_eq!(job.task(), TaskKind::ImageToImage);
-        assert!(job.generation_request().tiling);
+        assert!(job.request.tiling);
         // Too small once rounded down: named, with the fix.
         let request = JobRequest {
             image: Some(image(64, 7)),
@@ -471,7 +443,7 @@ mod tests {
         }
         .build(&flux_fill)
         .unwrap();
-        assert_eq!(job.strength, 1.0);
+        assert_eq!(job.request.strength, 1.0);
     }
 
     fn image_64() -> ImageInput {
@@ -496,10 +468,10 @@ mod tests {
         };
         let mut job = build("a", 10, Some("blur"), 5);
         assert!(job.append(&build("b", 20, Some("dark"), 5)));
-        assert_eq!(job.prompts, ["a", "b"]);
-        assert_eq!(job.negative_prompts, ["blur", "dark"]);
+        assert_eq!(job.request.prompts, ["a", "b"]);
+        assert_eq!(job.request.negative_prompts, ["blur", "dark"]);
         assert_eq!(job.seeds, [10, 11, 20, 21]);
-        assert_eq!(job.images_per_prompt, 2);
+        assert_eq!(job.request.num_images_per_prompt, 2);
         // Other settings, or one with a negative prompt and one without:
         // refused, the job unchanged.
         assert!(!job.append(&build("c", 30, Some("x"), 6)));
@@ -507,7 +479,7 @@ mod tests {
         assert_eq!(job.seeds.len(), 4);
         let mut plain = build("a", 1, None, 5);
         assert!(plain.append(&build("b", 2, None, 5)));
-        assert!(plain.negative_prompts.is_empty());
+        assert!(plain.request.negative_prompts.is_empty());
     }
 
     #[test]

@@ -262,14 +262,13 @@ impl Engine {
             .get_mut(&job.model)
             .ok_or_else(|| Error::invalid("model", "the model cache lost an entry"))?;
         model.pipeline.set_loras(&job.loras)?;
-        let request = job.generation_request();
         let mut noise = PerImageGenerators::new(&job.seeds);
         let mut ctx = RunContext {
             noise: &mut noise,
             progress,
             cancel: cancel.clone(),
         };
-        let output = model.pipeline.run(&request, &mut ctx)?;
+        let output = model.pipeline.run(&job.request, &mut ctx)?;
         let images = images_to_rgb8(&output.images)?;
         Ok(JobOutput {
             images,
@@ -278,11 +277,11 @@ impl Engine {
                 scheduler: output.scheduler,
                 sigma_schedule: output.sigma_schedule,
                 seeds: job.seeds.clone(),
-                width: job.width,
-                height: job.height,
-                steps: job.steps,
-                guidance_scale: job.guidance_scale,
-                strength: job.image.is_some().then_some(job.strength),
+                width: job.request.width,
+                height: job.request.height,
+                steps: job.request.num_inference_steps,
+                guidance_scale: job.request.guidance_scale,
+                strength: job.request.image.is_some().then_some(job.request.strength),
                 task: job.task(),
                 loras: job
                     .loras
@@ -292,7 +291,7 @@ impl Engine {
                         scale: l.scale,
                     })
                     .collect(),
-                tiling: job.tiling,
+                tiling: job.request.tiling,
                 warnings: output.warnings,
             },
             timings: output.timings,

@@ -71,15 +71,15 @@ pub(super) fn resolved(
         negative_prompt: d.negative_prompt.clone(),
         base_model: spec.model.reference.clone(),
         pipeline: defaults.pipeline.clone(),
-        steps: job.steps as u32,
-        guidance_scale: job.guidance_scale,
-        width: job.width as u32,
-        height: job.height as u32,
+        steps: job.request.num_inference_steps as u32,
+        guidance_scale: job.request.guidance_scale,
+        width: job.request.width as u32,
+        height: job.request.height as u32,
         scheduler: scheduler.to_string(),
         seed: spec.seed,
         seeds: job.seeds.clone(),
-        batch_size: job.images_per_prompt as u32,
-        strength: job.image.is_some().then_some(job.strength),
+        batch_size: job.request.num_images_per_prompt as u32,
+        strength: job.request.image.is_some().then_some(job.request.strength),
         loras: spec
             .loras
             .iter()
@@ -88,7 +88,7 @@ pub(super) fn resolved(
                 scale: l.scale,
             })
             .collect(),
-        tiling: job.tiling,
+        tiling: job.request.tiling,
         output_format: spec.output_format(),
         output_quality: spec.output_quality(),
         precision: d.precision.unwrap_or(easel_core::params::DEFAULT_PRECISION),
@@ -172,9 +172,12 @@ mod tests {
         let (image, mask) = pixels();
         let fill = defaults(ModelFamily::FluxFill);
         let job = plan(&spec(None), image.clone(), mask.clone(), &fill).unwrap();
-        assert_eq!(job.strength, 1.0);
-        assert_eq!((job.steps, job.guidance_scale), (50, 30.0));
-        assert_eq!((job.width, job.height), (64, 48));
+        assert_eq!(job.request.strength, 1.0);
+        assert_eq!(
+            (job.request.num_inference_steps, job.request.guidance_scale),
+            (50, 30.0)
+        );
+        assert_eq!((job.request.width, job.request.height), (64, 48));
         assert_eq!(job.seeds, [7, 8]);
         assert_eq!(job.model, "/models/fill");
         let p = resolved(&spec(None), &job, &fill, "FlowMatchEulerDiscreteScheduler");
@@ -187,9 +190,9 @@ mod tests {
         // Stable Diffusion keeps easel-core's 0.8; a given strength wins.
         let sd = defaults(ModelFamily::StableDiffusion);
         let job = plan(&spec(None), image.clone(), mask.clone(), &sd).unwrap();
-        assert_eq!(job.strength, 0.8);
+        assert_eq!(job.request.strength, 0.8);
         let job = plan(&spec(Some(0.5)), image, mask, &fill).unwrap();
-        assert_eq!(job.strength, 0.5);
+        assert_eq!(job.request.strength, 0.5);
     }
 
     #[test]
