@@ -706,6 +706,7 @@ fn single_files_of_unknown_layouts_are_refused_naming_what_was_looked_for() {
     assert!(err.contains("model.diffusion_model."), "{err}");
     assert!(err.contains("cond_stage_model.transformer."), "{err}");
     assert!(err.contains("conditioner.embedders.1.model."), "{err}");
+    assert!(err.contains("double_blocks.*"), "{err}");
     assert!(
         err.contains("lora_unet_down_blocks_0_attentions_0_proj_in"),
         "{err}"

@@ -241,7 +241,9 @@ pub fn detect(file: &Path, tensors: &MmapedSafetensors) -> Result<Detected> {
                  (LDM / A1111) layout: a UNet under `{UNET}*` (with `{UNET}input_blocks.0.0.weight`), \
                  a VAE under `{VAE}*`, and a text encoder under `{SD1_CLIP}*` (SD 1.x), \
                  `{SD2_CLIP}transformer.resblocks.*` (SD 2.x) or `{XL_CLIP_L}*` + \
-                 `{XL_CLIP_G}*` (SDXL). Found {} keys, starting: {}{hint}",
+                 `{XL_CLIP_G}*` (SDXL); and FLUX.1 transformer files in the Black Forest Labs \
+                 layout (`double_blocks.*`, `single_blocks.*`, optionally under \
+                 `model.diffusion_model.`). Found {} keys, starting: {}{hint}",
                 file.display(),
                 keys.len(),
                 if found.is_empty() {
