@@ -244,6 +244,14 @@ def convert(name, kind):
         same(name, "text_encoder_2", te2, te2_sd)
     print(f"{path}: {len(sd)} tensors, {os.path.getsize(path)} bytes; diffusers loads the folder's weights")
 
+    # What is committed: the file without its CLIP token-embedding tables
+    # (most of its bytes; equal to the folder's text encoders', which the
+    # tests copy back in: tests/support/single_file.rs).
+    partial = os.path.join(OUT, f"{name}.partial.safetensors")
+    save_file({k: v.contiguous() for k, v in sd.items() if "token_embedding" not in k}, partial)
+    os.remove(path)
+    print(f"{partial}: {os.path.getsize(partial)} bytes committed")
+
 
 if __name__ == "__main__":
     convert("tiny-sd15", "sd1")

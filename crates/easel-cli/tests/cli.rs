@@ -1,5 +1,9 @@
 //! The built `easel` binary end to end on the tiny fixture models.
 
+#[path = "../../../tests/support/single_file.rs"]
+mod single_file_support;
+use single_file_support::single_file_fixture;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -1305,7 +1309,7 @@ fn generate_from_a_single_file_with_config() {
             .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
-    let file = fixtures().join("generated/single_file/tiny-sd2-v.safetensors");
+    let file = single_file_fixture("tiny-sd2-v");
     let config = fixtures().join("models/tiny-sd2-v");
     let num = |k: &str| c[k].to_string();
     let (steps, guidance, seed, width, height) = (
@@ -1421,7 +1425,7 @@ fn generate_from_a_flux_transformer_file_with_config() {
     let config = dir.path().join("config");
     copy(&fixtures().join("models/tiny-flux-schnell"), &config);
     let out = dir.path().join("out.png");
-    let file = fixtures().join("generated/single_file/tiny-flux-schnell.safetensors");
+    let file = single_file_fixture("tiny-flux-schnell");
     let num = |k: &str| c[k].to_string();
     let (steps, guidance, seed, width, height, max_len) = (
         num("num_inference_steps"),

@@ -10,6 +10,10 @@
 //! One test function: the allocator counts every thread of the process, so
 //! nothing else may run while it measures.
 
+#[path = "../../../tests/support/single_file.rs"]
+mod single_file_support;
+use single_file_support::single_file_fixture;
+
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -133,7 +137,7 @@ fn estimate_matches_loaded_tensor_bytes_for_every_fixture_model() {
         "tiny-flux-fill",
     ]
     .map(|name| {
-        let file = common::fixtures().join(format!("generated/single_file/{name}.safetensors"));
+        let file = single_file_fixture(name);
         let config = configs.path().join(name);
         copy_without_weights(&common::model(name), &config, name.contains("flux"));
         let model = easel_diffusion::loader::open_single_file(

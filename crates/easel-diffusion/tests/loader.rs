@@ -3,6 +3,10 @@
 //! `snapshots/<commit>/` symlinking into `blobs/`), local folders, weight
 //! selection. Nothing here touches the network or the process environment.
 
+#[path = "../../../tests/support/single_file.rs"]
+mod single_file_support;
+use single_file_support::single_file_fixture;
+
 use std::path::{Path, PathBuf};
 
 use easel_diffusion::loader::{
@@ -580,7 +584,7 @@ fn lists_cached_and_local_models() {
 // the refusals (pickles, unknown layouts, a config of another family).
 
 fn single_file(name: &str) -> PathBuf {
-    fixtures().join(format!("generated/single_file/{name}.safetensors"))
+    single_file_fixture(name)
 }
 
 /// A copy of `source` without its `.safetensors` files (configs and tokenizers).

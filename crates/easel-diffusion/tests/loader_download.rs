@@ -3,6 +3,10 @@
 //! for the file list and commit, `GET /<repo>/resolve/<rev>/<file>` with
 //! `Range` for the metadata headers and the bytes). No real network is used.
 
+#[path = "../../../tests/support/single_file.rs"]
+mod single_file_support;
+use single_file_support::single_file_fixture;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -395,7 +399,7 @@ fn single_file_config_repo_downloads_configs_only() {
     let tmp = tempfile::tempdir().unwrap();
     let hub = tmp.path().join("hub");
     let options = online(&hub, &fake.url);
-    let file = fixtures().join("generated/single_file/tiny-sd15.safetensors");
+    let file = single_file_fixture("tiny-sd15");
     let model =
         easel_diffusion::loader::open_single_file(&file, Some("org/served"), None, &options)
             .unwrap();
@@ -432,7 +436,7 @@ fn flux_single_file_config_repo_downloads_all_but_the_transformer() {
     let tmp = tempfile::tempdir().unwrap();
     let hub = tmp.path().join("hub");
     let options = online(&hub, &fake.url);
-    let file = fixtures().join("generated/single_file/tiny-flux-schnell.safetensors");
+    let file = single_file_fixture("tiny-flux-schnell");
     let model =
         easel_diffusion::loader::open_single_file(&file, Some("org/flux"), None, &options).unwrap();
     let downloaded = fake.downloaded();

@@ -3,6 +3,10 @@
 //! recorded noise, and `latents_to_vae` must land within 1e-4 relative L2
 //! and `image` within 1e-3 max absolute of what diffusers produced.
 
+#[path = "../../../tests/support/single_file.rs"]
+mod single_file_support;
+use single_file_support::single_file_fixture;
+
 mod common;
 
 use candle_core::{Device, Tensor};
@@ -862,9 +866,7 @@ fn check_single_file_case(folder: &str, name: &str) {
         .unwrap()
         .trim_start_matches("models/")
         .to_string();
-    let file = fixtures()
-        .join("generated/single_file")
-        .join(format!("{model_name}.safetensors"));
+    let file = single_file_fixture(&model_name);
     let config = configs_only(&model_name);
     let options = easel_diffusion::loader::ResolveOptions {
         offline: true,

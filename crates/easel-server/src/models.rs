@@ -416,9 +416,15 @@ impl ModelRegistry {
     }
 }
 
+/// The completed single-file fixtures, shared with the other crates' tests.
+#[cfg(test)]
+#[path = "../../../tests/support/single_file.rs"]
+mod single_file_support;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use super::single_file_support::single_file_fixture;
 
     fn registry(root: &Path) -> ModelRegistry {
         let config = Config {
@@ -504,7 +510,7 @@ mod tests {
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
         let file = dir.path().join("models/sd15.safetensors");
         std::fs::copy(
-            fixtures.join("generated/single_file/tiny-sd15.safetensors"),
+            single_file_fixture("tiny-sd15"),
             &file,
         )
         .unwrap();
@@ -571,7 +577,7 @@ mod tests {
         use crate::config::ModelTarget;
         let dir = tempfile::tempdir().unwrap();
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-        let file = fixtures.join("generated/single_file/tiny-sd2-v.safetensors");
+        let file = single_file_fixture("tiny-sd2-v");
         let config_dir = fixtures.join("models/tiny-sd2-v");
         let mut config = Config {
             data_dir: dir.path().join("data"),
@@ -625,7 +631,7 @@ mod tests {
         use crate::config::ModelTarget;
         let dir = tempfile::tempdir().unwrap();
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-        let file = fixtures.join("generated/single_file/tiny-flux-schnell.safetensors");
+        let file = single_file_fixture("tiny-flux-schnell");
         let mut config = Config {
             data_dir: dir.path().join("data"),
             hf_cache: Some(dir.path().join("hub")),
