@@ -423,8 +423,8 @@ mod single_file_support;
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::single_file_support::single_file_fixture;
+    use super::*;
 
     fn registry(root: &Path) -> ModelRegistry {
         let config = Config {
@@ -509,11 +509,7 @@ mod tests {
         let reg = registry(dir.path());
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
         let file = dir.path().join("models/sd15.safetensors");
-        std::fs::copy(
-            single_file_fixture("tiny-sd15"),
-            &file,
-        )
-        .unwrap();
+        std::fs::copy(single_file_fixture("tiny-sd15"), &file).unwrap();
         let err = reg.resolve(&file.display().to_string()).unwrap_err();
         assert!(
             matches!(&err, ModelRefError::Unknown(m) if m.contains("--config")),
