@@ -831,7 +831,7 @@ fn sd2_prediction_type_is_detected_from_real_size_weights() {
         );
         let path = tmp.path().join(name);
         candle_core::safetensors::save(&tensors, &path).unwrap();
-        let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(&path) }.unwrap();
+        let mapped = easel_diffusion::loader::CheckpointFile::open(&path).unwrap();
         detect_single_file(&path, &mapped)
     };
     let v = detect("v.safetensors", 0.2, 4).unwrap();
@@ -880,8 +880,7 @@ fn flux_single_files_are_told_apart_by_guidance_and_img_in_width() {
         ),
     ] {
         let file = single_file(name);
-        // SAFETY: a fixture file nobody writes while the test runs.
-        let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::new(&file) }.unwrap();
+        let tensors = easel_diffusion::loader::CheckpointFile::open(&file).unwrap();
         let detected = detect_single_file(&file, &tensors).unwrap();
         assert_eq!(detected.architecture, architecture, "{name}");
         assert_eq!(detected.inpainting, fill, "{name}");

@@ -21,6 +21,7 @@
 //! (`.bin`, `.ckpt`) files: a component with nothing else is an error.
 
 mod cache;
+mod checkpoint;
 mod family;
 mod flux_keys;
 mod hub;
@@ -32,6 +33,7 @@ mod weights;
 use std::path::{Path, PathBuf};
 
 pub(crate) use family::supported_class;
+pub use checkpoint::{is_gguf, CheckpointFile};
 pub use family::{MaskRule, ModelFamily, StrengthRule, DEFAULT_STRENGTH, SUPPORTED_PIPELINES};
 pub use model_dir::{Component, ComponentKind, ModelDir, ModelSource};
 pub use single_file::{

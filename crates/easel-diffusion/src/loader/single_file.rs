@@ -20,14 +20,15 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
+use super::checkpoint::CheckpointFile;
 use super::flux_keys;
 use super::ldm_keys::{self, Op};
 use super::{ModelDir, ModelFamily, ResolveOptions};
 use crate::error::{Error, Result};
+use crate::models::stored::StoredTensor;
 use crate::models::weights::TensorSource;
 
 /// The Stable Diffusion generation a single-file checkpoint holds, as
@@ -150,7 +151,7 @@ pub fn is_checkpoint_file(path: &Path) -> bool {
     path.is_file()
         && path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
             let e = e.to_ascii_lowercase();
-            e == "safetensors" || PICKLE_EXTENSIONS.contains(&e.as_str())
+            e == "safetensors" || e == "gguf" || PICKLE_EXTENSIONS.contains(&e.as_str())
         })
 }
 
@@ -183,8 +184,8 @@ fn pickle_refusal(path: &Path) -> Error {
 /// supported layout, naming the layouts looked for and the file's top-level
 /// key prefixes; SDXL refiner files are named as not supported yet. FLUX
 /// files (`detect_flux`) are told by `double_blocks.*` keys.
-pub fn detect(file: &Path, tensors: &MmapedSafetensors) -> Result<Detected> {
-    let keys: Vec<String> = tensors.tensors().into_iter().map(|(k, _)| k).collect();
+pub fn detect(file: &Path, tensors: &CheckpointFile) -> Result<Detected> {
+    let keys: Vec<String> = tensors.keys();
     let has_prefix = |p: &str| keys.iter().any(|k| k.starts_with(p));
     let unsupported = |what: &str| {
         Error::invalid(
@@ -213,10 +214,7 @@ pub fn detect(file: &Path, tensors: &MmapedSafetensors) -> Result<Detected> {
         } else {
             None
         };
-    let conv_in = tensors
-        .get(&format!("{UNET}input_blocks.0.0.weight"))
-        .ok()
-        .map(|v| v.shape().to_vec());
+    let conv_in = tensors.shape(&format!("{UNET}input_blocks.0.0.weight"));
     let (Some(architecture), Some(conv_in), true) = (architecture, conv_in, has_prefix(VAE)) else {
         let prefixes: BTreeSet<String> = keys
             .iter()
@@ -310,12 +308,9 @@ fn flux_prefix(keys: &[String]) -> &'static str {
 /// Detects a FLUX.1 transformer file: dev when it has a guidance embedder
 /// (`guidance_in.*`), else schnell; Fill when `img_in` takes 384 features
 /// (64 for text-to-image), as diffusers' `infer_diffusers_model_type`.
-fn detect_flux(file: &Path, tensors: &MmapedSafetensors, keys: &[String]) -> Result<Detected> {
+fn detect_flux(file: &Path, tensors: &CheckpointFile, keys: &[String]) -> Result<Detected> {
     let prefix = flux_prefix(keys);
-    let img_in = tensors
-        .get(&format!("{prefix}img_in.weight"))
-        .ok()
-        .map(|v| v.shape().to_vec());
+    let img_in = tensors.shape(&format!("{prefix}img_in.weight"));
     let inpainting = match img_in.as_deref() {
         Some([_, 64]) => false,
         Some([_, 384]) => true,
@@ -353,7 +348,7 @@ type KeyMap = HashMap<String, (String, Op)>;
 pub struct SingleFile {
     path: PathBuf,
     detected: Detected,
-    tensors: Arc<MmapedSafetensors>,
+    tensors: Arc<CheckpointFile>,
     components: BTreeMap<String, Arc<KeyMap>>,
 }
 
@@ -378,14 +373,20 @@ impl SingleFile {
         self.detected
     }
 
+    /// The container: `safetensors` or `GGUF`.
+    pub fn format(&self) -> &'static str {
+        self.tensors.format()
+    }
+
     /// The components whose weights the file holds.
     pub fn components(&self) -> impl Iterator<Item = &str> {
         self.components.keys().map(String::as_str)
     }
 
     /// The tensors the file holds for `component`, as the model will load
-    /// them, read from the header only: `(diffusers name, safetensors dtype
-    /// name (`F16`, `BF16`, `F32`, ...), shape)`; a fused tensor split into
+    /// them, read from the header only: `(diffusers name, stored type
+    /// (safetensors' `F16`, `BF16`, `F32`, `F8_E4M3`, ... or GGUF's `Q8_0`,
+    /// `Q4_K`, ...), shape)`; a fused tensor split into
     /// parts (OpenCLIP's `in_proj`) counts once per part with its share of
     /// rows, a transposed one with its dimensions swapped. Empty when the
     /// file does not hold `component`. For the model cache's estimate
@@ -396,15 +397,14 @@ impl SingleFile {
         };
         map.iter()
             .filter_map(|(name, (key, op))| {
-                let view = self.tensors.get(key).ok()?;
-                let mut shape = view.shape().to_vec();
+                let mut shape = self.tensors.shape(key)?;
                 match *op {
                     Op::Chunk { parts, .. } if !shape.is_empty() => shape[0] /= parts.max(1),
                     Op::Rows { len, .. } if !shape.is_empty() => shape[0] = len,
                     Op::Transpose => shape.reverse(),
                     _ => {}
                 }
-                Some((name.clone(), format!("{:?}", view.dtype()), shape))
+                Some((name.clone(), self.tensors.dtype_name(key)?, shape))
             })
             .collect()
     }
@@ -424,56 +424,64 @@ impl SingleFile {
 /// One component's weights in a single file, by diffusers key.
 struct RenamedSource {
     path: PathBuf,
-    tensors: Arc<MmapedSafetensors>,
+    tensors: Arc<CheckpointFile>,
     map: Arc<KeyMap>,
 }
 
 impl TensorSource for RenamedSource {
     fn tensor(&self, name: &str, shape: &[usize], device: &Device) -> Result<Option<Tensor>> {
+        self.stored(name, shape, device)?
+            .map(|t| t.to_dense(device))
+            .transpose()
+    }
+
+    /// The file's tensor under its diffusers name, renamed and reshaped by
+    /// its [`Op`] in its stored form (a fused quantized or fp8 tensor is
+    /// split by rows without widening).
+    fn stored(&self, name: &str, shape: &[usize], device: &Device) -> Result<Option<StoredTensor>> {
         let Some((key, op)) = self.map.get(name) else {
             return Ok(None);
         };
-        let t = self.tensors.load(key, device)?;
+        let t = self.tensors.stored(key, device)?;
+        let rows = t.dims().first().copied().unwrap_or(0);
+        let too_few = |need: usize| {
+            Error::config(
+                "single file",
+                format!(
+                    "{}: `{key}` has {rows} rows, fewer than {need}",
+                    self.path.display()
+                ),
+            )
+        };
         Ok(Some(match *op {
             Op::Same => t,
-            Op::Reshape
-                if t.dims() != shape && t.elem_count() == shape.iter().product::<usize>() =>
-            {
+            Op::Reshape if t.dims() != shape && t.elem_count() == shape.iter().product::<usize>() => {
                 t.reshape(shape)?
             }
             Op::Reshape => t,
-            Op::Transpose => t.t()?.contiguous()?,
+            Op::Transpose => StoredTensor::Dense(t.to_dense(device)?.t()?.contiguous()?),
             Op::Chunk { index, parts } => {
-                let rows = t.dim(0)? / parts;
-                if rows * parts != t.dim(0)? {
+                let part = rows / parts;
+                if part * parts != rows {
                     return Err(Error::config(
                         "single file",
                         format!(
-                            "{}: `{key}` has {} rows, not a multiple of {parts}",
-                            self.path.display(),
-                            t.dim(0)?
+                            "{}: `{key}` has {rows} rows, not a multiple of {parts}",
+                            self.path.display()
                         ),
                     ));
                 }
-                t.narrow(0, index * rows, rows)?.contiguous()?
+                t.narrow_rows(index * part, part)?
             }
             Op::Rows { start, len } => {
-                if start + len > t.dim(0)? {
-                    return Err(Error::config(
-                        "single file",
-                        format!(
-                            "{}: `{key}` has {} rows, fewer than {}",
-                            self.path.display(),
-                            t.dim(0)?,
-                            start + len
-                        ),
-                    ));
+                if start + len > rows {
+                    return Err(too_few(start + len));
                 }
-                t.narrow(0, start, len)?.contiguous()?
+                t.narrow_rows(start, len)?
             }
             Op::SwapHalves => {
-                let half = t.dim(0)? / 2;
-                Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)?.contiguous()?
+                let half = rows / 2;
+                StoredTensor::cat_rows(&[t.narrow_rows(half, half)?, t.narrow_rows(0, half)?])?
             }
         }))
     }
@@ -534,17 +542,7 @@ pub fn open_single_file(
             std::io::Error::new(std::io::ErrorKind::NotFound, "checkpoint file not found"),
         ));
     }
-    // SAFETY: read-only mapping; like every safetensors loader we rely on
-    // the file not being truncated while mapped.
-    let tensors = unsafe { MmapedSafetensors::new(file) }.map_err(|e| {
-        Error::invalid(
-            "model",
-            format!(
-                "{} is not a readable safetensors file ({e}); single files must be .safetensors",
-                file.display()
-            ),
-        )
-    })?;
+    let tensors = CheckpointFile::open(file)?;
     let detected = detect(file, &tensors)?;
     let config_ref = config.unwrap_or(detected.default_config_repo());
     let not_usable = |e: Error| match (config, e) {
@@ -617,19 +615,21 @@ pub fn open_single_file(
 /// taken from `img_in.weight`'s rows.
 fn flux_component_maps(
     file: &Path,
-    tensors: &MmapedSafetensors,
+    tensors: &CheckpointFile,
 ) -> Result<BTreeMap<String, Arc<KeyMap>>> {
     let keys: Vec<(String, Vec<usize>)> = tensors
-        .tensors()
+        .keys()
         .into_iter()
-        .map(|(k, v)| (k, v.shape().to_vec()))
+        .filter_map(|k| {
+            let shape = tensors.shape(&k)?;
+            Some((k, shape))
+        })
         .collect();
     let names: Vec<String> = keys.iter().map(|(k, _)| k.clone()).collect();
     let prefix = flux_prefix(&names);
     let hidden = tensors
-        .get(&format!("{prefix}img_in.weight"))
-        .ok()
-        .and_then(|v| v.shape().first().copied())
+        .shape(&format!("{prefix}img_in.weight"))
+        .and_then(|s| s.first().copied())
         .ok_or_else(|| {
             Error::invalid(
                 "model",
@@ -656,7 +656,7 @@ fn flux_component_maps(
 fn component_maps(
     model: &ModelDir,
     detected: &Detected,
-    tensors: &MmapedSafetensors,
+    tensors: &CheckpointFile,
 ) -> Result<BTreeMap<String, Arc<KeyMap>>> {
     let unet_config = model.component_config("unet")?;
     let layers_per_block = unet_config
@@ -691,7 +691,7 @@ fn component_maps(
         // Transformer-only: mapped by `flux_component_maps`.
         Architecture::FluxDev | Architecture::FluxSchnell => (None, None),
     };
-    for (key, _) in tensors.tensors() {
+    for key in tensors.keys() {
         if let Some(rest) = key.strip_prefix(UNET) {
             if let Some(d) = ldm_keys::unet_key(rest, layers_per_block) {
                 put("unet", d, &key, Op::Same);

@@ -11,6 +11,7 @@ use super::format::{LoraAdapter, LoraLayer};
 use super::names::ModuleIndex;
 use super::LoraSpec;
 use crate::error::{Error, Result};
+use crate::models::stored::StoredTensor;
 use crate::models::weights::TensorSource;
 
 /// The merged weight updates of an adapter set, per component:
@@ -250,6 +251,16 @@ impl TensorSource for LoraOverlay {
             Some(d) => Ok(Some((t.to_dtype(d.dtype())? + d)?)),
             None => Ok(Some(t)),
         }
+    }
+
+    /// A weight with an update is widened and returned dense (`W + ΔW` in
+    /// the update's dtype); a quantized or fp8 base weight without one
+    /// stays in its stored form.
+    fn stored(&self, name: &str, shape: &[usize], device: &Device) -> Result<Option<StoredTensor>> {
+        if self.deltas.contains_key(name) {
+            return Ok(self.tensor(name, shape, device)?.map(StoredTensor::Dense));
+        }
+        self.base.stored(name, shape, device)
     }
 
     fn contains(&self, name: &str) -> bool {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use candle_core::{Module, Tensor, D};
 
 use super::kernels;
+use super::stored::StoredTensor;
 use super::weights::Weights;
 use crate::error::{Error, Result};
 
@@ -62,7 +63,10 @@ fn timed<T>(kind: usize, f: impl FnOnce() -> T) -> T {
 /// devices use candle's matmul.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    inner: candle_nn::Linear,
+    /// `(out_features, in_features)`, as stored: f32, f16 / bf16, fp8 or
+    /// GGML blocks (see [`Weights::get_stored`]); widened per call.
+    weight: StoredTensor,
+    bias: Option<Tensor>,
     /// The bias as f32 for the CPU kernel (empty without bias or when the
     /// weights are not f32).
     bias_f32: Arc<Vec<f32>>,
@@ -82,20 +86,33 @@ impl Linear {
             _ => Vec::new(),
         });
         Ok(Self {
-            inner: candle_nn::Linear::new(weight, bias),
+            weight,
+            bias,
             bias_f32,
         })
     }
 
+    /// The weight as held in memory (`(out_features, in_features)`).
+    pub fn weight(&self) -> &StoredTensor {
+        &self.weight
+    }
+
     /// `x`: `(..., in_features)` → `(..., out_features)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let weight = self.inner.weight();
-        let (out_f, in_f) = weight.dims2()?;
+        let (out_f, in_f) = match self.weight.dims() {
+            &[o, i] => (o, i),
+            d => {
+                return Err(Error::invalid(
+                    "linear",
+                    format!("weight of shape {d:?}, expected 2 dimensions"),
+                ))
+            }
+        };
         let rows = x.elem_count() / in_f.max(1);
         count_flops(2 * rows * in_f * out_f);
-        let has_bias = self.inner.bias().is_some();
+        let has_bias = self.bias.is_some();
         if kernels::applies(x)
-            && kernels::applies_weight(weight)
+            && self.weight.kernel_ready()
             && x.dims().last() == Some(&in_f)
             && (!has_bias || self.bias_f32.len() == out_f)
         {
@@ -103,19 +120,16 @@ impl Linear {
             *shape.last_mut().expect("x has a last dimension") = out_f;
             let y = timed(3, || {
                 kernels::with_f32(x, |xd| {
-                    kernels::with_f32_weight(weight, |wd| {
+                    self.weight.with_f32(|wd| {
                         kernels::linear(xd, rows, in_f, wd, &self.bias_f32, out_f)
                     })
                 })
             })??;
             return kernels::tensor(y, &shape);
         }
-        if weight.dtype() != x.dtype() {
-            let inner =
-                candle_nn::Linear::new(weight.to_dtype(x.dtype())?, self.inner.bias().cloned());
-            return timed(3, || Ok(inner.forward(x)?));
-        }
-        timed(3, || Ok(self.inner.forward(x)?))
+        let weight = self.weight.to_dense(x.device())?.to_dtype(x.dtype())?;
+        let inner = candle_nn::Linear::new(weight, self.bias.clone());
+        timed(3, || Ok(inner.forward(x)?))
     }
 }
 
@@ -135,9 +149,9 @@ impl Linear {
 /// see [`Conv2d::forward`].
 #[derive(Clone, Debug)]
 pub struct Conv2d {
-    /// The weight as loaded, `(out, in, k, k)`, in its stored precision
-    /// (f16 / bf16 stay half size; see [`Weights::get_stored`]).
-    weight: Tensor,
+    /// The weight as loaded, `(out, in, k, k)`, in its stored form
+    /// (f16 / bf16 / fp8 / GGML blocks; see [`Weights::get_stored`]).
+    weight: StoredTensor,
     /// `(out, in, k)`.
     dims: (usize, usize, usize),
     bias: Option<Tensor>,
@@ -161,7 +175,7 @@ impl Conv2d {
     ) -> Result<Self> {
         let weight = w.get_stored(&[out_channels, in_channels, kernel, kernel], "weight")?;
         let bias_t = w.get(&[out_channels], "bias")?;
-        let fast = kernels::applies_weight(&weight)
+        let fast = weight.kernel_ready()
             && kernels::applies(&bias_t)
             && stride == 1
             && matches!((kernel, padding), (3, 1) | (1, 0));
@@ -230,7 +244,7 @@ impl Conv2d {
             }
             count_flops(2 * b * co * h * w * in_c * k * k);
             let y = timed(if k == 3 { 0 } else { 1 }, || {
-                kernels::with_f32_weight(&self.weight, |wd| {
+                self.weight.with_f32(|wd| {
                     kernels::with_f32(x, |xd| {
                         if k == 3 && kernels::conv3x3_prefers_winograd(ci, co) {
                             kernels::conv3x3_winograd(xd, b, ci, h, w, wd, &self.bias_f32, co)
@@ -250,7 +264,7 @@ impl Conv2d {
     /// candle's convolution with `padding` zeros on every side, plus the bias.
     fn forward_candle(&self, x: &Tensor, padding: usize) -> Result<Tensor> {
         let (_, in_c, k) = self.dims;
-        let weight = self.weight.to_dtype(x.dtype())?;
+        let weight = self.weight.to_dense(x.device())?.to_dtype(x.dtype())?;
         let y = timed(2, || x.conv2d(&weight, padding, self.stride, 1, 1))?;
         count_flops(2 * y.elem_count() * in_c * k * k);
         match &self.bias {

@@ -14,7 +14,55 @@ use std::sync::{Arc, Mutex};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
+use super::stored::{Fp8Format, Fp8Tensor, StoredTensor};
 use crate::error::{Error, Result};
+
+/// The tensor `key` of a mapped safetensors file in its stored form: fp8
+/// (`F8_E4M3` = `float8_e4m3fn`, `F8_E5M2`) kept as fp8 with the
+/// per-tensor scale of a scaled-fp8 file (ComfyUI's `<layer>.scale_weight`
+/// beside `<layer>.weight`), anything else as a candle tensor in its
+/// stored dtype.
+///
+/// Errors: the key is absent, or its data does not match its header, or a
+/// `scale_weight` is not a single number.
+pub fn load_safetensors_stored(
+    tensors: &MmapedSafetensors,
+    key: &str,
+    device: &Device,
+) -> Result<StoredTensor> {
+    let view = tensors.get(key)?;
+    // candle links its own `safetensors` version: compare by name.
+    let format = match format!("{:?}", view.dtype()).as_str() {
+        "F8_E4M3" => Fp8Format::E4M3Fn,
+        "F8_E5M2" => Fp8Format::E5M2,
+        _ => return Ok(StoredTensor::Dense(tensors.load(key, device)?)),
+    };
+    let scale = match key.strip_suffix(".weight") {
+        Some(layer) if tensors.get(&format!("{layer}.scale_weight")).is_ok() => {
+            let s = tensors
+                .load(&format!("{layer}.scale_weight"), &Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            match s.as_slice() {
+                [one] => Some(*one),
+                _ => {
+                    return Err(Error::config(
+                        key,
+                        format!("`{layer}.scale_weight` holds {} values, expected one", s.len()),
+                    ))
+                }
+            }
+        }
+        _ => None,
+    };
+    Ok(StoredTensor::Fp8(std::sync::Arc::new(Fp8Tensor::new(
+        view.data().to_vec(),
+        view.shape(),
+        format,
+        scale,
+    )?)))
+}
 
 /// A source of named weight tensors for one component (`unet`, `vae`, ...).
 pub trait TensorSource: Send + Sync {
@@ -22,6 +70,15 @@ pub trait TensorSource: Send + Sync {
     /// source has no such key. `shape` is what the model expects; a source
     /// that synthesises weights (benchmarks) uses it, others ignore it.
     fn tensor(&self, name: &str, shape: &[usize], device: &Device) -> Result<Option<Tensor>>;
+
+    /// The tensor stored under `name` in the form it is kept in memory
+    /// (quantized and fp8 weights stay so; see [`StoredTensor`]), or `None`
+    /// when the source has no such key. Sources of dense tensors only need
+    /// not override it; sources that hold quantized or fp8 tensors return
+    /// them here and widened to f32 from [`TensorSource::tensor`].
+    fn stored(&self, name: &str, shape: &[usize], device: &Device) -> Result<Option<StoredTensor>> {
+        Ok(self.tensor(name, shape, device)?.map(StoredTensor::Dense))
+    }
 
     /// Whether the source holds `name`.
     fn contains(&self, name: &str) -> bool;
@@ -72,9 +129,15 @@ impl SafetensorsSource {
 }
 
 impl TensorSource for SafetensorsSource {
-    fn tensor(&self, name: &str, _shape: &[usize], device: &Device) -> Result<Option<Tensor>> {
+    fn tensor(&self, name: &str, shape: &[usize], device: &Device) -> Result<Option<Tensor>> {
+        self.stored(name, shape, device)?
+            .map(|t| t.to_dense(device))
+            .transpose()
+    }
+
+    fn stored(&self, name: &str, _shape: &[usize], device: &Device) -> Result<Option<StoredTensor>> {
         match self.mmaped.get(name) {
-            Ok(_) => Ok(Some(self.mmaped.load(name, device)?)),
+            Ok(_) => Ok(Some(load_safetensors_stored(&self.mmaped, name, device)?)),
             Err(_) => Ok(None),
         }
     }
@@ -109,7 +172,7 @@ impl TensorSource for SafetensorsSource {
 pub struct CachedSource {
     base: Arc<dyn TensorSource>,
     dtype: DType,
-    cache: Mutex<HashMap<String, Tensor>>,
+    cache: Mutex<HashMap<String, StoredTensor>>,
     reads: AtomicUsize,
 }
 
@@ -141,20 +204,28 @@ fn keeps_stored(compute: DType, stored: DType) -> bool {
 
 impl TensorSource for CachedSource {
     fn tensor(&self, name: &str, shape: &[usize], device: &Device) -> Result<Option<Tensor>> {
+        self.stored(name, shape, device)?
+            .map(|t| Ok(t.to_dense(device)?.to_dtype(self.dtype)?))
+            .transpose()
+    }
+
+    fn stored(&self, name: &str, shape: &[usize], device: &Device) -> Result<Option<StoredTensor>> {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = cache.get(name) {
             return Ok(Some(t.clone()));
         }
-        let Some(t) = self.base.tensor(name, shape, device)? else {
+        let Some(t) = self.base.stored(name, shape, device)? else {
             return Ok(None);
         };
         self.reads.fetch_add(1, Ordering::Relaxed);
         // The layers keep matrix weights in their stored precision
-        // (`Weights::get_stored`), so caching them widened would double them.
-        let t = if keeps_stored(self.dtype, t.dtype()) {
-            t
-        } else {
-            t.to_dtype(self.dtype)?
+        // (`Weights::get_stored`), so caching them widened would double
+        // them; quantized and fp8 tensors stay as they are.
+        let t = match t {
+            StoredTensor::Dense(d) if !keeps_stored(self.dtype, d.dtype()) => {
+                StoredTensor::Dense(d.to_dtype(self.dtype)?)
+            }
+            other => other,
         };
         cache.insert(name.to_string(), t.clone());
         Ok(Some(t))
@@ -307,11 +378,11 @@ impl Weights {
 
     /// The tensor `name` under the current prefix, in its stored dtype,
     /// checked to have `shape`.
-    fn fetch(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+    fn fetch(&self, shape: &[usize], name: &str) -> Result<StoredTensor> {
         let full = self.full_name(name);
         let t = self
             .source
-            .tensor(&full, shape, &self.device)?
+            .stored(&full, shape, &self.device)?
             .ok_or_else(|| Error::MissingTensor {
                 component: self.component.to_string(),
                 tensor: full.clone(),
@@ -333,25 +404,31 @@ impl Weights {
     /// Errors: [`Error::MissingTensor`] when absent, [`Error::ShapeMismatch`]
     /// when its shape differs from `shape`.
     pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
-        Ok(self.fetch(shape, name)?.to_dtype(self.dtype)?)
+        Ok(self
+            .fetch(shape, name)?
+            .to_dense(&self.device)?
+            .to_dtype(self.dtype)?)
     }
 
     /// Like [`Weights::get`] for a matrix or convolution weight that the
-    /// CPU kernels read through [`super::kernels::with_f32_weight`]: with
-    /// f32 compute on the CPU, a tensor stored as f16 or bf16 is returned
-    /// in that precision (half the memory of f32; the kernels widen it
-    /// exactly, one layer at a time), anything else as [`Weights::get`].
+    /// CPU kernels read through [`StoredTensor::with_f32`]: with f32 compute
+    /// on the CPU, a tensor stored as f16, bf16, fp8 or GGML blocks is
+    /// returned in that form (the kernels widen it exactly, one layer at a
+    /// time), anything else as [`Weights::get`] (dense, compute dtype).
     ///
     /// Errors: as [`Weights::get`].
-    pub fn get_stored(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+    pub fn get_stored(&self, shape: &[usize], name: &str) -> Result<StoredTensor> {
         let t = self.fetch(shape, name)?;
-        Ok(
-            if self.device.is_cpu() && keeps_stored(self.dtype, t.dtype()) {
-                t.contiguous()?
-            } else {
-                t.to_dtype(self.dtype)?
-            },
-        )
+        let keep = self.device.is_cpu()
+            && match &t {
+                StoredTensor::Dense(d) => keeps_stored(self.dtype, d.dtype()),
+                other => self.dtype == DType::F32 && other.kernel_ready(),
+            };
+        Ok(match t {
+            StoredTensor::Dense(d) if keep => StoredTensor::Dense(d.contiguous()?),
+            t if keep => t,
+            t => StoredTensor::Dense(t.to_dense(&self.device)?.to_dtype(self.dtype)?),
+        })
     }
 
     /// Like [`Weights::get`], but `None` when the tensor is absent.
