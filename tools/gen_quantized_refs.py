@@ -79,6 +79,7 @@ import json
 import os
 import sys
 import tempfile
+from importlib.metadata import version
 
 import gguf
 import numpy as np
@@ -260,7 +261,7 @@ def check_fp8_file(path, sd, dtype, prefix=""):
             # round trip: the stored value is the nearest fp8 of the source
             if not torch.equal(got, w.float().to(want_dtype)):
                 fail(f"{path}: {prefix + k} is not the rounded source")
-        extra = {k for k in keys if not k[len(prefix):] in sd}
+        extra = {k for k in keys if k[len(prefix):] not in sd}
         if prefix:
             marker = f.get_tensor(prefix + "scaled_fp8")
             if marker.dtype != torch.float8_e4m3fn or marker.numel() != 0:
@@ -385,18 +386,12 @@ def run(name, transformer, extra):
         "noise_draws": len(draws),
         "images": [png],
         "_generated_by": "tools/gen_quantized_refs.py",
-        "_versions": {"diffusers": diffusers.__version__, "torch": torch.__version__, "gguf": gguf_version()},
+        "_versions": {"diffusers": diffusers.__version__, "torch": torch.__version__, "gguf": version("gguf")},
     }
     with open(os.path.join(OUT, f"{name}.json"), "w") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
     return tensors
-
-
-def gguf_version():
-    from importlib.metadata import version
-
-    return version("gguf")
 
 
 def rel_l2(a, b):
