@@ -11,7 +11,8 @@ use easel_diffusion::engine::JobRequest;
 use easel_diffusion::models::layers::measure_matmul_gflops;
 use easel_diffusion::pipelines::CancelToken;
 
-use crate::generate::{local_engine, parse_bool_env};
+use crate::generate::{local_engine, parse_bool_env, parse_quantization};
+use easel_diffusion::models::quantize::Quantization;
 
 /// Arguments of `easel bench`.
 #[derive(Args, Debug)]
@@ -53,6 +54,10 @@ pub struct BenchArgs {
     /// reading weight files: benchmarks real-size architectures from their configs alone.
     #[arg(long)]
     pub random_weights: bool,
+    /// Quantize the UNet / transformer (and FLUX's T5) as they load, as
+    /// `easel generate --quantize`: q8_0, q4_0 or fp8.
+    #[arg(long, value_name = "q8_0|q4_0|fp8", value_parser = parse_quantization)]
+    pub quantize: Option<Quantization>,
     /// Skip measuring the machine's matrix-product peaks.
     #[arg(long)]
     pub no_peak: bool,
@@ -77,7 +82,7 @@ struct Row {
 }
 
 pub fn run(args: BenchArgs) -> Result<ExitCode> {
-    let mut engine = local_engine(args.offline, args.random_weights);
+    let mut engine = local_engine(args.offline, args.random_weights, args.quantize);
     let model = engine.load(&args.model)?;
     let load_time = model.load_time();
     let defaults = model.defaults().clone();

@@ -300,7 +300,7 @@ impl LocalBackend {
                 ..ResolveOptions::default()
             },
             cache_budget_bytes: model_cache_bytes,
-            random_weights: false,
+            ..EngineOptions::default()
         });
         Ok(Self {
             data_dir,

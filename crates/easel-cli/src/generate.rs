@@ -12,6 +12,7 @@ use easel_core::{
 };
 use easel_diffusion::engine::{Engine, EngineOptions, JobRequest};
 use easel_diffusion::loader::{ModelFamily, ResolveOptions};
+use easel_diffusion::models::quantize::Quantization;
 use easel_diffusion::pipelines::{CancelToken, Progress};
 use easel_diffusion::schedulers::resolve_scheduler_name;
 use easel_diffusion::Error as EngineError;
@@ -43,6 +44,12 @@ pub struct GenerateArgs {
     /// else the config's].
     #[arg(long, value_name = "TYPE")]
     pub prediction_type: Option<String>,
+    /// Quantize the model's UNet / FLUX.1 transformer (and FLUX's T5
+    /// encoder) as it loads: q8_0 (ggml Q8_0, 8.5 bits per weight), q4_0
+    /// (4.5 bits) or fp8 (float8_e4m3fn, scaled per tensor). Weights already
+    /// quantized in their file (GGUF, fp8) stay as they are.
+    #[arg(long, value_name = "q8_0|q4_0|fp8", value_parser = parse_quantization)]
+    pub quantize: Option<Quantization>,
     /// What to generate.
     #[arg(long, short = 'p')]
     pub prompt: String,
@@ -136,10 +143,20 @@ pub fn parse_bool_env(s: &str) -> Result<bool, String> {
     }
 }
 
+/// `--quantize`: `q8_0`, `q4_0` or `fp8`, with the allowed names on error.
+pub fn parse_quantization(s: &str) -> Result<Quantization, String> {
+    s.parse().map_err(|e: easel_diffusion::Error| e.to_string())
+}
+
 /// The CLI's engine: models resolved as `offline` says (with download
 /// progress on stderr), kept for the life of the process;
-/// `random_weights` synthesises the weights (benchmarks).
-pub fn local_engine(offline: bool, random_weights: bool) -> Engine {
+/// `random_weights` synthesises the weights (benchmarks); `quantization`
+/// quantizes the large components as they load.
+pub fn local_engine(
+    offline: bool,
+    random_weights: bool,
+    quantization: Option<Quantization>,
+) -> Engine {
     Engine::new(EngineOptions {
         resolve: ResolveOptions {
             offline,
@@ -147,6 +164,7 @@ pub fn local_engine(offline: bool, random_weights: bool) -> Engine {
             ..ResolveOptions::default()
         },
         random_weights,
+        quantization,
         ..EngineOptions::default()
     })
 }
@@ -344,7 +362,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     }
 
     let load_start = Instant::now();
-    let mut engine = local_engine(args.offline, false);
+    let mut engine = local_engine(args.offline, false, args.quantize);
     let dir = if args.config.is_some() || args.prediction_type.is_some() {
         single_file_model(&args)?
     } else {

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use candle_core::Device;
 use easel_diffusion::engine::estimate_model_bytes;
 use easel_diffusion::loader::{ModelDir, ModelFamily};
+use easel_diffusion::models::quantize::Quantization;
 use easel_diffusion::pipelines::load_pipeline;
 use easel_diffusion::tokenizer::{ClipTokenizer, T5Tokenizer};
 
@@ -152,7 +153,49 @@ fn estimate_matches_loaded_tensor_bytes_for_every_fixture_model() {
         .unwrap();
         (format!("{name} (single file)"), model)
     });
-    for (name, model) in folders.into_iter().chain(single_files) {
+    // Quantized and fp8 transformer files (their block weights held as
+    // stored), and models quantized as they load (`--quantize`).
+    let flux_config = configs.path().join("tiny-flux-dev");
+    let quantized_files = [
+        "tiny-flux-dev-Q8_0.gguf",
+        "tiny-flux-dev-Q4_0.gguf",
+        "tiny-flux-dev-fp8_e4m3fn.safetensors",
+        "tiny-flux-dev-fp8_scaled.safetensors",
+    ]
+    .map(|file| {
+        let path = common::fixtures().join("generated/quantized").join(file);
+        let model = easel_diffusion::loader::open_single_file(
+            &path,
+            Some(flux_config.to_str().unwrap()),
+            None,
+            &easel_diffusion::loader::ResolveOptions {
+                offline: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        (file.to_string(), model)
+    });
+    let quantized_at_load = [
+        ("tiny-flux-dev", Quantization::Q8_0),
+        ("tiny-flux-dev", Quantization::Q4_0),
+        ("tiny-sdxl", Quantization::Fp8),
+        ("tiny-sd15", Quantization::Q8_0),
+    ]
+    .map(|(name, q)| {
+        (
+            format!("{name} --quantize {}", q.name()),
+            ModelDir::open(common::model(name))
+                .unwrap()
+                .with_quantization(Some(q)),
+        )
+    });
+    for (name, model) in folders
+        .into_iter()
+        .chain(single_files)
+        .chain(quantized_files)
+        .chain(quantized_at_load)
+    {
         let estimate = estimate_model_bytes(&model) as f64;
         // Warm one load up first: lazily initialised statics (thread pools,
         // kernel tables) are allocated once and would count as weights.

@@ -941,3 +941,177 @@ fn single_file_flux_schnell_comfy_prefix_txt2img() {
 fn single_file_flux_fill_inpaint() {
     check_single_file_case("references", "flux_fill_inpaint");
 }
+
+// Quantized and fp8 FLUX.1 transformers (issue 14), written by
+// tools/gen_quantized_refs.py: city96-layout GGUF files (Q8_0, Q4_0) and
+// fp8 safetensors (e4m3fn, e5m2, ComfyUI's scaled fp8) of the tiny dev
+// transformer. The weights stay quantized / fp8 in memory and are widened
+// exactly per layer; the `_exact` references load the same file's weights
+// dequantized exactly in f32 (ggml's arithmetic), the `_diffusers` ones
+// are diffusers' GGUFQuantizationConfig at compute dtype f32, which rounds
+// dequantized weights to f16 first (so: within 5e-4 and one level).
+
+/// Run reference case `name` (in `generated/quantized/`) on the file its
+/// JSON names as `transformer_file`, opened as a single file with the tiny
+/// dev folder's configs, text encoders and VAE. Returns the stored types
+/// of the transformer's tensors and the outputs against the reference.
+fn run_transformer_file_case(name: &str) -> (Vec<String>, f64, f64) {
+    let folder = "generated/quantized";
+    let case: Value = easel_diffusion::json::parse_lenient(
+        &std::fs::read_to_string(fixtures().join(folder).join(format!("{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    let file = fixtures().join(case["transformer_file"].as_str().unwrap());
+    let config = configs_only("tiny-flux-dev");
+    let options = easel_diffusion::loader::ResolveOptions {
+        offline: true,
+        ..Default::default()
+    };
+    let model = easel_diffusion::loader::open_single_file(
+        &file,
+        Some(config.path().to_str().unwrap()),
+        None,
+        &options,
+    )
+    .unwrap();
+    let types: Vec<String> = model
+        .single_file()
+        .unwrap()
+        .tensor_infos("transformer")
+        .into_iter()
+        .map(|(_, dtype, _)| dtype)
+        .collect();
+    let pipeline = load_pipeline(&model, &Device::Cpu).unwrap();
+    let (latents, images, tensors) = run_case(&pipeline, folder, name, None);
+    let lat = rel_l2(&latents, &tensors["latents_to_vae"]);
+    let img = max_abs(&images, &tensors["image"]);
+    eprintln!("{name}: latents_to_vae rel L2 {lat:.2e}, image max abs {img:.2e}");
+    (types, lat, img)
+}
+
+/// The exact-dequantization reference to 1e-4 / 1e-3 (as every parity
+/// case), diffusers' f16-rounded one to 5e-4 and one 8-bit level.
+fn check_gguf_case(quant: &str) {
+    let (types, lat, img) = run_transformer_file_case(&format!("flux_dev_gguf_{quant}_exact"));
+    let want = quant.to_uppercase();
+    assert!(
+        types.iter().filter(|t| **t == want).count() >= 20,
+        "the GGUF file's block weights are {want}: {types:?}"
+    );
+    assert!(
+        lat <= 1e-4,
+        "{quant} exact: latents rel L2 {lat:.3e} > 1e-4"
+    );
+    assert!(img <= 1e-3, "{quant} exact: image max abs {img:.3e} > 1e-3");
+    let (_, lat, img) = run_transformer_file_case(&format!("flux_dev_gguf_{quant}_diffusers"));
+    assert!(
+        lat <= 5e-4,
+        "{quant} diffusers: latents rel L2 {lat:.3e} > 5e-4"
+    );
+    assert!(
+        img <= 1.0 / 255.0,
+        "{quant} diffusers: image max abs {img:.3e} > 1 level"
+    );
+}
+
+#[test]
+fn gguf_flux_dev_q8_0() {
+    check_gguf_case("q8_0");
+}
+
+#[test]
+fn gguf_flux_dev_q4_0() {
+    check_gguf_case("q4_0");
+}
+
+/// fp8 files against diffusers loading the same file (exact widening).
+fn check_fp8_case(name: &str, format: &str) {
+    let (types, lat, img) = run_transformer_file_case(name);
+    assert!(
+        types.iter().filter(|t| *t == format).count() >= 30,
+        "the file's matrix weights are {format}: {types:?}"
+    );
+    assert!(lat <= 1e-4, "{name}: latents rel L2 {lat:.3e} > 1e-4");
+    assert!(img <= 1e-3, "{name}: image max abs {img:.3e} > 1e-3");
+}
+
+#[test]
+fn fp8_flux_dev_e4m3fn() {
+    check_fp8_case("flux_dev_fp8_e4m3fn", "F8_E4M3");
+}
+
+#[test]
+fn fp8_flux_dev_e5m2() {
+    check_fp8_case("flux_dev_fp8_e5m2", "F8_E5M2");
+}
+
+#[test]
+fn fp8_flux_dev_scaled() {
+    check_fp8_case("flux_dev_fp8_scaled", "F8_E4M3");
+}
+
+/// A UNet-only GGUF file in city96's layout (LDM UNet keys without
+/// `model.diffusion_model.`; f16 matrices, f32 vectors, no VAE or text
+/// encoder), written here from the tiny SDXL single file, opened with the
+/// tiny SDXL folder as `--config` (which gives the text encoders and the
+/// VAE): the folder's reference, exactly as from the safetensors file.
+#[test]
+fn gguf_sdxl_unet_only_txt2img_euler() {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let source =
+        easel_diffusion::loader::CheckpointFile::open(&single_file_fixture("tiny-sdxl")).unwrap();
+    let mut tensors = Vec::new();
+    for key in source.keys() {
+        let Some(rest) = key.strip_prefix("model.diffusion_model.") else {
+            continue;
+        };
+        let t = source.load(&key, &Device::Cpu).unwrap();
+        let values = t
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let t = Tensor::from_vec(values, t.dims(), &Device::Cpu).unwrap();
+        let dtype = if t.rank() == 1 {
+            GgmlDType::F32
+        } else {
+            GgmlDType::F16
+        };
+        tensors.push((rest.to_string(), QTensor::quantize(&t, dtype).unwrap()));
+    }
+    assert!(tensors.len() > 100, "{} UNet tensors", tensors.len());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny-sdxl-unet-F16.gguf");
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let arch = gguf_file::Value::String("sdxl".into());
+    gguf_file::write(
+        &mut std::fs::File::create(&path).unwrap(),
+        &[("general.architecture", &arch)],
+        &refs,
+    )
+    .unwrap();
+    let model = easel_diffusion::loader::open_single_file(
+        &path,
+        Some(model("tiny-sdxl").to_str().unwrap()),
+        None,
+        &easel_diffusion::loader::ResolveOptions {
+            offline: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let file = model.single_file().unwrap();
+    assert!(file.detected().unet_only);
+    assert_eq!(file.format(), "GGUF");
+    assert_eq!(file.components().collect::<Vec<_>>(), ["unet"]);
+    let pipeline = load_pipeline(&model, &Device::Cpu).unwrap();
+    let (latents, images, refs) = run_case(&pipeline, "references", "sdxl_txt2img_euler", None);
+    assert_close(
+        "sdxl_txt2img_euler (UNet-only GGUF)",
+        &latents,
+        &images,
+        &refs,
+    );
+}

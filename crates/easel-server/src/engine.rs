@@ -134,7 +134,7 @@ impl DiffusionEngine {
             engine: FrontDoor::new(EngineOptions {
                 resolve: resolve_options(config, config.offline),
                 cache_budget_bytes: config.model_cache_bytes,
-                random_weights: false,
+                ..EngineOptions::default()
             }),
         }
     }

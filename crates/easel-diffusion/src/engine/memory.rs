@@ -18,6 +18,7 @@ use std::io::Read;
 use std::path::Path;
 
 use crate::loader::ModelDir;
+use crate::models::quantize::{is_embedding_table, Quantization};
 
 /// The largest safetensors header read (the format's own limit is 100 MB).
 const MAX_HEADER_BYTES: u64 = 100 << 20;
@@ -59,47 +60,52 @@ fn header(path: &Path) -> Option<Vec<TensorInfo>> {
     )
 }
 
-/// Bytes per element of a safetensors dtype; `None` for integer and
-/// boolean types (buffers the models do not read).
-fn float_size(dtype: &str) -> Option<u64> {
-    match dtype {
-        "F16" | "BF16" => Some(2),
-        "F32" => Some(4),
-        "F64" => Some(8),
-        "F8_E4M3" | "F8_E5M2" => Some(1),
-        _ => None,
-    }
-}
-
-/// Whether a tensor is an embedding table (looked up by index, widened to
-/// f32 like a bias), by the checkpoint names of CLIP
-/// (`token_embedding.weight`, `position_embedding.weight`) and T5
-/// (`shared.weight`, `embed_tokens.weight`, `relative_attention_bias.weight`).
-fn is_embedding_table(name: &str) -> bool {
-    name.ends_with("embedding.weight")
-        || name.ends_with("embed_tokens.weight")
-        || name.ends_with("relative_attention_bias.weight")
-        || name == "shared.weight"
+/// Bytes `numel` elements of a stored type take: safetensors dtypes
+/// (`F16`, `F8_E4M3`, ...) and GGML block types (`Q8_0`, `Q4_K`, ...);
+/// `None` for integer and boolean types (buffers the models do not read).
+fn stored_bytes(dtype: &str, numel: u64) -> Option<u64> {
+    let (block, bytes) = match dtype {
+        "F8_E4M3" | "F8_E5M2" => (1, 1),
+        "F16" | "BF16" => (1, 2),
+        "F32" => (1, 4),
+        "F64" => (1, 8),
+        "Q4_0" => (32, 18),
+        "Q4_1" => (32, 20),
+        "Q5_0" => (32, 22),
+        "Q5_1" => (32, 24),
+        "Q8_0" => (32, 34),
+        "Q2_K" => (256, 84),
+        "Q3_K" => (256, 110),
+        "Q4_K" => (256, 144),
+        "Q5_K" => (256, 176),
+        "Q6_K" => (256, 210),
+        _ => return None,
+    };
+    Some(numel.div_ceil(block) * bytes)
 }
 
 /// The bytes one tensor holds once loaded (see the module docs), and the
 /// extra bytes of the stored copy a LoRA-targetable component keeps of a
-/// widened tensor.
-fn tensor_bytes(t: &TensorInfo) -> (u64, u64) {
-    let Some(stored) = float_size(&t.dtype) else {
+/// widened tensor. With `quantization`, a linear weight it applies to
+/// holds its quantized size.
+fn tensor_bytes(t: &TensorInfo, quantization: Option<Quantization>) -> (u64, u64) {
+    let numel: u64 = t.shape.iter().map(|&d| d as u64).product();
+    let Some(stored) = stored_bytes(&t.dtype, numel) else {
         return (0, 0);
     };
-    let numel: u64 = t.shape.iter().map(|&d| d as u64).product();
-    let half = stored == 2;
     let matrix = matches!(t.shape.len(), 2 | 4)
         && t.name.ends_with(".weight")
         && !is_embedding_table(&t.name);
-    if half && matrix {
-        (numel * stored, 0)
-    } else if stored < 4 {
-        (numel * 4, numel * stored)
-    } else {
-        (numel * stored, 0)
+    let dense = matches!(t.dtype.as_str(), "F16" | "BF16" | "F32" | "F64");
+    match quantization {
+        // The quantizing source converts dense linear weights only.
+        Some(q) if dense && Quantization::applies(&t.name, &t.shape) => {
+            (q.bytes(t.shape[0], t.shape[1]), 0)
+        }
+        // Half, fp8 and GGML-block matrices stay as stored.
+        _ if matrix && !matches!(t.dtype.as_str(), "F32" | "F64") => (stored, 0),
+        _ if stored < numel * 4 => (numel * 4, stored),
+        _ => (stored, 0),
     }
 }
 
@@ -122,8 +128,11 @@ pub fn estimate_model_bytes(model: &ModelDir) -> u64 {
     let mut total = 0;
     for &component in family.weight_components() {
         let keeps_base = family.lora_components().contains(&component);
+        let quantization = model
+            .quantization()
+            .filter(|_| family.quantized_components().contains(&component));
         let mut count = |t: TensorInfo| {
-            let (held, base_copy) = tensor_bytes(&t);
+            let (held, base_copy) = tensor_bytes(&t, quantization);
             total += held + if keeps_base { base_copy } else { 0 };
         };
         // A single-file checkpoint's components come from the file (under

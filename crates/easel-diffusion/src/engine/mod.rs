@@ -26,6 +26,7 @@ pub use memory::estimate_model_bytes;
 
 use crate::error::{Error, Result};
 use crate::loader::{resolve_model, ModelDir, ModelFamily, ResolveOptions};
+use crate::models::quantize::Quantization;
 use crate::noise::PerImageGenerators;
 use crate::output::images_to_rgb8;
 use crate::pipelines::{
@@ -45,6 +46,10 @@ pub struct EngineOptions {
     /// Synthesise every weight instead of reading weight files
     /// (`easel bench --random-weights`).
     pub random_weights: bool,
+    /// Quantize each model's large components as they load
+    /// (`--quantize`), unless its reference set one
+    /// ([`ModelDir::with_quantization`]).
+    pub quantization: Option<Quantization>,
 }
 
 impl Default for EngineOptions {
@@ -53,6 +58,7 @@ impl Default for EngineOptions {
             resolve: ResolveOptions::default(),
             cache_budget_bytes: u64::MAX,
             random_weights: false,
+            quantization: None,
         }
     }
 }
@@ -202,7 +208,10 @@ impl Engine {
     }
 
     fn insert(&mut self, reference: &str, dir: ModelDir, started: Instant) -> Result<()> {
-        let dir = dir.with_random_weights(self.options.random_weights);
+        let quantization = dir.quantization().or(self.options.quantization);
+        let dir = dir
+            .with_random_weights(self.options.random_weights)
+            .with_quantization(quantization);
         let bytes = estimate_model_bytes(&dir);
         for key in self.cache.make_room(bytes) {
             tracing::info!("model cache: unloaded {key} to fit {bytes} bytes");

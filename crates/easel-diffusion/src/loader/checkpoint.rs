@@ -279,16 +279,14 @@ impl GgufFile {
             GgmlDType::F32 => dense(bytes, DType::F32, &dims, device)?,
             GgmlDType::F16 => dense(bytes, DType::F16, &dims, device)?,
             GgmlDType::BF16 => dense(bytes, DType::BF16, &dims, device)?,
-            GgmlDType::Q8_1 | GgmlDType::Q8K => {
-                return Err(Error::invalid(
-                    "model",
-                    format!(
-                        "{}: tensor `{key}` has GGUF type {}, an activation type, not a weight type",
-                        path.display(),
-                        ggml_type_name(dtype)
-                    ),
-                ))
-            }
+            GgmlDType::Q8_1 | GgmlDType::Q8K => return Err(Error::invalid(
+                "model",
+                format!(
+                    "{}: tensor `{key}` has GGUF type {}, an activation type, not a weight type",
+                    path.display(),
+                    ggml_type_name(dtype)
+                ),
+            )),
             _ => {
                 let q: QTensor = quantized_from_bytes(bytes, dtype, &dims).map_err(|e| {
                     Error::config(path.display().to_string(), format!("tensor `{key}`: {e}"))
@@ -434,22 +432,42 @@ mod tests {
         let w: Vec<f32> = (0..64 * 32).map(|i| (i as f32 * 0.37).sin()).collect();
         let w = Tensor::from_vec(w, (64, 32), &Device::Cpu).unwrap();
         let q8 = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
-        let f16 = QTensor::quantize(&w.narrow(0, 0, 3).unwrap(), GgmlDType::F16).unwrap();
+        let rows: Vec<f32> = w
+            .narrow(0, 0, 3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let rows = Tensor::from_vec(rows, (3, 32), &Device::Cpu).unwrap();
+        let f16 = QTensor::quantize(&rows, GgmlDType::F16).unwrap();
         let flat = QTensor::quantize(&w.reshape(2048).unwrap(), GgmlDType::Q4_0).unwrap();
         write_gguf(
             &path,
-            &[("a.weight", &q8), ("b.weight", &f16), ("conv.weight", &flat)],
+            &[
+                ("a.weight", &q8),
+                ("b.weight", &f16),
+                ("conv.weight", &flat),
+            ],
             &[
                 ("general.architecture", Value::String("flux".into())),
                 (
                     "comfy.gguf.orig_shape.conv.weight",
-                    Value::Array(vec![Value::I32(16), Value::I32(8), Value::I32(4), Value::I32(4)]),
+                    Value::Array(vec![
+                        Value::I32(16),
+                        Value::I32(8),
+                        Value::I32(4),
+                        Value::I32(4),
+                    ]),
                 ),
             ],
         );
         let file = CheckpointFile::open(&path).unwrap();
         assert_eq!(file.format(), "GGUF");
-        assert_eq!(file.metadata_string("general.architecture").as_deref(), Some("flux"));
+        assert_eq!(
+            file.metadata_string("general.architecture").as_deref(),
+            Some("flux")
+        );
         assert_eq!(file.shape("a.weight"), Some(vec![64, 32]));
         assert_eq!(file.dtype_name("a.weight").as_deref(), Some("Q8_0"));
         let a = file.stored("a.weight", &Device::Cpu).unwrap();
@@ -491,7 +509,10 @@ mod tests {
         bytes[at..at + 4].copy_from_slice(&20u32.to_le_bytes());
         std::fs::write(&path, bytes).unwrap();
         let err = CheckpointFile::open(&path).err().unwrap().to_string();
-        assert!(err.contains("`blk.0.weight`") && err.contains("IQ4_NL"), "{err}");
+        assert!(
+            err.contains("`blk.0.weight`") && err.contains("IQ4_NL"),
+            "{err}"
+        );
     }
 
     /// Neither safetensors nor GGUF: a clear refusal.
@@ -501,6 +522,9 @@ mod tests {
         let path = dir.path().join("m.safetensors");
         std::fs::write(&path, b"not a checkpoint").unwrap();
         let err = CheckpointFile::open(&path).err().unwrap().to_string();
-        assert!(err.contains("not a readable safetensors or GGUF file"), "{err}");
+        assert!(
+            err.contains("not a readable safetensors or GGUF file"),
+            "{err}"
+        );
     }
 }

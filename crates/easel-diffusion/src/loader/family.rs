@@ -294,6 +294,16 @@ impl ModelFamily {
         }
     }
 
+    /// The components `--quantize` converts as they load: the denoiser (SD
+    /// `unet`, FLUX.1 `transformer`) and FLUX's T5 encoder
+    /// (`text_encoder_2`), the ones that hold nearly all the weights.
+    pub fn quantized_components(self) -> &'static [&'static str] {
+        match self {
+            ModelFamily::StableDiffusion | ModelFamily::StableDiffusionXl => &["unet"],
+            ModelFamily::Flux | ModelFamily::FluxFill => &["transformer", "text_encoder_2"],
+        }
+    }
+
     /// The denoiser's name in reports: `transformer` for FLUX, else `UNet`.
     pub fn denoiser_name(self) -> &'static str {
         if self.is_flux() {

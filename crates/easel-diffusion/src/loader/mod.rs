@@ -32,8 +32,8 @@ mod weights;
 
 use std::path::{Path, PathBuf};
 
-pub(crate) use family::supported_class;
 pub use checkpoint::{is_gguf, CheckpointFile};
+pub(crate) use family::supported_class;
 pub use family::{MaskRule, ModelFamily, StrengthRule, DEFAULT_STRENGTH, SUPPORTED_PIPELINES};
 pub use model_dir::{Component, ComponentKind, ModelDir, ModelSource};
 pub use single_file::{

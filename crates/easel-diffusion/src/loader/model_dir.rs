@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use super::single_file::SingleFile;
 use super::weights::{self, NoWeights, WeightChoice};
 use crate::error::{Error, Result};
+use crate::models::quantize::Quantization;
 
 /// Where a [`ModelDir`] came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +102,7 @@ pub struct ModelDir {
     components: BTreeMap<String, Component>,
     options: Map<String, Value>,
     random_weights: bool,
+    quantization: Option<Quantization>,
     single_file: Option<Arc<SingleFile>>,
     prediction_type: Option<String>,
 }
@@ -149,6 +151,7 @@ impl ModelDir {
             components: parsed.components,
             options: parsed.options,
             random_weights: false,
+            quantization: None,
             single_file: None,
             prediction_type: None,
         })
@@ -161,6 +164,19 @@ impl ModelDir {
     pub fn with_random_weights(mut self, random: bool) -> Self {
         self.random_weights = random;
         self
+    }
+
+    /// The same model with its large components
+    /// ([`super::ModelFamily::quantized_components`]) quantized as they load
+    /// ([`Quantization`]; `None`: as stored).
+    pub fn with_quantization(mut self, quantization: Option<Quantization>) -> Self {
+        self.quantization = quantization;
+        self
+    }
+
+    /// The quantization applied at load ([`Self::with_quantization`]).
+    pub fn quantization(&self) -> Option<Quantization> {
+        self.quantization
     }
 
     /// Makes this (config) folder the configs of the single-file checkpoint

@@ -87,6 +87,11 @@ pub struct Detected {
     /// `Some(false)` when that test says epsilon, `None` when the file does
     /// not tell.
     pub v_prediction: Option<bool>,
+    /// Whether the file holds only the UNet (ComfyUI's `diffusion_models`
+    /// files, city96's SD / SDXL GGUF files: LDM UNet keys with or without
+    /// `model.diffusion_model.`, no VAE or text encoder): the text
+    /// encoders and VAE come from the config, as for a FLUX transformer.
+    pub unet_only: bool,
 }
 
 impl Detected {
@@ -102,6 +107,12 @@ impl Detected {
     /// component comes from the config.
     pub fn transformer_only(&self) -> bool {
         self.architecture.family() == ModelFamily::Flux
+    }
+
+    /// Whether the file holds only the denoiser (a FLUX transformer, or a
+    /// UNet-only file): the text encoders and VAE come from the config.
+    pub fn denoiser_only(&self) -> bool {
+        self.transformer_only() || self.unet_only
     }
 
     /// The diffusers repo whose configs and tokenizers a checkpoint of this
@@ -202,6 +213,11 @@ pub fn detect(file: &Path, tensors: &CheckpointFile) -> Result<Detected> {
     {
         return detect_flux(file, tensors, &keys);
     }
+    if !has_prefix(VAE) && !has_prefix("cond_stage_model.") && !has_prefix("conditioner.") {
+        if let Some(detected) = detect_unet_only(file, tensors, &keys)? {
+            return Ok(detected);
+        }
+    }
     let architecture =
         if has_prefix(XL_CLIP_L) && has_prefix(&format!("{XL_CLIP_G}transformer.resblocks.")) {
             Some(Architecture::StableDiffusionXl)
@@ -292,7 +308,74 @@ pub fn detect(file: &Path, tensors: &CheckpointFile) -> Result<Detected> {
         architecture,
         inpainting,
         v_prediction,
+        unet_only: false,
     })
+}
+
+/// The prefix of a file's LDM UNet keys: `model.diffusion_model.`, or none
+/// (UNet-only files as city96's GGUF converter writes them).
+fn unet_prefix(keys: &[String]) -> &'static str {
+    if keys.iter().any(|k| k.starts_with(UNET)) {
+        UNET
+    } else {
+        ""
+    }
+}
+
+/// Detects a UNet-only file: LDM UNet keys (`input_blocks.0.0.weight`,
+/// with or without `model.diffusion_model.`) and nothing else. SDXL when
+/// it has the added-condition embedding `label_emb.*`, SD 2.x when its
+/// cross-attention reads 1024 features (OpenCLIP-H), else SD 1.x; `None`
+/// when the keys are not a UNet's.
+fn detect_unet_only(
+    file: &Path,
+    tensors: &CheckpointFile,
+    keys: &[String],
+) -> Result<Option<Detected>> {
+    let prefix = unet_prefix(keys);
+    let Some(conv_in) = tensors.shape(&format!("{prefix}input_blocks.0.0.weight")) else {
+        return Ok(None);
+    };
+    if !keys
+        .iter()
+        .any(|k| k.starts_with(&format!("{prefix}output_blocks.")))
+    {
+        return Ok(None);
+    }
+    let inpainting = match conv_in.get(1) {
+        Some(4) => false,
+        Some(9) => true,
+        other => {
+            return Err(Error::invalid(
+                "model",
+                format!(
+                    "{}: the UNet's conv_in takes {other:?} channels; supported: 4                      (text-to-image) or 9 (inpainting)",
+                    file.display()
+                ),
+            ))
+        }
+    };
+    let context = keys
+        .iter()
+        .find(|k| k.starts_with(prefix) && k.ends_with("attn2.to_k.weight"))
+        .and_then(|k| tensors.shape(k))
+        .and_then(|s| s.get(1).copied());
+    let architecture = if keys
+        .iter()
+        .any(|k| k.starts_with(&format!("{prefix}label_emb.")))
+    {
+        Architecture::StableDiffusionXl
+    } else if context == Some(1024) {
+        Architecture::StableDiffusion2
+    } else {
+        Architecture::StableDiffusion1
+    };
+    Ok(Some(Detected {
+        architecture,
+        inpainting,
+        v_prediction: keys.iter().any(|k| k == "v_pred").then_some(true),
+        unet_only: true,
+    }))
 }
 
 /// The prefix of a FLUX file's keys: none (BFL) or ComfyUI's
@@ -337,6 +420,7 @@ fn detect_flux(file: &Path, tensors: &CheckpointFile, keys: &[String]) -> Result
         },
         inpainting,
         v_prediction: None,
+        unet_only: false,
     })
 }
 
@@ -455,7 +539,9 @@ impl TensorSource for RenamedSource {
         };
         Ok(Some(match *op {
             Op::Same => t,
-            Op::Reshape if t.dims() != shape && t.elem_count() == shape.iter().product::<usize>() => {
+            Op::Reshape
+                if t.dims() != shape && t.elem_count() == shape.iter().product::<usize>() =>
+            {
                 t.reshape(shape)?
             }
             Op::Reshape => t,
@@ -552,7 +638,7 @@ pub fn open_single_file(
                  diffusers folder or repo id of the same architecture",
             file.display(),
             detected.architecture.name(),
-            if detected.transformer_only() {
+            if detected.denoiser_only() {
                 " (and its text encoders and VAE)"
             } else {
                 ""
@@ -562,12 +648,19 @@ pub fn open_single_file(
     };
     let mut model = if Path::new(config_ref).exists() {
         ModelDir::open(config_ref)?
-    } else if detected.transformer_only() {
-        // A transformer-only file: the text encoders and the VAE are the
-        // config repo's, downloaded with it (all weights but the
-        // transformer's), then every config (the transformer's included).
+    } else if detected.denoiser_only() {
+        // A transformer- or UNet-only file: the text encoders and the VAE
+        // are the config repo's, downloaded with it (all weights but the
+        // denoiser's), then every config (the denoiser's included).
         let mut weights = options.clone();
-        weights.skip_components.push("transformer".to_string());
+        weights.skip_components.push(
+            if detected.transformer_only() {
+                "transformer"
+            } else {
+                "unet"
+            }
+            .to_string(),
+        );
         super::resolve_model(config_ref, &weights).map_err(not_usable)?;
         super::resolve_config_repo(config_ref, options).map_err(not_usable)?
     } else {
@@ -590,6 +683,15 @@ pub fn open_single_file(
     } else {
         component_maps(&model, &detected, &tensors)?
     };
+    if detected.unet_only && !components.contains_key("unet") {
+        return Err(Error::invalid(
+            "model",
+            format!(
+                "{}: no UNet key of the file maps to a diffusers UNet key",
+                file.display()
+            ),
+        ));
+    }
     let prediction = prediction_type
         .map(str::to_string)
         .or(match detected.v_prediction {
@@ -691,8 +793,12 @@ fn component_maps(
         // Transformer-only: mapped by `flux_component_maps`.
         Architecture::FluxDev | Architecture::FluxSchnell => (None, None),
     };
+    let unet = unet_prefix(&tensors.keys());
     for key in tensors.keys() {
-        if let Some(rest) = key.strip_prefix(UNET) {
+        if let Some(rest) = key
+            .strip_prefix(unet)
+            .filter(|_| !unet.is_empty() || detected.unet_only)
+        {
             if let Some(d) = ldm_keys::unet_key(rest, layers_per_block) {
                 put("unet", d, &key, Op::Same);
             }
@@ -723,6 +829,7 @@ mod tests {
             architecture,
             inpainting,
             v_prediction,
+            unet_only: false,
         };
         assert_eq!(
             d(Architecture::StableDiffusion1, false, None).default_config_repo(),

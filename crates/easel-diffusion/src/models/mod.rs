@@ -9,6 +9,7 @@ pub mod embeddings;
 pub mod flux_transformer;
 pub mod kernels;
 pub mod layers;
+pub mod quantize;
 pub mod stored;
 pub mod t5;
 mod unet_2d_blocks;

@@ -47,9 +47,8 @@ impl Fp8Format {
 
     /// The value of each of the 256 bytes, as f32 (exact).
     fn table(self) -> &'static [f32; 256] {
-        static E4M3: LazyLock<[f32; 256]> = LazyLock::new(|| {
-            std::array::from_fn(|b| float8::F8E4M3::from_bits(b as u8).to_f32())
-        });
+        static E4M3: LazyLock<[f32; 256]> =
+            LazyLock::new(|| std::array::from_fn(|b| float8::F8E4M3::from_bits(b as u8).to_f32()));
         static E5M2: LazyLock<[f32; 256]> = LazyLock::new(|| {
             std::array::from_fn(|b| half::f16::from_bits((b as u16) << 8).to_f32())
         });
@@ -128,10 +127,7 @@ impl Fp8Tensor {
         } else {
             1.0
         };
-        let bytes = values
-            .par_iter()
-            .map(|v| format.round(v / scale))
-            .collect();
+        let bytes = values.par_iter().map(|v| format.round(v / scale)).collect();
         Self::new(bytes, shape, format, Some(scale))
     }
 
@@ -336,7 +332,10 @@ impl StoredTensor {
             return Err(Error::invalid("tensor", "nothing to join"));
         };
         let tail = &first.dims()[1..];
-        if parts.iter().any(|p| p.dims().is_empty() || &p.dims()[1..] != tail) {
+        if parts
+            .iter()
+            .any(|p| p.dims().is_empty() || &p.dims()[1..] != tail)
+        {
             return Err(Error::invalid(
                 "tensor",
                 format!(
@@ -348,7 +347,11 @@ impl StoredTensor {
         let mut dims = first.dims().to_vec();
         dims[0] = parts.iter().map(|p| p.dims()[0]).sum();
         match first {
-            Self::Dense(t) if parts.iter().all(|p| matches!(p, Self::Dense(u) if u.dtype() == t.dtype())) => {
+            Self::Dense(t)
+                if parts
+                    .iter()
+                    .all(|p| matches!(p, Self::Dense(u) if u.dtype() == t.dtype())) =>
+            {
                 let ts: Vec<Tensor> = parts
                     .iter()
                     .map(|p| match p {
@@ -376,9 +379,9 @@ impl StoredTensor {
                 )?)))
             }
             Self::Fp8(f)
-                if parts.iter().all(|p| {
-                    matches!(p, Self::Fp8(g) if g.format == f.format && g.scale == f.scale)
-                }) =>
+                if parts.iter().all(
+                    |p| matches!(p, Self::Fp8(g) if g.format == f.format && g.scale == f.scale),
+                ) =>
             {
                 let mut bytes = Vec::new();
                 for p in parts {
@@ -393,7 +396,11 @@ impl StoredTensor {
             _ => {
                 let ts = parts
                     .iter()
-                    .map(|p| p.to_dense(&Device::Cpu)?.to_dtype(DType::F32).map_err(Error::from))
+                    .map(|p| {
+                        p.to_dense(&Device::Cpu)?
+                            .to_dtype(DType::F32)
+                            .map_err(Error::from)
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 Ok(Self::Dense(Tensor::cat(&ts, 0)?))
             }
@@ -426,7 +433,11 @@ impl StoredTensor {
                     .last()
                     .is_some_and(|l| l.is_multiple_of(q.dtype().block_size())) =>
             {
-                Self::Quantized(Arc::new(quantized_from_bytes(&q.data()?, q.dtype(), shape)?))
+                Self::Quantized(Arc::new(quantized_from_bytes(
+                    &q.data()?,
+                    q.dtype(),
+                    shape,
+                )?))
             }
             Self::Quantized(_) => Self::Dense(self.to_dense(&Device::Cpu)?.reshape(shape)?),
         })
@@ -492,7 +503,10 @@ fn dequantize_into(q: &QTensor, out: &mut [f32]) -> Result<()> {
     fn run<T: GgmlType + Sync>(data: &[u8], out: &mut [f32]) -> Result<()> {
         let size = std::mem::size_of::<T>();
         if data.len() % size != 0 || data.len() / size * T::BLCK_SIZE != out.len() {
-            return Err(Error::invalid("tensor", "quantized data of the wrong length"));
+            return Err(Error::invalid(
+                "tensor",
+                "quantized data of the wrong length",
+            ));
         }
         if (data.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
             return Err(Error::invalid("tensor", "misaligned quantized data"));
@@ -605,9 +619,10 @@ mod tests {
         assert_eq!(e5[0x7b], 57344.0);
         assert_eq!(e5[0x01], 2f32.powi(-16));
         assert!(e5[0x7c].is_infinite());
-        let t = Fp8Tensor::new(vec![0x38, 0xb8, 0x40], &[3], Fp8Format::E4M3Fn, Some(0.5))
+        let t = Fp8Tensor::new(vec![0x38, 0xb8, 0x40], &[3], Fp8Format::E4M3Fn, Some(0.5)).unwrap();
+        let got = StoredTensor::Fp8(Arc::new(t))
+            .with_f32(<[f32]>::to_vec)
             .unwrap();
-        let got = StoredTensor::Fp8(Arc::new(t)).with_f32(<[f32]>::to_vec).unwrap();
         assert_eq!(got, [0.5, -0.5, 1.0]);
         assert!(Fp8Tensor::new(vec![0; 2], &[3], Fp8Format::E5M2, None).is_err());
     }
@@ -620,7 +635,9 @@ mod tests {
         let t = Fp8Tensor::quantize(&v, &[64, 64], Fp8Format::E4M3Fn).unwrap();
         let amax = v.iter().fold(0f32, |m, x| m.max(x.abs()));
         assert!((t.scale().unwrap() - amax / 448.0).abs() < 1e-9);
-        let back = StoredTensor::Fp8(Arc::new(t)).with_f32(<[f32]>::to_vec).unwrap();
+        let back = StoredTensor::Fp8(Arc::new(t))
+            .with_f32(<[f32]>::to_vec)
+            .unwrap();
         for (a, b) in v.iter().zip(&back) {
             // Normal range: relative error ≤ 2^-4; tiny values: absolute.
             assert!((a - b).abs() <= a.abs() / 16.0 + amax / 448.0 * 2f32.powi(-9));
@@ -635,8 +652,14 @@ mod tests {
         assert!(q.narrow_rows(1, 2).is_err());
         assert!(q.reshape(&[3, 32]).is_err());
         // A reshape that splits blocks widens instead.
-        assert!(matches!(q.reshape(&[4, 16]).unwrap(), StoredTensor::Dense(_)));
-        assert!(matches!(q.reshape(&[1, 64]).unwrap(), StoredTensor::Quantized(_)));
+        assert!(matches!(
+            q.reshape(&[4, 16]).unwrap(),
+            StoredTensor::Dense(_)
+        ));
+        assert!(matches!(
+            q.reshape(&[1, 64]).unwrap(),
+            StoredTensor::Quantized(_)
+        ));
         assert!(quantized_from_bytes(&[0u8; 10], GgmlDType::Q8_0, &[32]).is_err());
     }
 }

@@ -49,7 +49,10 @@ pub fn load_safetensors_stored(
                 _ => {
                     return Err(Error::config(
                         key,
-                        format!("`{layer}.scale_weight` holds {} values, expected one", s.len()),
+                        format!(
+                            "`{layer}.scale_weight` holds {} values, expected one",
+                            s.len()
+                        ),
                     ))
                 }
             }
@@ -135,7 +138,12 @@ impl TensorSource for SafetensorsSource {
             .transpose()
     }
 
-    fn stored(&self, name: &str, _shape: &[usize], device: &Device) -> Result<Option<StoredTensor>> {
+    fn stored(
+        &self,
+        name: &str,
+        _shape: &[usize],
+        device: &Device,
+    ) -> Result<Option<StoredTensor>> {
         match self.mmaped.get(name) {
             Ok(_) => Ok(Some(load_safetensors_stored(&self.mmaped, name, device)?)),
             Err(_) => Ok(None),

@@ -9,6 +9,7 @@ use candle_core::{DType, Device};
 use crate::error::Result;
 use crate::loader::{ModelDir, ModelFamily};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+use crate::models::quantize::QuantizingSource;
 use crate::models::unet_2d_condition::UNet2DConditionConfig;
 use crate::models::weights::{RandomSource, SafetensorsSource, TensorSource, Weights};
 
@@ -18,18 +19,27 @@ use crate::models::weights::{RandomSource, SafetensorsSource, TensorSource, Weig
 ///
 /// For a model opened from a single-file checkpoint, the components the
 /// file holds are read from it ([`crate::loader::SingleFile::source`]).
+///
+/// With [`ModelDir::with_quantization`], the family's large components
+/// ([`ModelFamily::quantized_components`]) hand out their linear weights
+/// quantized ([`QuantizingSource`]).
 pub fn component_source(model: &ModelDir, component: &str) -> Result<Arc<dyn TensorSource>> {
-    if let Some(source) = model
+    let source: Arc<dyn TensorSource> = if let Some(source) = model
         .single_file()
         .filter(|_| !model.random_weights())
         .and_then(|f| f.source(component))
     {
-        return Ok(source);
-    }
-    Ok(if model.random_weights() {
+        source
+    } else if model.random_weights() {
         Arc::new(RandomSource::new(DType::F16))
     } else {
         Arc::new(SafetensorsSource::open(&model.weight_files(component)?)?)
+    };
+    Ok(match (model.quantization(), model.family()) {
+        (Some(q), Some(family)) if family.quantized_components().contains(&component) => {
+            Arc::new(QuantizingSource::new(source, q))
+        }
+        _ => source,
     })
 }
 
