@@ -279,14 +279,16 @@ impl GgufFile {
             GgmlDType::F32 => dense(bytes, DType::F32, &dims, device)?,
             GgmlDType::F16 => dense(bytes, DType::F16, &dims, device)?,
             GgmlDType::BF16 => dense(bytes, DType::BF16, &dims, device)?,
-            GgmlDType::Q8_1 | GgmlDType::Q8K => return Err(Error::invalid(
-                "model",
-                format!(
+            GgmlDType::Q8_1 | GgmlDType::Q8K => {
+                return Err(Error::invalid(
+                    "model",
+                    format!(
                     "{}: tensor `{key}` has GGUF type {}, an activation type, not a weight type",
                     path.display(),
                     ggml_type_name(dtype)
                 ),
-            )),
+                ))
+            }
             _ => {
                 let q: QTensor = quantized_from_bytes(bytes, dtype, &dims).map_err(|e| {
                     Error::config(path.display().to_string(), format!("tensor `{key}`: {e}"))

@@ -3,8 +3,10 @@
 //! components (the UNet or FLUX.1 transformer, and FLUX's T5 encoder) in a
 //! half to a third of the memory.
 //!
-//! Every linear weight (`(out, in)`, `in` a multiple of 32) of a quantized
-//! component is converted once, when the model asks for it, to:
+//! Every linear weight (`(out, in)`, `in` a multiple of 32) inside the
+//! repeated blocks of a quantized component (see
+//! [`Quantization::applies`]) is converted once, when the model asks for
+//! it, to:
 //! - `q8_0`: ggml's Q8_0 (blocks of 32 int8 values with an f16 scale
 //!   `d = amax / 127`; 8.5 bits per weight), as llama.cpp's
 //!   `quantize_row_q8_0` (candle's `k_quants`);
@@ -13,9 +15,13 @@
 //! - `fp8`: `float8_e4m3fn` with a per-tensor scale `amax / 448`
 //!   (ComfyUI's scaled-fp8 layout; 8 bits per weight).
 //!
-//! Convolution weights, biases, norms and embedding tables keep their
-//! stored precision (as city96's and stable-diffusion.cpp's converters
-//! leave them), and so does a weight already quantized in its file. The
+//! The layers outside the blocks (FLUX's `x_embedder`, `context_embedder`,
+//! time / guidance / text embedders, `norm_out` and `proj_out`; the UNet's
+//! `time_embedding`, `add_embedding`, `conv_in` / `conv_out`), convolution
+//! weights, biases, norms and embedding tables keep their stored precision,
+//! as city96's GGUF files and stable-diffusion.cpp's converter leave them
+//! (they are a small share of the weights and the most sensitive to
+//! rounding), and so does a weight already quantized in its file. The
 //! kernels widen each weight per layer ([`super::stored::StoredTensor`]),
 //! so the activations and products stay f32.
 
@@ -64,12 +70,16 @@ impl Quantization {
         }
     }
 
-    /// Whether a weight of `shape` named `name` is quantized: a 2-D
-    /// `*.weight` with rows a multiple of 32 values that is not an
-    /// embedding table ([`is_embedding_table`]).
+    /// Whether a weight of `shape` named `name` (its diffusers /
+    /// transformers key) is quantized: a 2-D `*.weight` with rows a
+    /// multiple of 32 values, inside a repeated block ([`BLOCK_PREFIXES`]:
+    /// FLUX `transformer_blocks.*` / `single_transformer_blocks.*`, UNet
+    /// `down_blocks.*` / `mid_block.*` / `up_blocks.*`, T5 `encoder.block.*`),
+    /// and not an embedding table ([`is_embedding_table`]).
     pub fn applies(name: &str, shape: &[usize]) -> bool {
         matches!(shape, [_, cols] if cols % 32 == 0 && *cols > 0)
             && name.ends_with(".weight")
+            && BLOCK_PREFIXES.iter().any(|p| name.starts_with(p))
             && !is_embedding_table(name)
     }
 
@@ -120,6 +130,17 @@ impl FromStr for Quantization {
         }
     }
 }
+
+/// The key prefixes of the repeated blocks whose linear weights
+/// `--quantize` converts ([`Quantization::applies`]).
+pub const BLOCK_PREFIXES: [&str; 6] = [
+    "transformer_blocks.",
+    "single_transformer_blocks.",
+    "down_blocks.",
+    "mid_block.",
+    "up_blocks.",
+    "encoder.block.",
+];
 
 /// Whether a tensor is an embedding table (looked up by index, never a
 /// matrix product), by the checkpoint names of CLIP
@@ -214,7 +235,7 @@ mod tests {
                 .unwrap();
             assert!(!matches!(w, StoredTensor::Dense(_)), "{q:?}");
             let want = base
-                .tensor("blocks.0.attn.to_q.weight", &[64, 96], &dev)
+                .tensor("transformer_blocks.0.attn.to_q.weight", &[64, 96], &dev)
                 .unwrap()
                 .unwrap()
                 .to_dtype(DType::F32)
@@ -238,10 +259,12 @@ mod tests {
             .sqrt();
             assert!(err < tol, "{q:?}: relative error {err}");
             for (name, shape) in [
-                ("blocks.0.attn.to_q.bias", vec![64]),
+                ("transformer_blocks.0.attn.to_q.bias", vec![64]),
                 ("conv_in.weight", vec![32, 4, 3, 3]),
+                ("down_blocks.0.resnets.0.conv1.weight", vec![32, 32, 3, 3]),
                 ("shared.weight", vec![100, 64]),
-                ("proj.weight", vec![8, 20]),
+                ("x_embedder.weight", vec![64, 64]),
+                ("transformer_blocks.0.proj.weight", vec![8, 20]),
             ] {
                 let t = src.stored(name, &shape, &dev).unwrap().unwrap();
                 assert!(matches!(t, StoredTensor::Dense(_)), "{q:?} {name}");
