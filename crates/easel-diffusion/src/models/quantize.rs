@@ -230,7 +230,7 @@ mod tests {
         ] {
             let src = QuantizingSource::new(base.clone(), q);
             let w = src
-                .stored("blocks.0.attn.to_q.weight", &[64, 96], &dev)
+                .stored("transformer_blocks.0.attn.to_q.weight", &[64, 96], &dev)
                 .unwrap()
                 .unwrap();
             assert!(!matches!(w, StoredTensor::Dense(_)), "{q:?}");
