@@ -775,7 +775,7 @@ fn check_shapes(model: &ModelDir, file: &ComponentFile, class: &str, config: &Va
                 && found.iter().product::<usize>() == want.iter().product::<usize>())
     };
     let head = format!(
-        "{} (a {} layout {component} file)",
+        "{} ({component} file, {} layout)",
         file.path.display(),
         file.layout.name()
     );
