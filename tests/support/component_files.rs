@@ -28,7 +28,11 @@ pub fn component_file(source: &Path, prefix: &str, strip: bool, out: &Path) -> P
             Some((if strip { rest.to_string() } else { k.clone() }, v))
         })
         .collect();
-    assert!(!tensors.is_empty(), "no `{prefix}` keys in {}", source.display());
+    assert!(
+        !tensors.is_empty(),
+        "no `{prefix}` keys in {}",
+        source.display()
+    );
     safetensors::serialize_to_file(tensors, None, out).unwrap();
     out.to_path_buf()
 }

@@ -1509,8 +1509,18 @@ fn generate_sd15(out: &Path, extra: &[&str]) -> Output {
 fn generate_with_component_files_gives_the_folders_image() {
     let dir = tempfile::tempdir().unwrap();
     let single = single_file_fixture("tiny-sd15");
-    let vae = component_file(&single, "first_stage_model.", true, &dir.path().join("vae-ldm.safetensors"));
-    let unet = component_file(&single, "model.diffusion_model.", false, &dir.path().join("unet.safetensors"));
+    let vae = component_file(
+        &single,
+        "first_stage_model.",
+        true,
+        &dir.path().join("vae-ldm.safetensors"),
+    );
+    let unet = component_file(
+        &single,
+        "model.diffusion_model.",
+        false,
+        &dir.path().join("unet.safetensors"),
+    );
     let clip = component_file(
         &single,
         "cond_stage_model.transformer.",
@@ -1521,14 +1531,23 @@ fn generate_with_component_files_gives_the_folders_image() {
     let o = generate_sd15(&plain, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let want = rgb8(&plain);
-    for (flag, file) in [("--vae", &vae), ("--unet", &unet), ("--text-encoder", &clip)] {
-        let out = dir.path().join(format!("{}.png", flag.trim_start_matches('-')));
+    for (flag, file) in [
+        ("--vae", &vae),
+        ("--unet", &unet),
+        ("--text-encoder", &clip),
+    ] {
+        let out = dir
+            .path()
+            .join(format!("{}.png", flag.trim_start_matches('-')));
         let o = generate_sd15(&out, &[flag, file.to_str().unwrap()]);
         assert!(o.status.success(), "{flag}: {}", stderr(&o));
         assert_eq!(rgb8(&out), want, "{flag} {}", file.display());
         if flag == "--vae" {
             let png = String::from_utf8_lossy(&std::fs::read(&out).unwrap()).into_owned();
-            assert!(png.contains("VAE: vae-ldm.safetensors"), "no VAE in the parameters");
+            assert!(
+                png.contains("VAE: vae-ldm.safetensors"),
+                "no VAE in the parameters"
+            );
         }
     }
 }
@@ -1545,15 +1564,24 @@ fn generate_refuses_unusable_component_files() {
     let o = generate_sd15(&out, &["--vae", flux_vae.to_str().unwrap()]);
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("--vae") && e.contains(flux_vae.to_str().unwrap()), "{e}");
+    assert!(
+        e.contains("--vae") && e.contains(flux_vae.to_str().unwrap()),
+        "{e}"
+    );
     assert!(e.contains("decoder.conv_in.weight"), "{e}");
-    assert!(e.contains("[64, 16, 3, 3]") && e.contains("[64, 4, 3, 3]"), "{e}");
+    assert!(
+        e.contains("[64, 16, 3, 3]") && e.contains("[64, 4, 3, 3]"),
+        "{e}"
+    );
 
     let missing = dir.path().join("missing.safetensors");
     let o = generate_sd15(&out, &["--unet", missing.to_str().unwrap()]);
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("--unet") && e.contains("missing.safetensors") && e.contains("no such file"), "{e}");
+    assert!(
+        e.contains("--unet") && e.contains("missing.safetensors") && e.contains("no such file"),
+        "{e}"
+    );
 
     let pickle = dir.path().join("clip.pt");
     std::fs::write(&pickle, b"never unpickled").unwrap();

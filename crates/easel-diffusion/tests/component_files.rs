@@ -133,7 +133,12 @@ fn every_component_from_files_gives_the_folders_image() {
         false,
         &tmp.path().join("unet.safetensors"),
     );
-    let vae = component_file(&single, "first_stage_model.", true, &tmp.path().join("vae.safetensors"));
+    let vae = component_file(
+        &single,
+        "first_stage_model.",
+        true,
+        &tmp.path().join("vae.safetensors"),
+    );
     let clip = component_file(
         &single,
         "cond_stage_model.transformer.",
@@ -147,8 +152,14 @@ fn every_component_from_files_gives_the_folders_image() {
     let files = files(&[("unet", &unet), ("vae", &vae), ("text_encoder", &clip)]);
     let key = engine.register_component_files(&config_ref, files.clone());
     let dir = engine.resolve(&key).unwrap();
-    assert_eq!(dir.component_file("unet").unwrap().layout(), ComponentLayout::LdmUnet);
-    assert_eq!(dir.component_file("unet").unwrap().prefix(), "model.diffusion_model.");
+    assert_eq!(
+        dir.component_file("unet").unwrap().layout(),
+        ComponentLayout::LdmUnet
+    );
+    assert_eq!(
+        dir.component_file("unet").unwrap().prefix(),
+        "model.diffusion_model."
+    );
     assert_eq!(
         dir.component_file("text_encoder").unwrap().prefix(),
         "cond_stage_model.transformer."
@@ -178,7 +189,10 @@ fn diffusers_layout_and_flux_files_give_the_folders_image() {
     let configs = without_weights("tiny-flux-dev", &["transformer", "text_encoder_2", "vae"]);
     let files = files(&[
         ("transformer", &single_file_fixture("tiny-flux-dev")),
-        ("text_encoder_2", &flux.join("text_encoder_2/model.safetensors")),
+        (
+            "text_encoder_2",
+            &flux.join("text_encoder_2/model.safetensors"),
+        ),
         ("vae", &flux.join("vae/diffusion_pytorch_model.safetensors")),
     ]);
     let mut engine = engine();
@@ -242,7 +256,10 @@ fn files_of_another_architecture_are_refused_naming_tensor_and_shapes() {
     let m = refusal(open_component_file(&flux, "vae", &vae), "--vae");
     assert!(m.contains(&vae.display().to_string()), "{m}");
     assert!(m.contains("decoder.conv_in"), "{m}");
-    assert!(m.contains("[64, 4, 3, 3]") && m.contains("[64, 16, 3, 3]"), "{m}");
+    assert!(
+        m.contains("[64, 4, 3, 3]") && m.contains("[64, 16, 3, 3]"),
+        "{m}"
+    );
     assert!(m.contains("latent_channels 16"), "{m}");
 
     // An SDXL UNet (cross-attention width 64, LDM layout in the whole
@@ -273,7 +290,10 @@ fn missing_pickled_and_misplaced_files_are_refused() {
 
     let missing = tmp.path().join("nope.safetensors");
     let m = refusal(open_component_file(&sd15, "vae", &missing), "--vae");
-    assert!(m.contains("no such file") && m.contains("nope.safetensors"), "{m}");
+    assert!(
+        m.contains("no such file") && m.contains("nope.safetensors"),
+        "{m}"
+    );
 
     let pickle = tmp.path().join("vae.ckpt");
     std::fs::write(&pickle, b"not looked at").unwrap();
@@ -288,12 +308,21 @@ fn missing_pickled_and_misplaced_files_are_refused() {
     // A VAE given as the UNet: no UNet layout, and a hint.
     let vae = model("tiny-sd15").join("vae/diffusion_pytorch_model.safetensors");
     let m = refusal(open_component_file(&sd15, "unet", &vae), "--unet");
-    assert!(m.contains("match no layout") && m.contains("input_blocks.0.0.weight"), "{m}");
+    assert!(
+        m.contains("match no layout") && m.contains("input_blocks.0.0.weight"),
+        "{m}"
+    );
     assert!(m.contains("looks like a VAE (--vae)"), "{m}");
 
     // A component the model does not have.
-    let m = refusal(open_component_file(&sd15, "transformer", &vae), "--transformer");
-    assert!(m.contains("no `transformer` component") && m.contains("unet"), "{m}");
+    let m = refusal(
+        open_component_file(&sd15, "transformer", &vae),
+        "--transformer",
+    );
+    assert!(
+        m.contains("no `transformer` component") && m.contains("unet"),
+        "{m}"
+    );
 
     // A name that is not a component a file replaces.
     assert!(ComponentFiles::new().insert("scheduler", &vae).is_err());

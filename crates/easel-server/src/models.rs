@@ -218,7 +218,11 @@ impl ModelRegistry {
     /// against its model now (a missing file, a pickle, a file of another
     /// architecture is refused), when the model itself is on disk; the
     /// worker resolves `spec.load` the same way.
-    fn check_component_files(&self, reference: &str, spec: &ModelSpec) -> Result<(), ModelRefError> {
+    fn check_component_files(
+        &self,
+        reference: &str,
+        spec: &ModelSpec,
+    ) -> Result<(), ModelRefError> {
         if self.config.engine == EngineKind::Fake || spec.pipeline_class.is_none() {
             return Ok(());
         }

@@ -14,10 +14,10 @@ use easel_server::{app, AppState};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-#[path = "../../../tests/support/single_file.rs"]
-mod single_file_support;
 #[path = "../../../tests/support/component_files.rs"]
 mod component_files_support;
+#[path = "../../../tests/support/single_file.rs"]
+mod single_file_support;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -3615,7 +3615,8 @@ async fn registry_entries_with_a_vae_file_generate_the_folders_image() {
         .display()
         .to_string();
     let server = TestServer::new(|c| {
-        c.models.insert("sd15-ldm-vae".into(), entry("vae-ldm.safetensors"));
+        c.models
+            .insert("sd15-ldm-vae".into(), entry("vae-ldm.safetensors"));
         c.models.insert("sd15-flux-vae".into(), entry(&flux_vae));
     })
     .await;
@@ -3664,5 +3665,8 @@ async fn registry_entries_with_a_vae_file_generate_the_folders_image() {
     assert!(status.is_client_error(), "{status} {err}");
     let message = err["error"]["message"].as_str().unwrap();
     assert!(message.contains("--vae"), "{message}");
-    assert!(message.contains("[64, 16, 3, 3]") && message.contains("[64, 4, 3, 3]"), "{message}");
+    assert!(
+        message.contains("[64, 16, 3, 3]") && message.contains("[64, 4, 3, 3]"),
+        "{message}"
+    );
 }

@@ -22,6 +22,7 @@
 
 mod cache;
 mod component_files;
+mod component_shapes;
 mod family;
 mod flux_keys;
 mod hub;
