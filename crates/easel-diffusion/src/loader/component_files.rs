@@ -604,3 +604,42 @@ fn no_layout_message(
         }
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_keys_name_every_file_in_component_order() {
+        let mut files = ComponentFiles::new();
+        assert_eq!(files.model_key("org/model"), "org/model");
+        files.insert("vae", "/m/vae.safetensors").unwrap();
+        files.insert("text_encoder", "/m/clip.safetensors").unwrap();
+        assert_eq!(
+            files.model_key("org/model"),
+            "org/model [text_encoder=/m/clip.safetensors, vae=/m/vae.safetensors]"
+        );
+        let err = files.insert("tokenizer", "/m/x.safetensors").unwrap_err();
+        assert!(
+            err.to_string().contains("allowed: unet, transformer"),
+            "{err}"
+        );
+        assert_eq!(component_flag("text_encoder_2"), "--text-encoder-2");
+    }
+
+    #[test]
+    fn prefixes_end_at_a_dot_shortest_first() {
+        let keys: Vec<(String, Vec<usize>)> = [
+            "first_stage_model.decoder.conv_in.weight",
+            "decoder.conv_in.weight",
+            "xdecoder.conv_in.weight",
+        ]
+        .iter()
+        .map(|k| (k.to_string(), vec![1]))
+        .collect();
+        assert_eq!(
+            prefixes(&keys, "decoder.conv_in.weight"),
+            ["", "first_stage_model."]
+        );
+    }
+}
