@@ -120,6 +120,47 @@ fn an_ldm_vae_file_gives_the_folders_image_and_its_own_cache_entry() {
 }
 
 #[test]
+fn an_older_diffusers_vae_with_deprecated_attention_names_gives_the_folders_image() {
+    // The folder's VAE with its mid-block attention named as older
+    // diffusers files (sd-vae-ft-mse) name it: query / key / value / proj_attn.
+    let tmp = tempfile::tempdir().unwrap();
+    let folder_vae = model("tiny-sd15").join("vae/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&folder_vae).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut renamed = 0;
+    let tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let mut key = k.clone();
+            for (new, old) in [
+                (".to_q.", ".query."),
+                (".to_k.", ".key."),
+                (".to_v.", ".value."),
+                (".to_out.0.", ".proj_attn."),
+            ] {
+                if key.contains(".attentions.0") && key.contains(new) {
+                    key = key.replace(new, old);
+                    renamed += 1;
+                }
+            }
+            (key, v)
+        })
+        .collect();
+    assert!(renamed >= 8, "{renamed} keys renamed");
+    let old_vae = tmp.path().join("old-vae.safetensors");
+    safetensors::serialize_to_file(tensors, None, &old_vae).unwrap();
+    let configs = without_weights("tiny-sd15", &["vae"]);
+    let mut engine = engine();
+    let want = generate(&mut engine, &model("tiny-sd15").display().to_string(), 32);
+    let key = engine.register_component_files(
+        &configs.path().display().to_string(),
+        files(&[("vae", &old_vae)]),
+    );
+    assert_eq!(generate(&mut engine, &key, 32), want);
+}
+
+#[test]
 fn every_component_from_files_gives_the_folders_image() {
     // The folder keeps only configs and tokenizers: the UNet comes from the
     // whole single file (prefix `model.diffusion_model.` kept), the VAE from

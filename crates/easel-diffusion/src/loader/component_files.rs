@@ -414,7 +414,9 @@ fn find_layout(
     if class.starts_with("AutoencoderKL") {
         for p in prefixes(keys, "decoder.conv_in.weight") {
             if has(&format!("{p}decoder.up_blocks.")) {
-                return found(ComponentLayout::Diffusers, p, identity(keys, p));
+                let mut map = identity(keys, p);
+                deprecated_attention_names(&mut map);
+                return found(ComponentLayout::Diffusers, p, map);
             }
             if has(&format!("{p}decoder.up.")) {
                 let up_blocks = config_list(config, "block_out_channels")
@@ -534,6 +536,28 @@ fn find_layout(
         ));
     }
     Ok(None)
+}
+
+/// Older diffusers VAE files (e.g. `stabilityai/sd-vae-ft-mse`) name the
+/// mid-block attention's projections `query`, `key`, `value` and
+/// `proj_attn`; today's names (`to_q`, `to_k`, `to_v`, `to_out.0`) are
+/// added for them, as diffusers' `_convert_deprecated_attention_blocks`
+/// renames them on load.
+fn deprecated_attention_names(map: &mut KeyMap) {
+    const RENAMES: [(&str, &str); 4] = [
+        (".attentions.0.query.", ".attentions.0.to_q."),
+        (".attentions.0.key.", ".attentions.0.to_k."),
+        (".attentions.0.value.", ".attentions.0.to_v."),
+        (".attentions.0.proj_attn.", ".attentions.0.to_out.0."),
+    ];
+    let renamed: Vec<(String, (String, Op))> = map
+        .iter()
+        .filter_map(|(name, source)| {
+            let (old, new) = RENAMES.iter().find(|(old, _)| name.contains(old))?;
+            Some((name.replace(old, new), source.clone()))
+        })
+        .collect();
+    map.extend(renamed);
 }
 
 /// The component kinds whose anchor keys a file holds, for the hint of a
