@@ -11,15 +11,20 @@ use easel_diffusion::engine::JobRequest;
 use easel_diffusion::models::layers::measure_matmul_gflops;
 use easel_diffusion::pipelines::CancelToken;
 
+use crate::component_args::ComponentArgs;
 use crate::generate::{local_engine, parse_bool_env, parse_quantization};
 use easel_diffusion::models::quantize::Quantization;
 
 /// Arguments of `easel bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// A local diffusers directory or a Hugging Face repo id.
+    /// A local diffusers directory, a single-file checkpoint or a Hugging
+    /// Face repo id.
     #[arg(long, short = 'm')]
     pub model: String,
+    /// Component files replacing components of --model.
+    #[command(flatten)]
+    pub components: ComponentArgs,
     /// Width in pixels [default: the model's native size].
     #[arg(long, short = 'W')]
     pub width: Option<usize>,
@@ -83,12 +88,13 @@ struct Row {
 
 pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let mut engine = local_engine(args.offline, args.random_weights, args.quantize);
-    let model = engine.load(&args.model)?;
+    let model_key = engine.register_component_files(&args.model, args.components.files());
+    let model = engine.load(&model_key)?;
     let load_time = model.load_time();
     let defaults = model.defaults().clone();
     let family = defaults.family;
     let job = JobRequest::new(
-        args.model.clone(),
+        model_key.clone(),
         GenerationParams {
             steps: Some(args.steps as u32),
             guidance_scale: args.guidance_scale,

@@ -19,6 +19,7 @@ use easel_diffusion::Error as EngineError;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use crate::component_args::ComponentArgs;
 use crate::inputs::{load_image_and_mask, resolve_loras};
 
 /// Arguments of `easel generate`.
@@ -50,6 +51,9 @@ pub struct GenerateArgs {
     /// quantized in their file (GGUF, fp8) stay as they are.
     #[arg(long, value_name = "q8_0|q4_0|fp8", value_parser = parse_quantization)]
     pub quantize: Option<Quantization>,
+    /// Component files replacing components of --model.
+    #[command(flatten)]
+    pub components: ComponentArgs,
     /// What to generate.
     #[arg(long, short = 'p')]
     pub prompt: String,
@@ -169,27 +173,42 @@ pub fn local_engine(
     })
 }
 
-/// The single-file checkpoint --model with --config / --prediction-type.
-fn single_file_model(args: &GenerateArgs) -> Result<easel_diffusion::loader::ModelDir> {
-    let file = Path::new(&args.model);
-    if !file.is_file() {
-        bail!(
-            "--config and --prediction-type apply to a single-file checkpoint; --model `{}` is \
-             not a file",
-            args.model
-        );
+/// The engine of `easel generate` and the reference of its model:
+/// --config / --prediction-type become the settings of the single-file
+/// --model, and the component files (--vae, ...) are registered with it
+/// ([`Engine::register_component_files`]), so the model resolves through
+/// the engine's front door with all of them.
+fn generate_engine(args: &GenerateArgs) -> Result<(Engine, String)> {
+    let mut engine = local_engine(args.offline, false, args.quantize);
+    if args.config.is_some() || args.prediction_type.is_some() {
+        let file = Path::new(&args.model);
+        if !file.is_file() {
+            bail!(
+                "--config and --prediction-type apply to a single-file checkpoint; --model `{}` is \
+                 not a file",
+                args.model
+            );
+        }
+        let mut options = ResolveOptions {
+            offline: args.offline,
+            progress: true,
+            ..ResolveOptions::default()
+        };
+        options
+            .single_files
+            .push(easel_diffusion::loader::SingleFileSettings {
+                file: file.to_path_buf(),
+                config: args.config.clone(),
+                prediction_type: args.prediction_type.clone(),
+            });
+        engine = Engine::new(EngineOptions {
+            resolve: options,
+            quantization: args.quantize,
+            ..EngineOptions::default()
+        });
     }
-    let options = ResolveOptions {
-        offline: args.offline,
-        progress: true,
-        ..ResolveOptions::default()
-    };
-    Ok(easel_diffusion::loader::open_single_file(
-        file,
-        args.config.as_deref(),
-        args.prediction_type.as_deref(),
-        &options,
-    )?)
+    let key = engine.register_component_files(&args.model, args.components.files());
+    Ok((engine, key))
 }
 
 /// A size rounded to the model family's multiple (FLUX: 16), with a
@@ -362,12 +381,8 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     }
 
     let load_start = Instant::now();
-    let mut engine = local_engine(args.offline, false, args.quantize);
-    let dir = if args.config.is_some() || args.prediction_type.is_some() {
-        single_file_model(&args)?
-    } else {
-        engine.resolve(&args.model)?
-    };
+    let (mut engine, model_key) = generate_engine(&args)?;
+    let dir = engine.resolve(&model_key)?;
     let quiet = args.json;
     // A family that rounds sizes (FLUX, to multiples of 16) does so with a
     // notice; the others take multiples of 8 and refuse anything else.
@@ -383,11 +398,11 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     };
     let model_path = dir.path().to_path_buf();
     let model = engine
-        .load_resolved(&args.model, dir)
+        .load_resolved(&model_key, dir)
         .with_context(|| format!("loading model {}", model_path.display()))?;
     let load_time = load_start.elapsed();
     let job = JobRequest {
-        model: args.model.clone(),
+        model: model_key.clone(),
         params: GenerationParams {
             width: arg_width,
             height: arg_height,
@@ -421,6 +436,18 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     }
     if let Some(n) = args.max_sequence_length {
         extra.insert("max_sequence_length".into(), n.to_string());
+    }
+    // The component files by name, as A1111 writes `VAE: name`.
+    for (component, file) in args.components.files().iter() {
+        let label = match component {
+            "vae" => "VAE",
+            "unet" => "UNet",
+            "transformer" => "Transformer",
+            "text_encoder" => "Text encoder",
+            _ => "Text encoder 2",
+        };
+        let name = file.file_name().unwrap_or(file.as_os_str());
+        extra.insert(label.into(), name.to_string_lossy().into_owned());
     }
     if !loras.is_empty() {
         let list: Vec<String> = loras

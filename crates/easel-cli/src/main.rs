@@ -5,6 +5,7 @@
 //! runs flows, `easel-server` is the HTTP service.
 
 mod bench;
+mod component_args;
 mod flow;
 mod generate;
 mod inputs;

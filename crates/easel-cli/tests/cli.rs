@@ -3,6 +3,9 @@
 #[path = "../../../tests/support/single_file.rs"]
 mod single_file_support;
 use single_file_support::single_file_fixture;
+#[path = "../../../tests/support/component_files.rs"]
+mod component_files_support;
+use component_files_support::component_file;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -1467,4 +1470,124 @@ fn generate_from_a_flux_transformer_file_with_config() {
         d <= 1,
         "{case} from a FLUX single file: max difference {d} levels"
     );
+}
+
+// ---- component files (issue 14) ------------------------------------------------
+
+/// `easel generate` of tiny-sd15 at 32x32, 2 steps, seed 3, with `extra`
+/// arguments, into `out`.
+fn generate_sd15(out: &Path, extra: &[&str]) -> Output {
+    let model = fixtures().join("models/tiny-sd15");
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red house by the sea",
+        "--steps",
+        "2",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--seed",
+        "3",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    easel(&args)
+}
+
+/// `--vae`, `--unet` and `--text-encoder` with files in original layouts
+/// holding the folder's own weights (cut from the SD 1.5 single-file
+/// fixture: an LDM VAE without prefix, the LDM UNet under
+/// `model.diffusion_model.`, CLIP under `cond_stage_model.transformer.`)
+/// give the folder's image exactly; the PNG names the VAE file as A1111
+/// does (`VAE: name`).
+#[test]
+fn generate_with_component_files_gives_the_folders_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let single = single_file_fixture("tiny-sd15");
+    let vae = component_file(
+        &single,
+        "first_stage_model.",
+        true,
+        &dir.path().join("vae-ldm.safetensors"),
+    );
+    let unet = component_file(
+        &single,
+        "model.diffusion_model.",
+        false,
+        &dir.path().join("unet.safetensors"),
+    );
+    let clip = component_file(
+        &single,
+        "cond_stage_model.transformer.",
+        false,
+        &dir.path().join("clip.safetensors"),
+    );
+    let plain = dir.path().join("plain.png");
+    let o = generate_sd15(&plain, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = rgb8(&plain);
+    for (flag, file) in [
+        ("--vae", &vae),
+        ("--unet", &unet),
+        ("--text-encoder", &clip),
+    ] {
+        let out = dir
+            .path()
+            .join(format!("{}.png", flag.trim_start_matches('-')));
+        let o = generate_sd15(&out, &[flag, file.to_str().unwrap()]);
+        assert!(o.status.success(), "{flag}: {}", stderr(&o));
+        assert_eq!(rgb8(&out), want, "{flag} {}", file.display());
+        if flag == "--vae" {
+            let png = String::from_utf8_lossy(&std::fs::read(&out).unwrap()).into_owned();
+            assert!(
+                png.contains("VAE: vae-ldm.safetensors"),
+                "no VAE in the parameters"
+            );
+        }
+    }
+}
+
+/// A VAE of another architecture (FLUX's 16 latent channels into SD
+/// 1.5's 4), a missing file and a pickle are refused before anything is
+/// generated, naming the flag, the file and (for the architecture) the
+/// tensor and both shapes; no output file is written.
+#[test]
+fn generate_refuses_unusable_component_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    let flux_vae = fixtures().join("models/tiny-flux-dev/vae/diffusion_pytorch_model.safetensors");
+    let o = generate_sd15(&out, &["--vae", flux_vae.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("--vae") && e.contains(flux_vae.to_str().unwrap()),
+        "{e}"
+    );
+    assert!(e.contains("decoder.conv_in.weight"), "{e}");
+    assert!(
+        e.contains("[64, 16, 3, 3]") && e.contains("[64, 4, 3, 3]"),
+        "{e}"
+    );
+
+    let missing = dir.path().join("missing.safetensors");
+    let o = generate_sd15(&out, &["--unet", missing.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("--unet") && e.contains("missing.safetensors") && e.contains("no such file"),
+        "{e}"
+    );
+
+    let pickle = dir.path().join("clip.pt");
+    std::fs::write(&pickle, b"never unpickled").unwrap();
+    let o = generate_sd15(&out, &["--text-encoder", pickle.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("--text-encoder") && e.contains("pickle"), "{e}");
+    assert!(!out.exists());
 }

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use easel_diffusion::loader::{ComponentFiles, ComponentOverrides};
 use serde::{Deserialize, Serialize};
 
 /// Which engine the worker runs.
@@ -48,6 +49,23 @@ pub enum ModelTarget {
         /// default: what the file tells, else the config's.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         prediction_type: Option<String>,
+        /// A `.safetensors` file replacing the model's UNet (as `easel
+        /// generate --unet`): an absolute path, or one relative to a model
+        /// root (the first root holding it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        unet: Option<String>,
+        /// A file replacing the model's FLUX transformer (`--transformer`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        transformer: Option<String>,
+        /// A file replacing the model's VAE (`--vae`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vae: Option<String>,
+        /// A file replacing the model's (first) text encoder (`--text-encoder`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        text_encoder: Option<String>,
+        /// A file replacing the model's second text encoder (`--text-encoder-2`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        text_encoder_2: Option<String>,
     },
 }
 
@@ -75,6 +93,49 @@ impl ModelTarget {
                 prediction_type, ..
             } => prediction_type.as_deref(),
             ModelTarget::Reference(_) => None,
+        }
+    }
+}
+
+impl ModelTarget {
+    /// The component files the entry gives, `(component, path as written)`.
+    pub fn component_files(&self) -> Vec<(&'static str, &str)> {
+        let ModelTarget::Entry {
+            unet,
+            transformer,
+            vae,
+            text_encoder,
+            text_encoder_2,
+            ..
+        } = self
+        else {
+            return Vec::new();
+        };
+        [
+            ("unet", unet),
+            ("transformer", transformer),
+            ("vae", vae),
+            ("text_encoder", text_encoder),
+            ("text_encoder_2", text_encoder_2),
+        ]
+        .into_iter()
+        .filter_map(|(c, f)| f.as_deref().map(|f| (c, f)))
+        .collect()
+    }
+
+    /// What the worker loads the target by (without component files): a
+    /// path target (absolute or starting with `.`) canonicalised, as the
+    /// registry resolves it; a repo id as written.
+    pub fn load_reference(&self) -> String {
+        let target = self.target();
+        let path = std::path::Path::new(target);
+        if path.is_absolute() || target.starts_with('.') {
+            path.canonicalize()
+                .unwrap_or_else(|_| path.to_path_buf())
+                .display()
+                .to_string()
+        } else {
+            target.to_string()
         }
     }
 }
@@ -507,6 +568,50 @@ impl Config {
                 config: t.config().map(str::to_string),
                 prediction_type: t.prediction_type().map(str::to_string),
             })
+            .collect()
+    }
+
+    /// The model of registry entry `target` with its component files
+    /// (`vae = "..."`, ...; see [`ModelTarget::component_files`]): the
+    /// worker loads it by its [`ComponentOverrides::key`], which
+    /// [`Self::component_overrides`] gives the loader. A relative file path
+    /// is looked up under the model roots, in order (the first root
+    /// holding it; the first root when none does, so the loader's
+    /// refusal names a path). `None` when the entry has no files.
+    pub fn entry_overrides(&self, target: &ModelTarget) -> Option<ComponentOverrides> {
+        let list = target.component_files();
+        if list.is_empty() {
+            return None;
+        }
+        let roots = self.model_roots();
+        let mut files = ComponentFiles::new();
+        for (component, file) in list {
+            let path = Path::new(file);
+            let path = if path.is_absolute() {
+                path.to_path_buf()
+            } else {
+                roots
+                    .iter()
+                    .map(|r| r.join(path))
+                    .find(|p| p.exists())
+                    .unwrap_or_else(|| roots[0].join(path))
+            };
+            let path = path.canonicalize().unwrap_or(path);
+            // The names come from the entry's fields: all allowed.
+            let _ = files.insert(component, path);
+        }
+        Some(ComponentOverrides {
+            model: target.load_reference(),
+            files,
+        })
+    }
+
+    /// The component files of every registry entry that gives some, for
+    /// the loader's resolve options.
+    pub fn component_overrides(&self) -> Vec<ComponentOverrides> {
+        self.models
+            .values()
+            .filter_map(|t| self.entry_overrides(t))
             .collect()
     }
 

@@ -164,14 +164,17 @@ impl DiffusionEngine {
 }
 
 /// Resolve options for the server: the configured hub cache, the model
-/// roots as registry folders, downloads only when not `offline`, and the
-/// `config` / `prediction_type` of registry entries for single files.
+/// roots as registry folders, downloads only when not `offline`, the
+/// `config` / `prediction_type` of registry entries for single files, and
+/// their component files (`vae`, ...) under the keys the registry gives
+/// their models ([`Config::entry_overrides`]).
 pub fn resolve_options(config: &Config, offline: bool) -> ResolveOptions {
     ResolveOptions {
         cache_dir: config.hf_cache.clone(),
         offline,
         model_dirs: config.model_roots(),
         single_files: config.single_file_settings(),
+        component_files: config.component_overrides(),
         ..ResolveOptions::default()
     }
 }

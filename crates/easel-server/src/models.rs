@@ -214,6 +214,28 @@ impl ModelRegistry {
         })
     }
 
+    /// A registry entry's component files (`vae`, ...): opened and checked
+    /// against its model now (a missing file, a pickle, a file of another
+    /// architecture is refused), when the model itself is on disk; the
+    /// worker resolves `spec.load` the same way.
+    fn check_component_files(
+        &self,
+        reference: &str,
+        spec: &ModelSpec,
+    ) -> Result<(), ModelRefError> {
+        if self.config.engine == EngineKind::Fake || spec.pipeline_class.is_none() {
+            return Ok(());
+        }
+        let options = resolve_options(&self.config, true);
+        match resolve_model(&spec.load, &options) {
+            Ok(_) => Ok(()),
+            Err(easel_diffusion::Error::ModelNotFound(_)) if !self.config.offline => Ok(()),
+            Err(e) => Err(ModelRefError::Unknown(format!(
+                "`{reference}` cannot be used as a model: {e}"
+            ))),
+        }
+    }
+
     fn local_folder(&self, reference: &str, folder: &Path) -> Result<ModelSpec, ModelRefError> {
         if folder.is_file() && is_checkpoint_file(folder) {
             return self.local_file(reference, folder);
@@ -248,16 +270,19 @@ impl ModelRegistry {
         if let Some(entry) = self.config.models.get(reference) {
             let target = entry.target();
             let target_path = Path::new(target);
-            if target_path.is_absolute() || target.starts_with('.') {
+            let mut spec = if target_path.is_absolute() || target.starts_with('.') {
                 let folder = target_path
                     .canonicalize()
                     .unwrap_or_else(|_| target_path.to_path_buf());
-                let mut spec = self.local_folder(reference, &folder)?;
-                spec.reference = reference.into();
-                return Ok(spec);
-            }
-            let mut spec = self.resolve_repo(target)?;
+                self.local_folder(reference, &folder)?
+            } else {
+                self.resolve_repo(target)?
+            };
             spec.reference = reference.into();
+            if let Some(overrides) = self.config.entry_overrides(entry) {
+                spec.load = overrides.key();
+                self.check_component_files(reference, &spec)?;
+            }
             return Ok(spec);
         }
         // 2. Local paths: only under the roots.
@@ -587,6 +612,11 @@ mod tests {
                 path: file.display().to_string(),
                 config: Some(config_dir.display().to_string()),
                 prediction_type: Some("epsilon".into()),
+                unet: None,
+                transformer: None,
+                vae: None,
+                text_encoder: None,
+                text_encoder_2: None,
             },
         );
         // Settings go with the file: another entry needs another file.
@@ -645,6 +675,11 @@ mod tests {
                         .to_string(),
                 ),
                 prediction_type: None,
+                unet: None,
+                transformer: None,
+                vae: None,
+                text_encoder: None,
+                text_encoder_2: None,
             },
         );
         let reg = ModelRegistry::new(&config);

@@ -14,6 +14,11 @@ use easel_server::{app, AppState};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+#[path = "../../../tests/support/component_files.rs"]
+mod component_files_support;
+#[path = "../../../tests/support/single_file.rs"]
+mod single_file_support;
+
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
@@ -3583,4 +3588,85 @@ async fn the_worker_records_what_the_engines_builder_resolved() {
     assert_eq!(e["error"]["field"], "images[0].height", "{e}");
     let message = e["error"]["message"].as_str().unwrap();
     assert!(message.contains("allowed: 8 to 2048"), "{message}");
+}
+
+// ---- component files in the registry (issue 14) -----------------------------
+
+/// A registry entry `{ path, vae }` with an LDM-layout VAE file (a path
+/// relative to a model root) generates the folder's own image, pixel for
+/// pixel, and is its own model; an entry whose VAE is of another
+/// architecture (FLUX's 16 latent channels into SD 1.5's 4) is refused
+/// before 202, naming the flag, the tensor and both shapes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_entries_with_a_vae_file_generate_the_folders_image() {
+    use easel_server::config::ModelTarget;
+    let entry = |vae: &str| ModelTarget::Entry {
+        path: tiny_sd15(),
+        config: None,
+        prediction_type: None,
+        unet: None,
+        transformer: None,
+        vae: Some(vae.to_string()),
+        text_encoder: None,
+        text_encoder_2: None,
+    };
+    let flux_vae = fixtures()
+        .join("models/tiny-flux-dev/vae/diffusion_pytorch_model.safetensors")
+        .display()
+        .to_string();
+    let server = TestServer::new(|c| {
+        c.models
+            .insert("sd15-ldm-vae".into(), entry("vae-ldm.safetensors"));
+        c.models.insert("sd15-flux-vae".into(), entry(&flux_vae));
+    })
+    .await;
+    // The LDM VAE of the single-file fixture, under DATA_DIR/models.
+    let roots = server.dir.path().join("data/models");
+    std::fs::create_dir_all(&roots).unwrap();
+    component_files_support::component_file(
+        &single_file_support::single_file_fixture("tiny-sd15"),
+        "first_stage_model.",
+        true,
+        &roots.join("vae-ldm.safetensors"),
+    );
+    let mut images = Vec::new();
+    for model in ["sd15-ldm-vae".to_string(), tiny_sd15()] {
+        let (status, job) = server
+            .post(
+                "/v1/generations",
+                json!({"baseModel": model, "steps": 2, "width": 32, "height": 32,
+                       "outputFormat": "png", "images": [{"prompt": "a red fox", "seed": 5}]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+        let job = server.wait_done(job["id"].as_str().unwrap(), 120).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        let url = job["assets"][0]["file_url"].as_str().unwrap();
+        images.push(rgb8(&server.file(url).await.2));
+    }
+    assert_eq!(images[0], images[1]);
+    // Two cache entries: the folder with the file, and the folder alone.
+    let (_, models) = server.get("/v1/models").await;
+    let loaded = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["loaded"] == true)
+        .count();
+    assert!(loaded >= 2, "{models}");
+
+    let (status, err) = server
+        .post(
+            "/v1/generations",
+            json!({"baseModel": "sd15-flux-vae", "steps": 2, "width": 32, "height": 32,
+                   "images": [{"prompt": "a red fox"}]}),
+        )
+        .await;
+    assert!(status.is_client_error(), "{status} {err}");
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(message.contains("--vae"), "{message}");
+    assert!(
+        message.contains("[64, 16, 3, 3]") && message.contains("[64, 4, 3, 3]"),
+        "{message}"
+    );
 }

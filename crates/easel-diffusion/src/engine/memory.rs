@@ -135,12 +135,16 @@ pub fn estimate_model_bytes(model: &ModelDir) -> u64 {
             let (held, base_copy) = tensor_bytes(&t, quantization);
             total += held + if keeps_base { base_copy } else { 0 };
         };
-        // A single-file checkpoint's components come from the file (under
-        // their diffusers names), not from the config folder.
-        let from_file = model
-            .single_file()
-            .map(|f| f.tensor_infos(component))
-            .unwrap_or_default();
+        // A component file (`--vae FILE`) or a single-file checkpoint
+        // gives its components (under their diffusers names), not the
+        // config folder.
+        let from_file = match model.component_file(component) {
+            Some(file) => file.tensor_infos(),
+            None => model
+                .single_file()
+                .map(|f| f.tensor_infos(component))
+                .unwrap_or_default(),
+        };
         if !from_file.is_empty() {
             for (name, dtype, shape) in from_file {
                 count(TensorInfo { name, dtype, shape });

@@ -25,7 +25,9 @@ pub use job::{init_image_size, Job, JobOutput, JobRequest, ResolvedLora, Resolve
 pub use memory::estimate_model_bytes;
 
 use crate::error::{Error, Result};
-use crate::loader::{resolve_model, ModelDir, ModelFamily, ResolveOptions};
+use crate::loader::{
+    resolve_model, ComponentFiles, ComponentOverrides, ModelDir, ModelFamily, ResolveOptions,
+};
 use crate::models::quantize::Quantization;
 use crate::noise::PerImageGenerators;
 use crate::output::images_to_rgb8;
@@ -164,8 +166,31 @@ impl Engine {
         }
     }
 
+    /// Registers `files` as component files of model `reference` (`--vae
+    /// FILE`, ...) and returns the reference that names the model with them
+    /// ([`ComponentFiles::model_key`]; `reference` itself when `files` is
+    /// empty): resolve, load and build jobs with it. It is its own model
+    /// cache entry, so the same model with other files is loaded apart.
+    /// The files are opened and checked when it is resolved
+    /// ([`crate::loader::open_component_file`]).
+    pub fn register_component_files(&mut self, reference: &str, files: ComponentFiles) -> String {
+        let overrides = ComponentOverrides {
+            model: reference.to_string(),
+            files,
+        };
+        let key = overrides.key();
+        if !overrides.files.is_empty() {
+            let list = &mut self.options.resolve.component_files;
+            list.retain(|o| o.key() != key);
+            list.push(overrides);
+        }
+        key
+    }
+
     /// Resolve `reference` (a local folder, a repo id in the hub cache or
-    /// downloaded into it, a registry name) without loading it, e.g. to
+    /// downloaded into it, a registry name, a model with component files
+    /// registered by [`Self::register_component_files`] or given in
+    /// [`ResolveOptions::component_files`]) without loading it, e.g. to
     /// ask its family before loading.
     ///
     /// # Errors

@@ -22,6 +22,8 @@
 
 mod cache;
 mod checkpoint;
+mod component_files;
+mod component_shapes;
 mod family;
 mod flux_keys;
 mod hub;
@@ -33,6 +35,10 @@ mod weights;
 use std::path::{Path, PathBuf};
 
 pub use checkpoint::{is_gguf, CheckpointFile};
+pub use component_files::{
+    component_flag, open_component_file, ComponentFile, ComponentFiles, ComponentLayout,
+    ComponentOverrides, OVERRIDABLE_COMPONENTS,
+};
 pub(crate) use family::supported_class;
 pub use family::{MaskRule, ModelFamily, StrengthRule, DEFAULT_STRENGTH, SUPPORTED_PIPELINES};
 pub use model_dir::{Component, ComponentKind, ModelDir, ModelSource};
@@ -79,6 +85,11 @@ pub struct ResolveOptions {
     /// (the server's registry entries). Default: none (a file takes the
     /// default config repo of its architecture).
     pub single_files: Vec<SingleFileSettings>,
+    /// Models with component files (`--vae FILE`, a registry entry's
+    /// `vae`, ...): a reference equal to one's [`ComponentOverrides::key`]
+    /// resolves to its model with those components read from the files
+    /// (see [`open_component_file`]). Default: none.
+    pub component_files: Vec<ComponentOverrides>,
 }
 
 /// The `config` / `prediction_type` of one single-file checkpoint (see
@@ -104,6 +115,7 @@ impl Default for ResolveOptions {
             skip_components: vec!["safety_checker".to_string()],
             progress: false,
             single_files: Vec::new(),
+            component_files: Vec::new(),
         }
     }
 }
@@ -217,6 +229,18 @@ pub fn resolve_model(reference: &str, options: &ResolveOptions) -> Result<ModelD
         return Err(Error::ModelNotFound(
             "no model given: pass a diffusers folder or a Hugging Face repo id (org/name)".into(),
         ));
+    }
+    if let Some(overrides) = options
+        .component_files
+        .iter()
+        .find(|o| !o.files.is_empty() && o.key() == reference)
+    {
+        // (A repo's own weights of the replaced components are still
+        // downloaded: skipping a component skips its config too.)
+        let mut base = options.clone();
+        base.component_files.clear();
+        let model = resolve_model(&overrides.model, &base)?;
+        return component_files::apply_component_files(model, &overrides.files);
     }
     let path = Path::new(reference);
     if path.exists() {

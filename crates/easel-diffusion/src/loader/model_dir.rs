@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+use super::component_files::ComponentFile;
 use super::single_file::SingleFile;
 use super::weights::{self, NoWeights, WeightChoice};
 use crate::error::{Error, Result};
@@ -105,6 +106,7 @@ pub struct ModelDir {
     quantization: Option<Quantization>,
     single_file: Option<Arc<SingleFile>>,
     prediction_type: Option<String>,
+    component_files: BTreeMap<String, Arc<ComponentFile>>,
 }
 
 impl ModelDir {
@@ -154,6 +156,7 @@ impl ModelDir {
             quantization: None,
             single_file: None,
             prediction_type: None,
+            component_files: BTreeMap::new(),
         })
     }
 
@@ -199,6 +202,26 @@ impl ModelDir {
     /// from the file ([`SingleFile::source`]).
     pub fn single_file(&self) -> Option<&SingleFile> {
         self.single_file.as_deref()
+    }
+
+    /// Makes `file` the weights of its component (replacing an earlier
+    /// file for it), checked by [`super::open_component_file`].
+    pub(crate) fn set_component_file(&mut self, file: Arc<ComponentFile>) {
+        self.component_files
+            .insert(file.component().to_string(), file);
+    }
+
+    /// The file a component's weights come from instead of the model's
+    /// own (`--vae FILE`, ...; see [`super::ComponentFiles`]): the
+    /// pipelines read the component from it, before a single-file
+    /// checkpoint or the folder's weights.
+    pub fn component_file(&self, component: &str) -> Option<&ComponentFile> {
+        self.component_files.get(component).map(Arc::as_ref)
+    }
+
+    /// Every component file, by component name.
+    pub fn component_files(&self) -> impl Iterator<Item = &ComponentFile> {
+        self.component_files.values().map(Arc::as_ref)
     }
 
     /// Whether [`Self::with_random_weights`] is on.

@@ -145,7 +145,7 @@ impl Detected {
 }
 
 /// File extensions of pickle checkpoints, refused.
-const PICKLE_EXTENSIONS: [&str; 4] = ["ckpt", "pt", "pth", "bin"];
+pub(crate) const PICKLE_EXTENSIONS: [&str; 4] = ["ckpt", "pt", "pth", "bin"];
 
 /// The UNet, VAE and text encoder key prefixes of the LDM layout.
 const UNET: &str = "model.diffusion_model.";
@@ -167,7 +167,7 @@ pub fn is_checkpoint_file(path: &Path) -> bool {
 }
 
 /// The refusal of a pickle checkpoint, with how to convert it.
-fn pickle_refusal(path: &Path) -> Error {
+pub(crate) fn pickle_refusal(path: &Path) -> Error {
     Error::invalid(
         "model",
         format!(
@@ -506,10 +506,23 @@ impl SingleFile {
 }
 
 /// One component's weights in a single file, by diffusers key.
-struct RenamedSource {
+pub(crate) struct RenamedSource {
     path: PathBuf,
     tensors: Arc<CheckpointFile>,
     map: Arc<KeyMap>,
+}
+
+impl RenamedSource {
+    /// The tensors of `map` (diffusers key -> file key, reshaping) read
+    /// from `tensors`, the mapped file `path` (also used by
+    /// [`super::component_files`]).
+    pub(crate) fn new(
+        path: PathBuf,
+        tensors: Arc<CheckpointFile>,
+        map: Arc<HashMap<String, (String, Op)>>,
+    ) -> Self {
+        Self { path, tensors, map }
+    }
 }
 
 impl TensorSource for RenamedSource {

@@ -17,14 +17,21 @@ use crate::models::weights::{RandomSource, SafetensorsSource, TensorSource, Weig
 /// (memory-mapped), or synthesised f16 weights for a
 /// [`ModelDir::with_random_weights`] model.
 ///
-/// For a model opened from a single-file checkpoint, the components the
-/// file holds are read from it ([`crate::loader::SingleFile::source`]).
+/// A component replaced by a component file (`--vae FILE`, ...) is read
+/// from that file ([`crate::loader::ComponentFile::source`]); for a model
+/// opened from a single-file checkpoint, the components the file holds are
+/// read from it ([`crate::loader::SingleFile::source`]).
 ///
 /// With [`ModelDir::with_quantization`], the family's large components
 /// ([`ModelFamily::quantized_components`]) hand out their linear weights
 /// quantized ([`QuantizingSource`]).
 pub fn component_source(model: &ModelDir, component: &str) -> Result<Arc<dyn TensorSource>> {
-    let source: Arc<dyn TensorSource> = if let Some(source) = model
+    let source: Arc<dyn TensorSource> = if let Some(file) = model
+        .component_file(component)
+        .filter(|_| !model.random_weights())
+    {
+        file.source()
+    } else if let Some(source) = model
         .single_file()
         .filter(|_| !model.random_weights())
         .and_then(|f| f.source(component))
