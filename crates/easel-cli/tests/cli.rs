@@ -1591,3 +1591,78 @@ fn generate_refuses_unusable_component_files() {
     assert!(e.contains("--text-encoder") && e.contains("pickle"), "{e}");
     assert!(!out.exists());
 }
+
+// ---- GGUF, fp8 and --quantize (issue 14) ---------------------------------------
+
+/// `easel generate` of the tiny FLUX.1 dev reference request (the
+/// `flux_dev_txt2img` parameters the quantized references use) on `model`,
+/// with `extra` arguments, into `out`.
+fn generate_flux_dev(model: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "A photo of an astronaut riding a horse on mars",
+        "--steps",
+        "6",
+        "--guidance-scale",
+        "3.5",
+        "--seed",
+        "19",
+        "--width",
+        "80",
+        "--height",
+        "64",
+        "--max-sequence-length",
+        "64",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    easel(&args)
+}
+
+/// `--model FILE.gguf --config DIR`: the tiny FLUX.1 dev transformer as a
+/// city96-layout Q8_0 GGUF file gives diffusers' image of the same file's
+/// weights (dequantized exactly) within one level; `--quantize` on the
+/// folder runs, and a quantization that does not exist is refused naming
+/// the allowed ones, before anything is written.
+#[test]
+fn generate_from_gguf_and_with_quantize() {
+    let dir = tempfile::tempdir().unwrap();
+    let quantized = fixtures().join("generated/quantized");
+    let folder = fixtures().join("models/tiny-flux-dev");
+    let out = dir.path().join("gguf.png");
+    let o = generate_flux_dev(
+        &quantized.join("tiny-flux-dev-Q8_0.gguf"),
+        &out,
+        &["--config", folder.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (_, _, got) = rgb8(&out);
+    let (_, _, want) = rgb8(&quantized.join("flux_dev_gguf_q8_0_exact.0.png"));
+    let d = max_level_diff(&got, &want);
+    assert!(d <= 1, "Q8_0 GGUF: max difference {d} levels");
+
+    // --quantize q8_0 on the folder: the transformer's blocks become the
+    // same Q8_0 values as the GGUF's (T5 is quantized too, so the image
+    // is close to, not equal to, the GGUF's).
+    let out = dir.path().join("q8.png");
+    let o = generate_flux_dev(&folder, &out, &["--quantize", "q8_0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (_, _, q8) = rgb8(&out);
+    let (_, _, plain) = rgb8(&fixtures().join("references/flux_dev_txt2img.0.png"));
+    let d = max_level_diff(&q8, &plain);
+    assert!((1..=8).contains(&d), "--quantize q8_0: {d} levels from f16");
+
+    let bad = dir.path().join("bad.png");
+    let o = generate_flux_dev(&folder, &bad, &["--quantize", "int4"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("q8_0, q4_0, fp8") && err.contains("int4"),
+        "{err}"
+    );
+    assert!(!bad.exists());
+}

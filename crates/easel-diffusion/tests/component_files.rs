@@ -214,6 +214,7 @@ fn every_component_from_files_gives_the_folders_image() {
         component_files: vec![ComponentOverrides {
             model: config_ref.clone(),
             files,
+            quantization: None,
         }],
         ..offline()
     };
@@ -317,6 +318,7 @@ fn files_of_another_architecture_are_refused_naming_tensor_and_shapes() {
         component_files: vec![ComponentOverrides {
             model: model("tiny-sd15").display().to_string(),
             files: files(&[("unet", &sdxl)]),
+            quantization: None,
         }],
         ..offline()
     };
@@ -344,7 +346,7 @@ fn missing_pickled_and_misplaced_files_are_refused() {
     let not_safetensors = tmp.path().join("vae.safetensors");
     std::fs::write(&not_safetensors, b"garbage").unwrap();
     let m = refusal(open_component_file(&sd15, "vae", &not_safetensors), "--vae");
-    assert!(m.contains("not a readable safetensors file"), "{m}");
+    assert!(m.contains("not a readable safetensors or GGUF file"), "{m}");
 
     // A VAE given as the UNet: no UNet layout, and a hint.
     let vae = model("tiny-sd15").join("vae/diffusion_pytorch_model.safetensors");

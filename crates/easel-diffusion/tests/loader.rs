@@ -731,7 +731,10 @@ fn single_files_of_unknown_layouts_are_refused_naming_what_was_looked_for() {
     let err = resolve_model(junk.to_str().unwrap(), &offline(tmp.path()))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("not a readable safetensors file"), "{err}");
+    assert!(
+        err.contains("not a readable safetensors or GGUF file"),
+        "{err}"
+    );
 }
 
 #[test]

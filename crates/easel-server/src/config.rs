@@ -66,6 +66,11 @@ pub enum ModelTarget {
         /// A file replacing the model's second text encoder (`--text-encoder-2`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         text_encoder_2: Option<String>,
+        /// Quantize the model's UNet / FLUX transformer (and FLUX's T5) as
+        /// it loads, as `easel generate --quantize`: `q8_0`, `q4_0` or
+        /// `fp8` (checked by [`Config::check`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quantize: Option<String>,
     },
 }
 
@@ -98,6 +103,14 @@ impl ModelTarget {
 }
 
 impl ModelTarget {
+    /// The quantization the entry asks for (`quantize`), as written.
+    pub fn quantize(&self) -> Option<&str> {
+        match self {
+            ModelTarget::Entry { quantize, .. } => quantize.as_deref(),
+            ModelTarget::Reference(_) => None,
+        }
+    }
+
     /// The component files the entry gives, `(component, path as written)`.
     pub fn component_files(&self) -> Vec<(&'static str, &str)> {
         let ModelTarget::Entry {
@@ -435,6 +448,17 @@ impl Config {
     /// # Errors
     /// A [`ConfigError`] naming the key.
     pub fn check(&self) -> Result<(), ConfigError> {
+        for (name, target) in &self.models {
+            if let Some(q) = target.quantize() {
+                q.parse::<easel_diffusion::models::quantize::Quantization>()
+                    .map_err(|_| {
+                        ConfigError(format!(
+                            "models.{name}.quantize: `{q}` is not a quantization; allowed: {}",
+                            easel_diffusion::models::quantize::Quantization::NAMES
+                        ))
+                    })?;
+            }
+        }
         let addr = self.bind_addr()?;
         if self.no_auth && !addr.ip().is_loopback() {
             return Err(ConfigError(format!(
@@ -580,7 +604,9 @@ impl Config {
     /// refusal names a path). `None` when the entry has no files.
     pub fn entry_overrides(&self, target: &ModelTarget) -> Option<ComponentOverrides> {
         let list = target.component_files();
-        if list.is_empty() {
+        // Checked by `Config::check`: a bad name never gets here.
+        let quantization = target.quantize().and_then(|q| q.parse().ok());
+        if list.is_empty() && quantization.is_none() {
             return None;
         }
         let roots = self.model_roots();
@@ -603,6 +629,7 @@ impl Config {
         Some(ComponentOverrides {
             model: target.load_reference(),
             files,
+            quantization,
         })
     }
 
@@ -710,6 +737,35 @@ mod tests {
         assert_eq!(
             config.allow_fetch_hosts,
             ["127.0.0.1", "10.0.0.0/8", "models.internal"]
+        );
+    }
+
+    /// A registry entry's `quantize` is part of the model's load key (its
+    /// own cache entry); a name that is not a quantization is refused at
+    /// load, naming the entry and the allowed names.
+    #[test]
+    fn registry_entry_quantize() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("easel.toml");
+        std::fs::write(
+            &file,
+            "[models]\nschnell = { path = \"org/flux\", quantize = \"q8_0\" }\n",
+        )
+        .unwrap();
+        let config = Config::load(Some(&file), []).unwrap();
+        let target = &config.models["schnell"];
+        assert_eq!(target.quantize(), Some("q8_0"));
+        let overrides = config.entry_overrides(target).unwrap();
+        assert_eq!(overrides.key(), "org/flux [quantize=q8_0]");
+        std::fs::write(
+            &file,
+            "[models]\nschnell = { path = \"org/flux\", quantize = \"int4\" }\n",
+        )
+        .unwrap();
+        let e = Config::load(Some(&file), []).unwrap_err();
+        assert!(
+            e.0.contains("models.schnell.quantize") && e.0.contains("q8_0, q4_0, fp8"),
+            "{e}"
         );
     }
 

@@ -617,6 +617,7 @@ mod tests {
                 vae: None,
                 text_encoder: None,
                 text_encoder_2: None,
+                quantize: None,
             },
         );
         // Settings go with the file: another entry needs another file.
@@ -680,6 +681,7 @@ mod tests {
                 vae: None,
                 text_encoder: None,
                 text_encoder_2: None,
+                quantize: None,
             },
         );
         let reg = ModelRegistry::new(&config);

@@ -3609,6 +3609,7 @@ async fn registry_entries_with_a_vae_file_generate_the_folders_image() {
         vae: Some(vae.to_string()),
         text_encoder: None,
         text_encoder_2: None,
+        quantize: None,
     };
     let flux_vae = fixtures()
         .join("models/tiny-flux-dev/vae/diffusion_pytorch_model.safetensors")

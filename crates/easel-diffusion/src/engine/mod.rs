@@ -177,6 +177,7 @@ impl Engine {
         let overrides = ComponentOverrides {
             model: reference.to_string(),
             files,
+            quantization: None,
         };
         let key = overrides.key();
         if !overrides.files.is_empty() {

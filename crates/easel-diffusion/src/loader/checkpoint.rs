@@ -87,7 +87,7 @@ impl CheckpointFile {
             Error::invalid(
                 "model",
                 format!(
-                    "{} is not a readable safetensors or GGUF file ({e}); single files must be \
+                    "{} is not a readable safetensors or GGUF file ({e}); weight files must be \
                      .safetensors or .gguf",
                     path.display()
                 ),

@@ -38,6 +38,7 @@ use super::ldm_keys::{self, Op};
 use super::single_file::{self, RenamedSource};
 use super::ModelDir;
 use crate::error::{Error, Result};
+use crate::models::quantize::Quantization;
 use crate::models::weights::TensorSource;
 
 /// The components a component file may replace.
@@ -118,22 +119,44 @@ impl ComponentFiles {
     }
 }
 
-/// A model reference with component files (see
-/// [`super::ResolveOptions::component_files`]): resolving its
-/// [`Self::key`] resolves `model` and then replaces the components.
+/// A model reference with component files and / or a quantization at
+/// load (see [`super::ResolveOptions::component_files`]): resolving its
+/// [`Self::key`] resolves `model`, then replaces the components and sets
+/// the quantization ([`ModelDir::with_quantization`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ComponentOverrides {
     /// The model: a diffusers folder, a repo id or a single-file checkpoint.
     pub model: String,
     /// The files replacing some of its components.
     pub files: ComponentFiles,
+    /// The quantization its large components get as they load (a registry
+    /// entry's `quantize`).
+    pub quantization: Option<Quantization>,
 }
 
 impl ComponentOverrides {
     /// The reference that resolves to this model with its overrides
-    /// ([`ComponentFiles::model_key`]).
+    /// ([`ComponentFiles::model_key`]; with a quantization,
+    /// `reference [quantize=q8_0, vae=...]`).
     pub fn key(&self) -> String {
-        self.files.model_key(&self.model)
+        let Some(q) = self.quantization else {
+            return self.files.model_key(&self.model);
+        };
+        let files = self.files.model_key("");
+        let files = files
+            .trim_start()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        if files.is_empty() {
+            format!("{} [quantize={}]", self.model, q.name())
+        } else {
+            format!("{} [quantize={}, {files}]", self.model, q.name())
+        }
+    }
+
+    /// Whether it changes nothing (no files, no quantization).
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty() && self.quantization.is_none()
     }
 }
 
@@ -244,7 +267,11 @@ impl ComponentFile {
     /// The shape `name` (a diffusers key) loads with, when the file holds it.
     pub(super) fn shape(&self, name: &str) -> Option<(Vec<usize>, &str, Op)> {
         let (key, op) = self.map.get(name)?;
-        Some((loaded_shape(&self.tensors.shape(key)?, *op), key.as_str(), *op))
+        Some((
+            loaded_shape(&self.tensors.shape(key)?, *op),
+            key.as_str(),
+            *op,
+        ))
     }
 }
 

@@ -233,14 +233,17 @@ pub fn resolve_model(reference: &str, options: &ResolveOptions) -> Result<ModelD
     if let Some(overrides) = options
         .component_files
         .iter()
-        .find(|o| !o.files.is_empty() && o.key() == reference)
+        .find(|o| !o.is_empty() && o.key() == reference)
     {
         // (A repo's own weights of the replaced components are still
         // downloaded: skipping a component skips its config too.)
         let mut base = options.clone();
         base.component_files.clear();
         let model = resolve_model(&overrides.model, &base)?;
-        return component_files::apply_component_files(model, &overrides.files);
+        return Ok(
+            component_files::apply_component_files(model, &overrides.files)?
+                .with_quantization(overrides.quantization),
+        );
     }
     let path = Path::new(reference);
     if path.exists() {
