@@ -77,7 +77,7 @@ struct Row {
 }
 
 pub fn run(args: BenchArgs) -> Result<ExitCode> {
-    let mut engine = local_engine(args.offline, args.random_weights);
+    let mut engine = local_engine(args.offline, args.random_weights, Vec::new());
     let model = engine.load(&args.model)?;
     let load_time = model.load_time();
     let defaults = model.defaults().clone();

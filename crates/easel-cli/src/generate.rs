@@ -25,10 +25,20 @@ use crate::inputs::{load_image_and_mask, resolve_loras};
 pub struct GenerateArgs {
     /// A local diffusers directory, a single-file checkpoint (`.safetensors`
     /// in the original SD 1.x / 2.x / XL layout, as A1111 and ComfyUI load),
-    /// or a Hugging Face repo id (`org/name[@revision]`) found in the Hugging
-    /// Face cache or downloaded into it.
+    /// the file name of a checkpoint in a --models-dir's A1111 / ComfyUI
+    /// model folders (`dreamshaper_8` for
+    /// `models/Stable-diffusion/dreamshaper_8.safetensors`), or a Hugging
+    /// Face repo id (`org/name[@revision]`) found in the Hugging Face cache
+    /// or downloaded into it.
     #[arg(long, short = 'm')]
     pub model: String,
+    /// A folder to find --model and --lora names in: its diffusers model
+    /// subfolders, and for an A1111 / ComfyUI install (or its `models/`
+    /// folder) the checkpoints of `Stable-diffusion`, `checkpoints`,
+    /// `diffusion_models`, `unet` and the LoRAs of `Lora`, `loras`
+    /// (see `easel models list`); repeatable.
+    #[arg(long = "models-dir", value_name = "DIR")]
+    pub models_dirs: Vec<PathBuf>,
     /// For a single-file --model: the diffusers folder or repo id whose
     /// configs, tokenizers and scheduler config it uses (as diffusers'
     /// `from_single_file(..., config=...)`); for a FLUX transformer-only
@@ -113,8 +123,9 @@ pub struct GenerateArgs {
     #[arg(long, requires = "image")]
     pub mask: Option<String>,
     /// A LoRA adapter, PATH_OR_REPO[:SCALE] (scale -1..=3, default 1): a
-    /// .safetensors file, a folder holding one, or a Hugging Face repo id.
-    /// Repeat to stack several.
+    /// .safetensors file, a folder holding one, the file name (with or
+    /// without .safetensors) of a LoRA in a --models-dir's `Lora` / `loras`
+    /// folder, or a Hugging Face repo id. Repeat to stack several.
     #[arg(long = "lora", value_name = "PATH_OR_REPO[:SCALE]")]
     pub loras: Vec<String>,
     /// Seamless tiling: the image repeats without seams left-right and
@@ -137,13 +148,15 @@ pub fn parse_bool_env(s: &str) -> Result<bool, String> {
 }
 
 /// The CLI's engine: models resolved as `offline` says (with download
-/// progress on stderr), kept for the life of the process;
-/// `random_weights` synthesises the weights (benchmarks).
-pub fn local_engine(offline: bool, random_weights: bool) -> Engine {
+/// progress on stderr), and by name in `model_dirs` (`--models-dir`), kept
+/// for the life of the process; `random_weights` synthesises the weights
+/// (benchmarks).
+pub fn local_engine(offline: bool, random_weights: bool, model_dirs: Vec<PathBuf>) -> Engine {
     Engine::new(EngineOptions {
         resolve: ResolveOptions {
             offline,
             progress: true,
+            model_dirs,
             ..ResolveOptions::default()
         },
         random_weights,
@@ -151,21 +164,33 @@ pub fn local_engine(offline: bool, random_weights: bool) -> Engine {
     })
 }
 
-/// The single-file checkpoint --model with --config / --prediction-type.
+/// The single-file checkpoint --model (a path, or a file name in the
+/// --models-dir model folders) with --config / --prediction-type.
 fn single_file_model(args: &GenerateArgs) -> Result<easel_diffusion::loader::ModelDir> {
-    let file = Path::new(&args.model);
-    if !file.is_file() {
-        bail!(
-            "--config and --prediction-type apply to a single-file checkpoint; --model `{}` is \
-             not a file",
-            args.model
-        );
-    }
     let options = ResolveOptions {
         offline: args.offline,
         progress: true,
+        model_dirs: args.models_dirs.clone(),
         ..ResolveOptions::default()
     };
+    let by_name = if Path::new(&args.model).exists() {
+        None
+    } else {
+        easel_diffusion::loader::model_file_by_name(&args.model, &options)?
+    };
+    let file = by_name.as_deref().unwrap_or(Path::new(&args.model));
+    if !file.is_file() {
+        bail!(
+            "--config and --prediction-type apply to a single-file checkpoint; --model `{}` is \
+             not a file{}",
+            args.model,
+            if args.models_dirs.is_empty() {
+                ""
+            } else {
+                " nor the name of one in the --models-dir model folders"
+            }
+        );
+    }
     Ok(easel_diffusion::loader::open_single_file(
         file,
         args.config.as_deref(),
@@ -335,7 +360,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         }
         None => None,
     };
-    let loras = resolve_loras(&args.loras, args.offline)?;
+    let loras = resolve_loras(&args.loras, args.offline, &args.models_dirs)?;
 
     if let Some(n) = args.max_sequence_length {
         if !(1..=512).contains(&n) {
@@ -344,7 +369,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     }
 
     let load_start = Instant::now();
-    let mut engine = local_engine(args.offline, false);
+    let mut engine = local_engine(args.offline, false, args.models_dirs.clone());
     let dir = if args.config.is_some() || args.prediction_type.is_some() {
         single_file_model(&args)?
     } else {
