@@ -606,7 +606,7 @@ fn gguf_family(path: &Path) -> std::result::Result<String, String> {
         .cloned();
     let names: Vec<&String> = content.tensor_infos.keys().collect();
     let has = |p: &str| names.iter().any(|n| n.starts_with(p) || n.contains(p));
-    if architecture.as_deref() == Some("flux") || has("double_blocks.") {
+    if has("double_blocks.") {
         let img_in = content
             .tensor_infos
             .iter()
@@ -623,6 +623,7 @@ fn gguf_family(path: &Path) -> std::result::Result<String, String> {
         .into());
     }
     match architecture.as_deref() {
+        Some("flux") => Ok("FLUX.1".into()),
         Some("sdxl") => Ok("SDXL".into()),
         Some("sd1") => Ok("SD 1.x".into()),
         Some("sd2") => Ok("SD 2.x".into()),
