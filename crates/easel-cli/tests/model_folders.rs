@@ -490,6 +490,11 @@ fn model_and_lora_names_resolve_in_both_layouts() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("pickle"), "{}", stderr(&o));
     assert!(!path.exists());
+    std::fs::write(t.webui.join("models/Lora/old-style.pt"), b"\x80\x02}q\x00.").unwrap();
+    let (o, path) = generate("juggernaut", "old-style:0.5", &[], "pickle-lora.png");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("pickle"), "{}", stderr(&o));
+    assert!(!path.exists());
     let (o, path) = generate("juggernaut", "no-such-lora", &[], "nolora.png");
     assert!(!o.status.success());
     assert!(stderr(&o).contains("no-such-lora"), "{}", stderr(&o));
