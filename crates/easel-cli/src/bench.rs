@@ -87,7 +87,7 @@ struct Row {
 }
 
 pub fn run(args: BenchArgs) -> Result<ExitCode> {
-    let mut engine = local_engine(args.offline, args.random_weights, args.quantize);
+    let mut engine = local_engine(args.offline, args.random_weights, args.quantize, Vec::new());
     let model_key = engine.register_component_files(&args.model, args.components.files());
     let model = engine.load(&model_key)?;
     let load_time = model.load_time();

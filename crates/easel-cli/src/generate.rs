@@ -27,10 +27,20 @@ use crate::inputs::{load_image_and_mask, resolve_loras};
 pub struct GenerateArgs {
     /// A local diffusers directory, a single-file checkpoint (`.safetensors`
     /// in the original SD 1.x / 2.x / XL layout, as A1111 and ComfyUI load),
-    /// or a Hugging Face repo id (`org/name[@revision]`) found in the Hugging
-    /// Face cache or downloaded into it.
+    /// the file name of a checkpoint in a --models-dir's A1111 / ComfyUI
+    /// model folders (`dreamshaper_8` for
+    /// `models/Stable-diffusion/dreamshaper_8.safetensors`), or a Hugging
+    /// Face repo id (`org/name[@revision]`) found in the Hugging Face cache
+    /// or downloaded into it.
     #[arg(long, short = 'm')]
     pub model: String,
+    /// A folder to find --model and --lora names in: its diffusers model
+    /// subfolders, and for an A1111 / ComfyUI install (or its `models/`
+    /// folder) the checkpoints of `Stable-diffusion`, `checkpoints`,
+    /// `diffusion_models`, `unet` and the LoRAs of `Lora`, `loras`
+    /// (see `easel models list`); repeatable.
+    #[arg(long = "models-dir", value_name = "DIR")]
+    pub models_dirs: Vec<PathBuf>,
     /// For a single-file --model: the diffusers folder or repo id whose
     /// configs, tokenizers and scheduler config it uses (as diffusers'
     /// `from_single_file(..., config=...)`); for a FLUX transformer-only
@@ -124,8 +134,9 @@ pub struct GenerateArgs {
     #[arg(long, requires = "image")]
     pub mask: Option<String>,
     /// A LoRA adapter, PATH_OR_REPO[:SCALE] (scale -1..=3, default 1): a
-    /// .safetensors file, a folder holding one, or a Hugging Face repo id.
-    /// Repeat to stack several.
+    /// .safetensors file, a folder holding one, the file name (with or
+    /// without .safetensors) of a LoRA in a --models-dir's `Lora` / `loras`
+    /// folder, or a Hugging Face repo id. Repeat to stack several.
     #[arg(long = "lora", value_name = "PATH_OR_REPO[:SCALE]")]
     pub loras: Vec<String>,
     /// Seamless tiling: the image repeats without seams left-right and
@@ -153,18 +164,21 @@ pub fn parse_quantization(s: &str) -> Result<Quantization, String> {
 }
 
 /// The CLI's engine: models resolved as `offline` says (with download
-/// progress on stderr), kept for the life of the process;
-/// `random_weights` synthesises the weights (benchmarks); `quantization`
-/// quantizes the large components as they load.
+/// progress on stderr), and by name in `model_dirs` (`--models-dir`), kept
+/// for the life of the process; `random_weights` synthesises the weights
+/// (benchmarks); `quantization` quantizes the large components as they
+/// load.
 pub fn local_engine(
     offline: bool,
     random_weights: bool,
     quantization: Option<Quantization>,
+    model_dirs: Vec<PathBuf>,
 ) -> Engine {
     Engine::new(EngineOptions {
         resolve: ResolveOptions {
             offline,
             progress: true,
+            model_dirs,
             ..ResolveOptions::default()
         },
         random_weights,
@@ -175,29 +189,43 @@ pub fn local_engine(
 
 /// The engine of `easel generate` and the reference of its model:
 /// --config / --prediction-type become the settings of the single-file
-/// --model, and the component files (--vae, ...) are registered with it
+/// --model (a path, or a file name in the --models-dir model folders), and
+/// the component files (--vae, ...) are registered with it
 /// ([`Engine::register_component_files`]), so the model resolves through
 /// the engine's front door with all of them.
 fn generate_engine(args: &GenerateArgs) -> Result<(Engine, String)> {
-    let mut engine = local_engine(args.offline, false, args.quantize);
+    let mut engine = local_engine(args.offline, false, args.quantize, args.models_dirs.clone());
+    let mut model = args.model.clone();
     if args.config.is_some() || args.prediction_type.is_some() {
-        let file = Path::new(&args.model);
-        if !file.is_file() {
-            bail!(
-                "--config and --prediction-type apply to a single-file checkpoint; --model `{}` is \
-                 not a file",
-                args.model
-            );
-        }
         let mut options = ResolveOptions {
             offline: args.offline,
             progress: true,
+            model_dirs: args.models_dirs.clone(),
             ..ResolveOptions::default()
         };
+        let by_name = if Path::new(&args.model).exists() {
+            None
+        } else {
+            easel_diffusion::loader::model_file_by_name(&args.model, &options)?
+        };
+        let file = by_name.unwrap_or_else(|| PathBuf::from(&args.model));
+        if !file.is_file() {
+            bail!(
+                "--config and --prediction-type apply to a single-file checkpoint; --model `{}` \
+                 is not a file{}",
+                args.model,
+                if args.models_dirs.is_empty() {
+                    ""
+                } else {
+                    " nor the name of one in the --models-dir model folders"
+                }
+            );
+        }
+        model = file.display().to_string();
         options
             .single_files
             .push(easel_diffusion::loader::SingleFileSettings {
-                file: file.to_path_buf(),
+                file,
                 config: args.config.clone(),
                 prediction_type: args.prediction_type.clone(),
             });
@@ -207,7 +235,7 @@ fn generate_engine(args: &GenerateArgs) -> Result<(Engine, String)> {
             ..EngineOptions::default()
         });
     }
-    let key = engine.register_component_files(&args.model, args.components.files());
+    let key = engine.register_component_files(&model, args.components.files());
     Ok((engine, key))
 }
 
@@ -372,7 +400,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         }
         None => None,
     };
-    let loras = resolve_loras(&args.loras, args.offline)?;
+    let loras = resolve_loras(&args.loras, args.offline, &args.models_dirs)?;
 
     if let Some(n) = args.max_sequence_length {
         if !(1..=512).contains(&n) {

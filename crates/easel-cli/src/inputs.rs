@@ -132,7 +132,8 @@ pub fn load_image_and_mask_as(
 pub const DEFAULT_LORA_SCALE: f64 = 1.0;
 
 /// Parse `REF[:SCALE]`: the scale is what follows the last `:` when it is a
-/// number; the reference is a file, a folder or a repo id (`org/name[@rev]`).
+/// number; the reference is a file, a folder, a LoRA file name in the model
+/// folders, or a repo id (`org/name[@rev]`).
 pub fn parse_lora_arg(arg: &str) -> Result<(String, f64)> {
     let (reference, scale) = match arg.rsplit_once(':') {
         Some(("", _)) => bail!("--lora {arg}: no file or repo given (use PATH_OR_REPO[:SCALE])"),
@@ -152,11 +153,17 @@ pub fn parse_lora_arg(arg: &str) -> Result<(String, f64)> {
     Ok((reference, scale))
 }
 
-/// Resolve `--lora` arguments to files (without loading them).
-pub fn resolve_loras(args: &[String], offline: bool) -> Result<Vec<LoraSpec>> {
+/// Resolve `--lora` arguments to files (without loading them); names are
+/// looked up in the LoRA folders of `model_dirs` (`--models-dir`).
+pub fn resolve_loras(
+    args: &[String],
+    offline: bool,
+    model_dirs: &[std::path::PathBuf],
+) -> Result<Vec<LoraSpec>> {
     let options = ResolveOptions {
         offline,
         progress: true,
+        model_dirs: model_dirs.to_vec(),
         ..ResolveOptions::default()
     };
     args.iter()

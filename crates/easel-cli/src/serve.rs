@@ -46,7 +46,9 @@ pub struct ServeArgs {
     #[arg(long)]
     pub no_auth: bool,
     /// A folder of models (and LoRA files) requests may name; repeatable.
-    /// Local paths outside the model roots are refused.
+    /// An A1111 / ComfyUI install (or its `models/` folder) also offers its
+    /// checkpoints and LoRAs by file name. Local paths outside the model
+    /// roots are refused.
     #[arg(long = "models-dir")]
     pub models_dirs: Vec<PathBuf>,
     /// Never download models; repo ids must be in the Hugging Face cache.

@@ -67,7 +67,9 @@ pub struct LoraRef {
     /// A training id (UUID) returned by `POST /v1/trainings`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
-    /// A local `.safetensors` file under one of the server's model roots.
+    /// A local `.safetensors` file under one of the server's model roots, or
+    /// the file name (with or without `.safetensors`) of a LoRA in a root's
+    /// A1111 / ComfyUI `Lora` / `loras` folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     /// An `http(s)` URL of a `.safetensors` file, or a Hugging Face repo id

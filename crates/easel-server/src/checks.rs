@@ -155,13 +155,28 @@ pub fn check_lora(path: &Path, field: String) -> Result<(), ApiError> {
     easel_diffusion::lora::check_lora_file(path).map_err(|e| invalid(field, &e))
 }
 
-/// Resolve a `loras[].path` under the model roots and check it is a LoRA
-/// `.safetensors` file; returns its canonical path.
+/// Resolve a `loras[].path` under the model roots (or, for a bare file name
+/// that is no file here, the LoRA of that name in the roots' A1111 /
+/// ComfyUI `Lora` / `loras` folders) and check it is a LoRA `.safetensors`
+/// file; returns its canonical path.
 ///
 /// # Errors
 /// 403 `path_not_allowed` outside the roots, 422 `unknown_model` when
-/// nothing is there, 422 `invalid_value` for another kind of file.
+/// nothing is there (or a name is ambiguous), 422 `invalid_value` for
+/// another kind of file.
 pub fn lora_path(registry: &ModelRegistry, path: &str, field: String) -> Result<PathBuf, ApiError> {
+    let by_name = if !path.contains(['/', '\\']) && !Path::new(path).exists() {
+        registry
+            .lora_by_name(path)
+            .map_err(|e| model_error(e, field.clone()))?
+    } else {
+        None
+    };
+    let path = by_name
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| path.to_string());
+    let path = path.as_str();
     let canonical = registry
         .check_path(path)
         .map_err(|e| model_error(e, field.clone()))?;

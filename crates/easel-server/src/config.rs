@@ -173,7 +173,9 @@ pub struct Config {
     /// loopback address.
     pub no_auth: bool,
     /// Extra model roots: folders of diffusers models (and LoRA files) that
-    /// requests may name by path or by folder name.
+    /// requests may name by path or by folder name, and A1111 / ComfyUI
+    /// installs (or their `models/` folders), whose checkpoints and LoRAs
+    /// requests may name by file name.
     pub models_dirs: Vec<PathBuf>,
     /// The Hugging Face hub cache. Default: `$HF_HUB_CACHE`, `$HF_HOME/hub` or
     /// `~/.cache/huggingface/hub`.

@@ -11,15 +11,24 @@
 //!    (`DATA_DIR/models`, each `models_dirs` entry, the Hugging Face cache),
 //!    after resolving `..` and symlinks, so no client can make the server
 //!    read other files;
-//! 3. a folder name inside a model root;
+//! 3. a folder name inside a model root, or the file name (with or without
+//!    its extension) of a checkpoint or diffusion model in a root's A1111 /
+//!    ComfyUI model folders (`models/Stable-diffusion`, `models/checkpoints`,
+//!    `models/diffusion_models`, `models/unet`; the root may be the install
+//!    folder or its `models/`): `dreamshaper_8`; a name two files have is
+//!    refused, naming both;
 //! 4. a Hugging Face repo id `org/name[@revision]`: taken from the hub cache,
 //!    or downloaded by the worker unless the server is offline.
 //!
-//! LoRA files given by path follow rule 2.
+//! LoRA files given by path follow rule 2; a `loras[].path` that is a bare
+//! file name is looked up in the roots' `Lora` / `loras` folders.
 
 use std::path::{Component, Path, PathBuf};
 
-use easel_diffusion::loader::{is_checkpoint_file, list_local_models, resolve_model, ModelDir};
+use easel_diffusion::loader::{
+    is_checkpoint_file, list_local_models, list_model_files, model_file_by_name, resolve_model,
+    FileKind, ModelDir, ResolveOptions,
+};
 
 use crate::config::{Config, EngineKind};
 use crate::engine::{resolve_options, FAKE_PIPELINE};
@@ -50,6 +59,18 @@ pub struct ModelEntry {
     pub pipeline_class: Option<String>,
     /// Bytes on disk, when known.
     pub size_bytes: Option<u64>,
+    /// For a file of an A1111 / ComfyUI model folder: `checkpoint` or
+    /// `diffusion_model`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// For a file of a model folder: its detected family (`SD 1.x`, `SDXL`,
+    /// `FLUX.1 dev`, ...), or `unknown: REASON`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub family: Option<String>,
+    /// For a file of a model folder: `safetensors`, `fp8_safetensors`,
+    /// `gguf`, `pickle` (refused) or `diffusers_folder`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
     /// Whether the worker has it loaded.
     pub loaded: bool,
     /// Always `easel` (OpenAI clients read it).
@@ -312,9 +333,14 @@ impl ModelRegistry {
                     pipeline_class: Some(FAKE_PIPELINE.into()),
                 });
             }
+            if let Some(file) = self.model_file(reference)? {
+                let canonical = self.check_path(&file.display().to_string())?;
+                return self.local_folder(reference, &canonical);
+            }
             return Err(ModelRefError::Unknown(format!(
-                "unknown model `{reference}`: not a registry name, not a folder in {}, and not a \
-                 Hugging Face repo id (org/name); `GET /v1/models` lists what is available",
+                "unknown model `{reference}`: not a registry name, not a folder nor a checkpoint \
+                 file name in {} (A1111 / ComfyUI model folders included), and not a Hugging \
+                 Face repo id (org/name); `GET /v1/models` lists what is available",
                 self.config
                     .model_roots()
                     .iter()
@@ -325,6 +351,31 @@ impl ModelRegistry {
         }
         // 4. Hugging Face repo ids.
         self.resolve_repo(reference)
+    }
+
+    /// The checkpoint or diffusion model file that `name` names in the
+    /// A1111 / ComfyUI model folders of the model roots.
+    ///
+    /// # Errors
+    /// [`ModelRefError::Unknown`] when several files have that name (naming them).
+    fn model_file(&self, name: &str) -> Result<Option<PathBuf>, ModelRefError> {
+        let options = ResolveOptions {
+            model_dirs: self.config.model_roots(),
+            ..ResolveOptions::default()
+        };
+        model_file_by_name(name, &options).map_err(|e| ModelRefError::Unknown(e.to_string()))
+    }
+
+    /// The LoRA file that `name` (a file name, with or without
+    /// `.safetensors`) names in the `Lora` / `loras` folders of the model
+    /// roots; `Ok(None)` when none does.
+    ///
+    /// # Errors
+    /// [`ModelRefError::Unknown`] when several files have that name (naming
+    /// them) or the file is a pickle.
+    pub fn lora_by_name(&self, name: &str) -> Result<Option<PathBuf>, ModelRefError> {
+        easel_diffusion::lora::lora_by_name(name, &self.config.model_roots())
+            .map_err(|e| ModelRefError::Unknown(e.to_string()))
     }
 
     fn resolve_repo(&self, reference: &str) -> Result<ModelSpec, ModelRefError> {
@@ -386,6 +437,9 @@ impl ModelRegistry {
                 source: "registry".into(),
                 pipeline_class: spec.as_ref().and_then(|s| s.pipeline_class.clone()),
                 size_bytes: None,
+                kind: None,
+                family: None,
+                format: None,
                 loaded: spec.as_ref().is_some_and(|s| is_loaded(&s.load))
                     || is_loaded(target.target()),
                 owned_by: "easel".into(),
@@ -418,7 +472,35 @@ impl ModelRegistry {
                     pipeline_class: (!m.pipeline_class.is_empty())
                         .then(|| m.pipeline_class.clone()),
                     size_bytes: Some(m.size_bytes),
+                    kind: None,
+                    family: None,
+                    format: None,
                     loaded: is_loaded(&load),
+                    owned_by: "easel".into(),
+                    created: 0,
+                });
+            }
+            // Checkpoints and diffusion models of A1111 / ComfyUI model
+            // folders, by file name (what `baseModel` takes).
+            for f in list_model_files(&self.config.model_roots()) {
+                if !matches!(f.kind, FileKind::Checkpoint | FileKind::DiffusionModel) {
+                    continue;
+                }
+                let canonical = f.path.canonicalize().unwrap_or(f.path.clone());
+                out.push(ModelEntry {
+                    id: f.name.clone(),
+                    object: "model".into(),
+                    source: "local".into(),
+                    pipeline_class: f.pipeline_class.clone(),
+                    size_bytes: Some(f.size_bytes),
+                    kind: Some(snake(&f.kind)),
+                    family: Some(match (&f.family, &f.unknown_reason) {
+                        (Some(family), _) => family.clone(),
+                        (None, Some(why)) => format!("unknown: {why}"),
+                        (None, None) => "unknown".into(),
+                    }),
+                    format: Some(snake(&f.format)),
+                    loaded: is_loaded(&canonical.display().to_string()),
                     owned_by: "easel".into(),
                     created: 0,
                 });
@@ -431,6 +513,9 @@ impl ModelRegistry {
                     source: "fake".into(),
                     pipeline_class: Some(FAKE_PIPELINE.into()),
                     size_bytes: None,
+                    kind: None,
+                    family: None,
+                    format: None,
                     loaded: true,
                     owned_by: "easel".into(),
                     created: 0,
@@ -439,6 +524,14 @@ impl ModelRegistry {
         }
         out
     }
+}
+
+/// The JSON name of a unit enum value (`checkpoint`, `fp8_safetensors`).
+fn snake<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 /// The completed single-file fixtures, shared with the other crates' tests.

@@ -8,6 +8,10 @@
 //!   settings [`ResolveOptions::single_files`] gives it;
 //! * a folder name found in one of the extra model folders
 //!   ([`ResolveOptions::model_dirs`]);
+//! * the file name (with or without its extension) of a checkpoint or
+//!   diffusion model in the A1111 / ComfyUI model folders of those folders
+//!   (`models/Stable-diffusion`, `models/checkpoints`, ...: see
+//!   [`scan_model_folders`]);
 //! * a Hugging Face repo id `org/name`, optionally `org/name@revision`
 //!   (branch, tag or commit), looked up in the hub cache laid out as
 //!   `huggingface_hub` does (`models--org--name/refs/<revision>` holding a
@@ -29,6 +33,7 @@ mod flux_keys;
 mod hub;
 mod ldm_keys;
 mod model_dir;
+mod model_folders;
 mod single_file;
 mod weights;
 
@@ -42,6 +47,10 @@ pub use component_files::{
 pub(crate) use family::supported_class;
 pub use family::{MaskRule, ModelFamily, StrengthRule, DEFAULT_STRENGTH, SUPPORTED_PIPELINES};
 pub use model_dir::{Component, ComponentKind, ModelDir, ModelSource};
+pub use model_folders::{
+    describe as describe_model_file, find_by_name, folder_family, list_model_files,
+    scan_model_folders, FileFormat, FileKind, FolderEntry, FolderLayout, ModelFile,
+};
 pub use single_file::{
     detect as detect_single_file, is_checkpoint_file, open_single_file, Architecture, Detected,
     SingleFile,
@@ -66,7 +75,9 @@ pub struct ResolveOptions {
     /// Never use the network (also on when `HF_HUB_OFFLINE` is set to `1`).
     pub offline: bool,
     /// Extra folders whose immediate subfolders are diffusers models (listed
-    /// by [`list_local_models`], resolvable by their folder name).
+    /// by [`list_local_models`], resolvable by their folder name), and A1111
+    /// / ComfyUI installs or their `models/` folders, whose checkpoints and
+    /// LoRAs are resolvable by file name ([`scan_model_folders`]).
     pub model_dirs: Vec<PathBuf>,
     /// Hub token for gated or private repos; `None`: `$HF_TOKEN`, else the
     /// token file `huggingface-cli login` writes (`$HF_HOME/token`).
@@ -212,8 +223,10 @@ fn parse_repo_id(reference: &str) -> Option<(String, String)> {
 /// Resolves a model reference to a diffusers model folder.
 ///
 /// In order: an existing path (a folder holding `model_index.json`, or a
-/// single-file checkpoint: see [`open_single_file`]); a folder name in one of [`ResolveOptions::model_dirs`];
-/// a Hugging Face repo id `org/name[@revision]`, taken from the hub cache
+/// single-file checkpoint: see [`open_single_file`]); a folder name in one
+/// of [`ResolveOptions::model_dirs`]; the file name (or name without its
+/// extension) of a checkpoint or diffusion model in their A1111 / ComfyUI
+/// model folders ([`model_file_by_name`]); a Hugging Face repo id `org/name[@revision]`, taken from the hub cache
 /// when its snapshot is there and complete, else downloaded into it (not
 /// when offline; then an incomplete snapshot is used as it is).
 ///
@@ -221,8 +234,9 @@ fn parse_repo_id(reference: &str) -> Option<(String, String)> {
 /// [`Error::ModelNotFound`] when the path is not a diffusers folder, the
 /// reference is neither a path nor a repo id, or the repo is not cached and
 /// cannot be downloaded (offline, network or hub error); the message names
-/// the cache path it looked in and the ways out. Errors of reading
-/// `model_index.json` as [`ModelDir::open`].
+/// the cache path it looked in and the ways out; [`Error::InvalidArgument`]
+/// (field `model`) for a name that several model-folder files have. Errors
+/// of reading `model_index.json` as [`ModelDir::open`].
 pub fn resolve_model(reference: &str, options: &ResolveOptions) -> Result<ModelDir> {
     let reference = reference.trim();
     if reference.is_empty() {
@@ -256,6 +270,9 @@ pub fn resolve_model(reference: &str, options: &ResolveOptions) -> Result<ModelD
                 return ModelDir::open_as(&candidate, reference.to_string(), ModelSource::Local);
             }
         }
+        if let Some(path) = model_file_by_name(reference, options)? {
+            return open_local(&path, reference, options);
+        }
     }
     match parse_repo_id(reference) {
         Some((repo_id, revision)) => resolve_hub(&repo_id, &revision, options),
@@ -268,7 +285,12 @@ pub fn resolve_model(reference: &str, options: &ResolveOptions) -> Result<ModelD
                     .iter()
                     .map(|d| d.display().to_string())
                     .collect();
-                format!(", nor a model in {}", list.join(", "))
+                format!(
+                    ", nor a model folder or a checkpoint file of that name in {} (A1111 / \
+                     ComfyUI model folders included; `easel models list --models-dir DIR` \
+                     lists them)",
+                    list.join(", ")
+                )
             };
             Err(Error::ModelNotFound(format!(
                 "model `{reference}` not found: no such folder{dirs}, and it is not a Hugging Face \
@@ -276,6 +298,23 @@ pub fn resolve_model(reference: &str, options: &ResolveOptions) -> Result<ModelD
             )))
         }
     }
+}
+
+/// The checkpoint or diffusion model file (or diffusers folder) `name`
+/// names in the A1111 / ComfyUI model folders of
+/// [`ResolveOptions::model_dirs`] ([`find_by_name`]): `dreamshaper_8` or
+/// `dreamshaper_8.safetensors` for `models/Stable-diffusion/dreamshaper_8.safetensors`.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] (field `model`) when several files have that
+/// name, naming each.
+pub fn model_file_by_name(name: &str, options: &ResolveOptions) -> Result<Option<PathBuf>> {
+    find_by_name(
+        name,
+        &options.model_dirs,
+        &[FileKind::Checkpoint, FileKind::DiffusionModel],
+        "model",
+    )
 }
 
 fn open_local(path: &Path, reference: &str, options: &ResolveOptions) -> Result<ModelDir> {
@@ -293,8 +332,8 @@ fn open_local(path: &Path, reference: &str, options: &ResolveOptions) -> Result<
     }
     if !path.is_dir() {
         return Err(Error::ModelNotFound(format!(
-            "model `{reference}` is a file, not a diffusers model folder nor a .safetensors \
-             single-file checkpoint; pass a folder with model_index.json or a .safetensors file"
+            "model `{reference}` is a file, not a diffusers model folder nor a .safetensors / .gguf \
+             single-file checkpoint; pass a folder with model_index.json or a .safetensors / .gguf file"
         )));
     }
     if !path.join("model_index.json").is_file() {

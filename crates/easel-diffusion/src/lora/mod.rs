@@ -63,7 +63,7 @@ mod state;
 pub use format::{check_lora_bytes, check_lora_file, LoraAdapter};
 pub use merge::{merge_deltas, LoraDeltas, LoraOverlay};
 pub use names::sgm_to_diffusers;
-pub use resolve::resolve_lora;
+pub use resolve::{lora_by_name, resolve_lora};
 pub use state::LoraState;
 
 /// One adapter to apply: a LoRA safetensors file and its scale.

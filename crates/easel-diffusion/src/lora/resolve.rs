@@ -1,5 +1,6 @@
-//! Finding the LoRA file a reference names: a file, a folder or a Hugging
-//! Face repo id.
+//! Finding the LoRA file a reference names: a file, a folder, a file name
+//! in the A1111 / ComfyUI LoRA folders (`models/Lora`, `models/loras`), or a
+//! Hugging Face repo id.
 
 use std::path::{Path, PathBuf};
 
@@ -7,11 +8,14 @@ use crate::error::{Error, Result};
 
 /// Find the LoRA file a reference names: a `.safetensors` file; a folder
 /// holding `pytorch_lora_weights.safetensors` or a single `.safetensors`;
-/// or a Hugging Face repo id (`org/name[@revision]`) whose snapshot in the
-/// hub cache holds one (downloaded into the cache when not there, unless
+/// the file name, with or without `.safetensors`, of a LoRA in the A1111 /
+/// ComfyUI LoRA folders of `options.model_dirs` ([`lora_by_name`]); or a
+/// Hugging Face repo id (`org/name[@revision]`) whose snapshot in the hub
+/// cache holds one (downloaded into the cache when not there, unless
 /// `options` is offline).
 ///
-/// Errors: nothing found, or several candidate files (naming them).
+/// Errors: nothing found, several candidate files (naming them), or a
+/// pickle file found by name (refused, saying how to convert it).
 pub fn resolve_lora(reference: &str, options: &crate::loader::ResolveOptions) -> Result<PathBuf> {
     let path = Path::new(reference);
     if path.is_file() {
@@ -20,7 +24,55 @@ pub fn resolve_lora(reference: &str, options: &crate::loader::ResolveOptions) ->
     if path.is_dir() {
         return pick_lora_file(path);
     }
+    if let Some(found) = lora_by_name(reference, &options.model_dirs)? {
+        return Ok(found);
+    }
     crate::loader::resolve_lora_repo(reference, options, pick_lora_name)
+}
+
+/// The LoRA file `name` names in the LoRA folders (`models/Lora`,
+/// `models/loras`, subfolders included) of the model roots `roots`: the
+/// file called `name`, else the one called `name` without its extension
+/// (`detail_tweaker` for `detail_tweaker.safetensors`). `Ok(None)` when
+/// there is none (or `name` holds a path separator).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] (field `lora`) when several files have that
+/// name (naming each), or the file found is a pickle (`.ckpt`, `.pt`,
+/// `.bin`), which is never loaded.
+pub fn lora_by_name(name: &str, roots: &[PathBuf]) -> Result<Option<PathBuf>> {
+    use crate::loader::{find_by_name, FileKind};
+    let Some(found) = find_by_name(name, roots, &[FileKind::Lora], "lora")? else {
+        return Ok(None);
+    };
+    let ext = found
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    if ext == "gguf" {
+        return Err(Error::invalid(
+            "lora",
+            format!(
+                "{}: GGUF LoRA files are not read; use the .safetensors version",
+                found.display()
+            ),
+        ));
+    }
+    if ext != "safetensors" && ext != "sft" {
+        return Err(Error::invalid(
+            "lora",
+            format!(
+                "{}: only .safetensors LoRA files are loaded (a pickle file can run code when \
+                 loaded); convert it with `python -c \"import torch, safetensors.torch as s; \
+                 s.save_file(torch.load('{}', weights_only=True), 'out.safetensors')\"`, or \
+                 download its .safetensors version",
+                found.display(),
+                found.display()
+            ),
+        ));
+    }
+    Ok(Some(found))
 }
 
 /// The LoRA file among `names`: `pytorch_lora_weights.safetensors`, else the
