@@ -1182,3 +1182,50 @@ fn quantize_at_load_flux_dev() {
         assert!(lat < bound, "{q:?}: latents rel L2 {lat:.3e} >= {bound:e}");
     }
 }
+
+/// A LoRA on a quantized transformer: the Q8_0 GGUF file with the kohya
+/// FLUX LoRA at scale 1.6 (the weights it changes merged in f32, the rest
+/// kept Q8_0) lands within Q8_0's error of diffusers' f16 folder with the
+/// same LoRA, several times closer than the file without the LoRA is; and
+/// switching the LoRA off gives the file's own image back.
+#[test]
+fn gguf_flux_dev_q8_0_with_lora() {
+    let config = configs_only("tiny-flux-dev");
+    let model = easel_diffusion::loader::open_single_file(
+        &fixtures().join("generated/quantized/tiny-flux-dev-Q8_0.gguf"),
+        Some(config.path().to_str().unwrap()),
+        None,
+        &easel_diffusion::loader::ResolveOptions {
+            offline: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut pipeline = load_pipeline(&model, &Device::Cpu).unwrap();
+    let name = "flux_dev_lora_kohya_scale1.6";
+    let (latents, _, refs) = run_case(&pipeline, "generated", name, None);
+    let without = rel_l2(&latents, &refs["latents_to_vae"]);
+    let case: Value = easel_diffusion::json::parse_lenient(
+        &std::fs::read_to_string(fixtures().join(format!("generated/{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    pipeline.set_loras(&case_loras(&case)).unwrap();
+    let (latents, _, refs) = run_case(&pipeline, "generated", name, None);
+    let with = rel_l2(&latents, &refs["latents_to_vae"]);
+    eprintln!(
+        "Q8_0 GGUF vs the f16 + LoRA reference: with the LoRA {with:.2e}, without {without:.2e}"
+    );
+    assert!(with < 1e-2, "Q8_0 GGUF + LoRA: {with:.3e}");
+    assert!(
+        with * 5.0 < without,
+        "the LoRA moved it too little: {with:.3e} vs {without:.3e}"
+    );
+    pipeline.set_loras(&[]).unwrap();
+    let (latents, images, refs) = run_case(
+        &pipeline,
+        "generated/quantized",
+        "flux_dev_gguf_q8_0_exact",
+        None,
+    );
+    assert_close("Q8_0 GGUF, LoRA off again", &latents, &images, &refs);
+}
