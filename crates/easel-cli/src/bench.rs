@@ -63,6 +63,10 @@ pub struct BenchArgs {
     /// `easel generate --quantize`: q8_0, q4_0 or fp8.
     #[arg(long, value_name = "q8_0|q4_0|fp8", value_parser = parse_quantization)]
     pub quantize: Option<Quantization>,
+    /// FLUX: load T5 per prompt encoding and free it after, as `easel
+    /// generate --offload-t5`.
+    #[arg(long)]
+    pub offload_t5: bool,
     /// Skip measuring the machine's matrix-product peaks.
     #[arg(long)]
     pub no_peak: bool,
@@ -87,7 +91,13 @@ struct Row {
 }
 
 pub fn run(args: BenchArgs) -> Result<ExitCode> {
-    let mut engine = local_engine(args.offline, args.random_weights, args.quantize, Vec::new());
+    let mut engine = local_engine(
+        args.offline,
+        args.random_weights,
+        args.quantize,
+        args.offload_t5,
+        Vec::new(),
+    );
     let model_key = engine.register_component_files(&args.model, args.components.files());
     let model = engine.load(&model_key)?;
     let load_time = model.load_time();

@@ -1229,3 +1229,144 @@ fn gguf_flux_dev_q8_0_with_lora() {
     );
     assert_close("Q8_0 GGUF, LoRA off again", &latents, &images, &refs);
 }
+
+/// An all-in-one FLUX.1 file as ComfyUI saves them (the BFL transformer
+/// under `model.diffusion_model.`, CLIP-L under
+/// `text_encoders.clip_l.transformer.`, T5 under
+/// `text_encoders.t5xxl.transformer.`, the VAE under `vae.`), written here
+/// from the tiny dev fixtures, with a config folder that holds no weights
+/// at all: every component comes from the file, and the image is the
+/// folder's reference.
+#[test]
+fn single_file_flux_dev_all_in_one() {
+    fn copy_configs(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let path = entry.unwrap().path();
+            let target = to.join(path.file_name().unwrap());
+            if path.is_dir() {
+                copy_configs(&path, &target);
+            } else if path.extension().is_none_or(|e| e != "safetensors") {
+                std::fs::copy(&path, &target).unwrap();
+            }
+        }
+    }
+    let mut tensors = std::collections::HashMap::new();
+    let mut add = |file: &std::path::Path, prefix: &str| {
+        for (k, t) in candle_core::safetensors::load(file, &Device::Cpu).unwrap() {
+            tensors.insert(format!("{prefix}{k}"), t);
+        }
+    };
+    add(
+        &single_file_fixture("tiny-flux-dev"),
+        "model.diffusion_model.",
+    );
+    let folder = model("tiny-flux-dev");
+    add(
+        &folder.join("text_encoder/model.safetensors"),
+        "text_encoders.clip_l.transformer.",
+    );
+    add(
+        &folder.join("text_encoder_2/model.safetensors"),
+        "text_encoders.t5xxl.transformer.",
+    );
+    add(
+        &folder.join("vae/diffusion_pytorch_model.safetensors"),
+        "vae.",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("flux1-dev-all-in-one.safetensors");
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let config = dir.path().join("config");
+    copy_configs(&folder, &config);
+    let model = easel_diffusion::loader::open_single_file(
+        &file,
+        Some(config.to_str().unwrap()),
+        None,
+        &easel_diffusion::loader::ResolveOptions {
+            offline: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(model.single_file().unwrap().detected().bundled);
+    for c in ["text_encoder", "text_encoder_2", "vae"] {
+        assert!(model.component_file(c).is_some(), "{c} from the file");
+    }
+    let pipeline = load_pipeline(&model, &Device::Cpu).unwrap();
+    let (latents, images, refs) = run_case(&pipeline, "references", "flux_dev_txt2img", None);
+    assert_close(
+        "flux_dev_txt2img (all-in-one file)",
+        &latents,
+        &images,
+        &refs,
+    );
+}
+
+/// A whole SD 1.5 checkpoint as stable-diffusion.cpp's converter writes
+/// GGUF files (every tensor under its LDM name and prefix, no metadata,
+/// f16 matrices and f32 vectors), written here from the tiny single file:
+/// detected as SD 1.x from its keys and the folder's reference exactly.
+#[test]
+fn gguf_sd15_whole_checkpoint_txt2img_euler() {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let source =
+        easel_diffusion::loader::CheckpointFile::open(&single_file_fixture("tiny-sd15")).unwrap();
+    let mut tensors = Vec::new();
+    for key in source.keys() {
+        let t = source.load(&key, &Device::Cpu).unwrap();
+        let values = t
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let t = Tensor::from_vec(values, t.dims(), &Device::Cpu).unwrap();
+        let dtype = if t.rank() == 1 {
+            GgmlDType::F32
+        } else {
+            GgmlDType::F16
+        };
+        tensors.push((key, QTensor::quantize(&t, dtype).unwrap()));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny-sd15-F16.gguf");
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &[], &refs).unwrap();
+    let config = configs_only("tiny-sd15");
+    let model = easel_diffusion::loader::open_single_file(
+        &path,
+        Some(config.path().to_str().unwrap()),
+        None,
+        &easel_diffusion::loader::ResolveOptions {
+            offline: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let file = model.single_file().unwrap();
+    assert_eq!(file.format(), "GGUF");
+    assert!(!file.detected().unet_only);
+    assert_eq!(
+        file.components().collect::<Vec<_>>(),
+        ["text_encoder", "unet", "vae"]
+    );
+    let pipeline = load_pipeline(&model, &Device::Cpu).unwrap();
+    let (latents, images, refs) = run_case(&pipeline, "references", "sd15_txt2img_euler", None);
+    assert_close("sd15_txt2img_euler (whole GGUF)", &latents, &images, &refs);
+}
+
+/// `--offload-t5`: FLUX's T5 loaded per prompt encoding and freed after
+/// gives the same image, and the model's estimate leaves T5 out.
+#[test]
+fn flux_dev_offloaded_t5() {
+    let kept = ModelDir::open(model("tiny-flux-dev")).unwrap();
+    let offloaded = kept.clone().with_offloaded_t5(true);
+    let full = easel_diffusion::engine::estimate_model_bytes(&kept);
+    let less = easel_diffusion::engine::estimate_model_bytes(&offloaded);
+    assert!(less < full, "estimate {less} not below {full}");
+    let pipeline = load_pipeline(&offloaded, &Device::Cpu).unwrap();
+    let (latents, images, refs) = run_case(&pipeline, "references", "flux_dev_txt2img", None);
+    assert_close("flux_dev_txt2img (T5 offloaded)", &latents, &images, &refs);
+}

@@ -17,7 +17,7 @@
 use std::io::Read;
 use std::path::Path;
 
-use crate::loader::ModelDir;
+use crate::loader::{ModelDir, ModelFamily};
 use crate::models::quantize::{is_embedding_table, Quantization};
 
 /// The largest safetensors header read (the format's own limit is 100 MB).
@@ -127,6 +127,13 @@ pub fn estimate_model_bytes(model: &ModelDir) -> u64 {
     };
     let mut total = 0;
     for &component in family.weight_components() {
+        // An offloaded T5 is loaded only while a prompt is encoded.
+        if model.offloaded_t5()
+            && matches!(family, ModelFamily::Flux | ModelFamily::FluxFill)
+            && component == "text_encoder_2"
+        {
+            continue;
+        }
         let keeps_base = family.lora_components().contains(&component);
         let quantization = model
             .quantization()

@@ -52,6 +52,9 @@ pub struct EngineOptions {
     /// (`--quantize`), unless its reference set one
     /// ([`ModelDir::with_quantization`]).
     pub quantization: Option<Quantization>,
+    /// Load FLUX's T5 encoder per prompt encoding and free it after
+    /// (`--offload-t5`; [`ModelDir::with_offloaded_t5`]).
+    pub offload_t5: bool,
 }
 
 impl Default for EngineOptions {
@@ -61,6 +64,7 @@ impl Default for EngineOptions {
             cache_budget_bytes: u64::MAX,
             random_weights: false,
             quantization: None,
+            offload_t5: false,
         }
     }
 }
@@ -235,9 +239,11 @@ impl Engine {
 
     fn insert(&mut self, reference: &str, dir: ModelDir, started: Instant) -> Result<()> {
         let quantization = dir.quantization().or(self.options.quantization);
+        let offload_t5 = self.options.offload_t5 || dir.offloaded_t5();
         let dir = dir
             .with_random_weights(self.options.random_weights)
-            .with_quantization(quantization);
+            .with_quantization(quantization)
+            .with_offloaded_t5(offload_t5);
         let bytes = estimate_model_bytes(&dir);
         for key in self.cache.make_room(bytes) {
             tracing::info!("model cache: unloaded {key} to fit {bytes} bytes");

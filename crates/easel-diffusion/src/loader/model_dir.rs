@@ -104,6 +104,7 @@ pub struct ModelDir {
     options: Map<String, Value>,
     random_weights: bool,
     quantization: Option<Quantization>,
+    offloaded_t5: bool,
     single_file: Option<Arc<SingleFile>>,
     prediction_type: Option<String>,
     component_files: BTreeMap<String, Arc<ComponentFile>>,
@@ -154,6 +155,7 @@ impl ModelDir {
             options: parsed.options,
             random_weights: false,
             quantization: None,
+            offloaded_t5: false,
             single_file: None,
             prediction_type: None,
             component_files: BTreeMap::new(),
@@ -175,6 +177,20 @@ impl ModelDir {
     pub fn with_quantization(mut self, quantization: Option<Quantization>) -> Self {
         self.quantization = quantization;
         self
+    }
+
+    /// The same model with FLUX's T5 encoder (`text_encoder_2`) loaded for
+    /// each prompt encoding and freed after it instead of kept (`--offload-t5`):
+    /// less memory while the transformer and VAE run, a T5 load per
+    /// generation. No effect on other families.
+    pub fn with_offloaded_t5(mut self, offloaded: bool) -> Self {
+        self.offloaded_t5 = offloaded;
+        self
+    }
+
+    /// Whether [`Self::with_offloaded_t5`] is on.
+    pub fn offloaded_t5(&self) -> bool {
+        self.offloaded_t5
     }
 
     /// The quantization applied at load ([`Self::with_quantization`]).

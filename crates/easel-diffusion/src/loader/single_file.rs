@@ -92,6 +92,11 @@ pub struct Detected {
     /// `model.diffusion_model.`, no VAE or text encoder): the text
     /// encoders and VAE come from the config, as for a FLUX transformer.
     pub unet_only: bool,
+    /// Whether a FLUX.1 file also holds its text encoders and VAE
+    /// (ComfyUI's all-in-one checkpoints: `text_encoders.clip_l.*`,
+    /// `text_encoders.t5xxl.*`, `vae.*` beside `model.diffusion_model.*`);
+    /// only configs and tokenizers then come from the config.
+    pub bundled: bool,
 }
 
 impl Detected {
@@ -103,10 +108,10 @@ impl Detected {
         }
     }
 
-    /// Whether the file holds only a transformer (FLUX): every other
-    /// component comes from the config.
+    /// Whether the file holds only a transformer (FLUX, not
+    /// [`Self::bundled`]): every other component comes from the config.
     pub fn transformer_only(&self) -> bool {
-        self.architecture.family() == ModelFamily::Flux
+        self.architecture.family() == ModelFamily::Flux && !self.bundled
     }
 
     /// Whether the file holds only the denoiser (a FLUX transformer, or a
@@ -154,6 +159,10 @@ const SD1_CLIP: &str = "cond_stage_model.transformer.";
 const SD2_CLIP: &str = "cond_stage_model.model.";
 const XL_CLIP_L: &str = "conditioner.embedders.0.transformer.";
 const XL_CLIP_G: &str = "conditioner.embedders.1.model.";
+/// The text encoder and VAE prefixes of ComfyUI's all-in-one FLUX.1 files.
+const FLUX_CLIP: &str = "text_encoders.clip_l.";
+const FLUX_T5: &str = "text_encoders.t5xxl.";
+const FLUX_VAE: &str = "vae.";
 
 /// Whether `path` names a file that [`open_single_file`] is the loader of
 /// (or refuses): a file (not a folder) ending in `.safetensors` or a
@@ -309,6 +318,7 @@ pub fn detect(file: &Path, tensors: &CheckpointFile) -> Result<Detected> {
         inpainting,
         v_prediction,
         unet_only: false,
+        bundled: false,
     })
 }
 
@@ -375,6 +385,7 @@ fn detect_unet_only(
         inpainting,
         v_prediction: keys.iter().any(|k| k == "v_pred").then_some(true),
         unet_only: true,
+        bundled: false,
     }))
 }
 
@@ -421,6 +432,9 @@ fn detect_flux(file: &Path, tensors: &CheckpointFile, keys: &[String]) -> Result
         inpainting,
         v_prediction: None,
         unet_only: false,
+        bundled: keys
+            .iter()
+            .any(|k| k.starts_with(FLUX_CLIP) || k.starts_with(FLUX_T5) || k.starts_with(FLUX_VAE)),
     })
 }
 
@@ -691,7 +705,7 @@ pub fn open_single_file(
             ),
         ));
     }
-    let components = if detected.transformer_only() {
+    let components = if detected.architecture.family() == ModelFamily::Flux {
         flux_component_maps(file, &tensors)?
     } else {
         component_maps(&model, &detected, &tensors)?
@@ -712,6 +726,7 @@ pub fn open_single_file(
             Some(false) => Some("epsilon".to_string()),
             None => None,
         });
+    let keys = tensors.keys();
     model.set_single_file(
         file.display().to_string(),
         Arc::new(SingleFile {
@@ -722,6 +737,21 @@ pub fn open_single_file(
         }),
         prediction,
     );
+    if detected.bundled {
+        // The text encoders and VAE of an all-in-one FLUX file are read as
+        // component files of the same file (their layouts found under the
+        // prefixes, their shapes checked against the config's).
+        for (component, prefix) in [
+            ("text_encoder", FLUX_CLIP),
+            ("text_encoder_2", FLUX_T5),
+            ("vae", FLUX_VAE),
+        ] {
+            if keys.iter().any(|k| k.starts_with(prefix)) {
+                let opened = super::open_component_file(&model, component, file)?;
+                model.set_component_file(Arc::new(opened));
+            }
+        }
+    }
     Ok(model)
 }
 
@@ -843,6 +873,7 @@ mod tests {
             inpainting,
             v_prediction,
             unet_only: false,
+            bundled: false,
         };
         assert_eq!(
             d(Architecture::StableDiffusion1, false, None).default_config_repo(),

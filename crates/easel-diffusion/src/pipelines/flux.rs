@@ -92,13 +92,39 @@ pub fn latent_image_ids(rows: usize, cols: usize, device: &Device) -> Result<Ten
     Ok(Tensor::from_vec(data, (rows * cols, 3), device)?)
 }
 
+/// FLUX's T5 encoder: loaded once and kept, or, for a model opened with
+/// [`ModelDir::with_offloaded_t5`], loaded for each prompt encoding and
+/// freed after it (as diffusers' model CPU offload releases the text
+/// encoders once the prompt is encoded), so it takes no memory while the
+/// transformer and the VAE run.
+enum T5Encoder {
+    Resident(T5EncoderModel),
+    Offloaded { model: ModelDir, config: T5Config },
+}
+
+impl T5Encoder {
+    /// `(batch, L, d_model)` embeddings of `ids`.
+    fn forward(&self, ids: &[Vec<u32>], device: &Device) -> Result<Tensor> {
+        match self {
+            T5Encoder::Resident(t5) => t5.forward(ids, device),
+            T5Encoder::Offloaded { model, config } => {
+                let t5 = T5EncoderModel::load(
+                    &component_weights(model, "text_encoder_2", device)?,
+                    config,
+                )?;
+                t5.forward(ids, device)
+            }
+        }
+    }
+}
+
 /// The components every FLUX.1 pipeline has, and the stages they share.
 pub(super) struct FluxComponents {
     tokenizer: ClipTokenizer,
     text_encoder: ClipTextModel,
     text_encoder_config: ClipTextConfig,
     tokenizer_2: T5Tokenizer,
-    text_encoder_2: T5EncoderModel,
+    text_encoder_2: T5Encoder,
     pub(super) transformer: FluxTransformer2DModel,
     transformer_config: FluxTransformer2DConfig,
     vae: AutoencoderKL,
@@ -141,10 +167,17 @@ impl FluxComponents {
         let text_encoder = ClipTextModel::load(&lora.base_weights("text_encoder")?, &te_cfg)?;
         let tokenizer_2 = T5Tokenizer::from_dir(model.component_dir("tokenizer_2")?)?;
         let t5_cfg: T5Config = crate::models::read_config(&cfg("text_encoder_2")?)?;
-        let text_encoder_2 = T5EncoderModel::load(
-            &component_weights(model, "text_encoder_2", device)?,
-            &t5_cfg,
-        )?;
+        let text_encoder_2 = if model.offloaded_t5() {
+            T5Encoder::Offloaded {
+                model: model.clone(),
+                config: t5_cfg.clone(),
+            }
+        } else {
+            T5Encoder::Resident(T5EncoderModel::load(
+                &component_weights(model, "text_encoder_2", device)?,
+                &t5_cfg,
+            )?)
+        };
         let tr_cfg: FluxTransformer2DConfig = crate::models::read_config(&cfg("transformer")?)?;
         let transformer =
             FluxTransformer2DModel::load(&lora.base_weights("transformer")?, &tr_cfg)?;
