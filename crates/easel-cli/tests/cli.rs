@@ -1644,6 +1644,15 @@ fn generate_from_gguf_and_with_quantize() {
     let (_, _, want) = rgb8(&quantized.join("flux_dev_gguf_q8_0_exact.0.png"));
     let d = max_level_diff(&got, &want);
     assert!(d <= 1, "Q8_0 GGUF: max difference {d} levels");
+    // --offload-t5 (T5 loaded per prompt, freed after): the same image.
+    let offloaded = dir.path().join("gguf-offload.png");
+    let o = generate_flux_dev(
+        &quantized.join("tiny-flux-dev-Q8_0.gguf"),
+        &offloaded,
+        &["--config", folder.to_str().unwrap(), "--offload-t5"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(rgb8(&offloaded).2, got, "--offload-t5 changed the image");
 
     // --quantize q8_0 on the folder: the transformer's blocks become the
     // same Q8_0 values as the GGUF's (T5 is quantized too, so the image

@@ -502,13 +502,13 @@ const BLOCKS_PER_TASK: usize = 2048;
 fn dequantize_into(q: &QTensor, out: &mut [f32]) -> Result<()> {
     fn run<T: GgmlType + Sync>(data: &[u8], out: &mut [f32]) -> Result<()> {
         let size = std::mem::size_of::<T>();
-        if data.len() % size != 0 || data.len() / size * T::BLCK_SIZE != out.len() {
+        if !data.len().is_multiple_of(size) || data.len() / size * T::BLCK_SIZE != out.len() {
             return Err(Error::invalid(
                 "tensor",
                 "quantized data of the wrong length",
             ));
         }
-        if (data.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+        if !(data.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
             return Err(Error::invalid("tensor", "misaligned quantized data"));
         }
         // SAFETY: the length and alignment are checked above; every block
