@@ -97,8 +97,10 @@ pub fn latent_image_ids(rows: usize, cols: usize, device: &Device) -> Result<Ten
 /// freed after it (as diffusers' model CPU offload releases the text
 /// encoders once the prompt is encoded), so it takes no memory while the
 /// transformer and the VAE run.
+// One per loaded pipeline: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 enum T5Encoder {
-    Resident(Box<T5EncoderModel>),
+    Resident(T5EncoderModel),
     Offloaded { model: ModelDir, config: T5Config },
 }
 
@@ -173,10 +175,10 @@ impl FluxComponents {
                 config: t5_cfg.clone(),
             }
         } else {
-            T5Encoder::Resident(Box::new(T5EncoderModel::load(
+            T5Encoder::Resident(T5EncoderModel::load(
                 &component_weights(model, "text_encoder_2", device)?,
                 &t5_cfg,
-            )?))
+            )?)
         };
         let tr_cfg: FluxTransformer2DConfig = crate::models::read_config(&cfg("transformer")?)?;
         let transformer =
