@@ -855,6 +855,58 @@ fn configs_only(name: &str) -> tempfile::TempDir {
     dir
 }
 
+/// `file` opened as a single-file checkpoint with the configs (and any
+/// component the file lacks) of the folder `config`, offline.
+fn open_with_config(file: &std::path::Path, config: &str) -> ModelDir {
+    easel_diffusion::loader::open_single_file(
+        file,
+        Some(config),
+        None,
+        &easel_diffusion::loader::ResolveOptions {
+            offline: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Write the tensors of `source` that `rename` keeps (under the name it
+/// gives) to a GGUF file at `path`, f16 matrices and f32 vectors, as
+/// city96's and stable-diffusion.cpp's converters store unquantized
+/// tensors; `metadata` as given. Returns how many tensors were written.
+fn write_gguf(
+    source: &easel_diffusion::loader::CheckpointFile,
+    rename: impl Fn(&str) -> Option<String>,
+    metadata: &[(&str, &candle_core::quantized::gguf_file::Value)],
+    path: &std::path::Path,
+) -> usize {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let mut tensors = Vec::new();
+    for key in source.keys() {
+        let Some(name) = rename(&key) else {
+            continue;
+        };
+        let t = source.load(&key, &Device::Cpu).unwrap();
+        let values = t
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let t = Tensor::from_vec(values, t.dims(), &Device::Cpu).unwrap();
+        let dtype = if t.rank() == 1 {
+            GgmlDType::F32
+        } else {
+            GgmlDType::F16
+        };
+        tensors.push((name, QTensor::quantize(&t, dtype).unwrap()));
+    }
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    gguf_file::write(&mut std::fs::File::create(path).unwrap(), metadata, &refs).unwrap();
+    tensors.len()
+}
+
 /// Run reference case `name` on its model loaded from the single file.
 fn check_single_file_case(folder: &str, name: &str) {
     let case: Value = easel_diffusion::json::parse_lenient(
@@ -1057,51 +1109,19 @@ fn fp8_flux_dev_scaled() {
 /// VAE): the folder's reference, exactly as from the safetensors file.
 #[test]
 fn gguf_sdxl_unet_only_txt2img_euler() {
-    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
     let source =
         easel_diffusion::loader::CheckpointFile::open(&single_file_fixture("tiny-sdxl")).unwrap();
-    let mut tensors = Vec::new();
-    for key in source.keys() {
-        let Some(rest) = key.strip_prefix("model.diffusion_model.") else {
-            continue;
-        };
-        let t = source.load(&key, &Device::Cpu).unwrap();
-        let values = t
-            .to_dtype(candle_core::DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let t = Tensor::from_vec(values, t.dims(), &Device::Cpu).unwrap();
-        let dtype = if t.rank() == 1 {
-            GgmlDType::F32
-        } else {
-            GgmlDType::F16
-        };
-        tensors.push((rest.to_string(), QTensor::quantize(&t, dtype).unwrap()));
-    }
-    assert!(tensors.len() > 100, "{} UNet tensors", tensors.len());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny-sdxl-unet-F16.gguf");
-    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    let arch = gguf_file::Value::String("sdxl".into());
-    gguf_file::write(
-        &mut std::fs::File::create(&path).unwrap(),
+    let arch = candle_core::quantized::gguf_file::Value::String("sdxl".into());
+    let written = write_gguf(
+        &source,
+        |k| k.strip_prefix("model.diffusion_model.").map(str::to_string),
         &[("general.architecture", &arch)],
-        &refs,
-    )
-    .unwrap();
-    let model = easel_diffusion::loader::open_single_file(
         &path,
-        Some(model("tiny-sdxl").to_str().unwrap()),
-        None,
-        &easel_diffusion::loader::ResolveOptions {
-            offline: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    );
+    assert!(written > 100, "{written} UNet tensors");
+    let model = open_with_config(&path, model("tiny-sdxl").to_str().unwrap());
     let file = model.single_file().unwrap();
     assert!(file.detected().unet_only);
     assert_eq!(file.format(), "GGUF");
@@ -1136,16 +1156,10 @@ fn quantize_at_load_flux_dev() {
         easel_diffusion::pipelines::component_source(&folder(Quantization::Q8_0), "transformer")
             .unwrap();
     let config = configs_only("tiny-flux-dev");
-    let gguf = easel_diffusion::loader::open_single_file(
+    let gguf = open_with_config(
         &fixtures().join("generated/quantized/tiny-flux-dev-Q8_0.gguf"),
-        Some(config.path().to_str().unwrap()),
-        None,
-        &easel_diffusion::loader::ResolveOptions {
-            offline: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+        config.path().to_str().unwrap(),
+    );
     let from_file = gguf.single_file().unwrap().source("transformer").unwrap();
     let mut compared = 0;
     for name in from_file.keys() {
@@ -1191,16 +1205,10 @@ fn quantize_at_load_flux_dev() {
 #[test]
 fn gguf_flux_dev_q8_0_with_lora() {
     let config = configs_only("tiny-flux-dev");
-    let model = easel_diffusion::loader::open_single_file(
+    let model = open_with_config(
         &fixtures().join("generated/quantized/tiny-flux-dev-Q8_0.gguf"),
-        Some(config.path().to_str().unwrap()),
-        None,
-        &easel_diffusion::loader::ResolveOptions {
-            offline: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+        config.path().to_str().unwrap(),
+    );
     let mut pipeline = load_pipeline(&model, &Device::Cpu).unwrap();
     let name = "flux_dev_lora_kohya_scale1.6";
     let (latents, _, refs) = run_case(&pipeline, "generated", name, None);
@@ -1279,16 +1287,7 @@ fn single_file_flux_dev_all_in_one() {
     candle_core::safetensors::save(&tensors, &file).unwrap();
     let config = dir.path().join("config");
     copy_configs(&folder, &config);
-    let model = easel_diffusion::loader::open_single_file(
-        &file,
-        Some(config.to_str().unwrap()),
-        None,
-        &easel_diffusion::loader::ResolveOptions {
-            offline: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let model = open_with_config(&file, config.to_str().unwrap());
     assert!(model.single_file().unwrap().detected().bundled);
     for c in ["text_encoder", "text_encoder_2", "vae"] {
         assert!(model.component_file(c).is_some(), "{c} from the file");
@@ -1309,42 +1308,13 @@ fn single_file_flux_dev_all_in_one() {
 /// detected as SD 1.x from its keys and the folder's reference exactly.
 #[test]
 fn gguf_sd15_whole_checkpoint_txt2img_euler() {
-    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
     let source =
         easel_diffusion::loader::CheckpointFile::open(&single_file_fixture("tiny-sd15")).unwrap();
-    let mut tensors = Vec::new();
-    for key in source.keys() {
-        let t = source.load(&key, &Device::Cpu).unwrap();
-        let values = t
-            .to_dtype(candle_core::DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let t = Tensor::from_vec(values, t.dims(), &Device::Cpu).unwrap();
-        let dtype = if t.rank() == 1 {
-            GgmlDType::F32
-        } else {
-            GgmlDType::F16
-        };
-        tensors.push((key, QTensor::quantize(&t, dtype).unwrap()));
-    }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny-sd15-F16.gguf");
-    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &[], &refs).unwrap();
+    write_gguf(&source, |k| Some(k.to_string()), &[], &path);
     let config = configs_only("tiny-sd15");
-    let model = easel_diffusion::loader::open_single_file(
-        &path,
-        Some(config.path().to_str().unwrap()),
-        None,
-        &easel_diffusion::loader::ResolveOptions {
-            offline: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let model = open_with_config(&path, config.path().to_str().unwrap());
     let file = model.single_file().unwrap();
     assert_eq!(file.format(), "GGUF");
     assert!(!file.detected().unet_only);

@@ -120,6 +120,17 @@ impl CheckpointFile {
         }
     }
 
+    /// Every tensor key with its shape (PyTorch order).
+    pub fn keys_and_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.keys()
+            .into_iter()
+            .filter_map(|k| {
+                let shape = self.shape(&k)?;
+                Some((k, shape))
+            })
+            .collect()
+    }
+
     /// Whether the file holds `key`.
     pub fn contains(&self, key: &str) -> bool {
         match &self.inner {

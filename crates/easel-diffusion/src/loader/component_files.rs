@@ -364,14 +364,7 @@ pub fn open_component_file(
         Error::InvalidArgument { message, .. } => invalid(message),
         other => invalid(other.to_string()),
     })?;
-    let keys: Vec<(String, Vec<usize>)> = tensors
-        .keys()
-        .into_iter()
-        .filter_map(|k| {
-            let shape = tensors.shape(&k)?;
-            Some((k, shape))
-        })
-        .collect();
+    let keys = tensors.keys_and_shapes();
     let config = model.component_config(component)?;
     let Some((layout, prefix, map)) = find_layout(&class, component, &config, &keys)? else {
         return Err(invalid(no_layout_message(file, component, &class, &keys)));

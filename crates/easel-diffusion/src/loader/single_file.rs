@@ -277,20 +277,7 @@ pub fn detect(file: &Path, tensors: &CheckpointFile) -> Result<Detected> {
             ),
         ));
     };
-    let inpainting = match conv_in.get(1) {
-        Some(4) => false,
-        Some(9) => true,
-        other => {
-            return Err(Error::invalid(
-                "model",
-                format!(
-                    "{}: the UNet's conv_in takes {other:?} channels; supported: 4 \
-                     (text-to-image) or 9 (inpainting)",
-                    file.display()
-                ),
-            ))
-        }
-    };
+    let inpainting = unet_takes_mask(file, &conv_in)?;
     let v_prediction = if keys.iter().any(|k| k == "v_pred") {
         Some(true)
     } else if architecture == Architecture::StableDiffusion2 && !inpainting {
@@ -320,6 +307,26 @@ pub fn detect(file: &Path, tensors: &CheckpointFile) -> Result<Detected> {
         unet_only: false,
         bundled: false,
     })
+}
+
+/// Whether a UNet whose `conv_in` weight has shape `conv_in` is an
+/// inpainting UNet: 9 input channels (latents, mask, masked-image
+/// latents) rather than 4.
+///
+/// Errors: any other channel count.
+fn unet_takes_mask(file: &Path, conv_in: &[usize]) -> Result<bool> {
+    match conv_in.get(1) {
+        Some(4) => Ok(false),
+        Some(9) => Ok(true),
+        other => Err(Error::invalid(
+            "model",
+            format!(
+                "{}: the UNet's conv_in takes {other:?} channels; supported: 4 \
+                 (text-to-image) or 9 (inpainting)",
+                file.display()
+            ),
+        )),
+    }
 }
 
 /// The prefix of a file's LDM UNet keys: `model.diffusion_model.`, or none
@@ -352,19 +359,7 @@ fn detect_unet_only(
     {
         return Ok(None);
     }
-    let inpainting = match conv_in.get(1) {
-        Some(4) => false,
-        Some(9) => true,
-        other => {
-            return Err(Error::invalid(
-                "model",
-                format!(
-                    "{}: the UNet's conv_in takes {other:?} channels; supported: 4                      (text-to-image) or 9 (inpainting)",
-                    file.display()
-                ),
-            ))
-        }
-    };
+    let inpainting = unet_takes_mask(file, &conv_in)?;
     let context = keys
         .iter()
         .find(|k| k.starts_with(prefix) && k.ends_with("attn2.to_k.weight"))
@@ -762,14 +757,7 @@ fn flux_component_maps(
     file: &Path,
     tensors: &CheckpointFile,
 ) -> Result<BTreeMap<String, Arc<KeyMap>>> {
-    let keys: Vec<(String, Vec<usize>)> = tensors
-        .keys()
-        .into_iter()
-        .filter_map(|k| {
-            let shape = tensors.shape(&k)?;
-            Some((k, shape))
-        })
-        .collect();
+    let keys = tensors.keys_and_shapes();
     let names: Vec<String> = keys.iter().map(|(k, _)| k.clone()).collect();
     let prefix = flux_prefix(&names);
     let hidden = tensors
