@@ -93,9 +93,12 @@ fn tensor_bytes(t: &TensorInfo, quantization: Option<Quantization>) -> (u64, u64
     let Some(stored) = stored_bytes(&t.dtype, numel) else {
         return (0, 0);
     };
+    // T5's token table is kept in its stored precision (rows widened as
+    // looked up); CLIP's tables and T5's position buckets are widened.
+    let t5_table = t.name == "shared.weight" || t.name == "encoder.embed_tokens.weight";
     let matrix = matches!(t.shape.len(), 2 | 4)
         && t.name.ends_with(".weight")
-        && !is_embedding_table(&t.name);
+        && (t5_table || !is_embedding_table(&t.name));
     let dense = matches!(t.dtype.as_str(), "F16" | "BF16" | "F32" | "F64");
     match quantization {
         // The quantizing source converts dense linear weights only.

@@ -10,10 +10,11 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::layers::{merge_heads, scaled_dot_product_attention, split_heads, Activation, Linear};
+use super::stored::StoredTensor;
 use super::weights::Weights;
 use crate::error::{Error, Result};
 
@@ -272,7 +273,11 @@ impl Block {
 /// A loaded T5 encoder.
 pub struct T5EncoderModel {
     config: T5Config,
+    /// The token embedding table `(vocab, d_model)` in its stored
+    /// precision (f16 / bf16 stay half size: T5-XXL's is 32128 x 4096);
+    /// looked-up rows are widened to `dtype`.
     shared: Tensor,
+    dtype: DType,
     relative_attention_bias: Tensor,
     blocks: Vec<Block>,
     final_layer_norm: T5LayerNorm,
@@ -289,9 +294,14 @@ impl T5EncoderModel {
         config.check()?;
         let (gated, act) = config.feed_forward()?;
         let emb_shape = [config.vocab_size, config.d_model];
-        let shared = match w.get_opt(&emb_shape, "shared.weight")? {
-            Some(t) => t,
-            None => w.get(&emb_shape, "encoder.embed_tokens.weight")?,
+        let name = if w.contains("shared.weight") {
+            "shared.weight"
+        } else {
+            "encoder.embed_tokens.weight"
+        };
+        let shared = match w.get_stored(&emb_shape, name)? {
+            StoredTensor::Dense(t) => t,
+            other => other.to_dense(w.device())?.to_dtype(w.dtype())?,
         };
         let enc = w.pp("encoder");
         let relative_attention_bias = enc.get(
@@ -304,6 +314,7 @@ impl T5EncoderModel {
         Ok(Self {
             config: config.clone(),
             shared,
+            dtype: w.dtype(),
             relative_attention_bias,
             blocks,
             final_layer_norm: T5LayerNorm::load(
@@ -371,7 +382,11 @@ impl T5EncoderModel {
         }
         let flat: Vec<u32> = input_ids.iter().flatten().copied().collect();
         let ids = Tensor::from_vec(flat, batch * seq, device)?;
-        let mut x = self.shared.embedding(&ids)?.reshape((batch, seq, ()))?;
+        let mut x = self
+            .shared
+            .embedding(&ids)?
+            .to_dtype(self.dtype)?
+            .reshape((batch, seq, ()))?;
         let bias = self.position_bias(seq, device)?;
         for block in &self.blocks {
             x = block.forward(&x, &bias)?;
