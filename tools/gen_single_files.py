@@ -244,11 +244,22 @@ def convert(name, kind):
         same(name, "text_encoder_2", te2, te2_sd)
     print(f"{path}: {len(sd)} tensors, {os.path.getsize(path)} bytes; diffusers loads the folder's weights")
 
-    # What is committed: the file without its CLIP token-embedding tables
-    # (most of its bytes; equal to the folder's text encoders', which the
-    # tests copy back in: tests/support/single_file.rs).
+    # What is committed: the file without its UNet and its CLIP
+    # token-embedding tables (most of its bytes; equal, tensor for tensor,
+    # to the folder's), which the tests copy back in from the folder
+    # (tests/support/single_file.rs). The header's `easel.left_out` lists
+    # each left-out LDM key with the folder component and key it equals.
+    left_out = {ldm: ["unet", key] for ldm, key in unet_to_ldm({k: k for k in unet}, unet_cfg).items()}
+    for k in sd:
+        if "token_embedding" in k:
+            component = "text_encoder_2" if k.startswith("conditioner.embedders.1.") else "text_encoder"
+            left_out[k] = [component, "text_model.embeddings.token_embedding.weight"]
     partial = os.path.join(OUT, f"{name}.partial.safetensors")
-    save_file({k: v.contiguous() for k, v in sd.items() if "token_embedding" not in k}, partial)
+    save_file(
+        {k: v.contiguous() for k, v in sd.items() if k not in left_out},
+        partial,
+        metadata={"easel.left_out": json.dumps(left_out, sort_keys=True)},
+    )
     os.remove(path)
     print(f"{partial}: {os.path.getsize(partial)} bytes committed")
 

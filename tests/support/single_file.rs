@@ -3,47 +3,22 @@
 //!
 //! To keep the repository lean, the committed SD 1.5 / SD 2 / SDXL files
 //! (`NAME.partial.safetensors`, written by `tools/gen_single_files.py`)
-//! leave out their CLIP token-embedding tables, which are most of their
-//! bytes and equal, tensor for tensor, to the fixture folder's text
-//! encoders. [`single_file_fixture`] copies them back in under their LDM
-//! names and writes the whole checkpoint once per process tree into the
-//! temp folder. The FLUX transformer files are small and used as committed.
+//! leave out their UNet and their CLIP token-embedding tables, which are
+//! most of their bytes and equal, tensor for tensor, to the fixture
+//! folder's. The header's `easel.left_out` metadata maps each left-out LDM
+//! key to `[folder component, key there]`; [`single_file_fixture`] copies
+//! them back in under their LDM names and writes the whole checkpoint once
+//! per process tree into the temp folder. The FLUX transformer files are
+//! small and used as committed.
 //!
 //! Included by the test code of several crates (`#[path]`), so it uses
-//! only `std` and the `safetensors` crate.
+//! only `std`, `safetensors` and `serde_json`.
 
 use std::path::{Path, PathBuf};
 
 /// The fixtures folder (`tests/fixtures`), from any crate under `crates/`.
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-/// The token-embedding tables a partial file leaves out: (its key in the
-/// LDM file, the folder component holding it). The folder's key is
-/// `text_model.embeddings.token_embedding.weight` in each.
-fn left_out(name: &str) -> &'static [(&'static str, &'static str)] {
-    match name {
-        "tiny-sd15" => &[(
-            "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
-            "text_encoder",
-        )],
-        "tiny-sd2-v" => &[(
-            "cond_stage_model.model.token_embedding.weight",
-            "text_encoder",
-        )],
-        "tiny-sdxl" => &[
-            (
-                "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
-                "text_encoder",
-            ),
-            (
-                "conditioner.embedders.1.model.token_embedding.weight",
-                "text_encoder_2",
-            ),
-        ],
-        _ => &[],
-    }
 }
 
 /// The single-file checkpoint `name` (`tiny-sd15`, `tiny-sd2-v`,
@@ -53,11 +28,10 @@ fn left_out(name: &str) -> &'static [(&'static str, &'static str)] {
 #[allow(dead_code)]
 pub fn single_file_fixture(name: &str) -> PathBuf {
     let dir = fixtures().join("generated/single_file");
-    let missing = left_out(name);
-    if missing.is_empty() {
+    let partial_path = dir.join(format!("{name}.partial.safetensors"));
+    if !partial_path.is_file() {
         return dir.join(format!("{name}.safetensors"));
     }
-    let partial_path = dir.join(format!("{name}.partial.safetensors"));
     let partial = std::fs::read(&partial_path).unwrap();
     let out_dir = std::env::temp_dir().join("easel-single-file-fixtures");
     // The partial file's length names the completed one, so a regenerated
@@ -66,25 +40,45 @@ pub fn single_file_fixture(name: &str) -> PathBuf {
     if out.is_file() {
         return out;
     }
-    let folder_files: Vec<(&str, Vec<u8>)> = missing
+    let (_, header) = safetensors::SafeTensors::read_metadata(&partial).unwrap();
+    let left_out: std::collections::BTreeMap<String, (String, String)> = serde_json::from_str(
+        header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("easel.left_out"))
+            .expect("a partial fixture lists what it leaves out"),
+    )
+    .unwrap();
+    // The folder's weight file of each component named, read once.
+    let mut folder_files: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+    for (component, _) in left_out.values() {
+        if folder_files.contains_key(component) {
+            continue;
+        }
+        let dir = fixtures().join("models").join(name).join(component);
+        let file = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .unwrap();
+        folder_files.insert(component.clone(), std::fs::read(file).unwrap());
+    }
+    let folders: std::collections::BTreeMap<&str, safetensors::SafeTensors> = folder_files
         .iter()
-        .map(|(_, component)| {
-            let path = fixtures()
-                .join("models")
-                .join(name)
-                .join(component)
-                .join("model.safetensors");
-            (*component, std::fs::read(path).unwrap())
+        .map(|(c, bytes)| {
+            (
+                c.as_str(),
+                safetensors::SafeTensors::deserialize(bytes).unwrap(),
+            )
         })
         .collect();
     let partial = safetensors::SafeTensors::deserialize(&partial).unwrap();
     let mut tensors = partial.tensors();
-    for ((key, _), (_, bytes)) in missing.iter().zip(&folder_files) {
-        let folder = safetensors::SafeTensors::deserialize(bytes).unwrap();
-        let table = folder
-            .tensor("text_model.embeddings.token_embedding.weight")
-            .unwrap();
-        tensors.push((key.to_string(), table));
+    for (key, (component, folder_key)) in &left_out {
+        tensors.push((
+            key.clone(),
+            folders[component.as_str()].tensor(folder_key).unwrap(),
+        ));
     }
     std::fs::create_dir_all(&out_dir).unwrap();
     // Written beside, then renamed: tests running at once never read half
