@@ -9,7 +9,7 @@ use clap::Args;
 use easel_core::GenerationParams;
 use easel_diffusion::engine::JobRequest;
 use easel_diffusion::models::layers::measure_matmul_gflops;
-use easel_diffusion::pipelines::CancelToken;
+use easel_diffusion::pipelines::{CancelToken, Progress};
 
 use crate::component_args::ComponentArgs;
 use crate::generate::{local_engine, parse_bool_env, parse_quantization};
@@ -80,6 +80,66 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Reset this process's peak resident set size to its current one (Linux:
+/// writing `5` to `/proc/self/clear_refs`, see proc(5)), so the next
+/// [`peak_rss_bytes`] is the peak since now. `false` where the kernel does
+/// not allow it (then per-stage peaks are not reported).
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Peak RSS of each stage of the last run, in bytes (`None`: not measured).
+#[derive(Debug, Default, Clone, Copy)]
+struct StagePeaks {
+    load: Option<u64>,
+    text_encoding: Option<u64>,
+    denoising: Option<u64>,
+    decode: Option<u64>,
+}
+
+/// Records the peak RSS of each stage from the pipeline's progress events:
+/// the peak is read and reset when the prompt is encoded, when the last
+/// step ends and when the latents are decoded.
+struct StagePeakMeter {
+    enabled: bool,
+    peaks: StagePeaks,
+}
+
+impl StagePeakMeter {
+    fn start(load: Option<u64>) -> Self {
+        let enabled = reset_peak_rss();
+        Self {
+            enabled,
+            peaks: StagePeaks {
+                load,
+                ..StagePeaks::default()
+            },
+        }
+    }
+
+    fn take(&self) -> Option<u64> {
+        if !self.enabled {
+            return None;
+        }
+        let peak = peak_rss_bytes();
+        reset_peak_rss();
+        peak
+    }
+
+    fn on_progress(&mut self, progress: &Progress) {
+        match *progress {
+            Progress::PromptEncoded => self.peaks.text_encoding = self.take(),
+            Progress::Step { step, total } if step == total => self.peaks.denoising = self.take(),
+            Progress::Decoded => self.peaks.decode = self.take(),
+            Progress::Step { .. } => {}
+        }
+    }
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
 struct Row {
     text: Duration,
     step: Duration,
@@ -101,6 +161,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let model_key = engine.register_component_files(&args.model, args.components.files());
     let model = engine.load(&model_key)?;
     let load_time = model.load_time();
+    let load_peak = peak_rss_bytes();
     let defaults = model.defaults().clone();
     let family = defaults.family;
     let job = JobRequest::new(
@@ -119,8 +180,23 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     .build(&defaults)?;
     let guidance_scale = job.request.guidance_scale;
     let mut rows = Vec::new();
+    let mut stage_peaks = StagePeaks::default();
+    let mut overall_peak = load_peak;
     for run in 0..=args.runs {
-        let out = engine.run(&job, &mut |_| {}, &CancelToken::new())?;
+        let mut meter = StagePeakMeter::start(load_peak);
+        let out = engine.run(&job, &mut |p| meter.on_progress(&p), &CancelToken::new())?;
+        stage_peaks = meter.peaks;
+        for p in [
+            stage_peaks.text_encoding,
+            stage_peaks.denoising,
+            stage_peaks.decode,
+            peak_rss_bytes(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            overall_peak = Some(overall_peak.map_or(p, |o| o.max(p)));
+        }
         let t = out.timings;
         let label = if run == 0 { "warm-up" } else { "run" };
         eprintln!("{label} {run}: {:.2}s", t.total.as_secs_f64());
@@ -175,9 +251,25 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     );
     println!("| VAE decode | {:.3} |", best.decode.as_secs_f64());
     println!("| total | {:.3} |", best.total.as_secs_f64());
-    match peak_rss_bytes() {
-        Some(b) => println!("| peak RSS | {:.2} GiB |", b as f64 / (1u64 << 30) as f64),
+    match overall_peak {
+        Some(b) => println!("| peak RSS | {:.2} GiB |", gib(b)),
         None => println!("| peak RSS | unavailable |"),
+    }
+    if stage_peaks.text_encoding.is_some() {
+        println!();
+        println!("| stage (last run) | peak RSS, GiB |");
+        println!("| --- | --- |");
+        for (stage, peak) in [
+            ("model load", stage_peaks.load),
+            ("text encoding", stage_peaks.text_encoding),
+            ("denoising", stage_peaks.denoising),
+            ("VAE decode", stage_peaks.decode),
+        ] {
+            match peak {
+                Some(b) => println!("| {stage} | {:.2} |", gib(b)),
+                None => println!("| {stage} | unavailable |"),
+            }
+        }
     }
     if std::env::var_os("EASEL_PROFILE").is_some() {
         println!();

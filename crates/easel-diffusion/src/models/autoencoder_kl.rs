@@ -12,7 +12,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::blocks::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
-use super::layers::{group_norm_act, Activation, Conv2d, GroupNorm, Linear};
+use super::layers::{Activation, Conv2d, ConvPrologue, GroupNorm, Linear};
 use super::weights::Weights;
 use crate::error::{Error, Result};
 use crate::noise::NoiseSource;
@@ -280,8 +280,8 @@ impl Decoder {
                 h = up.forward(&h, None)?;
             }
         }
-        let h = group_norm_act(&self.conv_norm_out, self.act, &h)?;
-        self.conv_out.forward(&h)
+        self.conv_out
+            .forward_after(&h, ConvPrologue::Norm(&self.conv_norm_out, self.act))
     }
 }
 
@@ -354,8 +354,8 @@ impl Encoder {
             }
         }
         h = self.mid_block.forward(&h)?;
-        let h = group_norm_act(&self.conv_norm_out, self.act, &h)?;
-        self.conv_out.forward(&h)
+        self.conv_out
+            .forward_after(&h, ConvPrologue::Norm(&self.conv_norm_out, self.act))
     }
 }
 

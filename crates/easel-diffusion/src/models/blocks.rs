@@ -4,9 +4,12 @@
 
 use candle_core::{Tensor, D};
 
+use rayon::prelude::*;
+
+use super::kernels;
 use super::layers::{
-    chunk2_last, group_norm_act, merge_heads, scaled_dot_product_attention, split_heads,
-    Activation, Conv2d, GroupNorm, LayerNorm, Linear,
+    chunk2_last, merge_heads, scaled_dot_product_attention, split_heads, Activation, Conv2d,
+    ConvPrologue, GroupNorm, LayerNorm, Linear,
 };
 use super::weights::Weights;
 use crate::error::Result;
@@ -75,10 +78,16 @@ impl ResnetBlock2D {
     }
 
     /// `x`: `(batch, in, h, w)`, `temb`: `(batch, temb_channels)` → `(batch, out, h, w)`.
+    ///
+    /// Each `conv(act(norm(h)))` runs with the norm fused into the
+    /// convolution's input ([`Conv2d::forward_after`]) and, on the CPU
+    /// kernels, the residual is added into `conv2`'s output in place, so the
+    /// block's transients are its input, `conv1`'s output and `conv2`'s
+    /// (plus the shortcut's), not also the normalised copies and the sum.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let mut h = self
             .conv1
-            .forward(&group_norm_act(&self.norm1, self.act, x)?)?;
+            .forward_after(x, ConvPrologue::Norm(&self.norm1, self.act))?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj
                 .forward(&self.act.forward(temb)?)?
@@ -86,14 +95,36 @@ impl ResnetBlock2D {
                 .unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self
-            .conv2
-            .forward(&group_norm_act(&self.norm2, self.act, &h)?)?;
-        let shortcut = match &self.conv_shortcut {
-            Some(c) => c.forward(x)?,
-            None => x.clone(),
+        let norm2 = ConvPrologue::Norm(&self.norm2, self.act);
+        let shortcut = |x: &Tensor| -> Result<Tensor> {
+            match &self.conv_shortcut {
+                Some(c) => c.forward(x),
+                None => Ok(x.clone()),
+            }
         };
-        let out = (shortcut + h)?;
+        if let Some((mut out, dims)) = self.conv2.forward_after_vec(&h, norm2)? {
+            drop(h);
+            let shortcut = shortcut(x)?;
+            // `shortcut + h` (then `/ output_scale_factor`, as candle's
+            // tensor-by-scalar division: times the reciprocal), in place.
+            let mul = (1.0 / self.output_scale_factor) as f32;
+            let scaled = self.output_scale_factor != 1.0;
+            kernels::with_f32(&shortcut, |s| {
+                out.par_chunks_mut(1 << 14)
+                    .zip(s.par_chunks(1 << 14))
+                    .for_each(|(o, s)| {
+                        for (o, &v) in o.iter_mut().zip(s) {
+                            *o = v + *o;
+                            if scaled {
+                                *o = *o * mul + 0.0;
+                            }
+                        }
+                    })
+            })?;
+            return kernels::tensor(out, &dims);
+        }
+        let h = self.conv2.forward(&norm2.apply(&h)?)?;
+        let out = (shortcut(x)? + h)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
@@ -151,6 +182,10 @@ impl Upsample2D {
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        if (th, tw) == (2 * h, 2 * w) {
+            // Upsampled as the convolution reads its input.
+            return self.conv.forward_after(x, ConvPrologue::Upsample2x);
+        }
         let x = x.upsample_nearest2d(th, tw)?;
         self.conv.forward(&x)
     }

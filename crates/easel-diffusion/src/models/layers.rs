@@ -215,6 +215,89 @@ impl Conv2d {
         self.forward_padded(x)
     }
 
+    /// `self(prologue(x))`: the convolution of `x` after the operation that
+    /// precedes it in a block (a group norm and activation, or nearest ×2
+    /// upsampling), equal to running them one after the other.
+    ///
+    /// For a 3×3 "same" convolution on the CPU kernels (outside a circular
+    /// padding scope, SiLU as the activation), the prologue is applied as the
+    /// kernel reads each input row ([`kernels::ConvInput`]): the normalised or
+    /// upsampled input is never held whole, which at 1024² saves 0.5–1 GiB
+    /// per VAE decoder layer; the values are bit for bit those of the
+    /// separate operations. Elsewhere the prologue's output is computed first.
+    ///
+    /// Errors: as [`Conv2d::forward`]; a prologue whose output does not fit the
+    /// layer's input channels.
+    pub fn forward_after(&self, x: &Tensor, prologue: ConvPrologue<'_>) -> Result<Tensor> {
+        match self.forward_after_vec(x, prologue)? {
+            Some((y, dims)) => kernels::tensor(y, &dims),
+            None => self.forward(&prologue.apply(x)?),
+        }
+    }
+
+    /// The fused path of [`Conv2d::forward_after`]: the output's data and
+    /// dims, or `None` where it does not apply (then nothing was computed).
+    pub(crate) fn forward_after_vec(
+        &self,
+        x: &Tensor,
+        prologue: ConvPrologue<'_>,
+    ) -> Result<Option<(Vec<f32>, [usize; 4])>> {
+        let (co, in_c, k) = self.dims;
+        let fused = self.fast
+            && k == 3
+            && kernels::applies(x)
+            && x.rank() == 4
+            && !circular_padding_active()
+            && match prologue {
+                ConvPrologue::Norm(norm, act) => act == Activation::Silu && !norm.gamma.is_empty(),
+                ConvPrologue::Upsample2x => true,
+            };
+        if !fused {
+            return Ok(None);
+        }
+        let (b, ci, sh, sw) = x.dims4()?;
+        if ci != in_c {
+            return Err(Error::invalid(
+                "conv2d",
+                format!("input has {ci} channels, the layer expects {in_c}"),
+            ));
+        }
+        let y = kernels::with_f32(x, |xd| -> Result<(Vec<f32>, [usize; 4])> {
+            let affine;
+            let mut input = kernels::ConvInput::plain(xd, sh, sw);
+            match prologue {
+                ConvPrologue::Norm(norm, _) => {
+                    affine = timed(5, || {
+                        kernels::group_norm_affine(
+                            xd,
+                            ci,
+                            sh * sw,
+                            norm.groups,
+                            norm.eps,
+                            &norm.gamma,
+                            &norm.beta,
+                        )
+                    });
+                    input = input.with_affine(&affine, true);
+                }
+                ConvPrologue::Upsample2x => input = input.upsampled_2x(),
+            }
+            let (h, w) = (input.h(), input.w());
+            count_flops(2 * b * co * h * w * in_c * k * k);
+            let y = timed(0, || {
+                self.weight.with_f32(|wd| {
+                    if kernels::conv3x3_prefers_winograd(ci, co) {
+                        kernels::conv3x3_winograd_from(&input, b, ci, wd, &self.bias_f32, co)
+                    } else {
+                        kernels::conv3x3_same_from(&input, b, ci, wd, &self.bias_f32, co)
+                    }
+                })
+            })?;
+            Ok((y, [b, co, h, w]))
+        })??;
+        Ok(Some(y))
+    }
+
     /// [`Conv2d::forward`] with circular padding.
     fn forward_circular(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
@@ -455,6 +538,31 @@ impl LayerNorm {
     /// `x`: `(..., dim)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.inner.forward(x)?)
+    }
+}
+
+/// The operation that precedes a convolution in diffusers' blocks, for
+/// [`Conv2d::forward_after`].
+#[derive(Clone, Copy, Debug)]
+pub enum ConvPrologue<'a> {
+    /// `act(norm(x))` (`ResnetBlock2D`'s `conv1(act(norm1(x)))`, the VAE
+    /// decoder's `conv_out(act(conv_norm_out(x)))`).
+    Norm(&'a GroupNorm, Activation),
+    /// Nearest-neighbour upsampling by 2 on both spatial axes (`Upsample2D`
+    /// with `scale_factor=2`).
+    Upsample2x,
+}
+
+impl ConvPrologue<'_> {
+    /// The prologue's output, computed whole (the unfused path).
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        match *self {
+            ConvPrologue::Norm(norm, act) => group_norm_act(norm, act, x),
+            ConvPrologue::Upsample2x => {
+                let (_, _, h, w) = x.dims4()?;
+                Ok(x.upsample_nearest2d(2 * h, 2 * w)?)
+            }
+        }
     }
 }
 

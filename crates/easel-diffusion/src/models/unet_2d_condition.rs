@@ -20,7 +20,7 @@ use super::blocks::{
 };
 pub use super::embeddings::timestep_embedding;
 use super::embeddings::TimestepEmbedding;
-use super::layers::{group_norm_act, Activation, Conv2d, GroupNorm};
+use super::layers::{Activation, Conv2d, ConvPrologue, GroupNorm};
 use super::unet_2d_blocks::{DownBlock, MidBlock, UpBlock};
 use super::weights::Weights;
 use crate::error::{Error, Result};
@@ -694,10 +694,12 @@ impl UNet2DConditionModel {
             };
             h_ = block.forward(&h_, &mut skips, &emb, encoder_hidden_states, upsample_size)?;
         }
-        if let Some(norm) = &self.conv_norm_out {
-            h_ = group_norm_act(norm, self.act, &h_)?;
+        match &self.conv_norm_out {
+            Some(norm) => self
+                .conv_out
+                .forward_after(&h_, ConvPrologue::Norm(norm, self.act)),
+            None => self.conv_out.forward(&h_),
         }
-        self.conv_out.forward(&h_)
     }
 }
 

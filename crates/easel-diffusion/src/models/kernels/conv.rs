@@ -3,22 +3,9 @@
 
 use rayon::prelude::*;
 
+use super::conv_input::ConvInput;
 use super::matmul::matmul;
 use super::parallelism;
-
-/// Copy `planes` of `h × w` values from `src` into `dst`, whose planes are
-/// `plane` values long with rows of `pw`, at row 1 and column 1: the
-/// zero-padded inputs of the 3×3 convolution kernels (`dst` zeroed).
-fn pad_planes(dst: &mut [f32], src: &[f32], h: usize, w: usize, plane: usize, pw: usize) {
-    dst.par_chunks_mut(plane)
-        .zip(src.par_chunks(h * w))
-        .for_each(|(dst, src)| {
-            for y in 0..h {
-                dst[(y + 1) * pw + 1..(y + 1) * pw + 1 + w]
-                    .copy_from_slice(&src[y * w..(y + 1) * w]);
-            }
-        });
-}
 
 /// 3×3 convolution, stride 1, zero padding 1 ("same"), plus bias, as nine
 /// shifted matrix products (the direct method; [`conv3x3_winograd`] for
@@ -43,7 +30,22 @@ pub fn conv3x3_same(
     bias: &[f32],
     co: usize,
 ) -> Vec<f32> {
+    conv3x3_same_from(&ConvInput::plain(x, h, w), batch, ci, weight, bias, co)
+}
+
+/// [`conv3x3_same`] reading its input through `input` (normalised and
+/// upsampled as it is read: see [`ConvInput`]); the padded copy of each
+/// image is built from it.
+pub fn conv3x3_same_from(
+    input: &ConvInput<'_>,
+    batch: usize,
+    ci: usize,
+    weight: &[f32],
+    bias: &[f32],
+    co: usize,
+) -> Vec<f32> {
     debug_assert_eq!(weight.len(), co * ci * 9);
+    let (h, w) = (input.h(), input.w());
     let wp = w + 2;
     let plane = (h + 2) * wp + 2; // +2: the last tap reads two past the padded plane
     let n = h * wp;
@@ -51,8 +53,18 @@ pub fn conv3x3_same(
     let mut padded = vec![0f32; ci * plane];
     let mut out_pad = vec![0f32; co * n];
     for b in 0..batch {
-        let xb = &x[b * ci * h * w..(b + 1) * ci * h * w];
-        pad_planes(&mut padded, xb, h, w, plane, wp);
+        padded
+            .par_chunks_mut(plane)
+            .enumerate()
+            .for_each(|(c, dst)| {
+                for y in 0..h + 2 {
+                    input.fill_padded_row(
+                        b * ci + c,
+                        y as isize - 1,
+                        &mut dst[y * wp..(y + 1) * wp],
+                    );
+                }
+            });
         for t in 0..9 {
             let (ky, kx) = (t / 3, t % 3);
             // SAFETY: tap t of `weight` is (co × ci) with row stride 9*ci and
@@ -193,11 +205,25 @@ pub fn conv3x3_winograd(
     co: usize,
 ) -> Vec<f32> {
     debug_assert_eq!(x.len(), batch * ci * h * w);
+    conv3x3_winograd_from(&ConvInput::plain(x, h, w), batch, ci, weight, bias, co)
+}
+
+/// [`conv3x3_winograd`] reading its input through `input` (normalised and
+/// upsampled as it is read: see [`ConvInput`]). No padded copy of the
+/// input is made: each channel's task keeps the four zero-padded input
+/// rows of the current tile row, sliding two rows down per tile row.
+pub fn conv3x3_winograd_from(
+    input: &ConvInput<'_>,
+    batch: usize,
+    ci: usize,
+    weight: &[f32],
+    bias: &[f32],
+    co: usize,
+) -> Vec<f32> {
+    let (h, w) = (input.h(), input.w());
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-    let (ph, pw) = (2 * th + 2, 2 * tw + 2);
-    // Zero-padded input, (batch, ci, ph, pw), data at (1, 1).
-    let mut padded = vec![0f32; batch * ci * ph * pw];
-    pad_planes(&mut padded, x, h, w, ph * pw, pw);
+    // Width of a zero-padded input row: data at column 1.
+    let pw = 2 * tw + 2;
     let u = winograd_filter(weight, co, ci);
     let tile_rows = batch * th; // global tile rows (image, ty)
     let rows_per_block = (WINOGRAD_TILE_BLOCK / tw).clamp(1, tile_rows);
@@ -215,10 +241,25 @@ pub fn conv3x3_winograd(
             .enumerate()
             .for_each(|(c, vc)| {
                 let mut t = vec![0f32; 4 * pw];
+                // Padded input rows 2ty-1 ..= 2ty+2 of tile row ty.
+                let mut d = vec![0f32; 4 * pw];
                 for rr in 0..nr {
                     let (b, ty) = ((row0 + rr) / th, (row0 + rr) % th);
-                    let plane = &padded[(b * ci + c) * ph * pw..(b * ci + c + 1) * ph * pw];
-                    let at = |k: usize| &plane[(2 * ty + k) * pw..(2 * ty + k + 1) * pw];
+                    let plane = b * ci + c;
+                    let first = 2 * ty as isize - 1;
+                    // Rows 2ty-1, 2ty are the previous tile row's last two.
+                    let keep = if rr > 0 && ty > 0 { 2 } else { 0 };
+                    if keep > 0 {
+                        d.copy_within(2 * pw..4 * pw, 0);
+                    }
+                    for k in keep..4 {
+                        input.fill_padded_row(
+                            plane,
+                            first + k as isize,
+                            &mut d[k * pw..(k + 1) * pw],
+                        );
+                    }
+                    let at = |k: usize| &d[k * pw..(k + 1) * pw];
                     let (d0, d1, d2, d3) = (at(0), at(1), at(2), at(3));
                     // Rows of Bᵀ d, over the whole padded width.
                     let (t0, rest) = t.split_at_mut(pw);
@@ -444,6 +485,52 @@ mod tests {
                 let got = tensor(got, &[b, co, h, w]).unwrap();
                 let d = max_diff(&got, &want);
                 assert!(d < 1e-4, "{name} {b}x{ci}x{h}x{w} -> {co}: {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_norm_and_upsampling_equal_the_separate_operations_exactly() {
+        // Both kernels read the normalised or upsampled input row by row;
+        // the values are the same as computing it whole first, so the
+        // outputs are identical. Sizes: odd, a single row, and more tile rows
+        // than one Winograd block across a batch of 3.
+        let kernels: [(&str, Kernel); 2] = [
+            ("direct", conv3x3_same_from),
+            ("winograd", conv3x3_winograd_from),
+        ];
+        type Kernel = fn(&ConvInput<'_>, usize, usize, &[f32], &[f32], usize) -> Vec<f32>;
+        for &(b, ci, co, h, w) in &[(2, 4, 5, 7, 9), (1, 8, 3, 1, 13), (3, 6, 7, 45, 51)] {
+            let x = randn(&[b, ci, h, w], 7).affine(2.0, 0.5).unwrap();
+            let wd = randn(&[co, ci, 3, 3], 8)
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let bias = randn(&[co], 9).to_vec1::<f32>().unwrap();
+            let gamma = randn(&[ci], 10).to_vec1::<f32>().unwrap();
+            let beta = randn(&[ci], 11).to_vec1::<f32>().unwrap();
+            let groups = 2;
+            let xv = with_f32(&x, <[f32]>::to_vec).unwrap();
+            let normed =
+                super::super::group_norm(&xv, ci, h * w, groups, 1e-6, &gamma, &beta, true);
+            let affine =
+                super::super::group_norm_affine(&xv, ci, h * w, groups, 1e-6, &gamma, &beta);
+            let up = with_f32(
+                &x.upsample_nearest2d(2 * h, 2 * w).unwrap(),
+                <[f32]>::to_vec,
+            )
+            .unwrap();
+            for (name, kernel) in kernels {
+                let want = kernel(&ConvInput::plain(&normed, h, w), b, ci, &wd, &bias, co);
+                let fused = ConvInput::plain(&xv, h, w).with_affine(&affine, true);
+                let got = kernel(&fused, b, ci, &wd, &bias, co);
+                assert!(want == got, "{name} norm {b}x{ci}x{h}x{w}");
+
+                let want = kernel(&ConvInput::plain(&up, 2 * h, 2 * w), b, ci, &wd, &bias, co);
+                let fused = ConvInput::plain(&xv, h, w).upsampled_2x();
+                let got = kernel(&fused, b, ci, &wd, &bias, co);
+                assert!(want == got, "{name} upsampled {b}x{ci}x{h}x{w}");
             }
         }
     }

@@ -4,8 +4,9 @@ use rayon::prelude::*;
 
 /// Group normalisation (Wu & He 2018, arXiv:1803.08494) over `x` laid out
 /// as `(batch, channels, spatial)`, with per-channel `gamma`/`beta`, optionally
-/// followed by SiLU in the same pass. Mean and variance are accumulated in
-/// f64 (two passes), as precise as PyTorch's Welford.
+/// followed by SiLU in the same pass: each value `v` of plane `(b, c)`
+/// becomes `v · scale + shift` with the plane's [`group_norm_affine`], then
+/// `y / (1 + e^-y)` with `silu`.
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm(
     x: &[f32],
@@ -17,10 +18,50 @@ pub fn group_norm(
     beta: &[f32],
     silu: bool,
 ) -> Vec<f32> {
+    let affine = group_norm_affine(x, channels, spatial, groups, eps, gamma, beta);
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(spatial)
+        .zip(x.par_chunks(spatial))
+        .zip(affine.par_iter())
+        .for_each(|((d, s), &(scale, shift))| {
+            if silu {
+                for (o, &v) in d.iter_mut().zip(s) {
+                    let y = v * scale + shift;
+                    *o = y / (1.0 + (-y).exp());
+                }
+            } else {
+                for (o, &v) in d.iter_mut().zip(s) {
+                    *o = v * scale + shift;
+                }
+            }
+        });
+    out
+}
+
+/// The per-plane affine map a group norm applies: for each `(batch,
+/// channel)` plane of `x` (`(batch, channels, spatial)`), in that order,
+/// `(scale, shift)` = `(γ_c / σ_g, β_c − μ_g γ_c / σ_g)` with the mean `μ_g`
+/// and `σ_g = √(var_g + eps)` of the plane's group (biased variance).
+/// Mean and variance are accumulated in f64 (two passes), as precise as
+/// PyTorch's Welford; scale and shift are rounded to f32 once.
+///
+/// What [`group_norm`] applies, and what the 3×3 convolutions apply while
+/// they read their input (`super::ConvInput::with_affine`), so the two give
+/// the same values bit for bit.
+pub fn group_norm_affine(
+    x: &[f32],
+    channels: usize,
+    spatial: usize,
+    groups: usize,
+    eps: f64,
+    gamma: &[f32],
+    beta: &[f32],
+) -> Vec<(f32, f32)> {
     let cpg = channels / groups;
     let group_len = cpg * spatial;
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(group_len)
+    let mut affine = vec![(0f32, 0f32); x.len() / spatial];
+    affine
+        .par_chunks_mut(cpg)
         .zip(x.par_chunks(group_len))
         .enumerate()
         .for_each(|(bg, (dst, src))| {
@@ -36,25 +77,14 @@ pub fn group_norm(
                 .sum::<f64>()
                 / n;
             let inv = 1.0 / (var + eps).sqrt();
-            for c in 0..cpg {
+            for (c, slot) in dst.iter_mut().enumerate() {
                 let ch = g * cpg + c;
                 let scale = (gamma[ch] as f64 * inv) as f32;
                 let shift = (beta[ch] as f64 - mean * gamma[ch] as f64 * inv) as f32;
-                let s = &src[c * spatial..(c + 1) * spatial];
-                let d = &mut dst[c * spatial..(c + 1) * spatial];
-                if silu {
-                    for (o, &v) in d.iter_mut().zip(s) {
-                        let y = v * scale + shift;
-                        *o = y / (1.0 + (-y).exp());
-                    }
-                } else {
-                    for (o, &v) in d.iter_mut().zip(s) {
-                        *o = v * scale + shift;
-                    }
-                }
+                *slot = (scale, shift);
             }
         });
-    out
+    affine
 }
 
 #[cfg(test)]
