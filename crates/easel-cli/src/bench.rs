@@ -74,8 +74,18 @@ pub struct BenchArgs {
 
 /// Peak resident set size of this process (`VmHWM`), in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmHWM:")
+}
+
+/// Resident set size of this process now (`VmRSS`), in bytes.
+fn rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmRSS:")
+}
+
+/// A `kB` field of `/proc/self/status`, in bytes.
+fn proc_status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
@@ -88,13 +98,14 @@ fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-/// Peak RSS of each stage of the last run, in bytes (`None`: not measured).
+/// Peak RSS during each stage of the last run and RSS at its end, in bytes
+/// (`None`: not measured).
 #[derive(Debug, Default, Clone, Copy)]
 struct StagePeaks {
-    load: Option<u64>,
-    text_encoding: Option<u64>,
-    denoising: Option<u64>,
-    decode: Option<u64>,
+    load: (Option<u64>, Option<u64>),
+    text_encoding: (Option<u64>, Option<u64>),
+    denoising: (Option<u64>, Option<u64>),
+    decode: (Option<u64>, Option<u64>),
 }
 
 /// Records the peak RSS of each stage from the pipeline's progress events:
@@ -106,7 +117,7 @@ struct StagePeakMeter {
 }
 
 impl StagePeakMeter {
-    fn start(load: Option<u64>) -> Self {
+    fn start(load: (Option<u64>, Option<u64>)) -> Self {
         let enabled = reset_peak_rss();
         Self {
             enabled,
@@ -117,13 +128,13 @@ impl StagePeakMeter {
         }
     }
 
-    fn take(&self) -> Option<u64> {
+    fn take(&self) -> (Option<u64>, Option<u64>) {
         if !self.enabled {
-            return None;
+            return (None, None);
         }
         let peak = peak_rss_bytes();
         reset_peak_rss();
-        peak
+        (peak, rss_bytes())
     }
 
     fn on_progress(&mut self, progress: &Progress) {
@@ -161,7 +172,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let model_key = engine.register_component_files(&args.model, args.components.files());
     let model = engine.load(&model_key)?;
     let load_time = model.load_time();
-    let load_peak = peak_rss_bytes();
+    let load_peak = (peak_rss_bytes(), rss_bytes());
     let defaults = model.defaults().clone();
     let family = defaults.family;
     let job = JobRequest::new(
@@ -181,15 +192,15 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let guidance_scale = job.request.guidance_scale;
     let mut rows = Vec::new();
     let mut stage_peaks = StagePeaks::default();
-    let mut overall_peak = load_peak;
+    let mut overall_peak = load_peak.0;
     for run in 0..=args.runs {
         let mut meter = StagePeakMeter::start(load_peak);
         let out = engine.run(&job, &mut |p| meter.on_progress(&p), &CancelToken::new())?;
         stage_peaks = meter.peaks;
         for p in [
-            stage_peaks.text_encoding,
-            stage_peaks.denoising,
-            stage_peaks.decode,
+            stage_peaks.text_encoding.0,
+            stage_peaks.denoising.0,
+            stage_peaks.decode.0,
             peak_rss_bytes(),
         ]
         .into_iter()
@@ -255,20 +266,19 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         Some(b) => println!("| peak RSS | {:.2} GiB |", gib(b)),
         None => println!("| peak RSS | unavailable |"),
     }
-    if stage_peaks.text_encoding.is_some() {
+    if stage_peaks.text_encoding.0.is_some() {
         println!();
-        println!("| stage (last run) | peak RSS, GiB |");
-        println!("| --- | --- |");
-        for (stage, peak) in [
+        println!("| stage (last run) | peak RSS, GiB | RSS at its end, GiB |");
+        println!("| --- | --- | --- |");
+        let show =
+            |b: Option<u64>| b.map_or("unavailable".to_string(), |b| format!("{:.2}", gib(b)));
+        for (stage, (peak, end)) in [
             ("model load", stage_peaks.load),
             ("text encoding", stage_peaks.text_encoding),
             ("denoising", stage_peaks.denoising),
             ("VAE decode", stage_peaks.decode),
         ] {
-            match peak {
-                Some(b) => println!("| {stage} | {:.2} |", gib(b)),
-                None => println!("| {stage} | unavailable |"),
-            }
+            println!("| {stage} | {} | {} |", show(peak), show(end));
         }
     }
     if std::env::var_os("EASEL_PROFILE").is_some() {

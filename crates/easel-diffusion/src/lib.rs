@@ -13,6 +13,7 @@ pub mod loader;
 pub mod lora;
 pub mod models;
 pub mod noise;
+pub mod os_memory;
 pub mod output;
 pub mod pipelines;
 pub mod schedulers;

@@ -63,6 +63,9 @@ impl<T> ModelCache<T> {
             let (key, _, _) = self.entries.remove(0);
             evicted.push(key);
         }
+        if !evicted.is_empty() {
+            crate::os_memory::release_freed_memory();
+        }
         evicted
     }
 

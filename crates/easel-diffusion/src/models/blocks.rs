@@ -114,7 +114,7 @@ impl ResnetBlock2D {
                     .zip(s.par_chunks(1 << 14))
                     .for_each(|(o, s)| {
                         for (o, &v) in o.iter_mut().zip(s) {
-                            *o = v + *o;
+                            *o += v;
                             if scaled {
                                 *o = *o * mul + 0.0;
                             }

@@ -114,7 +114,10 @@ impl T5Encoder {
                     &component_weights(model, "text_encoder_2", device)?,
                     config,
                 )?;
-                t5.forward(ids, device)
+                let embeds = t5.forward(ids, device);
+                drop(t5);
+                crate::os_memory::release_freed_memory();
+                embeds
             }
         }
     }
