@@ -469,7 +469,7 @@ impl FluxComponents {
             timings.model_calls.push(call.elapsed());
             latents = scheduler.step(&noise_pred, t, &latents, ctx.noise)?;
             timings.steps.push(start.elapsed());
-            (ctx.progress)(Progress::Step { step: i + 1, total });
+            ctx.report(Progress::Step { step: i + 1, total });
         }
         Ok(latents)
     }
@@ -506,7 +506,7 @@ impl FluxComponents {
         let t0 = Instant::now();
         let encoded = self.encode_prompt(request, max_sequence_length, &mut warnings)?;
         timings.text_encoding = t0.elapsed();
-        (ctx.progress)(Progress::PromptEncoded);
+        ctx.report(Progress::PromptEncoded);
 
         // 2. Prepare the timesteps.
         let f = self.vae_scale_factor() * 2;
@@ -533,7 +533,7 @@ impl FluxComponents {
         let t0 = Instant::now();
         let (latents_to_vae, images) = self.decode(&latents, prepared.h, prepared.w)?;
         timings.vae_decode = t0.elapsed();
-        (ctx.progress)(Progress::Decoded);
+        ctx.report(Progress::Decoded);
         timings.total = started.elapsed();
         Ok(GenerationOutput {
             images,

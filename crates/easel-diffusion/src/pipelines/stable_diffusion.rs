@@ -190,7 +190,7 @@ impl DiffusionPipeline for StableDiffusionPipeline {
             None => embeds,
         };
         timings.text_encoding = t0.elapsed();
-        (ctx.progress)(Progress::PromptEncoded);
+        ctx.report(Progress::PromptEncoded);
 
         // 2. Prepare the timesteps (shortened by `strength` for image tasks),
         // 3. prepare the latents (noise, or the init image encoded and noised).
@@ -232,7 +232,7 @@ impl DiffusionPipeline for StableDiffusionPipeline {
         let latents_to_vae = (latents / self.vae.config().scaling_factor)?;
         let images = decode_to_images(&self.vae, &latents_to_vae)?;
         timings.vae_decode = t0.elapsed();
-        (ctx.progress)(Progress::Decoded);
+        ctx.report(Progress::Decoded);
         timings.total = started.elapsed();
         Ok(GenerationOutput {
             images,

@@ -263,7 +263,7 @@ impl DiffusionPipeline for StableDiffusionXLPipeline {
         let (h, w) = (request.height as f64, request.width as f64);
         let time_ids = vec![[h, w, 0.0, 0.0, h, w]; context.dim(0)?];
         timings.text_encoding = t0.elapsed();
-        (ctx.progress)(Progress::PromptEncoded);
+        ctx.report(Progress::PromptEncoded);
 
         // 2. Prepare the timesteps (shortened by `strength` for image tasks),
         // 3. prepare the latents (noise, or the init image encoded and noised).
@@ -309,7 +309,7 @@ impl DiffusionPipeline for StableDiffusionXLPipeline {
         let latents_to_vae = (latents / self.vae.config().scaling_factor)?;
         let images = decode_to_images(&self.vae, &latents_to_vae)?;
         timings.vae_decode = t0.elapsed();
-        (ctx.progress)(Progress::Decoded);
+        ctx.report(Progress::Decoded);
         timings.total = started.elapsed();
         Ok(GenerationOutput {
             images,

@@ -126,7 +126,7 @@ pub fn denoise_from(
             latents = (known.broadcast_mul(&keep)? + latents.broadcast_mul(&c.mask)?)?;
         }
         timings.steps.push(start.elapsed());
-        (ctx.progress)(Progress::Step { step: i + 1, total });
+        ctx.report(Progress::Step { step: i + 1, total });
     }
     Ok(latents)
 }
