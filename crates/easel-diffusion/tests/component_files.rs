@@ -215,6 +215,7 @@ fn every_component_from_files_gives_the_folders_image() {
             model: config_ref.clone(),
             files,
             quantization: None,
+            offload_t5: false,
         }],
         ..offline()
     };
@@ -250,6 +251,36 @@ fn diffusers_layout_and_flux_files_give_the_folders_image() {
         ComponentLayout::Diffusers
     );
     assert_eq!(generate(&mut engine, &key, 32), want);
+}
+
+/// Load settings without files (a server registry entry's `quantize` /
+/// `offload_t5`): the key names them, the resolved model carries them, and
+/// an offloaded T5 gives the resident one's image.
+#[test]
+fn load_settings_without_files_resolve_with_their_key() {
+    let flux = model("tiny-flux-dev").display().to_string();
+    let overrides = ComponentOverrides {
+        model: flux.clone(),
+        files: ComponentFiles::new(),
+        quantization: None,
+        offload_t5: true,
+    };
+    let key = overrides.key();
+    assert_eq!(key, format!("{flux} [offload_t5]"));
+    let options = ResolveOptions {
+        component_files: vec![overrides],
+        ..offline()
+    };
+    let dir = resolve_model(&key, &options).unwrap();
+    assert!(dir.offloaded_t5());
+    assert!(!resolve_model(&flux, &options).unwrap().offloaded_t5());
+    let mut resident = engine();
+    let want = generate(&mut resident, &flux, 32);
+    let mut offloaded = Engine::new(EngineOptions {
+        resolve: options,
+        ..EngineOptions::default()
+    });
+    assert_eq!(generate(&mut offloaded, &key, 32), want);
 }
 
 #[test]
@@ -319,6 +350,7 @@ fn files_of_another_architecture_are_refused_naming_tensor_and_shapes() {
             model: model("tiny-sd15").display().to_string(),
             files: files(&[("unet", &sdxl)]),
             quantization: None,
+            offload_t5: false,
         }],
         ..offline()
     };

@@ -71,6 +71,12 @@ pub enum ModelTarget {
         /// `fp8` (checked by [`Config::check`]).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         quantize: Option<String>,
+        /// FLUX: load T5 for each prompt encoding and free it after, as
+        /// `easel generate --offload-t5` (T5-XXL's weights are not resident
+        /// while the transformer runs; each generation pays T5's load).
+        /// Models without T5 ignore it. Default false.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        offload_t5: bool,
     },
 }
 
@@ -109,6 +115,17 @@ impl ModelTarget {
             ModelTarget::Entry { quantize, .. } => quantize.as_deref(),
             ModelTarget::Reference(_) => None,
         }
+    }
+
+    /// Whether the entry asks for T5 to be offloaded (`offload_t5`).
+    pub fn offload_t5(&self) -> bool {
+        matches!(
+            self,
+            ModelTarget::Entry {
+                offload_t5: true,
+                ..
+            }
+        )
     }
 
     /// The component files the entry gives, `(component, path as written)`.
@@ -608,7 +625,8 @@ impl Config {
         let list = target.component_files();
         // Checked by `Config::check`: a bad name never gets here.
         let quantization = target.quantize().and_then(|q| q.parse().ok());
-        if list.is_empty() && quantization.is_none() {
+        let offload_t5 = target.offload_t5();
+        if list.is_empty() && quantization.is_none() && !offload_t5 {
             return None;
         }
         let roots = self.model_roots();
@@ -632,6 +650,7 @@ impl Config {
             model: target.load_reference(),
             files,
             quantization,
+            offload_t5,
         })
     }
 
@@ -769,6 +788,39 @@ mod tests {
             e.0.contains("models.schnell.quantize") && e.0.contains("q8_0, q4_0, fp8"),
             "{e}"
         );
+    }
+
+    /// `offload_t5` is a load setting like `quantize`: its own load key,
+    /// alone or with a quantization.
+    #[test]
+    fn registry_entry_offload_t5() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("easel.toml");
+        std::fs::write(
+            &file,
+            "[models]\nschnell = { path = \"org/flux\", offload_t5 = true }\n\
+             small = { path = \"org/flux\", quantize = \"q4_0\", offload_t5 = true }\n\
+             plain = { path = \"org/flux\", offload_t5 = false }\n",
+        )
+        .unwrap();
+        let config = Config::load(Some(&file), []).unwrap();
+        let key = |name: &str| {
+            config
+                .entry_overrides(&config.models[name])
+                .map(|o| o.key())
+        };
+        assert_eq!(key("schnell").as_deref(), Some("org/flux [offload_t5]"));
+        assert_eq!(
+            key("small").as_deref(),
+            Some("org/flux [quantize=q4_0, offload_t5]")
+        );
+        assert_eq!(key("plain"), None);
+        std::fs::write(
+            &file,
+            "[models]\nschnell = { path = \"org/flux\", offload_t5 = \"yes\" }\n",
+        )
+        .unwrap();
+        assert!(Config::load(Some(&file), []).is_err());
     }
 
     #[test]

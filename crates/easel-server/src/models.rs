@@ -711,6 +711,7 @@ mod tests {
                 text_encoder: None,
                 text_encoder_2: None,
                 quantize: None,
+                offload_t5: false,
             },
         );
         // Settings go with the file: another entry needs another file.
@@ -775,6 +776,7 @@ mod tests {
                 text_encoder: None,
                 text_encoder_2: None,
                 quantize: None,
+                offload_t5: false,
             },
         );
         let reg = ModelRegistry::new(&config);

@@ -3610,6 +3610,7 @@ async fn registry_entries_with_a_vae_file_generate_the_folders_image() {
         text_encoder: None,
         text_encoder_2: None,
         quantize: None,
+        offload_t5: false,
     };
     let flux_vae = fixtures()
         .join("models/tiny-flux-dev/vae/diffusion_pytorch_model.safetensors")

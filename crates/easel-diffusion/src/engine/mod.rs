@@ -182,6 +182,7 @@ impl Engine {
             model: reference.to_string(),
             files,
             quantization: None,
+            offload_t5: false,
         };
         let key = overrides.key();
         if !overrides.files.is_empty() {

@@ -132,31 +132,41 @@ pub struct ComponentOverrides {
     /// The quantization its large components get as they load (a registry
     /// entry's `quantize`).
     pub quantization: Option<Quantization>,
+    /// FLUX: T5 loaded for each prompt encoding and freed after (a registry
+    /// entry's `offload_t5`; [`super::ModelDir::with_offloaded_t5`]).
+    /// Models without T5 ignore it.
+    pub offload_t5: bool,
 }
 
 impl ComponentOverrides {
     /// The reference that resolves to this model with its overrides
-    /// ([`ComponentFiles::model_key`]; with a quantization,
-    /// `reference [quantize=q8_0, vae=...]`).
+    /// ([`ComponentFiles::model_key`]; with load settings,
+    /// `reference [quantize=q8_0, offload_t5, vae=...]`).
     pub fn key(&self) -> String {
-        let Some(q) = self.quantization else {
+        let mut settings = Vec::new();
+        if let Some(q) = self.quantization {
+            settings.push(format!("quantize={}", q.name()));
+        }
+        if self.offload_t5 {
+            settings.push("offload_t5".to_string());
+        }
+        if settings.is_empty() {
             return self.files.model_key(&self.model);
-        };
+        }
         let files = self.files.model_key("");
         let files = files
             .trim_start()
             .trim_start_matches('[')
             .trim_end_matches(']');
-        if files.is_empty() {
-            format!("{} [quantize={}]", self.model, q.name())
-        } else {
-            format!("{} [quantize={}, {files}]", self.model, q.name())
+        if !files.is_empty() {
+            settings.push(files.to_string());
         }
+        format!("{} [{}]", self.model, settings.join(", "))
     }
 
-    /// Whether it changes nothing (no files, no quantization).
+    /// Whether it changes nothing (no files, no load settings).
     pub fn is_empty(&self) -> bool {
-        self.files.is_empty() && self.quantization.is_none()
+        self.files.is_empty() && self.quantization.is_none() && !self.offload_t5
     }
 }
 

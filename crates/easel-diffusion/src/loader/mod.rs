@@ -256,7 +256,8 @@ pub fn resolve_model(reference: &str, options: &ResolveOptions) -> Result<ModelD
         let model = resolve_model(&overrides.model, &base)?;
         return Ok(
             component_files::apply_component_files(model, &overrides.files)?
-                .with_quantization(overrides.quantization),
+                .with_quantization(overrides.quantization)
+                .with_offloaded_t5(overrides.offload_t5),
         );
     }
     let path = Path::new(reference);
