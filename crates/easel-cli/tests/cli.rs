@@ -164,6 +164,28 @@ fn generate_reproduces_sd15_euler_reference_png() {
     assert_eq!(json["timings"]["step_s"].as_array().unwrap().len(), 4);
 }
 
+/// `--precision bf16` on the CPU computes fp32 and says so: in the
+/// `--json` result's warnings and its `precision`, with the fp32 image
+/// (the reference's, within one level).
+#[test]
+fn precision_not_computed_is_a_json_warning() {
+    let json = reproduce_png_in(
+        "references",
+        "sd15_txt2img_euler",
+        "euler",
+        &["--precision", "bf16"],
+    );
+    assert_eq!(json["precision"], "fp32");
+    let warnings = json["warnings"].as_array().unwrap();
+    assert!(
+        warnings.iter().any(|w| {
+            let w = w.as_str().unwrap();
+            w.contains("bf16 was requested") && w.contains("fp32")
+        }),
+        "{warnings:?}"
+    );
+}
+
 /// Issue 3: the stochastic Euler ancestral sampler draws its per-step noise
 /// from the seeded generator in diffusers' order.
 #[test]
