@@ -147,6 +147,61 @@ impl StagePeakMeter {
     }
 }
 
+/// The CPU's model name and the instruction sets among those that matter
+/// to the kernels (`/proc/cpuinfo`'s first processor; `None` elsewhere).
+fn cpu_description() -> Option<(String, Vec<&'static str>)> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let model = field("model name").unwrap_or_else(|| "unknown".into());
+    let flags = field("flags").unwrap_or_default();
+    let has: Vec<&str> = flags.split_whitespace().collect();
+    let sets = [
+        ("avx2", "AVX2"),
+        ("fma", "FMA"),
+        ("f16c", "F16C"),
+        ("avx512f", "AVX-512F"),
+        ("avx512_vnni", "AVX512-VNNI"),
+        ("avx512_bf16", "AVX512-BF16"),
+        ("avx_vnni", "AVX-VNNI"),
+        ("amx_tile", "AMX-TILE"),
+        ("amx_bf16", "AMX-BF16"),
+        ("amx_int8", "AMX-INT8"),
+    ]
+    .into_iter()
+    .filter(|(flag, _)| has.contains(flag))
+    .map(|(_, name)| name)
+    .collect();
+    Some((model, sets))
+}
+
+/// The instruction set the f32 matrix products run on: the `gemm` crate's
+/// micro-kernels, chosen at run time.
+fn f32_kernel_isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "AVX-512F";
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            return "AVX2 + FMA";
+        }
+        "SSE2"
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        "NEON"
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "portable"
+    }
+}
+
 fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
@@ -295,16 +350,41 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     println!("| --- | --- |");
     println!("| {} effective | {effective:.1} |", family.denoiser_name());
     if !args.no_peak {
-        for (label, dtype) in [("f32", DType::F32), ("bf16", DType::BF16)] {
-            match measure_matmul_gflops(dtype, 2048, 3) {
-                Ok(peak) => println!(
-                    "| machine {label} matmul peak (2048³) | {peak:.1} ({:.0} % used by the {}) |",
-                    100.0 * effective / peak,
-                    family.denoiser_name()
-                ),
-                Err(e) => println!("| machine {label} matmul peak | unavailable: {e} |"),
-            }
+        match measure_matmul_gflops(DType::F32, 2048, 3) {
+            Ok(peak) => println!(
+                "| machine f32 matmul peak (2048³, {}) | {peak:.1} ({:.0} % used by the {}) |",
+                f32_kernel_isa(),
+                100.0 * effective / peak,
+                family.denoiser_name()
+            ),
+            Err(e) => println!("| machine f32 matmul peak | unavailable: {e} |"),
+        }
+        // candle's bf16 matmul widens to f32: its figure is not the CPU's
+        // bf16 peak, and easel has no bf16 compute mode to compare with it.
+        match measure_matmul_gflops(DType::BF16, 2048, 3) {
+            Ok(peak) => println!(
+                "| candle bf16 matmul (2048³; widens to f32, not the CPU's bf16 instructions) | {peak:.1} |"
+            ),
+            Err(e) => println!("| candle bf16 matmul | unavailable: {e} |"),
         }
     }
+    println!();
+    match cpu_description() {
+        Some((model, sets)) => {
+            println!(
+                "cpu: {model}; {} threads",
+                easel_diffusion::models::kernels::num_threads()
+            );
+            println!("instruction sets: {}", sets.join(", "));
+        }
+        None => println!(
+            "cpu: unknown; {} threads",
+            easel_diffusion::models::kernels::num_threads()
+        ),
+    }
+    println!(
+        "computed: f32 (matrix products on {}); weights widened per layer from their stored type",
+        f32_kernel_isa()
+    );
     Ok(ExitCode::SUCCESS)
 }

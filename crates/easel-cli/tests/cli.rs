@@ -1084,6 +1084,18 @@ fn bench_random_weights_runs_a_flux_model() {
         "{out}"
     );
     assert!(out.contains("| transformer call (mean;"), "{out}");
+    // Per-stage memory (Linux: reset through /proc/self/clear_refs) and
+    // what the run computed on.
+    for stage in ["model load", "text encoding", "denoising", "VAE decode"] {
+        assert!(
+            out.lines().any(|l| l.starts_with(&format!("| {stage} | "))
+                && l.ends_with(" |")
+                && l.matches('|').count() == 4),
+            "{stage}: {out}"
+        );
+    }
+    assert!(out.contains("\ncpu: "), "{out}");
+    assert!(out.contains("\ncomputed: f32"), "{out}");
 }
 
 /// The AUTOMATIC1111 `parameters` text of a JPEG or WebP file, read with
