@@ -170,6 +170,47 @@ impl ModelTarget {
     }
 }
 
+/// The keys of a `[models]` table entry ([`ModelTarget::Entry`]).
+pub const MODEL_ENTRY_KEYS: &[&str] = &[
+    "path",
+    "config",
+    "prediction_type",
+    "unet",
+    "transformer",
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "quantize",
+    "offload_t5",
+];
+
+/// Refuse an unknown key in a `[models]` table entry, naming the entry, the
+/// key and the allowed keys. (The entry is an untagged enum variant, which
+/// serde would accept with the key silently dropped: a misspelt
+/// `quantise = "q4_0"` would load the model unquantized.)
+fn check_model_entry_keys(
+    table: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), ConfigError> {
+    let Some(serde_json::Value::Object(models)) = table.get("models") else {
+        return Ok(());
+    };
+    for (name, entry) in models {
+        let serde_json::Value::Object(entry) = entry else {
+            continue;
+        };
+        if let Some(key) = entry
+            .keys()
+            .find(|k| !MODEL_ENTRY_KEYS.contains(&k.as_str()))
+        {
+            return Err(ConfigError(format!(
+                "models.{name}: unknown key `{key}`; allowed: {}",
+                MODEL_ENTRY_KEYS.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl From<String> for ModelTarget {
     fn from(reference: String) -> Self {
         ModelTarget::Reference(reference)
@@ -453,6 +494,7 @@ impl Config {
                 .map_err(|e| ConfigError(format!("environment variable {name}: {e}")))?;
             table.insert(key, parsed);
         }
+        check_model_entry_keys(&table)?;
         let config: Config = serde_path_to_error::deserialize(serde_json::Value::Object(table))
             .map_err(|e| ConfigError(format!("configuration key `{}`: {}", e.path(), e.inner())))?;
         config.check()?;
@@ -815,6 +857,18 @@ mod tests {
             Some("org/flux [quantize=q4_0, offload_t5]")
         );
         assert_eq!(key("plain"), None);
+        // A misspelt key is refused, not dropped.
+        std::fs::write(
+            &file,
+            "[models]\nschnell = { path = \"org/flux\", quantise = \"q4_0\" }\n",
+        )
+        .unwrap();
+        let e = Config::load(Some(&file), []).unwrap_err();
+        assert!(
+            e.0.contains("models.schnell: unknown key `quantise`")
+                && e.0.contains("quantize, offload_t5"),
+            "{e}"
+        );
         std::fs::write(
             &file,
             "[models]\nschnell = { path = \"org/flux\", offload_t5 = \"yes\" }\n",
