@@ -79,52 +79,95 @@ impl ResnetBlock2D {
 
     /// `x`: `(batch, in, h, w)`, `temb`: `(batch, temb_channels)` → `(batch, out, h, w)`.
     ///
-    /// Each `conv(act(norm(h)))` runs with the norm fused into the
-    /// convolution's input ([`Conv2d::forward_after`]) and, on the CPU
-    /// kernels, the residual is added into `conv2`'s output in place, so the
-    /// block's transients are its input, `conv1`'s output and `conv2`'s
-    /// (plus the shortcut's), not also the normalised copies and the sum.
+    /// On the CPU kernels the block holds one tensor besides its input:
+    /// `conv1` reads `act(norm1(x))` as it goes ([`Conv2d::forward_after`]),
+    /// the time embedding is added in place, `conv2` writes over `conv1`'s
+    /// output ([`Conv2d::forward_in_place`], Winograd layers) and the
+    /// shortcut is added into it ([`Conv2d::add_into`]). Same values as the
+    /// separate operations (the shortcut's product summed in column chunks).
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self
-            .conv1
-            .forward_after(x, ConvPrologue::Norm(&self.norm1, self.act))?;
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = proj
-                .forward(&self.act.forward(temb)?)?
-                .unsqueeze(2)?
-                .unsqueeze(3)?;
-            h = h.broadcast_add(&t)?;
-        }
+        let norm1 = ConvPrologue::Norm(&self.norm1, self.act);
         let norm2 = ConvPrologue::Norm(&self.norm2, self.act);
-        let shortcut = |x: &Tensor| -> Result<Tensor> {
-            match &self.conv_shortcut {
-                Some(c) => c.forward(x),
-                None => Ok(x.clone()),
-            }
+        let temb = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => Some(proj.forward(&self.act.forward(temb)?)?),
+            _ => None,
         };
-        if let Some((mut out, dims)) = self.conv2.forward_after_vec(&h, norm2)? {
-            drop(h);
-            let shortcut = shortcut(x)?;
-            // `shortcut + h` (then `/ output_scale_factor`, as candle's
-            // tensor-by-scalar division: times the reciprocal), in place.
-            let mul = (1.0 / self.output_scale_factor) as f32;
-            let scaled = self.output_scale_factor != 1.0;
-            kernels::with_f32(&shortcut, |s| {
-                out.par_chunks_mut(1 << 14)
-                    .zip(s.par_chunks(1 << 14))
-                    .for_each(|(o, s)| {
-                        for (o, &v) in o.iter_mut().zip(s) {
-                            *o += v;
-                            if scaled {
-                                *o = *o * mul + 0.0;
-                            }
-                        }
+        let Some((mut h, dims)) = self.conv1.forward_after_vec(x, norm1)? else {
+            return self.forward_unfused(x, temb);
+        };
+        if let Some(t) = &temb {
+            // `h + t` per (image, channel) plane, in place; a time embedding
+            // of batch 1 applies to every image (as broadcast_add).
+            let [batch, channels, hh, ww] = dims;
+            let (tb, tc) = t.dims2()?;
+            if tc != channels || (tb != batch && tb != 1) {
+                return Err(crate::error::Error::invalid(
+                    "resnet",
+                    format!("time embedding {tb}x{tc} does not fit a {batch}x{channels} input"),
+                ));
+            }
+            kernels::with_f32(t, |t| {
+                h.par_chunks_mut(hh * ww)
+                    .enumerate()
+                    .for_each(|(p, plane)| {
+                        let tv = t[p % t.len()];
+                        plane.iter_mut().for_each(|v| *v += tv)
                     })
             })?;
-            return kernels::tensor(out, &dims);
         }
-        let h = self.conv2.forward(&norm2.apply(&h)?)?;
-        let out = (shortcut(x)? + h)?;
+        if !self
+            .conv2
+            .forward_in_place(&mut h, dims, Some((&self.norm2, self.act)))?
+        {
+            let t = kernels::tensor(h, &dims)?;
+            h = match self.conv2.forward_after_vec(&t, norm2)? {
+                Some((y, _)) => y,
+                None => {
+                    kernels::with_f32(&self.conv2.forward(&norm2.apply(&t)?)?, <[f32]>::to_vec)?
+                }
+            };
+        }
+        // `shortcut + h`, in place.
+        let added = match &self.conv_shortcut {
+            Some(c) => c.add_into(&mut h, x)?,
+            None => false,
+        };
+        if !added {
+            let shortcut = match &self.conv_shortcut {
+                Some(c) => c.forward(x)?,
+                None => x.clone(),
+            };
+            kernels::with_f32(&shortcut, |s| {
+                h.par_chunks_mut(1 << 14)
+                    .zip(s.par_chunks(1 << 14))
+                    .for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(o, &v)| *o += v))
+            })?;
+        }
+        if self.output_scale_factor != 1.0 {
+            // As candle's tensor-by-scalar division: times the reciprocal.
+            let mul = (1.0 / self.output_scale_factor) as f32;
+            h.par_iter_mut().for_each(|v| *v = *v * mul + 0.0);
+        }
+        kernels::tensor(h, &dims)
+    }
+
+    /// [`ResnetBlock2D::forward`] one operation after the other (tensors
+    /// the CPU kernels do not take); `temb` already projected.
+    fn forward_unfused(&self, x: &Tensor, temb: Option<Tensor>) -> Result<Tensor> {
+        let mut h = self
+            .conv1
+            .forward(&ConvPrologue::Norm(&self.norm1, self.act).apply(x)?)?;
+        if let Some(t) = temb {
+            h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+        }
+        let h = self
+            .conv2
+            .forward(&ConvPrologue::Norm(&self.norm2, self.act).apply(&h)?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (shortcut + h)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {

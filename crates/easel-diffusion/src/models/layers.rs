@@ -298,6 +298,79 @@ impl Conv2d {
         Ok(Some(y))
     }
 
+    /// `buf = self(act(norm(buf)))` in place, for a 3×3 layer with as many
+    /// output as input channels on the Winograd kernel
+    /// ([`kernels::conv3x3_winograd_in_place`]); `buf` is `dims` =
+    /// `(batch, channels, h, w)`. Returns `false`, with `buf` untouched, where
+    /// that kernel does not apply (another kernel or layer shape, a circular
+    /// padding scope, an activation other than SiLU).
+    pub(crate) fn forward_in_place(
+        &self,
+        buf: &mut [f32],
+        dims: [usize; 4],
+        norm: Option<(&GroupNorm, Activation)>,
+    ) -> Result<bool> {
+        let (co, in_c, k) = self.dims;
+        let [b, c, h, w] = dims;
+        let applies = self.fast
+            && k == 3
+            && c == in_c
+            && co == in_c
+            && buf.len() == b * c * h * w
+            && kernels::conv3x3_prefers_winograd(in_c, co)
+            && !circular_padding_active()
+            && norm.is_none_or(|(n, act)| act == Activation::Silu && !n.gamma.is_empty());
+        if !applies {
+            return Ok(false);
+        }
+        let affine = match norm {
+            Some((n, _)) => Some(timed(5, || {
+                kernels::group_norm_affine(buf, c, h * w, n.groups, n.eps, &n.gamma, &n.beta)
+            })),
+            None => None,
+        };
+        count_flops(2 * b * co * h * w * in_c * k * k);
+        timed(0, || {
+            self.weight.with_f32(|wd| {
+                kernels::conv3x3_winograd_in_place(
+                    buf,
+                    b,
+                    c,
+                    h,
+                    w,
+                    affine.as_deref().map(|a| (a, true)),
+                    wd,
+                    &self.bias_f32,
+                )
+            })
+        })?;
+        Ok(true)
+    }
+
+    /// `dst += self(x)` for a 1×1 layer on the CPU kernels
+    /// ([`kernels::conv1x1_add_into`]): a residual shortcut added without
+    /// holding its output whole. `dst` is `(batch, out, h, w)`. Returns
+    /// `false`, with `dst` untouched, where that kernel does not apply.
+    pub(crate) fn add_into(&self, dst: &mut [f32], x: &Tensor) -> Result<bool> {
+        let (co, in_c, k) = self.dims;
+        if !(self.fast && k == 1 && kernels::applies(x) && x.rank() == 4) {
+            return Ok(false);
+        }
+        let (b, ci, h, w) = x.dims4()?;
+        if ci != in_c || dst.len() != b * co * h * w {
+            return Ok(false);
+        }
+        count_flops(2 * b * co * h * w * in_c);
+        timed(1, || {
+            self.weight.with_f32(|wd| {
+                kernels::with_f32(x, |xd| {
+                    kernels::conv1x1_add_into(dst, xd, b, ci, h * w, wd, &self.bias_f32, co)
+                })
+            })
+        })??;
+        Ok(true)
+    }
+
     /// [`Conv2d::forward`] with circular padding.
     fn forward_circular(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
