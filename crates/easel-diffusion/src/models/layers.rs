@@ -323,12 +323,11 @@ impl Conv2d {
         if !applies {
             return Ok(false);
         }
-        let affine = match norm {
-            Some((n, _)) => Some(timed(5, || {
+        let affine = norm.map(|(n, _)| {
+            timed(5, || {
                 kernels::group_norm_affine(buf, c, h * w, n.groups, n.eps, &n.gamma, &n.beta)
-            })),
-            None => None,
-        };
+            })
+        });
         count_flops(2 * b * co * h * w * in_c * k * k);
         timed(0, || {
             self.weight.with_f32(|wd| {
