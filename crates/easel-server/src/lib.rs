@@ -40,6 +40,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod error_shape;
+pub mod family_defaults;
 pub mod fetch;
 pub mod flows;
 pub mod http;

@@ -146,6 +146,9 @@ pub struct GenerationRecord {
     pub attempts: i64,
     /// Progress while running.
     pub progress: Option<Progress>,
+    /// While queued: its place in the queue (1 = next), counting the jobs
+    /// of every key accepted before it; `null` otherwise.
+    pub queue_position: Option<i64>,
     /// Images finished, of `images_total`.
     pub images_done: i64,
     /// Images of the job (sum of batch sizes).
@@ -219,6 +222,7 @@ impl GenerationRecord {
             } else {
                 None
             },
+            queue_position: None,
             images_done: assets.len() as i64,
             images_total: g.images_total,
             images,

@@ -23,6 +23,7 @@ pub mod openapi;
 pub mod ops;
 pub mod packs;
 pub mod trainings;
+pub mod ui;
 pub mod usage;
 
 /// The router: public operational routes, the file route (capability
@@ -44,7 +45,10 @@ pub fn router(state: AppState) -> Router {
             post(generations::cancel_generation),
         )
         .route("/v1/assets", get(assets::list_assets))
-        .route("/v1/assets/{id}", get(assets::get_asset))
+        .route(
+            "/v1/assets/{id}",
+            get(assets::get_asset).delete(assets::delete_asset),
+        )
         .route("/v1/assets/{id}/file", get(assets::get_asset_file))
         .route("/v1/models", get(models::list_models))
         .route(
@@ -85,6 +89,8 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/docs", get(openapi::docs_page))
+        .route("/", get(ui::index))
+        .route("/ui/{name}", get(ui::ui_file))
         .route("/v1/files/{name}", get(assets::get_file))
         .merge(authed)
         .fallback(not_found)

@@ -19,6 +19,7 @@ use utoipa::{Modify, OpenApi};
 use super::openai::ImagesRequest;
 use crate::error::{ErrorBody, ErrorDetail};
 use crate::job::{ItemStatus, JobError, JobStatus, Progress, ResolvedLora, ResolvedParameters};
+use crate::family_defaults::FamilyDefaults;
 use crate::models::ModelEntry;
 use crate::views::{
     AssetRecord, Cost, GenerationRecord, GenerationRequestDoc, ImageResult, JobLinks, PackRecord,
@@ -62,6 +63,7 @@ impl Modify for BearerAuth {
         super::generations::generation_events,
         super::assets::list_assets,
         super::assets::get_asset,
+        super::assets::delete_asset,
         super::assets::get_asset_file,
         super::assets::get_file,
         super::models::list_models,
@@ -90,6 +92,7 @@ impl Modify for BearerAuth {
         GenerationRequestDoc, PackRequestDoc, ImageDefinition, LoraRef, GenerationRecord,
         ImageResult, AssetRecord, Cost, JobLinks, JobStatus, ItemStatus, JobError, Progress,
         ResolvedParameters, ResolvedLora, TrainingRecord, PackRecord, UsageRecord, ModelEntry,
+        FamilyDefaults,
         ErrorBody, ErrorDetail, ImagesRequest, super::flows::FlowRecord,
     )),
     modifiers(&BearerAuth),

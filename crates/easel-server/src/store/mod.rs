@@ -34,7 +34,7 @@ mod trainings;
 mod usage;
 mod webhooks;
 
-pub use assets::AssetRow;
+pub use assets::{AssetFilter, AssetRow};
 pub use flows::{FlowRow, FlowRunRow};
 pub use jobs::{GenerationRow, ItemRow, NewGeneration, Recovery};
 pub use keys::KeyRow;
