@@ -1,0 +1,398 @@
+// The page at / in a real browser (Debian's chromium via playwright-core)
+// against a real `easel serve` on the tiny fixture models. Run by
+// tools/ui-e2e.sh; every test fails (none skips) when chromium or the
+// server cannot start. Requests leave the browser only for the server's
+// loopback address (anything else is aborted and fails the test).
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+import { startServer, REPO } from './server.mjs';
+
+const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
+const SHOTS = process.env.UI_SCREENSHOT_DIR ?? null;
+const T = 60_000;
+
+let server;
+let browser;
+const offLoopback = [];
+const pageErrors = [];
+
+async function newPage({ width = 1280, height = 900, key = server.key, target = server } = {}) {
+  const context = await browser.newContext({ viewport: { width, height } });
+  await context.route('**/*', (route) => {
+    const u = new URL(route.request().url());
+    if (u.hostname === '127.0.0.1' || u.protocol === 'data:' || u.protocol === 'blob:') return route.continue();
+    offLoopback.push(u.href);
+    return route.abort();
+  });
+  if (key) await context.addInitScript((k) => localStorage.setItem('easel.apiKey', k), key);
+  const page = await context.newPage();
+  page.on('pageerror', (e) => pageErrors.push(String(e)));
+  page.on('dialog', (d) => d.accept());
+  await page.goto(target.url + '/');
+  return page;
+}
+
+async function ready(page) {
+  await page.locator('body[data-ready="true"]').waitFor({ timeout: T });
+}
+
+async function jobStatus(page, id, status) {
+  await page.locator(`li.job[data-job="${id}"][data-status="${status}"]`).waitFor({ timeout: T });
+}
+
+/** Fill the form with `v` (ids of the page's controls). */
+async function fillForm(page, v) {
+  await page.selectOption('#f-model', v.model);
+  await page.fill('#f-prompt', v.prompt);
+  if (v.negative !== undefined) await page.fill('#f-negative', v.negative);
+  await page.fill('#f-width', String(v.width));
+  await page.fill('#f-height', String(v.height));
+  await page.fill('#f-steps', String(v.steps));
+  if (v.guidance !== undefined) await page.fill('#f-guidance', String(v.guidance));
+  if (v.scheduler !== undefined) await page.selectOption('#f-scheduler', v.scheduler);
+  if (v.seed !== undefined) {
+    await page.selectOption('#f-seed-mode', 'fixed');
+    await page.fill('#f-seed', String(v.seed));
+  }
+  if (v.format !== undefined) await page.selectOption('#f-format', v.format);
+}
+
+/** Submit with Ctrl+Enter and return the new job's id (from the API answer). */
+async function submit(page) {
+  const answer = page.waitForResponse((r) => r.url().endsWith('/v1/generations') && r.request().method() === 'POST');
+  await page.locator('#f-prompt').press('Control+Enter');
+  const r = await answer;
+  const body = await r.json();
+  assert.equal(r.status(), 202, JSON.stringify(body));
+  return body.id;
+}
+
+async function shot(page, name) {
+  if (!SHOTS) return;
+  mkdirSync(SHOTS, { recursive: true });
+  await page.screenshot({ path: join(SHOTS, `${name}.png`), fullPage: false });
+}
+
+before(async () => {
+  server = await startServer();
+  browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ['--no-sandbox'] });
+});
+
+after(async () => {
+  await browser?.close();
+  await server?.stop();
+  assert.deepEqual(offLoopback, [], 'the page requested something off loopback');
+  assert.deepEqual(pageErrors, [], 'uncaught errors in the page');
+});
+
+test('a wrong key is refused with a clear message, the right one signs in and can be forgotten', async () => {
+  const page = await newPage({ key: null });
+  await page.locator('#signin').waitFor({ timeout: T });
+  assert.equal(await page.locator('#page-generate').isHidden(), true);
+  await page.fill('#api-key', 'esk_wrongwrongwrong');
+  await page.click('#signin-form button[type=submit]');
+  await page.locator('#signin-error', { hasText: 'refused' }).waitFor({ timeout: T });
+  assert.match(await page.textContent('#signin-error'), /This key was refused: invalid or revoked API key/);
+  assert.equal(await page.evaluate(() => localStorage.getItem('easel.apiKey')), null);
+
+  await page.fill('#api-key', server.key);
+  await page.click('#signin-form button[type=submit]');
+  await ready(page);
+  assert.equal(await page.locator('#page-generate').isVisible(), true);
+  assert.equal(await page.evaluate(() => localStorage.getItem('easel.apiKey')), server.key);
+  // The models came from the API with the key.
+  const options = await page.locator('#f-model option').allTextContents();
+  assert.ok(options.some((o) => o.startsWith('tiny-sd15')), options.join(', '));
+
+  await page.reload();
+  await ready(page);
+  await page.click('#sign-out');
+  await page.locator('#signin').waitFor({ timeout: T });
+  assert.equal(await page.evaluate(() => localStorage.getItem('easel.apiKey')), null);
+  await page.context().close();
+});
+
+test('with --no-auth the page asks for no key', async () => {
+  const open = await startServer({ noAuth: true });
+  try {
+    const page = await newPage({ key: null, target: open });
+    await ready(page);
+    assert.equal(await page.locator('#signin').isHidden(), true);
+    assert.equal(await page.locator('#sign-out').isHidden(), true);
+    await page.context().close();
+  } finally {
+    await open.stop();
+  }
+});
+
+test('each family fills its defaults and hides what does not apply', async () => {
+  const page = await newPage();
+  await ready(page);
+  await page.selectOption('#f-model', 'tiny-sd15');
+  assert.equal(await page.inputValue('#f-steps'), '25');
+  assert.equal(await page.inputValue('#f-guidance'), '7.5');
+  assert.equal(await page.locator('#f-negative').isVisible(), true);
+  assert.ok((await page.locator('#f-scheduler option').allTextContents()).includes('euler'));
+  await page.selectOption('#f-model', 'tiny-flux-dev');
+  assert.equal(await page.locator('#f-negative').isVisible(), false);
+  assert.equal(await page.inputValue('#f-steps'), '');
+  const flux = await page.locator('#f-scheduler option').allTextContents();
+  assert.ok(flux.includes('flow_match_euler') && !flux.includes('euler'), flux.join(', '));
+  await page.context().close();
+});
+
+const GEN = {
+  model: 'tiny-sd15', prompt: 'a lighthouse at dusk, e2e', negative: 'blurry', width: 64, height: 48,
+  steps: 4, guidance: 6.5, scheduler: 'euler', seed: 1234, format: 'png',
+};
+let firstJob;
+
+test('generate an image and see it in the gallery with its parameters', async () => {
+  const page = await newPage();
+  await ready(page);
+  await fillForm(page, GEN);
+  firstJob = await submit(page);
+  await jobStatus(page, firstJob, 'succeeded');
+  await page.locator(`li.job[data-job="${firstJob}"] .thumbs img`).waitFor({ timeout: T });
+
+  const { json: record } = await server.api('GET', `/v1/generations/${firstJob}`);
+  const requested = record.images[0].requested;
+  assert.equal(requested.prompt, GEN.prompt);
+  assert.equal(requested.negativePrompt, GEN.negative);
+  assert.equal(requested.width, GEN.width);
+  assert.equal(requested.steps, GEN.steps);
+  assert.equal(requested.scheduler, GEN.scheduler);
+  assert.equal(requested.seed, GEN.seed);
+
+  await page.click('nav a[data-page=gallery]');
+  const tile = page.locator('#gallery-grid li button').first();
+  await tile.waitFor({ timeout: T });
+  await tile.click();
+  await page.locator('#detail[open]').waitFor({ timeout: T });
+  const param = async (name) => page.textContent(`#detail-params td[data-param="${name}"]`);
+  assert.equal(await param('prompt'), GEN.prompt);
+  assert.equal(await param('negativePrompt'), GEN.negative);
+  assert.equal(await param('steps'), '4');
+  assert.equal(await param('guidanceScale'), '6.5');
+  assert.equal(await param('width'), '64');
+  assert.equal(await param('height'), '48');
+  assert.equal(await param('seed'), '1234');
+  assert.equal(await param('scheduler'), 'EulerDiscreteScheduler');
+  assert.equal(await param('baseModel'), 'tiny-sd15');
+  assert.equal(await param('outputFormat'), 'png');
+  assert.match(await param('file_url'), /\/v1\/files\/[0-9a-f]{64}\.png$/);
+  await page.context().close();
+});
+
+test('the gallery filters by prompt text and model', async () => {
+  const page = await newPage();
+  await ready(page);
+  await page.goto(server.url + '/#gallery');
+  await page.locator('#gallery-grid li').first().waitFor({ timeout: T });
+  const count = () => page.locator('#gallery-grid li').count();
+  await page.fill('#g-prompt', 'LIGHTHOUSE');
+  await page.click('#gallery-filter button[type=submit]');
+  await page.locator('#gallery-grid li').first().waitFor({ timeout: T });
+  assert.equal(await count(), 1);
+  await page.fill('#g-prompt', 'no such prompt');
+  await page.click('#gallery-filter button[type=submit]');
+  await page.locator('#gallery-empty').waitFor({ state: 'visible', timeout: T });
+  assert.equal(await count(), 0);
+  await page.fill('#g-prompt', '');
+  await page.selectOption('#g-model', 'tiny-sdxl');
+  await page.click('#gallery-filter button[type=submit]');
+  await page.locator('#gallery-empty').waitFor({ state: 'visible', timeout: T });
+  await page.selectOption('#g-model', 'tiny-sd15');
+  await page.click('#gallery-filter button[type=submit]');
+  await page.locator('#gallery-grid li').first().waitFor({ timeout: T });
+  assert.equal(await count(), 1);
+  await page.context().close();
+});
+
+test('reuse parameters gives the same form values', async () => {
+  const page = await newPage();
+  await ready(page);
+  await page.goto(server.url + '/#gallery');
+  await page.locator('#gallery-grid li button').first().click();
+  await page.locator('#detail[open]').waitFor({ timeout: T });
+  await page.click('#d-reuse');
+  await page.locator('#page-generate').waitFor({ timeout: T });
+  assert.equal(await page.inputValue('#f-model'), GEN.model);
+  assert.equal(await page.inputValue('#f-prompt'), GEN.prompt);
+  assert.equal(await page.inputValue('#f-negative'), GEN.negative);
+  assert.equal(await page.inputValue('#f-width'), String(GEN.width));
+  assert.equal(await page.inputValue('#f-height'), String(GEN.height));
+  assert.equal(await page.inputValue('#f-steps'), String(GEN.steps));
+  assert.equal(await page.inputValue('#f-guidance'), String(GEN.guidance));
+  assert.equal(await page.inputValue('#f-scheduler'), GEN.scheduler);
+  assert.equal(await page.inputValue('#f-seed-mode'), 'fixed');
+  assert.equal(await page.inputValue('#f-seed'), String(GEN.seed));
+  assert.equal(await page.inputValue('#f-format'), GEN.format);
+  await page.context().close();
+});
+
+test('a bad width shows the API\'s message at the width field', async () => {
+  const page = await newPage();
+  await ready(page);
+  await fillForm(page, { ...GEN, width: 1001 });
+  const answer = page.waitForResponse((r) => r.url().endsWith('/v1/generations'));
+  await page.click('#generate-btn');
+  const r = await answer;
+  assert.equal(r.status(), 422);
+  const error = (await r.json()).error;
+  assert.equal(error.field, 'images[0].width');
+  const shown = page.locator('[data-field="width"] .field-error');
+  await shown.waitFor({ timeout: T });
+  assert.equal(await shown.textContent(), error.message);
+  assert.match(error.message, /1001/);
+  assert.equal(await page.getAttribute('#f-width', 'aria-invalid'), 'true');
+  // Fixing it clears the message on the next submit.
+  await page.fill('#f-width', '64');
+  const id = await submit(page);
+  assert.equal(await page.locator('[data-field="width"] .field-error').count(), 0);
+  await jobStatus(page, id, 'succeeded');
+  await page.context().close();
+});
+
+test('a running slow job shows progress, the next its queue place, and both cancel', async () => {
+  const page = await newPage();
+  await ready(page);
+  const slow = { ...GEN, width: 512, height: 512, steps: 60, format: 'webp' };
+  await fillForm(page, slow);
+  const running = await submit(page);
+  const queued = await submit(page);
+  const runLi = page.locator(`li.job[data-job="${running}"]`);
+  await runLi.locator('.status-text', { hasText: /step \d+ of 60/ }).waitFor({ timeout: T });
+  const queuedLi = page.locator(`li.job[data-job="${queued}"]`);
+  await queuedLi.locator('.status-text', { hasText: 'place 1 in the queue' }).waitFor({ timeout: T });
+
+  await queuedLi.getByRole('button', { name: /Cancel/ }).click();
+  await jobStatus(page, queued, 'canceled');
+  await runLi.getByRole('button', { name: /Cancel/ }).click();
+  await jobStatus(page, running, 'canceled');
+  for (const id of [running, queued]) {
+    const { json } = await server.api('GET', `/v1/generations/${id}`);
+    assert.equal(json.status, 'canceled');
+  }
+  await page.context().close();
+});
+
+test('an uploaded init image and a painted mask are submitted with the job', async () => {
+  const page = await newPage();
+  await ready(page);
+  await fillForm(page, { ...GEN, prompt: 'inpaint e2e', width: 64, height: 64 });
+  await page.click('#init-card summary');
+  await page.setInputFiles('#f-init-file', join(REPO, 'tests/fixtures/generated/init_image.png'));
+  await page.locator('#init-panel').waitFor({ state: 'visible', timeout: T });
+  await page.check('#mask-on');
+  await page.fill('#f-strength', '0.75');
+  const canvas = page.locator('#painter canvas');
+  const box = await canvas.boundingBox();
+  await page.mouse.move(box.x + box.width * 0.2, box.y + box.height * 0.3);
+  await page.mouse.down();
+  await page.mouse.move(box.x + box.width * 0.5, box.y + box.height * 0.3, { steps: 5 });
+  await page.mouse.up();
+  const id = await submit(page);
+  await jobStatus(page, id, 'succeeded');
+
+  const { json: record } = await server.api('GET', `/v1/generations/${id}`);
+  const requested = record.images[0].requested;
+  assert.equal(requested.strength, 0.75);
+  assert.ok(requested.image && requested.mask, JSON.stringify(requested));
+  assert.equal(record.images[0].parameters.task ?? 'inpaint', 'inpaint');
+  const { json: mask } = await server.api('GET', `/v1/assets/${requested.mask}`);
+  assert.equal(mask.kind, 'input');
+  assert.equal(mask.width, 64);
+  // The stored mask is white where the stroke went, black elsewhere.
+  const [white, black] = await page.evaluate(async (url) => {
+    const img = new Image();
+    img.src = url;
+    await img.decode();
+    const c = new OffscreenCanvas(img.width, img.height);
+    const ctx = c.getContext('2d');
+    ctx.drawImage(img, 0, 0);
+    const d = ctx.getImageData(0, 0, img.width, img.height).data;
+    const at = (x, y) => d[(y * img.width + x) * 4];
+    return [at(Math.round(img.width * 0.35), Math.round(img.height * 0.3)), at(5, img.height - 5)];
+  }, mask.file_url);
+  assert.equal(white, 255);
+  assert.equal(black, 0);
+  await page.context().close();
+});
+
+test('dropping an easel PNG on the form fills it from its parameters text', async () => {
+  const { json: record } = await server.api('GET', `/v1/generations/${firstJob}`);
+  const bytes = Buffer.from(await (await fetch(record.assets[0].file_url)).arrayBuffer());
+  const page = await newPage();
+  await ready(page);
+  await page.fill('#f-prompt', '');
+  const dt = await page.evaluateHandle((b64) => {
+    const raw = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const t = new DataTransfer();
+    t.items.add(new File([raw], 'easel.png', { type: 'image/png' }));
+    return t;
+  }, bytes.toString('base64'));
+  await page.dispatchEvent('#f-prompt', 'drop', { dataTransfer: dt });
+  await page.waitForFunction(() => document.getElementById('f-prompt').value !== '', null, { timeout: T });
+  assert.equal(await page.inputValue('#f-prompt'), GEN.prompt);
+  assert.equal(await page.inputValue('#f-negative'), GEN.negative);
+  assert.equal(await page.inputValue('#f-steps'), '4');
+  assert.equal(await page.inputValue('#f-guidance'), '6.5');
+  assert.equal(await page.inputValue('#f-seed'), '1234');
+  assert.equal(await page.inputValue('#f-width'), '64');
+  assert.equal(await page.inputValue('#f-height'), '48');
+  assert.equal(await page.inputValue('#f-scheduler'), 'euler');
+  await page.context().close();
+});
+
+test('screenshots at phone and desktop width; delete from the gallery', async () => {
+  for (const [name, width, height] of [['phone', 390, 844], ['desktop', 1280, 900]]) {
+    const page = await newPage({ width, height });
+    await ready(page);
+    await fillForm(page, { ...GEN, width: 64, height: 64 });
+    await page.locator('li.job .thumbs img').first().waitFor({ timeout: T });
+    await shot(page, `generate-${name}`);
+    await page.goto(server.url + '/#gallery');
+    await page.locator('#gallery-grid li img').first().waitFor({ timeout: T });
+    await page.waitForFunction(() => [...document.querySelectorAll('#gallery-grid img')].every((i) => i.complete));
+    await shot(page, `gallery-${name}`);
+    if (name === 'desktop') {
+      await page.locator('#gallery-grid li button').first().click();
+      await page.locator('#detail[open]').waitFor({ timeout: T });
+      await page.waitForFunction(() => document.getElementById('detail-img').complete);
+      await shot(page, 'detail-desktop');
+      await page.keyboard.press('Escape');
+    }
+    await page.context().close();
+  }
+  const page = await newPage();
+  await ready(page);
+  await page.goto(server.url + '/#gallery');
+  const before = await server.api('GET', '/v1/assets?limit=100');
+  await page.locator('#gallery-grid li button').first().click();
+  await page.locator('#detail[open]').waitFor({ timeout: T });
+  const id = (await page.textContent('#detail-params td[data-param="asset id"]')).trim();
+  await page.click('#d-delete');
+  await page.locator('#detail:not([open])').waitFor({ state: 'attached', timeout: T });
+  const { status } = await server.api('GET', `/v1/assets/${id}`);
+  assert.equal(status, 404);
+  const afterList = await server.api('GET', '/v1/assets?limit=100');
+  assert.equal(afterList.json.data.length, before.json.data.length - 1);
+  await page.context().close();
+});
+
+test('usage shows the key\'s ledger sums', async () => {
+  const page = await newPage();
+  await ready(page);
+  await page.goto(server.url + '/#usage');
+  const used = page.locator('#usage dd[data-usage="Inferences billed"]');
+  await used.waitFor({ timeout: T });
+  const { json } = await server.api('GET', '/v1/usage');
+  assert.match(await used.textContent(), new RegExp(`^${json.inferences_billed} `));
+  await page.context().close();
+});
+
