@@ -32,8 +32,8 @@ use easel_diffusion::loader::{
 
 use crate::config::{Config, EngineKind};
 use crate::engine::{resolve_options, FAKE_PIPELINE};
-use crate::job::ModelSpec;
 use crate::family_defaults::FamilyDefaults;
+use crate::job::ModelSpec;
 use easel_diffusion::loader::ModelFamily;
 
 /// Why a reference was refused.

@@ -18,8 +18,8 @@ use utoipa::{Modify, OpenApi};
 
 use super::openai::ImagesRequest;
 use crate::error::{ErrorBody, ErrorDetail};
-use crate::job::{ItemStatus, JobError, JobStatus, Progress, ResolvedLora, ResolvedParameters};
 use crate::family_defaults::FamilyDefaults;
+use crate::job::{ItemStatus, JobError, JobStatus, Progress, ResolvedLora, ResolvedParameters};
 use crate::models::ModelEntry;
 use crate::views::{
     AssetRecord, Cost, GenerationRecord, GenerationRequestDoc, ImageResult, JobLinks, PackRecord,

@@ -11,8 +11,16 @@ use crate::error::ApiError;
 
 /// The page's files: `(name under /ui/, content type, bytes)`.
 const FILES: &[(&str, &str, &str)] = &[
-    ("index.html", "text/html; charset=utf-8", include_str!("../../ui/index.html")),
-    ("style.css", "text/css; charset=utf-8", include_str!("../../ui/style.css")),
+    (
+        "index.html",
+        "text/html; charset=utf-8",
+        include_str!("../../ui/index.html"),
+    ),
+    (
+        "style.css",
+        "text/css; charset=utf-8",
+        include_str!("../../ui/style.css"),
+    ),
     ("main.js", JS, include_str!("../../ui/main.js")),
     ("api.js", JS, include_str!("../../ui/api.js")),
     ("dom.js", JS, include_str!("../../ui/dom.js")),

@@ -181,11 +181,12 @@ impl Store {
         id: &str,
     ) -> StoreResult<Option<(AssetRow, bool)>> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query("SELECT * FROM assets WHERE id = ? AND key_id = ? AND kind = 'output'")
-            .bind(id)
-            .bind(key_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let row =
+            sqlx::query("SELECT * FROM assets WHERE id = ? AND key_id = ? AND kind = 'output'")
+                .bind(id)
+                .bind(key_id)
+                .fetch_optional(&mut *tx)
+                .await?;
         let Some(asset) = row.as_ref().map(Self::asset_row) else {
             return Ok(None);
         };
