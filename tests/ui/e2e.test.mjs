@@ -12,7 +12,7 @@ import { chromium } from 'playwright-core';
 import { startServer, REPO } from './server.mjs';
 
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
-const SHOTS = process.env.UI_SCREENSHOT_DIR ?? null;
+const SHOTS = process.env.UI_SCREENSHOT_DIR || null;
 const T = 60_000;
 
 let server;

@@ -36,7 +36,7 @@ function render(id, progress = null) {
     const perImage = 1 / Math.max(1, p.images_total);
     bar.value = Math.min(1, p.images_done * perImage + (p.step / p.steps) * perImage * p.batch_images);
   } else if (FINISHED.has(r.status)) {
-    bar.value = 1;
+    bar.hidden = true;
   } else {
     bar.removeAttribute('value');
   }
