@@ -6,10 +6,10 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
-import { startServer, REPO } from './server.mjs';
+import { startServer, startChatServer, REPO } from './server.mjs';
 
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 const SHOTS = process.env.UI_SCREENSHOT_DIR || null;
@@ -383,6 +383,53 @@ test('screenshots at phone and desktop width; delete from the gallery', async ()
   const afterList = await server.api('GET', '/v1/assets?limit=100');
   assert.equal(afterList.json.data.length, before.json.data.length - 1);
   await page.context().close();
+});
+
+test('flows: validation errors by step, then the seed genre flow runs and shows its images', async () => {
+  const chat = await startChatServer((genre) => [0, 1, 2].map((i) => `${genre} scene ${i}`));
+  const tiny = join(REPO, 'tests/fixtures/models/tiny-sd15');
+  const flowServer = await startServer({
+    config: `llm_url = "${chat.url}"\nllm_model = "test-model"\n\n[models]\n`
+      + `"stable-diffusion-v1-5/stable-diffusion-v1-5" = "${tiny}"\n`,
+  });
+  try {
+    const page = await newPage({ key: flowServer.key, target: flowServer });
+    await ready(page);
+    await page.click('nav a[data-page=flows]');
+    await page.locator('#flow-doc').waitFor({ timeout: T });
+    await page.fill('#flow-doc', `{ steps: [{ id: 'gen', type: 'ImageGenerator',
+      parameters: { baseModel: 'tiny-sd15', images: [{ prompt: 'a', width: 1001 }] } }] }`);
+    await page.click('#flow-save');
+    const problem = page.locator('#flow-errors li');
+    await problem.first().waitFor({ timeout: T });
+    assert.equal(await problem.locator('code').first().textContent(), 'steps[0] (gen).parameters.images[0].width');
+    assert.match(await problem.first().textContent(), /1001/);
+
+    const genre = readFileSync(join(REPO, 'crates/easel-flow/tests/seed_flows/genre.json5'), 'utf8');
+    await page.fill('#flow-doc', genre);
+    await page.locator('#flow-doc').press('Control+Enter');
+    await page.locator('#flow-list button[aria-pressed="true"]').waitFor({ timeout: T });
+    assert.equal(await page.locator('#flow-errors li').count(), 0);
+    await page.fill('#flow-input', '{"promptType": "film noir"}');
+    await page.click('#flow-run');
+    await page.locator('#flow-run-status[data-status="succeeded"]').waitFor({ timeout: 240_000 });
+    assert.deepEqual(await page.locator('#flow-steps li').evaluateAll((els) => els.map((e) => [e.dataset.step, e.dataset.status])),
+      [['promptsGenerator', 'succeeded'], ['dynamicImageGenerator', 'succeeded']]);
+    const outputs = page.locator('#flow-outputs img');
+    assert.equal(await outputs.count(), 3);
+    await page.waitForFunction(() => [...document.querySelectorAll('#flow-outputs img')].every((i) => i.complete && i.naturalWidth > 0));
+    assert.match(chat.requests[0].messages.map((m) => m.content).join(' '), /film noir/);
+    // An output opens in the detail view with its flow-made prompt.
+    await outputs.first().click();
+    await page.locator('#detail[open]').waitFor({ timeout: T });
+    assert.match(await page.textContent('#detail-params td[data-param="prompt"]'), /^film noir scene \d$/);
+    await page.keyboard.press('Escape');
+    await shot(page, 'flows-desktop');
+    await page.context().close();
+  } finally {
+    await flowServer.stop();
+    await chat.close();
+  }
 });
 
 test('usage shows the key\'s ledger sums', async () => {

@@ -3,7 +3,7 @@
 // port; throws (never skips) when the binary or the server cannot start.
 
 import { spawn, spawnSync } from 'node:child_process';
-import { mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -36,10 +36,10 @@ function createKey(dataDir) {
 }
 
 /**
- * A running server: `{url, key, dataDir, stop()}`. `noAuth`: `--no-auth`
- * (then no key).
+ * A running server: `{url, key, dataDir, api(), stop()}`. `noAuth`:
+ * `--no-auth` (then no key); `config`: TOML text given as `--config`.
  */
-export async function startServer({ noAuth = false } = {}) {
+export async function startServer({ noAuth = false, config = null } = {}) {
   const dataDir = mkdtempSync(join(tmpdir(), 'easel-ui-e2e-'));
   const key = noAuth ? null : createKey(dataDir);
   const port = await freePort();
@@ -47,6 +47,10 @@ export async function startServer({ noAuth = false } = {}) {
   const args = ['serve', '--offline', '--bind', `127.0.0.1:${port}`, '--data-dir', dataDir,
     '--models-dir', join(REPO, 'tests/fixtures/models')];
   if (noAuth) args.push('--no-auth');
+  if (config) {
+    writeFileSync(join(dataDir, 'config.toml'), config);
+    args.push('--config', join(dataDir, 'config.toml'));
+  }
   const log = openSync(logPath, 'w');
   const child = spawn(bin(), args, { stdio: ['ignore', log, log] });
   let exited = null;
@@ -85,5 +89,36 @@ export async function startServer({ noAuth = false } = {}) {
       }
       rmSync(dataDir, { recursive: true, force: true });
     },
+  };
+}
+
+/**
+ * A chat-completions server on 127.0.0.1 for flows' ObjectGenerator steps:
+ * answers every request with `{prompts: answer(userMessage)}` as the
+ * message content. `{url (ending in /v1), requests, close()}`.
+ */
+export async function startChatServer(answer) {
+  const { createServer: createHttp } = await import('node:http');
+  const requests = [];
+  const server = createHttp((req, res) => {
+    let body = '';
+    req.on('data', (c) => { body += c; });
+    req.on('end', () => {
+      const json = JSON.parse(body || '{}');
+      requests.push(json);
+      const user = (json.messages ?? []).filter((m) => m.role === 'user').map((m) => m.content).join('\n');
+      const content = JSON.stringify({ prompts: answer(user) });
+      res.writeHead(200, { 'Content-Type': 'application/json' });
+      res.end(JSON.stringify({
+        id: 'chatcmpl-test', object: 'chat.completion', model: 'test-model',
+        choices: [{ index: 0, finish_reason: 'stop', message: { role: 'assistant', content } }],
+      }));
+    });
+  });
+  await new Promise((ok) => server.listen(0, '127.0.0.1', ok));
+  return {
+    url: `http://127.0.0.1:${server.address().port}/v1`,
+    requests,
+    close: () => new Promise((ok) => server.close(ok)),
   };
 }

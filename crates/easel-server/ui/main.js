@@ -8,8 +8,9 @@ import { initGenerate, fill, setInit, setLastSeed, listedModels } from './genera
 import { initJobs, track } from './jobs.js';
 import { initGallery, open as openAsset, refresh, showGallery } from './gallery.js';
 import { showUsage } from './usage.js';
+import { initFlows, showFlows } from './flows.js';
 
-const PAGES = ['generate', 'gallery', 'usage'];
+const PAGES = ['generate', 'gallery', 'flows', 'usage'];
 let started = false;
 
 function route() {
@@ -21,6 +22,7 @@ function route() {
     else a.removeAttribute('aria-current');
   }
   if (page === 'gallery') showGallery();
+  if (page === 'flows') showFlows();
   if (page === 'usage') showUsage().catch(() => {});
 }
 
@@ -49,6 +51,7 @@ async function start() {
     },
     init: assetFormInput,
   }, listedModels());
+  initFlows(openAsset);
   started = true;
   document.body.dataset.ready = 'true';
   route();

@@ -30,6 +30,7 @@ const FILES: &[(&str, &str, &str)] = &[
     ("mask.js", JS, include_str!("../../ui/mask.js")),
     ("pnginfo.js", JS, include_str!("../../ui/pnginfo.js")),
     ("usage.js", JS, include_str!("../../ui/usage.js")),
+    ("flows.js", JS, include_str!("../../ui/flows.js")),
 ];
 
 const JS: &str = "text/javascript; charset=utf-8";
