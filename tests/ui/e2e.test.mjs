@@ -324,6 +324,25 @@ test('an uploaded init image and a painted mask are submitted with the job', asy
   await page.context().close();
 });
 
+test('a LoRA of the model folders, picked with a scale, reaches the job', async () => {
+  const page = await newPage();
+  await ready(page);
+  await fillForm(page, { ...GEN, prompt: 'lora e2e', width: 64, height: 64 });
+  await page.click('#loras-card summary');
+  await page.click('#lora-add');
+  const options = await page.locator('#lora-options option').evaluateAll((els) => els.map((e) => e.value));
+  assert.deepEqual(options, ['detail']);
+  await page.fill('#lora-ref-0', 'detail');
+  await page.fill('#lora-scale-0', '0.5');
+  const id = await submit(page);
+  await jobStatus(page, id, 'succeeded');
+  const { json: record } = await server.api('GET', `/v1/generations/${id}`);
+  assert.deepEqual(record.images[0].requested.loras, [{ path: 'detail', scale: 0.5 }]);
+  assert.equal(record.images[0].parameters.loras.length, 1);
+  assert.equal(record.images[0].parameters.loras[0].scale, 0.5);
+  await page.context().close();
+});
+
 test('dropping an easel PNG on the form fills it from its parameters text', async () => {
   const { json: record } = await server.api('GET', `/v1/generations/${firstJob}`);
   const bytes = Buffer.from(await (await fetch(record.assets[0].file_url)).arrayBuffer());

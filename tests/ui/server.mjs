@@ -3,7 +3,7 @@
 // port; throws (never skips) when the binary or the server cannot start.
 
 import { spawn, spawnSync } from 'node:child_process';
-import { mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -44,8 +44,12 @@ export async function startServer({ noAuth = false, config = null } = {}) {
   const key = noAuth ? null : createKey(dataDir);
   const port = await freePort();
   const logPath = join(dataDir, 'serve.log');
+  // An A1111-style model root with one LoRA file (`detail`) for the LoRA picker.
+  const loras = join(dataDir, 'webui/models/Lora');
+  mkdirSync(loras, { recursive: true });
+  copyFileSync(join(REPO, 'tests/fixtures/loras/tiny-sd15-lora.safetensors'), join(loras, 'detail.safetensors'));
   const args = ['serve', '--offline', '--bind', `127.0.0.1:${port}`, '--data-dir', dataDir,
-    '--models-dir', join(REPO, 'tests/fixtures/models')];
+    '--models-dir', join(REPO, 'tests/fixtures/models'), '--models-dir', join(dataDir, 'webui')];
   if (noAuth) args.push('--no-auth');
   if (config) {
     writeFileSync(join(dataDir, 'config.toml'), config);

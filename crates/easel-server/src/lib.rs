@@ -49,6 +49,7 @@ pub mod job;
 pub mod jobs;
 pub mod listener;
 pub mod lora_cache;
+pub mod lora_list;
 pub mod metrics;
 pub mod models;
 pub mod ratelimit;

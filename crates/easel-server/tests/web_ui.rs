@@ -230,6 +230,8 @@ async fn models_carry_their_family_defaults() {
             .is_object()
     );
     assert!(doc["paths"]["/v1/assets/{id}"]["delete"]["responses"]["204"].is_object());
+    assert!(doc["components"]["schemas"]["LoraEntry"]["properties"]["family"].is_object());
+    assert!(doc["paths"]["/v1/loras"]["get"].is_object());
     let params: Vec<&str> = doc["paths"]["/v1/assets"]["get"]["parameters"]
         .as_array()
         .unwrap()
@@ -417,4 +419,42 @@ async fn assets_page_filter_by_prompt_and_model_and_delete() {
         )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_files_of_the_model_folders_are_listed_by_the_name_loras_path_takes() {
+    let root = tempfile::tempdir().unwrap();
+    let loras = root.path().join("models/Lora");
+    std::fs::create_dir_all(&loras).unwrap();
+    let source = fixtures().join("loras/tiny-sd15-lora.safetensors");
+    std::fs::copy(&source, loras.join("detail.safetensors")).unwrap();
+    let root_path = root.path().to_path_buf();
+    let server = Server::new(move |c| c.models_dirs.push(root_path)).await;
+
+    let (status, list) = server.get("/v1/loras").await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    let data = list["data"].as_array().unwrap();
+    assert_eq!(data.len(), 1, "{list}");
+    assert_eq!(data[0]["id"], "detail");
+    assert_eq!(data[0]["object"], "lora");
+    assert_eq!(data[0]["format"], "safetensors");
+    assert_eq!(
+        data[0]["size_bytes"].as_u64(),
+        Some(std::fs::metadata(&source).unwrap().len())
+    );
+    // That name is what a request's loras[].path takes.
+    let id = server
+        .submit(
+            json!({"baseModel": "tiny-sd15", "prompt": "a", "steps": 1, "width": 64,
+                       "height": 64, "loras": [{"path": "detail", "scale": 0.5}]}),
+        )
+        .await;
+    let job = server.wait_status(&id, &["succeeded", "failed"]).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["images"][0]["parameters"]["loras"][0]["scale"], 0.5);
+    // Without a key: 401, as every /v1 route.
+    let (status, _, _) = server
+        .raw(Request::get("/v1/loras").body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
 }

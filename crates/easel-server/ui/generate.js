@@ -93,7 +93,7 @@ function addLora(value = '', scale = 0.9) {
   const row = h('div', { class: 'lora', dataset: { field: `loras[${n}]` } },
     h('div', { class: 'field' },
       h('label', { for: `lora-ref-${n}` }, 'LoRA: training id, file name or path'),
-      h('input', { id: `lora-ref-${n}`, class: 'lora-ref', list: 'trainings-list', value })),
+      h('input', { id: `lora-ref-${n}`, class: 'lora-ref', list: 'lora-options', value })),
     h('div', { class: 'field scale' },
       h('label', { for: `lora-scale-${n}` }, 'Scale'),
       h('input', { id: `lora-scale-${n}`, class: 'lora-scale', type: 'number', step: '0.05', min: '-3', max: '3', value: String(scale) })),
@@ -103,13 +103,16 @@ function addLora(value = '', scale = 0.9) {
   return row;
 }
 
-async function loadTrainings() {
-  try {
-    trainings = (await call('GET', '/v1/trainings')).data;
-  } catch { trainings = []; }
-  const list = h('datalist', { id: 'trainings-list' },
-    ...trainings.map((t) => h('option', { value: t.id }, `${t.name} (${t.base_model})`)));
-  document.getElementById('trainings-list')?.remove();
+async function loadLoras() {
+  const [t, files] = await Promise.all([
+    call('GET', '/v1/trainings').catch(() => ({ data: [] })),
+    call('GET', '/v1/loras').catch(() => ({ data: [] })),
+  ]);
+  trainings = t.data;
+  const list = h('datalist', { id: 'lora-options' },
+    ...trainings.map((x) => h('option', { value: x.id }, `${x.name} (uploaded, ${x.base_model})`)),
+    ...files.data.map((x) => h('option', { value: x.id }, `${x.family ?? 'LoRA file'}`)));
+  document.getElementById('lora-options')?.remove();
   document.body.append(list);
 }
 
@@ -347,5 +350,5 @@ export async function initGenerate(submitted) {
   $('gen-form').addEventListener('keydown', (e) => {
     if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) { e.preventDefault(); submit(); }
   });
-  await Promise.all([loadModels(), loadTrainings()]);
+  await Promise.all([loadModels(), loadLoras()]);
 }

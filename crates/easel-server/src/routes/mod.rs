@@ -17,6 +17,7 @@ use crate::AppState;
 pub mod assets;
 pub mod flows;
 pub mod generations;
+pub mod loras;
 pub mod models;
 pub mod openai;
 pub mod openapi;
@@ -51,6 +52,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/assets/{id}/file", get(assets::get_asset_file))
         .route("/v1/models", get(models::list_models))
+        .route("/v1/loras", get(loras::list_loras))
         .route(
             "/v1/trainings",
             post(trainings::create_training).get(trainings::list_trainings),

@@ -20,6 +20,7 @@ use super::openai::ImagesRequest;
 use crate::error::{ErrorBody, ErrorDetail};
 use crate::family_defaults::FamilyDefaults;
 use crate::job::{ItemStatus, JobError, JobStatus, Progress, ResolvedLora, ResolvedParameters};
+use crate::lora_list::LoraEntry;
 use crate::models::ModelEntry;
 use crate::views::{
     AssetRecord, Cost, GenerationRecord, GenerationRequestDoc, ImageResult, JobLinks, PackRecord,
@@ -67,6 +68,7 @@ impl Modify for BearerAuth {
         super::assets::get_asset_file,
         super::assets::get_file,
         super::models::list_models,
+        super::loras::list_loras,
         super::trainings::create_training,
         super::trainings::list_trainings,
         super::trainings::get_training,
@@ -92,7 +94,7 @@ impl Modify for BearerAuth {
         GenerationRequestDoc, PackRequestDoc, ImageDefinition, LoraRef, GenerationRecord,
         ImageResult, AssetRecord, Cost, JobLinks, JobStatus, ItemStatus, JobError, Progress,
         ResolvedParameters, ResolvedLora, TrainingRecord, PackRecord, UsageRecord, ModelEntry,
-        FamilyDefaults,
+        FamilyDefaults, LoraEntry,
         ErrorBody, ErrorDetail, ImagesRequest, super::flows::FlowRecord,
     )),
     modifiers(&BearerAuth),
