@@ -71,10 +71,10 @@ async function submit(page) {
   return body.id;
 }
 
-async function shot(page, name) {
+async function shot(page, name, fullPage = false) {
   if (!SHOTS) return;
   mkdirSync(SHOTS, { recursive: true });
-  await page.screenshot({ path: join(SHOTS, `${name}.png`), fullPage: false });
+  await page.screenshot({ path: join(SHOTS, `${name}.png`), fullPage });
 }
 
 before(async () => {
@@ -438,12 +438,13 @@ test('flows: validation errors by step, then the seed genre flow runs and shows 
     assert.equal(await outputs.count(), 3);
     await page.waitForFunction(() => [...document.querySelectorAll('#flow-outputs img')].every((i) => i.complete && i.naturalWidth > 0));
     assert.match(chat.requests[0].messages.map((m) => m.content).join(' '), /film noir/);
+    await page.evaluate(() => { document.activeElement?.blur(); window.scrollTo(0, 0); });
+    await shot(page, 'flows-desktop', true);
     // An output opens in the detail view with its flow-made prompt.
     await outputs.first().click();
     await page.locator('#detail[open]').waitFor({ timeout: T });
     assert.match(await page.textContent('#detail-params td[data-param="prompt"]'), /^film noir scene \d$/);
     await page.keyboard.press('Escape');
-    await shot(page, 'flows-desktop');
     await page.context().close();
   } finally {
     await flowServer.stop();
@@ -451,7 +452,7 @@ test('flows: validation errors by step, then the seed genre flow runs and shows 
   }
 });
 
-test('usage shows the key\'s ledger sums', async () => {
+test('usage shows the key\'s ledger sums and entries', async () => {
   const page = await newPage();
   await ready(page);
   await page.goto(server.url + '/#usage');
@@ -459,6 +460,12 @@ test('usage shows the key\'s ledger sums', async () => {
   await used.waitFor({ timeout: T });
   const { json } = await server.api('GET', '/v1/usage');
   assert.match(await used.textContent(), new RegExp(`^${json.inferences_billed} `));
+  // The ledger: one row per entry, newest first, refunds of the canceled jobs included.
+  const { json: ledger } = await server.api('GET', '/v1/usage/ledger?limit=51');
+  await page.locator('#ledger tbody tr').first().waitFor({ timeout: T });
+  const kinds = await page.locator('#ledger tbody tr').evaluateAll((rows) => rows.map((r) => r.dataset.kind));
+  assert.deepEqual(kinds, ledger.data.slice(0, 50).map((e) => e.kind));
+  assert.ok(kinds.includes('refund') && kinds.includes('charge'), kinds.join(','));
   await page.context().close();
 });
 

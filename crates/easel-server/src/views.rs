@@ -337,6 +337,24 @@ pub struct UsageRecord {
     pub credit_remaining_usd: Option<f64>,
 }
 
+/// One entry of a key's ledger (`GET /v1/usage/ledger`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct LedgerEntry {
+    /// Always `ledger_entry`.
+    pub object: String,
+    /// The job charged or refunded.
+    pub generation_id: String,
+    /// `charge` (when the job was accepted) or `refund` (definitions that
+    /// made no image).
+    pub kind: String,
+    /// Inferences (image definitions) charged or refunded.
+    pub inferences: i64,
+    /// USD charged or refunded (positive either way).
+    pub amount_usd: f64,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
 /// A list response.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ListOf<T: ToSchema> {

@@ -458,3 +458,62 @@ async fn lora_files_of_the_model_folders_are_listed_by_the_name_loras_path_takes
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_lists_charges_and_refunds_newest_first() {
+    let server = Server::fake(20).await;
+    let done = server
+        .submit(json!({"baseModel": "fake/model", "prompt": "a", "steps": 1}))
+        .await;
+    server.wait_status(&done, &["succeeded"]).await;
+    let canceled = server
+        .submit(json!({"baseModel": "fake/model", "prompt": "b", "steps": 60}))
+        .await;
+    server.wait_status(&canceled, &["running"]).await;
+    server
+        .call(
+            Method::POST,
+            &format!("/v1/generations/{canceled}/cancel"),
+            None,
+        )
+        .await;
+    server.wait_status(&canceled, &["canceled"]).await;
+
+    let (status, list) = server.get("/v1/usage/ledger").await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    let entries: Vec<(String, String, i64, f64)> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            assert_eq!(e["object"], "ledger_entry");
+            (
+                e["generation_id"].as_str().unwrap().to_string(),
+                e["kind"].as_str().unwrap().to_string(),
+                e["inferences"].as_i64().unwrap(),
+                e["amount_usd"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        vec![
+            (canceled.clone(), "refund".into(), 1, 0.02),
+            (canceled.clone(), "charge".into(), 1, 0.02),
+            (done.clone(), "charge".into(), 1, 0.02),
+        ]
+    );
+    let (_, page) = server.get("/v1/usage/ledger?limit=1&offset=2").await;
+    assert_eq!(page["data"][0]["generation_id"], done.as_str());
+    let (status, error) = server.get("/v1/usage/ledger?offset=-1").await;
+    assert_eq!(
+        (status, error["error"]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("offset"))
+    );
+    // Another key sees none of it.
+    let other = Server::add_key(&server.state).await;
+    let (_, theirs) = server
+        .call_as(&other, Method::GET, "/v1/usage/ledger", None)
+        .await;
+    assert_eq!(theirs["data"], json!([]));
+}

@@ -70,6 +70,7 @@ pub fn router(state: AppState) -> Router {
             get(packs::get_pack).delete(packs::delete_pack),
         )
         .route("/v1/usage", get(usage::get_usage))
+        .route("/v1/usage/ledger", get(usage::get_ledger))
         .route("/v1/images/generations", post(openai::generations))
         .route("/v1/images/edits", post(openai::edits))
         .route("/v1/flows", post(flows::create_flow).get(flows::list_flows))

@@ -23,8 +23,8 @@ use crate::job::{ItemStatus, JobError, JobStatus, Progress, ResolvedLora, Resolv
 use crate::lora_list::LoraEntry;
 use crate::models::ModelEntry;
 use crate::views::{
-    AssetRecord, Cost, GenerationRecord, GenerationRequestDoc, ImageResult, JobLinks, PackRecord,
-    PackRequestDoc, TrainingRecord, UsageRecord,
+    AssetRecord, Cost, GenerationRecord, GenerationRequestDoc, ImageResult, JobLinks, LedgerEntry,
+    PackRecord, PackRequestDoc, TrainingRecord, UsageRecord,
 };
 
 struct BearerAuth;
@@ -78,6 +78,7 @@ impl Modify for BearerAuth {
         super::packs::get_pack,
         super::packs::delete_pack,
         super::usage::get_usage,
+        super::usage::get_ledger,
         super::openai::generations,
         super::openai::edits,
         super::flows::create_flow,
@@ -94,7 +95,7 @@ impl Modify for BearerAuth {
         GenerationRequestDoc, PackRequestDoc, ImageDefinition, LoraRef, GenerationRecord,
         ImageResult, AssetRecord, Cost, JobLinks, JobStatus, ItemStatus, JobError, Progress,
         ResolvedParameters, ResolvedLora, TrainingRecord, PackRecord, UsageRecord, ModelEntry,
-        FamilyDefaults, LoraEntry,
+        FamilyDefaults, LoraEntry, LedgerEntry,
         ErrorBody, ErrorDetail, ImagesRequest, super::flows::FlowRecord,
     )),
     modifiers(&BearerAuth),

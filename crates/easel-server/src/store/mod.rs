@@ -40,7 +40,7 @@ pub use jobs::{GenerationRow, ItemRow, NewGeneration, Recovery};
 pub use keys::KeyRow;
 pub use packs::PackRow;
 pub use trainings::TrainingRow;
-pub use usage::Usage;
+pub use usage::{LedgerRow, Usage};
 pub use webhooks::DeliveryRow;
 
 /// The database file inside the data dir.
