@@ -20,8 +20,8 @@ let browser;
 const offLoopback = [];
 const pageErrors = [];
 
-async function newPage({ width = 1280, height = 900, key = server.key, target = server } = {}) {
-  const context = await browser.newContext({ viewport: { width, height } });
+async function newPage({ width = 1280, height = 900, key = server.key, target = server, colorScheme = 'light' } = {}) {
+  const context = await browser.newContext({ viewport: { width, height }, colorScheme });
   await context.route('**/*', (route) => {
     const u = new URL(route.request().url());
     if (u.hostname === '127.0.0.1' || u.protocol === 'data:' || u.protocol === 'blob:') return route.continue();
@@ -291,6 +291,7 @@ test('an uploaded init image and a painted mask are submitted with the job', asy
   await page.check('#mask-on');
   await page.fill('#f-strength', '0.75');
   const canvas = page.locator('#painter canvas');
+  await canvas.scrollIntoViewIfNeeded();
   const box = await canvas.boundingBox();
   await page.mouse.move(box.x + box.width * 0.2, box.y + box.height * 0.3);
   await page.mouse.down();
@@ -343,6 +344,52 @@ test('a LoRA of the model folders, picked with a scale, reaches the job', async 
   await page.context().close();
 });
 
+test('gallery actions: download link, copy URL, inpaint puts the image and the painter in the form', async () => {
+  const page = await newPage();
+  await page.context().grantPermissions(['clipboard-read', 'clipboard-write'], { origin: server.url });
+  await ready(page);
+  await page.goto(server.url + '/#gallery');
+  await page.locator('#gallery-grid li button').first().click();
+  await page.locator('#detail[open]').waitFor({ timeout: T });
+  const url = (await page.textContent('#detail-params td[data-param="file_url"]')).trim();
+  const assetId = (await page.textContent('#detail-params td[data-param="asset id"]')).trim();
+  assert.equal(await page.getAttribute('#d-download', 'href'), url);
+  assert.match(await page.getAttribute('#d-download', 'download'), /^easel-.*\.(png|webp)$/);
+  await page.click('#d-copy');
+  await page.locator('#d-status', { hasText: 'URL copied' }).waitFor({ timeout: T });
+  assert.equal(await page.evaluate(() => navigator.clipboard.readText()), url);
+
+  await page.click('#d-inpaint');
+  await page.locator('#init-panel').waitFor({ state: 'visible', timeout: T });
+  assert.equal(await page.inputValue('#f-model'), 'tiny-sd15', 'the image\'s own model');
+  assert.equal(await page.isChecked('#mask-on'), true);
+  assert.equal(await page.locator('#painter canvas').isVisible(), true);
+  assert.equal(await page.getAttribute('#painter img', 'src'), url);
+  await page.fill('#f-prompt', 'inpaint from the gallery');
+  await page.fill('#f-steps', '4');
+  await page.locator('#painter canvas').scrollIntoViewIfNeeded();
+  const box = await page.locator('#painter canvas').boundingBox();
+  await page.mouse.move(box.x + 5, box.y + 5);
+  await page.mouse.down();
+  await page.mouse.move(box.x + box.width / 2, box.y + box.height / 2, { steps: 4 });
+  await page.mouse.up();
+  const sent = page.waitForRequest((r) => r.url().endsWith('/v1/generations') && r.method() === 'POST');
+  const id = await submit(page);
+  const body = (await sent).postDataJSON();
+  assert.equal(body.images[0].image, assetId, 'the asset id is sent as the init image');
+  assert.match(body.images[0].mask, /^data:image\/png;base64,/);
+  await jobStatus(page, id, 'succeeded');
+  const { json: record } = await server.api('GET', `/v1/generations/${id}`);
+  // The init image was sent as the asset's id; the job stores it as its
+  // own input asset of the same content.
+  const { json: input } = await server.api('GET', `/v1/assets/${record.images[0].requested.image}`);
+  const { json: source } = await server.api('GET', `/v1/assets/${assetId}`);
+  assert.equal(input.kind, 'input');
+  assert.equal(input.content_hash, source.content_hash);
+  assert.ok(record.images[0].requested.mask);
+  await page.context().close();
+});
+
 test('dropping an easel PNG on the form fills it from its parameters text', async () => {
   const { json: record } = await server.api('GET', `/v1/generations/${firstJob}`);
   const bytes = Buffer.from(await (await fetch(record.assets[0].file_url)).arrayBuffer());
@@ -375,6 +422,15 @@ test('screenshots at phone and desktop width; delete from the gallery', async ()
     await fillForm(page, { ...GEN, width: 64, height: 64 });
     await page.locator('li.job .thumbs img').first().waitFor({ timeout: T });
     await shot(page, `generate-${name}`);
+    if (name === 'desktop') {
+      const dark = await newPage({ width, height, colorScheme: 'dark' });
+      await ready(dark);
+      await fillForm(dark, { ...GEN, width: 64, height: 64 });
+      await dark.locator('li.job .thumbs img').first().waitFor({ timeout: T });
+      assert.equal(await dark.evaluate(() => getComputedStyle(document.body).backgroundColor), 'rgb(20, 20, 22)');
+      await shot(dark, 'generate-desktop-dark');
+      await dark.context().close();
+    }
     await page.goto(server.url + '/#gallery');
     await page.locator('#gallery-grid li img').first().waitFor({ timeout: T });
     await page.waitForFunction(() => [...document.querySelectorAll('#gallery-grid img')].every((i) => i.complete));

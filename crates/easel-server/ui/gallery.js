@@ -109,7 +109,11 @@ export function initGallery(handlers, models) {
     }, image.requested);
   });
   $('d-init').addEventListener('click', () => { $('detail').close(); actions.init(current.asset, { inpaint: false }); });
-  $('d-inpaint').addEventListener('click', () => { $('detail').close(); actions.init(current.asset, { inpaint: true }); });
+  // Inpaint with the image's own model (the form's may refuse masks).
+  $('d-inpaint').addEventListener('click', () => {
+    $('detail').close();
+    actions.init(current.asset, { inpaint: true, baseModel: current.image.parameters?.baseModel });
+  });
   $('d-copy').addEventListener('click', async () => {
     const ok = await copyText(current.asset.file_url);
     $('d-status').textContent = ok ? 'URL copied' : current.asset.file_url;

@@ -26,7 +26,8 @@ function route() {
   if (page === 'usage') showUsage().catch(() => {});
 }
 
-async function assetFormInput(asset, options) {
+async function assetFormInput(asset, { baseModel, ...options }) {
+  if (baseModel) fill({ baseModel });
   await setInit(asset.id, asset.file_url, options);
   location.hash = '#generate';
 }
