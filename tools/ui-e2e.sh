@@ -13,6 +13,8 @@
 # Environment:
 #   EASEL_BIN      the easel binary (default $CARGO_TARGET_DIR/debug/easel)
 #   CHROMIUM       the browser (default /usr/bin/chromium)
+# The tests of e2e.test.mjs run one after another (node:test runs a file's
+# tests in order); they share one server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,4 +43,4 @@ if [[ "${1:-}" == "--screenshots" ]]; then
 fi
 cd tests/ui
 EASEL_BIN="$(realpath "$easel")" CHROMIUM="$chromium" UI_SCREENSHOT_DIR="$shots" \
-    node --test --test-concurrency=1 --test-reporter=spec e2e.test.mjs
+    node --test --test-reporter=spec e2e.test.mjs

@@ -6,9 +6,11 @@ import { spawn, spawnSync } from 'node:child_process';
 import { copyFileSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 
-export const REPO = resolve(import.meta.dirname, '../..');
+/** The repository's root folder. */
+export const REPO = fileURLToPath(new URL('../..', import.meta.url));
 
 function bin() {
   const b = process.env.EASEL_BIN;

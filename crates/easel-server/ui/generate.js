@@ -257,7 +257,7 @@ function collect() {
   const seedText = control('seed').value.trim();
   if (mode !== 'random' && seedText !== '') {
     // Seeds go up to 2^64-1: keep digits exact by sending a JSON number literal.
-    d.seed = /^\d+$/.test(seedText) ? BigIntLiteral(seedText) : seedText;
+    d.seed = /^\d+$/.test(seedText) ? seedValue(seedText) : seedText;
   }
   const loras = [...$('lora-list').children].map((row) => {
     const ref = row.querySelector('.lora-ref').value.trim();
@@ -275,7 +275,7 @@ function collect() {
 }
 
 // A seed above 2^53 is sent as written: JSON.stringify then unquotes it.
-function BigIntLiteral(text) {
+function seedValue(text) {
   return Number.isSafeInteger(Number(text)) ? Number(text) : { __raw: text };
 }
 
