@@ -235,6 +235,27 @@ test('reuse parameters gives the same form values', async () => {
   await page.context().close();
 });
 
+test('a seed beyond 2^53 keeps every digit through the record, the detail view and reuse', async () => {
+  const seed = '18446744073709551614';
+  const page = await newPage();
+  await ready(page);
+  await fillForm(page, { ...GEN, prompt: 'big seed e2e', seed });
+  const sent = page.waitForRequest((r) => r.url().endsWith('/v1/generations') && r.method() === 'POST');
+  const id = await submit(page);
+  assert.match((await sent).postData(), /"seed":18446744073709551614[,}]/);
+  await jobStatus(page, id, 'succeeded');
+  await page.goto(server.url + '/#gallery');
+  await page.fill('#g-prompt', 'big seed');
+  await page.click('#gallery-filter button[type=submit]');
+  await page.locator('#gallery-grid li button').first().click();
+  await page.locator('#detail[open]').waitFor({ timeout: T });
+  assert.equal(await page.textContent('#detail-params td[data-param="seed"]'), seed);
+  await page.click('#d-reuse');
+  await page.locator('#page-generate').waitFor({ timeout: T });
+  assert.equal(await page.inputValue('#f-seed'), seed);
+  await page.context().close();
+});
+
 test('a bad width shows the API\'s message at the width field', async () => {
   const page = await newPage();
   await ready(page);

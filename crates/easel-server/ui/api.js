@@ -33,6 +33,16 @@ function headers(extra = {}, key = storedKey()) {
   return h;
 }
 
+/**
+ * JSON text parsed with integers beyond 2^53 (seeds go up to 2^64 - 1)
+ * kept as their exact digits (strings) instead of rounded numbers.
+ */
+export function parseJson(text) {
+  return JSON.parse(text, (key, value, context) => (
+    typeof value === 'number' && Number.isInteger(value) && !Number.isSafeInteger(value)
+      && context?.source && /^-?\d+$/.test(context.source) ? context.source : value));
+}
+
 async function errorOf(response) {
   let body = null;
   try { body = await response.json(); } catch { /* not JSON */ }
@@ -54,7 +64,7 @@ export async function call(method, path, body, { key, raw } = {}) {
   const response = await fetch(path, init);
   if (!response.ok) throw await errorOf(response);
   if (response.status === 204) return null;
-  return response.json();
+  return parseJson(await response.text());
 }
 
 /**
@@ -91,7 +101,7 @@ export async function events(path, onEvent, signal) {
       }
       if (!data.length) continue;
       let parsed;
-      try { parsed = JSON.parse(data.join('\n')); } catch { parsed = data.join('\n'); }
+      try { parsed = parseJson(data.join('\n')); } catch { parsed = data.join('\n'); }
       onEvent(name, parsed);
     }
   }

@@ -274,7 +274,7 @@ function collect() {
   return d;
 }
 
-// A seed above 2^53 is sent as written: JSON.stringify then unquotes it.
+// A seed above 2^53 is sent as written: `stringify` unquotes the marker.
 function seedValue(text) {
   return Number.isSafeInteger(Number(text)) ? Number(text) : { __raw: text };
 }
