@@ -36,6 +36,14 @@ async function newPage({ width = 1280, height = 900, key = server.key, target = 
   return page;
 }
 
+/** Controls on the page without a label (or aria-label): their ids. */
+async function unlabeled(page) {
+  return page.evaluate(() => [...document.querySelectorAll('input, select, textarea, button')]
+    .filter((el) => !(el.labels?.length) && !el.getAttribute('aria-label')
+      && !(el.tagName === 'BUTTON' && el.textContent.trim()))
+    .map((el) => el.id || el.outerHTML.slice(0, 60)));
+}
+
 async function ready(page) {
   await page.locator('body[data-ready="true"]').waitFor({ timeout: T });
 }
@@ -142,6 +150,16 @@ test('each family fills its defaults and hides what does not apply', async () =>
   assert.equal(await page.inputValue('#f-steps'), '');
   const flux = await page.locator('#f-scheduler option').allTextContents();
   assert.ok(flux.includes('flow_match_euler') && !flux.includes('euler'), flux.join(', '));
+  // Every control of every page has a label, and Tab reaches the form.
+  await page.click('#loras-card summary');
+  await page.click('#lora-add');
+  await page.click('#init-card summary');
+  await page.setInputFiles('#f-init-file', join(REPO, 'tests/fixtures/generated/init_image.png'));
+  await page.locator('#init-panel').waitFor({ state: 'visible', timeout: T });
+  assert.deepEqual(await unlabeled(page), []);
+  await page.focus('#f-model');
+  await page.keyboard.press('Tab');
+  assert.equal(await page.evaluate(() => document.activeElement.id), 'f-prompt');
   await page.context().close();
 });
 
