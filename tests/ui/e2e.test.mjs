@@ -397,6 +397,11 @@ test('gallery actions: download link, copy URL, inpaint puts the image and the p
   await page.click('#d-copy');
   await page.locator('#d-status', { hasText: 'URL copied' }).waitFor({ timeout: T });
   assert.equal(await page.evaluate(() => navigator.clipboard.readText()), url);
+  // The close button closes the view (a method=dialog form under the page's CSP).
+  await page.getByRole('button', { name: 'Close' }).click();
+  await page.locator('#detail:not([open])').waitFor({ state: 'attached', timeout: T });
+  await page.locator('#gallery-grid li button').first().click();
+  await page.locator('#detail[open]').waitFor({ timeout: T });
 
   await page.click('#d-inpaint');
   await page.locator('#init-panel').waitFor({ state: 'visible', timeout: T });
