@@ -30,7 +30,11 @@ pub async fn load_record(
     };
     let items = state.store().items(id).await?;
     let assets = state.store().assets_of(id).await?;
-    Ok(Some(GenerationRecord::new(&g, &items, &assets, base_url)))
+    let mut record = GenerationRecord::new(&g, &items, &assets, base_url);
+    if g.status == JobStatus::Queued {
+        record.queue_position = Some(state.store().queue_position(g.seq).await?);
+    }
+    Ok(Some(record))
 }
 
 /// Queue webhook `event` (`start`, `progress`, `completed`) of job `id` if

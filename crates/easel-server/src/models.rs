@@ -32,6 +32,7 @@ use easel_diffusion::loader::{
 
 use crate::config::{Config, EngineKind};
 use crate::engine::{resolve_options, FAKE_PIPELINE};
+use crate::family_defaults::FamilyDefaults;
 use crate::job::ModelSpec;
 use easel_diffusion::loader::ModelFamily;
 
@@ -71,6 +72,10 @@ pub struct ModelEntry {
     /// `gguf`, `pickle` (refused) or `diffusers_folder`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,
+    /// The request defaults and rules of its family (from the pipeline
+    /// class), when known: what a form prefills and which fields apply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub defaults: Option<FamilyDefaults>,
     /// Whether the worker has it loaded.
     pub loaded: bool,
     /// Always `easel` (OpenAI clients read it).
@@ -440,6 +445,9 @@ impl ModelRegistry {
                 kind: None,
                 family: None,
                 format: None,
+                defaults: FamilyDefaults::of_class(
+                    spec.as_ref().and_then(|s| s.pipeline_class.as_deref()),
+                ),
                 loaded: spec.as_ref().is_some_and(|s| is_loaded(&s.load))
                     || is_loaded(target.target()),
                 owned_by: "easel".into(),
@@ -475,6 +483,7 @@ impl ModelRegistry {
                     kind: None,
                     family: None,
                     format: None,
+                    defaults: FamilyDefaults::of_class(Some(&m.pipeline_class)),
                     loaded: is_loaded(&load),
                     owned_by: "easel".into(),
                     created: 0,
@@ -500,6 +509,7 @@ impl ModelRegistry {
                         (None, None) => "unknown".into(),
                     }),
                     format: Some(snake(&f.format)),
+                    defaults: FamilyDefaults::of_class(f.pipeline_class.as_deref()),
                     loaded: is_loaded(&canonical.display().to_string()),
                     owned_by: "easel".into(),
                     created: 0,
@@ -516,6 +526,7 @@ impl ModelRegistry {
                     kind: None,
                     family: None,
                     format: None,
+                    defaults: None,
                     loaded: true,
                     owned_by: "easel".into(),
                     created: 0,

@@ -146,6 +146,9 @@ pub struct GenerationRecord {
     pub attempts: i64,
     /// Progress while running.
     pub progress: Option<Progress>,
+    /// While queued: its place in the queue (1 = next), counting the jobs
+    /// of every key accepted before it; `null` otherwise.
+    pub queue_position: Option<i64>,
     /// Images finished, of `images_total`.
     pub images_done: i64,
     /// Images of the job (sum of batch sizes).
@@ -219,6 +222,7 @@ impl GenerationRecord {
             } else {
                 None
             },
+            queue_position: None,
             images_done: assets.len() as i64,
             images_total: g.images_total,
             images,
@@ -331,6 +335,24 @@ pub struct UsageRecord {
     pub credit_limit_usd: Option<f64>,
     /// What is left of it.
     pub credit_remaining_usd: Option<f64>,
+}
+
+/// One entry of a key's ledger (`GET /v1/usage/ledger`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct LedgerEntry {
+    /// Always `ledger_entry`.
+    pub object: String,
+    /// The job charged or refunded.
+    pub generation_id: String,
+    /// `charge` (when the job was accepted) or `refund` (definitions that
+    /// made no image).
+    pub kind: String,
+    /// Inferences (image definitions) charged or refunded.
+    pub inferences: i64,
+    /// USD charged or refunded (positive either way).
+    pub amount_usd: f64,
+    /// RFC 3339.
+    pub created_at: String,
 }
 
 /// A list response.

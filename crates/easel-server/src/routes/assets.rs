@@ -2,7 +2,7 @@
 //! hash, no API key: the URL is the capability).
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
@@ -10,6 +10,7 @@ use serde::Deserialize;
 use crate::auth::Principal;
 use crate::error::{ApiError, ErrorBody};
 use crate::http::{list_limit, ApiQuery, BaseUrl};
+use crate::store::AssetFilter;
 use crate::views::{AssetRecord, ListOf};
 use crate::AppState;
 
@@ -22,6 +23,15 @@ pub struct AssetQuery {
     /// At most this many, 1..=500 (default 50) when no job is given.
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// Skip this many of the newest (paging; default 0) when no job is given.
+    #[param(minimum = 0)]
+    pub offset: Option<i64>,
+    /// Only outputs whose image definition's prompt contains this text
+    /// (ASCII case-insensitive) when no job is given.
+    pub prompt: Option<String>,
+    /// Only outputs of definitions whose `baseModel` is this, as requested
+    /// (a `GET /v1/models` id), when no job is given.
+    pub model: Option<String>,
 }
 
 #[utoipa::path(get, path = "/v1/assets", tag = "assets", params(AssetQuery),
@@ -47,15 +57,55 @@ pub(super) async fn list_assets(
             state.store().assets_of(id).await?
         }
         None => {
+            let offset = query.offset.unwrap_or(0);
+            if offset < 0 {
+                return Err(ApiError::invalid(
+                    "invalid_value",
+                    "offset",
+                    format!("{offset} is out of range (allowed: 0 or more)"),
+                ));
+            }
+            let filter = AssetFilter {
+                limit,
+                offset,
+                prompt: query.prompt.as_deref().filter(|p| !p.is_empty()),
+                model: query.model.as_deref().filter(|m| !m.is_empty()),
+            };
             state
                 .store()
-                .assets_of_key(&principal.key_id, limit)
+                .assets_page(&principal.key_id, &filter)
                 .await?
         }
     };
     Ok(Json(ListOf::new(
         rows.iter().map(|a| AssetRecord::new(a, &base)).collect(),
     )))
+}
+
+#[utoipa::path(delete, path = "/v1/assets/{id}", tag = "assets",
+    params(("id" = String, Path, description = "Asset id (an output of this key)")),
+    responses((status = 204, description = "Deleted: gone from lists and job records; the file \
+        is removed unless another record names the same content (or a job is queued or running, \
+        then the next start's sweep removes it)"),
+              (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(super) async fn delete_asset(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let (row, shared) = state
+        .store()
+        .delete_output_asset(&principal.key_id, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("asset", &id))?;
+    // A running job may be storing the same bytes right now (files by
+    // content): keep the file then; the start-up sweep removes orphans.
+    let (queued, running) = state.store().counts().await?;
+    if !shared && queued == 0 && running == 0 {
+        state.assets().remove(&row.hash, &row.extension);
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn owned_asset(

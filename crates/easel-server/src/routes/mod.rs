@@ -17,12 +17,14 @@ use crate::AppState;
 pub mod assets;
 pub mod flows;
 pub mod generations;
+pub mod loras;
 pub mod models;
 pub mod openai;
 pub mod openapi;
 pub mod ops;
 pub mod packs;
 pub mod trainings;
+pub mod ui;
 pub mod usage;
 
 /// The router: public operational routes, the file route (capability
@@ -44,9 +46,13 @@ pub fn router(state: AppState) -> Router {
             post(generations::cancel_generation),
         )
         .route("/v1/assets", get(assets::list_assets))
-        .route("/v1/assets/{id}", get(assets::get_asset))
+        .route(
+            "/v1/assets/{id}",
+            get(assets::get_asset).delete(assets::delete_asset),
+        )
         .route("/v1/assets/{id}/file", get(assets::get_asset_file))
         .route("/v1/models", get(models::list_models))
+        .route("/v1/loras", get(loras::list_loras))
         .route(
             "/v1/trainings",
             post(trainings::create_training).get(trainings::list_trainings),
@@ -64,6 +70,7 @@ pub fn router(state: AppState) -> Router {
             get(packs::get_pack).delete(packs::delete_pack),
         )
         .route("/v1/usage", get(usage::get_usage))
+        .route("/v1/usage/ledger", get(usage::get_ledger))
         .route("/v1/images/generations", post(openai::generations))
         .route("/v1/images/edits", post(openai::edits))
         .route("/v1/flows", post(flows::create_flow).get(flows::list_flows))
@@ -85,6 +92,8 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/docs", get(openapi::docs_page))
+        .route("/", get(ui::index))
+        .route("/ui/{name}", get(ui::ui_file))
         .route("/v1/files/{name}", get(assets::get_file))
         .merge(authed)
         .fallback(not_found)

@@ -18,11 +18,13 @@ use utoipa::{Modify, OpenApi};
 
 use super::openai::ImagesRequest;
 use crate::error::{ErrorBody, ErrorDetail};
+use crate::family_defaults::FamilyDefaults;
 use crate::job::{ItemStatus, JobError, JobStatus, Progress, ResolvedLora, ResolvedParameters};
+use crate::lora_list::LoraEntry;
 use crate::models::ModelEntry;
 use crate::views::{
-    AssetRecord, Cost, GenerationRecord, GenerationRequestDoc, ImageResult, JobLinks, PackRecord,
-    PackRequestDoc, TrainingRecord, UsageRecord,
+    AssetRecord, Cost, GenerationRecord, GenerationRequestDoc, ImageResult, JobLinks, LedgerEntry,
+    PackRecord, PackRequestDoc, TrainingRecord, UsageRecord,
 };
 
 struct BearerAuth;
@@ -62,9 +64,11 @@ impl Modify for BearerAuth {
         super::generations::generation_events,
         super::assets::list_assets,
         super::assets::get_asset,
+        super::assets::delete_asset,
         super::assets::get_asset_file,
         super::assets::get_file,
         super::models::list_models,
+        super::loras::list_loras,
         super::trainings::create_training,
         super::trainings::list_trainings,
         super::trainings::get_training,
@@ -74,6 +78,7 @@ impl Modify for BearerAuth {
         super::packs::get_pack,
         super::packs::delete_pack,
         super::usage::get_usage,
+        super::usage::get_ledger,
         super::openai::generations,
         super::openai::edits,
         super::flows::create_flow,
@@ -90,6 +95,7 @@ impl Modify for BearerAuth {
         GenerationRequestDoc, PackRequestDoc, ImageDefinition, LoraRef, GenerationRecord,
         ImageResult, AssetRecord, Cost, JobLinks, JobStatus, ItemStatus, JobError, Progress,
         ResolvedParameters, ResolvedLora, TrainingRecord, PackRecord, UsageRecord, ModelEntry,
+        FamilyDefaults, LoraEntry, LedgerEntry,
         ErrorBody, ErrorDetail, ImagesRequest, super::flows::FlowRecord,
     )),
     modifiers(&BearerAuth),

@@ -1,13 +1,65 @@
-//! `GET /v1/usage`: a key's charges, refunds and credit.
+//! `GET /v1/usage`: a key's charges, refunds and credit;
+//! `GET /v1/usage/ledger`: its ledger entries.
 
 use axum::extract::State;
 use axum::{Extension, Json};
+use serde::Deserialize;
 
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::util::usd;
-use crate::views::UsageRecord;
+use crate::http::{list_limit, ApiQuery};
+use crate::util::{rfc3339, usd};
+use crate::views::{LedgerEntry, ListOf, UsageRecord};
 use crate::AppState;
+
+/// Query of `GET /v1/usage/ledger`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LedgerQuery {
+    /// At most this many, 1..=500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<i64>,
+    /// Skip this many of the newest (paging; default 0).
+    #[param(minimum = 0)]
+    pub offset: Option<i64>,
+}
+
+#[utoipa::path(get, path = "/v1/usage/ledger", tag = "billing", params(LedgerQuery),
+    responses((status = 200, description = "The key's ledger entries (a job's charge when it \
+        was accepted, its refund when definitions made no image), newest first",
+        body = ListOf<LedgerEntry>)),
+    security(("bearer" = [])))]
+pub(super) async fn get_ledger(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    ApiQuery(query): ApiQuery<LedgerQuery>,
+) -> Result<Json<ListOf<LedgerEntry>>, ApiError> {
+    let limit = list_limit(query.limit, 50, 1..=500)?;
+    let offset = query.offset.unwrap_or(0);
+    if offset < 0 {
+        return Err(ApiError::invalid(
+            "invalid_value",
+            "offset",
+            format!("{offset} is out of range (allowed: 0 or more)"),
+        ));
+    }
+    let rows = state
+        .store()
+        .ledger(&principal.key_id, limit, offset)
+        .await?;
+    Ok(Json(ListOf::new(
+        rows.iter()
+            .map(|r| LedgerEntry {
+                object: "ledger_entry".into(),
+                generation_id: r.generation_id.clone(),
+                kind: r.kind.clone(),
+                inferences: r.inferences,
+                amount_usd: usd(r.amount_micros),
+                created_at: rfc3339(r.created_at),
+            })
+            .collect(),
+    )))
+}
 
 #[utoipa::path(get, path = "/v1/usage", tag = "billing",
     responses((status = 200, body = UsageRecord)), security(("bearer" = [])))]

@@ -40,6 +40,19 @@ pub struct AssetRow {
     pub created_at: i64,
 }
 
+/// Which of a key's outputs [`Store::assets_page`] lists.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AssetFilter<'a> {
+    /// At most this many.
+    pub limit: i64,
+    /// Skip this many (newest first).
+    pub offset: i64,
+    /// A substring of the prompt (ASCII case-insensitive).
+    pub prompt: Option<&'a str>,
+    /// The `baseModel` as requested, exactly.
+    pub model: Option<&'a str>,
+}
+
 impl Store {
     pub(super) fn asset_row(row: &SqliteRow) -> AssetRow {
         let seed: Option<String> = row.get("seed");
@@ -121,17 +134,77 @@ impl Store {
         Ok(rows.iter().map(Self::asset_row).collect())
     }
 
-    /// A key's assets, newest first.
-    pub async fn assets_of_key(&self, key_id: &str, limit: i64) -> StoreResult<Vec<AssetRow>> {
+    /// A page of a key's output assets, newest first: skip `offset`, at
+    /// most `limit`, only those whose image definition's prompt contains
+    /// `prompt` (ASCII case-insensitive; `%` and `_` match themselves) and
+    /// whose `baseModel` is `model`, when given.
+    pub async fn assets_page(
+        &self,
+        key_id: &str,
+        filter: &AssetFilter<'_>,
+    ) -> StoreResult<Vec<AssetRow>> {
+        let pattern = filter.prompt.map(|p| {
+            let escaped = p
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_");
+            format!("%{escaped}%")
+        });
         let rows = sqlx::query(
-            "SELECT * FROM assets WHERE key_id = ? AND kind = 'output'
-             ORDER BY created_at DESC, id LIMIT ?",
+            "SELECT a.* FROM assets a
+             LEFT JOIN generation_items i
+                    ON i.generation_id = a.generation_id AND i.idx = a.item_idx
+             WHERE a.key_id = ? AND a.kind = 'output'
+               AND (? IS NULL OR json_extract(i.spec_json, '$.definition.prompt') LIKE ? ESCAPE '\\')
+               AND (? IS NULL OR json_extract(i.spec_json, '$.definition.baseModel') = ?)
+             ORDER BY a.created_at DESC, a.generation_id, a.item_idx DESC, a.image_idx DESC
+             LIMIT ? OFFSET ?",
         )
         .bind(key_id)
-        .bind(limit)
+        .bind(&pattern)
+        .bind(&pattern)
+        .bind(filter.model)
+        .bind(filter.model)
+        .bind(filter.limit)
+        .bind(filter.offset)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(Self::asset_row).collect())
+    }
+
+    /// Delete output asset `id` of `key_id`: `None` when the key has no
+    /// such output; else the row and whether another record (an asset or a
+    /// training) still names its content hash (then the file must stay).
+    pub async fn delete_output_asset(
+        &self,
+        key_id: &str,
+        id: &str,
+    ) -> StoreResult<Option<(AssetRow, bool)>> {
+        let mut tx = self.pool.begin().await?;
+        let row =
+            sqlx::query("SELECT * FROM assets WHERE id = ? AND key_id = ? AND kind = 'output'")
+                .bind(id)
+                .bind(key_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(asset) = row.as_ref().map(Self::asset_row) else {
+            return Ok(None);
+        };
+        sqlx::query("DELETE FROM assets WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let shared: i64 = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM assets WHERE hash = ?)
+                  + (SELECT COUNT(*) FROM trainings WHERE hash = ?) AS n",
+        )
+        .bind(&asset.hash)
+        .bind(&asset.hash)
+        .fetch_one(&mut *tx)
+        .await?
+        .get("n");
+        tx.commit().await?;
+        Ok(Some((asset, shared > 0)))
     }
 
     /// Every stored content hash: of assets and of trainings.

@@ -304,6 +304,19 @@ impl Store {
         ))
     }
 
+    /// A queued job's place in the queue: 1 + the jobs of any key queued
+    /// before it (by acceptance order; the worker may run a job for an
+    /// already loaded model a little earlier, see `fair_skip_limit`).
+    pub async fn queue_position(&self, seq: i64) -> StoreResult<i64> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM generations WHERE status = 'queued' AND seq < ?",
+        )
+        .bind(seq)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.get::<i64, _>("n") + 1)
+    }
+
     /// Mark a queued job running (attempts + 1). `None` when it is no
     /// longer queued (canceled meanwhile).
     pub async fn start(&self, id: &str) -> StoreResult<Option<i64>> {

@@ -34,13 +34,13 @@ mod trainings;
 mod usage;
 mod webhooks;
 
-pub use assets::AssetRow;
+pub use assets::{AssetFilter, AssetRow};
 pub use flows::{FlowRow, FlowRunRow};
 pub use jobs::{GenerationRow, ItemRow, NewGeneration, Recovery};
 pub use keys::KeyRow;
 pub use packs::PackRow;
 pub use trainings::TrainingRow;
-pub use usage::Usage;
+pub use usage::{LedgerRow, Usage};
 pub use webhooks::DeliveryRow;
 
 /// The database file inside the data dir.

@@ -19,7 +19,53 @@ pub struct Usage {
     pub images_generated: i64,
 }
 
+/// One ledger entry: a job's charge or refund.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LedgerRow {
+    /// Its place in the ledger (increasing).
+    pub seq: i64,
+    /// The job.
+    pub generation_id: String,
+    /// `charge` or `refund`.
+    pub kind: String,
+    /// Inferences charged or refunded.
+    pub inferences: i64,
+    /// Micro-USD charged or refunded.
+    pub amount_micros: i64,
+    /// When (ms).
+    pub created_at: i64,
+}
+
 impl Store {
+    /// A key's ledger entries, newest first: skip `offset`, at most `limit`.
+    pub async fn ledger(
+        &self,
+        key_id: &str,
+        limit: i64,
+        offset: i64,
+    ) -> StoreResult<Vec<LedgerRow>> {
+        let rows = sqlx::query(
+            "SELECT seq, generation_id, kind, inferences, amount_micros, created_at
+             FROM ledger WHERE key_id = ? ORDER BY seq DESC LIMIT ? OFFSET ?",
+        )
+        .bind(key_id)
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| LedgerRow {
+                seq: r.get("seq"),
+                generation_id: r.get("generation_id"),
+                kind: r.get("kind"),
+                inferences: r.get("inferences"),
+                amount_micros: r.get("amount_micros"),
+                created_at: r.get("created_at"),
+            })
+            .collect())
+    }
+
     /// A key's charges, refunds and images.
     pub async fn usage(&self, key_id: &str) -> StoreResult<Usage> {
         let row = sqlx::query(
