@@ -41,6 +41,8 @@ shots=""
 if [[ "${1:-}" == "--screenshots" ]]; then
     shots="$PWD/docs/ui"
 fi
+# Absolute before the cd below (EASEL_BIN may be relative to the repository).
+easel="$(realpath "$easel")"
 cd tests/ui
-EASEL_BIN="$(realpath "$easel")" CHROMIUM="$chromium" UI_SCREENSHOT_DIR="$shots" \
+EASEL_BIN="$easel" CHROMIUM="$chromium" UI_SCREENSHOT_DIR="$shots" \
     node --test --test-reporter=spec e2e.test.mjs
