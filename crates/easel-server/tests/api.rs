@@ -2,132 +2,29 @@
 //! with a real SQLite file in a temporary folder, on the tiny fixture
 //! models (or the fake engine where only the service is under test).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap, Method, Request, StatusCode};
-use axum::Router;
 use base64::Engine as _;
 use easel_server::config::{Config, EngineKind};
 use easel_server::{app, AppState};
 use serde_json::{json, Value};
-use tower::ServiceExt;
+
+mod common;
+use common::{base_config, fixtures, TestServer};
 
 #[path = "../../../tests/support/component_files.rs"]
 mod component_files_support;
 #[path = "../../../tests/support/single_file.rs"]
 mod single_file_support;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
 fn tiny_sd15() -> String {
     fixtures().join("models/tiny-sd15").display().to_string()
 }
 
-/// A server on a temporary data dir, with one API key.
-struct TestServer {
-    state: AppState,
-    router: Router,
-    key: String,
-    dir: tempfile::TempDir,
-}
-
-fn base_config(dir: &Path) -> Config {
-    Config {
-        data_dir: dir.join("data"),
-        models_dirs: vec![fixtures().join("models"), fixtures().join("loras")],
-        hf_cache: Some(dir.join("hub")),
-        offline: true,
-        webhook_secret: Some("test-secret".into()),
-        webhook_backoff_ms: 50,
-        ..Config::default()
-    }
-}
-
 impl TestServer {
-    async fn new(tweak: impl FnOnce(&mut Config)) -> TestServer {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = base_config(dir.path());
-        tweak(&mut config);
-        let state = AppState::open(config).await.unwrap();
-        let key = Self::add_key(&state, None).await;
-        TestServer {
-            router: app(state.clone()),
-            state,
-            key,
-            dir,
-        }
-    }
-
-    async fn fake() -> TestServer {
-        Self::new(|c| {
-            c.engine = EngineKind::Fake;
-            c.fake_step_ms = 1;
-        })
-        .await
-    }
-
-    async fn add_key(state: &AppState, limit_micros: Option<i64>) -> String {
-        let (row, secret) = easel_server::auth::new_key("test", limit_micros);
-        state
-            .store()
-            .insert_key(&row, &easel_server::auth::hash_secret(&secret))
-            .await
-            .unwrap();
-        secret
-    }
-
-    async fn send(&self, request: Request<Body>) -> (StatusCode, HeaderMap, Vec<u8>) {
-        let response = self.router.clone().oneshot(request).await.unwrap();
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        (status, headers, body.to_vec())
-    }
-
-    async fn call_as(
-        &self,
-        key: Option<&str>,
-        method: Method,
-        uri: &str,
-        body: Option<Value>,
-    ) -> (StatusCode, HeaderMap, Value) {
-        let mut builder = Request::builder().method(method).uri(uri);
-        if let Some(key) = key {
-            builder = builder.header(header::AUTHORIZATION, format!("Bearer {key}"));
-        }
-        let request = match body {
-            Some(b) => builder
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(b.to_string()))
-                .unwrap(),
-            None => builder.body(Body::empty()).unwrap(),
-        };
-        let (status, headers, bytes) = self.send(request).await;
-        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        (status, headers, value)
-    }
-
-    async fn call(&self, method: Method, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let (s, _, v) = self
-            .call_as(Some(&self.key.clone()), method, uri, body)
-            .await;
-        (s, v)
-    }
-
-    async fn post(&self, uri: &str, body: Value) -> (StatusCode, Value) {
-        self.call(Method::POST, uri, Some(body)).await
-    }
-
-    async fn get(&self, uri: &str) -> (StatusCode, Value) {
-        self.call(Method::GET, uri, None).await
-    }
-
     /// Poll a job until it is finished (or panic after `secs`).
     async fn wait_done(&self, id: &str, secs: u64) -> Value {
         let deadline = Instant::now() + Duration::from_secs(secs);

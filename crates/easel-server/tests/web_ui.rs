@@ -4,108 +4,36 @@
 //! paging, filters and delete on `/v1/assets`. The page itself is tested in
 //! a browser by `tools/ui-e2e.sh`.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
-use axum::Router;
 use easel_server::config::{Config, EngineKind};
-use easel_server::{app, AppState};
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
-struct Server {
-    state: AppState,
-    router: Router,
-    key: String,
-    _dir: tempfile::TempDir,
-}
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+mod common;
+use common::{fixtures, TestServer as Server};
 
 impl Server {
-    async fn new(tweak: impl FnOnce(&mut Config)) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = Config {
-            data_dir: dir.path().join("data"),
-            models_dirs: vec![fixtures().join("models")],
-            hf_cache: Some(dir.path().join("hub")),
-            offline: true,
-            ..Config::default()
-        };
-        tweak(&mut config);
-        let state = AppState::open(config).await.unwrap();
-        let key = Self::add_key(&state).await;
-        Server {
-            router: app(state.clone()),
-            state,
-            key,
-            _dir: dir,
-        }
-    }
-
-    async fn fake(step_ms: u64) -> Server {
+    /// A server with the page's configuration: the fixture models only.
+    async fn page(tweak: impl FnOnce(&mut Config)) -> Server {
         Self::new(|c| {
-            c.engine = EngineKind::Fake;
-            c.fake_step_ms = step_ms;
+            let defaults = Config::default();
+            c.models_dirs = vec![fixtures().join("models")];
+            c.webhook_secret = defaults.webhook_secret;
+            c.webhook_backoff_ms = defaults.webhook_backoff_ms;
+            tweak(c);
         })
         .await
     }
 
-    async fn add_key(state: &AppState) -> String {
-        let (row, secret) = easel_server::auth::new_key("test", None);
-        state
-            .store()
-            .insert_key(&row, &easel_server::auth::hash_secret(&secret))
-            .await
-            .unwrap();
-        secret
-    }
-
-    async fn raw(&self, request: Request<Body>) -> (StatusCode, header::HeaderMap, Vec<u8>) {
-        let response = self.router.clone().oneshot(request).await.unwrap();
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        (status, headers, body.to_vec())
-    }
-
-    async fn call_as(
-        &self,
-        key: &str,
-        method: Method,
-        uri: &str,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        let builder = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header(header::AUTHORIZATION, format!("Bearer {key}"));
-        let request = match body {
-            Some(b) => builder
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(b.to_string()))
-                .unwrap(),
-            None => builder.body(Body::empty()).unwrap(),
-        };
-        let (status, _, bytes) = self.raw(request).await;
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
-    }
-
-    async fn call(&self, method: Method, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
-        self.call_as(&self.key, method, uri, body).await
-    }
-
-    async fn get(&self, uri: &str) -> (StatusCode, Value) {
-        self.call(Method::GET, uri, None).await
+    /// [`Server::page`] on the fake engine, `step_ms` per step.
+    async fn fake_ms(step_ms: u64) -> Server {
+        Self::page(|c| {
+            c.engine = EngineKind::Fake;
+            c.fake_step_ms = step_ms;
+        })
+        .await
     }
 
     /// Submit one definition; the job id.
@@ -136,9 +64,9 @@ impl Server {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_and_its_files_are_served_without_a_key() {
-    let server = Server::fake(1).await;
+    let server = Server::fake_ms(1).await;
     let get = |uri: &str| Request::get(uri).body(Body::empty()).unwrap();
-    let (status, headers, body) = server.raw(get("/")).await;
+    let (status, headers, body) = server.send(get("/")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers[header::CONTENT_TYPE], "text/html; charset=utf-8");
     let csp = headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
@@ -154,7 +82,7 @@ async fn the_page_and_its_files_are_served_without_a_key() {
         "{html}"
     );
 
-    let (status, headers, body) = server.raw(get("/ui/generate.js")).await;
+    let (status, headers, body) = server.send(get("/ui/generate.js")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         headers[header::CONTENT_TYPE],
@@ -162,19 +90,19 @@ async fn the_page_and_its_files_are_served_without_a_key() {
     );
     assert!(String::from_utf8(body).unwrap().contains("/v1/generations"));
 
-    let (status, _, body) = server.raw(get("/ui/missing.js")).await;
+    let (status, _, body) = server.send(get("/ui/missing.js")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let error: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(error["error"]["code"], "not_found");
 
     // The API behind the page still needs the key (the page's probe).
-    let (status, _, _) = server.raw(get("/v1/usage")).await;
+    let (status, _, _) = server.send(get("/v1/usage")).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_carry_their_family_defaults() {
-    let server = Server::new(|_| {}).await;
+    let server = Server::page(|_| {}).await;
     let (status, list) = server.get("/v1/models").await;
     assert_eq!(status, StatusCode::OK, "{list}");
     let entry = |id: &str| {
@@ -245,7 +173,7 @@ async fn models_carry_their_family_defaults() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_jobs_report_their_place_in_the_queue() {
-    let server = Server::fake(50).await;
+    let server = Server::fake_ms(50).await;
     let slow = json!({"baseModel": "fake/model", "prompt": "a", "steps": 60});
     let ids = [
         server.submit(slow.clone()).await,
@@ -302,7 +230,7 @@ fn ids(list: &Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn assets_page_filter_by_prompt_and_model_and_delete() {
-    let server = Server::fake(1).await;
+    let server = Server::fake_ms(1).await;
     let mut jobs = Vec::new();
     for (prompt, model, batch) in [
         ("A red Fox", "fake/a", 2),
@@ -352,10 +280,10 @@ async fn assets_page_filter_by_prompt_and_model_and_delete() {
     let (_, job0) = server.get(&format!("/v1/generations/{}", jobs[0])).await;
     let gone = job0["assets"][0].clone();
     let gone_id = gone["id"].as_str().unwrap();
-    let other_key = Server::add_key(&server.state).await;
-    let (s, _) = server
+    let other_key = Server::add_key(&server.state, None).await;
+    let (s, _, _) = server
         .call_as(
-            &other_key,
+            Some(&other_key),
             Method::DELETE,
             &format!("/v1/assets/{gone_id}"),
             None,
@@ -429,7 +357,7 @@ async fn lora_files_of_the_model_folders_are_listed_by_the_name_loras_path_takes
     let source = fixtures().join("loras/tiny-sd15-lora.safetensors");
     std::fs::copy(&source, loras.join("detail.safetensors")).unwrap();
     let root_path = root.path().to_path_buf();
-    let server = Server::new(move |c| c.models_dirs.push(root_path)).await;
+    let server = Server::page(move |c| c.models_dirs.push(root_path)).await;
 
     let (status, list) = server.get("/v1/loras").await;
     assert_eq!(status, StatusCode::OK, "{list}");
@@ -454,14 +382,14 @@ async fn lora_files_of_the_model_folders_are_listed_by_the_name_loras_path_takes
     assert_eq!(job["images"][0]["parameters"]["loras"][0]["scale"], 0.5);
     // Without a key: 401, as every /v1 route.
     let (status, _, _) = server
-        .raw(Request::get("/v1/loras").body(Body::empty()).unwrap())
+        .send(Request::get("/v1/loras").body(Body::empty()).unwrap())
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ledger_lists_charges_and_refunds_newest_first() {
-    let server = Server::fake(20).await;
+    let server = Server::fake_ms(20).await;
     let done = server
         .submit(json!({"baseModel": "fake/model", "prompt": "a", "steps": 1}))
         .await;
@@ -511,9 +439,9 @@ async fn the_ledger_lists_charges_and_refunds_newest_first() {
         (StatusCode::UNPROCESSABLE_ENTITY, Some("offset"))
     );
     // Another key sees none of it.
-    let other = Server::add_key(&server.state).await;
-    let (_, theirs) = server
-        .call_as(&other, Method::GET, "/v1/usage/ledger", None)
+    let other = Server::add_key(&server.state, None).await;
+    let (_, _, theirs) = server
+        .call_as(Some(&other), Method::GET, "/v1/usage/ledger", None)
         .await;
     assert_eq!(theirs["data"], json!([]));
 }

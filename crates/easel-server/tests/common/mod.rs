@@ -1,0 +1,125 @@
+//! The test harness the server's integration tests share: a server on a
+//! temporary data dir with one API key, called through its router
+//! (`oneshot`). Each test file adds its own helpers in `impl TestServer`.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, Method, Request, StatusCode};
+use axum::Router;
+use easel_server::config::{Config, EngineKind};
+use easel_server::{app, AppState};
+use serde_json::Value;
+use tower::ServiceExt;
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// A server on a temporary data dir, with one API key.
+pub struct TestServer {
+    pub state: AppState,
+    pub router: Router,
+    pub key: String,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn base_config(dir: &Path) -> Config {
+    Config {
+        data_dir: dir.join("data"),
+        models_dirs: vec![fixtures().join("models"), fixtures().join("loras")],
+        hf_cache: Some(dir.join("hub")),
+        offline: true,
+        webhook_secret: Some("test-secret".into()),
+        webhook_backoff_ms: 50,
+        ..Config::default()
+    }
+}
+
+impl TestServer {
+    pub async fn new(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = base_config(dir.path());
+        tweak(&mut config);
+        let state = AppState::open(config).await.unwrap();
+        let key = Self::add_key(&state, None).await;
+        TestServer {
+            router: app(state.clone()),
+            state,
+            key,
+            dir,
+        }
+    }
+
+    pub async fn fake() -> TestServer {
+        Self::new(|c| {
+            c.engine = EngineKind::Fake;
+            c.fake_step_ms = 1;
+        })
+        .await
+    }
+
+    pub async fn add_key(state: &AppState, limit_micros: Option<i64>) -> String {
+        let (row, secret) = easel_server::auth::new_key("test", limit_micros);
+        state
+            .store()
+            .insert_key(&row, &easel_server::auth::hash_secret(&secret))
+            .await
+            .unwrap();
+        secret
+    }
+
+    pub async fn send(&self, request: Request<Body>) -> (StatusCode, HeaderMap, Vec<u8>) {
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, headers, body.to_vec())
+    }
+
+    pub async fn call_as(
+        &self,
+        key: Option<&str>,
+        method: Method,
+        uri: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, HeaderMap, Value) {
+        let mut builder = Request::builder().method(method).uri(uri);
+        if let Some(key) = key {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        let request = match body {
+            Some(b) => builder
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(b.to_string()))
+                .unwrap(),
+            None => builder.body(Body::empty()).unwrap(),
+        };
+        let (status, headers, bytes) = self.send(request).await;
+        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, headers, value)
+    }
+
+    pub async fn call(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let (s, _, v) = self
+            .call_as(Some(&self.key.clone()), method, uri, body)
+            .await;
+        (s, v)
+    }
+
+    pub async fn post(&self, uri: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::POST, uri, Some(body)).await
+    }
+
+    pub async fn get(&self, uri: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, uri, None).await
+    }
+}
