@@ -131,6 +131,20 @@ pub fn list_limit(
     }
 }
 
+/// A list endpoint's `offset` query parameter: entries to skip, 0 when
+/// absent. Errors: a negative offset (`invalid_value` naming `offset`).
+pub fn list_offset(offset: Option<i64>) -> Result<i64, ApiError> {
+    let offset = offset.unwrap_or(0);
+    if offset < 0 {
+        return Err(ApiError::invalid(
+            "invalid_value",
+            "offset",
+            format!("{offset} is out of range (allowed: 0 or more)"),
+        ));
+    }
+    Ok(offset)
+}
+
 /// The 400 `invalid_json` error for a body that does not parse as JSON
 /// (RFC 8259); the message carries the parser's position and reason.
 pub fn invalid_json(e: impl std::fmt::Display) -> ApiError {

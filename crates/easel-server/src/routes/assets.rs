@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ErrorBody};
-use crate::http::{list_limit, ApiQuery, BaseUrl};
+use crate::http::{list_limit, list_offset, ApiQuery, BaseUrl};
 use crate::store::AssetFilter;
 use crate::views::{AssetRecord, ListOf};
 use crate::AppState;
@@ -57,14 +57,7 @@ pub(super) async fn list_assets(
             state.store().assets_of(id).await?
         }
         None => {
-            let offset = query.offset.unwrap_or(0);
-            if offset < 0 {
-                return Err(ApiError::invalid(
-                    "invalid_value",
-                    "offset",
-                    format!("{offset} is out of range (allowed: 0 or more)"),
-                ));
-            }
+            let offset = list_offset(query.offset)?;
             let filter = AssetFilter {
                 limit,
                 offset,

@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::http::{list_limit, ApiQuery};
+use crate::http::{list_limit, list_offset, ApiQuery};
 use crate::util::{rfc3339, usd};
 use crate::views::{LedgerEntry, ListOf, UsageRecord};
 use crate::AppState;
@@ -35,14 +35,7 @@ pub(super) async fn get_ledger(
     ApiQuery(query): ApiQuery<LedgerQuery>,
 ) -> Result<Json<ListOf<LedgerEntry>>, ApiError> {
     let limit = list_limit(query.limit, 50, 1..=500)?;
-    let offset = query.offset.unwrap_or(0);
-    if offset < 0 {
-        return Err(ApiError::invalid(
-            "invalid_value",
-            "offset",
-            format!("{offset} is out of range (allowed: 0 or more)"),
-        ));
-    }
+    let offset = list_offset(query.offset)?;
     let rows = state
         .store()
         .ledger(&principal.key_id, limit, offset)
