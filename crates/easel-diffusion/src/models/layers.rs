@@ -267,17 +267,7 @@ impl Conv2d {
             let mut input = kernels::ConvInput::plain(xd, sh, sw);
             match prologue {
                 ConvPrologue::Norm(norm, _) => {
-                    affine = timed(5, || {
-                        kernels::group_norm_affine(
-                            xd,
-                            ci,
-                            sh * sw,
-                            norm.groups,
-                            norm.eps,
-                            &norm.gamma,
-                            &norm.beta,
-                        )
-                    });
+                    affine = norm.plane_affine(xd, ci, sh * sw);
                     input = input.with_affine(&affine, true);
                 }
                 ConvPrologue::Upsample2x => input = input.upsampled_2x(),
@@ -323,11 +313,7 @@ impl Conv2d {
         if !applies {
             return Ok(false);
         }
-        let affine = norm.map(|(n, _)| {
-            timed(5, || {
-                kernels::group_norm_affine(buf, c, h * w, n.groups, n.eps, &n.gamma, &n.beta)
-            })
-        });
+        let affine = norm.map(|(n, _)| n.plane_affine(buf, c, h * w));
         count_flops(2 * b * co * h * w * in_c * k * k);
         timed(0, || {
             self.weight.with_f32(|wd| {
@@ -547,6 +533,24 @@ impl GroupNorm {
             eps,
             gamma: Arc::new(gamma),
             beta: Arc::new(beta),
+        })
+    }
+
+    /// The per-plane `(scale, shift)` this norm applies to `x`
+    /// (`(batch, channels, spatial)` f32 values; [`kernels::group_norm_affine`]),
+    /// for the kernels that apply it as they read (`ConvInput`). Needs the
+    /// f32 gamma / beta the CPU path loads.
+    fn plane_affine(&self, x: &[f32], channels: usize, spatial: usize) -> Vec<(f32, f32)> {
+        timed(5, || {
+            kernels::group_norm_affine(
+                x,
+                channels,
+                spatial,
+                self.groups,
+                self.eps,
+                &self.gamma,
+                &self.beta,
+            )
         })
     }
 
