@@ -410,6 +410,25 @@ impl ImageDefinition {
         Ok(())
     }
 
+    /// Check request-wide defaults (the top-level image fields of a
+    /// generation request or an inference pack) on their own: every field
+    /// that is set must be in its range, even when every image overrides it.
+    /// `prompt`, `baseModel` and `image` may be missing here (the images or
+    /// a later request give them), so a `strength` or `mask` default is not
+    /// refused for want of an `image`.
+    ///
+    /// # Errors
+    /// As [`Self::validate`], with top-level field paths (`batchSize`).
+    pub fn validate_defaults(&self, options: &ValidateOptions) -> Result<(), ValidationError> {
+        let mut placeholder = self.clone();
+        placeholder.prompt.get_or_insert_with(String::new);
+        placeholder.base_model.get_or_insert_with(|| "-".into());
+        if placeholder.strength.is_some() || placeholder.mask.is_some() {
+            placeholder.image.get_or_insert_with(|| "-".into());
+        }
+        placeholder.validate(options)
+    }
+
     /// The LoRA scale of `trainingId`: `scale`, or [`DEFAULT_LORA_SCALE`].
     pub fn scale_or_default(&self) -> f64 {
         self.scale.unwrap_or(DEFAULT_LORA_SCALE)

@@ -161,6 +161,11 @@ pub async fn prepare(
     request_hash: String,
     idempotency_key: Option<String>,
 ) -> Result<Prepared, ApiError> {
+    // 0. The top-level defaults on their own: a value out of range is
+    // refused even when every image overrides it.
+    request
+        .defaults
+        .validate_defaults(&ValidateOptions::default())?;
     // 1. The inference pack's definitions first, then the request's own.
     let mut definitions: Vec<(String, ImageDefinition)> = Vec::new();
     if let Some(pack_id) = &request.inference_pack_id {

@@ -820,6 +820,45 @@ async fn lora_paths_are_accepted_and_bad_lora_urls_refused_up_front() {
     assert_eq!(server.count("generations").await, 1);
 }
 
+/// Top-level defaults are checked on their own: a value out of range is a
+/// mistake even when every image overrides it. A `strength` default without
+/// a top-level `image` is fine when the images give theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_defaults_are_range_checked_even_when_overridden() {
+    let server = TestServer::fake().await;
+    for (body, field) in [
+        (
+            json!({"baseModel": "fake/model", "batchSize": 0, "images": [{"prompt": "a", "batchSize": 2}]}),
+            "batchSize",
+        ),
+        (
+            json!({"baseModel": "fake/model", "steps": 0, "images": [{"prompt": "a", "steps": 2}]}),
+            "steps",
+        ),
+        (
+            json!({"baseModel": "fake/model", "guidanceScale": -1, "images": [{"prompt": "a", "guidanceScale": 2}]}),
+            "guidanceScale",
+        ),
+    ] {
+        let (s, e) = server.post("/v1/generations", body).await;
+        assert_eq!(
+            (s, e["error"]["field"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some(field)),
+            "{e}"
+        );
+    }
+    assert_eq!(server.count("generations").await, 0);
+    let png = base64::engine::general_purpose::STANDARD.encode(png_bytes(64, 64, false));
+    let (s, job) = server
+        .post(
+            "/v1/generations",
+            json!({"baseModel": "fake/model", "strength": 0.5,
+                   "images": [{"prompt": "a", "image": format!("data:image/png;base64,{png}")}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{job}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inference_pack_definitions_run_before_the_request_images() {
     let server = TestServer::fake().await;
@@ -839,6 +878,19 @@ async fn inference_pack_definitions_run_before_the_request_images() {
     assert_eq!(
         (s, e["error"]["field"].as_str()),
         (StatusCode::UNPROCESSABLE_ENTITY, Some("images[0].steps"))
+    );
+    // A top-level default out of range is refused even when every image
+    // overrides it (schemathesis found `batchSize: 0` accepted).
+    let (s, e) = server
+        .post(
+            "/v1/inference-packs",
+            json!({"name": "bad default", "batchSize": 0, "images": [{"prompt": "x", "batchSize": 3}]}),
+        )
+        .await;
+    assert_eq!(
+        (s, e["error"]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("batchSize")),
+        "{e}"
     );
     let (_, list) = server.get("/v1/inference-packs").await;
     assert_eq!(list["data"].as_array().unwrap().len(), 1);

@@ -59,6 +59,8 @@ pub(super) async fn create_pack(
             ),
         ));
     }
+    pack.defaults
+        .validate_defaults(&ValidateOptions::default())?;
     // Ranges now; prompt and baseModel may come from the request that uses it.
     for (i, image) in pack.images.iter().enumerate() {
         let mut merged: ImageDefinition = image.merged_over(&pack.defaults);
