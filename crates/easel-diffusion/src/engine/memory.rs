@@ -18,7 +18,7 @@ use std::io::Read;
 use std::path::Path;
 
 use crate::loader::{ModelDir, ModelFamily};
-use crate::models::quantize::{is_embedding_table, Quantization};
+use crate::models::quantize::{is_embedding_table, is_t5_token_table, Quantization};
 
 /// The largest safetensors header read (the format's own limit is 100 MB).
 const MAX_HEADER_BYTES: u64 = 100 << 20;
@@ -95,7 +95,7 @@ fn tensor_bytes(t: &TensorInfo, quantization: Option<Quantization>) -> (u64, u64
     };
     // T5's token table is kept in its stored precision (rows widened as
     // looked up); CLIP's tables and T5's position buckets are widened.
-    let t5_table = t.name == "shared.weight" || t.name == "encoder.embed_tokens.weight";
+    let t5_table = is_t5_token_table(&t.name);
     let matrix = matches!(t.shape.len(), 2 | 4)
         && t.name.ends_with(".weight")
         && (t5_table || !is_embedding_table(&t.name));

@@ -75,12 +75,15 @@ impl Quantization {
     /// multiple of 32 values, inside a repeated block ([`BLOCK_PREFIXES`]:
     /// FLUX `transformer_blocks.*` / `single_transformer_blocks.*`, UNet
     /// `down_blocks.*` / `mid_block.*` / `up_blocks.*`, T5 `encoder.block.*`),
-    /// and not an embedding table ([`is_embedding_table`]).
+    /// and not an embedding table ([`is_embedding_table`]); or T5's token
+    /// table ([`is_t5_token_table`]: 32128 x 4096 in T5-XXL, 0.25 GiB in
+    /// f16; its looked-up rows are widened, as city96's T5 GGUF files keep
+    /// `token_embd` quantized).
     pub fn applies(name: &str, shape: &[usize]) -> bool {
         matches!(shape, [_, cols] if cols % 32 == 0 && *cols > 0)
             && name.ends_with(".weight")
-            && BLOCK_PREFIXES.iter().any(|p| name.starts_with(p))
-            && !is_embedding_table(name)
+            && ((BLOCK_PREFIXES.iter().any(|p| name.starts_with(p)) && !is_embedding_table(name))
+                || is_t5_token_table(name))
     }
 
     /// `t` (2-D) in this quantization.
@@ -152,6 +155,15 @@ pub fn is_embedding_table(name: &str) -> bool {
         || name.ends_with("embed_tokens.weight")
         || name.ends_with("relative_attention_bias.weight")
         || name == "shared.weight"
+}
+
+/// Whether a tensor is T5's token embedding table (`shared.weight`, or
+/// `encoder.embed_tokens.weight` in checkpoints that store only the tied
+/// copy): the one embedding table `--quantize` converts, since T5 looks up
+/// its rows one token at a time ([`crate::models::t5`]) and it is the
+/// largest tensor of FLUX's text encoders.
+pub fn is_t5_token_table(name: &str) -> bool {
+    name == "shared.weight" || name == "encoder.embed_tokens.weight"
 }
 
 /// A [`TensorSource`] that hands out `base`'s linear weights quantized
@@ -262,12 +274,25 @@ mod tests {
                 ("transformer_blocks.0.attn.to_q.bias", vec![64]),
                 ("conv_in.weight", vec![32, 4, 3, 3]),
                 ("down_blocks.0.resnets.0.conv1.weight", vec![32, 32, 3, 3]),
-                ("shared.weight", vec![100, 64]),
+                (
+                    "text_model.embeddings.token_embedding.weight",
+                    vec![100, 64],
+                ),
+                (
+                    "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                    vec![32, 64],
+                ),
                 ("x_embedder.weight", vec![64, 64]),
                 ("transformer_blocks.0.proj.weight", vec![8, 20]),
             ] {
                 let t = src.stored(name, &shape, &dev).unwrap().unwrap();
                 assert!(matches!(t, StoredTensor::Dense(_)), "{q:?} {name}");
+            }
+            // T5's token table (either name) is the one embedding table
+            // converted.
+            for name in ["shared.weight", "encoder.embed_tokens.weight"] {
+                let t = src.stored(name, &[100, 64], &dev).unwrap().unwrap();
+                assert!(!matches!(t, StoredTensor::Dense(_)), "{q:?} {name}");
             }
         }
     }

@@ -274,9 +274,10 @@ impl Block {
 pub struct T5EncoderModel {
     config: T5Config,
     /// The token embedding table `(vocab, d_model)` in its stored
-    /// precision (f16 / bf16 stay half size: T5-XXL's is 32128 x 4096);
-    /// looked-up rows are widened to `dtype`.
-    shared: Tensor,
+    /// precision (f16 / bf16 stay half size, GGML blocks and fp8 stay
+    /// quantized: T5-XXL's is 32128 x 4096); looked-up rows are widened to
+    /// `dtype`.
+    shared: StoredTensor,
     dtype: DType,
     relative_attention_bias: Tensor,
     blocks: Vec<Block>,
@@ -299,10 +300,7 @@ impl T5EncoderModel {
         } else {
             "encoder.embed_tokens.weight"
         };
-        let shared = match w.get_stored(&emb_shape, name)? {
-            StoredTensor::Dense(t) => t,
-            other => other.to_dense(w.device())?.to_dtype(w.dtype())?,
-        };
+        let shared = w.get_stored(&emb_shape, name)?;
         let enc = w.pp("encoder");
         let relative_attention_bias = enc.get(
             &[config.relative_attention_num_buckets, config.num_heads],
@@ -323,6 +321,21 @@ impl T5EncoderModel {
                 config.layer_norm_epsilon,
             )?,
         })
+    }
+
+    /// The rows of the token table for `flat` (the same ids as `ids`):
+    /// `(tokens, d_model)`, in the table's dtype when it is dense, else
+    /// widened to f32 one row at a time (a quantized table is never widened
+    /// whole).
+    fn token_embeddings(&self, flat: &[u32], ids: &Tensor, device: &Device) -> Result<Tensor> {
+        if let StoredTensor::Dense(table) = &self.shared {
+            return Ok(table.embedding(ids)?);
+        }
+        let rows = flat
+            .iter()
+            .map(|&id| self.shared.narrow_rows(id as usize, 1)?.to_dense(device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&rows, 0)?)
     }
 
     /// The config the model was built from.
@@ -381,10 +394,9 @@ impl T5EncoderModel {
             ));
         }
         let flat: Vec<u32> = input_ids.iter().flatten().copied().collect();
-        let ids = Tensor::from_vec(flat, batch * seq, device)?;
+        let ids = Tensor::from_slice(&flat, batch * seq, device)?;
         let mut x = self
-            .shared
-            .embedding(&ids)?
+            .token_embeddings(&flat, &ids, device)?
             .to_dtype(self.dtype)?
             .reshape((batch, seq, ()))?;
         let bias = self.position_bias(seq, device)?;
@@ -417,6 +429,56 @@ mod tests {
         ];
         for (rp, want) in cases {
             assert_eq!(relative_position_bucket(rp, 32, 128), want, "rp {rp}");
+        }
+    }
+
+    /// Under `--quantize` the token table stays quantized (never widened
+    /// whole) and its looked-up rows are exactly the widened table's rows.
+    #[test]
+    fn quantized_token_table_is_kept_quantized_and_rows_are_exact() {
+        use crate::models::quantize::{Quantization, QuantizingSource};
+        use crate::models::weights::RandomSource;
+        use std::sync::Arc;
+
+        let config = T5Config {
+            vocab_size: 16,
+            d_model: 32,
+            d_kv: 8,
+            d_ff: 64,
+            num_layers: 1,
+            num_heads: 4,
+            relative_attention_num_buckets: 8,
+            relative_attention_max_distance: 16,
+            layer_norm_epsilon: 1e-6,
+            feed_forward_proj: "gated-gelu".into(),
+        };
+        let dev = Device::Cpu;
+        let base: Arc<dyn super::super::weights::TensorSource> =
+            Arc::new(RandomSource::new(DType::F16));
+        for q in [Quantization::Q8_0, Quantization::Q4_0, Quantization::Fp8] {
+            let source = Arc::new(QuantizingSource::new(base.clone(), q));
+            let w = Weights::new(source, "text_encoder_2", DType::F32, &dev);
+            let model = T5EncoderModel::load(&w, &config).unwrap();
+            assert!(
+                !matches!(model.shared, StoredTensor::Dense(_)),
+                "{q:?}: the table was widened at load"
+            );
+            let flat = [3u32, 0, 15, 3, 7];
+            let ids = Tensor::new(&flat[..], &dev).unwrap();
+            let got = model.token_embeddings(&flat, &ids, &dev).unwrap();
+            let want = model
+                .shared
+                .to_dense(&dev)
+                .unwrap()
+                .embedding(&ids)
+                .unwrap();
+            assert_eq!(got.dims(), &[5, 32]);
+            assert_eq!(
+                got.to_vec2::<f32>().unwrap(),
+                want.to_vec2::<f32>().unwrap(),
+                "{q:?}"
+            );
+            model.forward(&[flat.to_vec()], &dev).unwrap();
         }
     }
 
