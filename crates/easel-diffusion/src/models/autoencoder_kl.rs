@@ -12,6 +12,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::blocks::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use super::kernels;
 use super::layers::{Activation, Conv2d, ConvPrologue, GroupNorm, Linear};
 use super::weights::Weights;
 use crate::error::{Error, Result};
@@ -272,13 +273,33 @@ impl Decoder {
     fn forward(&self, z: &Tensor) -> Result<Tensor> {
         let mut h = self.conv_in.forward(z)?;
         h = self.mid_block.forward(&h)?;
-        for (resnets, up) in &self.up_blocks {
+        // An upsampler's output goes to the next block's first resnet by
+        // value when that block halves the channels, so the resnet writes
+        // over it (`forward_owned`: 0.5 GiB less at 1024²).
+        let mut owned: Option<(Vec<f32>, [usize; 4])> = None;
+        for (i, (resnets, up)) in self.up_blocks.iter().enumerate() {
             for r in resnets {
-                h = r.forward(&h, None)?;
+                h = match owned.take() {
+                    Some((x, dims)) => r.forward_owned(x, dims, None)?,
+                    None => r.forward(&h, None)?,
+                };
             }
             if let Some(up) = up {
-                h = up.forward(&h, None)?;
+                let next_shrinks = kernels::applies(&h)
+                    && self.up_blocks.get(i + 1).is_some_and(|(next, _)| {
+                        let channels = h.dim(1).unwrap_or(0);
+                        next.first().is_some_and(|r| r.shrinks_in_place(channels))
+                    });
+                if next_shrinks {
+                    owned = Some(up.forward_vec(&h)?);
+                    h = Tensor::zeros(0, h.dtype(), h.device())?;
+                } else {
+                    h = up.forward(&h, None)?;
+                }
             }
+        }
+        if let Some((x, dims)) = owned {
+            h = kernels::tensor(x, &dims)?;
         }
         self.conv_out
             .forward_after(&h, ConvPrologue::Norm(&self.conv_norm_out, self.act))

@@ -151,6 +151,102 @@ impl ResnetBlock2D {
         kernels::tensor(h, &dims)
     }
 
+    /// [`ResnetBlock2D::forward`] on an input the caller hands over (`x`:
+    /// `(batch, in, h, w)` = `dims`, row-major f32), for a block that at
+    /// least halves its channels (the VAE decoder's 512 → 256 and 256 → 128
+    /// blocks): `conv1` and the 1×1 shortcut are written over `x` itself
+    /// ([`Conv2d::forward_shrink_in_place`]), `conv2` runs in place on each
+    /// image's `conv1` planes, the shortcut is added, and `x`'s buffer is
+    /// cut to the output's size. The block then holds one tensor, its
+    /// input, instead of the input and the output (1 GiB instead of 1.5 GiB
+    /// for the decoder's 256 → 128 block at 1024²). Same values as
+    /// [`ResnetBlock2D::forward`] (the shortcut's product summed over other
+    /// column blocks: within 1e-5); other blocks and kernels take
+    /// [`ResnetBlock2D::forward`].
+    ///
+    /// Errors: as [`ResnetBlock2D::forward`]; `x` not of `dims`' size.
+    pub fn forward_owned(
+        &self,
+        mut x: Vec<f32>,
+        dims: [usize; 4],
+        temb: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let [batch, ci, hh, ww] = dims;
+        let hw = hh * ww;
+        if x.len() != batch * ci * hw {
+            return Err(crate::error::Error::invalid(
+                "resnet",
+                format!("{} values do not make a {dims:?} input", x.len()),
+            ));
+        }
+        let co = self.conv2.dims_out();
+        let in_place = match &self.conv_shortcut {
+            Some(shortcut) if self.conv2.in_place_ready(co, Some((&self.norm2, self.act))) => self
+                .conv1
+                .forward_shrink_in_place(&mut x, dims, (&self.norm1, self.act), shortcut)?,
+            _ => false,
+        };
+        if !in_place {
+            return self.forward(&kernels::tensor(x, &dims)?, temb);
+        }
+        let temb = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => Some(proj.forward(&self.act.forward(temb)?)?),
+            _ => None,
+        };
+        // Per image: planes [0, co) are conv1's output, [co, 2 co) the shortcut's.
+        let planes = 2 * co;
+        let image_dims = [1, co, hh, ww];
+        for b in 0..batch {
+            let (h, s) = x[b * planes * hw..(b + 1) * planes * hw].split_at_mut(co * hw);
+            if let Some(t) = &temb {
+                let (tb, tc) = t.dims2()?;
+                if tc != co || (tb != batch && tb != 1) {
+                    return Err(crate::error::Error::invalid(
+                        "resnet",
+                        format!("time embedding {tb}x{tc} does not fit a {batch}x{co} input"),
+                    ));
+                }
+                let row = t.get(b % tb)?;
+                kernels::with_f32(&row, |t| {
+                    h.par_chunks_mut(hw)
+                        .zip(t.par_iter())
+                        .for_each(|(plane, &tv)| plane.iter_mut().for_each(|v| *v += tv))
+                })?;
+            }
+            if !self
+                .conv2
+                .forward_in_place(h, image_dims, Some((&self.norm2, self.act)))?
+            {
+                return Err(crate::error::Error::invalid(
+                    "resnet",
+                    "conv2 left the in-place kernels after conv1 ran in place",
+                ));
+            }
+            h.par_chunks_mut(1 << 14)
+                .zip(s.par_chunks(1 << 14))
+                .for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(o, &v)| *o += v));
+        }
+        // Images side by side, then the buffer cut to the output's size
+        // (glibc shrinks a large block where it lies, without a copy).
+        for b in 1..batch {
+            x.copy_within(b * planes * hw..(b * planes + co) * hw, b * co * hw);
+        }
+        x.truncate(batch * co * hw);
+        x.shrink_to_fit();
+        if self.output_scale_factor != 1.0 {
+            let mul = (1.0 / self.output_scale_factor) as f32;
+            x.par_iter_mut().for_each(|v| *v = *v * mul + 0.0);
+        }
+        kernels::tensor(x, &[batch, co, hh, ww])
+    }
+
+    /// Whether [`ResnetBlock2D::forward_owned`] writes over its input for an
+    /// input of `channels` channels: the block has a 1×1 shortcut and at
+    /// least halves the channels.
+    pub fn shrinks_in_place(&self, channels: usize) -> bool {
+        self.conv_shortcut.is_some() && channels >= 2 * self.conv2.dims_out()
+    }
+
     /// [`ResnetBlock2D::forward`] one operation after the other (tensors
     /// the CPU kernels do not take); `temb` already projected.
     fn forward_unfused(&self, x: &Tensor, temb: Option<Tensor>) -> Result<Tensor> {
@@ -231,6 +327,19 @@ impl Upsample2D {
         }
         let x = x.upsample_nearest2d(th, tw)?;
         self.conv.forward(&x)
+    }
+
+    /// [`Upsample2D::forward`] at twice the size, the output as its data
+    /// and dims (`(batch, out, 2h, 2w)`) for a caller that hands it on by
+    /// value ([`ResnetBlock2D::forward_owned`]); computed as `forward` does
+    /// (copied out of the tensor where the fused kernel does not apply).
+    pub fn forward_vec(&self, x: &Tensor) -> Result<(Vec<f32>, [usize; 4])> {
+        if let Some(out) = self.conv.forward_after_vec(x, ConvPrologue::Upsample2x)? {
+            return Ok(out);
+        }
+        let y = self.forward(x, None)?;
+        let (b, c, h, w) = y.dims4()?;
+        Ok((kernels::with_f32(&y, <[f32]>::to_vec)?, [b, c, h, w]))
     }
 }
 
@@ -461,5 +570,84 @@ impl Transformer2D {
             }
         };
         Ok((out + x)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use candle_core::{DType, Device};
+
+    use super::*;
+    use crate::models::kernels::{with_conv3x3_kernel, Conv3x3Kernel};
+    use crate::models::weights::RandomSource;
+
+    fn block(
+        in_channels: usize,
+        out_channels: usize,
+        temb: Option<usize>,
+        scale: f64,
+    ) -> ResnetBlock2D {
+        let w = Weights::new(
+            Arc::new(RandomSource::new(DType::F32)),
+            "vae",
+            DType::F32,
+            &Device::Cpu,
+        );
+        ResnetBlock2D::load(
+            &w,
+            ResnetConfig {
+                in_channels,
+                out_channels,
+                temb_channels: temb,
+                groups: 2,
+                eps: 1e-6,
+                act: Activation::Silu,
+                output_scale_factor: scale,
+            },
+        )
+        .unwrap()
+    }
+
+    /// The block that writes over its input gives the separate operations'
+    /// values (conv1 and conv2 bit for bit; the shortcut's product over
+    /// other column blocks), with and without a time embedding, for a batch
+    /// and odd sizes; blocks it does not apply to take `forward`.
+    #[test]
+    fn forward_owned_equals_the_separate_operations() {
+        let dev = Device::Cpu;
+        for &(batch, ci, co, temb, h, w, scale) in &[
+            (1, 8, 4, None, 9, 11, 1.0),
+            (2, 8, 4, Some(6), 33, 20, 2.0),
+            (3, 14, 6, Some(6), 7, 5, 1.0),
+            (1, 4, 4, None, 6, 6, 1.0),
+        ] {
+            let r = block(ci, co, temb, scale);
+            let x = Tensor::randn(0f32, 1.0, (batch, ci, h, w), &dev).unwrap();
+            let t = temb.map(|t| Tensor::randn(0f32, 1.0, (batch, t), &dev).unwrap());
+            assert_eq!(r.shrinks_in_place(ci), ci >= 2 * co, "{ci}->{co}");
+            with_conv3x3_kernel(Conv3x3Kernel::Winograd, || {
+                let projected = match (&r.time_emb_proj, &t) {
+                    (Some(p), Some(t)) => Some(p.forward(&r.act.forward(t).unwrap()).unwrap()),
+                    _ => None,
+                };
+                let want = r.forward_unfused(&x, projected).unwrap();
+                let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let got = r.forward_owned(xv, [batch, ci, h, w], t.as_ref()).unwrap();
+                assert_eq!(got.dims(), want.dims());
+                let diff = (got - &want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(diff < 1e-5, "{batch}x{ci}->{co} {h}x{w}: {diff}");
+            });
+        }
     }
 }

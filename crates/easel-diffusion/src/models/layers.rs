@@ -302,15 +302,7 @@ impl Conv2d {
     ) -> Result<bool> {
         let (co, in_c, k) = self.dims;
         let [b, c, h, w] = dims;
-        let applies = self.fast
-            && k == 3
-            && c == in_c
-            && co == in_c
-            && buf.len() == b * c * h * w
-            && kernels::conv3x3_prefers_winograd(in_c, co)
-            && !circular_padding_active()
-            && norm.is_none_or(|(n, act)| act == Activation::Silu && !n.gamma.is_empty());
-        if !applies {
+        if !(co == in_c && buf.len() == b * c * h * w && self.in_place_applies(c, norm)) {
             return Ok(false);
         }
         let affine = norm.map(|(n, _)| n.plane_affine(buf, c, h * w));
@@ -329,6 +321,89 @@ impl Conv2d {
                 )
             })
         })?;
+        Ok(true)
+    }
+
+    /// Output channels.
+    pub(crate) fn dims_out(&self) -> usize {
+        self.dims.0
+    }
+
+    /// Whether [`Conv2d::forward_in_place`] takes this layer for an input of
+    /// `channels` channels read through `norm`.
+    pub(crate) fn in_place_ready(
+        &self,
+        channels: usize,
+        norm: Option<(&GroupNorm, Activation)>,
+    ) -> bool {
+        self.dims.0 == self.dims.1 && self.in_place_applies(channels, norm)
+    }
+
+    /// Whether the in-place Winograd kernels take this layer for an input
+    /// of `channels` channels read through `norm`: a 3×3 "same" layer on the
+    /// fast path and the Winograd kernel, outside a circular padding scope,
+    /// SiLU as the activation.
+    fn in_place_applies(&self, channels: usize, norm: Option<(&GroupNorm, Activation)>) -> bool {
+        let (co, in_c, k) = self.dims;
+        self.fast
+            && k == 3
+            && channels == in_c
+            && kernels::conv3x3_prefers_winograd(in_c, co)
+            && !circular_padding_active()
+            && norm.is_none_or(|(n, act)| act == Activation::Silu && !n.gamma.is_empty())
+    }
+
+    /// `self(act(norm(buf)))` and the 1×1 `shortcut(buf)`, written over
+    /// `buf` (`dims` = `(batch, in, h, w)`) when both fit in it
+    /// ([`kernels::conv3x3_winograd_shrink_in_place`]): afterwards `buf`'s
+    /// first `batch · (out + shortcut out) · h · w` values are, per image,
+    /// this layer's output planes then the shortcut's. Returns `false`, with
+    /// `buf` untouched, where that kernel does not apply (the outputs do not
+    /// fit, another kernel or layer shape, a circular padding scope, an
+    /// activation other than SiLU).
+    pub(crate) fn forward_shrink_in_place(
+        &self,
+        buf: &mut [f32],
+        dims: [usize; 4],
+        norm: (&GroupNorm, Activation),
+        shortcut: &Conv2d,
+    ) -> Result<bool> {
+        let (co, in_c, k) = self.dims;
+        let (co_s, in_s, k_s) = shortcut.dims;
+        let [b, c, h, w] = dims;
+        let applies = buf.len() == b * c * h * w
+            && self.in_place_applies(c, Some(norm))
+            && shortcut.fast
+            && k_s == 1
+            && in_s == in_c
+            && co + co_s <= in_c;
+        if !applies {
+            return Ok(false);
+        }
+        let affine = norm.0.plane_affine(buf, c, h * w);
+        count_flops(2 * b * co * h * w * in_c * k * k + 2 * b * co_s * h * w * in_c);
+        timed(0, || {
+            self.weight.with_f32(|wd| {
+                shortcut.weight.with_f32(|ws| {
+                    kernels::conv3x3_winograd_shrink_in_place(
+                        buf,
+                        b,
+                        c,
+                        h,
+                        w,
+                        Some((&affine, true)),
+                        wd,
+                        &self.bias_f32,
+                        co,
+                        Some(kernels::Shortcut1x1 {
+                            weight: ws,
+                            bias: &shortcut.bias_f32,
+                            co: co_s,
+                        }),
+                    )
+                })
+            })
+        })??;
         Ok(true)
     }
 

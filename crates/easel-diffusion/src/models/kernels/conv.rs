@@ -114,7 +114,7 @@ pub fn conv3x3_same_from(
 /// A raw pointer that rayon tasks may share, for kernels whose tasks write
 /// disjoint, non-contiguous parts of one buffer.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
+pub(super) struct SharedMut(pub(super) *mut f32);
 // SAFETY: only used where every task writes a disjoint set of elements.
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
@@ -239,79 +239,24 @@ pub fn conv3x3_winograd_from(
     out
 }
 
-/// [`conv3x3_winograd_from`] with as many output as input channels, writing
-/// its output over its input `x` (`(batch, channels, h, w)`), read through
-/// the optional per-plane `affine` map (`(scale, shift)`, then SiLU with
-/// `silu`: a group norm's, as [`ConvInput::with_affine`]).
-///
-/// Output rows are held back by one block of tile rows (a few rows of
-/// `channels × w`): a block's outputs are written over the input once the
-/// next block has read the input rows it shares with them. The values are
-/// those of [`conv3x3_winograd_from`], bit for bit; the memory is one
-/// tensor less (0.5 GiB for 128 channels at 1024²).
-#[allow(clippy::too_many_arguments)]
-pub fn conv3x3_winograd_in_place(
-    x: &mut [f32],
-    batch: usize,
-    channels: usize,
-    h: usize,
-    w: usize,
-    affine: Option<(&[(f32, f32)], bool)>,
-    weight: &[f32],
-    bias: &[f32],
-) {
-    debug_assert_eq!(x.len(), batch * channels * h * w);
-    let (ci, co) = (channels, channels);
-    let g = WinogradGeometry::new(batch, h, w);
-    let u = winograd_filter(weight, co, ci);
-    let mut v = vec![0f32; ci * 16 * g.block];
-    let mut m = vec![0f32; co * 16 * g.block];
-    // The last block's outputs: (co, 2 rows_per_block, w).
-    let staged_rows = 2 * g.rows_per_block;
-    let mut staged = vec![0f32; co * staged_rows * w];
-    let staged_ptr = SharedMut(staged.as_mut_ptr());
-    let mut pending: Option<(usize, usize)> = None;
-    for row0 in (0..g.tile_rows).step_by(g.rows_per_block) {
-        let nr = g.rows_per_block.min(g.tile_rows - row0);
-        {
-            let mut input = ConvInput::plain(x, h, w);
-            if let Some((affine, silu)) = affine {
-                input = input.with_affine(affine, silu);
-            }
-            g.input_transform(&input, &mut v, row0, nr);
-        }
-        if let Some((prev0, prev_nr)) = pending.take() {
-            g.flush(&staged, staged_rows, x, co, prev0, prev_nr);
-        }
-        g.products(&u, &v, &mut m, co, ci, nr);
-        g.output_transform(&m, bias, row0, nr, staged_ptr, |o, rr, _, y| {
-            (o * staged_rows + 2 * rr + y % 2) * w
-        });
-        pending = Some((row0, nr));
-    }
-    if let Some((prev0, prev_nr)) = pending {
-        g.flush(&staged, staged_rows, x, co, prev0, prev_nr);
-    }
-}
-
 /// The tiling of a Winograd F(2×2, 3×3) convolution: 2×2 output tiles in
 /// `th` rows of `tw`, processed in blocks of whole tile rows across the
 /// batch (`rows_per_block` rows, `block` tiles).
-struct WinogradGeometry {
-    h: usize,
-    w: usize,
-    th: usize,
+pub(super) struct WinogradGeometry {
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) th: usize,
     tw: usize,
     /// Width of a zero-padded input row: data at column 1.
     pw: usize,
     /// Global tile rows `(image, ty)`: `batch · th`.
-    tile_rows: usize,
-    rows_per_block: usize,
-    block: usize,
+    pub(super) tile_rows: usize,
+    pub(super) rows_per_block: usize,
+    pub(super) block: usize,
 }
 
 impl WinogradGeometry {
-    fn new(batch: usize, h: usize, w: usize) -> Self {
+    pub(super) fn new(batch: usize, h: usize, w: usize) -> Self {
         let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
         let tile_rows = batch * th;
         let rows_per_block = (WINOGRAD_TILE_BLOCK / tw).clamp(1, tile_rows.max(1));
@@ -330,7 +275,13 @@ impl WinogradGeometry {
     /// Input transform of tile rows `row0..row0 + nr`: V `(ci, 16, block)` =
     /// `Bᵀ d B` per tile, with
     /// `Bᵀ = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]`.
-    fn input_transform(&self, input: &ConvInput<'_>, v: &mut [f32], row0: usize, nr: usize) {
+    pub(super) fn input_transform(
+        &self,
+        input: &ConvInput<'_>,
+        v: &mut [f32],
+        row0: usize,
+        nr: usize,
+    ) {
         let (th, tw, pw, block) = (self.th, self.tw, self.pw, self.block);
         let ci = v.len() / (16 * block);
         v.par_chunks_mut(16 * block)
@@ -389,7 +340,15 @@ impl WinogradGeometry {
 
     /// M `(co, 16, block)`: one product per transformed tap, over the `nr`
     /// tile rows' tiles.
-    fn products(&self, u: &[f32], v: &[f32], m: &mut [f32], co: usize, ci: usize, nr: usize) {
+    pub(super) fn products(
+        &self,
+        u: &[f32],
+        v: &[f32],
+        m: &mut [f32],
+        co: usize,
+        ci: usize,
+        nr: usize,
+    ) {
         let (block, nb) = (self.block, nr * self.tw);
         for k in 0..16 {
             // SAFETY: U row o of tap k starts at o*16*ci + k*ci (row stride
@@ -419,7 +378,7 @@ impl WinogradGeometry {
     /// `o`, from local tile row `rr`, is written at `dst + row(o, rr, b, y)`
     /// (`w` values); every `(o, y)` row goes to its own place.
     #[allow(clippy::too_many_arguments)]
-    fn output_transform(
+    pub(super) fn output_transform(
         &self,
         m: &[f32],
         bias: &[f32],
@@ -473,42 +432,6 @@ impl WinogradGeometry {
                     }
                 }
             });
-    }
-
-    /// Copy the staged output rows of tile rows `row0..row0 + nr` (laid out
-    /// `(co, staged_rows, w)`, local row `2 rr + i`) to their places in `x`
-    /// (`(batch, co, h, w)`).
-    fn flush(
-        &self,
-        staged: &[f32],
-        staged_rows: usize,
-        x: &mut [f32],
-        co: usize,
-        row0: usize,
-        nr: usize,
-    ) {
-        let (h, w, th) = (self.h, self.w, self.th);
-        let x_ptr = SharedMut(x.as_mut_ptr());
-        (0..co).into_par_iter().for_each(|o| {
-            #[allow(clippy::redundant_locals)]
-            let x_ptr = x_ptr;
-            for rr in 0..nr {
-                let (b, ty) = ((row0 + rr) / th, (row0 + rr) % th);
-                for i in 0..2 {
-                    let y = 2 * ty + i;
-                    if y >= h {
-                        continue;
-                    }
-                    let src = &staged[(o * staged_rows + 2 * rr + i) * w..][..w];
-                    // SAFETY: row (b, o, y) of x is written by this task
-                    // only (channel o), within x's (batch, co, h, w).
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(x_ptr.0.add(((b * co + o) * h + y) * w), w)
-                    };
-                    dst.copy_from_slice(src);
-                }
-            }
-        });
     }
 }
 
@@ -742,61 +665,6 @@ mod tests {
                 let got = kernel(&fused, b, ci, &wd, &bias, co);
                 assert!(want == got, "{name} upsampled {b}x{ci}x{h}x{w}");
             }
-        }
-    }
-
-    #[test]
-    fn in_place_winograd_and_shortcut_equal_the_allocating_kernels() {
-        // Single rows, odd sizes, several blocks across a batch of 3, more
-        // columns than one shortcut chunk.
-        for &(b, c, h, w) in &[(1, 3, 1, 5), (2, 4, 7, 9), (3, 6, 45, 51), (1, 2, 130, 131)] {
-            let x = randn(&[b, c, h, w], 21).affine(1.5, -0.25).unwrap();
-            let xv = with_f32(&x, <[f32]>::to_vec).unwrap();
-            let wd = randn(&[c, c, 3, 3], 22)
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let bias = randn(&[c], 23).to_vec1::<f32>().unwrap();
-            let gamma = randn(&[c], 24).to_vec1::<f32>().unwrap();
-            let beta = randn(&[c], 25).to_vec1::<f32>().unwrap();
-            let groups = if c % 2 == 0 { 2 } else { 1 };
-            let affine =
-                super::super::group_norm_affine(&xv, c, h * w, groups, 1e-6, &gamma, &beta);
-            for mapped in [false, true] {
-                let mut input = ConvInput::plain(&xv, h, w);
-                if mapped {
-                    input = input.with_affine(&affine, true);
-                }
-                let want = conv3x3_winograd_from(&input, b, c, &wd, &bias, c);
-                let mut got = xv.clone();
-                let map = mapped.then_some((affine.as_slice(), true));
-                conv3x3_winograd_in_place(&mut got, b, c, h, w, map, &wd, &bias);
-                assert!(want == got, "{b}x{c}x{h}x{w} mapped {mapped}");
-            }
-            // The shortcut: dst + conv1x1(x), chunked, against the whole one.
-            let co = c + 1;
-            let w1 = randn(&[co, c], 26)
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let b1 = randn(&[co], 27).to_vec1::<f32>().unwrap();
-            let dst0 = randn(&[b, co, h, w], 28)
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let s = conv1x1(&xv, b, c, h * w, &w1, &b1, co);
-            let want: Vec<f32> = s.iter().zip(&dst0).map(|(s, d)| s + d).collect();
-            let mut got = dst0.clone();
-            conv1x1_add_into(&mut got, &xv, b, c, h * w, &w1, &b1, co);
-            let diff = want
-                .iter()
-                .zip(&got)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(diff < 1e-5, "shortcut {b}x{c}x{h}x{w}: {diff}");
         }
     }
 

@@ -18,6 +18,7 @@
 mod attention;
 mod buffer;
 mod conv;
+mod conv_in_place;
 mod conv_input;
 mod matmul;
 mod norm;
@@ -26,9 +27,10 @@ pub use attention::{attention, exp_f32};
 pub use buffer::{applies, applies_weight, tensor, with_f32, with_f32_weight};
 pub use conv::{
     conv1x1, conv1x1_add_into, conv3x3_prefers_winograd, conv3x3_same, conv3x3_same_from,
-    conv3x3_winograd, conv3x3_winograd_from, conv3x3_winograd_in_place, winograd_filter,
-    with_conv3x3_kernel, Conv3x3Kernel, WINOGRAD_MIN_CHANNELS,
+    conv3x3_winograd, conv3x3_winograd_from, winograd_filter, with_conv3x3_kernel, Conv3x3Kernel,
+    WINOGRAD_MIN_CHANNELS,
 };
+pub use conv_in_place::{conv3x3_winograd_in_place, conv3x3_winograd_shrink_in_place, Shortcut1x1};
 pub use conv_input::ConvInput;
 pub use matmul::linear;
 pub use norm::{group_norm, group_norm_affine};
