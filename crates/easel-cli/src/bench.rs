@@ -248,6 +248,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let mut rows = Vec::new();
     let mut stage_peaks = StagePeaks::default();
     let mut overall_peak = load_peak.0;
+    // The most non-finite latent values of any run (0: every output finite).
+    let mut non_finite = 0usize;
     for run in 0..=args.runs {
         let mut meter = StagePeakMeter::start(load_peak);
         let out = engine.run(&job, &mut |p| meter.on_progress(&p), &CancelToken::new())?;
@@ -263,6 +265,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         {
             overall_peak = Some(overall_peak.map_or(p, |o| o.max(p)));
         }
+        non_finite = non_finite.max(out.non_finite_latents);
         let t = out.timings;
         let label = if run == 0 { "warm-up" } else { "run" };
         eprintln!("{label} {run}: {:.2}s", t.total.as_secs_f64());
@@ -386,5 +389,14 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         "computed: f32 (matrix products on {}); weights widened per layer from their stored type",
         f32_kernel_isa()
     );
-    Ok(ExitCode::SUCCESS)
+    if non_finite == 0 {
+        println!("outputs: finite (every run's final latents)");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!(
+            "outputs: NOT FINITE ({non_finite} NaN or infinite values in a run's final latents): \
+             the timings above are of a broken run"
+        );
+        Ok(ExitCode::FAILURE)
+    }
 }

@@ -1096,6 +1096,10 @@ fn bench_random_weights_runs_a_flux_model() {
     }
     assert!(out.contains("\ncpu: "), "{out}");
     assert!(out.contains("\ncomputed: f32"), "{out}");
+    assert!(
+        out.contains("\noutputs: finite (every run's final latents)"),
+        "{out}"
+    );
 }
 
 /// The AUTOMATIC1111 `parameters` text of a JPEG or WebP file, read with

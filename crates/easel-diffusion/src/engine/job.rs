@@ -323,6 +323,11 @@ pub struct JobOutput {
     pub params: ResolvedParams,
     /// Wall-clock time of each stage.
     pub timings: StageTimings,
+    /// How many values of the final latents (what the VAE decoded) are not
+    /// finite (NaN or ±infinity): 0 for a sound run. Anything else means
+    /// the denoiser overflowed and the images are not meaningful; the run
+    /// then also carries a warning saying so.
+    pub non_finite_latents: usize,
 }
 
 #[cfg(test)]

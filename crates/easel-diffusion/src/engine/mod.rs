@@ -17,7 +17,7 @@ pub mod memory;
 
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 
 pub use crate::pipelines::TaskKind;
 pub use cache::{CachedModel, ModelCache};
@@ -310,8 +310,16 @@ impl Engine {
             progress,
             cancel: cancel.clone(),
         };
-        let output = model.pipeline.run(&job.request, &mut ctx)?;
+        let mut output = model.pipeline.run(&job.request, &mut ctx)?;
         let images = images_to_rgb8(&output.images)?;
+        let non_finite_latents = non_finite_count(&output.latents_to_vae)?;
+        if non_finite_latents > 0 {
+            output.warnings.push(format!(
+                "{non_finite_latents} of {} values of the final latents are not finite (NaN or \
+                 infinity): the denoiser overflowed and the images are not meaningful",
+                output.latents_to_vae.elem_count()
+            ));
+        }
         Ok(JobOutput {
             images,
             params: ResolvedParams {
@@ -337,8 +345,22 @@ impl Engine {
                 warnings: output.warnings,
             },
             timings: output.timings,
+            non_finite_latents,
         })
     }
+}
+
+/// How many values of `t` are NaN or ±infinity (any float dtype; read as
+/// f32).
+///
+/// Errors: `t` cannot be read as f32 values.
+pub fn non_finite_count(t: &Tensor) -> Result<usize> {
+    let values = t
+        .to_device(&candle_core::Device::Cpu)?
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok(values.iter().filter(|v| !v.is_finite()).count())
 }
 
 #[cfg(test)]
@@ -352,6 +374,20 @@ mod tests {
             .join(name)
             .display()
             .to_string()
+    }
+
+    #[test]
+    fn non_finite_values_are_counted() {
+        let t = Tensor::new(
+            &[1f32, f32::NAN, f32::INFINITY, -f32::INFINITY, 0.0],
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(non_finite_count(&t).unwrap(), 3);
+        let t = t.to_dtype(candle_core::DType::F16).unwrap();
+        assert_eq!(non_finite_count(&t).unwrap(), 3);
+        let finite = Tensor::zeros((2, 4, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(non_finite_count(&finite).unwrap(), 0);
     }
 
     #[test]
@@ -389,6 +425,7 @@ mod tests {
             .unwrap();
         assert_eq!(steps, [(1, 2), (2, 2)]);
         assert_eq!(out.images.len(), 2);
+        assert_eq!(out.non_finite_latents, 0);
         assert!(out.images.iter().all(|i| i.len() == 32 * 16 * 3));
         assert_ne!(out.images[0], out.images[1], "each image has its own seed");
         let p = &out.params;
