@@ -79,33 +79,38 @@ impl StableDiffusionPipeline {
         request: &GenerationRequest,
         warnings: &mut Vec<String>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let ids = request
+        let mut ids = request
             .prompts
             .iter()
             .map(|p| tokenize_clip(&self.tokenizer, p, warnings))
             .collect::<Result<Vec<_>>>()?;
-        let embeds = self
-            .text_encoder
-            .forward(&ids, &self.device)?
-            .last_hidden_state;
-        let embeds = repeat_interleave_batch(&embeds, request.num_images_per_prompt)?;
-        if !request.do_classifier_free_guidance() {
-            return Ok((embeds, None));
-        }
-        let neg_ids = (0..request.prompts.len())
-            .map(|i| {
-                tokenize_clip(
+        let prompts = ids.len();
+        if request.do_classifier_free_guidance() {
+            for i in 0..prompts {
+                ids.push(tokenize_clip(
                     &self.tokenizer,
                     request.negative_for(i).unwrap_or(""),
                     warnings,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let neg = self
+                )?);
+            }
+        }
+        // Prompts and negative prompts in one batch: every sequence is
+        // padded to 77 tokens and CLIP masks nothing but the causal
+        // future, so each row is what its own call gives, and the weights
+        // are widened once instead of twice.
+        let all = self
             .text_encoder
-            .forward(&neg_ids, &self.device)?
+            .forward(&ids, &self.device)?
             .last_hidden_state;
-        let neg = repeat_interleave_batch(&neg, request.num_images_per_prompt)?;
+        let embeds =
+            repeat_interleave_batch(&all.narrow(0, 0, prompts)?, request.num_images_per_prompt)?;
+        if !request.do_classifier_free_guidance() {
+            return Ok((embeds, None));
+        }
+        let neg = repeat_interleave_batch(
+            &all.narrow(0, prompts, prompts)?.contiguous()?,
+            request.num_images_per_prompt,
+        )?;
         Ok((embeds, Some(neg)))
     }
 }
