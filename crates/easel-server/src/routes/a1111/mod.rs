@@ -15,6 +15,7 @@
 //! password (any user name), as `--api-auth` clients send. Errors use the
 //! web UI's (FastAPI) shapes: see [`crate::error_shape::a1111_error_body`].
 
+pub mod names;
 pub mod request;
 
 use axum::extract::State;
@@ -32,7 +33,8 @@ use crate::job::JobStatus;
 use crate::jobs::{cancel_job, load_record, wait_for};
 use crate::submit::{body_hash, commit, prepare, Source};
 use crate::AppState;
-use request::{invalid, rename_field, Mode};
+use names::invalid;
+use request::{rename_field, Mode};
 
 type Result<T> = std::result::Result<T, A1111Error>;
 
@@ -60,7 +62,7 @@ fn chosen_model(
     body: &Map<String, Value>,
 ) -> Result<String> {
     if let Some(title) = request::checkpoint_override(body) {
-        return Ok(request::model_reference(&title));
+        return Ok(names::model_reference(&title));
     }
     state
         .a1111_checkpoint(&principal.key_id)
@@ -97,9 +99,7 @@ async fn generate(
             )
         })?;
     let family = spec.family().map(|f| f.scheduler_family());
-    let max_images = u32::try_from(state.config().max_images_per_request)
-        .unwrap_or(u32::MAX)
-        .saturating_mul(*easel_core::params::BATCH_SIZE_RANGE.end());
+    let max_images = u32::try_from(state.config().max_images_per_request).unwrap_or(u32::MAX);
     let seed = u64::from(rand::random::<u32>());
     let translated = request::translate(&map, mode, &model, family, max_images, seed)?;
     // LoRA tags by file name, as GET /sdapi/v1/loras lists them.
@@ -319,7 +319,7 @@ pub async fn sd_models(State(state): State<AppState>) -> Result<Json<Vec<Value>>
     security(("bearer" = []), ("basic" = [])))]
 pub async fn samplers() -> Json<Vec<Value>> {
     Json(
-        request::SAMPLERS
+        names::SAMPLERS
             .iter()
             .map(|s| {
                 let options = if s.forces_karras {
@@ -340,7 +340,7 @@ pub async fn samplers() -> Json<Vec<Value>> {
     security(("bearer" = []), ("basic" = [])))]
 pub async fn schedulers() -> Json<Vec<Value>> {
     Json(
-        request::SCHEDULERS
+        names::SCHEDULERS
             .iter()
             .map(|(name, label)| {
                 let rho = if *name == "karras" { 7.0 } else { -1.0 };
@@ -419,7 +419,7 @@ pub async fn set_options(
     let map = parse_body(&body)?;
     request::check_settings(&map, "")?;
     if let Some(Value::String(title)) = map.get("sd_model_checkpoint") {
-        let reference = request::model_reference(title);
+        let reference = names::model_reference(title);
         let registry = state.models().clone();
         let r = reference.clone();
         tokio::task::spawn_blocking(move || registry.resolve(&r))

@@ -7,14 +7,15 @@
 //! changes nothing); `docs/API.md` prints it and `tests/a1111.rs` walks it.
 //! Fields outside the table are ignored, as the web UI's pydantic models
 //! ignore them, and listed in the answer's `info.easel_ignored_fields`.
-//! Samplers and schedulers map through [`SAMPLERS`]; `<lora:NAME:WEIGHT>`
-//! prompt tags through [`lora_tags`].
+//! Samplers and schedulers map through [`super::names::SAMPLERS`];
+//! `<lora:NAME:WEIGHT>` prompt tags through [`super::names::lora_tags`].
 
 use axum::http::StatusCode;
 use easel_core::{ImageDefinition, LoraRef, NativeRequest, OutputFormat};
 use easel_diffusion::schedulers::SchedulerFamily;
 use serde_json::{Map, Value};
 
+use super::names::{invalid, lora_tags, map_sampler};
 use crate::error::ApiError;
 
 /// Which endpoint a field belongs to.
@@ -69,6 +70,9 @@ pub enum Rule {
     /// Accepted; changes nothing easel makes (cosmetic, or used only by a
     /// feature that is off).
     Ignored,
+    /// Changes the answer, not the images (`send_images: false`: no
+    /// images in the answer; the job and its files exist).
+    Answer,
     /// Accepted only at the JSON values `allowed` (which change nothing);
     /// any other value (such as `refused_example`) is a 422 naming the
     /// field. With `with_mask`, only checked when a `mask` is given.
@@ -154,7 +158,7 @@ pub const FIELDS: &[FieldRule] = &[
     maps("cfg_scale", Both, "guidanceScale", "5.5", "{}", "5.5"),
     maps("width", Both, "width", "72", "{}", "72"),
     maps("height", Both, "height", "56", "{}", "56"),
-    maps("batch_size", Both, "batchSize", "2", "{}", "2"),
+    maps("batch_size", Both, "images", "2", "{}", "2"),
     maps("n_iter", Both, "images", "3", "{}", "3"),
     maps("sampler_name", Both, "scheduler", "\"DPM++ 2M\"", "{}", "\"dpmpp_2m\""),
     maps("sampler_index", Both, "scheduler", "\"Euler a\"", "{}", "\"euler_a\""),
@@ -189,7 +193,11 @@ pub const FIELDS: &[FieldRule] = &[
     only("mask_blur_y", I2I, &["0", "null"], "4", true, "easel does not blur the mask (send 0)"),
     only("inpainting_fill", I2I, &["1", "null"], "0", true, "easel starts the masked area from the original image (`original`, 1)"),
     only("inpaint_full_res", I2I, &["false", "0", "null"], "true", true, "easel inpaints the whole picture (send false)"),
-    ignored("send_images", Both),
+    FieldRule {
+        name: "send_images",
+        applies: Both,
+        rule: Rule::Answer,
+    },
     ignored("save_images", Both),
     ignored("do_not_save_samples", Both),
     ignored("do_not_save_grid", Both),
@@ -234,217 +242,6 @@ pub const FIXED_OPTIONS: &[(&str, &str)] = &[
     ("face_restoration", "false"),
 ];
 
-/// A sampler of the web UI that easel has: its name, the aliases the web
-/// UI also takes, easel's scheduler, and easel's scheduler with Karras
-/// sigmas when there is one.
-#[derive(Debug, Clone, Copy)]
-pub struct Sampler {
-    /// The web UI's name (`Euler a`).
-    pub name: &'static str,
-    /// The web UI's aliases (`k_euler_a`).
-    pub aliases: &'static [&'static str],
-    /// easel's scheduler name (`euler_a`).
-    pub scheduler: &'static str,
-    /// easel's scheduler with the `Karras` schedule, if it has one.
-    pub karras: Option<&'static str>,
-    /// The legacy combined names (`DPM++ 2M Karras`) force Karras.
-    pub forces_karras: bool,
-}
-
-const fn sampler(
-    name: &'static str,
-    aliases: &'static [&'static str],
-    scheduler: &'static str,
-    karras: Option<&'static str>,
-) -> Sampler {
-    Sampler {
-        name,
-        aliases,
-        scheduler,
-        karras,
-        forces_karras: false,
-    }
-}
-
-/// The web UI's samplers that easel runs (for DDPM-style models; flow
-/// models such as FLUX.1 take `Euler` only, as `flow_match_euler`).
-pub const SAMPLERS: &[Sampler] = &[
-    sampler(
-        "Euler a",
-        &["k_euler_a", "k_euler_ancestral"],
-        "euler_a",
-        None,
-    ),
-    sampler("Euler", &["k_euler"], "euler", None),
-    sampler("LMS", &["k_lms"], "lms", None),
-    sampler("Heun", &["k_heun"], "heun", None),
-    sampler(
-        "DPM++ 2M",
-        &["k_dpmpp_2m"],
-        "dpmpp_2m",
-        Some("dpmpp_2m_karras"),
-    ),
-    Sampler {
-        name: "DPM++ 2M Karras",
-        aliases: &["k_dpmpp_2m_ka"],
-        scheduler: "dpmpp_2m_karras",
-        karras: Some("dpmpp_2m_karras"),
-        forces_karras: true,
-    },
-    sampler("DDIM", &["ddim"], "ddim", None),
-    sampler("PLMS", &["plms"], "pndm", None),
-    sampler("UniPC", &["unipc"], "unipc", None),
-    sampler("LCM", &["k_lcm", "lcm"], "lcm", None),
-];
-
-/// The web UI's schedule types easel accepts: `(name, label)`.
-pub const SCHEDULERS: &[(&str, &str)] = &[
-    ("automatic", "Automatic"),
-    ("karras", "Karras"),
-    ("simple", "Simple"),
-];
-
-fn sampler_names() -> String {
-    SAMPLERS
-        .iter()
-        .map(|s| s.name)
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// A 422 naming `field` (FastAPI's validation shape on these routes).
-pub fn invalid(field: &str, message: impl Into<String>) -> ApiError {
-    ApiError::invalid("invalid_value", field, message)
-}
-
-/// easel's scheduler for the web UI's `sampler` and schedule type
-/// `schedule` (`automatic` when absent) on a model whose scheduler family
-/// is `family` (`None`: unknown, treated as DDPM-style).
-///
-/// # Errors
-/// 422 naming `sampler_name` for a sampler easel does not have (listing
-/// those it has), or `scheduler` for a schedule it cannot run with it.
-pub fn map_sampler(
-    sampler: &str,
-    sampler_field: &str,
-    schedule: Option<&str>,
-    family: Option<SchedulerFamily>,
-) -> Result<&'static str, ApiError> {
-    let wanted = sampler.trim();
-    let schedule = schedule
-        .map(|s| s.trim().to_ascii_lowercase().replace(' ', "_"))
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "automatic".into());
-    if family == Some(SchedulerFamily::FlowMatch) {
-        if !wanted.eq_ignore_ascii_case("euler") && !wanted.eq_ignore_ascii_case("k_euler") {
-            return Err(invalid(
-                sampler_field,
-                format!(
-                    "sampler `{wanted}` is not available for this flow-matching model (allowed: Euler)"
-                ),
-            ));
-        }
-        return match schedule.as_str() {
-            "automatic" | "simple" => Ok("flow_match_euler"),
-            other => Err(invalid(
-                "scheduler",
-                format!("schedule type `{other}` is not available for this flow-matching model (allowed: automatic, simple)"),
-            )),
-        };
-    }
-    let found = SAMPLERS.iter().find(|s| {
-        s.name.eq_ignore_ascii_case(wanted)
-            || s.aliases.iter().any(|a| a.eq_ignore_ascii_case(wanted))
-    });
-    let Some(found) = found else {
-        return Err(invalid(
-            sampler_field,
-            format!(
-                "sampler `{wanted}` has no easel equivalent (allowed: {})",
-                sampler_names()
-            ),
-        ));
-    };
-    match schedule.as_str() {
-        "automatic" => Ok(found.scheduler),
-        "karras" => found.karras.ok_or_else(|| {
-            invalid(
-                "scheduler",
-                format!(
-                    "schedule type `karras` is not available with sampler `{}` in easel (allowed: automatic; \
-                     `karras` only with DPM++ 2M)",
-                    found.name
-                ),
-            )
-        }),
-        other => Err(invalid(
-            "scheduler",
-            format!(
-                "schedule type `{other}` has no easel equivalent (allowed: automatic, and karras with DPM++ 2M)"
-            ),
-        )),
-    }
-    .map(|s| if found.forces_karras { found.scheduler } else { s })
-}
-
-/// A `<lora:NAME:WEIGHT>` tag of a prompt.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LoraTag {
-    /// The LoRA's file name (without extension).
-    pub name: String,
-    /// Its weight (1 when not given).
-    pub weight: f64,
-}
-
-/// The prompt without its `<lora:NAME[:WEIGHT[:UNET_WEIGHT]]>` tags, and
-/// the tags, as the web UI's extra-networks parser reads them (a missing
-/// weight is 1).
-///
-/// # Errors
-/// A weight that is not a number, or a text-encoder weight that differs
-/// from the UNet weight (easel applies one scale to both), naming `prompt`.
-pub fn lora_tags(prompt: &str) -> Result<(String, Vec<LoraTag>), ApiError> {
-    let mut text = String::new();
-    let mut tags = Vec::new();
-    let mut rest = prompt;
-    while let Some(start) = rest.find("<lora:") {
-        let Some(len) = rest[start..].find('>') else {
-            break;
-        };
-        text.push_str(&rest[..start]);
-        let inner = &rest[start + "<lora:".len()..start + len];
-        let mut parts = inner.split(':').map(str::trim);
-        let name = parts.next().unwrap_or_default().to_string();
-        let mut weights = Vec::new();
-        for p in parts {
-            // `te=0.5` / `unet=0.5` named arguments are the web UI's too.
-            let value = p.split_once('=').map_or(p, |(_, v)| v.trim());
-            weights.push(value.parse::<f64>().map_err(|_| {
-                invalid(
-                    "prompt",
-                    format!("<lora:{inner}>: weight `{p}` is not a number"),
-                )
-            })?);
-        }
-        if weights.len() > 1 && weights.iter().any(|w| *w != weights[0]) {
-            return Err(invalid(
-                "prompt",
-                format!("<lora:{inner}>: separate text-encoder and UNet weights are not supported; give one weight"),
-            ));
-        }
-        if name.is_empty() {
-            return Err(invalid("prompt", format!("<lora:{inner}>: no LoRA name")));
-        }
-        tags.push(LoraTag {
-            name,
-            weight: weights.first().copied().unwrap_or(1.0),
-        });
-        rest = &rest[start + len + 1..];
-    }
-    text.push_str(rest);
-    Ok((text, tags))
-}
-
 /// Numbers compare by value (`1` equals `1.0`), everything else exactly.
 fn json_equal(a: &Value, b: &Value) -> bool {
     match (a.as_f64(), b.as_f64()) {
@@ -456,7 +253,7 @@ fn json_equal(a: &Value, b: &Value) -> bool {
 /// What a request asks, besides the native request.
 #[derive(Debug, Clone)]
 pub struct Translated {
-    /// The native request (one definition per batch of up to 4 images).
+    /// The native request (one definition per image).
     pub request: NativeRequest,
     /// The seed of the first image (the one drawn for `seed: -1`).
     pub seed: u64,
@@ -474,25 +271,6 @@ pub fn checkpoint_override(body: &Map<String, Value>) -> Option<String> {
         .as_str()
         .map(str::to_string)
         .filter(|s| !s.trim().is_empty())
-}
-
-/// A web UI model title (`name.safetensors [hash]`) as an easel model
-/// reference: the hash and a checkpoint extension dropped.
-pub fn model_reference(title: &str) -> String {
-    let mut t = title.trim();
-    if let Some(i) = t.rfind(" [") {
-        if t.ends_with(']') {
-            t = t[..i].trim_end();
-        }
-    }
-    for ext in [".safetensors", ".ckpt", ".gguf"] {
-        if let Some(stem) = t.strip_suffix(ext) {
-            if !stem.contains('/') {
-                return stem.to_string();
-            }
-        }
-    }
-    t.to_string()
 }
 
 fn get_f64(body: &Map<String, Value>, name: &str) -> Result<Option<f64>, ApiError> {
@@ -593,9 +371,9 @@ pub fn check_settings(settings: &Map<String, Value>, field: &str) -> Result<(), 
 
 /// Translate an A1111 `body` for `mode` into a native request on `model`
 /// (the model reference already chosen: `override_settings`, the key's
-/// options, or `default_model`) whose scheduler family is `family`.
-/// `max_images` caps `batch_size × n_iter`; `random_seed` is the seed used
-/// for `seed: -1`.
+/// options, or `default_model`) whose scheduler family is `family`: one
+/// image definition per image (`batch_size × n_iter`, at most
+/// `max_images`). `random_seed` is the seed used for `seed: -1`.
 ///
 /// # Errors
 /// The first field that is out of range or asks what easel cannot do, as
@@ -784,23 +562,14 @@ pub fn translate(
         output_format: Some(OutputFormat::Png),
         ..ImageDefinition::default()
     };
-    // Image i (0-based, iterations in order) has seed + i, as in the web
-    // UI; a batch of more than 4 is split into definitions of up to 4.
-    let mut images = Vec::new();
-    let mut offset: u64 = 0;
-    for _ in 0..n_iter {
-        let mut left = batch_size;
-        while left > 0 {
-            let n = left.min(*easel_core::params::BATCH_SIZE_RANGE.end());
-            images.push(ImageDefinition {
-                seed: Some(seed.wrapping_add(offset)),
-                batch_size: Some(n),
-                ..ImageDefinition::default()
-            });
-            offset += u64::from(n);
-            left -= n;
-        }
-    }
+    // One definition per image, billed per image (as the OpenAI routes);
+    // image i (0-based, iterations in order) has seed + i, as in the web UI.
+    let images = (0..u64::from(total))
+        .map(|i| ImageDefinition {
+            seed: Some(seed.wrapping_add(i)),
+            ..ImageDefinition::default()
+        })
+        .collect();
     let known = |name: &str| FIELDS.iter().any(|f| f.name == name && f.applies.to(mode));
     let ignored = body.keys().filter(|k| !known(k)).cloned().collect();
     Ok(Translated {
@@ -851,74 +620,4 @@ pub fn rename_field(mut e: ApiError) -> ApiError {
         }
     }
     e
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lora_tags_are_stripped_with_their_weights() {
-        let (text, tags) = lora_tags("a cat <lora:style:0.6>, <lora:other> sitting").unwrap();
-        assert_eq!(text, "a cat ,  sitting");
-        assert_eq!(
-            tags,
-            vec![
-                LoraTag {
-                    name: "style".into(),
-                    weight: 0.6
-                },
-                LoraTag {
-                    name: "other".into(),
-                    weight: 1.0
-                },
-            ]
-        );
-        assert_eq!(lora_tags("<lora:a:0.5:0.5>").unwrap().1[0].weight, 0.5);
-        assert_eq!(
-            lora_tags("<lora:a:0.5:1>").unwrap_err().field.as_deref(),
-            Some("prompt")
-        );
-        assert!(lora_tags("<lora:a:x>").is_err());
-        assert_eq!(lora_tags("no tags <b>").unwrap().0, "no tags <b>");
-    }
-
-    #[test]
-    fn samplers_map_onto_easel_schedulers() {
-        let ddpm = Some(SchedulerFamily::Ddpm);
-        for (name, schedule, want) in [
-            ("Euler a", None, "euler_a"),
-            ("Euler", Some("Automatic"), "euler"),
-            ("k_lms", None, "lms"),
-            ("DPM++ 2M", Some("Karras"), "dpmpp_2m_karras"),
-            ("DPM++ 2M Karras", None, "dpmpp_2m_karras"),
-            ("DPM++ 2M", None, "dpmpp_2m"),
-            ("PLMS", None, "pndm"),
-            ("ddim", None, "ddim"),
-        ] {
-            assert_eq!(
-                map_sampler(name, "sampler_name", schedule, ddpm).unwrap(),
-                want,
-                "{name}"
-            );
-        }
-        let e = map_sampler("DPM++ SDE", "sampler_name", None, ddpm).unwrap_err();
-        assert_eq!(e.field.as_deref(), Some("sampler_name"));
-        assert!(e.message.contains("Euler a, Euler"), "{}", e.message);
-        let e = map_sampler("Euler", "sampler_name", Some("exponential"), ddpm).unwrap_err();
-        assert_eq!(e.field.as_deref(), Some("scheduler"));
-        let flow = Some(SchedulerFamily::FlowMatch);
-        assert_eq!(
-            map_sampler("Euler", "sampler_name", Some("Simple"), flow).unwrap(),
-            "flow_match_euler"
-        );
-        assert!(map_sampler("Euler a", "sampler_name", None, flow).is_err());
-    }
-
-    #[test]
-    fn model_titles_become_references() {
-        assert_eq!(model_reference("tiny-sd15"), "tiny-sd15");
-        assert_eq!(model_reference("v1-5.safetensors [6ce0161689]"), "v1-5");
-        assert_eq!(model_reference("org/repo"), "org/repo");
-    }
 }
