@@ -149,6 +149,16 @@ pub fn document() -> Value {
     let schemas = &mut doc["components"]["schemas"];
     patch_image_definition(&mut schemas["ImageDefinition"]);
     patch_lora_ref(&mut schemas["LoraRef"]);
+    // The web UI's two error shapes (see error_shape::a1111_error_body).
+    schemas["A1111ErrorBody"] = json!({
+        "description": "An error of the AUTOMATIC1111 routes (`/sdapi/...`): FastAPI's \
+            validation error `{detail: [{loc, msg, type}]}` for a field, else the web UI's \
+            `{error, detail, body, errors}`.",
+        "anyOf": [
+            {"$ref": "#/components/schemas/HttpError"},
+            {"$ref": "#/components/schemas/ValidationError"},
+        ],
+    });
     let image_props = schemas["ImageDefinition"]["properties"].clone();
     schemas["GenerationRequestDoc"] = request_body_schema(
         &image_props,
@@ -515,11 +525,8 @@ fn add_error_responses(doc: &mut Value) {
             let mut error_content = json!({"application/json": {"schema":
                 {"$ref": format!("#/components/schemas/{schema}")}}});
             if crate::error_shape::is_a1111_path(path) {
-                // The web UI's two shapes (see error_shape::a1111_error_body).
-                error_content = json!({"application/json": {"schema": {"anyOf": [
-                    {"$ref": "#/components/schemas/HttpError"},
-                    {"$ref": "#/components/schemas/ValidationError"},
-                ]}}});
+                error_content = json!({"application/json": {"schema":
+                    {"$ref": "#/components/schemas/A1111ErrorBody"}}});
             }
             let codes = error_statuses(method, path, op);
             let responses = &mut op["responses"];
