@@ -149,6 +149,10 @@ pub fn document() -> Value {
     let schemas = &mut doc["components"]["schemas"];
     patch_image_definition(&mut schemas["ImageDefinition"]);
     patch_lora_ref(&mut schemas["LoraRef"]);
+    // POST /sdapi/v1/options answers null, as the web UI's does.
+    doc["paths"]["/sdapi/v1/options"]["post"]["responses"]["200"]["content"] =
+        json!({"application/json": {"schema": {"type": "null"}}});
+    let schemas = &mut doc["components"]["schemas"];
     // The web UI's two error shapes (see error_shape::a1111_error_body).
     schemas["A1111ErrorBody"] = json!({
         "description": "An error of the AUTOMATIC1111 routes (`/sdapi/...`): FastAPI's \

@@ -118,7 +118,15 @@ async fn generate(
             )));
         }
     }
-    let record_json = Value::Object(map.clone());
+    // The stored request leaves the inputs out: they are stored as the
+    // job's input assets.
+    let mut record = map.clone();
+    for input in ["init_images", "mask"] {
+        if record.contains_key(input) {
+            record.insert(input.into(), json!("(stored as an input asset)"));
+        }
+    }
+    let record_json = Value::Object(record);
     let prepared = prepare(
         &state,
         &principal,
@@ -442,7 +450,6 @@ pub async fn set_options(
 /// jobs, `sampling_step`/`sampling_steps` of the running batch;
 /// `current_image` always null: easel does not decode previews).
 #[utoipa::path(get, path = "/sdapi/v1/progress", tag = "a1111",
-    params(("skip_current_image" = Option<bool>, Query, description = "Accepted; there is never a current image")),
     responses((status = 200, description = "`{progress, eta_relative, state, current_image, textinfo}`", body = docs::ProgressResponse),
               (status = 401, description = "Missing or wrong key", body = docs::HttpError)),
     security(("bearer" = []), ("basic" = [])))]
