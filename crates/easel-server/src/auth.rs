@@ -1,4 +1,6 @@
-//! API keys: `Authorization: Bearer esk_…`.
+//! API keys: `Authorization: Bearer esk_…`. On AUTOMATIC1111's routes
+//! (`/sdapi/...`), HTTP Basic too, with the key as the password and any
+//! user name (what `--api-auth user:pass` clients send).
 //!
 //! A key's secret is shown once, when created (`easel keys create`); the
 //! store keeps only its SHA-256. Every job, asset, training, pack and ledger
@@ -100,14 +102,31 @@ pub async fn require_key(
         )
         .into_response();
     };
+    let basic_allowed = request.uri().path().starts_with("/sdapi/");
     let secret = match header.split_once(' ') {
-        Some((scheme, secret)) if scheme.eq_ignore_ascii_case("bearer") => secret.trim(),
+        Some((scheme, secret)) if scheme.eq_ignore_ascii_case("bearer") => {
+            secret.trim().to_string()
+        }
+        Some((scheme, credentials)) if basic_allowed && scheme.eq_ignore_ascii_case("basic") => {
+            match basic_password(credentials) {
+                Some(password) => password,
+                None => return ApiError::unauthorized(
+                    "the Basic credentials are not base64 of `user:password`; send the API key \
+                         as the password (any user name) or `Authorization: Bearer <key>`",
+                )
+                .into_response(),
+            }
+        }
+        _ if basic_allowed => return ApiError::unauthorized(
+            "the Authorization header must be `Bearer <key>` or Basic with the key as the password",
+        )
+        .into_response(),
         _ => {
             return ApiError::unauthorized("the Authorization header must be `Bearer <key>`")
                 .into_response()
         }
     };
-    match state.store().key_by_hash(&hash_secret(secret)).await {
+    match state.store().key_by_hash(&hash_secret(&secret)).await {
         Ok(Some(key)) => {
             request.extensions_mut().insert(Principal {
                 key_id: key.id,
@@ -118,6 +137,18 @@ pub async fn require_key(
         Ok(None) => ApiError::unauthorized("invalid or revoked API key").into_response(),
         Err(e) => ApiError::from(e).into_response(),
     }
+}
+
+/// The password of HTTP Basic `credentials` (base64 of `user:password`,
+/// RFC 7617), or `None` when they are not that.
+pub fn basic_password(credentials: &str) -> Option<String> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(credentials.trim())
+        .ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let (_, password) = text.split_once(':')?;
+    Some(password.to_string())
 }
 
 #[cfg(test)]
@@ -134,5 +165,17 @@ mod tests {
         assert!(sa.starts_with(&a.prefix));
         assert_eq!(hash_secret(&sa).len(), 64);
         assert_ne!(hash_secret(&sa), hash_secret(&sb));
+    }
+
+    #[test]
+    fn basic_credentials_give_the_password() {
+        // base64("webui:esk_abc:def") - the password may hold colons.
+        assert_eq!(
+            basic_password("d2VidWk6ZXNrX2FiYzpkZWY=").as_deref(),
+            Some("esk_abc:def")
+        );
+        assert_eq!(basic_password("not base64!"), None);
+        // base64("no-colon")
+        assert_eq!(basic_password("bm8tY29sb24="), None);
     }
 }

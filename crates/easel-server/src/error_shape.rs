@@ -12,7 +12,9 @@
 //!   (the API-key middleware's 401, the body limit's 413, the rate limit's
 //!   429) is rewritten to OpenAI's `{"error": {message, type, param, code}}`
 //!   (see [`openai_error_body`]), so OpenAI clients always see
-//!   the shape their SDKs parse.
+//!   the shape their SDKs parse;
+//! - on AUTOMATIC1111's routes (`/sdapi/...`), every native-shaped error is
+//!   rewritten to the web UI's (FastAPI) shapes (see [`a1111_error_body`]).
 
 use axum::body::{to_bytes, Body};
 use axum::extract::Request;
@@ -50,6 +52,77 @@ impl IntoResponse for OpenAiError {
         }
         response
     }
+}
+
+/// An error in AUTOMATIC1111's (FastAPI) shape; see [`a1111_error_body`].
+pub struct A1111Error(pub ApiError);
+
+impl From<ApiError> for A1111Error {
+    fn from(e: ApiError) -> Self {
+        A1111Error(e)
+    }
+}
+
+impl From<sqlx::Error> for A1111Error {
+    fn from(e: sqlx::Error) -> Self {
+        A1111Error(e.into())
+    }
+}
+
+impl IntoResponse for A1111Error {
+    fn into_response(self) -> Response {
+        let e = self.0;
+        let body = a1111_error_body(e.status, &e.message, e.field.as_deref());
+        let mut response = (e.status, Json(body)).into_response();
+        if let Some(s) = e.retry_after {
+            if let Ok(v) = s.to_string().parse() {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        if e.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Basic realm=\"easel\""),
+            );
+        }
+        response
+    }
+}
+
+/// AUTOMATIC1111's error bodies, as its FastAPI app answers them:
+///
+/// - a request field that does not fit (422 with a `field`): FastAPI's
+///   validation error `{"detail": [{"loc": ["body", FIELD...], "msg",
+///   "type": "value_error"}]}`, `loc` naming the field (`override_settings`
+///   keys as `["body", "override_settings", KEY]`);
+/// - every other error: the web UI's `api_middleware` shape
+///   `{"error": "HTTPException", "detail": MESSAGE, "body": "", "errors":
+///   "STATUS: MESSAGE"}`, plus easel's `field` (the request field at fault
+///   or null).
+pub fn a1111_error_body(
+    status: StatusCode,
+    message: &str,
+    field: Option<&str>,
+) -> serde_json::Value {
+    match field {
+        Some(field) if status == StatusCode::UNPROCESSABLE_ENTITY => {
+            let mut loc = vec![serde_json::Value::from("body")];
+            loc.extend(field.split('.').map(serde_json::Value::from));
+            serde_json::json!({"detail": [{"loc": loc, "msg": message, "type": "value_error"}]})
+        }
+        _ => serde_json::json!({
+            "error": "HTTPException",
+            "detail": message,
+            "body": "",
+            "errors": format!("{}: {message}", status.as_u16()),
+            "field": field,
+        }),
+    }
+}
+
+/// Whether `path` is one of AUTOMATIC1111's routes.
+pub fn is_a1111_path(path: &str) -> bool {
+    path.starts_with("/sdapi/")
 }
 
 /// The status an OpenAI route answers for an easel error status: OpenAI
@@ -148,6 +221,7 @@ fn is_json(response: &Response) -> bool {
 /// Middleware: shape every error response (see the module docs).
 pub async fn shape_errors(request: Request, next: Next) -> Response {
     let openai = is_openai_path(request.uri().path());
+    let a1111 = is_a1111_path(request.uri().path());
     let method = request.method().to_string();
     let response = next.run(request).await;
     let status = response.status();
@@ -155,6 +229,9 @@ pub async fn shape_errors(request: Request, next: Next) -> Response {
         return response;
     }
     let json = is_json(&response);
+    if a1111 {
+        return shape_a1111(response, &method).await;
+    }
     if json && !openai {
         return response;
     }
@@ -199,6 +276,55 @@ pub async fn shape_errors(request: Request, next: Next) -> Response {
         ApiError::new(status, code_for_status(status), message)
     };
     finish(parts, error, openai)
+}
+
+/// Rewrite an error response of an `/sdapi/` route into AUTOMATIC1111's
+/// shape, unless it already is (a body with `detail`).
+async fn shape_a1111(response: Response, method: &str) -> Response {
+    let status = response.status();
+    let json = is_json(&response);
+    let (parts, body) = response.into_parts();
+    let bytes = to_bytes(body, MAX_ERROR_BODY).await.unwrap_or_default();
+    let mut e = if json {
+        let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        if value.get("detail").is_some() {
+            return Response::from_parts(parts, Body::from(bytes));
+        }
+        let detail = &value["error"];
+        let mut e = ApiError::new(
+            status,
+            code_for_status(status),
+            detail["message"].as_str().unwrap_or_default(),
+        );
+        e.field = detail["field"].as_str().map(str::to_string);
+        e
+    } else {
+        let allow = parts
+            .headers
+            .get(header::ALLOW)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let text = String::from_utf8_lossy(&bytes).trim().to_string();
+        let message = if text.is_empty() || status == StatusCode::PAYLOAD_TOO_LARGE {
+            default_message(status, method, allow.as_deref())
+        } else {
+            text
+        };
+        ApiError::new(status, code_for_status(status), message)
+    };
+    if e.message.is_empty() {
+        e.message = default_message(status, method, None);
+    }
+    let mut response = A1111Error(e).into_response();
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE
+            && name != header::CONTENT_LENGTH
+            && name != header::WWW_AUTHENTICATE
+        {
+            response.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    response
 }
 
 fn finish(parts: axum::http::response::Parts, e: ApiError, openai: bool) -> Response {

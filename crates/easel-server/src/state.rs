@@ -52,6 +52,7 @@ struct Inner {
     worker_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     flows: flows::FlowsShared,
     rate_limiter: ratelimit::RateLimiter,
+    a1111_checkpoints: Mutex<std::collections::HashMap<String, String>>,
 }
 
 /// The server's shared state: configuration, store, asset folders, the
@@ -130,6 +131,7 @@ impl AppState {
                 config.rate_limit_per_minute,
                 config.rate_limit_burst,
             ),
+            a1111_checkpoints: Mutex::new(std::collections::HashMap::new()),
             config,
         };
         let state = AppState(Arc::new(inner));
@@ -147,6 +149,27 @@ impl AppState {
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.0.config
+    }
+
+    /// The `sd_model_checkpoint` that API key `key_id` chose with
+    /// `POST /sdapi/v1/options` (kept in memory: a restart forgets it).
+    pub fn a1111_checkpoint(&self, key_id: &str) -> Option<String> {
+        self.0
+            .a1111_checkpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key_id)
+            .cloned()
+    }
+
+    /// Set the `sd_model_checkpoint` of API key `key_id` (see
+    /// [`AppState::a1111_checkpoint`]).
+    pub fn set_a1111_checkpoint(&self, key_id: &str, model: String) {
+        self.0
+            .a1111_checkpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key_id.to_string(), model);
     }
 
     /// The outbound fetcher for client-given URLs (images, LoRAs, webhooks).

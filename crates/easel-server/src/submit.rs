@@ -32,6 +32,8 @@ pub enum Source {
     Native,
     /// `POST /v1/images/generations` or `/v1/images/edits`.
     OpenAi,
+    /// `POST /sdapi/v1/txt2img` or `/sdapi/v1/img2img` (AUTOMATIC1111's API).
+    A1111,
     /// An `ImageGenerator` step of a flow run.
     Flow,
 }
@@ -41,6 +43,7 @@ impl Source {
         match self {
             Source::Native => "native",
             Source::OpenAi => "openai",
+            Source::A1111 => "a1111",
             Source::Flow => "flow",
         }
     }

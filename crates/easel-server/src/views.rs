@@ -134,7 +134,7 @@ pub struct GenerationRecord {
     pub object: String,
     /// `queued`, `running`, `succeeded`, `failed` or `canceled`.
     pub status: JobStatus,
-    /// `native`, `openai` or `flow`.
+    /// `native`, `openai`, `a1111` or `flow`.
     pub source: String,
     /// RFC 3339.
     pub created_at: String,

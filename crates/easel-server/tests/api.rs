@@ -2835,6 +2835,8 @@ async fn finding_5_openapi_is_usable_by_generators() {
                         .unwrap_or_default();
                     let family = if path.starts_with("/v1/images/") {
                         "OpenAiErrorBody"
+                    } else if path.starts_with("/sdapi/") {
+                        "A1111ErrorBody"
                     } else {
                         "ErrorBody"
                     };

@@ -14,6 +14,7 @@ use crate::auth::require_key;
 use crate::error::ApiError;
 use crate::AppState;
 
+pub mod a1111;
 pub mod assets;
 pub mod flows;
 pub mod generations;
@@ -85,6 +86,18 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/flow-runs/{id}", get(flows::get_run))
         .route("/v1/flow-runs/{id}/events", get(flows::run_events))
         .route("/v1/flow-runs/{id}/cancel", post(flows::cancel_run))
+        .route("/sdapi/v1/txt2img", post(a1111::txt2img))
+        .route("/sdapi/v1/img2img", post(a1111::img2img))
+        .route("/sdapi/v1/sd-models", get(a1111::sd_models))
+        .route("/sdapi/v1/samplers", get(a1111::samplers))
+        .route("/sdapi/v1/schedulers", get(a1111::schedulers))
+        .route("/sdapi/v1/loras", get(a1111::loras))
+        .route(
+            "/sdapi/v1/options",
+            get(a1111::get_options).post(a1111::set_options),
+        )
+        .route("/sdapi/v1/progress", get(a1111::progress))
+        .route("/sdapi/v1/interrupt", post(a1111::interrupt))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/healthz", get(ops::healthz))

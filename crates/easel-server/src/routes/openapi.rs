@@ -41,6 +41,17 @@ impl Modify for BearerAuth {
                     .build(),
             ),
         );
+        components.add_security_scheme(
+            "basic",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Basic)
+                    .description(Some(
+                        "AUTOMATIC1111 routes (`/sdapi/...`) only: any user name, the API key as the password",
+                    ))
+                    .build(),
+            ),
+        );
     }
 }
 
@@ -90,6 +101,16 @@ impl Modify for BearerAuth {
         super::flows::get_run,
         super::flows::cancel_run,
         super::flows::run_events,
+        super::a1111::txt2img,
+        super::a1111::img2img,
+        super::a1111::sd_models,
+        super::a1111::samplers,
+        super::a1111::schedulers,
+        super::a1111::loras,
+        super::a1111::get_options,
+        super::a1111::set_options,
+        super::a1111::progress,
+        super::a1111::interrupt,
     ),
     components(schemas(
         GenerationRequestDoc, PackRequestDoc, ImageDefinition, LoraRef, GenerationRecord,
@@ -97,6 +118,11 @@ impl Modify for BearerAuth {
         ResolvedParameters, ResolvedLora, TrainingRecord, PackRecord, UsageRecord, ModelEntry,
         FamilyDefaults, LoraEntry, LedgerEntry,
         ErrorBody, ErrorDetail, ImagesRequest, super::flows::FlowRecord,
+        super::a1111::docs::Txt2ImgRequest, super::a1111::docs::Img2ImgRequest,
+        super::a1111::docs::ImagesResponse, super::a1111::docs::SdModel,
+        super::a1111::docs::SamplerItem, super::a1111::docs::SchedulerItem,
+        super::a1111::docs::LoraItem, super::a1111::docs::ProgressResponse,
+        super::a1111::docs::HttpError, super::a1111::docs::ValidationError,
     )),
     modifiers(&BearerAuth),
 )]
@@ -123,6 +149,20 @@ pub fn document() -> Value {
     let schemas = &mut doc["components"]["schemas"];
     patch_image_definition(&mut schemas["ImageDefinition"]);
     patch_lora_ref(&mut schemas["LoraRef"]);
+    // POST /sdapi/v1/options answers null, as the web UI's does.
+    doc["paths"]["/sdapi/v1/options"]["post"]["responses"]["200"]["content"] =
+        json!({"application/json": {"schema": {"type": "null"}}});
+    let schemas = &mut doc["components"]["schemas"];
+    // The web UI's two error shapes (see error_shape::a1111_error_body).
+    schemas["A1111ErrorBody"] = json!({
+        "description": "An error of the AUTOMATIC1111 routes (`/sdapi/...`): FastAPI's \
+            validation error `{detail: [{loc, msg, type}]}` for a field, else the web UI's \
+            `{error, detail, body, errors}`.",
+        "anyOf": [
+            {"$ref": "#/components/schemas/HttpError"},
+            {"$ref": "#/components/schemas/ValidationError"},
+        ],
+    });
     let image_props = schemas["ImageDefinition"]["properties"].clone();
     schemas["GenerationRequestDoc"] = request_body_schema(
         &image_props,
@@ -437,6 +477,9 @@ fn error_statuses(method: &str, path: &str, op: &Value) -> Vec<u16> {
     if submits {
         codes.extend([402, 403, 409, 429, 503]);
     }
+    if path.starts_with("/sdapi/v1/") && method == "post" && path.ends_with("2img") {
+        codes.extend([402, 403, 429, 500, 503, 504]);
+    }
     if path.starts_with("/v1/images/") {
         // OpenAI answers 400 where easel's native routes answer 422.
         codes.retain(|c| *c != 422);
@@ -459,6 +502,7 @@ fn error_description(code: u16) -> &'static str {
         415 => "Not multipart/form-data",
         422 => "A field out of range or not allowed; `field` names it",
         429 => "Too many requests or the queue is full; see Retry-After",
+        500 => "The generation failed",
         503 => "Shutting down or not ready; see Retry-After",
         504 => "The images were not ready within max_wait_seconds (the job goes on)",
         _ => "Error",
@@ -482,8 +526,12 @@ fn add_error_responses(doc: &mut Value) {
             } else {
                 "ErrorBody"
             };
-            let error_content = json!({"application/json": {"schema":
+            let mut error_content = json!({"application/json": {"schema":
                 {"$ref": format!("#/components/schemas/{schema}")}}});
+            if crate::error_shape::is_a1111_path(path) {
+                error_content = json!({"application/json": {"schema":
+                    {"$ref": "#/components/schemas/A1111ErrorBody"}}});
+            }
             let codes = error_statuses(method, path, op);
             let responses = &mut op["responses"];
             for code in codes {
