@@ -34,6 +34,10 @@ pub enum Source {
     OpenAi,
     /// An `ImageGenerator` step of a flow run.
     Flow,
+    /// `POST /api/rest/v1/generations` (Leonardo-style).
+    Leonardo,
+    /// `POST /api/v1/images/generation` (the serverless endpoint shape).
+    Serverless,
 }
 
 impl Source {
@@ -42,6 +46,8 @@ impl Source {
             Source::Native => "native",
             Source::OpenAi => "openai",
             Source::Flow => "flow",
+            Source::Leonardo => "leonardo",
+            Source::Serverless => "serverless",
         }
     }
 }
