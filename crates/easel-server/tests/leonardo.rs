@@ -154,8 +154,13 @@ async fn every_field_of_the_table_is_mapped_accepted_or_refused() {
                 let got = &job["images"][0]["requested"][target];
                 assert!(!got.is_null(), "{} -> {target}: {job}", field.name);
                 let want = match field.name {
-                    "num_inference_steps" | "width" | "height" | "seed" | "guidance_scale"
-                    | "negative_prompt" | "tiling" => Some(example),
+                    "num_inference_steps"
+                    | "width"
+                    | "height"
+                    | "seed"
+                    | "guidance_scale"
+                    | "negative_prompt"
+                    | "tiling" => Some(example),
                     "init_strength" => Some(json!(0.5)),
                     "scheduler" => Some(json!("ddim")),
                     "modelId" => Some(json!("tiny-sd15")),
@@ -163,7 +168,8 @@ async fn every_field_of_the_table_is_mapped_accepted_or_refused() {
                     _ => None,
                 };
                 if let Some(want) = want {
-                    let matches = got == &want || got.as_f64().is_some() && got.as_f64() == want.as_f64();
+                    let matches =
+                        got == &want || got.as_f64().is_some() && got.as_f64() == want.as_f64();
                     assert!(matches, "{} -> {target}: {got} != {want}", field.name);
                 }
             }
@@ -190,17 +196,34 @@ async fn out_of_range_values_are_refused_naming_the_field() {
             with(with(base(), "width", json!(1024)), "num_images", json!(5)),
             "num_images",
         ),
-        (with(base(), "num_inference_steps", json!(9)), "num_inference_steps"),
-        (with(base(), "num_inference_steps", json!(61)), "num_inference_steps"),
-        (with(base(), "num_inference_steps", json!(12.5)), "num_inference_steps"),
+        (
+            with(base(), "num_inference_steps", json!(9)),
+            "num_inference_steps",
+        ),
+        (
+            with(base(), "num_inference_steps", json!(61)),
+            "num_inference_steps",
+        ),
+        (
+            with(base(), "num_inference_steps", json!(12.5)),
+            "num_inference_steps",
+        ),
         (with(base(), "guidance_scale", json!(0.5)), "guidance_scale"),
         (with(base(), "guidance_scale", json!(21)), "guidance_scale"),
         (
-            with(with(base(), "init_image_id", json!("x")), "init_strength", json!(0.05)),
+            with(
+                with(base(), "init_image_id", json!("x")),
+                "init_strength",
+                json!(0.05),
+            ),
             "init_strength",
         ),
         (
-            with(with(base(), "init_image_id", json!("x")), "init_strength", json!(0.95)),
+            with(
+                with(base(), "init_image_id", json!("x")),
+                "init_strength",
+                json!(0.95),
+            ),
             "init_strength",
         ),
         (with(base(), "init_strength", json!(0.5)), "init_strength"),
@@ -210,9 +233,20 @@ async fn out_of_range_values_are_refused_naming_the_field() {
         (with(base(), "presetStyle", json!("ANIME")), "presetStyle"),
         (with(base(), "foo", json!(1)), "foo"),
         (with(base(), "prompt", json!("")), "prompt"),
-        (with(base(), "modelId", json!("b24e16ff-06e3-43eb-8d33-4416c2d75876")), "modelId"),
         (
-            with(base(), "elements", json!([{"akUUID": "tiny-sd15-lora", "weight": 5}])),
+            with(
+                base(),
+                "modelId",
+                json!("b24e16ff-06e3-43eb-8d33-4416c2d75876"),
+            ),
+            "modelId",
+        ),
+        (
+            with(
+                base(),
+                "elements",
+                json!([{"akUUID": "tiny-sd15-lora", "weight": 5}]),
+            ),
             "elements[0].weight",
         ),
     ];
@@ -223,13 +257,19 @@ async fn out_of_range_values_are_refused_naming_the_field() {
     }
     // A LoRA that is neither a training nor a file under the model roots.
     let (s, e) = server
-        .leonardo(with(base(), "elements", json!([{"akUUID": "no-such-lora"}])))
+        .leonardo(with(
+            base(),
+            "elements",
+            json!([{"akUUID": "no-such-lora"}]),
+        ))
         .await;
     assert_leonardo_error(s, &e, StatusCode::FORBIDDEN, "elements[0].akUUID");
     let mut no_model = asset_free.clone();
     no_model.as_object_mut().unwrap().remove("modelId");
     for (version, field) in [("v9", "sd_version"), ("PHOENIX", "sd_version")] {
-        let (s, e) = server.leonardo(with(no_model.clone(), "sd_version", json!(version))).await;
+        let (s, e) = server
+            .leonardo(with(no_model.clone(), "sd_version", json!(version)))
+            .await;
         assert_leonardo_error(s, &e, StatusCode::UNPROCESSABLE_ENTITY, field);
     }
     let (s, e) = server.leonardo(with(base(), "width", json!("wide"))).await;
@@ -261,7 +301,10 @@ async fn sd_version_maps_to_a_model_of_its_family() {
         assert_eq!(s, StatusCode::OK, "{version}: {r}");
         let id = r["sdGenerationJob"]["generationId"].as_str().unwrap();
         let (_, job) = server.get(&format!("/v1/generations/{id}")).await;
-        assert_eq!(job["images"][0]["requested"]["baseModel"], model, "{version}");
+        assert_eq!(
+            job["images"][0]["requested"]["baseModel"], model,
+            "{version}"
+        );
         server.wait_done(id, 300).await;
     }
 }
@@ -281,7 +324,10 @@ async fn pixels_equal_the_native_request() {
         .await;
     assert_eq!(s, StatusCode::OK, "{r}");
     assert_eq!(r["sdGenerationJob"]["apiCreditCost"], 2);
-    let id = r["sdGenerationJob"]["generationId"].as_str().unwrap().to_string();
+    let id = r["sdGenerationJob"]["generationId"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let leo = server.wait_done(&id, 300).await;
     assert_eq!(leo["status"], "succeeded", "{leo}");
     assert_eq!(leo["cost"]["inferences"], 2, "billed per image");
@@ -312,7 +358,10 @@ async fn pixels_equal_the_native_request() {
     assert_eq!(images.len(), 2);
     for image in images {
         assert_eq!(image["nsfw"], false);
-        assert!(image["url"].as_str().unwrap().contains("/v1/files/"), "{image}");
+        assert!(
+            image["url"].as_str().unwrap().contains("/v1/files/"),
+            "{image}"
+        );
         assert!(image["id"].as_str().is_some());
     }
     // The job is a native job: listed with the others.

@@ -107,7 +107,11 @@ async fn every_field_is_mapped_and_model_names_pick_their_family() {
     assert_eq!(data[0]["index"], 0);
     assert!(data[0]["timings"]["inference"].as_f64().is_some());
     let png = decode(&data[0]["b64_json"]);
-    assert_eq!((png.width, png.height), (64, 48), "72x56 rounded down to 16");
+    assert_eq!(
+        (png.width, png.height),
+        (64, 48),
+        "72x56 rounded down to 16"
+    );
     let job = server.job_of(&r).await;
     assert_eq!(job["source"], "serverless");
     let requested = &job["images"][0]["requested"];
@@ -115,7 +119,10 @@ async fn every_field_is_mapped_and_model_names_pick_their_family() {
         if *name == "negative_prompt" {
             continue; // empty: no negative prompt (FLUX has none)
         }
-        assert!(!requested[*native].is_null(), "{name} -> {native}: {requested}");
+        assert!(
+            !requested[*native].is_null(),
+            "{name} -> {native}: {requested}"
+        );
     }
     assert_eq!(requested["baseModel"], "tiny-flux-fill");
     assert_eq!(requested["steps"], 2);
@@ -128,8 +135,11 @@ async fn every_field_is_mapped_and_model_names_pick_their_family() {
         ("black-forest-labs/FLUX.1-schnell", "tiny-flux-schnell"),
     ] {
         let (s, r) = server
-            .post(PATH, json!({"model": name, "prompt": "a", "width": 64, "height": 64,
-                                "num_steps": 2, "seed": 1}))
+            .post(
+                PATH,
+                json!({"model": name, "prompt": "a", "width": 64, "height": 64,
+                                "num_steps": 2, "seed": 1}),
+            )
             .await;
         assert_eq!(s, StatusCode::OK, "{name}: {r}");
         let job = server.job_of(&r).await;
@@ -150,14 +160,20 @@ async fn errors_name_the_field_in_the_original_shape() {
         b
     };
     for (body, field) in [
-        (with("model_name", json!("black-forest-labs/FLUX.1-pro")), "model_name"),
+        (
+            with("model_name", json!("black-forest-labs/FLUX.1-pro")),
+            "model_name",
+        ),
         (with("prompt", json!(" ")), "prompt"),
         (with("num_steps", json!(0)), "num_steps"),
         (with("num_steps", json!(61)), "num_steps"),
         (with("width", json!(70)), "width"),
         (with("height", json!(4096)), "height"),
         (with("guidance_scale", json!(-1)), "guidance_scale"),
-        (with("mask_image", json!(b64_png(64, 64, true))), "mask_image"),
+        (
+            with("mask_image", json!(b64_png(64, 64, true))),
+            "mask_image",
+        ),
         (with("input_image", json!("not base64 !!")), "input_image"),
         (with("style", json!("x")), "style"),
     ] {
@@ -171,7 +187,11 @@ async fn errors_name_the_field_in_the_original_shape() {
     let (s, e) = server.post(PATH, with("width", json!("wide"))).await;
     assert_error(s, &e, StatusCode::BAD_REQUEST, Some("width"));
     let (_, list) = server.get("/v1/generations").await;
-    assert_eq!(list["data"].as_array().unwrap().len(), 0, "nothing accepted");
+    assert_eq!(
+        list["data"].as_array().unwrap().len(),
+        0,
+        "nothing accepted"
+    );
     let (s, _, e) = server.call_as(None, Method::POST, PATH, Some(ok)).await;
     assert_error(s, &e, StatusCode::UNAUTHORIZED, None);
 }
@@ -181,9 +201,12 @@ async fn errors_name_the_field_in_the_original_shape() {
 async fn pixels_equal_the_native_request() {
     let server = TestServer::new(|_| {}).await;
     let (s, r) = server
-        .post(PATH, json!({"model_name": "stabilityai/stable-diffusion-xl-base-1.0",
+        .post(
+            PATH,
+            json!({"model_name": "stabilityai/stable-diffusion-xl-base-1.0",
                             "prompt": "a harbour", "negative_prompt": "rain", "width": 64,
-                            "height": 48, "num_steps": 3, "guidance_scale": 6, "seed": 77}))
+                            "height": 48, "num_steps": 3, "guidance_scale": 6, "seed": 77}),
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{r}");
     let served = decode(&r["data"][0]["b64_json"]);
@@ -198,7 +221,12 @@ async fn pixels_equal_the_native_request() {
     assert_eq!(s, StatusCode::ACCEPTED, "{native}");
     let native = server.wait_done(native["id"].as_str().unwrap(), 300).await;
     let asset = &native["assets"][0];
-    let ext = asset["file_name"].as_str().unwrap().rsplit('.').next().unwrap();
+    let ext = asset["file_name"]
+        .as_str()
+        .unwrap()
+        .rsplit('.')
+        .next()
+        .unwrap();
     let path = server
         .state
         .assets()

@@ -157,7 +157,10 @@ async fn choose_model(
     name: &str,
 ) -> Result<(String, Option<ModelFamily>), ServerlessError> {
     if compat_models::resolves(state, name).await? {
-        return Ok((name.to_string(), compat_models::family_of(state, name).await?));
+        return Ok((
+            name.to_string(),
+            compat_models::family_of(state, name).await?,
+        ));
     }
     let known: Vec<&str> = MODELS.iter().map(|(n, _, _)| *n).collect();
     let Some((_, family, prefer)) = MODELS.iter().find(|(n, _, _)| *n == name) else {
@@ -179,16 +182,28 @@ async fn choose_model(
 }
 
 /// The native request for `r`.
-async fn translate(state: &AppState, r: &ServerlessRequest) -> Result<NativeRequest, ServerlessError> {
+async fn translate(
+    state: &AppState,
+    r: &ServerlessRequest,
+) -> Result<NativeRequest, ServerlessError> {
     let name = r
         .model_name
         .as_deref()
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| invalid("model_name", format!(
-            "`model_name` is required (one of: {})",
-            MODELS.iter().map(|(n, _, _)| *n).collect::<Vec<_>>().join(", ")
-        )))?;
+        .ok_or_else(|| {
+            invalid(
+                "model_name",
+                format!(
+                    "`model_name` is required (one of: {})",
+                    MODELS
+                        .iter()
+                        .map(|(n, _, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })?;
     let prompt = r
         .prompt
         .clone()
@@ -250,10 +265,14 @@ pub async fn generate(
 ) -> Result<Response, ServerlessError> {
     state.check_submission_rate(&principal.key_id)?;
     let raw: Value = serde_json::from_slice(&body).map_err(|e| {
-        ServerlessError(ApiError::bad_request(format!("the body is not valid JSON: {e}")))
+        ServerlessError(ApiError::bad_request(format!(
+            "the body is not valid JSON: {e}"
+        )))
     })?;
     if !raw.is_object() {
-        return Err(ServerlessError(ApiError::bad_request("the body must be a JSON object")));
+        return Err(ServerlessError(ApiError::bad_request(
+            "the body must be a JSON object",
+        )));
     }
     let params: ServerlessRequest = easel_core::request::from_json_at(raw, "").map_err(|e| {
         let status = if e.kind.code() == "unknown_field" {
@@ -338,4 +357,53 @@ pub async fn generate(
         "easel_generation_id": id,
     }))
     .into_response())
+}
+
+/// Complete the OpenAPI document for this route: the request body and the
+/// error schema `ServerlessErrorBody`.
+pub fn patch_openapi(doc: &mut Value) {
+    let size = json!({"type": ["integer", "null"], "minimum": easel_core::params::SIZE_MIN,
+        "maximum": easel_core::params::SIZE_MAX,
+        "description": "A multiple of 8 (16 for FLUX.1 schnell; FLUX.1 Fill rounds down to 16)."});
+    let names: Vec<&str> = MODELS.iter().map(|(n, _, _)| *n).collect();
+    let mut props = json!({
+        "model_name": {"type": "string", "minLength": 1,
+            "description": format!("One of {}, or an easel model", names.join(", "))},
+        "prompt": {"type": "string", "minLength": 1, "pattern": "\\S",
+            "maxLength": easel_core::params::PROMPT_MAX_CHARS},
+        "negative_prompt": {"type": ["string", "null"]},
+        "width": size.clone(),
+        "height": size,
+        "num_steps": {"type": ["integer", "null"], "minimum": *easel_core::params::STEPS_RANGE.start(),
+            "maximum": *easel_core::params::STEPS_RANGE.end()},
+        "guidance_scale": {"type": ["number", "null"], "minimum": 0,
+            "maximum": easel_core::params::GUIDANCE_SCALE_MAX},
+        "seed": {"type": ["integer", "null"], "minimum": 0},
+        "input_image": {"type": ["string", "null"], "description": "Base64 or a data URI"},
+        "mask_image": {"type": ["string", "null"], "description": "Base64 or a data URI; needs input_image"},
+    });
+    props["model"] = props["model_name"].clone();
+    props["image"] = props["input_image"].clone();
+    props["mask"] = props["mask_image"].clone();
+    let body = json!({"type": "object", "required": ["prompt"], "additionalProperties": false,
+        "properties": props,
+        "anyOf": [{"required": ["model_name"]}, {"required": ["model"]}],
+        "allOf": [{"not": {"required": ["model_name", "model"]}},
+                  {"not": {"required": ["input_image", "image"]}},
+                  {"not": {"required": ["mask_image", "mask"]}}]});
+    let op = &mut doc["paths"][crate::error_shape::SERVERLESS_PATH]["post"];
+    if op.is_object() {
+        op["requestBody"] = json!({"required": true,
+            "content": {"application/json": {"schema": body}}});
+    }
+    doc["components"]["schemas"]["ServerlessErrorBody"] = json!({
+        "type": "object", "required": ["status", "message", "field", "code"],
+        "description": "An error of the serverless endpoint shape.",
+        "properties": {
+            "status": {"type": "string", "enum": ["error"]},
+            "message": {"type": "string"},
+            "field": {"type": ["string", "null"], "description": "The request field at fault, by its name here."},
+            "code": {"type": "string"},
+        },
+    });
 }

@@ -147,7 +147,9 @@ fn integer(field: &str, value: f64, lo: f64, hi: f64, multiple: u32) -> Result<u
     if !ok || (value as u64) % u64::from(multiple) != 0 {
         return Err(invalid(
             field,
-            format!("{value} is not allowed: {field} must be an integer between {lo} and {hi}{tail}"),
+            format!(
+                "{value} is not allowed: {field} must be an integer between {lo} and {hi}{tail}"
+            ),
         ));
     }
     Ok(value as u64)
@@ -199,9 +201,18 @@ async fn choose_model(
     state: &AppState,
     body: &Body,
 ) -> Result<(String, &'static str, Option<ModelFamily>), LeonardoError> {
-    if let Some(id) = body.model_id.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+    if let Some(id) = body
+        .model_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         if compat_models::resolves(state, id).await? {
-            return Ok((id.to_string(), "modelId", compat_models::family_of(state, id).await?));
+            return Ok((
+                id.to_string(),
+                "modelId",
+                compat_models::family_of(state, id).await?,
+            ));
         }
         return Err(invalid(
             "modelId",
@@ -276,7 +287,9 @@ async fn translate(
         .ok_or_else(|| LeonardoError(ApiError::bad_request("the body must be a JSON object")))?;
     check_fields(object)?;
     let body: Body = easel_core::request::from_json_at(raw.clone(), "").map_err(|e| {
-        LeonardoError(ApiError::new(StatusCode::BAD_REQUEST, e.kind.code(), e.message).with_field(e.field))
+        LeonardoError(
+            ApiError::new(StatusCode::BAD_REQUEST, e.kind.code(), e.message).with_field(e.field),
+        )
     })?;
     let prompt = body
         .prompt
@@ -305,7 +318,11 @@ async fn translate(
         .map(|h| integer("height", h, SIZE_RANGE.0, SIZE_RANGE.1, 8))
         .transpose()?;
     let large = width.unwrap_or(0) > 768 || height.unwrap_or(0) > 768;
-    let max_images = if large { NUM_IMAGES_MAX.1 } else { NUM_IMAGES_MAX.0 };
+    let max_images = if large {
+        NUM_IMAGES_MAX.1
+    } else {
+        NUM_IMAGES_MAX.0
+    };
     let n = match body.num_images {
         Some(v) => {
             let n = integer("num_images", v, 1.0, f64::from(NUM_IMAGES_MAX.0), 1)? as u32;
@@ -345,7 +362,11 @@ async fn translate(
                     "scheduler",
                     format!(
                         "unknown scheduler `{name}` (allowed: {})",
-                        SCHEDULERS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                        SCHEDULERS
+                            .iter()
+                            .map(|(n, _)| *n)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 ))
             }
@@ -377,7 +398,12 @@ async fn translate(
                     "init_strength needs init_image_id (an easel asset id)",
                 ));
             }
-            let s = number("init_strength", s, INIT_STRENGTH_RANGE.0, INIT_STRENGTH_RANGE.1)?;
+            let s = number(
+                "init_strength",
+                s,
+                INIT_STRENGTH_RANGE.0,
+                INIT_STRENGTH_RANGE.1,
+            )?;
             // Leonardo's init_strength is how much of the init image stays;
             // diffusers' strength is how much is replaced.
             Some(((1.0 - s) * 1e6).round() / 1e6)
@@ -470,7 +496,9 @@ pub async fn create_generation(
 ) -> Result<Response, LeonardoError> {
     state.check_submission_rate(&principal.key_id)?;
     let raw: Value = serde_json::from_slice(&body).map_err(|e| {
-        LeonardoError(ApiError::bad_request(format!("the body is not valid JSON: {e}")))
+        LeonardoError(ApiError::bad_request(format!(
+            "the body is not valid JSON: {e}"
+        )))
     })?;
     let translated = translate(&state, &principal, &raw).await?;
     let model_field = translated.model_field;
@@ -569,4 +597,79 @@ pub async fn get_generation(
         "generation_elements": [],
     }}))
     .into_response())
+}
+
+/// Complete the OpenAPI document for these routes: the request body (every
+/// field of [`FIELDS`], with Leonardo's ranges; refused features only in
+/// their inactive values) and the error schema `LeonardoErrorBody`.
+pub fn patch_openapi(doc: &mut Value) {
+    let nullable = |schema: Value| json!({"anyOf": [schema, {"type": "null"}]});
+    let mut props = serde_json::Map::new();
+    for f in FIELDS {
+        let schema = match f.role {
+            Role::Unsupported(fields::Inactive::FalseOrNull) => json!({"enum": [false, null]}),
+            Role::Unsupported(fields::Inactive::EmptyOrNull) => {
+                json!({"type": ["array", "null"], "maxItems": 0})
+            }
+            Role::Unsupported(fields::Inactive::Null) => json!({"type": "null"}),
+            Role::Unsupported(fields::Inactive::OneOf(values)) => {
+                let mut e: Vec<Value> = values.iter().map(|v| json!(v)).collect();
+                e.push(Value::Null);
+                json!({"enum": e})
+            }
+            Role::Cosmetic => json!({"type": ["boolean", "null"]}),
+            Role::Mapped(_) => match f.name {
+                "prompt" => json!({"type": "string", "minLength": 1, "pattern": "\\S",
+                    "maxLength": easel_core::params::PROMPT_MAX_CHARS}),
+                "width" | "height" => nullable(json!({"type": "integer",
+                    "minimum": SIZE_RANGE.0, "maximum": SIZE_RANGE.1, "multipleOf": 8})),
+                "num_images" => nullable(json!({"type": "integer", "minimum": 1,
+                    "maximum": NUM_IMAGES_MAX.0,
+                    "description": "1..=8; 1..=4 when width or height is over 768. Default 4."})),
+                "num_inference_steps" => nullable(json!({"type": "integer",
+                    "minimum": STEPS_RANGE.0, "maximum": STEPS_RANGE.1,
+                    "description": "Default 15."})),
+                "guidance_scale" => nullable(json!({"type": "number",
+                    "minimum": GUIDANCE_RANGE.0, "maximum": GUIDANCE_RANGE.1})),
+                "init_strength" => nullable(json!({"type": "number",
+                    "minimum": INIT_STRENGTH_RANGE.0, "maximum": INIT_STRENGTH_RANGE.1,
+                    "description": "Needs init_image_id; easel's strength is 1 - init_strength."})),
+                "seed" => nullable(json!({"type": "integer", "minimum": 0,
+                    "maximum": SEED_MAX.1, "description": "At most 2147483637 for FLUX models."})),
+                "scheduler" => {
+                    let e: Vec<Value> = SCHEDULERS.iter().map(|(n, _)| json!(n)).collect();
+                    nullable(json!({"type": "string", "enum": e}))
+                }
+                "sd_version" => {
+                    let e: Vec<Value> = SD_VERSIONS.iter().map(|(n, _, _)| json!(n)).collect();
+                    nullable(json!({"type": "string", "enum": e}))
+                }
+                "presetStyle" => nullable(json!({"type": "string", "enum": PRESET_STYLES})),
+                "tiling" => json!({"type": ["boolean", "null"]}),
+                "elements" => json!({"type": ["array", "null"], "items": {
+                    "type": "object", "required": ["akUUID"], "additionalProperties": false,
+                    "properties": {"akUUID": {"type": "string", "minLength": 1,
+                        "description": "A training id or a LoRA name of GET /v1/loras"},
+                        "weight": nullable(json!({"type": "number", "minimum": -1, "maximum": 3}))}}}),
+                _ => json!({"type": ["string", "null"]}),
+            },
+        };
+        props.insert(f.name.to_string(), schema);
+    }
+    let body = json!({"type": "object", "required": ["prompt"], "additionalProperties": false,
+        "properties": props});
+    let op = &mut doc["paths"]["/api/rest/v1/generations"]["post"];
+    if op.is_object() {
+        op["requestBody"] = json!({"required": true,
+            "content": {"application/json": {"schema": body}}});
+    }
+    doc["components"]["schemas"]["LeonardoErrorBody"] = json!({
+        "type": "object", "required": ["error", "path", "code"],
+        "description": "An error of the Leonardo-compatible routes, in Leonardo's (Hasura's) shape.",
+        "properties": {
+            "error": {"type": "string"},
+            "path": {"type": "string", "description": "`$.FIELD` of the body field at fault, or `$`."},
+            "code": {"type": "string"},
+        },
+    });
 }
