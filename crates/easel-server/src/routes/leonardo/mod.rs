@@ -144,7 +144,7 @@ fn integer(field: &str, value: f64, lo: f64, hi: f64, multiple: u32) -> Result<u
         String::new()
     };
     let ok = value.fract() == 0.0 && (lo..=hi).contains(&value);
-    if !ok || (value as u64) % u64::from(multiple) != 0 {
+    if !ok || !(value as u64).is_multiple_of(u64::from(multiple)) {
         return Err(invalid(
             field,
             format!(
