@@ -378,7 +378,7 @@ pub fn patch_openapi(doc: &mut Value) {
             "maximum": *easel_core::params::STEPS_RANGE.end()},
         "guidance_scale": {"type": ["number", "null"], "minimum": 0,
             "maximum": easel_core::params::GUIDANCE_SCALE_MAX},
-        "seed": {"type": ["integer", "null"], "minimum": 0},
+        "seed": {"type": ["integer", "null"], "minimum": 0, "maximum": u64::MAX},
         "input_image": {"type": ["string", "null"], "description": "Base64 or a data URI"},
         "mask_image": {"type": ["string", "null"], "description": "Base64 or a data URI; needs input_image"},
     });
