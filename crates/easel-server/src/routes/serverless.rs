@@ -407,3 +407,23 @@ pub fn patch_openapi(doc: &mut Value) {
         },
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn native_field_paths_read_as_this_surfaces_names() {
+        for (native, name) in [
+            ("images[0].steps", "num_steps"),
+            ("images[0].guidanceScale", "guidance_scale"),
+            ("images[0].baseModel", "model_name"),
+            ("images[0].image", "input_image"),
+            ("images[0].mask", "mask_image"),
+            ("images[0].negativePrompt", "negative_prompt"),
+            ("images[0].width", "width"),
+        ] {
+            assert_eq!(serverless_field(native), name, "{native}");
+        }
+    }
+}

@@ -274,7 +274,16 @@ async fn choose_model(
 /// fields in errors.
 struct Translated {
     request: NativeRequest,
-    model_field: &'static str,
+    names: FieldNames,
+}
+
+/// Which Leonardo field stands for a native one that two Leonardo fields
+/// can fill (`baseModel`: `modelId` or `sd_version`; `image`:
+/// `init_image_id` or `init_generation_image_id`).
+#[derive(Debug, Clone, Copy)]
+struct FieldNames {
+    model: &'static str,
+    image: &'static str,
 }
 
 async fn translate(
@@ -446,19 +455,27 @@ async fn translate(
             ..ImageDefinition::default()
         })
         .collect();
+    let image_field = if body.init_generation_image_id.is_some() {
+        "init_generation_image_id"
+    } else {
+        "init_image_id"
+    };
     Ok(Translated {
         request: NativeRequest {
             defaults,
             images,
             ..NativeRequest::default()
         },
-        model_field,
+        names: FieldNames {
+            model: model_field,
+            image: image_field,
+        },
     })
 }
 
 /// The Leonardo name of a native field path (`images[0].loras[1].scale` →
 /// `elements[1].weight`).
-fn leonardo_field(field: &str, model_field: &str) -> String {
+fn leonardo_field(field: &str, names: FieldNames) -> String {
     let local = match field.split_once('.') {
         Some((head, rest)) if head.starts_with("images[") => rest,
         _ => field,
@@ -472,11 +489,11 @@ fn leonardo_field(field: &str, model_field: &str) -> String {
         return format!("elements[{index}].{name}");
     }
     match local {
-        "baseModel" => model_field.to_string(),
+        "baseModel" => names.model.to_string(),
         "negativePrompt" => "negative_prompt".into(),
         "steps" => "num_inference_steps".into(),
         "guidanceScale" => "guidance_scale".into(),
-        "image" => "init_image_id".into(),
+        "image" => names.image.into(),
         "strength" => "init_strength".into(),
         "images" => "num_images".into(),
         "loras" => "elements".into(),
@@ -501,7 +518,7 @@ pub async fn create_generation(
         )))
     })?;
     let translated = translate(&state, &principal, &raw).await?;
-    let model_field = translated.model_field;
+    let names = translated.names;
     let prepared = prepare(
         &state,
         &principal,
@@ -513,7 +530,7 @@ pub async fn create_generation(
     )
     .await
     .map_err(|mut e| {
-        e.field = e.field.take().map(|f| leonardo_field(&f, model_field));
+        e.field = e.field.take().map(|f| leonardo_field(&f, names));
         LeonardoError(e)
     })?;
     let inferences = prepared.images_total();
@@ -672,4 +689,47 @@ pub fn patch_openapi(doc: &mut Value) {
             "code": {"type": "string"},
         },
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn native_field_paths_read_as_leonardo_names() {
+        let names = FieldNames {
+            model: "sd_version",
+            image: "init_generation_image_id",
+        };
+        for (native, leonardo) in [
+            ("images[3].width", "width"),
+            ("images[0].steps", "num_inference_steps"),
+            ("guidanceScale", "guidance_scale"),
+            ("images[1].baseModel", "sd_version"),
+            ("images[0].image", "init_generation_image_id"),
+            ("images[0].strength", "init_strength"),
+            ("images[0].loras[2].scale", "elements[2].weight"),
+            ("images[0].loras[1].path", "elements[1].akUUID"),
+            ("images[0].loras[0].id", "elements[0].akUUID"),
+            ("images", "num_images"),
+            ("images[0].negativePrompt", "negative_prompt"),
+        ] {
+            assert_eq!(leonardo_field(native, names), leonardo, "{native}");
+        }
+    }
+
+    #[test]
+    fn every_scheduler_and_sd_version_is_known_to_the_engine() {
+        for (name, easel) in SCHEDULERS {
+            if let Some(e) = easel {
+                assert!(
+                    easel_diffusion::schedulers::resolve_scheduler_name(e).is_ok(),
+                    "{name} -> {e}"
+                );
+            }
+        }
+        for (name, _, _) in SD_VERSIONS {
+            assert!(SD_VERSIONS_ALL.contains(name), "{name}");
+        }
+    }
 }
