@@ -15,6 +15,9 @@
 //!   the shape their SDKs parse;
 //! - on AUTOMATIC1111's routes (`/sdapi/...`), every native-shaped error is
 //!   rewritten to the web UI's (FastAPI) shapes (see [`a1111_error_body`]).
+//! - likewise on the Leonardo routes (`/api/rest/v1/...`, Leonardo's
+//!   `{"error", "path", "code"}`) and the serverless endpoint
+//!   (`/api/v1/images/generation`, `{"status": "error", "message", ...}`).
 
 use axum::body::{to_bytes, Body};
 use axum::extract::Request;
@@ -22,6 +25,7 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde_json::{json, Value};
 
 use crate::error::ApiError;
 
@@ -177,6 +181,42 @@ pub fn is_openai_path(path: &str) -> bool {
     path.starts_with("/v1/images/")
 }
 
+/// The path prefix of the Leonardo-compatible routes.
+pub const LEONARDO_PREFIX: &str = "/api/rest/v1/";
+
+/// The route of the serverless endpoint shape.
+pub const SERVERLESS_PATH: &str = "/api/v1/images/generation";
+
+/// Leonardo's error body (Hasura's REST errors) for `status`, `message` and
+/// the field at fault: `{"error": MESSAGE, "path": "$.FIELD" | "$", "code"}`,
+/// `code` by status: 400 `parse-failed`, 401/403 `access-denied`, 402
+/// `payment-required`, 404 `not-found`, 409 `conflict`, 413
+/// `payload-too-large`, 422 `validation-failed`, 429 `rate-limited`, else
+/// `unexpected`.
+pub fn leonardo_error_body(status: StatusCode, message: &str, field: Option<&str>) -> Value {
+    let code = match status.as_u16() {
+        400 => "parse-failed",
+        401 | 403 => "access-denied",
+        402 => "payment-required",
+        404 => "not-found",
+        409 => "conflict",
+        413 => "payload-too-large",
+        422 => "validation-failed",
+        429 => "rate-limited",
+        _ => "unexpected",
+    };
+    let path = match field {
+        Some(f) if !f.is_empty() => format!("$.{f}"),
+        _ => "$".to_string(),
+    };
+    json!({"error": message, "path": path, "code": code})
+}
+
+/// The serverless endpoint's error body (see `routes::serverless`) for `message`, `field` and `code`.
+pub fn serverless_error_body(message: &str, field: Option<&str>, code: &str) -> Value {
+    json!({"status": "error", "message": message, "field": field, "code": code})
+}
+
 /// The stable native `code` for a framework rejection with `status`.
 pub fn code_for_status(status: StatusCode) -> &'static str {
     match status {
@@ -218,10 +258,42 @@ fn is_json(response: &Response) -> bool {
         .is_some_and(|v| v.starts_with("application/json"))
 }
 
+/// The error shape of the routes under `path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// `{"error": {code, message, field}}`.
+    Native,
+    /// OpenAI's (`/v1/images/...`).
+    OpenAi,
+    /// Leonardo's (`/api/rest/v1/...`).
+    Leonardo,
+    /// The serverless endpoint's (`/api/v1/images/generation`).
+    Serverless,
+    /// AUTOMATIC1111's web UI (`/sdapi/...`; rewritten by `shape_a1111`).
+    A1111,
+}
+
+impl Shape {
+    /// The shape of the routes under `path`.
+    pub fn of(path: &str) -> Shape {
+        if is_openai_path(path) {
+            Shape::OpenAi
+        } else if path.starts_with(LEONARDO_PREFIX) {
+            Shape::Leonardo
+        } else if path == SERVERLESS_PATH {
+            Shape::Serverless
+        } else if is_a1111_path(path) {
+            Shape::A1111
+        } else {
+            Shape::Native
+        }
+    }
+}
+
 /// Middleware: shape every error response (see the module docs).
 pub async fn shape_errors(request: Request, next: Next) -> Response {
-    let openai = is_openai_path(request.uri().path());
-    let a1111 = is_a1111_path(request.uri().path());
+    let shape = Shape::of(request.uri().path());
+    let foreign = shape != Shape::Native;
     let method = request.method().to_string();
     let response = next.run(request).await;
     let status = response.status();
@@ -229,10 +301,10 @@ pub async fn shape_errors(request: Request, next: Next) -> Response {
         return response;
     }
     let json = is_json(&response);
-    if a1111 {
+    if shape == Shape::A1111 {
         return shape_a1111(response, &method).await;
     }
-    if json && !openai {
+    if json && !foreign {
         return response;
     }
     let (parts, body) = response.into_parts();
@@ -242,7 +314,7 @@ pub async fn shape_errors(request: Request, next: Next) -> Response {
             code_for_status(status),
             default_message(status, &method, None),
         );
-        return finish(parts, e, openai);
+        return finish(parts, e, shape);
     };
     let error = if json {
         let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
@@ -258,7 +330,7 @@ pub async fn shape_errors(request: Request, next: Next) -> Response {
             detail["message"].as_str().unwrap_or_default(),
         );
         e.field = detail["field"].as_str().map(str::to_string);
-        return finish_with_code(parts, e, code, openai);
+        return finish_with_code(parts, e, code, shape);
     } else {
         let allow = parts
             .headers
@@ -275,7 +347,7 @@ pub async fn shape_errors(request: Request, next: Next) -> Response {
         };
         ApiError::new(status, code_for_status(status), message)
     };
-    finish(parts, error, openai)
+    finish(parts, error, shape)
 }
 
 /// Rewrite an error response of an `/sdapi/` route into AUTOMATIC1111's
@@ -327,23 +399,28 @@ async fn shape_a1111(response: Response, method: &str) -> Response {
     response
 }
 
-fn finish(parts: axum::http::response::Parts, e: ApiError, openai: bool) -> Response {
+fn finish(parts: axum::http::response::Parts, e: ApiError, shape: Shape) -> Response {
     let code = e.code;
-    finish_with_code(parts, e, code, openai)
+    finish_with_code(parts, e, code, shape)
 }
 
 fn finish_with_code(
     parts: axum::http::response::Parts,
     e: ApiError,
     code: &str,
-    openai: bool,
+    shape: Shape,
 ) -> Response {
-    let body = if openai {
-        openai_error_body(e.status, &e.message, e.field.as_deref(), code)
-    } else {
-        serde_json::json!({"error": {"code": code, "message": e.message, "field": e.field}})
+    let field = e.field.as_deref();
+    let body = match shape {
+        Shape::OpenAi => openai_error_body(e.status, &e.message, field, code),
+        Shape::Leonardo => leonardo_error_body(e.status, &e.message, field),
+        Shape::Serverless => serverless_error_body(&e.message, field, code),
+        Shape::A1111 => a1111_error_body(e.status, &e.message, field),
+        Shape::Native => {
+            serde_json::json!({"error": {"code": code, "message": e.message, "field": e.field}})
+        }
     };
-    let status = if openai {
+    let status = if shape == Shape::OpenAi {
         openai_status(e.status)
     } else {
         e.status

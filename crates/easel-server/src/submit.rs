@@ -36,6 +36,10 @@ pub enum Source {
     A1111,
     /// An `ImageGenerator` step of a flow run.
     Flow,
+    /// `POST /api/rest/v1/generations` (Leonardo-style).
+    Leonardo,
+    /// `POST /api/v1/images/generation` (the serverless endpoint shape).
+    Serverless,
 }
 
 impl Source {
@@ -45,6 +49,8 @@ impl Source {
             Source::OpenAi => "openai",
             Source::A1111 => "a1111",
             Source::Flow => "flow",
+            Source::Leonardo => "leonardo",
+            Source::Serverless => "serverless",
         }
     }
 }

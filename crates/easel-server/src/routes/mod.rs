@@ -16,14 +16,17 @@ use crate::AppState;
 
 pub mod a1111;
 pub mod assets;
+pub mod compat_models;
 pub mod flows;
 pub mod generations;
+pub mod leonardo;
 pub mod loras;
 pub mod models;
 pub mod openai;
 pub mod openapi;
 pub mod ops;
 pub mod packs;
+pub mod serverless;
 pub mod trainings;
 pub mod ui;
 pub mod usage;
@@ -74,6 +77,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/usage/ledger", get(usage::get_ledger))
         .route("/v1/images/generations", post(openai::generations))
         .route("/v1/images/edits", post(openai::edits))
+        .route(
+            "/api/rest/v1/generations",
+            post(leonardo::create_generation),
+        )
+        .route(
+            "/api/rest/v1/generations/{id}",
+            get(leonardo::get_generation),
+        )
+        .route("/api/v1/images/generation", post(serverless::generate))
         .route("/v1/flows", post(flows::create_flow).get(flows::list_flows))
         .route(
             "/v1/flows/{id}",

@@ -92,6 +92,9 @@ impl Modify for BearerAuth {
         super::usage::get_ledger,
         super::openai::generations,
         super::openai::edits,
+        super::leonardo::create_generation,
+        super::leonardo::get_generation,
+        super::serverless::generate,
         super::flows::create_flow,
         super::flows::list_flows,
         super::flows::get_flow,
@@ -298,6 +301,8 @@ pub fn document() -> Value {
         "type": "object", "required": ["image", "prompt"], "properties": edit_props,
         "additionalProperties": false}),
     );
+    super::leonardo::patch_openapi(&mut doc);
+    super::serverless::patch_openapi(&mut doc);
     add_error_responses(&mut doc);
     doc
 }
@@ -473,12 +478,17 @@ fn error_statuses(method: &str, path: &str, op: &Value) -> Vec<u16> {
     let submits = method == "post"
         && (path == "/v1/generations"
             || path.starts_with("/v1/images/")
+            || path == "/api/rest/v1/generations"
+            || path == crate::error_shape::SERVERLESS_PATH
             || path == "/v1/flows/{id}/runs");
     if submits {
         codes.extend([402, 403, 409, 429, 503]);
     }
     if path.starts_with("/sdapi/v1/") && method == "post" && path.ends_with("2img") {
         codes.extend([402, 403, 429, 500, 503, 504]);
+    }
+    if path == crate::error_shape::SERVERLESS_PATH {
+        codes.push(504);
     }
     if path.starts_with("/v1/images/") {
         // OpenAI answers 400 where easel's native routes answer 422.
@@ -520,18 +530,15 @@ fn add_error_responses(doc: &mut Value) {
             continue;
         };
         for (method, op) in item.iter_mut() {
-            let openai = crate::error_shape::is_openai_path(path);
-            let schema = if openai {
-                "OpenAiErrorBody"
-            } else {
-                "ErrorBody"
+            let schema = match crate::error_shape::Shape::of(path) {
+                crate::error_shape::Shape::OpenAi => "OpenAiErrorBody",
+                crate::error_shape::Shape::Leonardo => "LeonardoErrorBody",
+                crate::error_shape::Shape::Serverless => "ServerlessErrorBody",
+                crate::error_shape::Shape::A1111 => "A1111ErrorBody",
+                crate::error_shape::Shape::Native => "ErrorBody",
             };
-            let mut error_content = json!({"application/json": {"schema":
+            let error_content = json!({"application/json": {"schema":
                 {"$ref": format!("#/components/schemas/{schema}")}}});
-            if crate::error_shape::is_a1111_path(path) {
-                error_content = json!({"application/json": {"schema":
-                    {"$ref": "#/components/schemas/A1111ErrorBody"}}});
-            }
             let codes = error_statuses(method, path, op);
             let responses = &mut op["responses"];
             for code in codes {
