@@ -224,8 +224,8 @@ async fn invalid_parameters_are_refused_at_creation_naming_step_and_field() {
     }
     assert!(!message.contains("steps[2] (later)"), "{message}");
 
-    // A size the model cannot take at its multiple is the native check's,
-    // named as the step's field: FLUX needs multiples of 16, the tiles are.
+    // Every tile fits FLUX's size multiple (16); the cosmetic values and
+    // the builder's `Continue` are accepted.
     let (s, flow) = server
         .post(
             "/v1/flows",
