@@ -83,7 +83,8 @@ impl TestServer {
 #[test]
 fn parameter_table_maps_to_the_native_request() {
     let base = |extra: Value| {
-        let mut request = json!({ "baseModel": "m0", "outputFormat": "png", "images": [{ "prompt": "p" }] });
+        let mut request =
+            json!({ "baseModel": "m0", "outputFormat": "png", "images": [{ "prompt": "p" }] });
         for (k, v) in extra.as_object().unwrap() {
             request[k] = v.clone();
         }
@@ -290,7 +291,10 @@ async fn variables_output_records_and_later_steps() {
             p["prompt"],
             "A product photo of a blue bottle, clean background, soft light"
         );
-        assert_eq!((p["width"].as_u64(), p["height"].as_u64()), (Some(1536), Some(1024)));
+        assert_eq!(
+            (p["width"].as_u64(), p["height"].as_u64()),
+            (Some(1536), Some(1024))
+        );
         assert_eq!(p["outputFormat"], "jpeg");
         assert_eq!(p["outputQuality"], 70);
         assert_eq!(p["seed"], 11 + i as u64);
@@ -298,14 +302,16 @@ async fn variables_output_records_and_later_steps() {
     assert_eq!(job["cost"]["inferences"], 2, "billed per image");
     let (_, list) = server.get("/v1/generations").await;
     assert!(
-        list["data"].as_array().unwrap().iter().any(|j| j["id"] == job_id),
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["id"] == job_id),
         "the step's job is listed: {list}"
     );
 
     // The result is GET /v1/assets' records for that job, in order.
-    let (s, assets) = server
-        .get(&format!("/v1/assets?generation={job_id}"))
-        .await;
+    let (s, assets) = server.get(&format!("/v1/assets?generation={job_id}")).await;
     assert_eq!(s, StatusCode::OK, "{assets}");
     let result = hero["result"].as_array().unwrap();
     assert_eq!(result.len(), 2);
@@ -316,7 +322,16 @@ async fn variables_output_records_and_later_steps() {
             k
         };
         assert_eq!(keys(mine), keys(listed), "same record shape");
-        for field in ["id", "object", "file_name", "file_size", "file_type", "width", "seed", "generation_id"] {
+        for field in [
+            "id",
+            "object",
+            "file_name",
+            "file_size",
+            "file_type",
+            "width",
+            "seed",
+            "generation_id",
+        ] {
             assert_eq!(mine[field], listed[field], "{field}");
         }
         assert_eq!(mine["file_type"], "image/jpeg");
@@ -391,7 +406,10 @@ async fn on_failure_modes() {
     let run = server.wait_run(&run_id, 30).await;
     assert_eq!(run["status"], "failed", "{run:#}");
     let message = run["error"]["message"].as_str().unwrap();
-    assert!(message.starts_with("steps[0] (hero): parameters.model: "), "{message}");
+    assert!(
+        message.starts_with("steps[0] (hero): parameters.model: "),
+        "{message}"
+    );
     let (s, e) = server
         .post(
             "/v1/flows",
@@ -430,9 +448,7 @@ async fn pixels_equal_the_native_request_with_the_same_seed() {
         )
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{native}");
-    let native = server
-        .wait_job(native["id"].as_str().unwrap(), 300)
-        .await;
+    let native = server.wait_job(native["id"].as_str().unwrap(), 300).await;
     assert_eq!(native["status"], "succeeded", "{native}");
     let native_asset = &native["assets"][0];
     assert_eq!(step_asset["width"], native_asset["width"]);

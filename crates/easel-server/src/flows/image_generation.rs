@@ -201,9 +201,9 @@ pub fn native_request(
             continue;
         }
         let hint = match key.as_str() {
-            "name" | "onFailure" => format!(
-                "; `{key}` is the step's own field, written beside `parameters`"
-            ),
+            "name" | "onFailure" => {
+                format!("; `{key}` is the step's own field, written beside `parameters`")
+            }
             _ => PARAMETERS
                 .iter()
                 .find(|p| p.eq_ignore_ascii_case(key))
@@ -382,8 +382,8 @@ impl Step for ImageGeneration {
     }
 
     fn run(&self, parameters: Value, ctx: &StepContext<'_>) -> Result<StepOutput, StepError> {
-        let request =
-            native_request(&parameters, self.default_model.as_deref(), false).map_err(|errors| {
+        let request = native_request(&parameters, self.default_model.as_deref(), false).map_err(
+            |errors| {
                 StepError::failed(
                     errors
                         .iter()
@@ -391,7 +391,8 @@ impl Step for ImageGeneration {
                         .collect::<Vec<_>>()
                         .join("; "),
                 )
-            })?;
+            },
+        )?;
         if ctx.is_canceled() {
             return Err(StepError::canceled());
         }
