@@ -42,7 +42,9 @@ pub struct StepSpec {
     /// The step's parameters: a JSON object that may hold references,
     /// templates and `@Map` items.
     pub parameters: Value,
-    /// What a failure of this step does to the run.
+    /// What a failure of this step does to the run: `terminate` or
+    /// `continue` (the workflow builder's `Terminate Workflow` and
+    /// `Continue` are accepted as the same).
     pub on_failure: OnFailure,
     /// A label for people (dashboards), not used by the engine.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -275,15 +277,20 @@ fn parse_step(index: usize, item: &Value, errors: &mut Vec<ValidationError>) -> 
     };
     let on_failure = match map.get("onFailure") {
         None | Some(Value::Null) => OnFailure::Terminate,
-        Some(Value::String(s)) if s == "terminate" => OnFailure::Terminate,
-        Some(Value::String(s)) if s == "continue" => OnFailure::Continue,
+        // The workflow builder's labels ("When the step fails": Terminate
+        // Workflow / Continue) are accepted as written.
+        Some(Value::String(s)) if s == "terminate" || s == "Terminate Workflow" => {
+            OnFailure::Terminate
+        }
+        Some(Value::String(s)) if s == "continue" || s == "Continue" => OnFailure::Continue,
         Some(other) => {
             errors.push(ValidationError::in_step(
                 index,
                 id_ref,
                 "onFailure",
                 format!(
-                    "must be `terminate` (the default) or `continue`, not {}",
+                    "must be `terminate` (the default) or `continue` (also written \
+                     `Terminate Workflow` / `Continue`), not {}",
                     short(other)
                 ),
             ));
@@ -419,7 +426,7 @@ mod tests {
                 "steps[2] (c).onfailure: unknown field `onfailure` (a step has `id`, `type`, `parameters`, `onFailure`, `name`, `description`); did you mean `onFailure`?",
                 "steps[2] (c).type: must be a step type name, not 3",
                 "steps[2] (c).parameters: must be an object, not an array",
-                "steps[2] (c).onFailure: must be `terminate` (the default) or `continue`, not \"stop\"",
+                "steps[2] (c).onFailure: must be `terminate` (the default) or `continue` (also written `Terminate Workflow` / `Continue`), not \"stop\"",
                 "steps[3]: a step is an object `{ id, type, parameters, onFailure }`, not a string",
             ]
         );

@@ -433,8 +433,10 @@ impl FlowRunner {
             )));
         };
         let scope = scope(input, results.clone());
-        let parameters = resolve_parameters(&spec.parameters, &scope)
-            .map_err(|e| StepError::failed(e.to_string()))?;
+        let translated = kind.translate(&spec.parameters);
+        let parameters =
+            resolve_parameters(translated.as_ref().unwrap_or(&spec.parameters), &scope)
+                .map_err(|e| StepError::failed(e.to_string()))?;
         match catch_unwind(AssertUnwindSafe(|| kind.run(parameters, ctx))) {
             Ok(outcome) => outcome,
             Err(panic) => {

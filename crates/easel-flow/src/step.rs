@@ -32,6 +32,21 @@ pub trait Step: Send + Sync {
         Ok(())
     }
 
+    /// Rewrites parameters written in this step type's own reference syntax
+    /// into the engine's, before they are validated and resolved: the
+    /// server's `ImageGeneration` step turns the seed's prompt variables
+    /// (`{{ subject }}`, `{{ gen.output[0].file_url }}`) into engine
+    /// templates (`{{ $.input.subject }}`, `{{ $.results.gen[0].file_url }}`),
+    /// so the engine's checks (a step that exists and runs earlier, an
+    /// input that has the member) and its resolution apply unchanged.
+    /// `None` (the default) keeps the parameters as written. Must not fail:
+    /// text it cannot rewrite is left as is, for [`Self::validate`] (which
+    /// sees the parameters as written) to report.
+    fn translate(&self, parameters: &Value) -> Option<Value> {
+        let _ = parameters;
+        None
+    }
+
     /// Checks, before a run starts, that the step can run here (a backend
     /// or server configured). The error is a full sentence.
     fn preflight(&self, parameters: &Value) -> Result<(), String> {

@@ -3,6 +3,7 @@
 //!
 //! For every step: its type is registered; the type's own
 //! [`crate::Step::validate`] accepts the parameters; every reference and
+//! (in the parameters as [`crate::Step::translate`] rewrites them)
 //! `@Map` path is a valid JSONPath query; `$$` appears only inside `@Map`
 //! templates; references start at `$.input` or `$.results` (or are
 //! whole-scope queries such as `$..id`); a `$.results.<id>` reference names
@@ -46,8 +47,14 @@ pub fn validate_flow(
             scope: scope_input.as_ref(),
             errors: &mut errors,
         };
-        check.walk(&step.parameters, &ParamPath::root(), 0);
-        match registry.get(&step.step_type) {
+        let kind = registry.get(&step.step_type);
+        let translated = kind.and_then(|k| k.translate(&step.parameters));
+        check.walk(
+            translated.as_ref().unwrap_or(&step.parameters),
+            &ParamPath::root(),
+            0,
+        );
+        match kind {
             None => {
                 let known: Vec<&str> = registry.names().collect();
                 errors.push(ValidationError::in_step(

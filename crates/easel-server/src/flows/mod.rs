@@ -27,7 +27,10 @@
 //!   progress, cancels it when the run is canceled, and returns the job's
 //!   asset records; `RegisterTraining` stores a LoRA file as a training
 //!   ([`RegisterTraining`]); `ObjectGenerator` uses the configured
-//!   chat-completions server (`llm_url`); `Constant`, `List`, `Template`.
+//!   chat-completions server (`llm_url`); `Constant`, `List`, `Template`;
+//!   `ImageGeneration`, the workflow builder's Image Generation step
+//!   translated into an `ImageGenerator` request on the same backend
+//!   ([`image_generation`], its `{{ }}` prompt variables in [`variables`]).
 //!
 //! Layout: this file holds what the runs of a server share; [`steps`] the
 //! server's step types and their registry, [`runs`] executing, storing
@@ -39,8 +42,10 @@ use std::sync::Mutex;
 use easel_flow::{CancelToken, FlowEvent};
 use tokio::sync::broadcast;
 
+pub mod image_generation;
 pub mod runs;
 pub mod steps;
+pub mod variables;
 
 pub use runs::resume_unfinished;
 pub use steps::{step_registry, RegisterTraining, ServerImageBackend};

@@ -1,5 +1,6 @@
 //! The flow step types that need the server: the image backend of
-//! `ImageGenerator` and `RegisterTraining`.
+//! `ImageGenerator` (and of `ImageGeneration`, [`crate::flows::image_generation`])
+//! and `RegisterTraining`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +27,14 @@ pub fn step_registry(state: &AppState, principal: &Principal) -> StepRegistry {
         principal: principal.clone(),
         runtime: tokio::runtime::Handle::current(),
     });
-    let mut registry = StepRegistry::standard(backend, state.config().chat_config());
+    let mut registry = StepRegistry::standard(backend.clone(), state.config().chat_config());
+    registry.register(
+        crate::flows::image_generation::STEP_TYPE,
+        crate::flows::image_generation::ImageGeneration::new(
+            backend,
+            state.config().default_model.clone(),
+        ),
+    );
     registry.register(
         "RegisterTraining",
         RegisterTraining {
