@@ -1,4 +1,5 @@
-//! API keys: `Authorization: Bearer esk_…`.
+//! API keys: `Authorization: Bearer esk_…` (also `Token esk_…`, the
+//! scheme older Replicate clients send).
 //!
 //! A key's secret is shown once, when created (`easel keys create`); the
 //! store keeps only its SHA-256. Every job, asset, training, pack and ledger
@@ -101,10 +102,16 @@ pub async fn require_key(
         .into_response();
     };
     let secret = match header.split_once(' ') {
-        Some((scheme, secret)) if scheme.eq_ignore_ascii_case("bearer") => secret.trim(),
+        Some((scheme, secret))
+            if scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token") =>
+        {
+            secret.trim()
+        }
         _ => {
-            return ApiError::unauthorized("the Authorization header must be `Bearer <key>`")
-                .into_response()
+            return ApiError::unauthorized(
+                "the Authorization header must be `Bearer <key>` (or `Token <key>`)",
+            )
+            .into_response()
         }
     };
     match state.store().key_by_hash(&hash_secret(secret)).await {

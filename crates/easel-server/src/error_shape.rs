@@ -148,11 +148,15 @@ fn is_json(response: &Response) -> bool {
 /// Middleware: shape every error response (see the module docs).
 pub async fn shape_errors(request: Request, next: Next) -> Response {
     let openai = is_openai_path(request.uri().path());
+    let replicate = crate::routes::replicate::is_replicate_path(request.uri().path());
     let method = request.method().to_string();
     let response = next.run(request).await;
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
+    }
+    if replicate {
+        return replicate_problem(response, &method).await;
     }
     let json = is_json(&response);
     if json && !openai {
@@ -199,6 +203,55 @@ pub async fn shape_errors(request: Request, next: Next) -> Response {
         ApiError::new(status, code_for_status(status), message)
     };
     finish(parts, error, openai)
+}
+
+/// On the Replicate routes: every error that is not already problem
+/// details (the API-key middleware's 401, the body limit's 413, the rate
+/// limit's 429, a framework rejection) becomes Replicate's problem body,
+/// keeping the status and headers.
+async fn replicate_problem(response: Response, method: &str) -> Response {
+    use crate::routes::replicate::{problem_body, problem_response, title_for};
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/problem+json"));
+    if is_problem {
+        return response;
+    }
+    let json = is_json(&response);
+    let status = response.status();
+    let (parts, body) = response.into_parts();
+    let bytes = to_bytes(body, MAX_ERROR_BODY).await.unwrap_or_default();
+    let allow = parts
+        .headers
+        .get(header::ALLOW)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let detail = if json {
+        let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        value["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    } else {
+        String::from_utf8_lossy(&bytes).trim().to_string()
+    };
+    let detail = if detail.is_empty() || status == StatusCode::PAYLOAD_TOO_LARGE {
+        default_message(status, method, allow.as_deref())
+    } else {
+        detail
+    };
+    let mut out = problem_response(
+        status,
+        problem_body(status, title_for(status), &detail, None),
+    );
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    out
 }
 
 fn finish(parts: axum::http::response::Parts, e: ApiError, openai: bool) -> Response {

@@ -34,6 +34,8 @@ pub enum Source {
     OpenAi,
     /// An `ImageGenerator` step of a flow run.
     Flow,
+    /// `POST /v1/predictions` or `/v1/models/{owner}/{name}/predictions`.
+    Replicate,
 }
 
 impl Source {
@@ -42,6 +44,7 @@ impl Source {
             Source::Native => "native",
             Source::OpenAi => "openai",
             Source::Flow => "flow",
+            Source::Replicate => "replicate",
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod openai;
 pub mod openapi;
 pub mod ops;
 pub mod packs;
+pub mod replicate;
 pub mod trainings;
 pub mod ui;
 pub mod usage;
@@ -73,6 +74,19 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/usage/ledger", get(usage::get_ledger))
         .route("/v1/images/generations", post(openai::generations))
         .route("/v1/images/edits", post(openai::edits))
+        .route(
+            "/v1/predictions",
+            post(replicate::create_prediction).get(replicate::list_predictions),
+        )
+        .route("/v1/predictions/{id}", get(replicate::get_prediction))
+        .route(
+            "/v1/predictions/{id}/cancel",
+            post(replicate::cancel_prediction),
+        )
+        .route(
+            "/v1/models/{owner}/{name}/predictions",
+            post(replicate::create_model_prediction),
+        )
         .route("/v1/flows", post(flows::create_flow).get(flows::list_flows))
         .route(
             "/v1/flows/{id}",

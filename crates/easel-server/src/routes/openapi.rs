@@ -81,6 +81,11 @@ impl Modify for BearerAuth {
         super::usage::get_ledger,
         super::openai::generations,
         super::openai::edits,
+        super::replicate::create_prediction,
+        super::replicate::create_model_prediction,
+        super::replicate::list_predictions,
+        super::replicate::get_prediction,
+        super::replicate::cancel_prediction,
         super::flows::create_flow,
         super::flows::list_flows,
         super::flows::get_flow,
@@ -97,6 +102,8 @@ impl Modify for BearerAuth {
         ResolvedParameters, ResolvedLora, TrainingRecord, PackRecord, UsageRecord, ModelEntry,
         FamilyDefaults, LoraEntry, LedgerEntry,
         ErrorBody, ErrorDetail, ImagesRequest, super::flows::FlowRecord,
+        super::replicate::Prediction, super::replicate::PredictionRequest,
+        super::replicate::PredictionPage,
     )),
     modifiers(&BearerAuth),
 )]
@@ -186,6 +193,23 @@ pub fn document() -> Value {
         }},
     });
     patch_images_request(&mut schemas["ImagesRequest"]);
+    schemas["PredictionRequest"]["properties"]["input"] = super::replicate::input::input_schema();
+    schemas["PredictionRequest"]["properties"]["webhook_events_filter"]["items"] =
+        json!({"type": "string", "enum": ["start", "output", "logs", "completed"]});
+    schemas["ReplicateErrorBody"] = json!({
+        "type": "object", "required": ["title", "detail", "status"],
+        "description": "An error of the Replicate-style routes: RFC 7807 problem details, \
+            as Replicate answers them.",
+        "properties": {
+            "title": {"type": "string"},
+            "detail": {"type": "string", "description": "What is wrong, starting with the field (`input.num_outputs: ...`)."},
+            "status": {"type": "integer"},
+            "invalid_fields": {"type": "array", "items": {"type": "object",
+                "required": ["type", "field", "description"],
+                "properties": {"type": {"type": "string"}, "field": {"type": "string"},
+                    "description": {"type": "string"}}}},
+        },
+    });
     let paths = &mut doc["paths"];
     set_body(
         &mut paths["/v1/flows"]["post"],
@@ -433,7 +457,8 @@ fn error_statuses(method: &str, path: &str, op: &Value) -> Vec<u16> {
     let submits = method == "post"
         && (path == "/v1/generations"
             || path.starts_with("/v1/images/")
-            || path == "/v1/flows/{id}/runs");
+            || path == "/v1/flows/{id}/runs"
+            || super::replicate::is_replicate_path(path) && !path.ends_with("/cancel"));
     if submits {
         codes.extend([402, 403, 409, 429, 503]);
     }
@@ -477,12 +502,15 @@ fn add_error_responses(doc: &mut Value) {
         };
         for (method, op) in item.iter_mut() {
             let openai = crate::error_shape::is_openai_path(path);
-            let schema = if openai {
-                "OpenAiErrorBody"
+            let replicate = super::replicate::is_replicate_path(path);
+            let (schema, content_type) = if openai {
+                ("OpenAiErrorBody", "application/json")
+            } else if replicate {
+                ("ReplicateErrorBody", "application/problem+json")
             } else {
-                "ErrorBody"
+                ("ErrorBody", "application/json")
             };
-            let error_content = json!({"application/json": {"schema":
+            let error_content = json!({content_type: {"schema":
                 {"$ref": format!("#/components/schemas/{schema}")}}});
             let codes = error_statuses(method, path, op);
             let responses = &mut op["responses"];
