@@ -201,7 +201,9 @@ fn invalid(field: &str, detail: impl Into<String>) -> ReplicateError {
 
 /// Resolve the route's `{owner}/{name}` (or a `version` of the form
 /// `owner/name[:id]`): `flux-dev*` and `flux-schnell*` names are the FLUX
-/// mapping; else `name`, then `owner/name`, as an easel model reference.
+/// mapping; else `name` when it is a registry name or a model of
+/// `GET /v1/models`; else `owner/name` when it resolves as a Hugging Face
+/// repo id (in the hub cache).
 ///
 /// # Errors
 /// 404 when neither names a model easel knows.
@@ -213,10 +215,14 @@ pub fn route_target(state: &AppState, owner: &str, name: &str) -> Result<Target,
     if lower.starts_with("flux-schnell") || lower.starts_with("flux.1-schnell") {
         return Ok(Target::Flux { default: "schnell" });
     }
-    for reference in [name.to_string(), format!("{owner}/{name}")] {
-        if state.models().resolve(&reference).is_ok() {
-            return Ok(Target::Easel(reference));
-        }
+    let listed = state.config().models.contains_key(name)
+        || state.models().list(&[]).iter().any(|m| m.id == name);
+    if listed {
+        return Ok(Target::Easel(name.to_string()));
+    }
+    let repo = format!("{owner}/{name}");
+    if crate::models::is_repo_id(&repo) && state.models().resolve(&repo).is_ok() {
+        return Ok(Target::Easel(repo));
     }
     Err(ReplicateError::new(
         axum::http::StatusCode::NOT_FOUND,
@@ -366,7 +372,8 @@ impl Reader<'_> {
 /// entry: a training id (UUID) is `id`; `huggingface.co/ORG/NAME[/FILE]`
 /// (with or without `https://`) and `ORG/NAME[/FILE.safetensors]` are a
 /// Hugging Face repo `url`; another `http(s)` URL is `url` (a
-/// `.safetensors` file); a bare name is `path` (a LoRA of a model folder).
+/// `.safetensors` file); an absolute path or a bare name is `path` (a file
+/// under the model roots, or a LoRA of a model folder by name).
 /// CivitAI model pages are refused (they are not files).
 fn lora_ref(field: &str, reference: &str, scale: f64) -> Result<LoraRef, ReplicateError> {
     let r = reference.trim();
@@ -393,6 +400,8 @@ fn lora_ref(field: &str, reference: &str, scale: f64) -> Result<LoraRef, Replica
     }
     if crate::util::is_uuid(r) {
         lora.id = Some(r.to_string());
+    } else if r.starts_with('/') {
+        lora.path = Some(r.to_string());
     } else if let Some(repo) = stripped.strip_prefix("huggingface.co/") {
         lora.url = Some(repo.trim_end_matches('/').to_string());
     } else if r.starts_with("http://") || r.starts_with("https://") || r.contains('/') {

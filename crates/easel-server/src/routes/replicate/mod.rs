@@ -294,7 +294,11 @@ fn prediction(
         } else {
             format!("easel/{}", row.primary_model)
         },
-        version: row.primary_model.clone(),
+        version: stored["easel_model"]
+            .as_str()
+            .filter(|_| ours)
+            .unwrap_or(&row.primary_model)
+            .to_string(),
         input: if ours {
             stored["input"].clone()
         } else {
@@ -431,18 +435,19 @@ async fn create(
         (Some(filter), _) => {
             let mut events: Vec<String> = Vec::new();
             for e in filter {
-                let native =
-                    match e.as_str() {
-                        "start" => "start",
-                        "output" | "logs" => "progress",
-                        "completed" => "completed",
-                        other => return Err(ReplicateError::invalid(
+                let native = match e.as_str() {
+                    "start" => "start",
+                    "output" | "logs" => "progress",
+                    "completed" => "completed",
+                    other => {
+                        return Err(ReplicateError::invalid(
                             "webhook_events_filter",
                             format!(
                                 "unknown event `{other}` (allowed: start, output, logs, completed)"
                             ),
-                        )),
-                    };
+                        ))
+                    }
+                };
                 if !events.iter().any(|x| x == native) {
                     events.push(native.into());
                 }
@@ -456,6 +461,7 @@ async fn create(
     let record_json = serde_json::json!({
         "model": model_label,
         "version": params.version,
+        "easel_model": translated.model,
         "input": abbreviate(&params.input),
         "logs": translated.logs,
     });
