@@ -148,7 +148,7 @@ fn is_json(response: &Response) -> bool {
 /// Middleware: shape every error response (see the module docs).
 pub async fn shape_errors(request: Request, next: Next) -> Response {
     let openai = is_openai_path(request.uri().path());
-    let replicate = crate::routes::replicate::is_replicate_path(request.uri().path());
+    let replicate = crate::replicate_error::is_replicate_path(request.uri().path());
     let method = request.method().to_string();
     let response = next.run(request).await;
     let status = response.status();
@@ -210,7 +210,7 @@ pub async fn shape_errors(request: Request, next: Next) -> Response {
 /// limit's 429, a framework rejection) becomes Replicate's problem body,
 /// keeping the status and headers.
 async fn replicate_problem(response: Response, method: &str) -> Response {
-    use crate::routes::replicate::{problem_body, problem_response, title_for};
+    use crate::replicate_error::{problem_body, problem_response, title_for};
     let is_problem = response
         .headers()
         .get(header::CONTENT_TYPE)

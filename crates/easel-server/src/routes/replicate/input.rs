@@ -11,7 +11,7 @@
 use easel_core::{ImageDefinition, LoraRef, NativeRequest, OutputFormat};
 use serde_json::{Map, Value};
 
-use super::ReplicateError;
+use crate::replicate_error::ReplicateError;
 use crate::AppState;
 
 /// One input field: its name, JSON type, range, default and the native
