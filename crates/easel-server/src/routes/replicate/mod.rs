@@ -276,8 +276,7 @@ async fn create(
     principal: Principal,
     base: String,
     headers: HeaderMap,
-    model_label: String,
-    target: input::Target,
+    (model_label, target): (String, input::Target),
     params: PredictionRequest,
     hash: String,
 ) -> Result<Response, ReplicateError> {
@@ -396,8 +395,7 @@ pub async fn create_prediction(
         principal,
         base,
         headers,
-        label,
-        target,
+        (label, target),
         params,
         body_hash(&body),
     )
@@ -438,8 +436,7 @@ pub async fn create_model_prediction(
         principal,
         base,
         headers,
-        label,
-        target,
+        (label, target),
         params,
         body_hash(&body),
     )
