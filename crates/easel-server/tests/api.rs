@@ -2830,11 +2830,19 @@ async fn finding_5_openapi_is_usable_by_generators() {
             }
             for (code, r) in responses {
                 if code.starts_with('4') || code.starts_with('5') {
-                    let schema = r["content"]["application/json"]["schema"]["$ref"]
+                    let replicate = easel_server::replicate_error::is_replicate_path(path);
+                    let content_type = if replicate {
+                        "application/problem+json"
+                    } else {
+                        "application/json"
+                    };
+                    let schema = r["content"][content_type]["schema"]["$ref"]
                         .as_str()
                         .unwrap_or_default();
                     let family = if path.starts_with("/v1/images/") {
                         "OpenAiErrorBody"
+                    } else if replicate {
+                        "ReplicateErrorBody"
                     } else {
                         "ErrorBody"
                     };
