@@ -1,4 +1,5 @@
-//! API keys: `Authorization: Bearer esk_…`. On AUTOMATIC1111's routes
+//! API keys: `Authorization: Bearer esk_…` (also `Token esk_…`, the
+//! scheme older Replicate clients send). On AUTOMATIC1111's routes
 //! (`/sdapi/...`), HTTP Basic too, with the key as the password and any
 //! user name (what `--api-auth user:pass` clients send).
 //!
@@ -104,7 +105,9 @@ pub async fn require_key(
     };
     let basic_allowed = request.uri().path().starts_with("/sdapi/");
     let secret = match header.split_once(' ') {
-        Some((scheme, secret)) if scheme.eq_ignore_ascii_case("bearer") => {
+        Some((scheme, secret))
+            if scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token") =>
+        {
             secret.trim().to_string()
         }
         Some((scheme, credentials)) if basic_allowed && scheme.eq_ignore_ascii_case("basic") => {
@@ -122,8 +125,10 @@ pub async fn require_key(
         )
         .into_response(),
         _ => {
-            return ApiError::unauthorized("the Authorization header must be `Bearer <key>`")
-                .into_response()
+            return ApiError::unauthorized(
+                "the Authorization header must be `Bearer <key>` (or `Token <key>`)",
+            )
+            .into_response()
         }
     };
     match state.store().key_by_hash(&hash_secret(&secret)).await {

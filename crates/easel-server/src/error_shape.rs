@@ -14,7 +14,10 @@
 //!   (see [`openai_error_body`]), so OpenAI clients always see
 //!   the shape their SDKs parse;
 //! - on AUTOMATIC1111's routes (`/sdapi/...`), every native-shaped error is
-//!   rewritten to the web UI's (FastAPI) shapes (see [`a1111_error_body`]).
+//!   rewritten to the web UI's (FastAPI) shapes (see [`a1111_error_body`]);
+//! - on the Replicate routes (`/v1/predictions...`,
+//!   `/v1/models/{owner}/{name}/predictions`), to Replicate's problem
+//!   details (`application/problem+json`, `crate::replicate_error`);
 //! - likewise on the Leonardo routes (`/api/rest/v1/...`, Leonardo's
 //!   `{"error", "path", "code"}`) and the serverless endpoint
 //!   (`/api/v1/images/generation`, `{"status": "error", "message", ...}`).
@@ -271,6 +274,10 @@ pub enum Shape {
     Serverless,
     /// AUTOMATIC1111's web UI (`/sdapi/...`; rewritten by `shape_a1111`).
     A1111,
+    /// Replicate's problem details (`/v1/predictions...`,
+    /// `/v1/models/{owner}/{name}/predictions`; rewritten by
+    /// `replicate_problem`).
+    Replicate,
 }
 
 impl Shape {
@@ -284,6 +291,8 @@ impl Shape {
             Shape::Serverless
         } else if is_a1111_path(path) {
             Shape::A1111
+        } else if crate::replicate_error::is_replicate_path(path) {
+            Shape::Replicate
         } else {
             Shape::Native
         }
@@ -299,6 +308,9 @@ pub async fn shape_errors(request: Request, next: Next) -> Response {
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
+    }
+    if shape == Shape::Replicate {
+        return replicate_problem(response, &method).await;
     }
     let json = is_json(&response);
     if shape == Shape::A1111 {
@@ -399,6 +411,55 @@ async fn shape_a1111(response: Response, method: &str) -> Response {
     response
 }
 
+/// On the Replicate routes: every error that is not already problem
+/// details (the API-key middleware's 401, the body limit's 413, the rate
+/// limit's 429, a framework rejection) becomes Replicate's problem body,
+/// keeping the status and headers.
+async fn replicate_problem(response: Response, method: &str) -> Response {
+    use crate::replicate_error::{problem_body, problem_response, title_for};
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/problem+json"));
+    if is_problem {
+        return response;
+    }
+    let json = is_json(&response);
+    let status = response.status();
+    let (parts, body) = response.into_parts();
+    let bytes = to_bytes(body, MAX_ERROR_BODY).await.unwrap_or_default();
+    let allow = parts
+        .headers
+        .get(header::ALLOW)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let detail = if json {
+        let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        value["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    } else {
+        String::from_utf8_lossy(&bytes).trim().to_string()
+    };
+    let detail = if detail.is_empty() || status == StatusCode::PAYLOAD_TOO_LARGE {
+        default_message(status, method, allow.as_deref())
+    } else {
+        detail
+    };
+    let mut out = problem_response(
+        status,
+        problem_body(status, title_for(status), &detail, None),
+    );
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
 fn finish(parts: axum::http::response::Parts, e: ApiError, shape: Shape) -> Response {
     let code = e.code;
     finish_with_code(parts, e, code, shape)
@@ -416,6 +477,12 @@ fn finish_with_code(
         Shape::Leonardo => leonardo_error_body(e.status, &e.message, field),
         Shape::Serverless => serverless_error_body(&e.message, field, code),
         Shape::A1111 => a1111_error_body(e.status, &e.message, field),
+        Shape::Replicate => crate::replicate_error::problem_body(
+            e.status,
+            crate::replicate_error::title_for(e.status),
+            &e.message,
+            field,
+        ),
         Shape::Native => {
             serde_json::json!({"error": {"code": code, "message": e.message, "field": e.field}})
         }

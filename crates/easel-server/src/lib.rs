@@ -53,6 +53,7 @@ pub mod lora_list;
 pub mod metrics;
 pub mod models;
 pub mod ratelimit;
+pub mod replicate_error;
 pub mod routes;
 pub mod state;
 pub mod store;

@@ -40,6 +40,8 @@ pub enum Source {
     Leonardo,
     /// `POST /api/v1/images/generation` (the serverless endpoint shape).
     Serverless,
+    /// `POST /v1/predictions` or `/v1/models/{owner}/{name}/predictions`.
+    Replicate,
 }
 
 impl Source {
@@ -51,6 +53,7 @@ impl Source {
             Source::Flow => "flow",
             Source::Leonardo => "leonardo",
             Source::Serverless => "serverless",
+            Source::Replicate => "replicate",
         }
     }
 }

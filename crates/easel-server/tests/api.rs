@@ -2830,17 +2830,29 @@ async fn finding_5_openapi_is_usable_by_generators() {
             }
             for (code, r) in responses {
                 if code.starts_with('4') || code.starts_with('5') {
-                    let schema = r["content"]["application/json"]["schema"]["$ref"]
+                    let replicate = easel_server::replicate_error::is_replicate_path(path);
+                    let content_type = if replicate {
+                        "application/problem+json"
+                    } else {
+                        "application/json"
+                    };
+                    let schema = r["content"][content_type]["schema"]["$ref"]
                         .as_str()
                         .unwrap_or_default();
                     let family = if path.starts_with("/v1/images/") {
                         "OpenAiErrorBody"
                     } else if path.starts_with("/sdapi/") {
                         "A1111ErrorBody"
+                    } else if replicate {
+                        "ReplicateErrorBody"
+                    } else if path.starts_with("/api/rest/v1/") {
+                        "LeonardoErrorBody"
+                    } else if path == "/api/v1/images/generation" {
+                        "ServerlessErrorBody"
                     } else {
                         "ErrorBody"
                     };
-                    if !schema.ends_with(family) {
+                    if schema != format!("#/components/schemas/{family}") {
                         problems.push(format!("{at}: {code} has no {family} schema"));
                     }
                 }

@@ -26,6 +26,7 @@ pub mod openai;
 pub mod openapi;
 pub mod ops;
 pub mod packs;
+pub mod replicate;
 pub mod serverless;
 pub mod trainings;
 pub mod ui;
@@ -86,6 +87,19 @@ pub fn router(state: AppState) -> Router {
             get(leonardo::get_generation),
         )
         .route("/api/v1/images/generation", post(serverless::generate))
+        .route(
+            "/v1/predictions",
+            post(replicate::create_prediction).get(replicate::list_predictions),
+        )
+        .route("/v1/predictions/{id}", get(replicate::get_prediction))
+        .route(
+            "/v1/predictions/{id}/cancel",
+            post(replicate::cancel_prediction),
+        )
+        .route(
+            "/v1/models/{owner}/{name}/predictions",
+            post(replicate::create_model_prediction),
+        )
         .route("/v1/flows", post(flows::create_flow).get(flows::list_flows))
         .route(
             "/v1/flows/{id}",

@@ -95,6 +95,11 @@ impl Modify for BearerAuth {
         super::leonardo::create_generation,
         super::leonardo::get_generation,
         super::serverless::generate,
+        super::replicate::create_prediction,
+        super::replicate::create_model_prediction,
+        super::replicate::list_predictions,
+        super::replicate::get_prediction,
+        super::replicate::cancel_prediction,
         super::flows::create_flow,
         super::flows::list_flows,
         super::flows::get_flow,
@@ -126,6 +131,8 @@ impl Modify for BearerAuth {
         super::a1111::docs::SamplerItem, super::a1111::docs::SchedulerItem,
         super::a1111::docs::LoraItem, super::a1111::docs::ProgressResponse,
         super::a1111::docs::HttpError, super::a1111::docs::ValidationError,
+        super::replicate::Prediction, super::replicate::PredictionRequest,
+        super::replicate::PredictionPage,
     )),
     modifiers(&BearerAuth),
 )]
@@ -229,6 +236,23 @@ pub fn document() -> Value {
         }},
     });
     patch_images_request(&mut schemas["ImagesRequest"]);
+    schemas["PredictionRequest"]["properties"]["input"] = super::replicate::input::input_schema();
+    schemas["PredictionRequest"]["properties"]["webhook_events_filter"]["items"] =
+        json!({"type": "string", "enum": ["start", "output", "logs", "completed"]});
+    schemas["ReplicateErrorBody"] = json!({
+        "type": "object", "required": ["title", "detail", "status"],
+        "description": "An error of the Replicate-style routes: RFC 7807 problem details, \
+            as Replicate answers them.",
+        "properties": {
+            "title": {"type": "string"},
+            "detail": {"type": "string", "description": "What is wrong, starting with the field (`input.num_outputs: ...`)."},
+            "status": {"type": "integer"},
+            "invalid_fields": {"type": "array", "items": {"type": "object",
+                "required": ["type", "field", "description"],
+                "properties": {"type": {"type": "string"}, "field": {"type": "string"},
+                    "description": {"type": "string"}}}},
+        },
+    });
     let paths = &mut doc["paths"];
     set_body(
         &mut paths["/v1/flows"]["post"],
@@ -480,7 +504,8 @@ fn error_statuses(method: &str, path: &str, op: &Value) -> Vec<u16> {
             || path.starts_with("/v1/images/")
             || path == "/api/rest/v1/generations"
             || path == crate::error_shape::SERVERLESS_PATH
-            || path == "/v1/flows/{id}/runs");
+            || path == "/v1/flows/{id}/runs"
+            || super::replicate::is_replicate_path(path) && !path.ends_with("/cancel"));
     if submits {
         codes.extend([402, 403, 409, 429, 503]);
     }
@@ -530,14 +555,19 @@ fn add_error_responses(doc: &mut Value) {
             continue;
         };
         for (method, op) in item.iter_mut() {
-            let schema = match crate::error_shape::Shape::of(path) {
-                crate::error_shape::Shape::OpenAi => "OpenAiErrorBody",
-                crate::error_shape::Shape::Leonardo => "LeonardoErrorBody",
-                crate::error_shape::Shape::Serverless => "ServerlessErrorBody",
-                crate::error_shape::Shape::A1111 => "A1111ErrorBody",
-                crate::error_shape::Shape::Native => "ErrorBody",
+            let (schema, content_type) = match crate::error_shape::Shape::of(path) {
+                crate::error_shape::Shape::OpenAi => ("OpenAiErrorBody", "application/json"),
+                crate::error_shape::Shape::Leonardo => ("LeonardoErrorBody", "application/json"),
+                crate::error_shape::Shape::Serverless => {
+                    ("ServerlessErrorBody", "application/json")
+                }
+                crate::error_shape::Shape::A1111 => ("A1111ErrorBody", "application/json"),
+                crate::error_shape::Shape::Replicate => {
+                    ("ReplicateErrorBody", "application/problem+json")
+                }
+                crate::error_shape::Shape::Native => ("ErrorBody", "application/json"),
             };
-            let error_content = json!({"application/json": {"schema":
+            let error_content = json!({content_type: {"schema":
                 {"$ref": format!("#/components/schemas/{schema}")}}});
             let codes = error_statuses(method, path, op);
             let responses = &mut op["responses"];
@@ -637,6 +667,10 @@ mod tests {
             "/v1/usage",
             "/v1/images/generations",
             "/v1/images/edits",
+            "/v1/predictions",
+            "/v1/predictions/{id}",
+            "/v1/predictions/{id}/cancel",
+            "/v1/models/{owner}/{name}/predictions",
             "/healthz",
             "/readyz",
             "/metrics",
