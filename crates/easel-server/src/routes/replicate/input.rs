@@ -199,6 +199,16 @@ fn invalid(field: &str, detail: impl Into<String>) -> ReplicateError {
     ReplicateError::invalid(&format!("input.{field}"), detail)
 }
 
+/// Replicate model-name prefixes (lower case) that take the FLUX mapping
+/// (`input.model`), with the model they default to: `flux-dev-lora`,
+/// `flux.1-schnell`, ...
+const REPLICATE_FLUX_NAMES: [(&str, &str); 4] = [
+    ("flux-dev", "dev"),
+    ("flux.1-dev", "dev"),
+    ("flux-schnell", "schnell"),
+    ("flux.1-schnell", "schnell"),
+];
+
 /// Resolve the route's `{owner}/{name}` (or a `version` of the form
 /// `owner/name[:id]`): `flux-dev*` and `flux-schnell*` names are the FLUX
 /// mapping; else `name` when it is a registry name or a model of
@@ -209,11 +219,11 @@ fn invalid(field: &str, detail: impl Into<String>) -> ReplicateError {
 /// 404 when neither names a model easel knows.
 pub fn route_target(state: &AppState, owner: &str, name: &str) -> Result<Target, ReplicateError> {
     let lower = name.to_ascii_lowercase();
-    if lower.starts_with("flux-dev") || lower.starts_with("flux.1-dev") {
-        return Ok(Target::Flux { default: "dev" });
-    }
-    if lower.starts_with("flux-schnell") || lower.starts_with("flux.1-schnell") {
-        return Ok(Target::Flux { default: "schnell" });
+    if let Some((_, default)) = REPLICATE_FLUX_NAMES
+        .iter()
+        .find(|(prefix, _)| lower.starts_with(prefix))
+    {
+        return Ok(Target::Flux { default });
     }
     let listed = state.config().models.contains_key(name)
         || state.models().list(&[]).iter().any(|m| m.id == name);
