@@ -71,23 +71,11 @@ impl TestServer {
         job
     }
 
-    async fn wait_done(&self, id: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let job = self.job(id).await;
-            if ["succeeded", "failed", "canceled"].contains(&job["status"].as_str().unwrap()) {
-                return job;
-            }
-            assert!(Instant::now() < deadline, "job {id} not done: {job}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     /// The decoded RGB pixels of every image of a finished native job.
     async fn native_pixels(&self, body: Value) -> Vec<Vec<u8>> {
         let (status, job) = self.post("/v1/generations", body).await;
         assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-        let job = self.wait_done(job["id"].as_str().unwrap()).await;
+        let job = self.wait_done(job["id"].as_str().unwrap(), 120).await;
         assert_eq!(job["status"], "succeeded", "{job}");
         let mut out = Vec::new();
         for asset in job["assets"].as_array().unwrap() {

@@ -25,20 +25,6 @@ fn tiny_sd15() -> String {
 }
 
 impl TestServer {
-    /// Poll a job until it is finished (or panic after `secs`).
-    async fn wait_done(&self, id: &str, secs: u64) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let (status, job) = self.get(&format!("/v1/generations/{id}")).await;
-            assert_eq!(status, StatusCode::OK, "{job}");
-            if ["succeeded", "failed", "canceled"].contains(&job["status"].as_str().unwrap()) {
-                return job;
-            }
-            assert!(Instant::now() < deadline, "job {id} not done: {job}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     async fn wait_status(&self, id: &str, want: &str, secs: u64) -> Value {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
@@ -1435,20 +1421,6 @@ async fn restart_requeues_running_jobs_and_fails_them_after_max_attempts() {
 mod flow_support;
 
 impl TestServer {
-    /// Poll a flow run until it is finished (or panic after `secs`).
-    async fn wait_run(&self, id: &str, secs: u64) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let (status, run) = self.get(&format!("/v1/flow-runs/{id}")).await;
-            assert_eq!(status, StatusCode::OK, "{run}");
-            if ["succeeded", "failed", "canceled"].contains(&run["status"].as_str().unwrap()) {
-                return run;
-            }
-            assert!(Instant::now() < deadline, "run {id} not done: {run:#}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     /// Stop this server and open a fake-engine one on the same data dir
     /// (same keys), as after a process restart.
     async fn restart_fake(self) -> TestServer {

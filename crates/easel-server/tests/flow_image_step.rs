@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::{fixtures, TestServer};
@@ -23,34 +21,6 @@ impl TestServer {
             c.default_model = Some("tiny-sd15".into());
         })
         .await
-    }
-
-    /// Poll a flow run until it is finished (or panic after `secs`).
-    async fn wait_run(&self, id: &str, secs: u64) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let (status, run) = self.get(&format!("/v1/flow-runs/{id}")).await;
-            assert_eq!(status, StatusCode::OK, "{run}");
-            if ["succeeded", "failed", "canceled"].contains(&run["status"].as_str().unwrap()) {
-                return run;
-            }
-            assert!(Instant::now() < deadline, "run {id} not done: {run:#}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Poll a job until it is finished.
-    async fn wait_job(&self, id: &str, secs: u64) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let (status, job) = self.get(&format!("/v1/generations/{id}")).await;
-            assert_eq!(status, StatusCode::OK, "{job}");
-            if ["succeeded", "failed", "canceled"].contains(&job["status"].as_str().unwrap()) {
-                return job;
-            }
-            assert!(Instant::now() < deadline, "job {id} not done: {job}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 
     /// Store a flow (201) and start a run of it (202); the run's id.
@@ -281,7 +251,7 @@ async fn variables_output_records_and_later_steps() {
     assert_eq!(run["status"], "succeeded", "{run:#}");
     let hero = &run["steps"][1];
     let job_id = hero["jobId"].as_str().unwrap();
-    let job = server.wait_job(job_id, 10).await;
+    let job = server.wait_done(job_id, 10).await;
     assert_eq!(job["source"], "flow");
     let images = job["images"].as_array().unwrap();
     assert_eq!(images.len(), 2, "one definition per image");
@@ -341,12 +311,12 @@ async fn variables_output_records_and_later_steps() {
 
     // Later steps consumed the records.
     let variant = server
-        .wait_job(run["steps"][2]["jobId"].as_str().unwrap(), 10)
+        .wait_done(run["steps"][2]["jobId"].as_str().unwrap(), 10)
         .await;
     assert_eq!(variant["status"], "succeeded", "{variant}");
     assert_eq!(variant["images"][0]["parameters"]["strength"], 0.5);
     let caption = server
-        .wait_job(run["steps"][3]["jobId"].as_str().unwrap(), 10)
+        .wait_done(run["steps"][3]["jobId"].as_str().unwrap(), 10)
         .await;
     assert_eq!(
         caption["images"][0]["parameters"]["prompt"],
@@ -448,7 +418,7 @@ async fn pixels_equal_the_native_request_with_the_same_seed() {
         )
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{native}");
-    let native = server.wait_job(native["id"].as_str().unwrap(), 300).await;
+    let native = server.wait_done(native["id"].as_str().unwrap(), 300).await;
     assert_eq!(native["status"], "succeeded", "{native}");
     let native_asset = &native["assets"][0];
     assert_eq!(step_asset["width"], native_asset["width"]);

@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use axum::http::{Method, StatusCode};
 use common::{fixtures, TestServer};
 use easel_server::routes::leonardo::fields::{Inactive, Role, FIELDS};
@@ -16,19 +14,6 @@ use serde_json::{json, Value};
 const PATH: &str = "/api/rest/v1/generations";
 
 impl TestServer {
-    async fn wait_done(&self, id: &str, secs: u64) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let (status, job) = self.get(&format!("/v1/generations/{id}")).await;
-            assert_eq!(status, StatusCode::OK, "{job}");
-            if ["succeeded", "failed", "canceled"].contains(&job["status"].as_str().unwrap()) {
-                return job;
-            }
-            assert!(Instant::now() < deadline, "job {id} not done: {job}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     /// The decoded pixels of a finished job's images, in order.
     fn pixels(&self, job: &Value) -> Vec<Vec<u8>> {
         job["assets"]

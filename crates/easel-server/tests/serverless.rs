@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use axum::http::{Method, StatusCode};
 use base64::Engine as _;
 use common::TestServer;
@@ -39,19 +37,6 @@ fn decode(b64: &Value) -> easel_core::DecodedImage {
 }
 
 impl TestServer {
-    async fn wait_done(&self, id: &str, secs: u64) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let (status, job) = self.get(&format!("/v1/generations/{id}")).await;
-            assert_eq!(status, StatusCode::OK, "{job}");
-            if ["succeeded", "failed", "canceled"].contains(&job["status"].as_str().unwrap()) {
-                return job;
-            }
-            assert!(Instant::now() < deadline, "job {id} not done: {job}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     /// The native job behind a serverless answer.
     async fn job_of(&self, answer: &Value) -> Value {
         let id = answer["easel_generation_id"].as_str().unwrap();

@@ -119,6 +119,36 @@ impl TestServer {
         self.call(Method::POST, uri, Some(body)).await
     }
 
+    /// Poll `GET path` (a job or a flow run) until its `status` is
+    /// finished (`succeeded`, `failed`, `canceled`); panics after `secs`.
+    pub async fn wait_finished(&self, path: &str, secs: u64) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let (status, record) = self.get(path).await;
+            assert_eq!(status, StatusCode::OK, "{path}: {record}");
+            if ["succeeded", "failed", "canceled"].contains(&record["status"].as_str().unwrap()) {
+                return record;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{path} not finished in {secs} s: {record:#}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// [`TestServer::wait_finished`] for the generation job `id`.
+    pub async fn wait_done(&self, id: &str, secs: u64) -> Value {
+        self.wait_finished(&format!("/v1/generations/{id}"), secs)
+            .await
+    }
+
+    /// [`TestServer::wait_finished`] for the flow run `id`.
+    pub async fn wait_run(&self, id: &str, secs: u64) -> Value {
+        self.wait_finished(&format!("/v1/flow-runs/{id}"), secs)
+            .await
+    }
+
     pub async fn get(&self, uri: &str) -> (StatusCode, Value) {
         self.call(Method::GET, uri, None).await
     }
