@@ -32,6 +32,17 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 
+/// `body` as a JSON response with `status`, and `Retry-After` when
+/// `retry_after` is set: what each foreign error shape (OpenAI,
+/// AUTOMATIC1111, Leonardo, serverless) answers.
+pub fn shaped_response(status: StatusCode, body: Value, retry_after: Option<u64>) -> Response {
+    let mut response = (status, Json(body)).into_response();
+    if let Some(v) = retry_after.and_then(|s| s.to_string().parse().ok()) {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    response
+}
+
 /// An error in OpenAI's shape.
 pub struct OpenAiError(pub ApiError);
 
@@ -51,13 +62,7 @@ impl IntoResponse for OpenAiError {
     fn into_response(self) -> Response {
         let e = self.0;
         let body = openai_error_body(e.status, &e.message, e.field.as_deref(), e.code);
-        let mut response = (openai_status(e.status), Json(body)).into_response();
-        if let Some(s) = e.retry_after {
-            if let Ok(v) = s.to_string().parse() {
-                response.headers_mut().insert("retry-after", v);
-            }
-        }
-        response
+        shaped_response(openai_status(e.status), body, e.retry_after)
     }
 }
 
@@ -80,12 +85,7 @@ impl IntoResponse for A1111Error {
     fn into_response(self) -> Response {
         let e = self.0;
         let body = a1111_error_body(e.status, &e.message, e.field.as_deref());
-        let mut response = (e.status, Json(body)).into_response();
-        if let Some(s) = e.retry_after {
-            if let Ok(v) = s.to_string().parse() {
-                response.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-        }
+        let mut response = shaped_response(e.status, body, e.retry_after);
         if e.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

@@ -37,6 +37,35 @@ pub async fn load_record(
     Ok(Some(record))
 }
 
+/// Wait for job `id` up to the server's `max_wait_seconds` and read its
+/// record: what a synchronous route (OpenAI images, AUTOMATIC1111's
+/// txt2img / img2img, the serverless endpoint) answers from.
+///
+/// # Errors
+/// 504 `timeout` naming the job when it is not finished in time (the job
+/// goes on); a store failure; 404 when the record is gone.
+pub async fn wait_for_record(
+    state: &AppState,
+    id: &str,
+    base_url: &str,
+) -> Result<GenerationRecord, ApiError> {
+    let seconds = state.config().max_wait_seconds;
+    let finished = wait_for(state, id, seconds).await?;
+    let record = load_record(state, id, base_url)
+        .await?
+        .ok_or_else(|| ApiError::not_found("generation", id))?;
+    if !finished {
+        return Err(ApiError::new(
+            axum::http::StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!(
+                "the images were not ready within {seconds} s; the job goes on: GET /v1/generations/{id}"
+            ),
+        ));
+    }
+    Ok(record)
+}
+
 /// Queue webhook `event` (`start`, `progress`, `completed`) of job `id` if
 /// the job subscribed to it.
 ///

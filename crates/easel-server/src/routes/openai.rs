@@ -40,7 +40,7 @@ use crate::error::ApiError;
 use crate::error_shape::OpenAiError;
 use crate::http::{body_error, BaseUrl, RawBody};
 use crate::job::JobStatus;
-use crate::jobs::{load_record, wait_for};
+use crate::jobs::wait_for_record;
 use crate::submit::{body_hash, commit, prepare, Source};
 use crate::AppState;
 
@@ -297,20 +297,9 @@ async fn run(
     })?;
     let committed = commit(&state, &principal, prepared).await?;
     let id = committed.job.id.clone();
-    let finished = wait_for(&state, &id, state.config().max_wait_seconds).await?;
-    let record = load_record(&state, &id, &base)
-        .await?
-        .ok_or_else(|| OpenAiError(ApiError::not_found("generation", &id)))?;
-    if !finished {
-        return Err(OpenAiError(ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
-            format!(
-                "the images were not ready within {} s; the job goes on: GET /v1/generations/{id}",
-                state.config().max_wait_seconds
-            ),
-        )));
-    }
+    let record = wait_for_record(&state, &id, &base)
+        .await
+        .map_err(OpenAiError)?;
     if record.status != JobStatus::Succeeded {
         let error = record.error.clone();
         let code = error.as_ref().map(|e| e.code.clone()).unwrap_or_default();

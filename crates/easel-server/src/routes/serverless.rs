@@ -44,7 +44,7 @@ use crate::error::ApiError;
 use crate::error_shape::serverless_error_body as error_body;
 use crate::http::{BaseUrl, RawBody};
 use crate::job::JobStatus;
-use crate::jobs::{load_record, wait_for};
+use crate::jobs::wait_for_record;
 use crate::submit::{body_hash, commit, prepare, Source};
 use crate::AppState;
 
@@ -101,13 +101,7 @@ impl IntoResponse for ServerlessError {
     fn into_response(self) -> Response {
         let e = self.0;
         let body = error_body(&e.message, e.field.as_deref(), e.code);
-        let mut response = (e.status, Json(body)).into_response();
-        if let Some(s) = e.retry_after {
-            if let Ok(v) = s.to_string().parse() {
-                response.headers_mut().insert("retry-after", v);
-            }
-        }
-        response
+        crate::error_shape::shaped_response(e.status, body, e.retry_after)
     }
 }
 
@@ -301,20 +295,9 @@ pub async fn generate(
     let committed = commit(&state, &principal, prepared).await?;
     let started = Instant::now();
     let id = committed.job.id.clone();
-    let finished = wait_for(&state, &id, state.config().max_wait_seconds).await?;
-    let record = load_record(&state, &id, &base)
-        .await?
-        .ok_or_else(|| ApiError::not_found("generation", &id))?;
-    if !finished {
-        return Err(ServerlessError(ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
-            format!(
-                "the image was not ready within {} s; the job goes on: GET /v1/generations/{id}",
-                state.config().max_wait_seconds
-            ),
-        )));
-    }
+    let record = wait_for_record(&state, &id, &base)
+        .await
+        .map_err(ServerlessError)?;
     if record.status != JobStatus::Succeeded {
         let error = record.error.clone();
         let code = error.as_ref().map(|e| e.code.clone()).unwrap_or_default();

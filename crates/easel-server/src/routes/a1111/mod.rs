@@ -30,7 +30,7 @@ use crate::error::ApiError;
 use crate::error_shape::A1111Error;
 use crate::http::{BaseUrl, RawBody};
 use crate::job::JobStatus;
-use crate::jobs::{cancel_job, load_record, wait_for};
+use crate::jobs::{cancel_job, wait_for_record};
 use crate::submit::{body_hash, commit, prepare, Source};
 use crate::AppState;
 use names::invalid;
@@ -140,20 +140,9 @@ async fn generate(
     .map_err(rename_field)?;
     let committed = commit(&state, &principal, prepared).await?;
     let id = committed.job.id.clone();
-    let finished = wait_for(&state, &id, state.config().max_wait_seconds).await?;
-    let record = load_record(&state, &id, &base)
-        .await?
-        .ok_or_else(|| ApiError::not_found("generation", &id))?;
-    if !finished {
-        return Err(A1111Error(ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
-            format!(
-                "the images were not ready within {} s; the job goes on: GET /v1/generations/{id}",
-                state.config().max_wait_seconds
-            ),
-        )));
-    }
+    let record = wait_for_record(&state, &id, &base)
+        .await
+        .map_err(A1111Error)?;
     // An interrupted job answers the images it finished, as the web UI does.
     if !matches!(record.status, JobStatus::Succeeded | JobStatus::Canceled) {
         let error = record.error.clone();

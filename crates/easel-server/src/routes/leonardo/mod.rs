@@ -80,13 +80,7 @@ impl IntoResponse for LeonardoError {
     fn into_response(self) -> Response {
         let e = self.0;
         let body = error_body(e.status, &e.message, e.field.as_deref());
-        let mut response = (e.status, Json(body)).into_response();
-        if let Some(s) = e.retry_after {
-            if let Ok(v) = s.to_string().parse() {
-                response.headers_mut().insert("retry-after", v);
-            }
-        }
-        response
+        crate::error_shape::shaped_response(e.status, body, e.retry_after)
     }
 }
 
