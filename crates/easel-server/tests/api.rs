@@ -1449,21 +1449,6 @@ impl TestServer {
             .unwrap()
             .id
     }
-
-    /// Store `document` and start a run of it with `input`; the run's id.
-    async fn start_flow(&self, document: Value, input: Value) -> String {
-        let (s, flow) = self.post("/v1/flows", document).await;
-        assert_eq!(s, StatusCode::CREATED, "{flow}");
-        let (s, run) = self
-            .post(
-                &format!("/v1/flows/{}/runs", flow["id"].as_str().unwrap()),
-                json!({ "input": input }),
-            )
-            .await;
-        assert_eq!(s, StatusCode::ACCEPTED, "{run}");
-        assert_eq!(run["object"], "flow_run");
-        run["id"].as_str().unwrap().to_string()
-    }
 }
 
 const SEED_GENRE_FLOW: &str = include_str!("../../easel-flow/tests/seed_flows/genre.json5");

@@ -23,20 +23,6 @@ impl TestServer {
         .await
     }
 
-    /// Store a flow (201) and start a run of it (202); the run's id.
-    async fn start(&self, document: Value, input: Value) -> String {
-        let (s, flow) = self.post("/v1/flows", document).await;
-        assert_eq!(s, StatusCode::CREATED, "{flow}");
-        let (s, run) = self
-            .post(
-                &format!("/v1/flows/{}/runs", flow["id"].as_str().unwrap()),
-                json!({ "input": input }),
-            )
-            .await;
-        assert_eq!(s, StatusCode::ACCEPTED, "{run}");
-        run["id"].as_str().unwrap().to_string()
-    }
-
     /// The bytes of an asset's file.
     async fn file_bytes(&self, url: &str) -> Vec<u8> {
         let path = &url[url.find("/v1/files/").unwrap()..];
@@ -232,7 +218,7 @@ async fn invalid_parameters_are_refused_at_creation_naming_step_and_field() {
 async fn variables_output_records_and_later_steps() {
     let server = TestServer::fake_with_default().await;
     let run_id = server
-        .start(
+        .start_flow(
             json!({ "document": r#"{ steps: [
                 { id: 'facts', type: 'Constant', parameters: { value: { subject: 'a blue bottle', tags: ['studio', 'clean'] } } },
                 { id: 'hero', type: 'ImageGeneration', name: 'Hero image', parameters: {
@@ -342,7 +328,7 @@ async fn on_failure_modes() {
     };
     for on_failure in [None, Some("terminate"), Some("Terminate Workflow")] {
         let run_id = server
-            .start(flow(on_failure), json!({ "size": "999x999" }))
+            .start_flow(flow(on_failure), json!({ "size": "999x999" }))
             .await;
         let run = server.wait_run(&run_id, 30).await;
         assert_eq!(run["status"], "failed", "{on_failure:?}: {run:#}");
@@ -354,7 +340,7 @@ async fn on_failure_modes() {
     }
     for on_failure in ["continue", "Continue"] {
         let run_id = server
-            .start(flow(Some(on_failure)), json!({ "size": "999x999" }))
+            .start_flow(flow(Some(on_failure)), json!({ "size": "999x999" }))
             .await;
         let run = server.wait_run(&run_id, 30).await;
         assert_eq!(run["status"], "succeeded", "{run:#}");
@@ -367,7 +353,7 @@ async fn on_failure_modes() {
     }
     // A model that fails at run time: the job's error, named as the step's field.
     let run_id = server
-        .start(
+        .start_flow(
             json!({ "steps": [{ "id": "hero", "type": "ImageGeneration",
                 "parameters": { "prompt": "p", "model": "$.input.model" } }] }),
             json!({ "model": "missing-model" }),
@@ -401,7 +387,7 @@ async fn pixels_equal_the_native_request_with_the_same_seed() {
     let server = TestServer::new(|c| c.default_model = Some("tiny-sd15".into())).await;
     assert!(fixtures().join("models/tiny-sd15").is_dir());
     let run_id = server
-        .start(
+        .start_flow(
             json!({ "steps": [{ "id": "hero", "type": "ImageGeneration",
                 "parameters": { "prompt": "a {{ subject }}", "seed": 1234, "outputFormat": "png", "quality": "high" } }] }),
             json!({ "subject": "red fox" }),

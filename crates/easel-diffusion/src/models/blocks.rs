@@ -580,6 +580,7 @@ mod tests {
     use candle_core::{DType, Device};
 
     use super::*;
+    use crate::models::kernels::testing::max_diff;
     use crate::models::kernels::{with_conv3x3_kernel, Conv3x3Kernel};
     use crate::models::weights::RandomSource;
 
@@ -636,16 +637,7 @@ mod tests {
                 let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let got = r.forward_owned(xv, [batch, ci, h, w], t.as_ref()).unwrap();
                 assert_eq!(got.dims(), want.dims());
-                let diff = (got - &want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let diff = max_diff(&got, &want);
                 assert!(diff < 1e-5, "{batch}x{ci}->{co} {h}x{w}: {diff}");
             });
         }

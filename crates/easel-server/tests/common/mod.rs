@@ -137,6 +137,22 @@ impl TestServer {
         }
     }
 
+    /// Store `document` as a flow (201) and start a run of it with `input`
+    /// (202); the run's id.
+    pub async fn start_flow(&self, document: Value, input: Value) -> String {
+        let (s, flow) = self.post("/v1/flows", document).await;
+        assert_eq!(s, StatusCode::CREATED, "{flow}");
+        let (s, run) = self
+            .post(
+                &format!("/v1/flows/{}/runs", flow["id"].as_str().unwrap()),
+                serde_json::json!({ "input": input }),
+            )
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{run}");
+        assert_eq!(run["object"], "flow_run");
+        run["id"].as_str().unwrap().to_string()
+    }
+
     /// [`TestServer::wait_finished`] for the generation job `id`.
     pub async fn wait_done(&self, id: &str, secs: u64) -> Value {
         self.wait_finished(&format!("/v1/generations/{id}"), secs)

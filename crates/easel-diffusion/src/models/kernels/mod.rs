@@ -52,7 +52,7 @@ fn parallelism() -> gemm::Parallelism {
 
 /// Helpers the kernels' tests share.
 #[cfg(test)]
-mod testing {
+pub(crate) mod testing {
     use candle_core::{Device, Tensor};
 
     /// Standard normal values of `shape`, torch-compatible for `seed`.
