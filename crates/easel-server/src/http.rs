@@ -87,14 +87,20 @@ impl FromRequestParts<AppState> for BaseUrl {
     }
 }
 
-/// `Prefer: wait=N` (RFC 7240), capped at `max_wait_seconds`.
-pub fn prefer_wait(headers: &HeaderMap, max: u64) -> Option<u64> {
+/// `Prefer: wait=N` (RFC 7240), capped at `max` (the server's
+/// `max_wait_seconds`); a bare `wait` means `bare` seconds where the API
+/// gives it a meaning (Replicate's 60), else nothing. The first `wait` of
+/// the header counts.
+pub fn prefer_wait(headers: &HeaderMap, max: u64, bare: Option<u64>) -> Option<u64> {
     headers
         .get_all("prefer")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split([',', ';']))
         .find_map(|p| {
+            if p.trim().eq_ignore_ascii_case("wait") {
+                return bare;
+            }
             let (k, v) = p.trim().split_once('=')?;
             (k.trim().eq_ignore_ascii_case("wait"))
                 .then(|| v.trim().trim_matches('"').parse::<u64>().ok())

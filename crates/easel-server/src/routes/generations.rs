@@ -135,7 +135,7 @@ async fn respond_job(
     headers: &HeaderMap,
     created: bool,
 ) -> Result<Response, ApiError> {
-    let wait = prefer_wait(headers, state.config().max_wait_seconds);
+    let wait = prefer_wait(headers, state.config().max_wait_seconds, None);
     if let Some(seconds) = wait {
         wait_for(state, id, seconds).await?;
     }

@@ -205,24 +205,9 @@ async fn owned_prediction(
 }
 
 /// The seconds a `Prefer` header asks to wait: `wait` = 60, `wait=N`;
-/// both capped at 60 and at `max`.
+/// both capped at 60 and at `max` ([`crate::http::prefer_wait`]).
 pub fn prefer_wait(headers: &HeaderMap, max: u64) -> Option<u64> {
-    headers
-        .get_all("prefer")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split([',', ';']))
-        .find_map(|p| {
-            let p = p.trim();
-            if p.eq_ignore_ascii_case("wait") {
-                return Some(MAX_PREFER_WAIT);
-            }
-            let (k, v) = p.split_once('=')?;
-            (k.trim().eq_ignore_ascii_case("wait"))
-                .then(|| v.trim().trim_matches('"').parse::<u64>().ok())
-                .flatten()
-        })
-        .map(|n| n.min(MAX_PREFER_WAIT).min(max))
+    crate::http::prefer_wait(headers, max.min(MAX_PREFER_WAIT), Some(MAX_PREFER_WAIT))
 }
 
 /// The body of `POST /v1/predictions` (the models route takes the same
