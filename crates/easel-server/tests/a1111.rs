@@ -14,25 +14,10 @@ use easel_server::routes::a1111::request::{Mode, Rule, FIELDS};
 use serde_json::{json, Value};
 
 mod common;
-use common::TestServer;
+use common::{test_png, TestServer};
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-/// A PNG of `width` x `height` with a gradient (a white one for masks).
-fn png(width: u32, height: u32, white: bool) -> Vec<u8> {
-    let data: Vec<u8> = (0..width * height * 3)
-        .map(|i| if white { 255 } else { (i * 7 % 251) as u8 })
-        .collect();
-    let image = easel_core::RgbImageRef::new(width, height, &data).unwrap();
-    easel_core::encode_image(
-        &image,
-        easel_core::OutputFormat::Png,
-        100,
-        &easel_core::ImageMetadata::default(),
-    )
-    .unwrap()
 }
 
 async fn fake_server(step_ms: u64) -> TestServer {
@@ -122,7 +107,7 @@ fn loc(v: &Value) -> Vec<String> {
 fn base_body(mode: Mode) -> Value {
     let mut body = json!({"prompt": "a cube", "steps": 2, "width": 64, "height": 64});
     if mode == Mode::Img2Img {
-        body["init_images"] = json!([b64(&png(64, 64, false))]);
+        body["init_images"] = json!([b64(&test_png(64, 64, false))]);
     }
     body
 }
@@ -141,7 +126,7 @@ fn path(mode: Mode) -> &'static str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_field_table_maps_refuses_and_ignores_each_field() {
     let server = fake_server(1).await;
-    let mask = b64(&png(64, 64, true));
+    let mask = b64(&test_png(64, 64, true));
     for mode in [Mode::Txt2Img, Mode::Img2Img] {
         for field in FIELDS.iter().filter(|f| f.applies.to(mode)) {
             let mut body = base_body(mode);
@@ -162,7 +147,7 @@ async fn the_field_table_maps_refuses_and_ignores_each_field() {
                     } else if field.name == "init_images" {
                         value = json!([format!(
                             "data:image/png;base64,{}",
-                            b64(&png(64, 64, false))
+                            b64(&test_png(64, 64, false))
                         )]);
                     }
                     body[field.name] = value;
@@ -311,7 +296,7 @@ async fn ranges_are_refused_in_the_web_ui_shape_naming_the_field() {
         .post(
             "/sdapi/v1/img2img",
             json!({"prompt": "x", "denoising_strength": 1.5,
-              "init_images": [b64(&png(64, 64, false))]}),
+              "init_images": [b64(&test_png(64, 64, false))]}),
         )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -372,7 +357,7 @@ async fn pixels_equal_the_native_request() {
     assert!(text.contains("Seed: 6, Size: 64x64"), "{text}");
     assert_eq!(answer["parameters"]["prompt"], "a red fox");
 
-    let init = b64(&png(64, 64, false));
+    let init = b64(&test_png(64, 64, false));
     let (status, answer) = server
         .post(
             "/sdapi/v1/img2img",

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
-use common::{fixtures, TestServer};
+use common::{fixtures, test_png_data_uri, TestServer};
 use easel_server::config::EngineKind;
 use easel_server::routes::replicate::input::FIELDS;
 use serde_json::{json, Value};
@@ -22,23 +22,6 @@ fn flux_lora() -> String {
         .join("loras/tiny-flux-lora.safetensors")
         .display()
         .to_string()
-}
-
-fn png_data_uri(width: u32, height: u32) -> String {
-    use base64::Engine as _;
-    let pixels: Vec<u8> = (0..width * height * 3).map(|i| (i % 251) as u8).collect();
-    let image = easel_core::RgbImageRef::new(width, height, &pixels).unwrap();
-    let bytes = easel_core::encode_image(
-        &image,
-        easel_core::OutputFormat::Png,
-        100,
-        &easel_core::ImageMetadata::default(),
-    )
-    .unwrap();
-    format!(
-        "data:image/png;base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(bytes)
-    )
 }
 
 async fn fake(step_ms: u64) -> TestServer {
@@ -134,7 +117,7 @@ impl TestServer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_input_field_maps_to_the_native_request() {
     let server = fake(1).await;
-    let image = png_data_uri(64, 64);
+    let image = test_png_data_uri(64, 64);
     let lora = flux_lora();
     // (field, input, native field, expected native value)
     let table: Vec<(&str, Value, &str, Value)> = vec![

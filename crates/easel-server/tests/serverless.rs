@@ -14,19 +14,9 @@ use serde_json::{json, Value};
 
 const PATH: &str = "/api/v1/images/generation";
 
+/// [`common::test_png`] in base64, as this surface takes its images.
 fn b64_png(width: u32, height: u32, white: bool) -> String {
-    let pixels: Vec<u8> = (0..width * height * 3)
-        .map(|i| if white { 255 } else { (i % 251) as u8 })
-        .collect();
-    let image = easel_core::RgbImageRef::new(width, height, &pixels).unwrap();
-    let bytes = easel_core::encode_image(
-        &image,
-        easel_core::OutputFormat::Png,
-        100,
-        &easel_core::ImageMetadata::default(),
-    )
-    .unwrap();
-    base64::engine::general_purpose::STANDARD.encode(bytes)
+    base64::engine::general_purpose::STANDARD.encode(common::test_png(width, height, white))
 }
 
 fn decode(b64: &Value) -> easel_core::DecodedImage {

@@ -169,3 +169,26 @@ impl TestServer {
         self.call(Method::GET, uri, None).await
     }
 }
+
+/// A `width` x `height` RGB PNG: a gradient, or all white (a mask that
+/// repaints everything) with `white`.
+pub fn test_png(width: u32, height: u32, white: bool) -> Vec<u8> {
+    let pixels: Vec<u8> = (0..width * height * 3)
+        .map(|i| if white { 255 } else { (i % 251) as u8 })
+        .collect();
+    let image = easel_core::RgbImageRef::new(width, height, &pixels).unwrap();
+    easel_core::encode_image(
+        &image,
+        easel_core::OutputFormat::Png,
+        100,
+        &easel_core::ImageMetadata::default(),
+    )
+    .unwrap()
+}
+
+/// [`test_png`] (the gradient) as a `data:image/png;base64,` URI.
+pub fn test_png_data_uri(width: u32, height: u32) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(test_png(width, height, false));
+    format!("data:image/png;base64,{b64}")
+}
