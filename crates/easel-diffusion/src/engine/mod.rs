@@ -55,6 +55,11 @@ pub struct EngineOptions {
     /// Load FLUX's T5 encoder per prompt encoding and free it after
     /// (`--offload-t5`; [`ModelDir::with_offloaded_t5`]).
     pub offload_t5: bool,
+    /// Where the models compute: `Device::Cpu` (default) or a CUDA device
+    /// (`--device`). Noise
+    /// is always drawn on the CPU and moved here, as diffusers does with a
+    /// CPU generator.
+    pub device: Device,
 }
 
 impl Default for EngineOptions {
@@ -65,6 +70,7 @@ impl Default for EngineOptions {
             random_weights: false,
             quantization: None,
             offload_t5: false,
+            device: Device::Cpu,
         }
     }
 }
@@ -165,7 +171,7 @@ impl Engine {
     pub fn new(options: EngineOptions) -> Self {
         Self {
             cache: ModelCache::new(options.cache_budget_bytes),
-            device: Device::Cpu,
+            device: options.device.clone(),
             options,
         }
     }
