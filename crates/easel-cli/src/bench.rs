@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Result;
 use candle_core::DType;
 use clap::Args;
+use easel_core::params::Precision;
 use easel_core::GenerationParams;
 use easel_diffusion::engine::JobRequest;
 use easel_diffusion::models::layers::measure_matmul_gflops;
@@ -70,6 +71,12 @@ pub struct BenchArgs {
     /// Skip measuring the machine's matrix-product peaks.
     #[arg(long)]
     pub no_peak: bool,
+    /// Compute precision: fp32, fp16 or bf16 [default: fp32 on the CPU; on a
+    /// GPU the model's: bf16 for FLUX, fp16 for Stable Diffusion]. On the
+    /// CPU, fp16 / bf16 give a half-precision run's numbers (each layer
+    /// rounds its output), computed with f32 arithmetic: not faster.
+    #[arg(long, value_name = "fp32|fp16|bf16")]
+    pub precision: Option<Precision>,
 }
 
 /// Peak resident set size of this process (`VmHWM`), in bytes.
@@ -223,9 +230,11 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         args.quantize,
         args.offload_t5,
         Vec::new(),
-    );
+    )
+    .with_half_precision_on_cpu(true);
     let model_key = engine.register_component_files(&args.model, args.components.files());
-    let model = engine.load(&model_key)?;
+    let model = engine.load_for(&model_key, args.precision)?;
+    let compute = easel_diffusion::engine::precision::precision_of(model.compute_dtype());
     let load_time = model.load_time();
     let load_peak = (peak_rss_bytes(), rss_bytes());
     let defaults = model.defaults().clone();
@@ -240,6 +249,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             seed: Some(0),
             batch_size: Some(args.batch_size as u32),
             scheduler: args.scheduler.clone(),
+            precision: args.precision,
             ..GenerationParams::new(args.prompt.clone())
         },
     )
@@ -290,7 +300,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     // FLUX embeds the guidance scale: one transformer pass per step.
     let guided = guidance_scale > 1.0 && family.takes_negative_prompt();
     println!(
-        "model: {} ({}), {}x{}, {} steps, batch {}, guidance {} ({} {} pass{} per step), device cpu, f32",
+        "model: {} ({}), {}x{}, {} steps, batch {}, guidance {} ({} {} pass{} per step), device cpu, {compute}",
         args.model,
         defaults.pipeline,
         job.request.width,
@@ -385,10 +395,17 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             easel_diffusion::models::kernels::num_threads()
         ),
     }
-    println!(
-        "computed: f32 (matrix products on {}); weights widened per layer from their stored type",
-        f32_kernel_isa()
-    );
+    if compute == Precision::Fp32 {
+        println!(
+            "computed: f32 (matrix products on {}); weights widened per layer from their stored type",
+            f32_kernel_isa()
+        );
+    } else {
+        println!(
+            "computed: {compute} numbers with f32 arithmetic: each layer widens its {compute} input,              accumulates in f32 on {} and rounds its output to {compute} (no {compute} instructions used)",
+            f32_kernel_isa()
+        );
+    }
     if non_finite == 0 {
         println!("outputs: finite (every run's final latents)");
         Ok(ExitCode::SUCCESS)

@@ -384,20 +384,6 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         OutputTarget::File(f) => check_writable_dir(f.parent().unwrap_or(Path::new(".")))?,
         OutputTarget::Dir(d) => check_writable_dir(d)?,
     }
-    // The CPU computes in fp32 whatever is asked: said on stderr, and in
-    // the --json result's warnings (where stderr may not be read).
-    let precision_warning = args.precision.filter(|&p| p != Precision::Fp32).map(|p| {
-        format!(
-            "precision: {} was requested, but this build computes in fp32 on the CPU \
-                 (no {} compute mode yet); the image is the fp32 one",
-            p.as_str(),
-            p.as_str()
-        )
-    });
-    if let (Some(w), false) = (&precision_warning, args.json) {
-        eprintln!("warning: {w}");
-    }
-
     if let Some(name) = &args.scheduler {
         resolve_scheduler_name(name)?;
     }
@@ -610,14 +596,9 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
                 })
                 .collect(),
             device: "cpu",
-            precision: "fp32",
+            precision: resolved.compute_precision.as_str(),
             images: written,
-            warnings: resolved
-                .warnings
-                .iter()
-                .cloned()
-                .chain(precision_warning)
-                .collect(),
+            warnings: resolved.warnings.clone(),
             timings,
         };
         println!("{}", serde_json::to_string_pretty(&result)?);

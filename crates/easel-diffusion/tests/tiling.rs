@@ -335,7 +335,7 @@ fn flux_tiling_reaches_the_vae_only_and_its_decoder_is_circular() {
     check_seams("tiny-flux-schnell", &tiled.images, &untiled.images, 0.7);
 
     let dir = ModelDir::open(model("tiny-flux-schnell")).unwrap();
-    let vae = load_vae(&dir, &Device::Cpu, false).unwrap();
+    let vae = load_vae(&dir, &Device::Cpu, false, false).unwrap();
     let f = vae.config().vae_scale_factor();
     let z = randn(&[1, vae.config().latent_channels, 8, 8], 7);
     let rolled_z = roll(&roll(&z, 2, 4), 3, 4);

@@ -32,6 +32,8 @@ pub struct BatchOutput {
     pub sigma_schedule: Option<String>,
     /// Things the user should know.
     pub warnings: Vec<String>,
+    /// The precision the models computed in (what ran).
+    pub compute_precision: easel_core::params::Precision,
 }
 
 /// Why the engine could not run a batch.
@@ -227,6 +229,7 @@ impl Engine for DiffusionEngine {
             scheduler: output.params.scheduler,
             sigma_schedule: output.params.sigma_schedule,
             warnings: output.params.warnings,
+            compute_precision: output.params.compute_precision,
         })
     }
 
@@ -343,6 +346,7 @@ impl Engine for FakeEngine {
                 .unwrap_or_else(|| "FakeScheduler".into()),
             sigma_schedule: None,
             warnings,
+            compute_precision: easel_core::params::Precision::Fp32,
         })
     }
 

@@ -570,7 +570,13 @@ impl Worker {
                 });
             }
             let result = ItemResult {
-                parameters: resolved(spec, job, &batch.defaults, &output.scheduler),
+                parameters: resolved(
+                    spec,
+                    job,
+                    &batch.defaults,
+                    &output.scheduler,
+                    output.compute_precision,
+                ),
                 warnings: output.warnings.clone(),
             };
             let key_id = self

@@ -69,6 +69,13 @@ impl<T> ModelCache<T> {
         evicted
     }
 
+    /// Unload `key`; whether it was cached.
+    pub fn remove(&mut self, key: &str) -> bool {
+        let before = self.entries.len();
+        self.entries.retain(|(k, _, _)| k != key);
+        self.entries.len() != before
+    }
+
     /// Insert `value` for `key` as most recently used.
     pub fn insert(&mut self, key: String, value: T, bytes: u64) {
         self.entries.retain(|(k, _, _)| *k != key);

@@ -65,6 +65,9 @@ pub struct Job {
     pub seeds: Vec<u64>,
     /// LoRA adapters merged for this job (`[]`: the base model).
     pub loras: Vec<LoraSpec>,
+    /// The requested compute precision (`precision`; `None`: the device's
+    /// default, see [`super::precision::compute_precision`]).
+    pub precision: Option<easel_core::params::Precision>,
 }
 
 impl Job {
@@ -76,7 +79,7 @@ impl Job {
     /// Whether `other` can run in the same engine call as this job: equal
     /// in everything but its prompts, negative prompts and seeds (model,
     /// images per prompt, steps, guidance, size, scheduler, inputs,
-    /// strength, LoRAs, sequence length, tiling), and both without negative
+    /// strength, LoRAs, sequence length, tiling, precision), and both without negative
     /// prompts or both with one per prompt.
     pub fn batches_with(&self, other: &Job) -> bool {
         let per_prompt = |j: &Job| {
@@ -97,6 +100,7 @@ impl Job {
             && self.loras == other.loras
             && a.max_sequence_length == b.max_sequence_length
             && a.tiling == b.tiling
+            && self.precision == other.precision
             && a.image == b.image
             && a.mask == b.mask
     }
@@ -268,6 +272,7 @@ impl JobRequest {
             },
             seeds: (0..batch).map(|i| seed.wrapping_add(i)).collect(),
             loras: self.loras.clone(),
+            precision: p.precision,
         })
     }
 }
@@ -308,6 +313,9 @@ pub struct ResolvedParams {
     pub loras: Vec<ResolvedLora>,
     /// Seamless tiling.
     pub tiling: bool,
+    /// The precision the models computed in (what ran, whatever was
+    /// requested; see [`super::precision::compute_precision`]).
+    pub compute_precision: easel_core::params::Precision,
     /// Things the user should know (a prompt truncated to the encoder's
     /// 77 tokens, ...).
     pub warnings: Vec<String>,

@@ -14,15 +14,17 @@
 pub mod cache;
 pub mod job;
 pub mod memory;
+pub mod precision;
 
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 pub use crate::pipelines::TaskKind;
 pub use cache::{CachedModel, ModelCache};
 pub use job::{init_image_size, Job, JobOutput, JobRequest, ResolvedLora, ResolvedParams};
 pub use memory::estimate_model_bytes;
+pub use precision::{compute_precision, ComputePrecision};
 
 use crate::error::{Error, Result};
 use crate::loader::{
@@ -60,6 +62,12 @@ pub struct EngineOptions {
     /// is always drawn on the CPU and moved here, as diffusers does with a
     /// CPU generator.
     pub device: Device,
+    /// Honour `fp16` / `bf16` requests on the CPU too (`easel bench
+    /// --precision`): each layer widens its half-precision input, computes
+    /// in f32 and rounds its output, the numbers of a half-precision run
+    /// without its speed. Default false: the CPU computes f32 and the job's
+    /// warnings say so ([`precision::compute_precision`]).
+    pub half_precision_on_cpu: bool,
 }
 
 impl Default for EngineOptions {
@@ -71,6 +79,7 @@ impl Default for EngineOptions {
             quantization: None,
             offload_t5: false,
             device: Device::Cpu,
+            half_precision_on_cpu: false,
         }
     }
 }
@@ -130,9 +139,15 @@ pub struct LoadedModel {
     defaults: ModelDefaults,
     bytes: u64,
     load_time: Duration,
+    dtype: DType,
 }
 
 impl LoadedModel {
+    /// The dtype it computes in ([`ModelDir::with_compute_dtype`]).
+    pub fn compute_dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// The resolved model folder.
     pub fn dir(&self) -> &ModelDir {
         &self.dir
@@ -221,9 +236,78 @@ impl Engine {
         if !self.cache.contains(reference) {
             let started = Instant::now();
             let dir = self.resolve(reference)?;
-            self.insert(reference, dir, started)?;
+            let dtype = self.compute_precision(None, dir.family()).dtype;
+            self.insert(reference, dir, started, dtype)?;
         }
         self.cached(reference)
+    }
+
+    /// [`Engine::load`] in the precision a job asking for `precision` runs
+    /// in ([`Engine::compute_precision`]), so that running such a job loads
+    /// nothing more; a model cached in another precision is loaded again.
+    ///
+    /// # Errors
+    /// As [`Engine::load`].
+    pub fn load_for(
+        &mut self,
+        reference: &str,
+        precision: Option<easel_core::params::Precision>,
+    ) -> Result<&LoadedModel> {
+        let family = self.family_of(reference)?;
+        let dtype = self.compute_precision(precision, family).dtype;
+        self.load_in(reference, dtype)?;
+        self.cached(reference)
+    }
+
+    /// This engine with [`EngineOptions::half_precision_on_cpu`] set to `on`.
+    pub fn with_half_precision_on_cpu(mut self, on: bool) -> Self {
+        self.options.half_precision_on_cpu = on;
+        self
+    }
+
+    /// The precision a job asking for `requested` computes in on this
+    /// engine's device, for a model of `family`
+    /// ([`precision::compute_precision`]).
+    pub fn compute_precision(
+        &self,
+        requested: Option<easel_core::params::Precision>,
+        family: Option<ModelFamily>,
+    ) -> ComputePrecision {
+        compute_precision(
+            &self.device,
+            requested,
+            family,
+            self.options.half_precision_on_cpu,
+        )
+    }
+
+    /// [`Engine::load`] in `dtype`: a model cached in another dtype is
+    /// unloaded and loaded again in this one.
+    fn load_in(&mut self, reference: &str, dtype: DType) -> Result<()> {
+        let cached = self.cache.get(reference).map(|m| m.dtype);
+        match cached {
+            Some(d) if d == dtype => Ok(()),
+            Some(_) => {
+                let dir = self.cached(reference)?.dir.clone();
+                self.cache.remove(reference);
+                crate::os_memory::release_freed_memory();
+                self.insert(reference, dir, Instant::now(), dtype)
+            }
+            None => {
+                let started = Instant::now();
+                let dir = self.resolve(reference)?;
+                self.insert(reference, dir, started, dtype)
+            }
+        }
+    }
+
+    /// The family of the model `reference` names: the cached model's, or
+    /// resolved (not loaded).
+    fn family_of(&mut self, reference: &str) -> Result<Option<ModelFamily>> {
+        match self.cache.get(reference) {
+            Some(m) => Ok(m.dir.family()),
+            None => Ok(self.resolve(reference)?.family()),
+        }
     }
 
     /// [`Engine::load`] for a model already resolved with
@@ -233,7 +317,8 @@ impl Engine {
     /// As [`load_pipeline`].
     pub fn load_resolved(&mut self, reference: &str, dir: ModelDir) -> Result<&LoadedModel> {
         if !self.cache.contains(reference) {
-            self.insert(reference, dir, Instant::now())?;
+            let dtype = self.compute_precision(None, dir.family()).dtype;
+            self.insert(reference, dir, Instant::now(), dtype)?;
         }
         self.cached(reference)
     }
@@ -244,13 +329,20 @@ impl Engine {
             .ok_or_else(|| Error::invalid("model", "the model cache lost an entry"))
     }
 
-    fn insert(&mut self, reference: &str, dir: ModelDir, started: Instant) -> Result<()> {
+    fn insert(
+        &mut self,
+        reference: &str,
+        dir: ModelDir,
+        started: Instant,
+        dtype: DType,
+    ) -> Result<()> {
         let quantization = dir.quantization().or(self.options.quantization);
         let offload_t5 = self.options.offload_t5 || dir.offloaded_t5();
         let dir = dir
             .with_random_weights(self.options.random_weights)
             .with_quantization(quantization)
-            .with_offloaded_t5(offload_t5);
+            .with_offloaded_t5(offload_t5)
+            .with_compute_dtype(dtype);
         let bytes = estimate_model_bytes(&dir);
         for key in self.cache.make_room(bytes) {
             tracing::info!("model cache: unloaded {key} to fit {bytes} bytes");
@@ -258,10 +350,12 @@ impl Engine {
         let pipeline = load_pipeline(&dir, &self.device)?;
         let load_time = started.elapsed();
         tracing::info!(
-            "loaded {reference} ({}) in {:.2}s, ~{} MiB",
+            "loaded {reference} ({}) in {:.2}s, ~{} MiB, computing in {} on {:?}",
             pipeline.class_name(),
             load_time.as_secs_f64(),
-            bytes >> 20
+            bytes >> 20,
+            precision::precision_of(dtype),
+            self.device,
         );
         let defaults = ModelDefaults::of(pipeline.as_ref());
         self.cache.insert(
@@ -272,6 +366,7 @@ impl Engine {
                 defaults,
                 bytes,
                 load_time,
+                dtype,
             },
             bytes,
         );
@@ -304,7 +399,9 @@ impl Engine {
         progress: &mut dyn FnMut(Progress),
         cancel: &CancelToken,
     ) -> Result<JobOutput> {
-        self.load(&job.model)?;
+        let family = self.family_of(&job.model)?;
+        let precision = self.compute_precision(job.precision, family);
+        self.load_in(&job.model, precision.dtype)?;
         let model = self
             .cache
             .get_mut(&job.model)
@@ -317,6 +414,7 @@ impl Engine {
             cancel: cancel.clone(),
         };
         let mut output = model.pipeline.run(&job.request, &mut ctx)?;
+        output.warnings.extend(precision.warning);
         let images = images_to_rgb8(&output.images)?;
         let non_finite_latents = non_finite_count(&output.latents_to_vae)?;
         if non_finite_latents > 0 {
@@ -348,6 +446,7 @@ impl Engine {
                     })
                     .collect(),
                 tiling: job.request.tiling,
+                compute_precision: precision::precision_of(precision.dtype),
                 warnings: output.warnings,
             },
             timings: output.timings,

@@ -110,6 +110,18 @@ impl ModelFamily {
         matches!(self, ModelFamily::Flux | ModelFamily::FluxFill)
     }
 
+    /// The precision a GPU computes this family in when a request names
+    /// none: bf16 for FLUX.1 (its published weights and diffusers' examples
+    /// are bf16; T5 overflows in f16), f16 for Stable Diffusion 1.x / 2.x
+    /// and XL (diffusers' `torch_dtype=torch.float16` examples).
+    pub fn default_gpu_precision(self) -> easel_core::params::Precision {
+        if self.is_flux() {
+            easel_core::params::Precision::Bf16
+        } else {
+            easel_core::params::Precision::Fp16
+        }
+    }
+
     /// How many VAE pixels per latent step a width or height must be a
     /// multiple of, over the VAE scale factor: 2 for FLUX, which packs
     /// 2x2 latent patches into its sequence (diffusers' `_pack_latents`),

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use candle_core::DType;
 use serde_json::{Map, Value};
 
 use super::component_files::ComponentFile;
@@ -105,6 +106,7 @@ pub struct ModelDir {
     random_weights: bool,
     quantization: Option<Quantization>,
     offloaded_t5: bool,
+    compute_dtype: DType,
     single_file: Option<Arc<SingleFile>>,
     prediction_type: Option<String>,
     component_files: BTreeMap<String, Arc<ComponentFile>>,
@@ -156,6 +158,7 @@ impl ModelDir {
             random_weights: false,
             quantization: None,
             offloaded_t5: false,
+            compute_dtype: DType::F32,
             single_file: None,
             prediction_type: None,
             component_files: BTreeMap::new(),
@@ -186,6 +189,22 @@ impl ModelDir {
     pub fn with_offloaded_t5(mut self, offloaded: bool) -> Self {
         self.offloaded_t5 = offloaded;
         self
+    }
+
+    /// The same model computing in `dtype` (diffusers' `torch_dtype`): its
+    /// text encoders, denoiser and VAE hold their weights and activations
+    /// in `dtype` (f32, f16 or bf16), except where the pipeline upcasts as
+    /// diffusers does (the SDXL VAE in f16, `force_upcast`). Latents and
+    /// the schedulers stay f32 between model calls. Default f32: the
+    /// engine's own CPU kernels run only in f32.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = dtype;
+        self
+    }
+
+    /// The compute dtype ([`Self::with_compute_dtype`]; f32 by default).
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
     }
 
     /// Whether [`Self::with_offloaded_t5`] is on.

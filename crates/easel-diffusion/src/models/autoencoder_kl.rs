@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
 use super::blocks::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
@@ -404,6 +404,8 @@ pub struct AutoencoderKL {
     quant_conv: Option<Conv2d>,
     decoder: Decoder,
     post_quant_conv: Option<Conv2d>,
+    /// The dtype the VAE computes in (its weights' [`Weights::dtype`]).
+    dtype: DType,
 }
 
 impl AutoencoderKL {
@@ -434,7 +436,14 @@ impl AutoencoderKL {
             quant_conv,
             decoder: Decoder::load(&w.pp("decoder"), config, act)?,
             post_quant_conv,
+            dtype: w.dtype(),
         })
+    }
+
+    /// The dtype the VAE computes in: f32, or f16 / bf16 for a model
+    /// loaded in half precision ([`crate::loader::ModelDir::with_compute_dtype`]).
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The config the model was built from.
@@ -444,26 +453,30 @@ impl AutoencoderKL {
 
     /// Decode latents `(batch, latent_channels, h, w)` (already divided by
     /// `scaling_factor`, and shifted for FLUX) to images `(batch, out_channels, 8h, 8w)`
-    /// in about [-1, 1].
+    /// in about [-1, 1]. Any float dtype in; the VAE computes in
+    /// [`Self::dtype`] and returns f32.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let z = z.to_dtype(self.dtype)?;
         let z = match &self.post_quant_conv {
-            Some(c) => c.forward(z)?,
-            None => z.clone(),
+            Some(c) => c.forward(&z)?,
+            None => z,
         };
-        self.decoder.forward(&z)
+        Ok(self.decoder.forward(&z)?.to_dtype(DType::F32)?)
     }
 
     /// Encode images `(batch, in_channels, H, W)` in [-1, 1] to the latent
-    /// distribution. Errors when the model was loaded without its encoder.
+    /// distribution (f32; the encoder computes in [`Self::dtype`]). Errors
+    /// when the model was loaded without its encoder.
     pub fn encode(&self, x: &Tensor) -> Result<DiagonalGaussian> {
         let enc = self
             .encoder
             .as_ref()
             .ok_or_else(|| Error::invalid("vae", "the VAE was loaded without its encoder"))?;
-        let mut h = enc.forward(x)?;
+        let mut h = enc.forward(&x.to_dtype(self.dtype)?)?;
         if let Some(q) = &self.quant_conv {
             h = q.forward(&h)?;
         }
+        let h = h.to_dtype(DType::F32)?;
         let lc = self.config.latent_channels;
         let mean = h.narrow(1, 0, lc)?;
         let logvar = h.narrow(1, lc, lc)?.clamp(-30f32, 20f32)?;

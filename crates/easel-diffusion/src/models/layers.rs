@@ -56,6 +56,33 @@ fn timed<T>(kind: usize, f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// The half-precision dtype of a CPU tensor (`Some(F16 | BF16)`), for the
+/// layers' CPU half-precision path: candle has no CPU half-precision matrix
+/// product (bf16) or convolution, so on the CPU a half-precision layer
+/// widens its input to f32 (exact), computes with f32 accumulation on the
+/// f32 path (the engine's kernels, or candle's f32 ops with
+/// `EASEL_KERNELS=off`) and rounds its output to the input's dtype: the
+/// numbers of a half-precision GEMM with f32 accumulation (oneDNN's, or
+/// cuBLAS' with f32 compute), a layer at a time. Not a speed-up: the
+/// arithmetic is f32.
+fn half_on_cpu(x: &Tensor) -> Option<candle_core::DType> {
+    (x.device().is_cpu()
+        && matches!(
+            x.dtype(),
+            candle_core::DType::F16 | candle_core::DType::BF16
+        ))
+    .then_some(x.dtype())
+}
+
+/// A 1-D parameter (bias, norm scale) as f32 values for the CPU kernels,
+/// from any float dtype; empty when it is not on the CPU.
+fn cpu_f32_values(t: &Tensor) -> Result<Vec<f32>> {
+    if !t.device().is_cpu() {
+        return Ok(Vec::new());
+    }
+    kernels::with_f32(&t.to_dtype(candle_core::DType::F32)?, <[f32]>::to_vec)
+}
+
 /// `torch.nn.Linear`: `y = x W^T + b`, `W` of shape `(out_features, in_features)`.
 ///
 /// f32 inputs on the CPU run as one matrix product over all leading
@@ -82,8 +109,8 @@ impl Linear {
             None
         };
         let bias_f32 = Arc::new(match &bias {
-            Some(b) if kernels::applies(b) => kernels::with_f32(b, <[f32]>::to_vec)?,
-            _ => Vec::new(),
+            Some(b) => cpu_f32_values(b)?,
+            None => Vec::new(),
         });
         Ok(Self {
             weight,
@@ -97,8 +124,13 @@ impl Linear {
         &self.weight
     }
 
-    /// `x`: `(..., in_features)` → `(..., out_features)`.
+    /// `x`: `(..., in_features)` → `(..., out_features)`, in `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(dtype) = half_on_cpu(x) {
+            return Ok(self
+                .forward(&x.to_dtype(candle_core::DType::F32)?)?
+                .to_dtype(dtype)?);
+        }
         let (out_f, in_f) = match self.weight.dims() {
             &[o, i] => (o, i),
             d => {
@@ -127,7 +159,12 @@ impl Linear {
             return kernels::tensor(y, &shape);
         }
         let weight = self.weight.to_dense(x.device())?.to_dtype(x.dtype())?;
-        let inner = candle_nn::Linear::new(weight, self.bias.clone());
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|b| b.to_dtype(x.dtype()))
+            .transpose()?;
+        let inner = candle_nn::Linear::new(weight, bias);
         timed(3, || Ok(inner.forward(x)?))
     }
 }
@@ -174,15 +211,12 @@ impl Conv2d {
     ) -> Result<Self> {
         let weight = w.get_stored(&[out_channels, in_channels, kernel, kernel], "weight")?;
         let bias_t = w.get(&[out_channels], "bias")?;
+        let bias_f32 = Arc::new(cpu_f32_values(&bias_t)?);
         let fast = weight.kernel_ready()
-            && kernels::applies(&bias_t)
+            && bias_f32.len() == out_channels
+            && kernels::enabled()
             && stride == 1
             && matches!((kernel, padding), (3, 1) | (1, 0));
-        let bias_f32 = Arc::new(if kernels::applies(&bias_t) {
-            kernels::with_f32(&bias_t, <[f32]>::to_vec)?
-        } else {
-            Vec::new()
-        });
         Ok(Self {
             weight,
             dims: (out_channels, in_channels, kernel),
@@ -209,6 +243,11 @@ impl Conv2d {
     /// scope, a spatial size smaller than `padding` (PyTorch refuses to wrap
     /// more than once too).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(dtype) = half_on_cpu(x) {
+            return Ok(self
+                .forward(&x.to_dtype(candle_core::DType::F32)?)?
+                .to_dtype(dtype)?);
+        }
         if self.padding > 0 && circular_padding_active() {
             return self.forward_circular(x);
         }
@@ -229,6 +268,11 @@ impl Conv2d {
     /// Errors: as [`Conv2d::forward`]; a prologue whose output does not fit the
     /// layer's input channels.
     pub fn forward_after(&self, x: &Tensor, prologue: ConvPrologue<'_>) -> Result<Tensor> {
+        if let Some(dtype) = half_on_cpu(x) {
+            return Ok(self
+                .forward_after(&x.to_dtype(candle_core::DType::F32)?, prologue)?
+                .to_dtype(dtype)?);
+        }
         match self.forward_after_vec(x, prologue)? {
             Some((y, dims)) => kernels::tensor(y, &dims),
             None => self.forward(&prologue.apply(x)?),
@@ -483,7 +527,7 @@ impl Conv2d {
         let y = timed(2, || x.conv2d(&weight, padding, self.stride, 1, 1))?;
         count_flops(2 * y.elem_count() * in_c * k * k);
         match &self.bias {
-            Some(b) => Ok(y.broadcast_add(&b.reshape((1, (), 1, 1))?)?),
+            Some(b) => Ok(y.broadcast_add(&b.to_dtype(y.dtype())?.reshape((1, (), 1, 1))?)?),
             None => Ok(y),
         }
     }
@@ -594,11 +638,8 @@ impl GroupNorm {
         }
         let weight = w.get(&[channels], "weight")?;
         let bias = w.get(&[channels], "bias")?;
-        let (gamma, beta) = if kernels::applies(&weight) {
-            (
-                kernels::with_f32(&weight, <[f32]>::to_vec)?,
-                kernels::with_f32(&bias, <[f32]>::to_vec)?,
-            )
+        let (gamma, beta) = if kernels::enabled() && weight.device().is_cpu() {
+            (cpu_f32_values(&weight)?, cpu_f32_values(&bias)?)
         } else {
             (Vec::new(), Vec::new())
         };
@@ -641,6 +682,11 @@ impl GroupNorm {
     }
 
     fn forward_with(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        if let (Some(dtype), false) = (half_on_cpu(x), self.gamma.is_empty()) {
+            return Ok(self
+                .forward_with(&x.to_dtype(candle_core::DType::F32)?, silu)?
+                .to_dtype(dtype)?);
+        }
         if kernels::applies(x) && !self.gamma.is_empty() && x.rank() >= 3 {
             let dims = x.dims().to_vec();
             let c = dims[1];
@@ -778,6 +824,18 @@ pub fn scaled_dot_product_attention(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    if let Some(dtype) = half_on_cpu(q) {
+        let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
+        let mask = mask.map(f32).transpose()?;
+        return Ok(scaled_dot_product_attention(
+            &f32(q)?,
+            &f32(k)?,
+            &f32(v)?,
+            mask.as_ref(),
+            scale,
+        )?
+        .to_dtype(dtype)?);
+    }
     let (b, h, n, d) = q.dims4()?;
     let m = k.dim(2)?;
     count_flops(4 * b * h * n * m * d);
@@ -793,12 +851,16 @@ pub fn scaled_dot_product_attention(
         })???;
         return kernels::tensor(out, &[b, h, n, d]);
     }
+    // The generic path (other dtypes, other devices): the scores in the
+    // inputs' dtype, the mask and softmax in f32 (as PyTorch's half-precision
+    // softmax accumulates in f32), the probabilities back in `v`'s dtype.
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let scores = scores.to_dtype(candle_core::DType::F32)?;
     let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
+        Some(m) => scores.broadcast_add(&m.to_dtype(candle_core::DType::F32)?)?,
         None => scores,
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
     Ok(probs.matmul(&v.contiguous()?)?)
 }
 

@@ -12,7 +12,7 @@
 
 use std::path::Path;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
 use super::blocks::{
@@ -295,6 +295,7 @@ impl UNet2DConditionConfig {
 }
 
 /// SDXL's extra conditioning (`added_cond_kwargs`).
+#[derive(Clone, Copy)]
 pub struct TextTimeConditioning<'a> {
     /// `(batch, pooled_dim)`: pooled, projected text embeddings of the second encoder.
     pub text_embeds: &'a Tensor,
@@ -315,6 +316,8 @@ pub struct UNet2DConditionModel {
     conv_out: Conv2d,
     act: Activation,
     num_upsamplers: usize,
+    /// The dtype the UNet computes in (its weights' [`Weights::dtype`]).
+    dtype: DType,
 }
 
 impl UNet2DConditionModel {
@@ -605,12 +608,19 @@ impl UNet2DConditionModel {
             conv_out,
             act,
             num_upsamplers,
+            dtype: w.dtype(),
         })
     }
 
     /// The config the model was built from.
     pub fn config(&self) -> &UNet2DConditionConfig {
         &self.config
+    }
+
+    /// The dtype the UNet computes in (f32, or f16 / bf16 for a model loaded
+    /// in half precision).
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Predict the noise (or v, or x0, per the scheduler's `prediction_type`).
@@ -621,8 +631,43 @@ impl UNet2DConditionModel {
     /// - `text_time`: SDXL's pooled embeddings and size ids (required when the
     ///   config has `addition_embed_type: text_time`).
     ///
-    /// Returns `(batch, out_channels, h, w)`.
+    /// Returns `(batch, out_channels, h, w)` in `sample`'s dtype; the
+    /// inputs may be of any float dtype and are cast to [`Self::dtype`],
+    /// in which the UNet computes (diffusers' pipelines cast the latents to
+    /// the UNet's dtype the same way).
     pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        text_time: Option<TextTimeConditioning<'_>>,
+    ) -> Result<Tensor> {
+        if sample.dtype() == self.dtype
+            && encoder_hidden_states.dtype() == self.dtype
+            && text_time.is_none_or(|t| t.text_embeds.dtype() == self.dtype)
+        {
+            return self.forward_in_dtype(sample, timestep, encoder_hidden_states, text_time);
+        }
+        let text_embeds = text_time
+            .map(|t| t.text_embeds.to_dtype(self.dtype))
+            .transpose()?;
+        let text_time = text_time
+            .zip(text_embeds.as_ref())
+            .map(|(t, e)| TextTimeConditioning {
+                text_embeds: e,
+                time_ids: t.time_ids,
+            });
+        let out = self.forward_in_dtype(
+            &sample.to_dtype(self.dtype)?,
+            timestep,
+            &encoder_hidden_states.to_dtype(self.dtype)?,
+            text_time,
+        )?;
+        Ok(out.to_dtype(sample.dtype())?)
+    }
+
+    /// [`Self::forward`] with every input already in [`Self::dtype`].
+    fn forward_in_dtype(
         &self,
         sample: &Tensor,
         timestep: f64,

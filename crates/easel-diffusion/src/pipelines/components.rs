@@ -63,22 +63,47 @@ pub(crate) fn lora_sources(
         .collect()
 }
 
-/// Open a component's weights (see [`component_source`]) as f32 on `device`.
+/// Open a component's weights (see [`component_source`]) on `device`, in
+/// the model's compute dtype ([`ModelDir::compute_dtype`]).
 pub fn component_weights(model: &ModelDir, component: &str, device: &Device) -> Result<Weights> {
+    component_weights_in(model, component, device, model.compute_dtype())
+}
+
+/// [`component_weights`] in `dtype`.
+pub fn component_weights_in(
+    model: &ModelDir,
+    component: &str,
+    device: &Device,
+    dtype: DType,
+) -> Result<Weights> {
     Ok(Weights::new(
         component_source(model, component)?,
         component,
-        DType::F32,
+        dtype,
         device,
     ))
 }
 
-/// Load the VAE (`with_encoder` for image-to-image) and its config.
-pub fn load_vae(model: &ModelDir, device: &Device, with_encoder: bool) -> Result<AutoencoderKL> {
+/// Load the VAE (`with_encoder` for image-to-image) and its config, in the
+/// model's compute dtype, or in f32 where diffusers' pipeline upcasts it:
+/// `upcast_f16` (the SDXL pipelines) with an f16 compute dtype and the
+/// VAE config's `force_upcast` (default true) set, as
+/// `StableDiffusionXLPipeline` runs the VAE in f32 because the SDXL VAE
+/// overflows in f16.
+pub fn load_vae(
+    model: &ModelDir,
+    device: &Device,
+    with_encoder: bool,
+    upcast_f16: bool,
+) -> Result<AutoencoderKL> {
     let config: AutoencoderKLConfig =
         crate::models::read_config(&model.component_dir("vae")?.join("config.json"))?;
+    let dtype = match model.compute_dtype() {
+        DType::F16 if upcast_f16 && config.force_upcast => DType::F32,
+        d => d,
+    };
     AutoencoderKL::load(
-        &component_weights(model, "vae", device)?,
+        &component_weights_in(model, "vae", device, dtype)?,
         &config,
         with_encoder,
     )

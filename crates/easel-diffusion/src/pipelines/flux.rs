@@ -22,7 +22,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::{
     component_weights, decode_to_images, repeat_interleave_batch, tokenize_clip, GenerationOutput,
@@ -166,7 +166,7 @@ impl FluxComponents {
         let lora = LoraState::new(
             super::lora_sources(model, family)?,
             None,
-            DType::F32,
+            model.compute_dtype(),
             device,
         );
         let text_encoder = ClipTextModel::load(&lora.base_weights("text_encoder")?, &te_cfg)?;

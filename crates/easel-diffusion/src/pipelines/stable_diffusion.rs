@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::DiffusionPipeline;
 use super::{
@@ -49,13 +49,13 @@ impl StableDiffusionPipeline {
         let lora = LoraState::new(
             super::lora_sources(model, ModelFamily::StableDiffusion)?,
             unet_config.uniform_layers_per_block(),
-            DType::F32,
+            model.compute_dtype(),
             device,
         );
         let text_encoder =
             ClipTextModel::load(&lora.base_weights("text_encoder")?, &text_encoder_config)?;
         let unet = UNet2DConditionModel::load(&lora.base_weights("unet")?, &unet_config)?;
-        let vae = load_vae(model, device, true)?;
+        let vae = load_vae(model, device, true, false)?;
         let scheduler_config = model.component_config("scheduler")?;
         Ok(Self {
             class_name,

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::DiffusionPipeline;
 use super::{
@@ -72,7 +72,7 @@ impl StableDiffusionXLPipeline {
         let lora = LoraState::new(
             super::lora_sources(model, ModelFamily::StableDiffusionXl)?,
             unet_config.uniform_layers_per_block(),
-            DType::F32,
+            model.compute_dtype(),
             device,
         );
         let text_encoder = ClipTextModel::load(
@@ -98,7 +98,7 @@ impl StableDiffusionXLPipeline {
             text_encoder_configs,
             unet,
             unet_config,
-            vae: load_vae(model, device, true)?,
+            vae: load_vae(model, device, true, true)?,
             lora,
             force_zeros_for_empty_prompt,
             scheduler_config: model.component_config("scheduler")?,

@@ -2,6 +2,8 @@
 //! reference loading and tolerance checks.
 #![allow(dead_code)]
 
+pub mod cases;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,11 +39,55 @@ pub fn component_weights(model_name: &str, component: &str) -> Weights {
     Weights::new(Arc::new(source), component, DType::F32, &Device::Cpu)
 }
 
+/// The device the parity tests run on: `EASEL_TEST_DEVICE` (`cpu`,
+/// `cuda`, `cuda:N`; default `cpu`). A CUDA device in a build without the
+/// `cuda` feature, or one that is absent, fails the test that asks for it.
+pub fn test_device() -> Device {
+    match std::env::var("EASEL_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("") | Ok("cpu") => Device::Cpu,
+        Ok("cuda") => Device::new_cuda(0).expect("EASEL_TEST_DEVICE=cuda"),
+        Ok(other) => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Device::new_cuda(n).expect("EASEL_TEST_DEVICE=cuda:N"),
+            None => panic!("EASEL_TEST_DEVICE={other}: expected cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+/// The compute dtype of the parity tests: `EASEL_TEST_PRECISION` (`fp32`,
+/// `fp16`, `bf16`; default `fp32`).
+pub fn test_dtype() -> DType {
+    match std::env::var("EASEL_TEST_PRECISION").as_deref() {
+        Err(_) | Ok("") | Ok("fp32") => DType::F32,
+        Ok("fp16") => DType::F16,
+        Ok("bf16") => DType::BF16,
+        Ok(other) => panic!("EASEL_TEST_PRECISION={other}: expected fp32, fp16 or bf16"),
+    }
+}
+
+/// Load `dir`'s pipeline on [`test_device`] in [`test_dtype`].
+pub fn test_pipeline(
+    dir: &easel_diffusion::loader::ModelDir,
+) -> easel_diffusion::pipelines::Pipeline {
+    easel_diffusion::pipelines::load_pipeline(
+        &dir.clone().with_compute_dtype(test_dtype()),
+        &test_device(),
+    )
+    .unwrap()
+}
+
+/// `t` as f64 on the CPU (outputs of a GPU run meet CPU references).
+pub fn on_cpu_f64(t: &Tensor) -> Tensor {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+}
+
 /// ‖a − b‖₂ / ‖b‖₂.
 pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let a = on_cpu_f64(a).flatten_all().unwrap();
+    let b = on_cpu_f64(b).flatten_all().unwrap();
     let diff = (&a - &b)
         .unwrap()
         .sqr()
@@ -63,8 +109,8 @@ pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
 /// max |a − b|.
 pub fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
+    let a = on_cpu_f64(a);
+    let b = on_cpu_f64(b);
     (&a - &b)
         .unwrap()
         .abs()

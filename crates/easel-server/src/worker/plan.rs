@@ -37,6 +37,7 @@ pub(super) fn plan(
         seed: Some(spec.seed),
         batch_size: Some(spec.batch_size),
         scheduler: d.scheduler.clone(),
+        precision: d.precision,
         ..GenerationParams::default()
     };
     JobRequest {
@@ -58,12 +59,13 @@ pub(super) fn plan(
 }
 
 /// The parameters a definition ran with: its job's (`job`, built by
-/// [`plan`]) with the scheduler that ran.
+/// [`plan`]) with the scheduler and the compute precision that ran.
 pub(super) fn resolved(
     spec: &ItemSpec,
     job: &Job,
     defaults: &ModelDefaults,
     scheduler: &str,
+    compute_precision: easel_core::params::Precision,
 ) -> ResolvedParameters {
     let d = &spec.definition;
     ResolvedParameters {
@@ -92,7 +94,7 @@ pub(super) fn resolved(
         output_format: spec.output_format(),
         output_quality: spec.output_quality(),
         precision: d.precision.unwrap_or(easel_core::params::DEFAULT_PRECISION),
-        compute_precision: "fp32".into(),
+        compute_precision: compute_precision.as_str().into(),
     }
 }
 
@@ -180,7 +182,13 @@ mod tests {
         assert_eq!((job.request.width, job.request.height), (64, 48));
         assert_eq!(job.seeds, [7, 8]);
         assert_eq!(job.model, "/models/fill");
-        let p = resolved(&spec(None), &job, &fill, "FlowMatchEulerDiscreteScheduler");
+        let p = resolved(
+            &spec(None),
+            &job,
+            &fill,
+            "FlowMatchEulerDiscreteScheduler",
+            easel_core::params::Precision::Fp32,
+        );
         assert_eq!(p.strength, Some(1.0));
         assert!(p.tiling);
         assert_eq!((p.steps, p.width, p.height), (50, 64, 48));

@@ -82,13 +82,19 @@ impl FluxPosEmbed {
 /// angles of `cos`/`sin` `(tokens, head_dim)`: `x·cos + rot(x)·sin` with
 /// `rot(x)[2i] = −x[2i+1]`, `rot(x)[2i+1] = x[2i]` (diffusers'
 /// `apply_rotary_emb` with `use_real_unbind_dim=-1`).
+///
+/// A half-precision `x` is rotated in f32 and cast back, as diffusers does
+/// (`x.float() * cos + x_rotated.float() * sin`); `cos`/`sin` may be of any
+/// float dtype.
 pub fn apply_rotary_emb(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (b, h, n, d) = x.dims4()?;
-    let pairs = x.reshape((b, h, n, d / 2, 2))?;
+    let x32 = x.to_dtype(DType::F32)?;
+    let (cos, sin) = (cos.to_dtype(DType::F32)?, sin.to_dtype(DType::F32)?);
+    let pairs = x32.reshape((b, h, n, d / 2, 2))?;
     let re = pairs.narrow(4, 0, 1)?;
     let im = pairs.narrow(4, 1, 1)?;
     let rotated = Tensor::cat(&[&im.neg()?, &re], 4)?.reshape((b, h, n, d))?;
-    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+    Ok((x32.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?.to_dtype(x.dtype())?)
 }
 
 /// A two-layer MLP with SiLU (`TimestepEmbedding`, `PixArtAlphaTextProjection`

@@ -26,7 +26,7 @@ mod blocks;
 mod config;
 mod embeddings;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use self::blocks::{
     modulate, AdaModulation, FluxSingleTransformerBlock, FluxTransformerBlock, PlainLayerNorm, Rope,
@@ -42,6 +42,7 @@ use crate::error::{Error, Result};
 const ROPE_THETA: f64 = 10000.0;
 
 /// The denoiser's inputs for one call.
+#[derive(Clone, Copy)]
 pub struct FluxTransformerInput<'a> {
     /// Packed latent tokens `(batch, n_img, in_channels)`.
     pub hidden_states: &'a Tensor,
@@ -73,6 +74,8 @@ pub struct FluxTransformer2DModel {
     norm_out: AdaModulation,
     norm: PlainLayerNorm,
     proj_out: Linear,
+    /// The dtype the transformer computes in (its weights' [`Weights::dtype`]).
+    dtype: DType,
 }
 
 impl FluxTransformer2DModel {
@@ -120,7 +123,14 @@ impl FluxTransformer2DModel {
             norm_out: AdaModulation::load(&w.pp("norm_out"), dim, 2)?,
             norm: norm()?,
             proj_out: Linear::load(&w.pp("proj_out"), dim, p * p * config.out_channels(), true)?,
+            dtype: w.dtype(),
         })
+    }
+
+    /// The dtype the transformer computes in (f32, or bf16 / f16 for a
+    /// model loaded in half precision).
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The config the model was built from.
@@ -134,7 +144,26 @@ impl FluxTransformer2DModel {
     /// Errors: inputs whose shapes disagree with each other or with the
     /// config, or a guidance-embedding model called without `guidance`
     /// ([`Error::InvalidArgument`]).
+    ///
+    /// The tensors may be of any float dtype: they are cast to
+    /// [`Self::dtype`], in which the transformer computes, and the result is
+    /// cast back to `hidden_states`' dtype.
     pub fn forward(&self, input: &FluxTransformerInput<'_>) -> Result<Tensor> {
+        let dt = self.dtype;
+        let hidden_states = input.hidden_states.to_dtype(dt)?;
+        let encoder_hidden_states = input.encoder_hidden_states.to_dtype(dt)?;
+        let pooled_projections = input.pooled_projections.to_dtype(dt)?;
+        let out = self.forward_in_dtype(&FluxTransformerInput {
+            hidden_states: &hidden_states,
+            encoder_hidden_states: &encoder_hidden_states,
+            pooled_projections: &pooled_projections,
+            ..*input
+        })?;
+        Ok(out.to_dtype(input.hidden_states.dtype())?)
+    }
+
+    /// [`Self::forward`] with the tensors already in [`Self::dtype`].
+    fn forward_in_dtype(&self, input: &FluxTransformerInput<'_>) -> Result<Tensor> {
         let c = &self.config;
         let (b, n_img, ch) = input.hidden_states.dims3()?;
         let (tb, n_txt, tch) = input.encoder_hidden_states.dims3()?;
@@ -209,9 +238,17 @@ impl FluxTransformer2DModel {
             input.pooled_projections,
         )?;
         let mut txt = self.context_embedder.forward(input.encoder_hidden_states)?;
-        let ids = Tensor::cat(&[input.txt_ids, input.img_ids], 0)?;
+        // Positions in f32 whatever dtype the pipeline made them in.
+        let ids = Tensor::cat(
+            &[
+                &input.txt_ids.to_dtype(DType::F32)?,
+                &input.img_ids.to_dtype(DType::F32)?,
+            ],
+            0,
+        )?;
+        // The rotary angles stay f32: the rotation runs in f32
+        // (`apply_rotary_emb`), as diffusers'.
         let (cos, sin) = self.pos_embed.forward(&ids)?;
-        let (cos, sin) = (cos.to_dtype(img.dtype())?, sin.to_dtype(img.dtype())?);
         let rope = Rope {
             cos: &cos,
             sin: &sin,

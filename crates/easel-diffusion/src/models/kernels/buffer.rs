@@ -28,17 +28,40 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(&data[start..end]))
 }
 
-/// Whether the fast CPU kernels apply to `t` (an f32 tensor on the CPU).
+/// Whether the fast CPU kernels apply to `t` (an f32 tensor on the CPU),
+/// unless they are switched off ([`enabled`]).
 pub fn applies(t: &Tensor) -> bool {
-    t.dtype() == DType::F32 && t.device().is_cpu()
+    t.dtype() == DType::F32 && t.device().is_cpu() && enabled()
 }
 
 /// Whether `t` is a weight the fast kernels can read: a contiguous CPU
-/// tensor stored as f32, f16 or bf16 (see [`with_f32_weight`]).
+/// tensor stored as f32, f16 or bf16 (see [`with_f32_weight`]), unless the
+/// kernels are switched off ([`enabled`]).
 pub fn applies_weight(t: &Tensor) -> bool {
     matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16)
         && t.device().is_cpu()
         && t.is_contiguous()
+        && enabled()
+}
+
+/// Whether the engine's own CPU kernels are used at all: yes, unless the
+/// environment sets `EASEL_KERNELS=off` (read once per process), which
+/// sends every layer through candle's generic ops, the path a GPU or a
+/// half-precision run takes, so the parity suite can check that path on
+/// the CPU. Any other value than `off` or `on` is ignored with a warning.
+pub fn enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| match std::env::var("EASEL_KERNELS").as_deref() {
+        Ok("off") => {
+            tracing::info!("EASEL_KERNELS=off: every layer runs on candle's generic ops");
+            false
+        }
+        Ok("on") | Ok("") | Err(_) => true,
+        Ok(other) => {
+            tracing::warn!("EASEL_KERNELS={other} ignored (allowed: on, off)");
+            true
+        }
+    })
 }
 
 /// Elements widened per rayon task in [`with_f32_weight`].

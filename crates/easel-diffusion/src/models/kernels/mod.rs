@@ -24,7 +24,7 @@ mod matmul;
 mod norm;
 
 pub use attention::{attention, exp_f32};
-pub use buffer::{applies, applies_weight, tensor, with_f32, with_f32_weight};
+pub use buffer::{applies, applies_weight, enabled, tensor, with_f32, with_f32_weight};
 pub use conv::{
     conv1x1, conv1x1_add_into, conv3x3_prefers_winograd, conv3x3_same, conv3x3_same_from,
     conv3x3_winograd, conv3x3_winograd_from, winograd_filter, with_conv3x3_kernel, Conv3x3Kernel,
