@@ -402,7 +402,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         );
     } else {
         println!(
-            "computed: {compute} numbers with f32 arithmetic: each layer widens its {compute} input,              accumulates in f32 on {} and rounds its output to {compute} (no {compute} instructions used)",
+            "computed: {compute} numbers with f32 arithmetic: each layer widens its {compute} input, \
+             accumulates in f32 on {} and rounds its output to {compute} (no {compute} instructions used)",
             f32_kernel_isa()
         );
     }
