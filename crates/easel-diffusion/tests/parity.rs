@@ -46,13 +46,13 @@ fn check_case_in(folder: &str, name: &str, scheduler: Option<&str>) {
 /// The parity tolerances `(latents_to_vae relative L2, image max abs)`:
 /// the f32 ones given, or, when the suite runs in half precision
 /// (`EASEL_TEST_PRECISION`), the larger of them and the half-precision
-/// bounds: fp16 3e-2 / 0.1, bf16 0.25 / 0.45 (the largest differences the
+/// bounds: fp16 3e-2 / 0.1, bf16 0.3 / 0.45 (the largest differences the
 /// fixture cases show against diffusers' f32 outputs, sd15_txt2img_ddim's,
 /// with a margin; see docs/PERFORMANCE.md, "Half precision").
 fn tolerance(lat_f32: f64, img_f32: f64) -> (f64, f64) {
     let (lat, img) = match test_dtype() {
         candle_core::DType::F16 => (3e-2, 0.1),
-        candle_core::DType::BF16 => (0.25, 0.45),
+        candle_core::DType::BF16 => (0.3, 0.45),
         _ => (0.0, 0.0),
     };
     (lat_f32.max(lat), img_f32.max(img))
@@ -1134,7 +1134,8 @@ fn gguf_flux_dev_q8_0_with_lora() {
     eprintln!(
         "Q8_0 GGUF vs the f16 + LoRA reference: with the LoRA {with:.2e}, without {without:.2e}"
     );
-    assert!(with < 1e-2, "Q8_0 GGUF + LoRA: {with:.3e}");
+    let (bound, _) = tolerance(1e-2, 0.0);
+    assert!(with < bound, "Q8_0 GGUF + LoRA: {with:.3e}");
     assert!(
         with * 5.0 < without,
         "the LoRA moved it too little: {with:.3e} vs {without:.3e}"

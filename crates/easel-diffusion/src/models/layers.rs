@@ -624,6 +624,8 @@ pub struct GroupNorm {
     eps: f64,
     gamma: Arc<Vec<f32>>,
     beta: Arc<Vec<f32>>,
+    /// The dtype of its weight and bias.
+    dtype: candle_core::DType,
 }
 
 impl GroupNorm {
@@ -644,6 +646,7 @@ impl GroupNorm {
             (Vec::new(), Vec::new())
         };
         Ok(Self {
+            dtype: weight.dtype(),
             inner: candle_nn::GroupNorm::new(weight, bias, channels, groups, eps)?,
             groups,
             eps,
@@ -707,7 +710,16 @@ impl GroupNorm {
             })?;
             return kernels::tensor(y, &dims);
         }
-        let y = self.inner.forward(x)?;
+        // candle's group norm scales in its weight's dtype: an input of
+        // another dtype (a half-precision model's layer widened to f32 on
+        // the CPU) is normalised in the weight's dtype and cast back.
+        let y = if x.dtype() == self.dtype {
+            self.inner.forward(x)?
+        } else {
+            self.inner
+                .forward(&x.to_dtype(self.dtype)?)?
+                .to_dtype(x.dtype())?
+        };
         if silu {
             Ok(candle_nn::ops::silu(&y)?)
         } else {
