@@ -7,6 +7,8 @@
 #   BUNDLE/bench-models/...      the real-size architectures' configs (no weights)
 #   BUNDLE/wheels/               (--wheels) diffusers + transformers wheels
 #   BUNDLE/fixtures/             (--fixtures) a copy of tests/fixtures
+#   BUNDLE/lib/libcurand.so.10   (--curand) for GPU machines whose PyTorch
+#                                has no nvidia-curand (about 100 MB)
 #   BUNDLE/BUILD.txt             what was built, from which commit, how
 #
 # and BUNDLE.tar.gz of it (one file, to carry). The fixtures travel in the
@@ -20,6 +22,8 @@
 #   --wheels            also download diffusers/transformers wheels (pinned
 #                       below) for machines whose PyTorch has no diffusers
 #   --fixtures          also copy tests/fixtures into the bundle
+#   --curand            also copy the wheels' libcurand.so.10 (easel cannot
+#                       start without it; some PyTorch venvs lack it)
 #   --cpu               build without --features cuda (to try gpu-check.sh's
 #                       --cpu-dry-run on this machine)
 #
@@ -36,15 +40,16 @@ TRANSFORMERS_VERSION=5.23.0
 
 out=gpu-bundle
 bench_models=${EASEL_BENCH_MODELS:-../shared/bench-models}
-wheels=0 fixtures=0 cuda=1
+wheels=0 fixtures=0 cuda=1 curand=0
 while [[ $# -gt 0 ]]; do
     case $1 in
         --out) out=$2; shift 2 ;;
         --bench-models) bench_models=$2; shift 2 ;;
         --wheels) wheels=1; shift ;;
         --fixtures) fixtures=1; shift ;;
+        --curand) curand=1; shift ;;
         --cpu) cuda=0; shift ;;
-        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
         *) echo "build-gpu-bundle: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -89,6 +94,10 @@ for m in sd15 sdxl flux-schnell; do
 done
 if [[ $fixtures == 1 ]]; then
     cp -rL tests/fixtures "$out/fixtures"
+fi
+if [[ $curand == 1 && $cuda == 1 ]]; then
+    mkdir -p "$out/lib"
+    cp -L "$CUDA_ROOT/lib/libcurand.so.10" "$out/lib/"
 fi
 if [[ $wheels == 1 ]]; then
     # Pure-Python wheels, without dependencies: the GPU machine's PyTorch

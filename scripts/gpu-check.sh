@@ -108,9 +108,14 @@ EOF
 )
         export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     fi
+    # What the bundle carries (build-gpu-bundle.sh --curand) comes last.
+    if [[ -d "$bundle/lib" ]]; then
+        carried=$(cd "$bundle/lib" && pwd)
+        export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$carried"
+    fi
     missing=$(ldd "$easel" | awk '/not found/ {print $1}' | tr '\n' ' ')
     if [[ -n "$missing" ]]; then
-        die "$easel cannot start, missing: $missing(easel is built against CUDA 13: the torch venv's site-packages/nvidia/*/lib must hold these versions, or put a CUDA 13 toolkit's lib64 on LD_LIBRARY_PATH)"
+        die "$easel cannot start, missing: $missing(easel is built against CUDA 13: the torch venv's site-packages/nvidia/*/lib must hold these versions; else build the bundle with --curand for libcurand, or put a CUDA 13 toolkit's lib64 on LD_LIBRARY_PATH)"
     fi
 fi
 
