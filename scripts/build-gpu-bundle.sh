@@ -114,6 +114,6 @@ fi
     echo "easel links against:"
     ldd "$out/bin/easel" | awk '{print "  " $1}' | grep -vE 'linux-vdso|ld-linux' || true
 } > "$out/BUILD.txt"
-tar -czf "$out.tar.gz" "$out"
+tar -C "$(dirname "$out")" -czf "$out.tar.gz" "$(basename "$out")"
 du -sh "$out" "$out.tar.gz" >&2
 cat "$out/BUILD.txt" >&2
