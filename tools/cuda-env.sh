@@ -24,7 +24,8 @@ _easel_cuda_env() {
     here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
     req="$here/cuda-requirements.txt"
     [[ "${1:-}" == "--link" ]] && link=1
-    dir=${EASEL_CUDA_DIR:-${TMPDIR:-/tmp}/easel-cuda-$(sha256sum "$req" | cut -c1-12)}
+    # Named after the pins (comments aside): new pins, a new venv.
+    dir=${EASEL_CUDA_DIR:-${TMPDIR:-/tmp}/easel-cuda-$(grep -v '^#' "$req" | sha256sum | cut -c1-12)}
     venv="$dir/venv"
     root="$dir/root"
     if [[ ! -f "$venv/.easel-installed" ]]; then
