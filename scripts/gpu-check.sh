@@ -222,7 +222,12 @@ sample_stop() {
     awk -v idle="$idle" 'BEGIN {m = idle} $1 + 0 > m {m = $1 + 0} END {printf "%.2f GiB", (m - idle) / 1024}' "$1"
 }
 # table_value FILE ROW: the value cell of `| ROW | value |` in easel's bench table.
-table_value() { awk -F'|' -v row="$2" '{gsub(/^ +| +$/, "", $2)} $2 == row {gsub(/^ +| +$/, "", $3); print $3; exit}' "$1"; }
+# "?" where the row is missing (a changed bench table: see the log).
+table_value() {
+    local v
+    v=$(awk -F'|' -v row="$2" '{gsub(/^ +| +$/, "", $2)} $2 == row {gsub(/^ +| +$/, "", $3); print $3; exit}' "$1")
+    echo "${v:-?}"
+}
 
 declare -a bench_rows=()
 IFS=, read -r -a job_list <<< "$jobs"
