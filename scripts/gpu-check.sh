@@ -37,6 +37,9 @@
 # for CUDA 13.0's PTX). Exit status: 0 when every step ran and passed.
 set -uo pipefail
 
+die() { echo "gpu-check: $*" >&2; exit 2; }
+log() { echo "[gpu-check $(date -u +%T) +${SECONDS}s] $*" >&2; }
+
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 bundle=gpu-bundle
@@ -61,9 +64,10 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-die() { echo "gpu-check: $*" >&2; exit 2; }
-log() { echo "[gpu-check $(date -u +%T) +${SECONDS}s] $*" >&2; }
-
+IFS=, read -r -a job_list <<< "$jobs"
+for job in "${job_list[@]}"; do
+    [[ $job == sd15 || $job == sdxl || $job == flux ]] || die "--jobs: unknown job '$job' (sd15, sdxl, flux)"
+done
 easel="$bundle/bin/easel"
 [[ -x "$easel" ]] || die "no executable $easel (build it with scripts/build-gpu-bundle.sh; pass --bundle DIR)"
 mkdir -p "$out" || die "cannot create --out $out"
@@ -230,9 +234,7 @@ table_value() {
 }
 
 declare -a bench_rows=()
-IFS=, read -r -a job_list <<< "$jobs"
 for job in "${job_list[@]}"; do
-    [[ -n "${job_model[$job]:-}" ]] || die "--jobs: unknown job '$job' (sd15, sdxl, flux)"
     model=${job_model[$job]} size=${job_size[$job]} steps=${job_steps[$job]} prec=${job_prec[$job]}
     label="$job ${size}² ${steps} steps $prec"
     guidance=(--guidance-scale 7.5)
