@@ -95,6 +95,8 @@ done
 if [[ $fixtures == 1 ]]; then
     cp -rL tests/fixtures "$out/fixtures"
 fi
+# Copies of read-only sources (shared/) stay removable by the next build.
+chmod -R u+w "$out"
 if [[ $curand == 1 && $cuda == 1 ]]; then
     mkdir -p "$out/lib"
     cp -L "$CUDA_ROOT/lib/libcurand.so.10" "$out/lib/"
