@@ -11,9 +11,14 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use easel_diffusion::models::weights::{SafetensorsSource, Weights};
 
-/// `tests/fixtures` at the repository root.
+/// `tests/fixtures` at the repository root, or `EASEL_FIXTURES` where set:
+/// a test executable carried to another machine (scripts/gpu-check.sh) finds
+/// the fixtures there, not at the path it was built in.
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    match std::env::var_os("EASEL_FIXTURES") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"),
+    }
 }
 
 /// A fixture model folder, e.g. `model("tiny-sd15")`.
