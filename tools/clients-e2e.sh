@@ -47,8 +47,10 @@ cleanup() {
 trap cleanup EXIT
 
 port="$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+# Loopback is allow-listed for the webhook receivers of the client scripts.
 cat > "$work/easel.toml" <<TOML
 default_model = "tiny-sd15"
+allow_fetch_hosts = ["127.0.0.1"]
 TOML
 key="$("$easel" keys create --data-dir "$work/data" --name clients-e2e 2>&1 | grep -o 'esk_[A-Za-z0-9_]*' | head -1)"
 if [[ -z "$key" ]]; then

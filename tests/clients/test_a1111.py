@@ -33,6 +33,14 @@ assert result.info["infotexts"][0].startswith("a red cube\nNegative prompt: blur
 assert result.parameters["prompt"] == "a red cube"
 # The PNG carries the web UI's `parameters` text.
 assert result.images[0].info["parameters"] == result.info["infotexts"][0]
+# png-info reads it back (the client re-encodes the PNG with its text chunks).
+read = api.png_info(result.images[0])
+assert read.info == result.info["infotexts"][0], read.json
+assert read.json["parameters"]["Prompt"] == "a red cube", read.json
+assert read.json["parameters"]["Seed"] == "1", read.json
+# What easel has: no upscalers, no scripts.
+assert api.get_upscalers() == [], api.get_upscalers()
+assert api.get_scripts() == {"txt2img": [], "img2img": []}, api.get_scripts()
 
 # img2img on the first image, at another size.
 edit = api.img2img(images=[result.image], prompt="a blue cube", seed=3, steps=4,

@@ -81,4 +81,51 @@ except ReplicateError as e:
     assert e.status == 401, e.to_dict()
 else:
     sys.exit("a wrong key was accepted")
-print("replicate client: run, predictions create/wait/get/list/cancel, 422 and 401 as the hosted API")
+# Webhooks: the prediction object, signed so that the client's own
+# validator accepts it with the key's secret (clients-e2e.sh allow-lists
+# loopback for the receiver).
+import http.server
+import json
+import threading
+import time
+
+received = []
+
+
+class Hook(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+        received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+receiver = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+threading.Thread(target=receiver.serve_forever, daemon=True).start()
+secret = client.webhooks.default.secret()
+assert secret.key.startswith("whsec_"), secret.key
+hooked = client.predictions.create(
+    version="x",
+    input={"prompt": "a green cube", **small},
+    webhook=f"http://127.0.0.1:{receiver.server_address[1]}/hook",
+    webhook_events_filter=["start", "completed"],
+)
+hooked.wait()
+deadline = time.time() + 30
+while len(received) < 2 and time.time() < deadline:
+    time.sleep(0.1)
+assert len(received) == 2, received
+for headers, body in received:
+    replicate.webhook.Webhooks.validate(headers=headers, body=body, secret=secret, tolerance=300)
+statuses = sorted(json.loads(body)["status"] for _, body in received)
+assert statuses == ["processing", "succeeded"], statuses
+final = next(json.loads(b) for _, b in received if json.loads(b)["status"] == "succeeded")
+assert final["id"] == hooked.id and final["output"] == hooked.output, (final, hooked.output)
+receiver.shutdown()
+
+print("replicate client: run, predictions create/wait/get/list/cancel, 422 and 401 as the hosted API, "
+      "webhooks validated")

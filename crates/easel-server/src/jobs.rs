@@ -12,6 +12,7 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::error::ApiError;
 use crate::job::JobStatus;
 use crate::metrics::Metrics;
+use crate::replicate_prediction::{is_prediction, prediction};
 use crate::util::{new_id, now_ms, rfc3339};
 use crate::views::GenerationRecord;
 use crate::{AppState, JobEvent};
@@ -67,7 +68,12 @@ pub async fn wait_for_record(
 }
 
 /// Queue webhook `event` (`start`, `progress`, `completed`) of job `id` if
-/// the job subscribed to it.
+/// the job subscribed to it: easel's envelope `{id, type, created_at,
+/// data: <the record>}` (type `generation.started` / `.progress` /
+/// `.completed`), or for a Replicate prediction the prediction object as
+/// `GET /v1/predictions/{id}` answers it now (outbox event
+/// `prediction.<event>`, signed as Replicate signs: [`crate::webhooks`]).
+/// The body is fixed when queued, so retries and a restart send the same.
 ///
 /// # Errors
 /// A store failure.
@@ -81,20 +87,32 @@ pub async fn queue_webhook(state: &AppState, id: &str, event: &str) -> Result<()
     if !g.webhook_events.iter().any(|e| e == event) {
         return Ok(());
     }
-    let Some(record) = load_record(state, id, &state.default_base_url()).await? else {
+    let base = state.default_base_url();
+    let Some(record) = load_record(state, id, &base).await? else {
         return Ok(());
     };
-    let kind = match event {
-        "start" => "generation.started",
-        "progress" => "generation.progress",
-        _ => "generation.completed",
+    let (kind, payload) = if is_prediction(&g) {
+        let kind = match event {
+            "start" => "prediction.start",
+            "progress" => "prediction.progress",
+            _ => "prediction.completed",
+        };
+        let body = serde_json::to_value(prediction(&g, &record, &base, false)).unwrap_or_default();
+        (kind, body)
+    } else {
+        let kind = match event {
+            "start" => "generation.started",
+            "progress" => "generation.progress",
+            _ => "generation.completed",
+        };
+        let body = serde_json::json!({
+            "id": new_id(),
+            "type": kind,
+            "created_at": rfc3339(now_ms()),
+            "data": record,
+        });
+        (kind, body)
     };
-    let payload = serde_json::json!({
-        "id": new_id(),
-        "type": kind,
-        "created_at": rfc3339(now_ms()),
-        "data": record,
-    });
     let attempts = if event == "progress" {
         1
     } else {

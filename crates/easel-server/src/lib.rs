@@ -54,6 +54,7 @@ pub mod metrics;
 pub mod models;
 pub mod ratelimit;
 pub mod replicate_error;
+pub mod replicate_prediction;
 pub mod routes;
 pub mod state;
 pub mod store;

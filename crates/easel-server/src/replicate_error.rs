@@ -160,5 +160,6 @@ impl From<sqlx::Error> for ReplicateError {
 pub fn is_replicate_path(path: &str) -> bool {
     path == "/v1/predictions"
         || path.starts_with("/v1/predictions/")
+        || path == "/v1/webhooks/default/secret"
         || (path.starts_with("/v1/models/") && path.ends_with("/predictions"))
 }

@@ -45,7 +45,9 @@ pub enum Source {
 }
 
 impl Source {
-    fn as_str(self) -> &'static str {
+    /// The name stored as the job's `source` (`native`, `openai`, `a1111`,
+    /// `flow`, `leonardo`, `serverless`, `replicate`).
+    pub fn as_str(self) -> &'static str {
         match self {
             Source::Native => "native",
             Source::OpenAi => "openai",

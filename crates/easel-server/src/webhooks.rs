@@ -12,6 +12,17 @@
 //! (`webhook_backoff_ms`, doubling, at most one hour) up to
 //! `webhook_max_attempts` times; progress events are sent once, never retried.
 //!
+//! A Replicate prediction's deliveries (event `prediction.start`,
+//! `prediction.progress`, `prediction.completed`; [`crate::jobs::queue_webhook`])
+//! are signed as Replicate signs them, the Standard Webhooks way: headers
+//! `webhook-id` (the delivery UUID, the same on retries),
+//! `webhook-timestamp` (unix seconds of the attempt) and
+//! `webhook-signature: v1,<base64 of HMAC-SHA256 of "<id>.<timestamp>.<body>">`
+//! keyed with the API key's own secret ([`prediction_key`]: another key's
+//! holder cannot forge them), which `GET /v1/webhooks/default/secret`
+//! answers as `whsec_<base64>` ([`prediction_secret`]). Retries and backoff
+//! are the same.
+//!
 //! Deliveries go through the outbound fetcher ([`crate::fetch`]): the URL
 //! was checked at submission and is checked again at each delivery (DNS may
 //! have changed); a refused address is never connected to and not retried.
@@ -19,6 +30,7 @@
 
 use std::time::Duration;
 
+use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -54,11 +66,60 @@ pub fn verify(secret: &[u8], header: &str, body: &str) -> bool {
     }
 }
 
+/// The prefix of the outbox event names of Replicate prediction webhooks
+/// (`prediction.start`, `prediction.progress`, `prediction.completed`).
+pub const PREDICTION_EVENT_PREFIX: &str = "prediction.";
+
+fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(message);
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// The 32-byte key that signs API key `key_id`'s prediction webhooks:
+/// HMAC-SHA256 of `"replicate-webhook-key:<key_id>"` keyed with the
+/// server's webhook secret.
+pub fn prediction_key(server_secret: &[u8], key_id: &str) -> Vec<u8> {
+    hmac_sha256(
+        server_secret,
+        format!("replicate-webhook-key:{key_id}").as_bytes(),
+    )
+}
+
+/// [`prediction_key`] as Replicate hands its signing secret out:
+/// `whsec_` + standard base64.
+pub fn prediction_secret(server_secret: &[u8], key_id: &str) -> String {
+    let key = prediction_key(server_secret, key_id);
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    )
+}
+
+/// The Standard Webhooks `webhook-signature` of delivery `id` sent at unix
+/// time `t`: `v1,` + base64 of HMAC-SHA256 of `"<id>.<t>.<body>"`.
+pub fn standard_signature(key: &[u8], id: &str, t: i64, body: &str) -> String {
+    let digest = hmac_sha256(key, format!("{id}.{t}.{body}").as_bytes());
+    format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(digest)
+    )
+}
+
 /// The delay before retry number `attempt` (1-based): `base_ms · 2^(attempt-1)`,
 /// at most one hour.
 pub fn backoff_ms(base_ms: u64, attempt: u32) -> u64 {
     let factor = 1u64 << attempt.saturating_sub(1).min(30);
     base_ms.saturating_mul(factor).min(3_600_000)
+}
+
+/// How a delivery is signed.
+enum Signing {
+    /// easel's envelope: `Easel-Signature` with the server's secret.
+    Easel(Vec<u8>),
+    /// A Replicate prediction: Standard Webhooks headers with the API
+    /// key's [`prediction_key`].
+    Standard(Vec<u8>),
 }
 
 /// POST one delivery through the outbound fetcher (blocking; run off the
@@ -67,21 +128,57 @@ pub fn backoff_ms(base_ms: u64, attempt: u32) -> u64 {
 fn post(
     fetcher: &Fetcher,
     delivery: &DeliveryRow,
-    secret: &[u8],
+    signing: &Signing,
     timeout: Duration,
 ) -> Result<(), FetchError> {
     let t = now_ms() / 1000;
-    let signature = signature(secret, t, &delivery.payload);
-    fetcher.post_json(
-        &delivery.url,
-        &[
-            ("Easel-Event", &delivery.event),
-            ("Easel-Delivery", &delivery.id),
-            ("Easel-Signature", &signature),
-        ],
-        &delivery.payload,
-        timeout,
-    )
+    match signing {
+        Signing::Easel(secret) => {
+            let signature = signature(secret, t, &delivery.payload);
+            fetcher.post_json(
+                &delivery.url,
+                &[
+                    ("Easel-Event", &delivery.event),
+                    ("Easel-Delivery", &delivery.id),
+                    ("Easel-Signature", &signature),
+                ],
+                &delivery.payload,
+                timeout,
+            )
+        }
+        Signing::Standard(key) => {
+            let signature = standard_signature(key, &delivery.id, t, &delivery.payload);
+            fetcher.post_json(
+                &delivery.url,
+                &[
+                    ("webhook-id", &delivery.id),
+                    ("webhook-timestamp", &t.to_string()),
+                    ("webhook-signature", &signature),
+                ],
+                &delivery.payload,
+                timeout,
+            )
+        }
+    }
+}
+
+/// How `delivery` is signed: a prediction's with its API key's key (read
+/// from its job, which is never deleted), any other with the server's
+/// secret. `None` when the store cannot say now (tried again next round).
+async fn signing_of(state: &AppState, delivery: &DeliveryRow, secret: &[u8]) -> Option<Signing> {
+    if !delivery.event.starts_with(PREDICTION_EVENT_PREFIX) {
+        return Some(Signing::Easel(secret.to_vec()));
+    }
+    match state.store().generation(&delivery.generation_id).await {
+        Ok(g) => {
+            let key_id = g.map(|g| g.key_id).unwrap_or_default();
+            Some(Signing::Standard(prediction_key(secret, &key_id)))
+        }
+        Err(e) => {
+            tracing::warn!("webhook outbox: {e}");
+            None
+        }
+    }
 }
 
 /// The dispatcher: deliver due events, sleeping until the next one is due
@@ -103,10 +200,12 @@ pub async fn run_dispatcher(state: AppState) {
         };
         let mut handles = Vec::new();
         for delivery in due {
-            let secret = secret.clone();
+            let Some(signing) = signing_of(&state, &delivery, &secret).await else {
+                continue;
+            };
             let fetcher = state.fetcher().clone();
             handles.push(tokio::task::spawn_blocking(move || {
-                let result = post(&fetcher, &delivery, &secret, timeout);
+                let result = post(&fetcher, &delivery, &signing, timeout);
                 (delivery, result)
             }));
         }
@@ -183,6 +282,30 @@ mod tests {
         );
     }
 
+    /// The example of the Standard Webhooks specification (which Replicate
+    /// follows): its secret, message id, timestamp, payload and signature.
+    #[test]
+    fn standard_signatures_match_the_specification_example() {
+        let key = base64::engine::general_purpose::STANDARD
+            .decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+            .unwrap();
+        assert_eq!(
+            standard_signature(
+                &key,
+                "msg_p5jXN8AQM9LWM0D4loKWxJek",
+                1614265330,
+                "{\"test\": 2432232314}"
+            ),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+        // Each API key gets its own key, in Replicate's `whsec_` form.
+        let a = prediction_secret(b"server", "key-a");
+        assert!(a.starts_with("whsec_"));
+        assert_ne!(a, prediction_secret(b"server", "key-b"));
+        assert_ne!(a, prediction_secret(b"other", "key-a"));
+        assert_eq!(prediction_key(b"server", "key-a").len(), 32);
+    }
+
     #[test]
     fn backoff_doubles_up_to_an_hour() {
         assert_eq!(backoff_ms(1000, 1), 1000);
@@ -211,7 +334,8 @@ mod tests {
                 attempts: 0,
                 max_attempts: 6,
             };
-            let e = post(&fetcher, &delivery, b"k", Duration::from_secs(2)).unwrap_err();
+            let signing = Signing::Easel(b"k".to_vec());
+            let e = post(&fetcher, &delivery, &signing, Duration::from_secs(2)).unwrap_err();
             assert!(!e.retryable(), "{e:?}");
         }
         assert!(fetcher.handed_out().is_empty());

@@ -653,3 +653,74 @@ async fn basic_auth_takes_the_key_as_password() {
     let v: Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(v["error"], "HTTPException", "{v}");
 }
+
+/// png-info reads back the `parameters` text of an image txt2img answered
+/// (as the web UI's `{info, items, parameters}`), from base64 or a data
+/// URI; a PNG without it reads as empty; what is not a base64 PNG is a 422
+/// naming `image`. upscalers and scripts list what easel has: nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn png_info_upscalers_and_scripts() {
+    let server = fake_server(1).await;
+    let mut body = base_body(Mode::Txt2Img);
+    body["prompt"] = json!("a red cube, studio light");
+    body["negative_prompt"] = json!("blurry");
+    body["seed"] = json!(1234);
+    let (status, answer) = server.post("/sdapi/v1/txt2img", body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let image = answer["images"][0].as_str().unwrap().to_string();
+    let infotext = info(&answer)["infotexts"][0].as_str().unwrap().to_string();
+    for given in [image.clone(), format!("data:image/png;base64,{image}")] {
+        let (status, read) = server
+            .post("/sdapi/v1/png-info", json!({"image": given}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{read}");
+        assert_eq!(read["info"], infotext.as_str(), "{read}");
+        let p = &read["parameters"];
+        assert_eq!(p["Prompt"], "a red cube, studio light", "{p}");
+        assert_eq!(p["Negative prompt"], "blurry", "{p}");
+        assert_eq!(p["Seed"], "1234", "{p}");
+        assert_eq!(p["Steps"], "2", "{p}");
+        assert_eq!(
+            (p["Size-1"].as_str(), p["Size-2"].as_str()),
+            (Some("64"), Some("64"))
+        );
+        // The other text chunks are the items (easel's own record among them).
+        assert!(read["items"]["easel"].is_string(), "{read}");
+        assert!(read["items"].get("parameters").is_none(), "{read}");
+    }
+    // A PNG with no text chunks at all.
+    let mut plain = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut plain, 2, 2);
+        encoder.set_color(png::ColorType::Rgb);
+        let mut writer = encoder.write_header().unwrap();
+        writer.write_image_data(&[0; 12]).unwrap();
+    }
+    let (status, read) = server
+        .post("/sdapi/v1/png-info", json!({"image": b64(&plain)}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{read}");
+    assert_eq!(read, json!({"info": "", "items": {}, "parameters": {}}));
+    for bad in [
+        json!({}),
+        json!({"image": "%%%"}),
+        json!({"image": b64(b"GIF89a not a png")}),
+        json!({"image": 5}),
+    ] {
+        let (status, e) = server.post("/sdapi/v1/png-info", bad.clone()).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {e}");
+        assert_eq!(loc(&e), ["body", "image"], "{bad}: {e}");
+    }
+    let (status, upscalers) = server.get("/sdapi/v1/upscalers").await;
+    assert_eq!((status, upscalers), (StatusCode::OK, json!([])));
+    let (status, scripts) = server.get("/sdapi/v1/scripts").await;
+    assert_eq!(
+        (status, scripts),
+        (StatusCode::OK, json!({"txt2img": [], "img2img": []}))
+    );
+    for uri in ["/sdapi/v1/upscalers", "/sdapi/v1/scripts"] {
+        let (status, _, e) = server.call_as(None, Method::GET, uri, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{uri}: {e}");
+        assert_eq!(e["error"], "HTTPException", "{uri}: {e}");
+    }
+}

@@ -608,3 +608,231 @@ async fn pixels_equal_the_native_request() {
         .await;
     assert_eq!(p["version"], "tiny-sd15", "{p}");
 }
+
+/// A webhook receiver on loopback that answers 200 and keeps each request's
+/// path, headers and body.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, axum::http::HeaderMap, String)>>>;
+
+fn webhook_receiver() -> (String, Received) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let received: Received = Default::default();
+    let r2 = received.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let path = line.split(' ').nth(1).unwrap_or_default().to_string();
+            let mut headers = axum::http::HeaderMap::new();
+            loop {
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+                let l = line.trim_end();
+                if l.is_empty() {
+                    break;
+                }
+                let (k, v) = l.split_once(": ").unwrap();
+                headers.insert(
+                    axum::http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            let len: usize = headers["content-length"].to_str().unwrap().parse().unwrap();
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body).unwrap();
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            r2.lock()
+                .unwrap()
+                .push((path, headers, String::from_utf8(body).unwrap()));
+        }
+    });
+    (base, received)
+}
+
+/// What a receiver does with Replicate's signing secret (`whsec_<base64>`)
+/// and the Standard Webhooks headers, written from Replicate's
+/// documentation (not with the server's code): true when one of the
+/// space-separated `v1,<base64>` signatures is the HMAC-SHA256 of
+/// `"<webhook-id>.<webhook-timestamp>.<body>"`.
+fn replicate_signature_verifies(secret: &str, headers: &axum::http::HeaderMap, body: &str) -> bool {
+    use base64::Engine as _;
+    use hmac::Mac as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let key = b64.decode(secret.strip_prefix("whsec_").unwrap()).unwrap();
+    let id = headers["webhook-id"].to_str().unwrap();
+    let t = headers["webhook-timestamp"].to_str().unwrap();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{t}.{body}").as_bytes());
+    let expected = mac.finalize().into_bytes().to_vec();
+    headers["webhook-signature"]
+        .to_str()
+        .unwrap()
+        .split(' ')
+        .filter_map(|s| s.split_once(','))
+        .any(|(_, sig)| b64.decode(sig).is_ok_and(|s| s == expected))
+}
+
+async fn webhook_server() -> TestServer {
+    TestServer::new(|c| {
+        c.engine = EngineKind::Fake;
+        c.fake_step_ms = 20;
+        c.default_model = Some("fake/model".into());
+        c.allow_fetch_hosts = vec!["127.0.0.1".into()];
+    })
+    .await
+}
+
+async fn deliveries_to(
+    received: &Received,
+    path: &str,
+    at_least: usize,
+) -> Vec<(axum::http::HeaderMap, String)> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got: Vec<_> = received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _, _)| p == path)
+            .map(|(_, h, b)| (h.clone(), b.clone()))
+            .collect();
+        if got.len() >= at_least {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path}: {} webhooks of {at_least}",
+            got.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A prediction's webhooks carry the prediction object (the GET body at
+/// that moment), only on the events of `webhook_events_filter`, signed the
+/// Standard Webhooks way with the key's secret of
+/// `GET /v1/webhooks/default/secret`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_send_the_prediction_signed_as_replicate_does() {
+    let (hook, received) = webhook_receiver();
+    let server = webhook_server().await;
+    let (s, secret) = server.get("/v1/webhooks/default/secret").await;
+    assert_eq!(s, StatusCode::OK, "{secret}");
+    let secret = secret["key"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    // Each key has its own secret; without a key, Replicate's 401.
+    let other = TestServer::add_key(&server.state, None).await;
+    let (s, _, other_secret) = server
+        .call_as(
+            Some(&other),
+            Method::GET,
+            "/v1/webhooks/default/secret",
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_ne!(other_secret["key"], secret.as_str());
+    let (s, _, e) = server
+        .call_as(None, Method::GET, "/v1/webhooks/default/secret", None)
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(e["status"], 401, "{e}");
+
+    let input = json!({"prompt": "a fox", "num_inference_steps": 4, "seed": 3});
+    // start + completed only.
+    let (s, _, p) = server
+        .predict(
+            json!({"input": input, "webhook": format!("{hook}/filtered"),
+                        "webhook_events_filter": ["start", "completed"]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+    let id = p["id"].as_str().unwrap().to_string();
+    let done = server.poll_prediction(&id, 60).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let got = deliveries_to(&received, "/filtered", 2).await;
+    // Nothing more comes (no progress events were asked for).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(deliveries_to(&received, "/filtered", 2).await.len(), 2);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    for (headers, body) in &got {
+        assert!(
+            replicate_signature_verifies(&secret, headers, body),
+            "{headers:?}"
+        );
+        assert!(
+            !replicate_signature_verifies(other_secret["key"].as_str().unwrap(), headers, body),
+            "another key's secret must not verify"
+        );
+        let t: i64 = headers["webhook-timestamp"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((now - t).abs() < 60, "{t} vs {now}");
+        assert!(headers.get("easel-signature").is_none(), "{headers:?}");
+    }
+    // Deliveries may arrive in any order: find each by its status.
+    let bodies: Vec<Value> = got
+        .iter()
+        .map(|(_, b)| serde_json::from_str(b).unwrap())
+        .collect();
+    let start = bodies
+        .iter()
+        .find(|b| b["status"] == "processing")
+        .expect("start");
+    assert_eq!(start["id"], id.as_str());
+    assert!(start["output"].is_null(), "{start}");
+    assert_eq!(start["input"], input);
+    let completed = bodies
+        .iter()
+        .find(|b| b["status"] == "succeeded")
+        .expect("completed");
+    assert_eq!(completed, &done, "the completed webhook is the GET body");
+    assert_eq!(completed["output"].as_array().unwrap().len(), 1);
+
+    // No filter: every event, progress ones included; `webhook_completed`: only completed.
+    let (_, _, all) = server
+        .predict(json!({"input": input, "webhook": format!("{hook}/all")}))
+        .await;
+    let (_, _, old) = server
+        .predict(json!({"input": input, "webhook_completed": format!("{hook}/old")}))
+        .await;
+    for p in [&all, &old] {
+        let done = server.poll_prediction(p["id"].as_str().unwrap(), 60).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+    }
+    // start, at least one progress event (the last step's), completed.
+    let got = deliveries_to(&received, "/all", 3).await;
+    let statuses: Vec<String> = got
+        .iter()
+        .map(|(_, b)| {
+            serde_json::from_str::<Value>(b).unwrap()["status"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| *s == "succeeded").count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().filter(|s| *s == "processing").count() >= 2,
+        "{statuses:?}"
+    );
+    let got = deliveries_to(&received, "/old", 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(deliveries_to(&received, "/old", 1).await.len(), 1);
+    let only: Value = serde_json::from_str(&got[0].1).unwrap();
+    assert_eq!(only["status"], "succeeded", "{only}");
+    assert!(replicate_signature_verifies(&secret, &got[0].0, &got[0].1));
+}

@@ -93,6 +93,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/predictions/{id}", get(replicate::get_prediction))
         .route(
+            "/v1/webhooks/default/secret",
+            get(replicate::webhook_secret),
+        )
+        .route(
             "/v1/predictions/{id}/cancel",
             post(replicate::cancel_prediction),
         )
@@ -124,6 +128,9 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/sdapi/v1/progress", get(a1111::progress))
         .route("/sdapi/v1/interrupt", post(a1111::interrupt))
+        .route("/sdapi/v1/png-info", post(a1111::info::png_info))
+        .route("/sdapi/v1/upscalers", get(a1111::info::upscalers))
+        .route("/sdapi/v1/scripts", get(a1111::info::scripts))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/healthz", get(ops::healthz))

@@ -14,7 +14,9 @@ pub struct DeliveryRow {
     pub generation_id: String,
     /// Target URL.
     pub url: String,
-    /// `generation.started`, `generation.progress`, `generation.completed`.
+    /// `generation.started`, `generation.progress`, `generation.completed`,
+    /// or a Replicate prediction's `prediction.start`, `prediction.progress`,
+    /// `prediction.completed`.
     pub event: String,
     /// The JSON body.
     pub payload: String,

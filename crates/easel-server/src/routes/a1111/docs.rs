@@ -205,3 +205,49 @@ pub struct ValidationError {
     /// The problems: `loc` = `["body", FIELD, ...]`.
     pub detail: serde_json::Value,
 }
+
+/// `POST /sdapi/v1/png-info`.
+#[derive(Serialize, ToSchema)]
+pub struct PngInfoRequest {
+    /// A base64 PNG, or a `data:image/png;base64,...` URI.
+    #[schema(min_length = 1)]
+    pub image: String,
+}
+
+/// The answer of `POST /sdapi/v1/png-info`.
+#[derive(Serialize, ToSchema)]
+pub struct PngInfoResponse {
+    /// The `parameters` text chunk ("" when there is none).
+    pub info: String,
+    /// The other text chunks, by keyword.
+    #[schema(value_type = Object)]
+    pub items: serde_json::Value,
+    /// `info` read as the web UI reads it: `Prompt`, `Negative prompt`,
+    /// and each `Key: value` of its last line (strings; `Size-1`, `Size-2`).
+    #[schema(value_type = Object)]
+    pub parameters: serde_json::Value,
+}
+
+/// An upscaler of `GET /sdapi/v1/upscalers` (easel lists none).
+#[derive(Serialize, ToSchema)]
+pub struct UpscalerItem {
+    /// Name.
+    pub name: String,
+    /// Model name.
+    pub model_name: Option<String>,
+    /// Model path.
+    pub model_path: Option<String>,
+    /// Model URL.
+    pub model_url: Option<String>,
+    /// Scale factor.
+    pub scale: Option<f64>,
+}
+
+/// The answer of `GET /sdapi/v1/scripts`.
+#[derive(Serialize, ToSchema)]
+pub struct ScriptsList {
+    /// Scripts of txt2img (none in easel).
+    pub txt2img: Vec<String>,
+    /// Scripts of img2img (none in easel).
+    pub img2img: Vec<String>,
+}

@@ -15,6 +15,7 @@
 //! password (any user name), as `--api-auth` clients send. Errors use the
 //! web UI's (FastAPI) shapes: see [`crate::error_shape::a1111_error_body`].
 
+pub mod info;
 pub mod names;
 pub mod request;
 

@@ -18,9 +18,12 @@
 //! - Status: queued = `starting`, running = `processing`, then
 //!   `succeeded`, `failed`, `canceled`.
 //! - `webhook` + `webhook_events_filter` (`start`, `output`, `logs`,
-//!   `completed`) become the native webhook (`output`/`logs` = the native
-//!   `progress` events); the payloads are easel's signed webhook envelope,
-//!   not Replicate's prediction object.
+//!   `completed`; default all) become the job's webhook events
+//!   (`output`/`logs` = the native `progress` events). Each delivery's body
+//!   is the prediction object as `GET /v1/predictions/{id}` answers it at
+//!   that moment ([`crate::replicate_prediction`]), signed the Standard
+//!   Webhooks way with the key's secret of `GET /v1/webhooks/default/secret`
+//!   ([`crate::webhooks`]).
 //!
 //! Errors are RFC 7807 problem details as Replicate answers them and its
 //! client parses (`ReplicateError.from_response` reads `title`, `detail`,
@@ -38,54 +41,17 @@ use serde_json::{Map, Value};
 
 use crate::auth::Principal;
 use crate::http::{ApiQuery, BaseUrl, RawBody};
-use crate::job::JobStatus;
 use crate::jobs::{cancel_job, load_record, wait_for};
 pub use crate::replicate_error::{is_replicate_path, ReplicateError};
-use crate::store::GenerationRow;
+use crate::replicate_prediction::prediction;
+pub use crate::replicate_prediction::Prediction;
 use crate::submit::{body_hash, commit, prepare, Source};
-use crate::views::GenerationRecord;
 use crate::AppState;
 
 /// The longest `Prefer: wait` Replicate honours, seconds.
 pub const MAX_PREFER_WAIT: u64 = 60;
 /// Predictions per page of `GET /v1/predictions`.
 pub const PAGE_SIZE: i64 = 100;
-
-/// A prediction (Replicate's prediction object).
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Prediction {
-    /// The job id.
-    pub id: String,
-    /// `owner/name` as asked (`easel/MODEL` for native jobs).
-    pub model: String,
-    /// The easel model that ran.
-    pub version: String,
-    /// The input as given (inline images abbreviated).
-    #[schema(value_type = Object)]
-    pub input: Value,
-    /// `starting`, `processing`, `succeeded`, `failed` or `canceled`.
-    pub status: String,
-    /// The file URLs of the images, once succeeded.
-    pub output: Option<Vec<String>>,
-    /// Why it failed or was canceled.
-    pub error: Option<String>,
-    /// What the translation and the run said, one line each.
-    pub logs: String,
-    /// `predict_time` (seconds from start to finish) once finished.
-    #[schema(value_type = Object)]
-    pub metrics: Value,
-    /// ISO 8601.
-    pub created_at: String,
-    /// ISO 8601, once started.
-    pub started_at: Option<String>,
-    /// ISO 8601, once finished.
-    pub completed_at: Option<String>,
-    /// `source`: always `api`.
-    pub source: String,
-    /// `get`, `cancel` and `web` (the native record).
-    #[schema(value_type = Object)]
-    pub urls: Value,
-}
 
 fn abbreviate(input: &Map<String, Value>) -> Map<String, Value> {
     let mut out = input.clone();
@@ -102,82 +68,6 @@ fn abbreviate(input: &Map<String, Value>) -> Map<String, Value> {
         }
     }
     out
-}
-
-fn prediction(
-    row: &GenerationRow,
-    record: &GenerationRecord,
-    base: &str,
-    waited_out: bool,
-) -> Prediction {
-    let stored: Value = serde_json::from_str(&row.request_json).unwrap_or_default();
-    let ours = row.source == "replicate";
-    let status = match record.status {
-        _ if waited_out && !record.status.is_terminal() => "starting",
-        JobStatus::Queued => "starting",
-        JobStatus::Running => "processing",
-        JobStatus::Succeeded => "succeeded",
-        JobStatus::Failed => "failed",
-        JobStatus::Canceled => "canceled",
-    };
-    let mut logs: Vec<String> = if ours {
-        stored["logs"]
-            .as_array()
-            .map(|l| {
-                l.iter()
-                    .filter_map(|s| s.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    } else {
-        Vec::new()
-    };
-    if let Some(p) = &record.progress {
-        logs.push(format!(
-            "{}: image {}/{}",
-            p.stage, p.images_done, p.images_total
-        ));
-    }
-    let predict_time = match (row.started_at, row.finished_at) {
-        (Some(s), Some(f)) if f >= s => {
-            serde_json::json!({"predict_time": (f - s) as f64 / 1000.0})
-        }
-        _ => serde_json::json!({}),
-    };
-    let id = &record.id;
-    Prediction {
-        id: id.clone(),
-        model: if ours {
-            stored["model"].as_str().unwrap_or_default().to_string()
-        } else {
-            format!("easel/{}", row.primary_model)
-        },
-        version: stored["easel_model"]
-            .as_str()
-            .filter(|_| ours)
-            .unwrap_or(&row.primary_model)
-            .to_string(),
-        input: if ours {
-            stored["input"].clone()
-        } else {
-            stored
-        },
-        status: status.into(),
-        output: (record.status == JobStatus::Succeeded)
-            .then(|| record.assets.iter().map(|a| a.file_url.clone()).collect()),
-        error: record.error.as_ref().map(|e| e.message.clone()),
-        logs: logs.join("\n"),
-        metrics: predict_time,
-        created_at: record.created_at.clone(),
-        started_at: record.started_at.clone(),
-        completed_at: record.finished_at.clone(),
-        source: "api".into(),
-        urls: serde_json::json!({
-            "get": format!("{base}/v1/predictions/{id}"),
-            "cancel": format!("{base}/v1/predictions/{id}/cancel"),
-            "web": format!("{base}/v1/generations/{id}"),
-        }),
-    }
 }
 
 async fn owned_prediction(
@@ -228,7 +118,8 @@ pub struct PredictionRequest {
     /// Older form: a URL that gets the `completed` event.
     #[serde(default)]
     pub webhook_completed: Option<String>,
-    /// Of `start`, `output`, `logs`, `completed`. Default: `completed`.
+    /// Of `start`, `output`, `logs`, `completed`. Default: all four with
+    /// `webhook`, `completed` with `webhook_completed`.
     #[serde(default)]
     pub webhook_events_filter: Option<Vec<String>>,
     /// Accepted; easel streams no output (no `urls.stream`).
@@ -296,7 +187,10 @@ async fn create(
             }
             Some(events)
         }
-        (None, Some(_)) | (None, None) => webhook.as_ref().map(|_| vec!["completed".to_string()]),
+        // Replicate's default: every event; the older `webhook_completed`
+        // gets only `completed`.
+        (None, Some(_)) => Some(vec!["start".into(), "progress".into(), "completed".into()]),
+        (None, None) => webhook.as_ref().map(|_| vec!["completed".to_string()]),
     };
     translated.request.webhook = webhook;
     translated.request.webhook_events = events;
@@ -540,4 +434,28 @@ pub async fn cancel_prediction(
     Ok(Json(
         owned_prediction(&state, &principal, &id, &base, false).await?,
     ))
+}
+
+/// The webhook signing secret of the calling key (`replicate.webhooks.default.secret()`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WebhookSigningSecret {
+    /// `whsec_` + the base64 of the 32-byte key that signs the key's
+    /// prediction webhooks (`webhook-signature`).
+    pub key: String,
+}
+
+/// `GET /v1/webhooks/default/secret`: the key that signs this API key's
+/// prediction webhooks, in Replicate's form; each API key has its own
+/// (derived from the server's `webhook_secret`, so it changes only with it).
+#[utoipa::path(get, path = "/v1/webhooks/default/secret", tag = "replicate",
+    responses((status = 200, body = WebhookSigningSecret),
+        (status = 401, description = "No or a wrong API key (problem+json)")),
+    security(("bearer" = [])))]
+pub async fn webhook_secret(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Json<WebhookSigningSecret> {
+    Json(WebhookSigningSecret {
+        key: crate::webhooks::prediction_secret(state.webhook_secret(), &principal.key_id),
+    })
 }
