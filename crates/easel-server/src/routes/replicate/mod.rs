@@ -147,6 +147,21 @@ fn parse_body(body: &[u8]) -> Result<PredictionRequest, ReplicateError> {
     })
 }
 
+/// Run `f` off the async runtime, as the other routes run model-folder
+/// scans (`ModelRegistry::list` / `resolve` read the disk): picking the
+/// model of a prediction scans the model folders.
+async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ReplicateError> + Send + 'static,
+) -> Result<T, ReplicateError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        ReplicateError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal error",
+            format!("choosing the model failed: {e}"),
+        )
+    })?
+}
+
 async fn create(
     state: AppState,
     principal: Principal,
@@ -157,7 +172,10 @@ async fn create(
     hash: String,
 ) -> Result<Response, ReplicateError> {
     state.check_submission_rate(&principal.key_id)?;
-    let mut translated = input::translate(&state, &target, &params.input)?;
+    let mut translated = {
+        let (state, target, input) = (state.clone(), target.clone(), params.input.clone());
+        off_runtime(move || input::translate(&state, &target, &input)).await?
+    };
     if params.input.contains_key("disable_safety_checker") {
         translated
             .logs
@@ -260,10 +278,10 @@ pub async fn create_prediction(
         .map_or(version, |(m, _)| m)
         .split_once('/')
     {
-        Some((owner, name)) => (
-            format!("{owner}/{name}"),
-            input::route_target(&state, owner, name)?,
-        ),
+        Some((owner, name)) => (format!("{owner}/{name}"), {
+            let (st, owner, name) = (state.clone(), owner.to_string(), name.to_string());
+            off_runtime(move || input::route_target(&st, &owner, &name)).await?
+        }),
         None => (
             "black-forest-labs/flux-dev-lora".to_string(),
             input::Target::Flux { default: "dev" },
@@ -308,7 +326,10 @@ pub async fn create_model_prediction(
     RawBody(body): RawBody,
 ) -> Result<Response, ReplicateError> {
     let params = parse_body(&body)?;
-    let target = input::route_target(&state, &owner, &name)?;
+    let target = {
+        let (st, owner, name) = (state.clone(), owner.clone(), name.clone());
+        off_runtime(move || input::route_target(&st, &owner, &name)).await?
+    };
     let label = format!("{owner}/{name}");
     create(
         state,
