@@ -58,12 +58,13 @@ pub(super) fn plan(
 }
 
 /// The parameters a definition ran with: its job's (`job`, built by
-/// [`plan`]) with the scheduler that ran.
+/// [`plan`]) with the scheduler that ran and the worker's `device`.
 pub(super) fn resolved(
     spec: &ItemSpec,
     job: &Job,
     defaults: &ModelDefaults,
     scheduler: &str,
+    device: &str,
 ) -> ResolvedParameters {
     let d = &spec.definition;
     ResolvedParameters {
@@ -93,6 +94,7 @@ pub(super) fn resolved(
         output_quality: spec.output_quality(),
         precision: d.precision.unwrap_or(easel_core::params::DEFAULT_PRECISION),
         compute_precision: "fp32".into(),
+        device: device.to_string(),
     }
 }
 
@@ -180,7 +182,14 @@ mod tests {
         assert_eq!((job.request.width, job.request.height), (64, 48));
         assert_eq!(job.seeds, [7, 8]);
         assert_eq!(job.model, "/models/fill");
-        let p = resolved(&spec(None), &job, &fill, "FlowMatchEulerDiscreteScheduler");
+        let p = resolved(
+            &spec(None),
+            &job,
+            &fill,
+            "FlowMatchEulerDiscreteScheduler",
+            "cuda:1",
+        );
+        assert_eq!(p.device, "cuda:1");
         assert_eq!(p.strength, Some(1.0));
         assert!(p.tiling);
         assert_eq!((p.steps, p.width, p.height), (50, 64, 48));
