@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use easel_server::bench::{run as run_bench, BenchOptions};
 use easel_diffusion::device::DeviceSpec;
+use easel_server::bench::{run as run_bench, BenchOptions};
 use easel_server::config::{Config, EngineKind};
 use easel_server::store::Store;
 

@@ -50,7 +50,8 @@ fn a_device_name_that_is_not_one_is_refused_with_the_allowed_ones() {
         assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
         let e = stderr(&o);
         assert!(
-            e.contains("--device") && e.contains("`gpu` is not a device")
+            e.contains("--device")
+                && e.contains("`gpu` is not a device")
                 && e.contains("auto, cpu, cuda, cuda:N"),
             "{e}"
         );
@@ -167,12 +168,20 @@ mod cpu_only_build {
         };
         let o = serve(&["--device", "cuda"], &[]);
         assert_needs_cuda(&o, "cuda:0");
-        assert!(stderr(&o).contains("device (--device, EASEL_DEVICE)"), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("device (--device, EASEL_DEVICE)"),
+            "{}",
+            stderr(&o)
+        );
         assert!(!stderr(&o).contains("listening"), "{}", stderr(&o));
         // One bad entry of a list is named by its index.
         let o = serve(&["--device", "cpu,cuda:1"], &[]);
         assert_needs_cuda(&o, "cuda:1");
-        assert!(stderr(&o).contains("device (--device, EASEL_DEVICE)[1]: "), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("device (--device, EASEL_DEVICE)[1]: "),
+            "{}",
+            stderr(&o)
+        );
         // From the environment and from the config file.
         assert_needs_cuda(&serve(&[], &[("EASEL_DEVICE", "cuda:0")]), "cuda:0");
         let config = dir.path().join("easel.toml");

@@ -16,10 +16,10 @@
 use std::fmt;
 use std::str::FromStr;
 
-use candle_core::DeviceLocation;
 /// The candle device a [`DeviceSpec`] opens (re-exported so that callers
 /// need not depend on candle).
 pub use candle_core::Device;
+use candle_core::DeviceLocation;
 
 use crate::{Error, Result};
 

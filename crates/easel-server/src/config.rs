@@ -1023,13 +1023,17 @@ mod tests {
         std::fs::write(&file, "device = [\"cuda:0\", \"gpu1\"]\n").unwrap();
         let e = Config::load(Some(&file), []).unwrap_err();
         assert!(
-            e.0.contains("device[1]") && e.0.contains("`gpu1` is not a device")
+            e.0.contains("device[1]")
+                && e.0.contains("`gpu1` is not a device")
                 && e.0.contains("auto, cpu, cuda, cuda:N"),
             "{e}"
         );
         std::fs::write(&file, "device = 1\n").unwrap();
         let e = Config::load(Some(&file), []).unwrap_err();
-        assert!(e.0.contains("`device`") && e.0.contains("a list of devices"), "{e}");
+        assert!(
+            e.0.contains("`device`") && e.0.contains("a list of devices"),
+            "{e}"
+        );
         for (value, expected) in [
             ("cuda, cuda:0", "`cuda:0` is listed twice"),
             ("cpu,CPU", "`cpu` is listed twice"),

@@ -111,9 +111,7 @@ impl AppState {
             .enumerate()
             .find_map(|(i, d)| devices[..i].contains(d).then_some(d))
         {
-            return Err(
-                config::ConfigError(format!("two engine workers on device `{d}`")).into(),
-            );
+            return Err(config::ConfigError(format!("two engine workers on device `{d}`")).into());
         }
         std::fs::create_dir_all(&config.data_dir)?;
         std::fs::create_dir_all(config.data_dir.join("models"))?;

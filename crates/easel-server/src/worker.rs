@@ -602,13 +602,7 @@ impl Worker {
                 });
             }
             let result = ItemResult {
-                parameters: resolved(
-                    spec,
-                    job,
-                    &batch.defaults,
-                    &output.scheduler,
-                    &self.device,
-                ),
+                parameters: resolved(spec, job, &batch.defaults, &output.scheduler, &self.device),
                 warnings: output.warnings.clone(),
             };
             let key_id = self

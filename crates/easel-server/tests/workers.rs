@@ -43,7 +43,10 @@ async fn wait_workers(server: &TestServer, secs: u64, done: impl Fn(&[Value]) ->
         if done(ready["workers"].as_array().unwrap()) {
             return;
         }
-        assert!(Instant::now() < deadline, "workers not as expected: {ready}");
+        assert!(
+            Instant::now() < deadline,
+            "workers not as expected: {ready}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -136,7 +139,11 @@ async fn a_device_listed_twice_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     for devices in [
         vec![DeviceSpec::Cpu, DeviceSpec::Cpu],
-        vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(1), DeviceSpec::Cuda(0)],
+        vec![
+            DeviceSpec::Cuda(0),
+            DeviceSpec::Cuda(1),
+            DeviceSpec::Cuda(0),
+        ],
     ] {
         let mut config = common::base_config(dir.path());
         config.device = devices;

@@ -106,8 +106,7 @@ impl WorkerShared {
     /// Cancel job `id` if a worker is running it; true when one was.
     pub fn cancel(&self, id: &str) -> bool {
         for slot in &self.slots {
-            if let Some((running, token)) =
-                &*slot.running.lock().unwrap_or_else(|e| e.into_inner())
+            if let Some((running, token)) = &*slot.running.lock().unwrap_or_else(|e| e.into_inner())
             {
                 if running == id {
                     token.cancel();
