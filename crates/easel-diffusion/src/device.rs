@@ -255,7 +255,6 @@ mod tests {
     #[cfg(not(feature = "cuda"))]
     #[test]
     fn a_cpu_only_build_runs_auto_on_the_cpu_and_refuses_cuda() {
-        assert!(!CUDA_COMPILED);
         assert!(DeviceSpec::Auto.resolve().unwrap().is_cpu());
         for spec in [DeviceSpec::Cuda(0), DeviceSpec::Cuda(1)] {
             let e = spec.resolve().unwrap_err().to_string();
@@ -274,7 +273,6 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn a_cuda_build_names_a_device_that_is_not_there() {
-        assert!(CUDA_COMPILED);
         let spec = DeviceSpec::Cuda(4096);
         let e = spec.resolve().unwrap_err().to_string();
         assert!(
