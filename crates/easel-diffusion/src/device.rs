@@ -139,8 +139,8 @@ impl DeviceSpec {
                         "device",
                         format!(
                             "`{self}` needs CUDA, and this easel was built without it: rebuild \
-                             with `cargo build --release --features cuda` (README: Building with \
-                             CUDA), or use --device cpu"
+                             with `cargo build --release --features cuda` (README: GPU (CUDA)), \
+                             or use --device cpu"
                         ),
                     ));
                 }
