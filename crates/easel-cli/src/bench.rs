@@ -13,6 +13,7 @@ use easel_diffusion::models::layers::measure_matmul_gflops;
 use easel_diffusion::pipelines::{CancelToken, Progress};
 
 use crate::component_args::ComponentArgs;
+use crate::device_args::DeviceArgs;
 use crate::generate::{local_engine, parse_bool_env, parse_quantization};
 use easel_diffusion::models::quantize::Quantization;
 
@@ -26,6 +27,9 @@ pub struct BenchArgs {
     /// Component files replacing components of --model.
     #[command(flatten)]
     pub components: ComponentArgs,
+    /// Where the models compute (printed with the results).
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Width in pixels [default: the model's native size].
     #[arg(long, short = 'W')]
     pub width: Option<usize>,
@@ -224,12 +228,15 @@ struct Row {
 }
 
 pub fn run(args: BenchArgs) -> Result<ExitCode> {
+    let device = args.device.open()?;
+    let device_name = easel_diffusion::device::device_name(&device);
     let mut engine = local_engine(
         args.offline,
         args.random_weights,
         args.quantize,
         args.offload_t5,
         Vec::new(),
+        device,
     )
     .with_half_precision_on_cpu(true);
     let model_key = engine.register_component_files(&args.model, args.components.files());
@@ -300,7 +307,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     // FLUX embeds the guidance scale: one transformer pass per step.
     let guided = guidance_scale > 1.0 && family.takes_negative_prompt();
     println!(
-        "model: {} ({}), {}x{}, {} steps, batch {}, guidance {} ({} {} pass{} per step), device cpu, {compute}",
+        "model: {} ({}), {}x{}, {} steps, batch {}, guidance {} ({} {} pass{} per step), device {}, {compute}",
         args.model,
         defaults.pipeline,
         job.request.width,
@@ -311,6 +318,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         if guided { 2 } else { 1 },
         family.denoiser_name(),
         if guided { "es" } else { "" },
+        device_name,
     );
     println!("| stage | seconds |");
     println!("| --- | --- |");

@@ -18,6 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Subcommand};
 use easel_core::{encode_image, write_atomic, ImageDefinition, ImageMetadata, RgbImageRef};
+use easel_diffusion::device::Device;
 use easel_diffusion::engine::{Engine, EngineOptions, JobRequest};
 use easel_diffusion::loader::ResolveOptions;
 use easel_diffusion::lora::{resolve_lora, LoraSpec};
@@ -30,6 +31,7 @@ use easel_flow::{
 };
 use serde_json::{Map, Value};
 
+use crate::device_args::DeviceArgs;
 use crate::generate::parse_bool_env;
 use crate::inputs::load_image_and_mask_as;
 
@@ -69,6 +71,9 @@ pub struct RunArgs {
     /// within it, as the server's `model_cache_bytes`.
     #[arg(long, env = "EASEL_MODEL_CACHE_BYTES", default_value_t = DEFAULT_MODEL_CACHE_BYTES)]
     pub model_cache_bytes: u64,
+    /// Where the image steps' models compute.
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// OpenAI-compatible chat-completions server for ObjectGenerator steps
     /// (e.g. http://127.0.0.1:8080/v1).
     #[arg(long, env = "EASEL_LLM_URL")]
@@ -154,6 +159,7 @@ fn run_flow(args: RunArgs) -> Result<ExitCode> {
         args.data_dir.clone(),
         args.offline,
         args.model_cache_bytes,
+        args.device.open()?,
     )?);
     let runner = FlowRunner::new(StepRegistry::standard(backend, chat_config(&args)?));
     let flow = match runner.load(&text) {
@@ -279,7 +285,7 @@ const UNSUPPORTED: [(&str, &str); 5] = [
     ("megapixels", "use width and height"),
 ];
 
-/// Image steps on this machine's engine (CPU).
+/// Image steps on this machine's engine (on `--device`).
 pub struct LocalBackend {
     data_dir: PathBuf,
     offline: bool,
@@ -288,8 +294,13 @@ pub struct LocalBackend {
 
 impl LocalBackend {
     /// A backend storing files under `data_dir/assets`, keeping loaded
-    /// models within `model_cache_bytes` (estimated).
-    pub fn new(data_dir: PathBuf, offline: bool, model_cache_bytes: u64) -> Result<Self> {
+    /// models within `model_cache_bytes` (estimated), computing on `device`.
+    pub fn new(
+        data_dir: PathBuf,
+        offline: bool,
+        model_cache_bytes: u64,
+        device: Device,
+    ) -> Result<Self> {
         let data_dir = data_dir
             .canonicalize()
             .with_context(|| format!("data directory {}", data_dir.display()))?;
@@ -300,6 +311,7 @@ impl LocalBackend {
                 ..ResolveOptions::default()
             },
             cache_budget_bytes: model_cache_bytes,
+            device,
             ..EngineOptions::default()
         });
         Ok(Self {

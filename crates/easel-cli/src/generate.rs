@@ -10,6 +10,7 @@ use easel_core::{
     encode_image, output_paths, resolve_output_format, write_atomic, GenerationParams,
     ImageMetadata, OutputFormat, OutputTarget, Precision, RgbImageRef, ValidateOptions,
 };
+use easel_diffusion::device::Device;
 use easel_diffusion::engine::{Engine, EngineOptions, JobRequest};
 use easel_diffusion::loader::{ModelFamily, ResolveOptions};
 use easel_diffusion::models::quantize::Quantization;
@@ -20,6 +21,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::component_args::ComponentArgs;
+use crate::device_args::DeviceArgs;
 use crate::inputs::{load_image_and_mask, resolve_loras};
 
 /// Arguments of `easel generate`.
@@ -70,6 +72,9 @@ pub struct GenerateArgs {
     /// Component files replacing components of --model.
     #[command(flatten)]
     pub components: ComponentArgs,
+    /// Where the models compute.
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// What to generate.
     #[arg(long, short = 'p')]
     pub prompt: String,
@@ -172,7 +177,7 @@ pub fn parse_quantization(s: &str) -> Result<Quantization, String> {
 /// The CLI's engine: models resolved as `offline` says (with download
 /// progress on stderr), and by name in `model_dirs` (`--models-dir`), kept
 /// for the life of the process; `random_weights` synthesises the weights
-/// (benchmarks); `quantization` quantizes the large components as they
+/// (benchmarks); `device` is where the models compute; `quantization` quantizes the large components as they
 /// load.
 pub fn local_engine(
     offline: bool,
@@ -180,6 +185,7 @@ pub fn local_engine(
     quantization: Option<Quantization>,
     offload_t5: bool,
     model_dirs: Vec<PathBuf>,
+    device: Device,
 ) -> Engine {
     Engine::new(EngineOptions {
         resolve: ResolveOptions {
@@ -191,6 +197,7 @@ pub fn local_engine(
         random_weights,
         quantization,
         offload_t5,
+        device,
         ..EngineOptions::default()
     })
 }
@@ -202,12 +209,14 @@ pub fn local_engine(
 /// ([`Engine::register_component_files`]), so the model resolves through
 /// the engine's front door with all of them.
 fn generate_engine(args: &GenerateArgs) -> Result<(Engine, String)> {
+    let device = args.device.open()?;
     let mut engine = local_engine(
         args.offline,
         false,
         args.quantize,
         args.offload_t5,
         args.models_dirs.clone(),
+        device.clone(),
     );
     let mut model = args.model.clone();
     if args.config.is_some() || args.prediction_type.is_some() {
@@ -247,6 +256,7 @@ fn generate_engine(args: &GenerateArgs) -> Result<(Engine, String)> {
             resolve: options,
             quantization: args.quantize,
             offload_t5: args.offload_t5,
+            device,
             ..EngineOptions::default()
         });
     }

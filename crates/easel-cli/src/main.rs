@@ -6,6 +6,7 @@
 
 mod bench;
 mod component_args;
+mod device_args;
 mod flow;
 mod generate;
 mod inputs;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use easel_diffusion::device::DeviceSpec;
 use easel_server::bench::{run as run_bench, BenchOptions};
 use easel_server::config::{Config, EngineKind};
 use easel_server::store::Store;
@@ -57,6 +58,18 @@ pub struct ServeArgs {
     /// The model for OpenAI-compatible requests naming an OpenAI model.
     #[arg(long)]
     pub default_model: Option<String>,
+    /// Where the engine computes: auto (the first GPU of a `--features cuda`
+    /// build when one is present, else the CPU), cpu, cuda (= cuda:0) or
+    /// cuda:N. Repeat it or separate with commas (`--device cuda:0,cuda:1`)
+    /// to run one engine worker per device, each with its own model cache
+    /// [default: the config file's `device`, else auto].
+    #[arg(
+        long,
+        env = "EASEL_DEVICE",
+        value_delimiter = ',',
+        value_name = "auto|cpu|cuda|cuda:N"
+    )]
+    pub device: Vec<DeviceSpec>,
     /// Run the fast fake engine instead of the diffusion engine (for load tests).
     #[arg(long, hide = true)]
     pub fake_engine: bool,
@@ -81,15 +94,32 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     if args.fake_engine {
         config.engine = EngineKind::Fake;
     }
-    config.check().map_err(|e| anyhow::anyhow!("{e}"))?;
+    if !args.device.is_empty() {
+        config.device = args.device;
+    }
+    config
+        .check()
+        .map_err(|e| anyhow::anyhow!("{}", flag_names(&e.to_string())))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime
         .block_on(easel_server::serve(config))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| anyhow::anyhow!("{}", flag_names(&e.to_string())))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A configuration error about `device` as `easel serve` reports it: the
+/// key and its flag (`device (--device)`), so the message names what the
+/// user set however they set it.
+fn flag_names(message: &str) -> String {
+    match message.strip_prefix("device") {
+        Some(rest) if rest.starts_with(':') || rest.starts_with('[') => {
+            format!("device (--device, EASEL_DEVICE){rest}")
+        }
+        _ => message.to_string(),
+    }
 }
 
 /// `easel keys ...`.

@@ -18,6 +18,7 @@ fn easel(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_easel"))
         .args(args)
         .env("HF_HUB_OFFLINE", "1")
+        .env_remove("EASEL_DEVICE")
         .output()
         .expect("run easel")
 }
@@ -887,6 +888,7 @@ fn easel_flow(args: &[&str]) -> Output {
         .env_remove("EASEL_LLM_URL")
         .env_remove("EASEL_LLM_MODEL")
         .env_remove("EASEL_DATA_DIR")
+        .env_remove("EASEL_DEVICE")
         .output()
         .expect("run easel")
 }

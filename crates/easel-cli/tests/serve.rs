@@ -14,7 +14,9 @@ fn fixtures() -> PathBuf {
 
 fn easel() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_easel"));
-    c.env("HF_HUB_OFFLINE", "1").env_remove("EASEL_CONFIG");
+    c.env("HF_HUB_OFFLINE", "1")
+        .env_remove("EASEL_CONFIG")
+        .env_remove("EASEL_DEVICE");
     c
 }
 

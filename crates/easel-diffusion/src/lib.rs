@@ -5,6 +5,7 @@
 //! UNet and VAE; `schedulers` the samplers; `pipelines` the numbered stages
 //! that tie them together; `noise` the torch-compatible seeded noise.
 
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod image_processor;

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use easel_diffusion::device::DeviceSpec;
 use easel_diffusion::loader::{ComponentFiles, ComponentOverrides};
 use serde::{Deserialize, Serialize};
 
@@ -244,6 +245,15 @@ pub struct Config {
     pub engine: EngineKind,
     /// Milliseconds per denoising step of the `fake` engine.
     pub fake_step_ms: u64,
+    /// Where the engine computes: `"auto"` (default: a compiled-in GPU that
+    /// is present, else the CPU), `"cpu"`, `"cuda"` / `"cuda:N"`, or a list
+    /// (`["cuda:0", "cuda:1"]`): one engine worker per device, each with its
+    /// own model cache, all taking jobs from the one queue. A device listed
+    /// twice is refused; one that is absent or not compiled in stops the
+    /// start with the reason. In the environment (`EASEL_DEVICE`) and with
+    /// `easel serve --device`: comma-separated.
+    #[serde(deserialize_with = "one_or_many_devices")]
+    pub device: Vec<DeviceSpec>,
     /// Registry names: `name = "repo/id"` or `name = "/path/to/model"`,
     /// or for a single-file checkpoint
     /// `name = { path = "/models/x.safetensors", config = "DIR_OR_REPO",
@@ -352,6 +362,7 @@ impl Default for Config {
             offline: false,
             engine: EngineKind::Diffusion,
             fake_step_ms: 5,
+            device: vec![DeviceSpec::Auto],
             models: BTreeMap::new(),
             default_model: None,
             price_per_inference_usd: 0.02,
@@ -425,6 +436,7 @@ const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("offline", EnvKind::Bool),
     ("engine", EnvKind::Str),
     ("fake_step_ms", EnvKind::Int),
+    ("device", EnvKind::List),
     ("default_model", EnvKind::Str),
     ("price_per_inference_usd", EnvKind::Float),
     ("max_body_bytes", EnvKind::Int),
@@ -501,7 +513,8 @@ impl Config {
         Ok(config)
     }
 
-    /// Check values that serde cannot: a parsable `bind`, `no_auth` only on
+    /// Check values that serde cannot: at least one `device`, none listed
+    /// twice, a parsable `bind`, `no_auth` only on
     /// loopback, a finite non-negative price, non-zero limits, listener
     /// timeouts of 1..=3600 s, `max_connections` and `rate_limit_burst` in
     /// 1..=1000000.
@@ -509,6 +522,7 @@ impl Config {
     /// # Errors
     /// A [`ConfigError`] naming the key.
     pub fn check(&self) -> Result<(), ConfigError> {
+        check_devices(&self.device)?;
         for (name, target) in &self.models {
             if let Some(q) = target.quantize() {
                 q.parse::<easel_diffusion::models::quantize::Quantization>()
@@ -712,6 +726,59 @@ impl Config {
         roots.extend(self.models_dirs.iter().cloned());
         roots
     }
+}
+
+/// `device = "cuda:0"` or `device = ["cuda:0", "cuda:1"]`: one device or a
+/// list, each parsed by [`DeviceSpec`]'s `FromStr` (a bad entry is named by
+/// its index through `serde_path_to_error`: `device[1]`).
+fn one_or_many_devices<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<DeviceSpec>, D::Error> {
+    struct Visitor;
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = Vec<DeviceSpec>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(
+                f,
+                "a device or a list of devices ({})",
+                easel_diffusion::device::DEVICE_NAMES
+            )
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            v.parse().map(|d| vec![d]).map_err(E::custom)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut list = Vec::new();
+            while let Some(device) = seq.next_element::<DeviceSpec>()? {
+                list.push(device);
+            }
+            Ok(list)
+        }
+    }
+    d.deserialize_any(Visitor)
+}
+
+/// At least one device, none listed twice (`cuda` and `cuda:0` are one
+/// device): each device runs one worker with its own model cache.
+fn check_devices(devices: &[DeviceSpec]) -> Result<(), ConfigError> {
+    if devices.is_empty() {
+        return Err(ConfigError(format!(
+            "device: the list is empty; give at least one of {}",
+            easel_diffusion::device::DEVICE_NAMES
+        )));
+    }
+    for (i, device) in devices.iter().enumerate() {
+        if devices[..i].contains(device) {
+            return Err(ConfigError(format!(
+                "device: `{device}` is listed twice; each device runs one engine worker, \
+                 so list each once"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn parse_env(value: &str, kind: EnvKind) -> Result<serde_json::Value, String> {
@@ -933,6 +1000,50 @@ mod tests {
             let e = Config::load(None, env(&[(var, value)])).unwrap_err();
             assert!(e.0.contains(key) && e.0.contains(value), "{e}");
         }
+    }
+
+    /// `device` is one device or a list, from the file or `EASEL_DEVICE`
+    /// (comma-separated); bad names, empty lists and duplicates are named.
+    #[test]
+    fn device_one_or_many() {
+        assert_eq!(Config::default().device, [DeviceSpec::Auto]);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("easel.toml");
+        std::fs::write(&file, "device = \"CUDA:1\"\n").unwrap();
+        let config = Config::load(Some(&file), []).unwrap();
+        assert_eq!(config.device, [DeviceSpec::Cuda(1)]);
+        std::fs::write(&file, "device = [\"cuda:0\", \"cuda:1\"]\n").unwrap();
+        let config = Config::load(Some(&file), []).unwrap();
+        assert_eq!(config.device, [DeviceSpec::Cuda(0), DeviceSpec::Cuda(1)]);
+        let config = Config::load(Some(&file), env(&[("EASEL_DEVICE", "cpu")])).unwrap();
+        assert_eq!(config.device, [DeviceSpec::Cpu]);
+        let config = Config::load(None, env(&[("EASEL_DEVICE", "cuda:2, cuda:3")])).unwrap();
+        assert_eq!(config.device, [DeviceSpec::Cuda(2), DeviceSpec::Cuda(3)]);
+
+        std::fs::write(&file, "device = [\"cuda:0\", \"gpu1\"]\n").unwrap();
+        let e = Config::load(Some(&file), []).unwrap_err();
+        assert!(
+            e.0.contains("device[1]")
+                && e.0.contains("`gpu1` is not a device")
+                && e.0.contains("auto, cpu, cuda, cuda:N"),
+            "{e}"
+        );
+        std::fs::write(&file, "device = 1\n").unwrap();
+        let e = Config::load(Some(&file), []).unwrap_err();
+        assert!(
+            e.0.contains("`device`") && e.0.contains("a list of devices"),
+            "{e}"
+        );
+        for (value, expected) in [
+            ("cuda, cuda:0", "`cuda:0` is listed twice"),
+            ("cpu,CPU", "`cpu` is listed twice"),
+            ("", "device: the list is empty"),
+        ] {
+            let e = Config::load(None, env(&[("EASEL_DEVICE", value)])).unwrap_err();
+            assert!(e.0.contains(expected), "{value}: {e}");
+        }
+        let e = Config::load(None, env(&[("EASEL_DEVICE", "tpu")])).unwrap_err();
+        assert!(e.0.contains("device[0]") && e.0.contains("`tpu`"), "{e}");
     }
 
     #[test]

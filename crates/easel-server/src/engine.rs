@@ -18,7 +18,7 @@ use easel_diffusion::loader::{ModelFamily, ResolveOptions};
 pub use easel_diffusion::pipelines::CancelToken;
 use easel_diffusion::pipelines::Progress as EngineProgress;
 
-use crate::config::{Config, EngineKind};
+use crate::config::{Config, ConfigError, EngineKind};
 use crate::job::ModelSpec;
 
 /// What a batch produced.
@@ -114,28 +114,75 @@ pub fn capabilities(config: &Config) -> Capabilities {
     }
 }
 
-/// The engine `config` selects.
-pub fn build(config: &Config) -> Box<dyn Engine> {
-    match config.engine {
-        EngineKind::Diffusion => Box::new(DiffusionEngine::new(config)),
-        EngineKind::Fake => Box::new(FakeEngine::new(config.fake_step_ms)),
-    }
+/// An engine worker to start: its device's name (`cpu`, `cuda:0`, for
+/// logs, `/readyz` and the records) and its engine.
+pub struct WorkerEngine {
+    /// The device's name.
+    pub device: String,
+    /// The engine, built for that device.
+    pub engine: Box<dyn Engine>,
 }
 
-/// The diffusion engine (`easel-diffusion` on the CPU): an adapter from the
-/// worker's [`Engine`] calls to the engine's front door.
+/// The engine workers `config` asks for: one per `device` entry, each
+/// opened (`auto` becomes `cuda:0` or `cpu`) and given its own engine and
+/// model cache. The fake engine computes nowhere: its workers are named by
+/// the devices as configured, none is opened.
+///
+/// # Errors
+/// A device that cannot be opened (not compiled in, absent: the message
+/// names it and says why), or two entries that open the same device
+/// (`auto` and `cpu` on a machine without a GPU).
+pub fn build_workers(config: &Config) -> Result<Vec<WorkerEngine>, ConfigError> {
+    let many = config.device.len() > 1;
+    let mut workers: Vec<WorkerEngine> = Vec::with_capacity(config.device.len());
+    for (i, spec) in config.device.iter().enumerate() {
+        let worker = match config.engine {
+            EngineKind::Fake => WorkerEngine {
+                device: spec.to_string(),
+                engine: Box::new(FakeEngine::new(config.fake_step_ms)),
+            },
+            EngineKind::Diffusion => {
+                let device = spec.resolve().map_err(|e| {
+                    let message = e.to_string();
+                    ConfigError(match message.strip_prefix("device: ") {
+                        Some(rest) if many => format!("device[{i}]: {rest}"),
+                        _ => message,
+                    })
+                })?;
+                WorkerEngine {
+                    device: easel_diffusion::device::device_name(&device),
+                    engine: Box::new(DiffusionEngine::new(config, device)),
+                }
+            }
+        };
+        if let Some(j) = workers.iter().position(|w| w.device == worker.device) {
+            return Err(ConfigError(format!(
+                "device: `{}` and `{spec}` both open {}; list each device once",
+                config.device[j], worker.device
+            )));
+        }
+        tracing::info!("engine worker {i}: {}", worker.device);
+        workers.push(worker);
+    }
+    Ok(workers)
+}
+
+/// The diffusion engine (`easel-diffusion`, on one device): an adapter
+/// from the worker's [`Engine`] calls to the engine's front door.
 pub struct DiffusionEngine {
     engine: FrontDoor,
 }
 
 impl DiffusionEngine {
     /// An engine resolving models as `config` says (hub cache, model roots,
-    /// offline), with its model-cache budget (`model_cache_bytes`).
-    pub fn new(config: &Config) -> Self {
+    /// offline), with its own model cache of `model_cache_bytes`, computing
+    /// on `device`.
+    pub fn new(config: &Config, device: easel_diffusion::device::Device) -> Self {
         Self {
             engine: FrontDoor::new(EngineOptions {
                 resolve: resolve_options(config, config.offline),
                 cache_budget_bytes: config.model_cache_bytes,
+                device,
                 ..EngineOptions::default()
             }),
         }

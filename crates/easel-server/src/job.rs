@@ -275,6 +275,11 @@ pub struct ResolvedParameters {
     pub precision: Precision,
     /// The dtype the device computed in (`fp32` on the CPU).
     pub compute_precision: String,
+    /// The device that computed it: `cpu`, `cuda:N` (the worker's; the
+    /// fake engine reports the device as configured). Records stored
+    /// before this field existed read as `""`.
+    #[serde(default)]
+    pub device: String,
 }
 
 /// What running an image definition resolved.

@@ -92,10 +92,17 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     let local = listener.local_addr()?;
     state.set_local_addr(local);
     tracing::info!("easel serve: listening on http://{local}");
+    let devices: Vec<String> = state
+        .worker()
+        .workers()
+        .into_iter()
+        .map(|w| w.device)
+        .collect();
     eprintln!(
-        "easel serve: listening on http://{local} (data dir {}, auth {})",
+        "easel serve: listening on http://{local} (data dir {}, auth {}, engine workers on {})",
         state.config().data_dir.display(),
-        if state.config().no_auth { "off" } else { "on" }
+        if state.config().no_auth { "off" } else { "on" },
+        devices.join(", ")
     );
     let result = serve_on(listener, state.clone(), shutdown_signal(state.clone())).await;
     state.shutdown().await;

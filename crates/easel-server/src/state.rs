@@ -11,7 +11,7 @@ use tokio::sync::{broadcast, Notify};
 
 use crate::assets::FileStore;
 use crate::config::{self, Config};
-use crate::engine::{self, Capabilities, Engine};
+use crate::engine::{self, Capabilities, Engine, WorkerEngine};
 use crate::error::ApiError;
 use crate::metrics::{self, Metrics};
 use crate::models::ModelRegistry;
@@ -49,7 +49,7 @@ struct Inner {
     fetcher: fetch::Fetcher,
     shutting_down: AtomicBool,
     base_url: Mutex<String>,
-    worker_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    worker_threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     flows: flows::FlowsShared,
     rate_limiter: ratelimit::RateLimiter,
     a1111_checkpoints: Mutex<std::collections::HashMap<String, String>>,
@@ -62,18 +62,21 @@ pub struct AppState(Arc<Inner>);
 
 impl AppState {
     /// Open the data dir (store, migrations, asset folders), recover jobs a
-    /// dead process left running, remove orphan files, and start the worker
-    /// (with the engine `config` selects) and the webhook dispatcher.
-    /// Must be called inside a tokio runtime.
+    /// dead process left running, remove orphan files, and start the
+    /// workers (one per `device`, with the engine `config` selects) and the
+    /// webhook dispatcher. Must be called inside a tokio runtime.
     ///
     /// # Errors
-    /// An invalid configuration or an unusable data dir.
+    /// An invalid configuration (a device that cannot be opened included)
+    /// or an unusable data dir.
     pub async fn open(config: Config) -> Result<AppState, StartError> {
-        let engine = engine::build(&config);
-        Self::open_with_engine(config, engine).await
+        config.check()?;
+        let workers = engine::build_workers(&config)?;
+        Self::open_with_engines(config, workers).await
     }
 
-    /// [`AppState::open`] with a given engine.
+    /// [`AppState::open`] with one given engine (one worker, named by the
+    /// first configured device).
     ///
     /// # Errors
     /// As [`AppState::open`].
@@ -81,7 +84,35 @@ impl AppState {
         config: Config,
         engine: Box<dyn Engine>,
     ) -> Result<AppState, StartError> {
+        let device = config
+            .device
+            .first()
+            .map(ToString::to_string)
+            .unwrap_or_else(|| "cpu".into());
+        Self::open_with_engines(config, vec![WorkerEngine { device, engine }]).await
+    }
+
+    /// [`AppState::open`] with given workers: one thread per entry, each
+    /// driving its engine, all claiming from the one queue.
+    ///
+    /// # Errors
+    /// As [`AppState::open`]; no workers, or two with one device name.
+    pub async fn open_with_engines(
+        config: Config,
+        workers: Vec<WorkerEngine>,
+    ) -> Result<AppState, StartError> {
         config.check()?;
+        let devices: Vec<String> = workers.iter().map(|w| w.device.clone()).collect();
+        if devices.is_empty() {
+            return Err(config::ConfigError("no engine worker to start".into()).into());
+        }
+        if let Some(d) = devices
+            .iter()
+            .enumerate()
+            .find_map(|(i, d)| devices[..i].contains(d).then_some(d))
+        {
+            return Err(config::ConfigError(format!("two engine workers on device `{d}`")).into());
+        }
         std::fs::create_dir_all(&config.data_dir)?;
         std::fs::create_dir_all(config.data_dir.join("models"))?;
         let store = Store::open(&config.data_dir).await?;
@@ -119,13 +150,13 @@ impl AppState {
             events,
             metrics: Metrics::default(),
             submit_lock: tokio::sync::Mutex::new(()),
-            worker: Arc::new(WorkerShared::default()),
+            worker: Arc::new(WorkerShared::new(devices)),
             webhook_wake: Notify::new(),
             webhook_secret,
             fetcher: fetch::Fetcher::new(config.fetch_allow_list()?),
             shutting_down: AtomicBool::new(false),
             base_url: Mutex::new(format!("http://{bind}")),
-            worker_thread: Mutex::new(None),
+            worker_threads: Mutex::new(Vec::new()),
             flows: flows::FlowsShared::default(),
             rate_limiter: ratelimit::RateLimiter::new(
                 config.rate_limit_per_minute,
@@ -135,12 +166,27 @@ impl AppState {
             config,
         };
         let state = AppState(Arc::new(inner));
-        let handle = worker::spawn(state.clone(), engine, tokio::runtime::Handle::current());
-        *state
-            .0
-            .worker_thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        for (index, w) in workers.into_iter().enumerate() {
+            let handle = worker::spawn(
+                state.clone(),
+                index,
+                w.engine,
+                tokio::runtime::Handle::current(),
+            );
+            match handle {
+                Ok(handle) => state
+                    .0
+                    .worker_threads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(handle),
+                Err(e) => {
+                    // The workers already started stop again.
+                    state.shutdown().await;
+                    return Err(StartError::Io(e));
+                }
+            }
+        }
         tokio::spawn(webhooks::run_dispatcher(state.clone()));
         flows::resume_unfinished(&state).await;
         Ok(state)
@@ -228,7 +274,7 @@ impl AppState {
         &self.0.metrics
     }
 
-    /// The worker's shared handle.
+    /// The workers' shared handle.
     pub fn worker(&self) -> &Arc<WorkerShared> {
         &self.0.worker
     }
@@ -289,19 +335,20 @@ impl AppState {
         *self.0.base_url.lock().unwrap_or_else(|e| e.into_inner()) = format!("http://{addr}");
     }
 
-    /// Stop the worker (a running job is put back in the queue, not
-    /// failed) and the webhook dispatcher; waits for the worker thread.
+    /// Stop the workers (running jobs are put back in the queue, not
+    /// failed) and the webhook dispatcher; waits for the worker threads.
     pub async fn shutdown(&self) {
         self.0.shutting_down.store(true, Ordering::SeqCst);
         self.0.worker.stop();
         self.0.webhook_wake.notify_waiters();
-        let handle = self
-            .0
-            .worker_thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(handle) = handle {
+        let handles = std::mem::take(
+            &mut *self
+                .0
+                .worker_threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for handle in handles {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
     }

@@ -1,8 +1,11 @@
-//! The engine worker: one thread per device, running jobs in order.
+//! The engine workers: one thread per device (`device = [...]`), each with
+//! its own engine and model cache, running jobs in order.
 //!
 //! The engine is synchronous and CPU-heavy, so it runs on its own OS thread
 //! (never on the async runtime); the thread reaches the store through the
-//! runtime's handle. For each job:
+//! runtime's handle. All workers claim from the one queue in the store; a
+//! claim is a conditional update, so a job runs on one worker once. For
+//! each job:
 //!
 //! 1. pick the next job: the oldest queued one, unless a later one is for a
 //!    model already loaded and the oldest has not been passed over
@@ -50,11 +53,22 @@ pub use handle::WorkerShared;
 use plan::{plan, resolved};
 pub use schedule::choose;
 
-/// Start the worker thread.
-pub fn spawn(state: AppState, engine: Box<dyn Engine>, rt: Handle) -> std::thread::JoinHandle<()> {
+/// Start worker `index` (its slot in [`WorkerShared`]) on its own thread,
+/// driving `engine` (built for that worker's device).
+///
+/// # Errors
+/// When the OS refuses a new thread.
+pub fn spawn(
+    state: AppState,
+    index: usize,
+    engine: Box<dyn Engine>,
+    rt: Handle,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let device = state.worker().device(index).to_string();
     std::thread::Builder::new()
-        .name("easel-worker".into())
+        .name(format!("easel-worker-{index}"))
         .spawn(move || {
+            let seen = state.worker().wakes();
             Worker {
                 ctx: Ctx {
                     state,
@@ -62,16 +76,24 @@ pub fn spawn(state: AppState, engine: Box<dyn Engine>, rt: Handle) -> std::threa
                     last_progress: std::cell::Cell::new(None),
                 },
                 engine,
+                index,
+                device,
+                seen,
                 skips: 0,
             }
             .run()
         })
-        .expect("spawn the worker thread")
 }
 
 struct Worker {
     ctx: Ctx,
     engine: Box<dyn Engine>,
+    /// This worker's slot in [`WorkerShared`].
+    index: usize,
+    /// Its device's name (`cpu`, `cuda:0`), recorded with each result.
+    device: String,
+    /// The last wake this worker saw.
+    seen: u64,
     /// Times in a row the oldest job was passed over for a loaded model.
     skips: u32,
 }
@@ -179,8 +201,11 @@ impl Worker {
             let queue = match self.ctx.rt.block_on(self.ctx.state.store().queued(64)) {
                 Ok(q) => q,
                 Err(e) => {
-                    tracing::error!("worker: reading the queue: {e}");
-                    self.ctx.state.worker().wait(Duration::from_secs(1));
+                    tracing::error!("worker {}: reading the queue: {e}", self.device);
+                    self.ctx
+                        .state
+                        .worker()
+                        .wait(&mut self.seen, Duration::from_secs(1));
                     continue;
                 }
             };
@@ -188,10 +213,14 @@ impl Worker {
             match choose(&queue, &loaded, &mut self.skips, limit) {
                 Some(id) => {
                     if let Err(e) = self.process(&id) {
-                        tracing::error!("worker: job {id}: {e}");
+                        tracing::error!("worker {}: job {id}: {e}", self.device);
                     }
                 }
-                None => self.ctx.state.worker().wait(Duration::from_millis(500)),
+                None => self
+                    .ctx
+                    .state
+                    .worker()
+                    .wait(&mut self.seen, Duration::from_millis(500)),
             }
         }
     }
@@ -199,6 +228,9 @@ impl Worker {
     fn process(&mut self, id: &str) -> Result<(), sqlx::Error> {
         let state = self.ctx.state.clone();
         let store = state.store();
+        // The claim: one UPDATE ... WHERE status = 'queued', so of several
+        // workers choosing the same job only one gets it; the others find
+        // nothing to do and choose again.
         let Some(attempt) = self.ctx.block(store.start(id))? else {
             return Ok(());
         };
@@ -206,15 +238,15 @@ impl Worker {
         let token = CancelToken::new();
         state
             .worker()
-            .set_running(Some((id.to_string(), token.clone())));
+            .set_running(self.index, Some((id.to_string(), token.clone())));
         let Some(job) = self.ctx.block(store.generation(id))? else {
-            state.worker().set_running(None);
+            state.worker().set_running(self.index, None);
             return Ok(());
         };
         if job.cancel_requested {
             token.cancel();
         }
-        tracing::info!("job {id}: running (attempt {attempt})");
+        tracing::info!("job {id}: running on {} (attempt {attempt})", self.device);
         if let Err(e) = self.ctx.block(jobs::announce_started(&state, id)) {
             tracing::warn!("job {id}: queueing webhook start: {e}");
         }
@@ -291,7 +323,7 @@ impl Worker {
                     continue;
                 }
             };
-            state.worker().set_loaded(self.engine.loaded());
+            state.worker().set_loaded(self.index, self.engine.loaded());
             // Each definition's job, built against the model's defaults;
             // with `batch_definitions`, jobs with equal settings run as one.
             let batch_definitions = state.config().batch_definitions;
@@ -346,7 +378,7 @@ impl Worker {
         // Shutting down: back to the queue, this attempt not counted.
         if (interrupted || token.is_canceled()) && state.worker().is_stopping() {
             self.ctx.block(store.requeue(id))?;
-            state.worker().set_running(None);
+            state.worker().set_running(self.index, None);
             tracing::info!("job {id}: re-queued (shutting down)");
             return Ok(());
         }
@@ -380,7 +412,7 @@ impl Worker {
             (JobStatus::Succeeded, None)
         };
         self.ctx.block(store.finish(id, status, error.as_ref()))?;
-        state.worker().set_running(None);
+        state.worker().set_running(self.index, None);
         state
             .metrics()
             .observe_job_duration(started.elapsed().as_secs_f64());
@@ -576,6 +608,7 @@ impl Worker {
                     &batch.defaults,
                     &output.scheduler,
                     output.compute_precision,
+                    &self.device,
                 ),
                 warnings: output.warnings.clone(),
             };

@@ -176,6 +176,9 @@ async fn generation_lifecycle_records_assets_seeds_and_resolved_parameters() {
         (Some(64), Some(64))
     );
     assert_eq!(p["computePrecision"], "fp32");
+    // The default device, `auto`: the CPU on a machine without a GPU.
+    let auto = easel_diffusion::device::DeviceSpec::Auto.resolve().unwrap();
+    assert_eq!(p["device"], easel_diffusion::device::device_name(&auto));
     let assets = job["assets"].as_array().unwrap();
     assert_eq!(assets.len(), 2);
     for (i, a) in assets.iter().enumerate() {

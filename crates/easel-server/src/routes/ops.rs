@@ -16,7 +16,7 @@ pub(super) async fn healthz() -> Json<serde_json::Value> {
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "operations",
-    responses((status = 200, description = "Ready: the store answers and the worker runs"),
+    responses((status = 200, description = "Ready: the store answers and the workers run; `workers` lists each engine worker's device, whether it is busy and how many models it holds"),
               (status = 503, description = "Not ready", body = ErrorBody)))]
 pub(super) async fn readyz(State(state): State<AppState>) -> Response {
     if state.is_shutting_down() {
@@ -29,12 +29,27 @@ pub(super) async fn readyz(State(state): State<AppState>) -> Response {
         return e.into_response();
     }
     match state.store().counts().await {
-        Ok((queued, running)) => Json(serde_json::json!({
-            "status": "ready",
-            "queued": queued,
-            "running": running,
-        }))
-        .into_response(),
+        Ok((queued, running)) => {
+            let workers: Vec<serde_json::Value> = state
+                .worker()
+                .workers()
+                .into_iter()
+                .map(|w| {
+                    serde_json::json!({
+                        "device": w.device,
+                        "busy": w.busy,
+                        "models_loaded": w.loaded.len(),
+                    })
+                })
+                .collect();
+            Json(serde_json::json!({
+                "status": "ready",
+                "queued": queued,
+                "running": running,
+                "workers": workers,
+            }))
+            .into_response()
+        }
         Err(e) => {
             let mut e = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -59,13 +59,15 @@ pub(super) fn plan(
 }
 
 /// The parameters a definition ran with: its job's (`job`, built by
-/// [`plan`]) with the scheduler and the compute precision that ran.
+/// [`plan`]) with the scheduler and the compute precision that ran and
+/// the worker's `device`.
 pub(super) fn resolved(
     spec: &ItemSpec,
     job: &Job,
     defaults: &ModelDefaults,
     scheduler: &str,
     compute_precision: easel_core::params::Precision,
+    device: &str,
 ) -> ResolvedParameters {
     let d = &spec.definition;
     ResolvedParameters {
@@ -95,6 +97,7 @@ pub(super) fn resolved(
         output_quality: spec.output_quality(),
         precision: d.precision.unwrap_or(easel_core::params::DEFAULT_PRECISION),
         compute_precision: compute_precision.as_str().into(),
+        device: device.to_string(),
     }
 }
 
@@ -188,7 +191,9 @@ mod tests {
             &fill,
             "FlowMatchEulerDiscreteScheduler",
             easel_core::params::Precision::Fp32,
+            "cuda:1",
         );
+        assert_eq!(p.device, "cuda:1");
         assert_eq!(p.strength, Some(1.0));
         assert!(p.tiling);
         assert_eq!((p.steps, p.width, p.height), (50, 64, 48));
