@@ -12,8 +12,9 @@ use easel_diffusion::models::layers::measure_matmul_gflops;
 use easel_diffusion::pipelines::{CancelToken, Progress};
 
 use crate::component_args::ComponentArgs;
-use crate::generate::{local_engine, parse_bool_env, parse_quantization};
+use crate::generate::{local_engine, parse_bool_env, parse_quantization, parse_vae_tiling};
 use easel_diffusion::models::quantize::Quantization;
+use easel_diffusion::models::vae_tiling::VaeTiling;
 
 /// Arguments of `easel bench`.
 #[derive(Args, Debug)]
@@ -67,6 +68,10 @@ pub struct BenchArgs {
     /// generate --offload-t5`.
     #[arg(long)]
     pub offload_t5: bool,
+    /// When the VAE decodes in tiles, as `easel generate --vae-tiling`:
+    /// auto, on or off.
+    #[arg(long, value_name = "auto|on|off", default_value = "auto", value_parser = parse_vae_tiling)]
+    pub vae_tiling: VaeTiling,
     /// Skip measuring the machine's matrix-product peaks.
     #[arg(long)]
     pub no_peak: bool,
@@ -224,6 +229,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         args.offload_t5,
         Vec::new(),
     );
+    engine.set_vae_tiling(args.vae_tiling);
     let model_key = engine.register_component_files(&args.model, args.components.files());
     let model = engine.load(&model_key)?;
     let load_time = model.load_time();
@@ -250,6 +256,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let mut overall_peak = load_peak.0;
     // The most non-finite latent values of any run (0: every output finite).
     let mut non_finite = 0usize;
+    // The last run's warnings (a VAE decode that `auto` tiled says so).
+    let mut warnings = Vec::new();
     for run in 0..=args.runs {
         let mut meter = StagePeakMeter::start(load_peak);
         let out = engine.run(&job, &mut |p| meter.on_progress(&p), &CancelToken::new())?;
@@ -266,6 +274,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             overall_peak = Some(overall_peak.map_or(p, |o| o.max(p)));
         }
         non_finite = non_finite.max(out.non_finite_latents);
+        warnings = out.params.warnings.clone();
         let t = out.timings;
         let label = if run == 0 { "warm-up" } else { "run" };
         eprintln!("{label} {run}: {:.2}s", t.total.as_secs_f64());
@@ -302,6 +311,10 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         family.denoiser_name(),
         if guided { "es" } else { "" },
     );
+    println!("vae tiling: {}", args.vae_tiling);
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
     println!("| stage | seconds |");
     println!("| --- | --- |");
     println!("| model load | {:.3} |", load_time.as_secs_f64());
