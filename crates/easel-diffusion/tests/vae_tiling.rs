@@ -21,8 +21,7 @@ use easel_diffusion::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig
 use easel_diffusion::models::vae_tiling::{VaeTileLayout, VaeTiling};
 use easel_diffusion::noise::RecordedNoise;
 use easel_diffusion::pipelines::{
-    decode_to_images, load_pipeline, CancelToken, GenerationOutput, GenerationRequest,
-    RunContext,
+    decode_to_images, load_pipeline, CancelToken, GenerationOutput, GenerationRequest, RunContext,
 };
 
 /// The VAE component tolerance of `components.rs` (relative L2).
@@ -158,7 +157,12 @@ fn latents_no_larger_than_a_tile_take_the_untiled_path() {
     // starts every 6 latents even below the tile size: 8 latents are two
     // overlapping tiles, 6 one (the plain decode).
     let eight = z.narrow(2, 0, 8).unwrap().narrow(3, 0, 8).unwrap();
-    assert!(max_abs(&vae.tiled_decode(&eight).unwrap(), &vae.decode(&eight).unwrap()) > 0.1);
+    assert!(
+        max_abs(
+            &vae.tiled_decode(&eight).unwrap(),
+            &vae.decode(&eight).unwrap()
+        ) > 0.1
+    );
     for (h, w) in [(6, 6), (2, 5)] {
         let small = z.narrow(2, 0, h).unwrap().narrow(3, 0, w).unwrap();
         let plain = vae.decode(&small).unwrap();
@@ -207,10 +211,7 @@ fn off_never_tiles_and_auto_tiles_only_large_images() {
     let auto = stage(VaeTiling::Auto, &mut warnings);
     assert_eq!(max_abs(&auto, &off), 0.0);
     let on = stage(VaeTiling::On, &mut warnings);
-    assert_eq!(
-        max_abs(&on, &to_images(vae.tiled_decode(z).unwrap())),
-        0.0
-    );
+    assert_eq!(max_abs(&on, &to_images(vae.tiled_decode(z).unwrap())), 0.0);
     assert!(warnings.is_empty(), "{warnings:?}");
 }
 
@@ -240,7 +241,10 @@ fn reference_case() -> (serde_json::Value, std::collections::HashMap<String, Ten
     )
     .unwrap();
     assert_eq!(case["vae_tiling"], true);
-    (case, load_refs("generated/sd15_vae_tiling_ddim.safetensors"))
+    (
+        case,
+        load_refs("generated/sd15_vae_tiling_ddim.safetensors"),
+    )
 }
 
 fn reference_request(case: &serde_json::Value) -> GenerationRequest {
@@ -291,7 +295,10 @@ fn a_pipeline_run_with_vae_tiling_on_matches_diffusers() {
     // Auto (an ordinary CPU size) and off decode whole: far from the reference.
     for mode in [VaeTiling::Auto, VaeTiling::Off] {
         let whole = max_abs(&run(mode).images, &tensors["image"]);
-        assert!(whole > 1e-2, "{mode}: the untiled image matches too ({whole:.3e})");
+        assert!(
+            whole > 1e-2,
+            "{mode}: the untiled image matches too ({whole:.3e})"
+        );
     }
 
     // Seamless tiling with VAE tiling on is refused before any work.
@@ -357,7 +364,13 @@ fn the_engine_option_reaches_the_decode() {
             .fold(0f32, f32::max)
     };
     let on = levels(&run(VaeTiling::On));
-    assert!(on <= 1.0, "engine with vae_tiling on is {on} levels from diffusers");
+    assert!(
+        on <= 1.0,
+        "engine with vae_tiling on is {on} levels from diffusers"
+    );
     let off = levels(&run(VaeTiling::Off));
-    assert!(off > 5.0, "engine with vae_tiling off is only {off} levels away");
+    assert!(
+        off > 5.0,
+        "engine with vae_tiling off is only {off} levels away"
+    );
 }

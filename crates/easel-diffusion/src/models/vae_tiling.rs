@@ -187,9 +187,7 @@ impl VaeTileLayout {
             .ok_or_else(|| {
                 Error::config(
                     "vae",
-                    format!(
-                        "sample_size {value} is not a positive integer (VAE tiling needs it)"
-                    ),
+                    format!("sample_size {value} is not a positive integer (VAE tiling needs it)"),
                 )
             })? as usize;
         let factor = 1usize << config.block_out_channels.len().saturating_sub(1);
@@ -292,8 +290,11 @@ impl AutoencoderKL {
                 .iter()
                 .map(|t| {
                     let (_, _, th, tw) = t.dims4()?;
-                    Ok(t.narrow(2, 0, layout.row_limit.min(th))?
-                        .narrow(3, 0, layout.row_limit.min(tw))?)
+                    Ok(t.narrow(2, 0, layout.row_limit.min(th))?.narrow(
+                        3,
+                        0,
+                        layout.row_limit.min(tw),
+                    )?)
                 })
                 .collect::<Result<Vec<_>>>()?;
             rows.push(Tensor::cat(&kept, 3)?);
@@ -323,7 +324,8 @@ fn blend(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> Result<Tensor> {
     let w_b = weights(&|t| t)?;
     let a_tail = a.narrow(dim, a.dim(dim)? - e, e)?.to_dtype(DType::F32)?;
     let b_head = b.narrow(dim, 0, e)?.to_dtype(DType::F32)?;
-    let blended = (a_tail.broadcast_mul(&w_a)? + b_head.broadcast_mul(&w_b)?)?.to_dtype(b.dtype())?;
+    let blended =
+        (a_tail.broadcast_mul(&w_a)? + b_head.broadcast_mul(&w_b)?)?.to_dtype(b.dtype())?;
     let rest = b.dim(dim)? - e;
     if rest == 0 {
         return Ok(blended);

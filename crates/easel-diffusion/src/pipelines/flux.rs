@@ -538,7 +538,8 @@ impl FluxComponents {
 
         // 5. Decode, 6. post-process.
         let t0 = Instant::now();
-        let (latents_to_vae, images) = self.decode(&latents, prepared.h, prepared.w, request, &mut warnings)?;
+        let (latents_to_vae, images) =
+            self.decode(&latents, prepared.h, prepared.w, request, &mut warnings)?;
         timings.vae_decode = t0.elapsed();
         ctx.report(Progress::Decoded);
         timings.total = started.elapsed();
