@@ -332,3 +332,39 @@ fn blend(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> Result<Tensor> {
     }
     Ok(Tensor::cat(&[&blended, &b.narrow(dim, e, rest)?], dim)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blend_ramps_from_the_previous_tile_into_the_next() {
+        // a = 1 everywhere, b = 0 everywhere, 5 rows each, extent 4: the
+        // first 4 rows of b become 1 - y/4 (diffusers' blend_v), the 5th stays.
+        let a = Tensor::ones((1, 1, 5, 2), DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::zeros((1, 1, 5, 2), DType::F32, &Device::Cpu).unwrap();
+        let v = blend(&a, &b, 4, 2).unwrap();
+        let rows: Vec<f32> = v
+            .narrow(3, 0, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(rows, [1.0, 0.75, 0.5, 0.25, 0.0]);
+        // blend_h along the width; the extent shrinks to the smaller tile.
+        let a = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 1, 6))
+            .unwrap();
+        let b = Tensor::zeros((1, 1, 1, 2), DType::F32, &Device::Cpu).unwrap();
+        let h: Vec<f32> = blend(&a, &b, 4, 3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // e = 2: b[x] = a[4 + x] * (1 - x/2) + 0.
+        assert_eq!(h, [4.0, 2.5]);
+    }
+}
