@@ -14,8 +14,9 @@ use easel_diffusion::pipelines::{CancelToken, Progress};
 
 use crate::component_args::ComponentArgs;
 use crate::device_args::DeviceArgs;
-use crate::generate::{local_engine, parse_bool_env, parse_quantization};
+use crate::generate::{local_engine, parse_bool_env, parse_quantization, parse_vae_tiling};
 use easel_diffusion::models::quantize::Quantization;
+use easel_diffusion::models::vae_tiling::VaeTiling;
 
 /// Arguments of `easel bench`.
 #[derive(Args, Debug)]
@@ -72,6 +73,10 @@ pub struct BenchArgs {
     /// generate --offload-t5`.
     #[arg(long)]
     pub offload_t5: bool,
+    /// When the VAE decodes in tiles, as `easel generate --vae-tiling`:
+    /// auto, on or off.
+    #[arg(long, value_name = "auto|on|off", default_value = "auto", value_parser = parse_vae_tiling)]
+    pub vae_tiling: VaeTiling,
     /// Skip measuring the machine's matrix-product peaks.
     #[arg(long)]
     pub no_peak: bool,
@@ -239,6 +244,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         device,
     )
     .with_half_precision_on_cpu(true);
+    engine.set_vae_tiling(args.vae_tiling);
     let model_key = engine.register_component_files(&args.model, args.components.files());
     let model = engine.load_for(&model_key, args.precision)?;
     let compute = easel_diffusion::engine::precision::precision_of(model.compute_dtype());
@@ -267,6 +273,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let mut overall_peak = load_peak.0;
     // The most non-finite latent values of any run (0: every output finite).
     let mut non_finite = 0usize;
+    // The last run's warnings (a VAE decode that `auto` tiled says so).
+    let mut warnings = Vec::new();
     for run in 0..=args.runs {
         let mut meter = StagePeakMeter::start(load_peak);
         let out = engine.run(&job, &mut |p| meter.on_progress(&p), &CancelToken::new())?;
@@ -283,6 +291,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             overall_peak = Some(overall_peak.map_or(p, |o| o.max(p)));
         }
         non_finite = non_finite.max(out.non_finite_latents);
+        warnings = out.params.warnings.clone();
         let t = out.timings;
         let label = if run == 0 { "warm-up" } else { "run" };
         eprintln!("{label} {run}: {:.2}s", t.total.as_secs_f64());
@@ -320,6 +329,10 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         if guided { "es" } else { "" },
         device_name,
     );
+    println!("vae tiling: {}", args.vae_tiling);
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
     println!("| stage | seconds |");
     println!("| --- | --- |");
     println!("| model load | {:.3} |", load_time.as_secs_f64());

@@ -14,6 +14,7 @@ use easel_diffusion::device::Device;
 use easel_diffusion::engine::{Engine, EngineOptions, JobRequest};
 use easel_diffusion::loader::{ModelFamily, ResolveOptions};
 use easel_diffusion::models::quantize::Quantization;
+use easel_diffusion::models::vae_tiling::VaeTiling;
 use easel_diffusion::pipelines::{CancelToken, Progress};
 use easel_diffusion::schedulers::resolve_scheduler_name;
 use easel_diffusion::Error as EngineError;
@@ -69,6 +70,13 @@ pub struct GenerateArgs {
     /// load per generation).
     #[arg(long)]
     pub offload_t5: bool,
+    /// When the VAE decodes in overlapping tiles, as diffusers'
+    /// `enable_vae_tiling` (bounds the decode's memory by a tile; the
+    /// pixels differ a little from a whole decode): `on` whenever the
+    /// latents are larger than one tile, `off` never, `auto` above 2048x2048
+    /// pixels per image on the CPU (1024x1024 on a GPU), never with --tiling.
+    #[arg(long, value_name = "auto|on|off", default_value = "auto", value_parser = parse_vae_tiling)]
+    pub vae_tiling: VaeTiling,
     /// Component files replacing components of --model.
     #[command(flatten)]
     pub components: ComponentArgs,
@@ -171,6 +179,11 @@ pub fn parse_bool_env(s: &str) -> Result<bool, String> {
 
 /// `--quantize`: `q8_0`, `q4_0` or `fp8`, with the allowed names on error.
 pub fn parse_quantization(s: &str) -> Result<Quantization, String> {
+    s.parse().map_err(|e: easel_diffusion::Error| e.to_string())
+}
+
+/// `--vae-tiling`: `auto`, `on` or `off`.
+pub fn parse_vae_tiling(s: &str) -> Result<VaeTiling, String> {
     s.parse().map_err(|e: easel_diffusion::Error| e.to_string())
 }
 
@@ -426,6 +439,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
 
     let load_start = Instant::now();
     let (mut engine, model_key) = generate_engine(&args)?;
+    engine.set_vae_tiling(args.vae_tiling);
     let dir = engine.resolve(&model_key)?;
     let quiet = args.json;
     // A family that rounds sizes (FLUX, to multiples of 16) does so with a

@@ -1715,3 +1715,47 @@ fn generate_from_gguf_and_with_quantize() {
     );
     assert!(!bad.exists());
 }
+
+/// Issue 15: `--vae-tiling on` reproduces diffusers' PNG of a run with
+/// `pipe.vae.enable_tiling()` (`tools/gen_vae_tiling_refs.py`: 10x14
+/// latents, 8-latent tiles); a bad mode and `on` with seamless `--tiling`
+/// fail naming the flag's field and its values, writing nothing.
+#[test]
+fn vae_tiling_on_reproduces_diffusers_tiled_decode_png() {
+    reproduce_png_in(
+        "generated",
+        "sd15_vae_tiling_ddim",
+        "ddim",
+        &["--vae-tiling", "on"],
+    );
+    let model = fixtures().join("models/tiny-sd15");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let base = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "p",
+        "--steps",
+        "1",
+        "--width",
+        "80",
+        "--height",
+        "80",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    let o = easel(&[&base[..], &["--vae-tiling", "sometimes"]].concat());
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("--vae-tiling") && e.contains("auto, on, off"),
+        "{e}"
+    );
+    let o = easel(&[&base[..], &["--tiling", "--vae-tiling", "on"]].concat());
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("vae_tiling") && e.contains("seamless"), "{e}");
+    assert!(!out.exists(), "a refused run wrote {}", out.display());
+}

@@ -269,6 +269,7 @@ impl JobRequest {
                 strength,
                 max_sequence_length: self.max_sequence_length,
                 tiling: self.tiling,
+                vae_tiling: crate::models::vae_tiling::VaeTiling::Auto,
             },
             seeds: (0..batch).map(|i| seed.wrapping_add(i)).collect(),
             loras: self.loras.clone(),

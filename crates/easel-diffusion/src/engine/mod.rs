@@ -31,10 +31,12 @@ use crate::loader::{
     resolve_model, ComponentFiles, ComponentOverrides, ModelDir, ModelFamily, ResolveOptions,
 };
 use crate::models::quantize::Quantization;
+use crate::models::vae_tiling::VaeTiling;
 use crate::noise::PerImageGenerators;
 use crate::output::images_to_rgb8;
 use crate::pipelines::{
-    load_pipeline, CancelToken, DiffusionPipeline, Pipeline, Progress, RunContext,
+    load_pipeline, CancelToken, DiffusionPipeline, GenerationRequest, Pipeline, Progress,
+    RunContext,
 };
 
 /// How an [`Engine`] finds and keeps models.
@@ -68,6 +70,10 @@ pub struct EngineOptions {
     /// without its speed. Default false: the CPU computes f32 and the job's
     /// warnings say so ([`precision::compute_precision`]).
     pub half_precision_on_cpu: bool,
+    /// When the VAE decode is tiled (`--vae-tiling`): a job's request that
+    /// leaves it at [`VaeTiling::Auto`] runs with this one; a request that
+    /// says `on` or `off` keeps its own.
+    pub vae_tiling: VaeTiling,
 }
 
 impl Default for EngineOptions {
@@ -80,6 +86,7 @@ impl Default for EngineOptions {
             offload_t5: false,
             device: Device::Cpu,
             half_precision_on_cpu: false,
+            vae_tiling: VaeTiling::Auto,
         }
     }
 }
@@ -189,6 +196,12 @@ impl Engine {
             device: options.device.clone(),
             options,
         }
+    }
+
+    /// Set when the VAE decode is tiled for jobs that leave it to the
+    /// engine ([`EngineOptions::vae_tiling`]).
+    pub fn set_vae_tiling(&mut self, vae_tiling: VaeTiling) {
+        self.options.vae_tiling = vae_tiling;
     }
 
     /// Registers `files` as component files of model `reference` (`--vae
@@ -413,7 +426,18 @@ impl Engine {
             progress,
             cancel: cancel.clone(),
         };
-        let mut output = model.pipeline.run(&job.request, &mut ctx)?;
+        // The engine's VAE tiling fills a request's `auto`.
+        let request = if job.request.vae_tiling == VaeTiling::Auto
+            && self.options.vae_tiling != VaeTiling::Auto
+        {
+            std::borrow::Cow::Owned(GenerationRequest {
+                vae_tiling: self.options.vae_tiling,
+                ..job.request.clone()
+            })
+        } else {
+            std::borrow::Cow::Borrowed(&job.request)
+        };
+        let mut output = model.pipeline.run(&request, &mut ctx)?;
         output.warnings.extend(precision.warning);
         let images = images_to_rgb8(&output.images)?;
         let non_finite_latents = non_finite_count(&output.latents_to_vae)?;

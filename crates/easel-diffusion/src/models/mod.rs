@@ -14,6 +14,7 @@ pub mod stored;
 pub mod t5;
 mod unet_2d_blocks;
 pub mod unet_2d_condition;
+pub mod vae_tiling;
 pub mod weights;
 
 use std::path::Path;

@@ -475,12 +475,19 @@ impl FluxComponents {
     }
 
     /// Stages 5 and 6: unpack, `latents / scaling_factor + shift_factor`,
-    /// decode. Returns `(latents_to_vae, images)`.
-    fn decode(&self, latents: &Tensor, h: usize, w: usize) -> Result<(Tensor, Tensor)> {
+    /// decode (tiled as `request.vae_tiling` says). Returns `(latents_to_vae, images)`.
+    fn decode(
+        &self,
+        latents: &Tensor,
+        h: usize,
+        w: usize,
+        request: &GenerationRequest,
+        warnings: &mut Vec<String>,
+    ) -> Result<(Tensor, Tensor)> {
         let cfg = self.vae.config();
         let latents = unpack_latents(latents, h, w)?;
         let latents_to_vae = ((latents / cfg.scaling_factor)? + cfg.shift_factor.unwrap_or(0.0))?;
-        let images = decode_to_images(&self.vae, &latents_to_vae)?;
+        let images = decode_to_images(&self.vae, &latents_to_vae, request, warnings)?;
         Ok((latents_to_vae, images))
     }
 
@@ -531,7 +538,8 @@ impl FluxComponents {
 
         // 5. Decode, 6. post-process.
         let t0 = Instant::now();
-        let (latents_to_vae, images) = self.decode(&latents, prepared.h, prepared.w)?;
+        let (latents_to_vae, images) =
+            self.decode(&latents, prepared.h, prepared.w, request, &mut warnings)?;
         timings.vae_decode = t0.elapsed();
         ctx.report(Progress::Decoded);
         timings.total = started.elapsed();

@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::image_processor::{ImageInput, MaskInput};
+use crate::models::vae_tiling::VaeTiling;
 
 /// The default image-to-image strength (the share of the schedule re-run):
 /// 0.8, the loader's [`crate::loader::DEFAULT_STRENGTH`].
@@ -42,6 +43,11 @@ pub struct GenerationRequest {
     /// Seamless tiling: circular padding in the UNet and VAE convolutions (A1111's and
     /// stable-diffusion.cpp's `tiling`), so the image repeats without seams.
     pub tiling: bool,
+    /// When the VAE decode runs in overlapping tiles, as diffusers'
+    /// `enable_vae_tiling` ([`VaeTiling`]; `on` and seamless `tiling` are
+    /// refused together). The engine fills an `Auto` here with its own
+    /// setting ([`crate::engine::EngineOptions::vae_tiling`]).
+    pub vae_tiling: VaeTiling,
 }
 
 impl Default for GenerationRequest {
@@ -60,6 +66,7 @@ impl Default for GenerationRequest {
             strength: DEFAULT_STRENGTH,
             max_sequence_length: None,
             tiling: false,
+            vae_tiling: VaeTiling::Auto,
         }
     }
 }
@@ -109,6 +116,9 @@ impl GenerationRequest {
         }
         if !self.guidance_scale.is_finite() {
             return Err(Error::invalid("guidance_scale", "must be a finite number"));
+        }
+        if self.tiling && self.vae_tiling == VaeTiling::On {
+            return Err(crate::models::vae_tiling::seamless_conflict());
         }
         for (field, v) in [("width", self.width), ("height", self.height)] {
             if v == 0 || v % vae_scale_factor != 0 {

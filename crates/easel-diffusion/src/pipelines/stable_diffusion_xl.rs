@@ -307,7 +307,7 @@ impl DiffusionPipeline for StableDiffusionXLPipeline {
         // 5. Decode, 6. post-process.
         let t0 = Instant::now();
         let latents_to_vae = (latents / self.vae.config().scaling_factor)?;
-        let images = decode_to_images(&self.vae, &latents_to_vae)?;
+        let images = decode_to_images(&self.vae, &latents_to_vae, request, &mut warnings)?;
         timings.vae_decode = t0.elapsed();
         ctx.report(Progress::Decoded);
         timings.total = started.elapsed();

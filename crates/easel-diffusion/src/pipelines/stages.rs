@@ -7,9 +7,10 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-use super::{init_image, Progress, RunContext, StageTimings};
+use super::{init_image, GenerationRequest, Progress, RunContext, StageTimings};
 use crate::error::Result;
 use crate::models::autoencoder_kl::AutoencoderKL;
+use crate::models::vae_tiling::{VaeTileLayout, VaeTiling};
 use crate::schedulers::{build_scheduler, Scheduler, TimestepsRequest};
 use crate::tokenizer::ClipTokenizer;
 
@@ -146,8 +147,38 @@ pub fn prepare_scheduler(
 
 /// Stages 5 and 6: decode `latents_to_vae` and map `[-1, 1]` to `[0, 1]`
 /// (`image / 2 + 0.5`, clamped), returning `(batch, H, W, 3)` float32.
-pub fn decode_to_images(vae: &AutoencoderKL, latents_to_vae: &Tensor) -> Result<Tensor> {
-    let decoded = vae.decode(latents_to_vae)?;
+/// The decode is tiled as `request.vae_tiling` resolves
+/// ([`VaeTiling::resolve`]); when `auto` chose tiling a note goes to
+/// `warnings` (the pixels differ from an untiled decode).
+///
+/// # Errors
+/// VAE tiling `on` with seamless tiling; a failed decode.
+pub fn decode_to_images(
+    vae: &AutoencoderKL,
+    latents_to_vae: &Tensor,
+    request: &GenerationRequest,
+    warnings: &mut Vec<String>,
+) -> Result<Tensor> {
+    let tiled = request
+        .vae_tiling
+        .resolve(vae.config(), latents_to_vae, request.tiling)?;
+    if tiled && request.vae_tiling == VaeTiling::Auto {
+        let layout = VaeTileLayout::from_config(vae.config())?;
+        let (_, _, h, w) = latents_to_vae.dims4()?;
+        let (rows, cols) = layout.grid(h, w);
+        let f = vae.config().vae_scale_factor();
+        warnings.push(format!(
+            "the VAE decoded the {}x{} image in {} overlapping tiles of {}x{} pixels \
+             (VAE tiling auto, as diffusers' enable_vae_tiling), to bound its memory; \
+             VAE tiling off decodes it whole",
+            w * f,
+            h * f,
+            rows * cols,
+            layout.tile_sample_min_size,
+            layout.tile_sample_min_size
+        ));
+    }
+    let decoded = vae.decode_with_tiling(latents_to_vae, tiled)?;
     let images = ((decoded / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
     Ok(images.permute((0, 2, 3, 1))?.contiguous()?)
 }
