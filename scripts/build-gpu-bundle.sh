@@ -4,6 +4,7 @@
 #
 #   BUNDLE/bin/easel             release `easel` built with --features cuda
 #   BUNDLE/tests/parity          the engine's fixture parity tests, same build
+#   BUNDLE/tests/offload         --offload model|sequential give none's pixels
 #   BUNDLE/bench-models/...      the real-size architectures' configs (no weights)
 #   BUNDLE/wheels/               (--wheels) diffusers + transformers wheels
 #   BUNDLE/fixtures/             (--fixtures) a copy of tests/fixtures
@@ -69,17 +70,20 @@ target=${CARGO_TARGET_DIR:-target}
 
 start=$SECONDS
 cargo build --release -p easel-cli "${features[@]}"
-# The parity tests' executable: cargo prints its path in the JSON messages.
-parity=$(cargo test --release -p easel-diffusion "${features[@]}" --test parity --no-run \
-    --message-format=json | python3 -c '
+# The parity and offload tests' executables: cargo prints their paths in
+# the JSON messages.
+executables=$(cargo test --release -p easel-diffusion "${features[@]}" --test parity --test offload \
+    --no-run --message-format=json | python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "parity" and m.get("executable"):
-        print(m["executable"])
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] in ("parity", "offload") and m.get("executable"):
+        print(m["target"]["name"], m["executable"])
 ')
-if [[ -z "$parity" ]]; then
-    echo "build-gpu-bundle: cargo built no parity test executable" >&2
+parity=$(awk '$1 == "parity" {print $2}' <<<"$executables")
+offload=$(awk '$1 == "offload" {print $2}' <<<"$executables")
+if [[ -z "$parity" || -z "$offload" ]]; then
+    echo "build-gpu-bundle: cargo built no parity or offload test executable" >&2
     exit 1
 fi
 echo "build-gpu-bundle: built in $((SECONDS - start)) s" >&2
@@ -88,7 +92,8 @@ rm -rf "$out" "$out.tar.gz"
 mkdir -p "$out/bin" "$out/tests" "$out/bench-models"
 cp "$target/release/easel" "$out/bin/easel"
 cp "$parity" "$out/tests/parity"
-strip "$out/bin/easel" "$out/tests/parity" 2>/dev/null || true
+cp "$offload" "$out/tests/offload"
+strip "$out/bin/easel" "$out/tests/parity" "$out/tests/offload" 2>/dev/null || true
 for m in sd15 sdxl flux-schnell; do
     cp -rL "$bench_models/$m" "$out/bench-models/$m"
 done

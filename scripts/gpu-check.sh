@@ -3,12 +3,12 @@
 # minutes, on a machine with Python + PyTorch and no Rust toolchain.
 #
 # Input: a bundle from scripts/build-gpu-bundle.sh (built elsewhere with
-# --features cuda): bin/easel, tests/parity, bench-models/. Run it from a
+# --features cuda): bin/easel, tests/parity, tests/offload, bench-models/. Run it from a
 # checkout of the repository (for tests/fixtures and tools/bench_diffusers.py)
 # or pass --fixtures / use a bundle built with --fixtures.
 #
 #   1. the engine's fixture parity tests on the GPU, in fp32 and in fp16
-#      (EASEL_TEST_DEVICE=cuda, EASEL_TEST_PRECISION=fp32|fp16);
+#      (EASEL_TEST_DEVICE=cuda, EASEL_TEST_PRECISION=fp32|fp16); then the offload tests (--offload model / sequential give the pixels of none);
 #   2. real-size random-weight benchmarks, easel then diffusers, each in
 #      its own process: SD 1.5 512² 25 steps fp16, SDXL 1024² 25 steps fp16,
 #      FLUX.1 schnell 1024² 4 steps bf16; one warm-up run, one timed run;
@@ -169,6 +169,24 @@ if [[ $parity == 1 ]]; then
             ((rc != 0)) && failures=$((failures + 1))
             parity_rows+=("| parity, $device, $precision | ${summary#test result: } | $rc |")
         done
+    fi
+    # --offload model|sequential: the same pixels as none, with the weights
+    # really moving between RAM and the GPU.
+    if [[ -x "$bundle/tests/offload" ]]; then
+        device=cuda; [[ $dry == 1 ]] && device=cpu
+        log "offload tests on $device in fp16"
+        logfile="$out/offload.log"
+        EASEL_TEST_DEVICE=$device EASEL_TEST_PRECISION=fp16 \
+            run_timed 120 "$logfile" "$bundle/tests/offload"
+        rc=$?
+        summary=$(grep -E '^test result:' "$logfile" | tail -1)
+        [[ -z "$summary" ]] && summary="no result (exit $rc; see $(basename "$logfile"))"
+        ((rc != 0)) && failures=$((failures + 1))
+        parity_rows+=("| offload none/model/sequential, $device, fp16 | ${summary#test result: } | $rc |")
+    else
+        log "no $bundle/tests/offload: offload tests skipped"
+        parity_rows+=("| offload | missing executable | - |")
+        failures=$((failures + 1))
     fi
 fi
 

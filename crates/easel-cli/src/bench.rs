@@ -14,7 +14,10 @@ use easel_diffusion::pipelines::{CancelToken, Progress};
 
 use crate::component_args::ComponentArgs;
 use crate::device_args::DeviceArgs;
-use crate::generate::{local_engine, parse_bool_env, parse_quantization, parse_vae_tiling};
+use crate::generate::{
+    local_engine, parse_bool_env, parse_offload, parse_quantization, parse_vae_tiling,
+};
+use easel_diffusion::device::Offload;
 use easel_diffusion::models::quantize::Quantization;
 use easel_diffusion::models::vae_tiling::VaeTiling;
 
@@ -77,6 +80,9 @@ pub struct BenchArgs {
     /// auto, on or off.
     #[arg(long, value_name = "auto|on|off", default_value = "auto", value_parser = parse_vae_tiling)]
     pub vae_tiling: VaeTiling,
+    /// Where the weights live between uses (as `easel generate --offload`).
+    #[arg(long, value_name = "none|model|sequential", default_value = "none", value_parser = parse_offload)]
+    pub offload: Offload,
     /// Skip measuring the machine's matrix-product peaks.
     #[arg(long)]
     pub no_peak: bool,
@@ -245,6 +251,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     )
     .with_half_precision_on_cpu(true);
     engine.set_vae_tiling(args.vae_tiling);
+    engine.set_offload(args.offload);
     let model_key = engine.register_component_files(&args.model, args.components.files());
     let model = engine.load_for(&model_key, args.precision)?;
     let compute = easel_diffusion::engine::precision::precision_of(model.compute_dtype());
@@ -329,7 +336,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         if guided { "es" } else { "" },
         device_name,
     );
-    println!("vae tiling: {}", args.vae_tiling);
+    println!("vae tiling: {}, offload: {}", args.vae_tiling, args.offload);
     for w in &warnings {
         eprintln!("warning: {w}");
     }

@@ -11,6 +11,7 @@ use easel_core::{
     ImageMetadata, OutputFormat, OutputTarget, Precision, RgbImageRef, ValidateOptions,
 };
 use easel_diffusion::device::Device;
+use easel_diffusion::device::Offload;
 use easel_diffusion::engine::{Engine, EngineOptions, JobRequest};
 use easel_diffusion::loader::{ModelFamily, ResolveOptions};
 use easel_diffusion::models::quantize::Quantization;
@@ -77,6 +78,13 @@ pub struct GenerateArgs {
     /// pixels per image on the CPU (1024x1024 on a GPU), never with --tiling.
     #[arg(long, value_name = "auto|on|off", default_value = "auto", value_parser = parse_vae_tiling)]
     pub vae_tiling: VaeTiling,
+    /// Where the weights live between uses, as diffusers' CPU offload
+    /// modes: `none` (all on the device), `model` (in RAM, each component
+    /// moved to the GPU while its stage runs), `sequential` (in RAM, each
+    /// layer moved for its own pass: least GPU memory, slowest). For GPUs;
+    /// on the CPU it saves nothing.
+    #[arg(long, value_name = "none|model|sequential", default_value = "none", value_parser = parse_offload)]
+    pub offload: Offload,
     /// Component files replacing components of --model.
     #[command(flatten)]
     pub components: ComponentArgs,
@@ -179,6 +187,11 @@ pub fn parse_bool_env(s: &str) -> Result<bool, String> {
 
 /// `--quantize`: `q8_0`, `q4_0` or `fp8`, with the allowed names on error.
 pub fn parse_quantization(s: &str) -> Result<Quantization, String> {
+    s.parse().map_err(|e: easel_diffusion::Error| e.to_string())
+}
+
+/// `--offload`: `none`, `model` or `sequential`.
+pub fn parse_offload(s: &str) -> Result<Offload, String> {
     s.parse().map_err(|e: easel_diffusion::Error| e.to_string())
 }
 
@@ -440,6 +453,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let load_start = Instant::now();
     let (mut engine, model_key) = generate_engine(&args)?;
     engine.set_vae_tiling(args.vae_tiling);
+    engine.set_offload(args.offload);
     let dir = engine.resolve(&model_key)?;
     let quiet = args.json;
     // A family that rounds sizes (FLUX, to multiples of 16) does so with a

@@ -70,6 +70,11 @@ pub struct ServeArgs {
         value_name = "auto|cpu|cuda|cuda:N"
     )]
     pub device: Vec<DeviceSpec>,
+    /// Where the weights live between uses on each device: none, model or
+    /// sequential (as `easel generate --offload`) [default: the config
+    /// file's `offload`, else none].
+    #[arg(long, value_name = "none|model|sequential", value_parser = crate::generate::parse_offload)]
+    pub offload: Option<easel_diffusion::device::Offload>,
     /// Run the fast fake engine instead of the diffusion engine (for load tests).
     #[arg(long, hide = true)]
     pub fake_engine: bool,
@@ -96,6 +101,9 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     }
     if !args.device.is_empty() {
         config.device = args.device;
+    }
+    if let Some(offload) = args.offload {
+        config.offload = offload;
     }
     config
         .check()

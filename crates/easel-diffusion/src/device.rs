@@ -162,6 +162,94 @@ pub fn device_name(device: &Device) -> String {
     }
 }
 
+/// Where a pipeline's weights live between uses (`--offload
+/// none|model|sequential`, diffusers' names; see
+/// [`crate::pipelines::offload`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Offload {
+    /// Every component resident on the device.
+    #[default]
+    None,
+    /// diffusers' `enable_model_cpu_offload()`: weights in host memory,
+    /// each component built on the device while its stage runs.
+    Model,
+    /// diffusers' `enable_sequential_cpu_offload()`: weights in host
+    /// memory, each layer's moved to the device for its own forward pass.
+    Sequential,
+}
+
+impl Offload {
+    /// The accepted names, as [`FromStr`] reads them.
+    pub const NAMES: [&'static str; 3] = ["none", "model", "sequential"];
+
+    /// The lower-case name (`none`, `model`, `sequential`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Model => "model",
+            Self::Sequential => "sequential",
+        }
+    }
+
+    /// The device the components' weights are built on: the compute
+    /// `device`, except under `sequential` offload, where they stay on the
+    /// CPU and each layer moves its own.
+    pub fn weights_device(self, device: &Device) -> Device {
+        match self {
+            Self::Sequential => Device::Cpu,
+            Self::None | Self::Model => device.clone(),
+        }
+    }
+
+    /// Where the weights are kept between uses: the CPU under `model` and
+    /// `sequential` offload, the compute `device` otherwise.
+    pub fn host_device(self, device: &Device) -> Device {
+        match self {
+            Self::None => device.clone(),
+            Self::Model | Self::Sequential => Device::Cpu,
+        }
+    }
+}
+
+impl fmt::Display for Offload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for Offload {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Offload {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl FromStr for Offload {
+    type Err = Error;
+
+    /// `none`, `model` or `sequential` (case-insensitive).
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "none" => Ok(Self::None),
+            "model" => Ok(Self::Model),
+            "sequential" => Ok(Self::Sequential),
+            other => Err(Error::invalid(
+                "offload",
+                format!(
+                    "`{other}` is not an offload mode (allowed: {})",
+                    Self::NAMES.join(", ")
+                ),
+            )),
+        }
+    }
+}
+
 /// Open CUDA device `ordinal`, first checking it exists so that an ordinal
 /// past the count says how many there are. The error is the cause, in words.
 #[cfg(feature = "cuda")]

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use easel_diffusion::device::DeviceSpec;
+use easel_diffusion::device::{DeviceSpec, Offload};
 use easel_diffusion::loader::{ComponentFiles, ComponentOverrides};
 use serde::{Deserialize, Serialize};
 
@@ -254,6 +254,10 @@ pub struct Config {
     /// `easel serve --device`: comma-separated.
     #[serde(deserialize_with = "one_or_many_devices")]
     pub device: Vec<DeviceSpec>,
+    /// Where the models' weights live between uses on each device:
+    /// `"none"` (default), `"model"` or `"sequential"`, diffusers' CPU
+    /// offload modes (`easel generate --offload`; README, "GPU (CUDA)").
+    pub offload: Offload,
     /// Registry names: `name = "repo/id"` or `name = "/path/to/model"`,
     /// or for a single-file checkpoint
     /// `name = { path = "/models/x.safetensors", config = "DIR_OR_REPO",
@@ -363,6 +367,7 @@ impl Default for Config {
             engine: EngineKind::Diffusion,
             fake_step_ms: 5,
             device: vec![DeviceSpec::Auto],
+            offload: Offload::None,
             models: BTreeMap::new(),
             default_model: None,
             price_per_inference_usd: 0.02,
@@ -437,6 +442,7 @@ const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("engine", EnvKind::Str),
     ("fake_step_ms", EnvKind::Int),
     ("device", EnvKind::List),
+    ("offload", EnvKind::Str),
     ("default_model", EnvKind::Str),
     ("price_per_inference_usd", EnvKind::Float),
     ("max_body_bytes", EnvKind::Int),

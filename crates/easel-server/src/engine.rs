@@ -183,6 +183,7 @@ impl DiffusionEngine {
                 resolve: resolve_options(config, config.offline),
                 cache_budget_bytes: config.model_cache_bytes,
                 device,
+                offload: config.offload,
                 ..EngineOptions::default()
             }),
         }

@@ -26,6 +26,7 @@ pub use job::{init_image_size, Job, JobOutput, JobRequest, ResolvedLora, Resolve
 pub use memory::estimate_model_bytes;
 pub use precision::{compute_precision, ComputePrecision};
 
+use crate::device::Offload;
 use crate::error::{Error, Result};
 use crate::loader::{
     resolve_model, ComponentFiles, ComponentOverrides, ModelDir, ModelFamily, ResolveOptions,
@@ -74,6 +75,10 @@ pub struct EngineOptions {
     /// leaves it at [`VaeTiling::Auto`] runs with this one; a request that
     /// says `on` or `off` keeps its own.
     pub vae_tiling: VaeTiling,
+    /// Where the models' weights live between uses (`--offload
+    /// none|model|sequential`, diffusers' CPU offload modes; see
+    /// [`crate::pipelines::offload`]). Default `none`.
+    pub offload: Offload,
 }
 
 impl Default for EngineOptions {
@@ -87,6 +92,7 @@ impl Default for EngineOptions {
             device: Device::Cpu,
             half_precision_on_cpu: false,
             vae_tiling: VaeTiling::Auto,
+            offload: Offload::None,
         }
     }
 }
@@ -202,6 +208,12 @@ impl Engine {
     /// engine ([`EngineOptions::vae_tiling`]).
     pub fn set_vae_tiling(&mut self, vae_tiling: VaeTiling) {
         self.options.vae_tiling = vae_tiling;
+    }
+
+    /// Set the memory mode of the models loaded from now on
+    /// ([`EngineOptions::offload`]); models already loaded keep theirs.
+    pub fn set_offload(&mut self, offload: Offload) {
+        self.options.offload = offload;
     }
 
     /// Registers `files` as component files of model `reference` (`--vae
@@ -355,6 +367,7 @@ impl Engine {
             .with_random_weights(self.options.random_weights)
             .with_quantization(quantization)
             .with_offloaded_t5(offload_t5)
+            .with_offload(self.options.offload)
             .with_compute_dtype(dtype);
         let bytes = estimate_model_bytes(&dir);
         for key in self.cache.make_room(bytes) {
@@ -439,6 +452,13 @@ impl Engine {
         };
         let mut output = model.pipeline.run(&request, &mut ctx)?;
         output.warnings.extend(precision.warning);
+        if self.options.offload != Offload::None && self.device.is_cpu() {
+            output.warnings.push(format!(
+                "offload {} on the CPU saves no memory: the weights and the computation share \
+                 the same memory (it is for GPUs)",
+                self.options.offload
+            ));
+        }
         let images = images_to_rgb8(&output.images)?;
         let non_finite_latents = non_finite_count(&output.latents_to_vae)?;
         if non_finite_latents > 0 {

@@ -106,6 +106,7 @@ pub struct ModelDir {
     random_weights: bool,
     quantization: Option<Quantization>,
     offloaded_t5: bool,
+    offload: crate::device::Offload,
     compute_dtype: DType,
     single_file: Option<Arc<SingleFile>>,
     prediction_type: Option<String>,
@@ -158,6 +159,7 @@ impl ModelDir {
             random_weights: false,
             quantization: None,
             offloaded_t5: false,
+            offload: crate::device::Offload::None,
             compute_dtype: DType::F32,
             single_file: None,
             prediction_type: None,
@@ -205,6 +207,18 @@ impl ModelDir {
     /// The compute dtype ([`Self::with_compute_dtype`]; f32 by default).
     pub fn compute_dtype(&self) -> DType {
         self.compute_dtype
+    }
+
+    /// The same model with its weights kept in host memory between uses
+    /// (`--offload model|sequential`; see [`crate::pipelines::offload`]).
+    pub fn with_offload(mut self, offload: crate::device::Offload) -> Self {
+        self.offload = offload;
+        self
+    }
+
+    /// The memory mode set by [`Self::with_offload`] (default `none`).
+    pub fn offload(&self) -> crate::device::Offload {
+        self.offload
     }
 
     /// Whether [`Self::with_offloaded_t5`] is on.

@@ -248,7 +248,9 @@ impl TensorSource for LoraOverlay {
             return Ok(None);
         };
         match self.deltas.get(name) {
-            Some(d) => Ok(Some((t.to_dtype(d.dtype())? + d)?)),
+            // Offloaded weights keep their updates in host memory: the sum
+            // is taken on the device the tensor was asked on.
+            Some(d) => Ok(Some((t.to_dtype(d.dtype())? + d.to_device(t.device())?)?)),
             None => Ok(Some(t)),
         }
     }

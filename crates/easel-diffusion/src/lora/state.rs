@@ -8,6 +8,7 @@ use candle_core::{DType, Device};
 
 use super::merge::{merge_deltas, LoraDeltas, LoraOverlay};
 use super::LoraSpec;
+use crate::device::Offload;
 use crate::error::{Error, Result};
 use crate::models::weights::{CachedSource, TensorSource, Weights};
 
@@ -20,28 +21,43 @@ pub struct LoraState {
     /// Components whose models now hold merged weights.
     merged: HashSet<String>,
     dtype: DType,
+    /// Where the models are built ([`Offload::weights_device`]).
     device: Device,
+    /// Where the base weights and the LoRA updates are kept
+    /// ([`Offload::host_device`]).
+    host: Device,
 }
 
 impl LoraState {
     /// Wrap each targetable component's weights in a cache (converted to
-    /// `dtype` on `device`).
+    /// `dtype`), for models computing on `device` with `offload`: the cache
+    /// and the LoRA updates on `device`, or in host memory when offloaded.
     pub fn new(
         components: Vec<(String, Arc<dyn TensorSource>)>,
         unet_layers_per_block: Option<usize>,
         dtype: DType,
         device: &Device,
+        offload: Offload,
     ) -> Self {
+        let host = offload.host_device(device);
         Self {
             components: components
                 .into_iter()
-                .map(|(n, s)| (n, Arc::new(CachedSource::new(s, dtype))))
+                .map(|(n, s)| {
+                    let cache = CachedSource::new(s, dtype);
+                    let cache = match offload {
+                        Offload::None => cache,
+                        Offload::Model | Offload::Sequential => cache.on_host(host.clone()),
+                    };
+                    (n, Arc::new(cache))
+                })
                 .collect(),
             unet_layers_per_block,
             active: Vec::new(),
             merged: HashSet::new(),
             dtype,
-            device: device.clone(),
+            device: offload.weights_device(device),
+            host,
         }
     }
 
@@ -81,7 +97,7 @@ impl LoraState {
             .iter()
             .map(|(n, s)| (n.as_str(), s.as_ref() as &dyn TensorSource))
             .collect();
-        let deltas = merge_deltas(specs, &sources, self.unet_layers_per_block, &self.device)?;
+        let deltas = merge_deltas(specs, &sources, self.unet_layers_per_block, &self.host)?;
         let rebuild = self
             .components
             .iter()

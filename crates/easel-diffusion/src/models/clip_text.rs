@@ -9,7 +9,8 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 
 use super::layers::{
-    merge_heads, scaled_dot_product_attention, split_heads, Activation, LayerNorm, Linear,
+    merge_heads, on_device, scaled_dot_product_attention, split_heads, Activation, LayerNorm,
+    Linear,
 };
 use super::weights::Weights;
 use crate::error::{Error, Result};
@@ -272,11 +273,12 @@ impl ClipTextModel {
         }
         let flat: Vec<u32> = input_ids.iter().flatten().copied().collect();
         let ids = Tensor::from_vec(flat, (batch, seq), device)?;
-        let tokens = self
-            .token_embedding
+        let tokens = on_device(&self.token_embedding, device)?
             .embedding(&ids.flatten_all()?)?
             .reshape((batch, seq, ()))?;
-        let positions = self.position_embedding.narrow(0, 0, seq)?.unsqueeze(0)?;
+        let positions = on_device(&self.position_embedding, device)?
+            .narrow(0, 0, seq)?
+            .unsqueeze(0)?;
         let mut x = tokens.broadcast_add(&positions)?;
         let mask = causal_mask(seq, x.dtype(), device)?;
         let mut hidden_states = vec![x.clone()];

@@ -2,6 +2,7 @@
 //! linear and convolution layers, normalisations, activations and
 //! scaled dot-product attention, with PyTorch's semantics.
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,6 +73,22 @@ fn half_on_cpu(x: &Tensor) -> Option<candle_core::DType> {
             candle_core::DType::F16 | candle_core::DType::BF16
         ))
     .then_some(x.dtype())
+}
+
+/// `t` on `device`: `t` itself when it is there already, else a copy on
+/// `device` (freed when dropped). Under `--offload sequential`
+/// ([`crate::pipelines::offload`]) a model's weights stay on the CPU and
+/// each layer moves its own this way for its forward pass, as diffusers'
+/// `enable_sequential_cpu_offload()` moves each module's parameters in its
+/// pre-forward hook.
+///
+/// Errors: the copy failed (out of device memory).
+pub fn on_device<'a>(t: &'a Tensor, device: &candle_core::Device) -> Result<Cow<'a, Tensor>> {
+    Ok(if t.device().same_device(device) {
+        Cow::Borrowed(t)
+    } else {
+        Cow::Owned(t.to_device(device)?)
+    })
 }
 
 /// A 1-D parameter (bias, norm scale) as f32 values for the CPU kernels,
@@ -162,7 +179,11 @@ impl Linear {
         let bias = self
             .bias
             .as_ref()
-            .map(|b| b.to_dtype(x.dtype()))
+            .map(|b| {
+                on_device(b, x.device())?
+                    .to_dtype(x.dtype())
+                    .map_err(Error::from)
+            })
             .transpose()?;
         let inner = candle_nn::Linear::new(weight, bias);
         timed(3, || Ok(inner.forward(x)?))
@@ -527,7 +548,11 @@ impl Conv2d {
         let y = timed(2, || x.conv2d(&weight, padding, self.stride, 1, 1))?;
         count_flops(2 * y.elem_count() * in_c * k * k);
         match &self.bias {
-            Some(b) => Ok(y.broadcast_add(&b.to_dtype(y.dtype())?.reshape((1, (), 1, 1))?)?),
+            Some(b) => Ok(y.broadcast_add(
+                &on_device(b, y.device())?
+                    .to_dtype(y.dtype())?
+                    .reshape((1, (), 1, 1))?,
+            )?),
             None => Ok(y),
         }
     }
@@ -620,6 +645,9 @@ pub fn pad_circular(x: &Tensor, pad: usize) -> Result<Tensor> {
 #[derive(Clone, Debug)]
 pub struct GroupNorm {
     inner: candle_nn::GroupNorm,
+    /// `(weight, bias)`, `(channels,)` each, for a norm on another device
+    /// than its weights (`--offload sequential`: see [`on_device`]).
+    params: (Tensor, Tensor),
     groups: usize,
     eps: f64,
     gamma: Arc<Vec<f32>>,
@@ -647,6 +675,7 @@ impl GroupNorm {
         };
         Ok(Self {
             dtype: weight.dtype(),
+            params: (weight.clone(), bias.clone()),
             inner: candle_nn::GroupNorm::new(weight, bias, channels, groups, eps)?,
             groups,
             eps,
@@ -713,10 +742,24 @@ impl GroupNorm {
         // candle's group norm scales in its weight's dtype: an input of
         // another dtype (a half-precision model's layer widened to f32 on
         // the CPU) is normalised in the weight's dtype and cast back.
-        let y = if x.dtype() == self.dtype {
-            self.inner.forward(x)?
+        let moved;
+        let inner = if self.params.0.device().same_device(x.device()) {
+            &self.inner
         } else {
-            self.inner
+            let (weight, bias) = &self.params;
+            moved = candle_nn::GroupNorm::new(
+                weight.to_device(x.device())?,
+                bias.to_device(x.device())?,
+                weight.dim(0)?,
+                self.groups,
+                self.eps,
+            )?;
+            &moved
+        };
+        let y = if x.dtype() == self.dtype {
+            inner.forward(x)?
+        } else {
+            inner
                 .forward(&x.to_dtype(self.dtype)?)?
                 .to_dtype(x.dtype())?
         };
@@ -732,6 +775,9 @@ impl GroupNorm {
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
     inner: candle_nn::LayerNorm,
+    /// `(weight, bias)` and eps, for a norm on another device than its
+    /// weights (`--offload sequential`: see [`on_device`]).
+    params: (Tensor, Tensor, f64),
 }
 
 impl LayerNorm {
@@ -740,13 +786,23 @@ impl LayerNorm {
         let weight = w.get(&[dim], "weight")?;
         let bias = w.get(&[dim], "bias")?;
         Ok(Self {
+            params: (weight.clone(), bias.clone(), eps),
             inner: candle_nn::LayerNorm::new(weight, bias, eps),
         })
     }
 
     /// `x`: `(..., dim)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.inner.forward(x)?)
+        let (weight, bias, eps) = &self.params;
+        if weight.device().same_device(x.device()) {
+            return Ok(self.inner.forward(x)?);
+        }
+        let moved = candle_nn::LayerNorm::new(
+            weight.to_device(x.device())?,
+            bias.to_device(x.device())?,
+            *eps,
+        );
+        Ok(moved.forward(x)?)
     }
 }
 

@@ -13,7 +13,9 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use super::layers::{merge_heads, scaled_dot_product_attention, split_heads, Activation, Linear};
+use super::layers::{
+    merge_heads, on_device, scaled_dot_product_attention, split_heads, Activation, Linear,
+};
 use super::stored::StoredTensor;
 use super::weights::Weights;
 use crate::error::{Error, Result};
@@ -173,7 +175,7 @@ impl T5LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(
             &x.contiguous()?,
-            &self.weight,
+            &*on_device(&self.weight, x.device())?,
             self.eps,
         )?)
     }
@@ -329,7 +331,7 @@ impl T5EncoderModel {
     /// whole).
     fn token_embeddings(&self, flat: &[u32], ids: &Tensor, device: &Device) -> Result<Tensor> {
         if let StoredTensor::Dense(table) = &self.shared {
-            return Ok(table.embedding(ids)?);
+            return Ok(on_device(table, device)?.embedding(ids)?);
         }
         let rows = flat
             .iter()
@@ -357,7 +359,7 @@ impl T5EncoderModel {
             })
             .collect();
         let ids = Tensor::from_vec(buckets, seq * seq, device)?;
-        let values = self.relative_attention_bias.embedding(&ids)?; // (seq², heads)
+        let values = on_device(&self.relative_attention_bias, device)?.embedding(&ids)?; // (seq², heads)
         Ok(values
             .reshape((seq, seq, c.num_heads))?
             .permute((2, 0, 1))?

@@ -176,10 +176,14 @@ impl TensorSource for SafetensorsSource {
 /// share their storage), so the cache costs no extra memory while the models
 /// use the base weights; with adapters merged it keeps the base copies of
 /// the merged weights only. Tensors are cached on the device of the first
-/// request (a pipeline lives on one device).
+/// request (a pipeline lives on one device), or on the host device of
+/// [`CachedSource::on_host`] (offloaded weights).
 pub struct CachedSource {
     base: Arc<dyn TensorSource>,
     dtype: DType,
+    /// Where the tensors are read and kept ([`CachedSource::on_host`]);
+    /// `None`: on the device of each request.
+    host: Option<Device>,
     cache: Mutex<HashMap<String, StoredTensor>>,
     reads: AtomicUsize,
 }
@@ -190,9 +194,20 @@ impl CachedSource {
         Self {
             base,
             dtype,
+            host: None,
             cache: Mutex::new(HashMap::new()),
             reads: AtomicUsize::new(0),
         }
+    }
+
+    /// The same cache reading and keeping every tensor on `host` whatever
+    /// device a request names (`--offload model|sequential`: the weights
+    /// stay in host memory; [`Weights`] moves each to its device as a
+    /// model is built, and [`CachedSource::tensor`] returns it on the
+    /// requested device).
+    pub fn on_host(mut self, host: Device) -> Self {
+        self.host = Some(host);
+        self
     }
 
     /// How many tensors were read from the underlying source so far (each
@@ -222,7 +237,10 @@ impl TensorSource for CachedSource {
         if let Some(t) = cache.get(name) {
             return Ok(Some(t.clone()));
         }
-        let Some(t) = self.base.stored(name, shape, device)? else {
+        let Some(t) = self
+            .base
+            .stored(name, shape, self.host.as_ref().unwrap_or(device))?
+        else {
             return Ok(None);
         };
         self.reads.fetch_add(1, Ordering::Relaxed);

@@ -6,12 +6,16 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 
+use super::offload::{Held, Offload};
 use crate::error::Result;
 use crate::loader::{ModelDir, ModelFamily};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::quantize::QuantizingSource;
-use crate::models::unet_2d_condition::UNet2DConditionConfig;
-use crate::models::weights::{RandomSource, SafetensorsSource, TensorSource, Weights};
+use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::weights::{
+    CachedSource, RandomSource, SafetensorsSource, TensorSource, Weights,
+};
 
 /// Open a component's weights in their stored dtype: its safetensors files
 /// (memory-mapped), or synthesised f16 weights for a
@@ -69,44 +73,77 @@ pub fn component_weights(model: &ModelDir, component: &str, device: &Device) -> 
     component_weights_in(model, component, device, model.compute_dtype())
 }
 
-/// [`component_weights`] in `dtype`.
+/// [`component_weights`] in `dtype`, placed as the model's
+/// [`ModelDir::offload`] says: on `device` (`none`); kept in host memory
+/// and moved to `device` as a model is built (`model`: the component is
+/// built for each use, see [`Held`]); on the CPU, each layer moving its
+/// weights to the device as it runs (`sequential`).
 pub fn component_weights_in(
     model: &ModelDir,
     component: &str,
     device: &Device,
     dtype: DType,
 ) -> Result<Weights> {
+    let source = component_source(model, component)?;
+    let offload = model.offload();
+    let source: Arc<dyn TensorSource> = match offload {
+        Offload::Model => {
+            Arc::new(CachedSource::new(source, dtype).on_host(offload.host_device(device)))
+        }
+        Offload::None | Offload::Sequential => source,
+    };
     Ok(Weights::new(
-        component_source(model, component)?,
+        source,
         component,
         dtype,
-        device,
+        &offload.weights_device(device),
     ))
 }
 
-/// Load the VAE (`with_encoder` for image-to-image) and its config, in the
-/// model's compute dtype, or in f32 where diffusers' pipeline upcasts it:
-/// `upcast_f16` (the SDXL pipelines) with an f16 compute dtype and the
-/// VAE config's `force_upcast` (default true) set, as
-/// `StableDiffusionXLPipeline` runs the VAE in f32 because the SDXL VAE
-/// overflows in f16.
-pub fn load_vae(
+/// The VAE's weights and config, in the model's compute dtype, or in f32
+/// where diffusers' pipeline upcasts it: `upcast_f16` (the SDXL pipelines)
+/// with an f16 compute dtype and the VAE config's `force_upcast` (default
+/// true) set, as `StableDiffusionXLPipeline` runs the VAE in f32 because
+/// the SDXL VAE overflows in f16.
+fn vae_weights(
     model: &ModelDir,
     device: &Device,
-    with_encoder: bool,
     upcast_f16: bool,
-) -> Result<AutoencoderKL> {
+) -> Result<(Weights, AutoencoderKLConfig)> {
     let config: AutoencoderKLConfig =
         crate::models::read_config(&model.component_dir("vae")?.join("config.json"))?;
     let dtype = match model.compute_dtype() {
         DType::F16 if upcast_f16 && config.force_upcast => DType::F32,
         d => d,
     };
-    AutoencoderKL::load(
-        &component_weights_in(model, "vae", device, dtype)?,
-        &config,
-        with_encoder,
-    )
+    Ok((component_weights_in(model, "vae", device, dtype)?, config))
+}
+
+/// Load the VAE (`with_encoder` for image-to-image) and its config, in the
+/// model's compute dtype or upcast to f32 (`upcast_f16`, see
+/// [`vae_weights`]).
+pub fn load_vae(
+    model: &ModelDir,
+    device: &Device,
+    with_encoder: bool,
+    upcast_f16: bool,
+) -> Result<AutoencoderKL> {
+    let (weights, config) = vae_weights(model, device, upcast_f16)?;
+    AutoencoderKL::load(&weights, &config, with_encoder)
+}
+
+/// [`load_vae`] as a pipeline holds it: resident, or built for each use
+/// under `model` offload.
+pub(crate) fn held_vae(
+    model: &ModelDir,
+    device: &Device,
+    with_encoder: bool,
+    upcast_f16: bool,
+) -> Result<Held<AutoencoderKL>> {
+    let (weights, config) = vae_weights(model, device, upcast_f16)?;
+    Held::load(model.offload() == Offload::Model, move || {
+        AutoencoderKL::load(&weights, &config, with_encoder)
+    })
 }
 
 /// A UNet model's native `(width, height)` in pixels: its config's
@@ -121,4 +158,26 @@ pub(super) fn unet_native_size(
     let fallback = family.default_sample_size();
     let (h, w) = unet.sample_size().unwrap_or((fallback, fallback));
     (w * vae_scale_factor, h * vae_scale_factor)
+}
+
+/// A CLIP text encoder held by a pipeline (built from `weights` for each
+/// use when `offloaded`).
+pub(crate) fn held_text_encoder(
+    offloaded: bool,
+    weights: Weights,
+    config: ClipTextConfig,
+) -> Result<Held<ClipTextModel>> {
+    Held::load(offloaded, move || ClipTextModel::load(&weights, &config))
+}
+
+/// A UNet held by a pipeline (built from `weights` for each use when
+/// `offloaded`).
+pub(crate) fn held_unet(
+    offloaded: bool,
+    weights: Weights,
+    config: UNet2DConditionConfig,
+) -> Result<Held<UNet2DConditionModel>> {
+    Held::load(offloaded, move || {
+        UNet2DConditionModel::load(&weights, &config)
+    })
 }

@@ -24,11 +24,12 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
+use super::offload::{Held, Offload};
 use super::{
     component_weights, decode_to_images, repeat_interleave_batch, tokenize_clip, GenerationOutput,
     GenerationRequest, Progress, RunContext, StageTimings,
 };
-use super::{DiffusionPipeline, Task};
+use super::{held_text_encoder, DiffusionPipeline, Task};
 use crate::error::{Error, Result};
 use crate::image_processor;
 use crate::loader::{ModelDir, ModelFamily};
@@ -100,7 +101,9 @@ pub fn latent_image_ids(rows: usize, cols: usize, device: &Device) -> Result<Ten
 // One per loaded pipeline: the size of the variants does not matter.
 #[allow(clippy::large_enum_variant)]
 enum T5Encoder {
-    Resident(T5EncoderModel),
+    /// Resident, or built for each use from host memory (`--offload model`).
+    Held(Held<T5EncoderModel>),
+    /// `offload_t5`: read from the weight files for each use.
     Offloaded { model: ModelDir, config: T5Config },
 }
 
@@ -108,7 +111,7 @@ impl T5Encoder {
     /// `(batch, L, d_model)` embeddings of `ids`.
     fn forward(&self, ids: &[Vec<u32>], device: &Device) -> Result<Tensor> {
         match self {
-            T5Encoder::Resident(t5) => t5.forward(ids, device),
+            T5Encoder::Held(t5) => t5.get()?.forward(ids, device),
             T5Encoder::Offloaded { model, config } => {
                 let t5 = T5EncoderModel::load(
                     &component_weights(model, "text_encoder_2", device)?,
@@ -126,13 +129,13 @@ impl T5Encoder {
 /// The components every FLUX.1 pipeline has, and the stages they share.
 pub(super) struct FluxComponents {
     tokenizer: ClipTokenizer,
-    text_encoder: ClipTextModel,
-    text_encoder_config: ClipTextConfig,
+    text_encoder: Held<ClipTextModel>,
     tokenizer_2: T5Tokenizer,
     text_encoder_2: T5Encoder,
-    pub(super) transformer: FluxTransformer2DModel,
-    transformer_config: FluxTransformer2DConfig,
-    vae: AutoencoderKL,
+    pub(super) transformer: Held<FluxTransformer2DModel>,
+    vae: Held<AutoencoderKL>,
+    /// `--offload model`: the components are built for each use.
+    offloaded: bool,
     /// The LoRA-targetable weights (CLIP text encoder, transformer), as
     /// diffusers' `FluxLoraLoaderMixin`: T5 takes no adapters.
     pub(super) lora: LoraState,
@@ -168,8 +171,14 @@ impl FluxComponents {
             None,
             model.compute_dtype(),
             device,
+            model.offload(),
         );
-        let text_encoder = ClipTextModel::load(&lora.base_weights("text_encoder")?, &te_cfg)?;
+        let offloaded = model.offload() == Offload::Model;
+        let text_encoder = held_text_encoder(
+            offloaded,
+            lora.base_weights("text_encoder")?,
+            te_cfg.clone(),
+        )?;
         let tokenizer_2 = T5Tokenizer::from_dir(model.component_dir("tokenizer_2")?)?;
         let t5_cfg: T5Config = crate::models::read_config(&cfg("text_encoder_2")?)?;
         let text_encoder_2 = if model.offloaded_t5() {
@@ -178,16 +187,22 @@ impl FluxComponents {
                 config: t5_cfg.clone(),
             }
         } else {
-            T5Encoder::Resident(T5EncoderModel::load(
-                &component_weights(model, "text_encoder_2", device)?,
-                &t5_cfg,
-            )?)
+            let weights = component_weights(model, "text_encoder_2", device)?;
+            let config = t5_cfg.clone();
+            T5Encoder::Held(Held::load(offloaded, move || {
+                T5EncoderModel::load(&weights, &config)
+            })?)
         };
         let tr_cfg: FluxTransformer2DConfig = crate::models::read_config(&cfg("transformer")?)?;
         let transformer =
-            FluxTransformer2DModel::load(&lora.base_weights("transformer")?, &tr_cfg)?;
+            held_transformer(offloaded, lora.base_weights("transformer")?, tr_cfg.clone())?;
         let vae_cfg: AutoencoderKLConfig = crate::models::read_config(&cfg("vae")?)?;
-        let vae = AutoencoderKL::load(&component_weights(model, "vae", device)?, &vae_cfg, true)?;
+        let vae = {
+            let (weights, config) = (component_weights(model, "vae", device)?, vae_cfg.clone());
+            Held::load(offloaded, move || {
+                AutoencoderKL::load(&weights, &config, true)
+            })?
+        };
         let scheduler_config = model.component_config("scheduler")?;
         let flow_config = FlowMatchConfig::from_json(&scheduler_config)?;
 
@@ -224,12 +239,11 @@ impl FluxComponents {
         Ok(Self {
             tokenizer,
             text_encoder,
-            text_encoder_config: te_cfg,
             tokenizer_2,
             text_encoder_2,
             transformer,
-            transformer_config: tr_cfg,
             vae,
+            offloaded,
             lora,
             scheduler_config,
             flow_config,
@@ -249,10 +263,14 @@ impl FluxComponents {
         }
         let (deltas, rebuild) = self.lora.plan(loras)?;
         let text_encoder = self.lora.rebuilt("text_encoder", &deltas, &rebuild, |w| {
-            ClipTextModel::load(w, &self.text_encoder_config)
+            held_text_encoder(
+                self.offloaded,
+                w.clone(),
+                self.text_encoder.config().clone(),
+            )
         })?;
         let transformer = self.lora.rebuilt("transformer", &deltas, &rebuild, |w| {
-            FluxTransformer2DModel::load(w, &self.transformer_config)
+            held_transformer(self.offloaded, w.clone(), self.transformer.config().clone())
         })?;
         if let Some(t) = text_encoder {
             self.text_encoder = t;
@@ -320,6 +338,7 @@ impl FluxComponents {
             .collect::<Result<Vec<_>>>()?;
         let pooled = self
             .text_encoder
+            .get()?
             .forward(&clip_ids, &self.device)?
             .pooled_output;
         let t5_ids = request
@@ -381,7 +400,7 @@ impl FluxComponents {
         batch: usize,
         ctx: &mut RunContext<'_>,
     ) -> Result<Tensor> {
-        let dist = self.vae.encode(image)?;
+        let dist = self.vae.get()?.encode(image)?;
         let dist = DiagonalGaussian {
             mean: dist.mean.repeat((batch, 1, 1, 1))?,
             std: dist.std.repeat((batch, 1, 1, 1))?,
@@ -445,6 +464,7 @@ impl FluxComponents {
         let guidance = vec![request.guidance_scale as f32; batch];
         let timesteps = scheduler.timesteps()[t_start..].to_vec();
         let total = timesteps.len();
+        let transformer = self.transformer.get()?;
         for (i, &t) in timesteps.iter().enumerate() {
             ctx.cancel.check()?;
             let start = Instant::now();
@@ -456,7 +476,7 @@ impl FluxComponents {
             };
             let call = Instant::now();
             let flops_before = crate::models::layers::flops();
-            let noise_pred = self.transformer.forward(&FluxTransformerInput {
+            let noise_pred = transformer.forward(&FluxTransformerInput {
                 hidden_states: &hidden,
                 encoder_hidden_states: prompt_embeds,
                 pooled_projections: pooled,
@@ -487,7 +507,7 @@ impl FluxComponents {
         let cfg = self.vae.config();
         let latents = unpack_latents(latents, h, w)?;
         let latents_to_vae = ((latents / cfg.scaling_factor)? + cfg.shift_factor.unwrap_or(0.0))?;
-        let images = decode_to_images(&self.vae, &latents_to_vae, request, warnings)?;
+        let images = decode_to_images(&*self.vae.get()?, &latents_to_vae, request, warnings)?;
         Ok((latents_to_vae, images))
     }
 
@@ -698,6 +718,18 @@ impl DiffusionPipeline for FluxPipeline {
     fn class_name(&self) -> &'static str {
         "FluxPipeline"
     }
+}
+
+/// A FLUX transformer held by a pipeline (built from `weights` for each
+/// use when `offloaded`).
+fn held_transformer(
+    offloaded: bool,
+    weights: crate::models::weights::Weights,
+    config: FluxTransformer2DConfig,
+) -> Result<Held<FluxTransformer2DModel>> {
+    Held::load(offloaded, move || {
+        FluxTransformer2DModel::load(&weights, &config)
+    })
 }
 
 #[cfg(test)]

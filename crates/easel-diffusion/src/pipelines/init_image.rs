@@ -25,6 +25,7 @@
 
 use candle_core::{Device, Tensor};
 
+use super::offload::Held;
 use super::{GenerationRequest, RunContext};
 use crate::error::{Error, Result};
 use crate::image_processor::{interpolate_nearest, preprocess_image, preprocess_mask};
@@ -150,12 +151,13 @@ pub fn check_strength(strength: f64) -> Result<()> {
 /// for `batch` images: `scaling_factor · (mean + std · ε)` with ε of shape
 /// `(batch, 4, H/8, W/8)` from the job's noise (one draw).
 fn encode_sample(
-    vae: &AutoencoderKL,
+    vae: &Held<AutoencoderKL>,
     image: &Tensor,
     batch: usize,
     ctx: &mut RunContext<'_>,
 ) -> Result<Tensor> {
-    let dist = vae.encode(image)?;
+    // Under `model` offload the VAE is built on the device for this encode.
+    let dist = vae.get()?.encode(image)?;
     let (_, c, h, w) = dist.mean.dims4()?;
     let shape = (batch, c, h, w);
     let dist = crate::models::autoencoder_kl::DiagonalGaussian {
@@ -179,7 +181,7 @@ fn encode_sample(
 /// channel count for an image task, a strength out of 0..=1 or too small
 /// to run a step, a mask whose aspect ratio differs from the image's.
 pub fn prepare_latents(
-    vae: &AutoencoderKL,
+    vae: &Held<AutoencoderKL>,
     unet_in_channels: usize,
     mut scheduler: Box<dyn Scheduler>,
     request: &GenerationRequest,
@@ -293,7 +295,7 @@ pub fn prepare_latents(
 /// not use them, but diffusers still encodes them and so draws a posterior
 /// sample; the draw is made (and discarded) to keep later draws in step.
 fn encode_masked(
-    vae: &AutoencoderKL,
+    vae: &Held<AutoencoderKL>,
     masked_image: &Tensor,
     batch: usize,
     needed: bool,

@@ -26,6 +26,8 @@
 //! - `stages.rs`: stage helpers the pipelines share (tokenizing, the
 //!   guided denoising loop, decoding);
 //! - `components.rs`: opening a model's component weights;
+//! - [`offload`]: `--offload none|model|sequential` and [`offload::Held`],
+//!   a component resident on the device or built there for each use;
 //! - [`init_image`]: image-to-image and inpainting latents (SD, SDXL).
 //!
 //! The 8-bit inputs ([`ImageInput`], [`MaskInput`]) live in
@@ -36,6 +38,7 @@ pub mod flux;
 pub mod flux_fill;
 mod generation_output;
 pub mod init_image;
+pub mod offload;
 mod pipeline;
 mod request;
 mod run_context;
@@ -50,8 +53,8 @@ use crate::error::{Error, Result};
 use crate::loader::{ModelDir, ModelFamily};
 
 pub use crate::image_processor::{ImageInput, MaskInput};
-pub(crate) use components::lora_sources;
 pub use components::{component_source, component_weights, load_vae};
+pub(crate) use components::{held_text_encoder, held_unet, held_vae, lora_sources};
 pub use generation_output::{GenerationOutput, StageTimings};
 pub use pipeline::DiffusionPipeline;
 pub use request::{GenerationRequest, DEFAULT_STRENGTH};

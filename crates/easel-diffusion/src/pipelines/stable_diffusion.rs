@@ -8,9 +8,9 @@ use candle_core::{Device, Tensor};
 
 use super::DiffusionPipeline;
 use super::{
-    decode_to_images, denoise_from, init_image::prepare_latents, load_vae, prepare_scheduler,
-    repeat_interleave_batch, tokenize_clip, GenerationOutput, GenerationRequest, Progress,
-    RunContext, StageTimings,
+    decode_to_images, denoise_from, held_text_encoder, held_unet, held_vae,
+    init_image::prepare_latents, prepare_scheduler, repeat_interleave_batch, tokenize_clip,
+    GenerationOutput, GenerationRequest, Progress, RunContext, StageTimings,
 };
 use crate::error::Result;
 use crate::loader::{ModelDir, ModelFamily};
@@ -20,17 +20,19 @@ use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::tokenizer::ClipTokenizer;
 
+use super::offload::{Held, Offload};
+
 /// A loaded Stable Diffusion 1.x / 2.x pipeline (also the inpainting
 /// models of `StableDiffusionInpaintPipeline`, whose UNet takes 9 channels).
 pub struct StableDiffusionPipeline {
     class_name: &'static str,
     tokenizer: ClipTokenizer,
-    text_encoder: ClipTextModel,
-    text_encoder_config: ClipTextConfig,
-    unet: UNet2DConditionModel,
-    unet_config: UNet2DConditionConfig,
-    vae: AutoencoderKL,
+    text_encoder: Held<ClipTextModel>,
+    unet: Held<UNet2DConditionModel>,
+    vae: Held<AutoencoderKL>,
     lora: LoraState,
+    /// `--offload model`: the components are built for each use.
+    offloaded: bool,
     /// The model's `scheduler/scheduler_config.json`.
     scheduler_config: serde_json::Value,
     device: Device,
@@ -51,21 +53,25 @@ impl StableDiffusionPipeline {
             unet_config.uniform_layers_per_block(),
             model.compute_dtype(),
             device,
+            model.offload(),
         );
-        let text_encoder =
-            ClipTextModel::load(&lora.base_weights("text_encoder")?, &text_encoder_config)?;
-        let unet = UNet2DConditionModel::load(&lora.base_weights("unet")?, &unet_config)?;
-        let vae = load_vae(model, device, true, false)?;
+        let offloaded = model.offload() == Offload::Model;
+        let text_encoder = held_text_encoder(
+            offloaded,
+            lora.base_weights("text_encoder")?,
+            text_encoder_config,
+        )?;
+        let unet = held_unet(offloaded, lora.base_weights("unet")?, unet_config)?;
+        let vae = held_vae(model, device, true, false)?;
         let scheduler_config = model.component_config("scheduler")?;
         Ok(Self {
             class_name,
             tokenizer,
             text_encoder,
-            text_encoder_config,
             unet,
-            unet_config,
             vae,
             lora,
+            offloaded,
             scheduler_config,
             device: device.clone(),
         })
@@ -100,6 +106,7 @@ impl StableDiffusionPipeline {
         // are widened once instead of twice.
         let all = self
             .text_encoder
+            .get()?
             .forward(&ids, &self.device)?
             .last_hidden_state;
         let embeds =
@@ -133,10 +140,14 @@ impl DiffusionPipeline for StableDiffusionPipeline {
         }
         let (deltas, rebuild) = self.lora.plan(loras)?;
         let text_encoder = self.lora.rebuilt("text_encoder", &deltas, &rebuild, |w| {
-            ClipTextModel::load(w, &self.text_encoder_config)
+            held_text_encoder(
+                self.offloaded,
+                w.clone(),
+                self.text_encoder.config().clone(),
+            )
         })?;
         let unet = self.lora.rebuilt("unet", &deltas, &rebuild, |w| {
-            UNet2DConditionModel::load(w, &self.unet_config)
+            held_unet(self.offloaded, w.clone(), self.unet.config().clone())
         })?;
         if let Some(t) = text_encoder {
             self.text_encoder = t;
@@ -220,22 +231,24 @@ impl DiffusionPipeline for StableDiffusionPipeline {
         let guidance = request
             .do_classifier_free_guidance()
             .then_some(request.guidance_scale);
+        let unet = self.unet.get()?;
         let latents = denoise_from(
             scheduler.as_mut(),
             prepared.latents,
             prepared.begin,
             prepared.inpaint.as_ref(),
             guidance,
-            |x, t| self.unet.forward(x, t, &context, None),
+            |x, t| unet.forward(x, t, &context, None),
             ctx,
             &mut timings,
         )?;
+        drop(unet);
         timings.denoising = t0.elapsed();
 
         // 5. Decode, 6. post-process.
         let t0 = Instant::now();
         let latents_to_vae = (latents / self.vae.config().scaling_factor)?;
-        let images = decode_to_images(&self.vae, &latents_to_vae, request, &mut warnings)?;
+        let images = decode_to_images(&*self.vae.get()?, &latents_to_vae, request, &mut warnings)?;
         timings.vae_decode = t0.elapsed();
         ctx.report(Progress::Decoded);
         timings.total = started.elapsed();

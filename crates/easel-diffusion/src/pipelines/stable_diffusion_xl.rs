@@ -12,9 +12,9 @@ use candle_core::{Device, Tensor};
 
 use super::DiffusionPipeline;
 use super::{
-    decode_to_images, denoise_from, init_image::prepare_latents, load_vae, prepare_scheduler,
-    repeat_interleave_batch, tokenize_clip, GenerationOutput, GenerationRequest, Progress,
-    RunContext, StageTimings,
+    decode_to_images, denoise_from, held_text_encoder, held_unet, held_vae,
+    init_image::prepare_latents, prepare_scheduler, repeat_interleave_batch, tokenize_clip,
+    GenerationOutput, GenerationRequest, Progress, RunContext, StageTimings,
 };
 use crate::error::{Error, Result};
 use crate::loader::{ModelDir, ModelFamily};
@@ -26,19 +26,21 @@ use crate::models::unet_2d_condition::{
 };
 use crate::tokenizer::ClipTokenizer;
 
+use super::offload::{Held, Offload};
+
 /// A loaded SDXL pipeline (also SDXL inpainting models, whose UNet takes
 /// 9 channels).
 pub struct StableDiffusionXLPipeline {
     class_name: &'static str,
     tokenizer: ClipTokenizer,
     tokenizer_2: ClipTokenizer,
-    text_encoder: ClipTextModel,
-    text_encoder_2: ClipTextModel,
-    text_encoder_configs: [ClipTextConfig; 2],
-    unet: UNet2DConditionModel,
-    unet_config: UNet2DConditionConfig,
-    vae: AutoencoderKL,
+    text_encoder: Held<ClipTextModel>,
+    text_encoder_2: Held<ClipTextModel>,
+    unet: Held<UNet2DConditionModel>,
+    vae: Held<AutoencoderKL>,
     lora: LoraState,
+    /// `--offload model`: the components are built for each use.
+    offloaded: bool,
     force_zeros_for_empty_prompt: bool,
     /// The model's `scheduler/scheduler_config.json`.
     scheduler_config: serde_json::Value,
@@ -60,7 +62,7 @@ impl StableDiffusionXLPipeline {
         let te_config = |name: &str| -> Result<ClipTextConfig> {
             crate::models::read_config(&model.component_dir(name)?.join("config.json"))
         };
-        let text_encoder_configs = [te_config("text_encoder")?, te_config("text_encoder_2")?];
+        let [te_config_1, te_config_2] = [te_config("text_encoder")?, te_config("text_encoder_2")?];
         let unet_config: UNet2DConditionConfig =
             crate::models::read_config(&model.component_dir("unet")?.join("config.json"))?;
         if !unet_config.uses_text_time() {
@@ -74,16 +76,14 @@ impl StableDiffusionXLPipeline {
             unet_config.uniform_layers_per_block(),
             model.compute_dtype(),
             device,
+            model.offload(),
         );
-        let text_encoder = ClipTextModel::load(
-            &lora.base_weights("text_encoder")?,
-            &text_encoder_configs[0],
-        )?;
-        let text_encoder_2 = ClipTextModel::load(
-            &lora.base_weights("text_encoder_2")?,
-            &text_encoder_configs[1],
-        )?;
-        let unet = UNet2DConditionModel::load(&lora.base_weights("unet")?, &unet_config)?;
+        let offloaded = model.offload() == Offload::Model;
+        let text_encoder =
+            held_text_encoder(offloaded, lora.base_weights("text_encoder")?, te_config_1)?;
+        let text_encoder_2 =
+            held_text_encoder(offloaded, lora.base_weights("text_encoder_2")?, te_config_2)?;
+        let unet = held_unet(offloaded, lora.base_weights("unet")?, unet_config)?;
         let force_zeros_for_empty_prompt = model
             .options()
             .get("force_zeros_for_empty_prompt")
@@ -95,11 +95,10 @@ impl StableDiffusionXLPipeline {
             tokenizer_2: ClipTokenizer::from_dir(&model.component_dir("tokenizer_2")?)?,
             text_encoder,
             text_encoder_2,
-            text_encoder_configs,
             unet,
-            unet_config,
-            vae: load_vae(model, device, true, true)?,
+            vae: held_vae(model, device, true, true)?,
             lora,
+            offloaded,
             force_zeros_for_empty_prompt,
             scheduler_config: model.component_config("scheduler")?,
             device: device.clone(),
@@ -118,8 +117,9 @@ impl StableDiffusionXLPipeline {
             .iter()
             .map(|t| tokenize_clip(&self.tokenizer_2, t, warnings))
             .collect::<Result<Vec<_>>>()?;
-        let o1 = self.text_encoder.forward(&ids_1, &self.device)?;
-        let o2 = self.text_encoder_2.forward(&ids_2, &self.device)?;
+        // Under `model` offload each encoder is built for its own call.
+        let o1 = self.text_encoder.get()?.forward(&ids_1, &self.device)?;
+        let o2 = self.text_encoder_2.get()?.forward(&ids_2, &self.device)?;
         let penultimate = |hs: &[Tensor]| -> Result<Tensor> {
             hs.len()
                 .checked_sub(2)
@@ -161,15 +161,23 @@ impl DiffusionPipeline for StableDiffusionXLPipeline {
         }
         let (deltas, rebuild) = self.lora.plan(loras)?;
         let text_encoder = self.lora.rebuilt("text_encoder", &deltas, &rebuild, |w| {
-            ClipTextModel::load(w, &self.text_encoder_configs[0])
+            held_text_encoder(
+                self.offloaded,
+                w.clone(),
+                self.text_encoder.config().clone(),
+            )
         })?;
         let text_encoder_2 = self
             .lora
             .rebuilt("text_encoder_2", &deltas, &rebuild, |w| {
-                ClipTextModel::load(w, &self.text_encoder_configs[1])
+                held_text_encoder(
+                    self.offloaded,
+                    w.clone(),
+                    self.text_encoder_2.config().clone(),
+                )
             })?;
         let unet = self.lora.rebuilt("unet", &deltas, &rebuild, |w| {
-            UNet2DConditionModel::load(w, &self.unet_config)
+            held_unet(self.offloaded, w.clone(), self.unet.config().clone())
         })?;
         if let Some(t) = text_encoder {
             self.text_encoder = t;
@@ -286,6 +294,7 @@ impl DiffusionPipeline for StableDiffusionXLPipeline {
         // 4. Denoise.
         let t0 = Instant::now();
         let guidance = cfg.then_some(request.guidance_scale);
+        let unet = self.unet.get()?;
         let latents = denoise_from(
             scheduler.as_mut(),
             prepared.latents,
@@ -297,17 +306,18 @@ impl DiffusionPipeline for StableDiffusionXLPipeline {
                     text_embeds: &text_embeds,
                     time_ids: &time_ids,
                 };
-                self.unet.forward(x, t, &context, Some(tt))
+                unet.forward(x, t, &context, Some(tt))
             },
             ctx,
             &mut timings,
         )?;
+        drop(unet);
         timings.denoising = t0.elapsed();
 
         // 5. Decode, 6. post-process.
         let t0 = Instant::now();
         let latents_to_vae = (latents / self.vae.config().scaling_factor)?;
-        let images = decode_to_images(&self.vae, &latents_to_vae, request, &mut warnings)?;
+        let images = decode_to_images(&*self.vae.get()?, &latents_to_vae, request, &mut warnings)?;
         timings.vae_decode = t0.elapsed();
         ctx.report(Progress::Decoded);
         timings.total = started.elapsed();

@@ -10,7 +10,7 @@ use super::config::FluxTransformer2DConfig;
 use super::embeddings::apply_rotary_emb;
 use crate::error::Result;
 use crate::models::layers::{
-    merge_heads, scaled_dot_product_attention, split_heads, Activation, Linear,
+    merge_heads, on_device, scaled_dot_product_attention, split_heads, Activation, Linear,
 };
 use crate::models::weights::Weights;
 
@@ -32,7 +32,7 @@ impl RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(
             &x.contiguous()?,
-            &self.weight,
+            &*on_device(&self.weight, x.device())?,
             NORM_EPS,
         )?)
     }
@@ -55,8 +55,8 @@ impl PlainLayerNorm {
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::layer_norm(
             &x.contiguous()?,
-            &self.ones,
-            &self.zeros,
+            &*on_device(&self.ones, x.device())?,
+            &*on_device(&self.zeros, x.device())?,
             NORM_EPS,
         )?)
     }
