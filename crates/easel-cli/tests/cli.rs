@@ -1759,3 +1759,59 @@ fn vae_tiling_on_reproduces_diffusers_tiled_decode_png() {
     assert!(e.contains("vae_tiling") && e.contains("seamless"), "{e}");
     assert!(!out.exists(), "a refused run wrote {}", out.display());
 }
+
+/// Issue 15: `--offload model` and `--offload sequential` reproduce the
+/// reference PNGs (the same pixels as without offload: a LoRA and an
+/// image-to-image encode included), a quantized GGUF gives the image it
+/// gives resident, the CPU run says in a warning that offload saves
+/// nothing there, and a bad mode is refused naming the allowed ones.
+#[test]
+fn offload_modes_reproduce_reference_pngs() {
+    let record = reproduce_png_in(
+        "references",
+        "sd15_lora_peft_scale0.7",
+        "euler",
+        &["--offload", "model"],
+    );
+    assert!(
+        record.to_string().contains("saves no memory"),
+        "no CPU offload warning in {record}"
+    );
+    reproduce_png_in(
+        "references",
+        "sd15_img2img_ddim",
+        "ddim",
+        &["--offload", "sequential"],
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let quantized = fixtures().join("generated/quantized");
+    let folder = fixtures().join("models/tiny-flux-dev");
+    let gguf = quantized.join("tiny-flux-dev-Q8_0.gguf");
+    let config = ["--config", folder.to_str().unwrap()];
+    let resident = dir.path().join("resident.png");
+    let o = generate_flux_dev(&gguf, &resident, &config);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let offloaded = dir.path().join("offloaded.png");
+    let o = generate_flux_dev(
+        &gguf,
+        &offloaded,
+        &[&config[..], &["--offload", "model"]].concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        rgb8(&offloaded).2,
+        rgb8(&resident).2,
+        "--offload model changed the image"
+    );
+
+    let bad = dir.path().join("bad.png");
+    let o = generate_flux_dev(&folder, &bad, &["--offload", "gpu"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("--offload") && err.contains("none, model, sequential"),
+        "{err}"
+    );
+    assert!(!bad.exists());
+}
