@@ -71,7 +71,7 @@ impl<'de, T: TryFrom<u64>> Visitor<'de> for IntegerVisitor<T> {
                 v.trunc().max(0.0)
             )));
         }
-        if v < 0.0 || v > MAX_EXACT_F64 {
+        if !(0.0..=MAX_EXACT_F64).contains(&v) {
             return Err(E::custom(format!(
                 "{v} is out of range (allowed: 0 to {})",
                 max_of::<T>()

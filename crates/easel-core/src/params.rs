@@ -495,7 +495,7 @@ fn check_size(value: u32, multiple: u32) -> Result<(), String> {
     let allowed = format!("(allowed: multiples of {multiple} from {min} to {max})");
     if !(min..=max).contains(&value) {
         Err(format!("{value} is out of range {allowed}"))
-    } else if value % multiple != 0 {
+    } else if !value.is_multiple_of(multiple) {
         Err(format!("{value} is not a multiple of {multiple} {allowed}"))
     } else {
         Ok(())
