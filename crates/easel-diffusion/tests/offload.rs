@@ -17,11 +17,11 @@ use common::cases::{case_loras, run_case};
 use common::*;
 use easel_diffusion::device::Offload;
 use easel_diffusion::loader::ModelDir;
-use easel_diffusion::pipelines::load_pipeline;
+use easel_diffusion::pipelines::{load_pipeline, Pipeline};
 
-/// The images of reference case `name` on a pipeline loaded with `offload`
-/// (the case's LoRAs merged), on the test device in the test dtype.
-fn images(name: &str, offload: Offload) -> Tensor {
+/// Reference case `name` and its model loaded with `offload`, on the test
+/// device in the test dtype.
+fn case_pipeline(name: &str, offload: Offload) -> (serde_json::Value, Pipeline) {
     let case: serde_json::Value = easel_diffusion::json::parse_lenient(
         &std::fs::read_to_string(fixtures().join("references").join(format!("{name}.json")))
             .unwrap(),
@@ -31,7 +31,14 @@ fn images(name: &str, offload: Offload) -> Tensor {
         .unwrap()
         .with_compute_dtype(test_dtype())
         .with_offload(offload);
-    let mut pipeline = load_pipeline(&dir, &test_device()).unwrap();
+    let pipeline = load_pipeline(&dir, &test_device()).unwrap();
+    (case, pipeline)
+}
+
+/// The images of reference case `name` on a pipeline loaded with `offload`
+/// (the case's LoRAs merged).
+fn images(name: &str, offload: Offload) -> Tensor {
+    let (case, mut pipeline) = case_pipeline(name, offload);
     pipeline.set_loras(&case_loras(&case)).unwrap();
     let (_, images, _) = run_case(&pipeline, "references", name, None);
     on_cpu_f64(&images)
@@ -90,16 +97,7 @@ fn flux_fill_same_pixels() {
 #[test]
 fn model_offload_lora_switch_restores_base() {
     let name = "sd15_lora_peft_scale0.7";
-    let case: serde_json::Value = easel_diffusion::json::parse_lenient(
-        &std::fs::read_to_string(fixtures().join("references").join(format!("{name}.json")))
-            .unwrap(),
-    )
-    .unwrap();
-    let dir = ModelDir::open(fixtures().join(case["model"].as_str().unwrap()))
-        .unwrap()
-        .with_compute_dtype(test_dtype())
-        .with_offload(Offload::Model);
-    let mut pipeline = load_pipeline(&dir, &test_device()).unwrap();
+    let (case, mut pipeline) = case_pipeline(name, Offload::Model);
     let (_, base, _) = run_case(&pipeline, "references", name, None);
     pipeline.set_loras(&case_loras(&case)).unwrap();
     let (_, with_lora, _) = run_case(&pipeline, "references", name, None);
