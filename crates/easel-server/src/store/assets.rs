@@ -180,7 +180,7 @@ impl Store {
         key_id: &str,
         id: &str,
     ) -> StoreResult<Option<(AssetRow, bool)>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let row =
             sqlx::query("SELECT * FROM assets WHERE id = ? AND key_id = ? AND kind = 'output'")
                 .bind(id)

@@ -180,7 +180,7 @@ impl Store {
             .first()
             .map(|i| i.model.load.clone())
             .unwrap_or_default();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query(
             "INSERT INTO generations (id, key_id, source, status, request_json, primary_model,
                  inferences, images_total, price_micros, idempotency_key, request_hash,
@@ -365,7 +365,7 @@ impl Store {
         assets: &[AssetRow],
         result: &ItemResult,
     ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for a in assets {
             Self::insert_asset_tx(&mut tx, a).await?;
         }
@@ -388,7 +388,7 @@ impl Store {
         idxs: &[i64],
         error: &JobError,
     ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for idx in idxs {
             sqlx::query(
                 "UPDATE generation_items SET status = 'failed', error_json = ?
@@ -430,7 +430,7 @@ impl Store {
         error: Option<&JobError>,
         from: &str,
     ) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let sql = format!(
             "UPDATE generations SET status = ?, error_json = ?, finished_at = ?
              WHERE id = ? AND status IN {from}"
