@@ -445,14 +445,14 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     } else {
         if bf16_layers > 0 {
             println!(
-                "computed: {compute} with {compute} arithmetic: {bf16_layers} linear / convolution \
-                 layer calls ran on the AVX512-BF16 kernels (vdpbf16ps, f32 accumulation, output \
-                 rounded to {compute}); norms, attention and the rest widen to f32"
+                "computed: {compute} with {compute} arithmetic: {bf16_layers} linear / convolution / \
+                 attention calls ran on the AVX512-BF16 kernels (vdpbf16ps, f32 accumulation, \
+                 output rounded to {compute}); norms and the rest widen to f32"
             );
         }
         if widened_layers > 0 || bf16_layers == 0 {
             println!(
-                "computed: {widened_layers} linear / convolution layer calls with {compute} numbers \
+                "computed: {widened_layers} linear / convolution / attention calls with {compute} numbers \
                  and f32 arithmetic: each widens its {compute} input, accumulates in f32 on {} and \
                  rounds its output to {compute} (no {compute} instructions used)",
                 f32_kernel_isa()

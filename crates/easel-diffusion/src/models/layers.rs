@@ -80,9 +80,10 @@ static BF16_KERNEL_LAYERS: AtomicU64 = AtomicU64::new(0);
 static WIDENED_LAYERS: AtomicU64 = AtomicU64::new(0);
 
 /// How the half-precision CPU layer calls of this process so far ran:
-/// `(bf16_kernels, widened)`, the calls of linear and convolution layers
-/// that ran on the bf16 kernels ([`kernels::linear_bf16`],
-/// [`kernels::conv_bf16`]: bf16 products, f32 accumulation) and those that
+/// `(bf16_kernels, widened)`, the calls of linear, convolution and
+/// attention layers that ran on the bf16 kernels ([`kernels::linear_bf16`],
+/// [`kernels::conv_bf16`], [`kernels::attention_bf16`]: bf16 products, f32
+/// accumulation) and those that
 /// widened their half-precision input to f32 and ran the f32 path
 /// ([`half_on_cpu`]'s route: no AVX512-BF16, an f16 model, a quantized
 /// weight, a layer shape the bf16 kernels do not cover). Benchmarks read it
@@ -946,7 +947,28 @@ pub fn scaled_dot_product_attention(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    if mask.is_none()
+        && kernels::applies_bf16(q)
+        && kernels::applies_bf16(k)
+        && kernels::applies_bf16(v)
+    {
+        let (b, h, n, d) = q.dims4()?;
+        let m = k.dim(2)?;
+        count_flops(4 * b * h * n * m * d);
+        BF16_KERNEL_LAYERS.fetch_add(1, Ordering::Relaxed);
+        let out = timed(4, || {
+            kernels::with_bf16(q, |qd| {
+                kernels::with_bf16(k, |kd| {
+                    kernels::with_bf16(v, |vd| {
+                        kernels::attention_bf16(qd, kd, vd, b * h, n, m, d, scale as f32)
+                    })
+                })
+            })
+        })???;
+        return Ok(kernels::tensor(out, &[b, h, n, d])?.to_dtype(candle_core::DType::BF16)?);
+    }
     if let Some(dtype) = half_on_cpu(q) {
+        WIDENED_LAYERS.fetch_add(1, Ordering::Relaxed);
         let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
         let mask = mask.map(f32).transpose()?;
         return Ok(scaled_dot_product_attention(

@@ -47,45 +47,78 @@ pub fn bf16_gemm_available() -> bool {
 }
 
 /// `B` (`n × k`) packed for the micro-kernel: panel `p` holds columns
-/// `p·NR .. p·NR+NR` as `k_pairs` rows of `NR` pairs, element
-/// `[p][q][j][e] = B[p·NR + j][2q + e]`, zero where `j` or `2q + e` is past
-/// the matrix (so padding contributes exact zeros).
+/// `p·NR .. p·NR+NR` as `k_pairs` rows of `NR` pairs, the pair
+/// `[p][q][j] = (B[p·NR + j][2q], B[p·NR + j][2q + 1])` one u32 (low half
+/// the even k), zero where `j` or the k index is past the matrix (so
+/// padding contributes exact zeros).
 pub struct PackedB {
-    data: Vec<u16>,
+    data: Vec<u32>,
     n: usize,
     k_pairs: usize,
 }
 
+/// Two bf16 as the pair `vdpbf16ps` reads from one 32-bit lane.
+#[inline(always)]
+fn pair(lo: bf16, hi: bf16) -> u32 {
+    lo.to_bits() as u32 | (hi.to_bits() as u32) << 16
+}
+
 impl PackedB {
-    fn zeroed(n: usize, k: usize) -> Self {
-        let k_pairs = k.div_ceil(2);
-        let panels = n.div_ceil(NR);
+    fn zeroed(n: usize, k_pairs: usize) -> Self {
         Self {
-            data: vec![0u16; panels * k_pairs * 2 * NR],
+            data: vec![0u32; n.div_ceil(NR) * k_pairs * NR],
             n,
             k_pairs,
         }
     }
 
-    /// Index of `B[j][kk]` in `data`.
-    #[inline(always)]
-    fn at(&self, j: usize, kk: usize) -> usize {
-        (j / NR) * self.k_pairs * 2 * NR + (kk / 2) * 2 * NR + (j % NR) * 2 + (kk & 1)
+    /// Pack `b` given as its transpose, `(k, n)` row-major (`V` of
+    /// attention's `P · V`): pair `[q][j] = (bt[2q][j], bt[2q+1][j])`.
+    pub fn from_cols(bt: &[bf16], k: usize, n: usize) -> Self {
+        debug_assert_eq!(bt.len(), n * k);
+        let mut p = Self::zeroed(n, k.div_ceil(2));
+        let k_pairs = p.k_pairs;
+        let zeros = vec![bf16::from_bits(0); n];
+        for (q, dst_q) in (0..k_pairs).map(|q| (q, q * NR)) {
+            let lo = &bt[2 * q * n..(2 * q + 1) * n];
+            let hi = if 2 * q + 1 < k {
+                &bt[(2 * q + 1) * n..(2 * q + 2) * n]
+            } else {
+                &zeros[..]
+            };
+            for (panel, (lo, hi)) in lo.chunks(NR).zip(hi.chunks(NR)).enumerate() {
+                let d = panel * k_pairs * NR + dst_q;
+                for ((dst, &a), &b) in p.data[d..d + lo.len()].iter_mut().zip(lo).zip(hi) {
+                    *dst = pair(a, b);
+                }
+            }
+        }
+        p
+    }
+
+    /// Columns (`n`) of the packed matrix, and its number of panels.
+    pub(super) fn panels(&self) -> usize {
+        self.n.div_ceil(NR)
     }
 
     /// Pack `b`, `(n, k)` row-major (PyTorch's `Linear` weight layout).
     pub fn from_rows(b: &[bf16], n: usize, k: usize) -> Self {
         debug_assert_eq!(b.len(), n * k);
-        let mut p = Self::zeroed(n, k);
-        let panel_len = p.k_pairs * 2 * NR;
+        let mut p = Self::zeroed(n, k.div_ceil(2));
+        let panel_len = p.k_pairs * NR;
+        let zero = bf16::from_bits(0);
         p.data
-            .par_chunks_mut(panel_len)
+            .par_chunks_mut(panel_len.max(1))
             .enumerate()
             .for_each(|(panel, dst)| {
                 for j in 0..NR.min(n - panel * NR) {
                     let row = &b[(panel * NR + j) * k..(panel * NR + j + 1) * k];
-                    for (kk, v) in row.iter().enumerate() {
-                        dst[(kk / 2) * 2 * NR + j * 2 + (kk & 1)] = v.to_bits();
+                    let mut pairs = row.chunks_exact(2);
+                    for (q, two) in pairs.by_ref().enumerate() {
+                        dst[q * NR + j] = pair(two[0], two[1]);
+                    }
+                    if let [last] = pairs.remainder() {
+                        dst[(k / 2) * NR + j] = pair(*last, zero);
                     }
                 }
             });
@@ -176,6 +209,7 @@ pub fn conv_bf16(
     assert_eq!(x.len(), batch * ci * h * w);
     assert_eq!(bias.len(), co);
     let hw = h * w;
+    let (wt, kt) = tap_major(weight, co, ci, ks * ks);
     let mut out = vec![0f32; batch * co * hw];
     out.par_chunks_mut(hw.max(1))
         .enumerate()
@@ -191,13 +225,13 @@ pub fn conv_bf16(
         let np = CONV_CHUNK.min(hw - p0);
         let image = &x[b * ci * hw..(b + 1) * ci * hw];
         let cols = pack_im2col(image, ci, h, w, ks, p0, np);
-        // SAFETY: `weight` is co×k; the task writes columns p0..p0+np of
+        // SAFETY: `wt` is co×kt; the task writes columns p0..p0+np of
         // image b's co×hw output, disjoint from every other task's.
         unsafe {
             gemm_block(
-                weight.as_ptr() as *const u16,
-                k,
-                k,
+                wt.as_ptr() as *const u16,
+                kt,
+                kt,
                 co,
                 &cols,
                 0..np.div_ceil(NR),
@@ -209,9 +243,33 @@ pub fn conv_bf16(
     out
 }
 
+/// The convolution weight `(co, ci, taps)` re-ordered tap-major,
+/// `(co, taps, ci')` with `ci'` = `ci` rounded up to even (the extra
+/// channel's weights zero), so that each k pair of the product is two
+/// channels of one tap: returns it and its row length `taps · ci'`.
+fn tap_major(weight: &[bf16], co: usize, ci: usize, taps: usize) -> (Vec<bf16>, usize) {
+    let cp = ci.next_multiple_of(2);
+    let kt = taps * cp;
+    let mut out = vec![bf16::from_bits(0); co * kt];
+    out.par_chunks_mut(kt.max(1))
+        .zip(weight.par_chunks(ci * taps))
+        .for_each(|(dst, src)| {
+            for c in 0..ci {
+                for t in 0..taps {
+                    dst[t * cp + c] = src[c * taps + t];
+                }
+            }
+        });
+    (out, kt)
+}
+
 /// The im2col columns of output pixels `p0 .. p0+np` of one image
-/// (`(ci, h, w)`), packed: `B[j][c·ks² + ky·ks + kx] = x[c][y+ky-o][x+kx-o]`
-/// (`o = ks / 2`, zero outside the image) for pixel `p0 + j = (y, x)`.
+/// (`(ci, h, w)`), packed in the k order of [`tap_major`]: pair `q = t·ci'/2
+/// + c/2` of pixel `p0 + j = (y, x)` holds channels `c, c+1` of
+/// `x[·][y+ky-o][x+kx-o]` for tap `t = ky·ks + kx` (`o = ks / 2`; zero
+/// outside the image and for the padding channel). Each (tap, channel
+/// pair) is copied as runs of one image row that stay in one panel:
+/// contiguous on both sides.
 fn pack_im2col(
     x: &[bf16],
     ci: usize,
@@ -222,22 +280,42 @@ fn pack_im2col(
     np: usize,
 ) -> PackedB {
     let taps = ks * ks;
-    let mut p = PackedB::zeroed(np, ci * taps);
+    let cp = ci.div_ceil(2);
+    let mut p = PackedB::zeroed(np, taps * cp);
+    let k_pairs = p.k_pairs;
     let o = (ks / 2) as isize;
-    let pix: Vec<(isize, isize)> = (p0..p0 + np)
-        .map(|q| ((q / w) as isize, (q % w) as isize))
-        .collect();
-    for c in 0..ci {
-        let plane = &x[c * h * w..(c + 1) * h * w];
-        for t in 0..taps {
-            let (dy, dx) = ((t / ks) as isize - o, (t % ks) as isize - o);
-            let kk = c * taps + t;
-            for (j, &(y, xx)) in pix.iter().enumerate() {
-                let (sy, sx) = (y + dy, xx + dx);
-                if sy >= 0 && sx >= 0 && (sy as usize) < h && (sx as usize) < w {
-                    let idx = p.at(j, kk);
-                    p.data[idx] = plane[sy as usize * w + sx as usize].to_bits();
+    let zeros = vec![bf16::from_bits(0); w];
+    for t in 0..taps {
+        let (dy, dx) = ((t / ks) as isize - o, (t % ks) as isize - o);
+        for c2 in 0..cp {
+            let q = t * cp + c2;
+            let plane = |c: usize| (c < ci).then(|| &x[c * h * w..(c + 1) * h * w]);
+            let (lo, hi) = (plane(2 * c2).expect("c < ci"), plane(2 * c2 + 1));
+            let mut j = 0;
+            while j < np {
+                let (y, x0) = ((p0 + j) / w, (p0 + j) % w);
+                // One image row, cut at the panel's end.
+                let seg = (w - x0).min(np - j).min(NR - j % NR);
+                let sy = y as isize + dy;
+                if sy >= 0 && (sy as usize) < h {
+                    let row = sy as usize * w;
+                    // Output columns s whose source column x0 + s + dx is inside.
+                    let s0 = (-(x0 as isize + dx)).max(0) as usize;
+                    let s1 = ((w as isize - x0 as isize - dx).max(0) as usize).min(seg);
+                    if s0 < s1 {
+                        let src = (row as isize + x0 as isize + dx) as usize;
+                        let lo = &lo[src + s0..src + s1];
+                        let hi = match hi {
+                            Some(hi) => &hi[src + s0..src + s1],
+                            None => &zeros[..s1 - s0],
+                        };
+                        let d = (j / NR) * k_pairs * NR + q * NR + j % NR;
+                        for ((dst, &a), &b) in p.data[d + s0..d + s1].iter_mut().zip(lo).zip(hi) {
+                            *dst = pair(a, b);
+                        }
+                    }
                 }
+                j += seg;
             }
         }
     }
@@ -265,7 +343,7 @@ impl SendPtr {
 /// `c` for `rows` rows at row stride `ldc` covering the panels' valid
 /// columns; the CPU has AVX512-BF16 and AVX-512F.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_block(
+pub(super) unsafe fn gemm_block(
     a: *const u16,
     lda: usize,
     k: usize,
@@ -287,10 +365,7 @@ unsafe fn gemm_block(
                 let whole = full_pairs.min(q1) - q0;
                 let half = q1 > full_pairs;
                 for panel in panels.clone() {
-                    let bp = b
-                        .data
-                        .as_ptr()
-                        .add(panel * b.k_pairs * 2 * NR + q0 * 2 * NR);
+                    let bp = b.data.as_ptr().add(panel * b.k_pairs * NR + q0 * NR) as *const u16;
                     let cols = NR.min(b.n - panel * NR);
                     let cp = c.add((panel - first) * NR);
                     let mut r = 0;

@@ -12,7 +12,8 @@
 //!
 //! On CPUs with AVX512-BF16, `bf16` runs bf16 linear layers and 1×1 / 3×3
 //! convolutions with f32 accumulation (`vdpbf16ps`), as oneDNN does for
-//! PyTorch's CPU bf16; elsewhere bf16 layers widen to f32 and use the rest.
+//! PyTorch's CPU bf16, and `attention_bf16` attention's two products on it;
+//! elsewhere bf16 layers widen to f32 and use the rest.
 //!
 //! Layout: `buffer` gives the kernels f32 views of tensors, `matmul` the
 //! matrix products (`linear`), `conv` the 3×3 (direct and Winograd) and
@@ -20,6 +21,7 @@
 //! its softmax. Every kernel is re-exported here.
 
 mod attention;
+mod attention_bf16;
 mod bf16;
 mod buffer;
 mod conv;
@@ -29,6 +31,7 @@ mod matmul;
 mod norm;
 
 pub use attention::{attention, exp_f32};
+pub use attention_bf16::attention_bf16;
 pub use bf16::{bf16_gemm_available, conv_bf16, linear_bf16};
 pub use buffer::{
     applies, applies_bf16, applies_weight, enabled, tensor, with_bf16, with_f32, with_f32_weight,
