@@ -160,6 +160,7 @@ pub fn linear_bf16(
         let (mb, pg) = (t / panel_groups, t % panel_groups);
         let rows = mb * MC..(m).min((mb + 1) * MC);
         let panels = pg * 4..panels.min(pg * 4 + 4);
+        let first_col = panels.start * NR;
         // SAFETY: `a` is m×k, `out` m×n with disjoint tiles per task, and
         // the CPU has AVX512-BF16 (asserted above).
         unsafe {
@@ -170,7 +171,8 @@ pub fn linear_bf16(
                 rows.len(),
                 &packed,
                 panels,
-                out_ptr.get().add(rows.start * n),
+                // C's first column is that of the tile's first panel.
+                out_ptr.get().add(rows.start * n + first_col),
                 n,
             )
         }
@@ -542,6 +544,8 @@ mod tests {
             (97, 40, 130),
             (5, 2, 64),
             (200, 515, 129),
+            (9, 64, 300),
+            (3, 17, 520),
         ] {
             let a = values(m * k, 1 + m as u64);
             let w = values(n * k, 2 + n as u64);
