@@ -406,6 +406,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         // matmul, which widens to f32 (not the CPU's bf16 instructions).
         let bf16_peak = if easel_diffusion::models::kernels::bf16_gemm_available()
             && easel_diffusion::models::kernels::enabled()
+            && easel_diffusion::models::kernels::bf16_enabled()
         {
             measure_bf16_gemm_gflops(2048, 3)
                 .map(|p| (p, "AVX512-BF16 vdpbf16ps, f32 accumulation"))

@@ -1,14 +1,17 @@
-//! Attention in bf16 with f32 accumulation on CPUs with AVX512-BF16: both
-//! products (`q kᵀ` and `p v`) on the bf16 kernel of [`super::bf16`], the
-//! scaling and softmax in f32, the probabilities rounded to bf16 before
-//! `p v` (as PyTorch's bf16 `scaled_dot_product_attention` math path
-//! computes `softmax(...).to(bf16) @ v`).
-
+//! Attention with bf16 inputs on CPUs with AVX512-BF16: the scores
+//! `q kᵀ` on the bf16 kernel of [`super::bf16`] (bf16 products, f32
+//! accumulation: the numbers of the widening path, at bf16 speed), the
+//! scaling and softmax in f32, and `p v` in f32 on `v` widened (exactly),
+//! the probabilities kept in f32. Rounding them to bf16 for a bf16 `p v`
+//! (as PyTorch's CPU flash attention does for bf16) moved the tiny
+//! fixtures' SD 1.5 DDIM parity case past its bf16 bound, so that product
+//! stays f32.
 use half::bf16;
 use rayon::prelude::*;
 
 use super::attention::softmax_in_place;
 use super::bf16::{bf16_gemm_available, gemm_block, PackedB};
+use super::matmul::matmul;
 
 /// Rows of queries handled per block (the block's `rows × m` f32 scores
 /// are all that exist at a time per task).
@@ -16,8 +19,8 @@ const BLOCK: usize = 128;
 
 /// `softmax(q kᵀ · scale) v` per (batch × head), bf16 in, f32 out (the
 /// caller rounds to bf16): `q` `(bh, n, d)`, `k`, `v` `(bh, m, d)` →
-/// `(bh, n, d)`. Each head's `k` and `v` are packed once; query blocks of
-/// [`BLOCK`] rows run in parallel.
+/// `(bh, n, d)`. Each head's `k` is packed and its `v` widened once; query
+/// blocks of [`BLOCK`] rows run in parallel.
 ///
 /// Panics where the CPU lacks AVX512-BF16 (check [`bf16_gemm_available`]).
 #[allow(clippy::too_many_arguments)]
@@ -37,11 +40,12 @@ pub fn attention_bf16(
     if bh * n * d == 0 {
         return out;
     }
-    let packed: Vec<(PackedB, PackedB)> = (0..bh)
+    let packed: Vec<(PackedB, Vec<f32>)> = (0..bh)
         .into_par_iter()
         .map(|h| {
             let (kh, vh) = (&k[h * m * d..][..m * d], &v[h * m * d..][..m * d]);
-            (PackedB::from_rows(kh, m, d), PackedB::from_cols(vh, m, d))
+            let wide = vh.iter().map(|x| x.to_f32()).collect();
+            (PackedB::from_rows(kh, m, d), wide)
         })
         .collect();
     out.par_chunks_mut(n * d)
@@ -51,48 +55,46 @@ pub fn attention_bf16(
             head_out
                 .par_chunks_mut(BLOCK * d)
                 .enumerate()
-                .for_each_init(
-                    || (Vec::new(), Vec::new()),
-                    |(scores, probs): &mut (Vec<f32>, Vec<bf16>), (blk, dst)| {
-                        let rows = dst.len() / d;
-                        let qh = &q[head * n * d + blk * BLOCK * d..][..rows * d];
-                        scores.clear();
-                        scores.resize(rows * m, 0.0);
-                        // SAFETY: qh is rows×d, kp packs m×d, scores is rows×m;
-                        // the CPU has AVX512-BF16 (asserted above).
-                        unsafe {
-                            gemm_block(
-                                qh.as_ptr() as *const u16,
-                                d,
-                                d,
-                                rows,
-                                kp,
-                                0..kp.panels(),
-                                scores.as_mut_ptr(),
-                                m,
-                            );
-                        }
-                        for row in scores.chunks_mut(m) {
-                            row.iter_mut().for_each(|s| *s *= scale);
-                            softmax_in_place(row);
-                        }
-                        probs.clear();
-                        probs.extend(scores.iter().map(|&p| bf16::from_f32(p)));
-                        // SAFETY: probs is rows×m, vp packs vᵀ (d×m), dst rows×d.
-                        unsafe {
-                            gemm_block(
-                                probs.as_ptr() as *const u16,
-                                m,
-                                m,
-                                rows,
-                                vp,
-                                0..vp.panels(),
-                                dst.as_mut_ptr(),
-                                d,
-                            );
-                        }
-                    },
-                );
+                .for_each_init(Vec::new, |scores: &mut Vec<f32>, (blk, dst)| {
+                    let rows = dst.len() / d;
+                    let qh = &q[head * n * d + blk * BLOCK * d..][..rows * d];
+                    scores.clear();
+                    scores.resize(rows * m, 0.0);
+                    // SAFETY: qh is rows×d, kp packs m×d, scores is rows×m;
+                    // the CPU has AVX512-BF16 (asserted above).
+                    unsafe {
+                        gemm_block(
+                            qh.as_ptr() as *const u16,
+                            d,
+                            d,
+                            rows,
+                            kp,
+                            0..kp.panels(),
+                            scores.as_mut_ptr(),
+                            m,
+                        );
+                    }
+                    for row in scores.chunks_mut(m) {
+                        row.iter_mut().for_each(|s| *s *= scale);
+                        softmax_in_place(row);
+                    }
+                    // SAFETY: scores is rows×m, vp m×d, dst rows×d.
+                    unsafe {
+                        matmul(
+                            rows,
+                            d,
+                            m,
+                            dst.as_mut_ptr(),
+                            d,
+                            false,
+                            scores.as_ptr(),
+                            m,
+                            vp.as_ptr(),
+                            d,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                });
         });
     out
 }
@@ -140,10 +142,9 @@ mod tests {
                             .map(|j| e[j] / sum * v[(h * m + j) * d + c].to_f64())
                             .sum();
                         let g = got[(h * n + i) * d + c] as f64;
-                        // The probabilities are rounded to bf16 (relative 2⁻⁹)
-                        // and |v| ≤ 1.5: the output is within 1.5 · 2⁻⁸.
+                        // f32 accumulation of exact products, |v| ≤ 1.5.
                         assert!(
-                            (g - want).abs() <= 1.5 / 256.0,
+                            (g - want).abs() <= 1e-4,
                             "{bh}x{n}x{m}x{d} [{h},{i},{c}]: {g} vs {want}"
                         );
                     }

@@ -34,7 +34,8 @@ pub use attention::{attention, exp_f32};
 pub use attention_bf16::attention_bf16;
 pub use bf16::{bf16_gemm_available, conv_bf16, linear_bf16};
 pub use buffer::{
-    applies, applies_bf16, applies_weight, enabled, tensor, with_bf16, with_f32, with_f32_weight,
+    applies, applies_bf16, applies_weight, bf16_enabled, enabled, tensor, with_bf16, with_f32,
+    with_f32_weight,
 };
 pub use conv::{
     conv1x1, conv1x1_add_into, conv3x3_prefers_winograd, conv3x3_same, conv3x3_same_from,
