@@ -72,31 +72,7 @@ impl PackedB {
         }
     }
 
-    /// Pack `b` given as its transpose, `(k, n)` row-major (`V` of
-    /// attention's `P · V`): pair `[q][j] = (bt[2q][j], bt[2q+1][j])`.
-    pub fn from_cols(bt: &[bf16], k: usize, n: usize) -> Self {
-        debug_assert_eq!(bt.len(), n * k);
-        let mut p = Self::zeroed(n, k.div_ceil(2));
-        let k_pairs = p.k_pairs;
-        let zeros = vec![bf16::from_bits(0); n];
-        for (q, dst_q) in (0..k_pairs).map(|q| (q, q * NR)) {
-            let lo = &bt[2 * q * n..(2 * q + 1) * n];
-            let hi = if 2 * q + 1 < k {
-                &bt[(2 * q + 1) * n..(2 * q + 2) * n]
-            } else {
-                &zeros[..]
-            };
-            for (panel, (lo, hi)) in lo.chunks(NR).zip(hi.chunks(NR)).enumerate() {
-                let d = panel * k_pairs * NR + dst_q;
-                for ((dst, &a), &b) in p.data[d..d + lo.len()].iter_mut().zip(lo).zip(hi) {
-                    *dst = pair(a, b);
-                }
-            }
-        }
-        p
-    }
-
-    /// Columns (`n`) of the packed matrix, and its number of panels.
+    /// The number of panels (of [`NR`] columns) of the packed matrix.
     pub(super) fn panels(&self) -> usize {
         self.n.div_ceil(NR)
     }
