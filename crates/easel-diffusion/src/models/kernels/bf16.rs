@@ -242,8 +242,8 @@ fn tap_major(weight: &[bf16], co: usize, ci: usize, taps: usize) -> (Vec<bf16>, 
 }
 
 /// The im2col columns of output pixels `p0 .. p0+np` of one image
-/// (`(ci, h, w)`), packed in the k order of [`tap_major`]: pair `q = t·ci'/2
-/// + c/2` of pixel `p0 + j = (y, x)` holds channels `c, c+1` of
+/// (`(ci, h, w)`), packed in the k order of [`tap_major`]: pair
+/// `q = t·ci'/2 + c/2` of pixel `p0 + j = (y, x)` holds channels `c, c+1` of
 /// `x[·][y+ky-o][x+kx-o]` for tap `t = ky·ks + kx` (`o = ks / 2`; zero
 /// outside the image and for the padding channel). Each (tap, channel
 /// pair) is copied as runs of one image row that stay in one panel:
