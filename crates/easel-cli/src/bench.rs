@@ -9,7 +9,9 @@ use clap::Args;
 use easel_core::params::Precision;
 use easel_core::GenerationParams;
 use easel_diffusion::engine::JobRequest;
-use easel_diffusion::models::layers::measure_matmul_gflops;
+use easel_diffusion::models::layers::{
+    half_precision_paths, measure_bf16_gemm_gflops, measure_matmul_gflops,
+};
 use easel_diffusion::pipelines::{CancelToken, Progress};
 
 use crate::component_args::ComponentArgs;
@@ -282,6 +284,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let mut non_finite = 0usize;
     // The last run's warnings (a VAE decode that `auto` tiled says so).
     let mut warnings = Vec::new();
+    let paths_before = half_precision_paths();
     for run in 0..=args.runs {
         let mut meter = StagePeakMeter::start(load_peak);
         let out = engine.run(&job, &mut |p| meter.on_progress(&p), &CancelToken::new())?;
@@ -316,6 +319,11 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             });
         }
     }
+    let paths_after = half_precision_paths();
+    let (bf16_layers, widened_layers) = (
+        paths_after.0 - paths_before.0,
+        paths_after.1 - paths_before.1,
+    );
     let best = rows
         .iter()
         .min_by_key(|r| r.total)
@@ -400,13 +408,27 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             ),
             Err(e) => println!("| machine f32 matmul peak | unavailable: {e} |"),
         }
-        // candle's bf16 matmul widens to f32: its figure is not the CPU's
-        // bf16 peak, and easel has no bf16 compute mode to compare with it.
-        match measure_matmul_gflops(DType::BF16, 2048, 3) {
-            Ok(peak) => println!(
-                "| candle bf16 matmul (2048³; widens to f32, not the CPU's bf16 instructions) | {peak:.1} |"
+        // The bf16 peak of the kernel bf16 layers run on: the engine's
+        // AVX512-BF16 kernel where the CPU has it, else candle's bf16
+        // matmul, which widens to f32 (not the CPU's bf16 instructions).
+        let bf16_peak = if easel_diffusion::models::kernels::bf16_gemm_available()
+            && easel_diffusion::models::kernels::enabled()
+            && easel_diffusion::models::kernels::bf16_enabled()
+        {
+            measure_bf16_gemm_gflops(2048, 3)
+                .map(|p| (p, "AVX512-BF16 vdpbf16ps, f32 accumulation"))
+        } else {
+            measure_matmul_gflops(DType::BF16, 2048, 3)
+                .map(|p| (p, "candle's widening matmul (no bf16 instructions)"))
+        };
+        match bf16_peak {
+            Ok((peak, kernel)) if compute == Precision::Bf16 => println!(
+                "| machine bf16 matmul peak (2048³, {kernel}) | {peak:.1} ({:.0} % used by the {}) |",
+                100.0 * effective / peak,
+                family.denoiser_name()
             ),
-            Err(e) => println!("| candle bf16 matmul | unavailable: {e} |"),
+            Ok((peak, kernel)) => println!("| machine bf16 matmul peak (2048³, {kernel}) | {peak:.1} |"),
+            Err(e) => println!("| machine bf16 matmul peak | unavailable: {e} |"),
         }
     }
     println!();
@@ -429,11 +451,21 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             f32_kernel_isa()
         );
     } else {
-        println!(
-            "computed: {compute} numbers with f32 arithmetic: each layer widens its {compute} input, \
-             accumulates in f32 on {} and rounds its output to {compute} (no {compute} instructions used)",
-            f32_kernel_isa()
-        );
+        if bf16_layers > 0 {
+            println!(
+                "computed: {compute} with {compute} arithmetic: {bf16_layers} linear / convolution / \
+                 attention calls ran on the AVX512-BF16 kernels (vdpbf16ps, f32 accumulation, \
+                 output rounded to {compute}); norms and the rest widen to f32"
+            );
+        }
+        if widened_layers > 0 || bf16_layers == 0 {
+            println!(
+                "computed: {widened_layers} linear / convolution / attention calls with {compute} numbers \
+                 and f32 arithmetic: each widens its {compute} input, accumulates in f32 on {} and \
+                 rounds its output to {compute} (no {compute} instructions used)",
+                f32_kernel_isa()
+            );
+        }
     }
     if non_finite == 0 {
         println!("outputs: finite (every run's final latents)");

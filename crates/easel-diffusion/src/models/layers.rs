@@ -65,7 +65,9 @@ fn timed<T>(kind: usize, f: impl FnOnce() -> T) -> T {
 /// `EASEL_KERNELS=off`) and rounds its output to the input's dtype: the
 /// numbers of a half-precision GEMM with f32 accumulation (oneDNN's, or
 /// cuBLAS' with f32 compute), a layer at a time. Not a speed-up: the
-/// arithmetic is f32.
+/// arithmetic is f32. Linear and 1×1 / 3×3 convolution layers with bf16
+/// inputs and weights take the bf16 kernels instead where the CPU has
+/// AVX512-BF16 (same numbers contract, bf16 arithmetic speed).
 fn half_on_cpu(x: &Tensor) -> Option<candle_core::DType> {
     (x.device().is_cpu()
         && matches!(
@@ -89,6 +91,40 @@ pub fn on_device<'a>(t: &'a Tensor, device: &candle_core::Device) -> Result<Cow<
     } else {
         Cow::Owned(t.to_device(device)?)
     })
+}
+
+static BF16_KERNEL_LAYERS: AtomicU64 = AtomicU64::new(0);
+static WIDENED_LAYERS: AtomicU64 = AtomicU64::new(0);
+
+/// How the half-precision CPU layer calls of this process so far ran:
+/// `(bf16_kernels, widened)`, the calls of linear, convolution and
+/// attention layers that ran on the bf16 kernels ([`kernels::linear_bf16`],
+/// [`kernels::conv_bf16`], [`kernels::attention_bf16`]: bf16 products, f32
+/// accumulation) and those that
+/// widened their half-precision input to f32 and ran the f32 path
+/// ([`half_on_cpu`]'s route: no AVX512-BF16, an f16 model, a quantized
+/// weight, a layer shape the bf16 kernels do not cover). Benchmarks read it
+/// before and after a run to report which compute path ran.
+pub fn half_precision_paths() -> (u64, u64) {
+    (
+        BF16_KERNEL_LAYERS.load(Ordering::Relaxed),
+        WIDENED_LAYERS.load(Ordering::Relaxed),
+    )
+}
+
+/// The weight as a bf16 CPU tensor the bf16 kernels read in place
+/// (contiguous, dense), or `None` (f32 / f16 / quantized / fp8 weights).
+fn bf16_weight(w: &StoredTensor) -> Option<&Tensor> {
+    match w {
+        StoredTensor::Dense(t)
+            if t.dtype() == candle_core::DType::BF16
+                && t.device().is_cpu()
+                && t.is_contiguous() =>
+        {
+            Some(t)
+        }
+        _ => None,
+    }
 }
 
 /// A 1-D parameter (bias, norm scale) as f32 values for the CPU kernels,
@@ -142,8 +178,17 @@ impl Linear {
     }
 
     /// `x`: `(..., in_features)` → `(..., out_features)`, in `x`'s dtype.
+    ///
+    /// A bf16 input on a CPU with AVX512-BF16 and a bf16 weight runs on
+    /// [`kernels::linear_bf16`] (bf16 products, f32 accumulation, the bias
+    /// added in f32, the output rounded to bf16, as oneDNN's bf16 linear);
+    /// other half-precision CPU inputs widen to f32 ([`half_on_cpu`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.forward_bf16(x)? {
+            return Ok(y);
+        }
         if let Some(dtype) = half_on_cpu(x) {
+            WIDENED_LAYERS.fetch_add(1, Ordering::Relaxed);
             return Ok(self
                 .forward(&x.to_dtype(candle_core::DType::F32)?)?
                 .to_dtype(dtype)?);
@@ -187,6 +232,35 @@ impl Linear {
             .transpose()?;
         let inner = candle_nn::Linear::new(weight, bias);
         timed(3, || Ok(inner.forward(x)?))
+    }
+
+    /// The bf16 kernel path of [`Linear::forward`], or `None` where it does
+    /// not apply (nothing computed then).
+    fn forward_bf16(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(w) = bf16_weight(&self.weight).filter(|_| kernels::applies_bf16(x)) else {
+            return Ok(None);
+        };
+        let &[out_f, in_f] = w.dims() else {
+            return Ok(None);
+        };
+        if x.dims().last() != Some(&in_f) || (self.bias.is_some() && self.bias_f32.len() != out_f) {
+            return Ok(None);
+        }
+        let rows = x.elem_count() / in_f.max(1);
+        count_flops(2 * rows * in_f * out_f);
+        BF16_KERNEL_LAYERS.fetch_add(1, Ordering::Relaxed);
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().expect("x has a last dimension") = out_f;
+        let y = timed(3, || {
+            kernels::with_bf16(x, |xd| {
+                kernels::with_bf16(w, |wd| {
+                    kernels::linear_bf16(xd, rows, in_f, wd, &self.bias_f32, out_f)
+                })
+            })
+        })??;
+        Ok(Some(
+            kernels::tensor(y, &shape)?.to_dtype(candle_core::DType::BF16)?,
+        ))
     }
 }
 
@@ -264,10 +338,13 @@ impl Conv2d {
     /// scope, a spatial size smaller than `padding` (PyTorch refuses to wrap
     /// more than once too).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(dtype) = half_on_cpu(x) {
-            return Ok(self
-                .forward(&x.to_dtype(candle_core::DType::F32)?)?
-                .to_dtype(dtype)?);
+        if !self.bf16_applies(x) {
+            if let Some(dtype) = half_on_cpu(x) {
+                WIDENED_LAYERS.fetch_add(1, Ordering::Relaxed);
+                return Ok(self
+                    .forward(&x.to_dtype(candle_core::DType::F32)?)?
+                    .to_dtype(dtype)?);
+            }
         }
         if self.padding > 0 && circular_padding_active() {
             return self.forward_circular(x);
@@ -289,6 +366,11 @@ impl Conv2d {
     /// Errors: as [`Conv2d::forward`]; a prologue whose output does not fit the
     /// layer's input channels.
     pub fn forward_after(&self, x: &Tensor, prologue: ConvPrologue<'_>) -> Result<Tensor> {
+        if self.bf16_applies(x) {
+            // bf16 kernels: the prologue's output rounded to bf16 (as
+            // PyTorch's separate bf16 ops), then the bf16 convolution.
+            return self.forward(&prologue.apply(x)?);
+        }
         if let Some(dtype) = half_on_cpu(x) {
             return Ok(self
                 .forward_after(&x.to_dtype(candle_core::DType::F32)?, prologue)?
@@ -501,7 +583,7 @@ impl Conv2d {
         let (_, _, h, w) = x.dims4()?;
         let p = self.padding;
         let wrapped = pad_circular(x, p)?;
-        if self.fast && kernels::applies(&wrapped) {
+        if self.fast && (kernels::applies(&wrapped) || self.bf16_applies(&wrapped)) {
             // `fast` with padding > 0 is the 3×3 "same" kernel (padding 1):
             // on the wrapped `(h + 2, w + 2)` input, its interior outputs
             // read wrapped values only and equal the unpadded convolution.
@@ -511,9 +593,38 @@ impl Conv2d {
         self.forward_candle(&wrapped, 0)
     }
 
+    /// Whether the bf16 kernel ([`kernels::conv_bf16`]) takes `x`: a bf16
+    /// CPU input of rank 4 on a CPU with AVX512-BF16, a layer on the fast
+    /// path (stride 1, 3×3 "same" or 1×1) with a bf16 weight.
+    fn bf16_applies(&self, x: &Tensor) -> bool {
+        self.fast
+            && x.rank() == 4
+            && bf16_weight(&self.weight).is_some()
+            && kernels::applies_bf16(x)
+    }
+
     /// The convolution with the layer's zero padding.
     fn forward_padded(&self, x: &Tensor) -> Result<Tensor> {
         let (co, in_c, k) = self.dims;
+        if let (true, Some(wt)) = (self.bf16_applies(x), bf16_weight(&self.weight)) {
+            let (b, ci, h, w) = x.dims4()?;
+            if ci != in_c {
+                return Err(Error::invalid(
+                    "conv2d",
+                    format!("input has {ci} channels, the layer expects {in_c}"),
+                ));
+            }
+            count_flops(2 * b * co * h * w * in_c * k * k);
+            BF16_KERNEL_LAYERS.fetch_add(1, Ordering::Relaxed);
+            let y = timed(if k == 3 { 0 } else { 1 }, || {
+                kernels::with_bf16(x, |xd| {
+                    kernels::with_bf16(wt, |wd| {
+                        kernels::conv_bf16(xd, b, ci, h, w, wd, &self.bias_f32, co, k)
+                    })
+                })
+            })??;
+            return Ok(kernels::tensor(y, &[b, co, h, w])?.to_dtype(candle_core::DType::BF16)?);
+        }
         if self.fast && kernels::applies(x) {
             let (b, ci, h, w) = x.dims4()?;
             if ci != in_c {
@@ -892,7 +1003,28 @@ pub fn scaled_dot_product_attention(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    if mask.is_none()
+        && kernels::applies_bf16(q)
+        && kernels::applies_bf16(k)
+        && kernels::applies_bf16(v)
+    {
+        let (b, h, n, d) = q.dims4()?;
+        let m = k.dim(2)?;
+        count_flops(4 * b * h * n * m * d);
+        BF16_KERNEL_LAYERS.fetch_add(1, Ordering::Relaxed);
+        let out = timed(4, || {
+            kernels::with_bf16(q, |qd| {
+                kernels::with_bf16(k, |kd| {
+                    kernels::with_bf16(v, |vd| {
+                        kernels::attention_bf16(qd, kd, vd, b * h, n, m, d, scale as f32)
+                    })
+                })
+            })
+        })???;
+        return Ok(kernels::tensor(out, &[b, h, n, d])?.to_dtype(candle_core::DType::BF16)?);
+    }
     if let Some(dtype) = half_on_cpu(q) {
+        WIDENED_LAYERS.fetch_add(1, Ordering::Relaxed);
         let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
         let mask = mask.map(f32).transpose()?;
         return Ok(scaled_dot_product_attention(
@@ -966,6 +1098,41 @@ pub fn measure_matmul_gflops(dtype: candle_core::DType, n: usize, repeats: usize
         let c = a.matmul(&b)?;
         // Touch the result so the product is not skipped.
         let _ = c.dims();
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n as f64).powi(3) / best / 1e9)
+}
+
+/// The bf16 kernel's matrix-product throughput, in GFLOP/s: the best of
+/// `repeats` products `A · Bᵀ` of two `n`×`n` bf16 matrices with f32
+/// accumulation on [`kernels::linear_bf16`] (AVX512-BF16 `vdpbf16ps`;
+/// the weight packing each call does is included), after one warm-up.
+/// Benchmarks report a bf16 model's speed against it.
+///
+/// Errors: the CPU has no AVX512-BF16 ([`kernels::bf16_gemm_available`]).
+pub fn measure_bf16_gemm_gflops(n: usize, repeats: usize) -> Result<f64> {
+    if !kernels::bf16_gemm_available() {
+        return Err(Error::invalid(
+            "bf16 gemm",
+            "this CPU has no AVX512-BF16 (vdpbf16ps)",
+        ));
+    }
+    let values = |seed: u32| -> Vec<half::bf16> {
+        (0..n * n)
+            .map(|i| {
+                half::bf16::from_f32(
+                    ((i as u32).wrapping_mul(2654435761) ^ seed) as f32 / u32::MAX as f32 - 0.5,
+                )
+            })
+            .collect()
+    };
+    let (a, b) = (values(1), values(2));
+    let _ = kernels::linear_bf16(&a, n, n, &b, &[], n);
+    let mut best = f64::INFINITY;
+    for _ in 0..repeats.max(1) {
+        let start = std::time::Instant::now();
+        let c = kernels::linear_bf16(&a, n, n, &b, &[], n);
+        std::hint::black_box(&c);
         best = best.min(start.elapsed().as_secs_f64());
     }
     Ok(2.0 * (n as f64).powi(3) / best / 1e9)

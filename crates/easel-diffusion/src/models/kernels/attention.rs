@@ -90,7 +90,7 @@ pub fn attention(
 /// independent lanes so it vectorises (AVX2 + FMA when the CPU has them,
 /// chosen at run time; SSE2 otherwise). The sum is taken lane-wise, so it
 /// rounds differently from a sequential sum (relative 1e-7).
-fn softmax_in_place(row: &mut [f32]) {
+pub(super) fn softmax_in_place(row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")

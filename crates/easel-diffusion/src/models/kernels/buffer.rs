@@ -28,6 +28,61 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(&data[start..end]))
 }
 
+/// Run `f` on the contiguous bf16 data of `t` (copied to contiguous first
+/// if needed), for the bf16 kernels.
+///
+/// Errors: `t` is not a bf16 CPU tensor.
+pub fn with_bf16<R>(t: &Tensor, f: impl FnOnce(&[half::bf16]) -> R) -> Result<R> {
+    let t = if t.is_contiguous() {
+        t.clone()
+    } else {
+        t.contiguous()?
+    };
+    if t.dtype() != DType::BF16 || !t.device().is_cpu() {
+        return Err(Error::invalid("kernel", "expected a bf16 CPU tensor"));
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::invalid("kernel", "expected a CPU tensor"));
+    };
+    let data = cpu.as_slice::<half::bf16>()?;
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::invalid("kernel", "tensor is not contiguous"))?;
+    Ok(f(&data[start..end]))
+}
+
+/// Whether the bf16 kernels ([`super::linear_bf16`], [`super::conv_bf16`],
+/// [`super::attention_bf16`]) apply to `t`: a bf16 CPU tensor, the kernels
+/// enabled ([`enabled`], [`bf16_enabled`]) and the CPU with AVX512-BF16
+/// ([`super::bf16_gemm_available`]).
+pub fn applies_bf16(t: &Tensor) -> bool {
+    t.dtype() == DType::BF16
+        && t.device().is_cpu()
+        && enabled()
+        && bf16_enabled()
+        && super::bf16_gemm_available()
+}
+
+/// Whether bf16 layers may use the bf16 kernels: yes, unless the
+/// environment sets `EASEL_BF16_KERNELS=off` (read once per process), which
+/// sends them down the widening f32 path (to compare the two). Any other
+/// value than `off` or `on` is ignored with a warning.
+pub fn bf16_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| match std::env::var("EASEL_BF16_KERNELS").as_deref() {
+        Ok("off") => {
+            tracing::info!("EASEL_BF16_KERNELS=off: bf16 layers widen to f32");
+            false
+        }
+        Ok("on") | Ok("") | Err(_) => true,
+        Ok(other) => {
+            tracing::warn!("EASEL_BF16_KERNELS={other} ignored (allowed: on, off)");
+            true
+        }
+    })
+}
+
 /// Whether the fast CPU kernels apply to `t` (an f32 tensor on the CPU),
 /// unless they are switched off ([`enabled`]).
 pub fn applies(t: &Tensor) -> bool {

@@ -10,12 +10,19 @@
 //! All functions take and return contiguous row-major f32 buffers; shapes
 //! are given explicitly. Results equal PyTorch's within float32 rounding.
 //!
+//! On CPUs with AVX512-BF16, `bf16` runs bf16 linear layers and 1×1 / 3×3
+//! convolutions with f32 accumulation (`vdpbf16ps`), as oneDNN does for
+//! PyTorch's CPU bf16, and `attention_bf16` attention's two products on it;
+//! elsewhere bf16 layers widen to f32 and use the rest.
+//!
 //! Layout: `buffer` gives the kernels f32 views of tensors, `matmul` the
 //! matrix products (`linear`), `conv` the 3×3 (direct and Winograd) and
 //! 1×1 convolutions, `norm` group norm, `attention` blocked attention and
 //! its softmax. Every kernel is re-exported here.
 
 mod attention;
+mod attention_bf16;
+mod bf16;
 mod buffer;
 mod conv;
 mod conv_in_place;
@@ -24,7 +31,12 @@ mod matmul;
 mod norm;
 
 pub use attention::{attention, exp_f32};
-pub use buffer::{applies, applies_weight, enabled, tensor, with_f32, with_f32_weight};
+pub use attention_bf16::attention_bf16;
+pub use bf16::{bf16_gemm_available, conv_bf16, linear_bf16};
+pub use buffer::{
+    applies, applies_bf16, applies_weight, bf16_enabled, enabled, tensor, with_bf16, with_f32,
+    with_f32_weight,
+};
 pub use conv::{
     conv1x1, conv1x1_add_into, conv3x3_prefers_winograd, conv3x3_same, conv3x3_same_from,
     conv3x3_winograd, conv3x3_winograd_from, winograd_filter, with_conv3x3_kernel, Conv3x3Kernel,
