@@ -281,11 +281,15 @@ fn pack_im2col(
                     let s0 = (-(x0 as isize + dx)).max(0) as usize;
                     let s1 = ((w as isize - x0 as isize - dx).max(0) as usize).min(seg);
                     if s0 < s1 {
-                        let src = (row as isize + x0 as isize + dx) as usize;
-                        let lo = &lo[src + s0..src + s1];
+                        // The first source column read, x0 + s0 + dx >= 0
+                        // (s0 was chosen so), in isize: x0 + dx alone may
+                        // be -1 at the left edge.
+                        let start = (row as isize + x0 as isize + dx + s0 as isize) as usize;
+                        let len = s1 - s0;
+                        let lo = &lo[start..start + len];
                         let hi = match hi {
-                            Some(hi) => &hi[src + s0..src + s1],
-                            None => &zeros[..s1 - s0],
+                            Some(hi) => &hi[start..start + len],
+                            None => &zeros[..len],
                         };
                         let d = (j / NR) * k_pairs * NR + q * NR + j % NR;
                         for ((dst, &a), &b) in p.data[d + s0..d + s1].iter_mut().zip(lo).zip(hi) {
