@@ -1008,6 +1008,28 @@ mod tests {
         }
     }
 
+    /// `offload` from the file or `EASEL_OFFLOAD`, default none; a bad mode
+    /// is named with the allowed ones.
+    #[test]
+    fn offload_mode() {
+        assert_eq!(Config::default().offload, Offload::None);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("easel.toml");
+        std::fs::write(&file, "offload = \"model\"\n").unwrap();
+        assert_eq!(
+            Config::load(Some(&file), []).unwrap().offload,
+            Offload::Model
+        );
+        let config = Config::load(Some(&file), env(&[("EASEL_OFFLOAD", "sequential")])).unwrap();
+        assert_eq!(config.offload, Offload::Sequential);
+        std::fs::write(&file, "offload = \"gpu\"\n").unwrap();
+        let e = Config::load(Some(&file), []).unwrap_err();
+        assert!(
+            e.0.contains("offload") && e.0.contains("none, model, sequential"),
+            "{e}"
+        );
+    }
+
     /// `device` is one device or a list, from the file or `EASEL_DEVICE`
     /// (comma-separated); bad names, empty lists and duplicates are named.
     #[test]
