@@ -134,8 +134,6 @@ pub(super) struct FluxComponents {
     text_encoder_2: T5Encoder,
     pub(super) transformer: Held<FluxTransformer2DModel>,
     vae: Held<AutoencoderKL>,
-    /// `--offload model`: the components are built for each use.
-    offloaded: bool,
     /// The LoRA-targetable weights (CLIP text encoder, transformer), as
     /// diffusers' `FluxLoraLoaderMixin`: T5 takes no adapters.
     pub(super) lora: LoraState,
@@ -243,7 +241,6 @@ impl FluxComponents {
             text_encoder_2,
             transformer,
             vae,
-            offloaded,
             lora,
             scheduler_config,
             flow_config,
@@ -264,13 +261,17 @@ impl FluxComponents {
         let (deltas, rebuild) = self.lora.plan(loras)?;
         let text_encoder = self.lora.rebuilt("text_encoder", &deltas, &rebuild, |w| {
             held_text_encoder(
-                self.offloaded,
+                self.text_encoder.offloaded(),
                 w.clone(),
                 self.text_encoder.config().clone(),
             )
         })?;
         let transformer = self.lora.rebuilt("transformer", &deltas, &rebuild, |w| {
-            held_transformer(self.offloaded, w.clone(), self.transformer.config().clone())
+            held_transformer(
+                self.transformer.offloaded(),
+                w.clone(),
+                self.transformer.config().clone(),
+            )
         })?;
         if let Some(t) = text_encoder {
             self.text_encoder = t;

@@ -118,6 +118,11 @@ impl<M: Component> Held<M> {
         Ok(Self { config, state })
     }
 
+    /// Whether the component is built for each use (`model` offload).
+    pub fn offloaded(&self) -> bool {
+        matches!(self.state, State::OnUse(_))
+    }
+
     /// The component's config (no build needed).
     pub fn config(&self) -> &M::Config {
         &self.config

@@ -31,8 +31,6 @@ pub struct StableDiffusionPipeline {
     unet: Held<UNet2DConditionModel>,
     vae: Held<AutoencoderKL>,
     lora: LoraState,
-    /// `--offload model`: the components are built for each use.
-    offloaded: bool,
     /// The model's `scheduler/scheduler_config.json`.
     scheduler_config: serde_json::Value,
     device: Device,
@@ -71,7 +69,6 @@ impl StableDiffusionPipeline {
             unet,
             vae,
             lora,
-            offloaded,
             scheduler_config,
             device: device.clone(),
         })
@@ -141,13 +138,13 @@ impl DiffusionPipeline for StableDiffusionPipeline {
         let (deltas, rebuild) = self.lora.plan(loras)?;
         let text_encoder = self.lora.rebuilt("text_encoder", &deltas, &rebuild, |w| {
             held_text_encoder(
-                self.offloaded,
+                self.text_encoder.offloaded(),
                 w.clone(),
                 self.text_encoder.config().clone(),
             )
         })?;
         let unet = self.lora.rebuilt("unet", &deltas, &rebuild, |w| {
-            held_unet(self.offloaded, w.clone(), self.unet.config().clone())
+            held_unet(self.unet.offloaded(), w.clone(), self.unet.config().clone())
         })?;
         if let Some(t) = text_encoder {
             self.text_encoder = t;

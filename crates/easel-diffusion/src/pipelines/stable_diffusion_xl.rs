@@ -39,8 +39,6 @@ pub struct StableDiffusionXLPipeline {
     unet: Held<UNet2DConditionModel>,
     vae: Held<AutoencoderKL>,
     lora: LoraState,
-    /// `--offload model`: the components are built for each use.
-    offloaded: bool,
     force_zeros_for_empty_prompt: bool,
     /// The model's `scheduler/scheduler_config.json`.
     scheduler_config: serde_json::Value,
@@ -98,7 +96,6 @@ impl StableDiffusionXLPipeline {
             unet,
             vae: held_vae(model, device, true, true)?,
             lora,
-            offloaded,
             force_zeros_for_empty_prompt,
             scheduler_config: model.component_config("scheduler")?,
             device: device.clone(),
@@ -162,7 +159,7 @@ impl DiffusionPipeline for StableDiffusionXLPipeline {
         let (deltas, rebuild) = self.lora.plan(loras)?;
         let text_encoder = self.lora.rebuilt("text_encoder", &deltas, &rebuild, |w| {
             held_text_encoder(
-                self.offloaded,
+                self.text_encoder.offloaded(),
                 w.clone(),
                 self.text_encoder.config().clone(),
             )
@@ -171,13 +168,13 @@ impl DiffusionPipeline for StableDiffusionXLPipeline {
             .lora
             .rebuilt("text_encoder_2", &deltas, &rebuild, |w| {
                 held_text_encoder(
-                    self.offloaded,
+                    self.text_encoder_2.offloaded(),
                     w.clone(),
                     self.text_encoder_2.config().clone(),
                 )
             })?;
         let unet = self.lora.rebuilt("unet", &deltas, &rebuild, |w| {
-            held_unet(self.offloaded, w.clone(), self.unet.config().clone())
+            held_unet(self.unet.offloaded(), w.clone(), self.unet.config().clone())
         })?;
         if let Some(t) = text_encoder {
             self.text_encoder = t;

@@ -347,9 +347,6 @@ impl GroupNorm {
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
     inner: candle_nn::LayerNorm,
-    /// `(weight, bias)` and eps, for a norm on another device than its
-    /// weights (`--offload sequential`: see [`on_device`]).
-    params: (Tensor, Tensor, f64),
 }
 
 impl LayerNorm {
@@ -358,22 +355,22 @@ impl LayerNorm {
         let weight = w.get(&[dim], "weight")?;
         let bias = w.get(&[dim], "bias")?;
         Ok(Self {
-            params: (weight.clone(), bias.clone(), eps),
             inner: candle_nn::LayerNorm::new(weight, bias, eps),
         })
     }
 
-    /// `x`: `(..., dim)`.
+    /// `x`: `(..., dim)`. Weights on another device than `x`
+    /// (`--offload sequential`) are moved for the call ([`on_device`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (weight, bias, eps) = &self.params;
+        let weight = self.inner.weight();
         if weight.device().same_device(x.device()) {
             return Ok(self.inner.forward(x)?);
         }
-        let moved = candle_nn::LayerNorm::new(
-            weight.to_device(x.device())?,
-            bias.to_device(x.device())?,
-            *eps,
-        );
+        let (weight, eps) = (weight.to_device(x.device())?, self.inner.eps());
+        let moved = match self.inner.bias() {
+            Some(bias) => candle_nn::LayerNorm::new(weight, bias.to_device(x.device())?, eps),
+            None => candle_nn::LayerNorm::new_no_bias(weight, eps),
+        };
         Ok(moved.forward(x)?)
     }
 }
