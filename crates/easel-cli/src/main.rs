@@ -46,6 +46,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Run the image-generation HTTP service (native API, OpenAI Images API).
     Serve(Box<serve::ServeArgs>),
+    /// Run jobs from a shared job store (PostgreSQL) without serving HTTP:
+    /// the GPU workers of a multi-machine deployment (docs/DEPLOY.md).
+    Worker(Box<serve::WorkerArgs>),
     /// Create, list and revoke API keys of the HTTP service.
     Keys {
         #[command(subcommand)]
@@ -86,6 +89,7 @@ fn main() -> ExitCode {
         Command::Schedulers(args) => models::schedulers(args),
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::serve(*args),
+        Command::Worker(args) => serve::worker(*args),
         Command::Keys { command } => serve::keys(command),
         Command::BenchApi(args) => serve::bench_api(args),
     };

@@ -1,5 +1,5 @@
-//! `easel serve`, `easel keys` and `easel bench-api`: thin wrappers over
-//! `easel-server`.
+//! `easel serve`, `easel worker`, `easel keys` and `easel bench-api`: thin
+//! wrappers over `easel-server`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,6 +22,11 @@ pub struct ConfigArgs {
     /// [default: $XDG_DATA_HOME/easel or ~/.local/share/easel].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// The job store: sqlite://PATH or postgres://USER:PASSWORD@HOST:PORT/DB
+    /// (one database for several API nodes and workers; docs/DEPLOY.md)
+    /// [default: the config's `database_url`, else sqlite://DATA_DIR/easel.db].
+    #[arg(long, env = "EASEL_DATABASE_URL", value_name = "URL")]
+    pub database_url: Option<String>,
 }
 
 impl ConfigArgs {
@@ -30,6 +35,9 @@ impl ConfigArgs {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         if let Some(dir) = &self.data_dir {
             config.data_dir = dir.clone();
+        }
+        if let Some(url) = &self.database_url {
+            config.database_url = Some(url.clone());
         }
         Ok(config)
     }
@@ -78,6 +86,67 @@ pub struct ServeArgs {
     /// Run the fast fake engine instead of the diffusion engine (for load tests).
     #[arg(long, hide = true)]
     pub fake_engine: bool,
+    /// Run no engine workers: an API-only node whose jobs are run by
+    /// `easel worker` processes on the same `--database-url`.
+    #[arg(long)]
+    pub no_worker: bool,
+}
+
+/// Arguments of `easel worker`.
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// A folder of models (and LoRA files) jobs may name; repeatable (as
+    /// `easel serve --models-dir`: give every node the same folders).
+    #[arg(long = "models-dir")]
+    pub models_dirs: Vec<PathBuf>,
+    /// Never download models; repo ids must be in the Hugging Face cache.
+    #[arg(long)]
+    pub offline: bool,
+    /// Where the engine computes, one worker per device (as `easel serve --device`).
+    #[arg(
+        long,
+        env = "EASEL_DEVICE",
+        value_delimiter = ',',
+        value_name = "auto|cpu|cuda|cuda:N"
+    )]
+    pub device: Vec<DeviceSpec>,
+    /// Where the weights live between uses (as `easel serve --offload`).
+    #[arg(long, value_name = "none|model|sequential", value_parser = crate::generate::parse_offload)]
+    pub offload: Option<easel_diffusion::device::Offload>,
+    /// Run the fast fake engine instead of the diffusion engine (for load tests).
+    #[arg(long, hide = true)]
+    pub fake_engine: bool,
+}
+
+/// `easel worker`: claim and run jobs from the shared store, no HTTP.
+pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
+    let mut config = args.config.load()?;
+    config.models_dirs.extend(args.models_dirs);
+    if args.offline {
+        config.offline = true;
+    }
+    if args.fake_engine {
+        config.engine = EngineKind::Fake;
+    }
+    if !args.device.is_empty() {
+        config.device = args.device;
+    }
+    if let Some(offload) = args.offload {
+        config.offload = offload;
+    }
+    config
+        .check()
+        .map_err(|e| anyhow::anyhow!("{}", flag_names(&e.to_string())))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime
+        .block_on(easel_server::run_worker(config))
+        .map_err(|e| anyhow::anyhow!("{}", flag_names(&e.to_string())))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `easel serve`.
@@ -104,6 +173,9 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     }
     if let Some(offload) = args.offload {
         config.offload = offload;
+    }
+    if args.no_worker {
+        config.no_worker = true;
     }
     config
         .check()
@@ -175,23 +247,25 @@ pub fn keys(command: KeysCommand) -> Result<ExitCode> {
                     bail!("--credit-limit must be a non-negative number of USD");
                 }
                 let config = config.load()?;
-                let (row, secret) =
-                    easel_server::auth::create_key(&config.data_dir, &name, credit_limit)
-                        .await
-                        .with_context(|| {
-                            format!("creating a key in {}", config.data_dir.display())
-                        })?;
+                let url = config.database_url();
+                let shown = easel_server::store::redact_url(&url);
+                if config.database_url.is_none() {
+                    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+                        format!("creating the data dir {}", config.data_dir.display())
+                    })?;
+                }
+                let (row, secret) = easel_server::auth::create_key_at(&url, &name, credit_limit)
+                    .await
+                    .with_context(|| format!("creating a key in {shown}"))?;
                 eprintln!(
-                    "created key {} ({}) in {}; the secret is shown once:",
-                    row.id,
-                    row.name,
-                    config.data_dir.display()
+                    "created key {} ({}) in {shown}; the secret is shown once:",
+                    row.id, row.name,
                 );
                 println!("{secret}");
             }
             KeysCommand::List { config } => {
                 let config = config.load()?;
-                let store = Store::open(&config.data_dir).await?;
+                let store = Store::connect(&config.database_url()).await?;
                 for k in store.keys().await? {
                     println!(
                         "{}\t{}\t{}…\t{}\t{}",
@@ -211,7 +285,7 @@ pub fn keys(command: KeysCommand) -> Result<ExitCode> {
             }
             KeysCommand::Revoke { config, id } => {
                 let config = config.load()?;
-                let store = Store::open(&config.data_dir).await?;
+                let store = Store::connect(&config.database_url()).await?;
                 if !store.revoke_key(&id).await? {
                     bail!("no active key `{id}` (see `easel keys list`)");
                 }

@@ -290,7 +290,10 @@ fn a_server_killed_mid_job_resumes_it_and_loses_nothing() {
     let data = dir.path().join("data");
     let key = create_key(&data);
     let model = fixtures().join("models/tiny-sd15").display().to_string();
-    let mut server = Server::start(&data, &key, &[]);
+    // A short lease: the restarted server claims the job again 3 s after
+    // the dead one's last renewal.
+    let lease = [("EASEL_LEASE_SECONDS", "3")];
+    let mut server = Server::start(&data, &key, &lease);
     // Four definitions with different steps: four batches, one after another.
     let long = json!({
         "baseModel": model, "width": 64, "height": 64, "outputFormat": "png",
@@ -326,7 +329,7 @@ fn a_server_killed_mid_job_resumes_it_and_loses_nothing() {
     server.child.wait().unwrap();
     drop(server);
 
-    let server = Server::start(&data, &key, &[]);
+    let server = Server::start(&data, &key, &lease);
     let job = server.wait_done(&id, 300);
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["attempts"], 2, "re-queued once after the kill");

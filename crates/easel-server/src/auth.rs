@@ -71,8 +71,22 @@ pub async fn create_key(
     data_dir: &Path,
     name: &str,
     credit_limit_usd: Option<f64>,
-) -> Result<(KeyRow, String), sqlx::Error> {
-    let store = Store::open(data_dir).await?;
+) -> Result<(KeyRow, String), crate::store::StoreError> {
+    std::fs::create_dir_all(data_dir).map_err(sqlx::Error::Io)?;
+    create_key_at(&crate::store::sqlite_url(data_dir), name, credit_limit_usd).await
+}
+
+/// Create a key in the store at `database_url` (`sqlite://...` or
+/// `postgres://...`, migrated if needed). Returns the row and the secret.
+///
+/// # Errors
+/// The store cannot be opened or written.
+pub async fn create_key_at(
+    database_url: &str,
+    name: &str,
+    credit_limit_usd: Option<f64>,
+) -> Result<(KeyRow, String), crate::store::StoreError> {
+    let store = Store::connect(database_url).await?;
     let (row, secret) = new_key(name, credit_limit_usd.map(|u| (u * 1e6).round() as i64));
     store.insert_key(&row, &hash_secret(&secret)).await?;
     Ok((row, secret))

@@ -355,8 +355,9 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, crate::StartError
             _ => rep.lost += 1,
         }
     }
-    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM generations")
-        .fetch_one(state.store().pool())
+    let rows = state
+        .store()
+        .scalar_raw("SELECT COUNT(*) FROM generations")
         .await?;
     rep.duplicated = (rows as usize).saturating_sub(seen.len());
     state.shutdown().await;

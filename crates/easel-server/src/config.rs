@@ -275,8 +275,23 @@ pub struct Config {
     pub max_images_per_request: usize,
     /// Most queued jobs; beyond it requests get 429 with `Retry-After`.
     pub max_queue: usize,
-    /// A job interrupted this many times (the process died while it ran) fails.
+    /// A job interrupted this many times (its worker died while it ran) fails.
     pub max_attempts: u32,
+    /// The job store: `sqlite://PATH` or `postgres://USER:PASSWORD@HOST:PORT/DB`
+    /// (several API nodes and workers on one database, see docs/DEPLOY.md).
+    /// Default: `sqlite://DATA_DIR/easel.db`.
+    pub database_url: Option<String>,
+    /// How long a worker's claim on a running job lasts without renewal, in
+    /// seconds (2-3600; renewed every second while it runs). A job whose
+    /// worker died is claimed again this long after its last renewal.
+    pub lease_seconds: u64,
+    /// Run no engine workers in this process (an API-only node: the jobs it
+    /// accepts are run by `easel worker` processes on the same database).
+    pub no_worker: bool,
+    /// This process is an `easel worker` (set by it, not configurable):
+    /// it runs jobs only, and leaves flow runs to the API nodes.
+    #[serde(skip)]
+    pub worker_only: bool,
     /// Memory budget of the loaded-model cache, in bytes (least recently used
     /// models are unloaded to stay within it; the model in use always stays).
     pub model_cache_bytes: u64,
@@ -375,6 +390,10 @@ impl Default for Config {
             max_images_per_request: 64,
             max_queue: 1000,
             max_attempts: 3,
+            database_url: None,
+            lease_seconds: 15,
+            no_worker: false,
+            worker_only: false,
             model_cache_bytes: 16 << 30,
             fair_skip_limit: 4,
             batch_definitions: false,
@@ -449,6 +468,9 @@ const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("max_images_per_request", EnvKind::Int),
     ("max_queue", EnvKind::Int),
     ("max_attempts", EnvKind::Int),
+    ("database_url", EnvKind::Str),
+    ("lease_seconds", EnvKind::Int),
+    ("no_worker", EnvKind::Bool),
     ("model_cache_bytes", EnvKind::Int),
     ("fair_skip_limit", EnvKind::Int),
     ("batch_definitions", EnvKind::Bool),
@@ -476,6 +498,19 @@ const ENV_KEYS: &[(&str, EnvKind)] = &[
 ];
 
 impl Config {
+    /// The job store's URL: `database_url`, else the SQLite file in the
+    /// data dir.
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| crate::store::sqlite_url(&self.data_dir))
+    }
+
+    /// How long a worker's lease on a running job lasts.
+    pub fn lease(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.lease_seconds)
+    }
+
     /// Defaults, overlaid with `file` (TOML) when given, then with the
     /// `EASEL_*` variables of `env`, then validated.
     ///
@@ -576,6 +611,15 @@ impl Config {
             }
         }
         self.fetch_allow_list()?;
+        if !(2..=3600).contains(&self.lease_seconds) {
+            return Err(ConfigError(format!(
+                "lease_seconds: {} is not between 2 and 3600 seconds",
+                self.lease_seconds
+            )));
+        }
+        if let Some(url) = &self.database_url {
+            crate::store::Backend::of_url(url).map_err(|e| ConfigError(e.to_string()))?;
+        }
         if self.max_attempts == 0 || self.webhook_max_attempts == 0 {
             return Err(ConfigError(
                 "max_attempts and webhook_max_attempts must be at least 1".into(),

@@ -162,8 +162,20 @@ impl From<ValidationError> for ApiError {
     }
 }
 
-impl From<sqlx::Error> for ApiError {
-    fn from(e: sqlx::Error) -> Self {
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        if e.is_unavailable() {
+            // The database is down or unreachable (a restart, a network
+            // cut): nothing was changed, the client may retry.
+            tracing::warn!("job store unavailable: {e}");
+            let mut error = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the job store cannot be reached right now; retry shortly",
+            );
+            error.retry_after = Some(2);
+            return error;
+        }
         ApiError::internal("using the job store", e)
     }
 }

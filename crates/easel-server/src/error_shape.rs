@@ -52,8 +52,8 @@ impl From<ApiError> for OpenAiError {
     }
 }
 
-impl From<sqlx::Error> for OpenAiError {
-    fn from(e: sqlx::Error) -> Self {
+impl From<crate::store::StoreError> for OpenAiError {
+    fn from(e: crate::store::StoreError) -> Self {
         OpenAiError(e.into())
     }
 }
@@ -75,8 +75,8 @@ impl From<ApiError> for A1111Error {
     }
 }
 
-impl From<sqlx::Error> for A1111Error {
-    fn from(e: sqlx::Error) -> Self {
+impl From<crate::store::StoreError> for A1111Error {
+    fn from(e: crate::store::StoreError) -> Self {
         A1111Error(e.into())
     }
 }

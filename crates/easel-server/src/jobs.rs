@@ -25,7 +25,7 @@ pub async fn load_record(
     state: &AppState,
     id: &str,
     base_url: &str,
-) -> Result<Option<GenerationRecord>, sqlx::Error> {
+) -> Result<Option<GenerationRecord>, crate::store::StoreError> {
     let Some(g) = state.store().generation(id).await? else {
         return Ok(None);
     };
@@ -77,7 +77,11 @@ pub async fn wait_for_record(
 ///
 /// # Errors
 /// A store failure.
-pub async fn queue_webhook(state: &AppState, id: &str, event: &str) -> Result<(), sqlx::Error> {
+pub async fn queue_webhook(
+    state: &AppState,
+    id: &str,
+    event: &str,
+) -> Result<(), crate::store::StoreError> {
     let Some(g) = state.store().generation(id).await? else {
         return Ok(());
     };
@@ -197,7 +201,7 @@ pub async fn cancel_job(state: &AppState, id: &str) -> Result<bool, ApiError> {
 /// # Errors
 /// A store failure while queueing the webhook (the status is broadcast
 /// before).
-pub async fn announce_started(state: &AppState, id: &str) -> Result<(), sqlx::Error> {
+pub async fn announce_started(state: &AppState, id: &str) -> Result<(), crate::store::StoreError> {
     state.emit(JobEvent::Status {
         id: id.to_string(),
         status: JobStatus::Running,
@@ -218,7 +222,7 @@ pub async fn announce_finished(
     state: &AppState,
     id: &str,
     status: JobStatus,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), crate::store::StoreError> {
     let metrics = state.metrics();
     Metrics::inc(match status {
         JobStatus::Succeeded => &metrics.jobs_succeeded,

@@ -98,18 +98,53 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
         .into_iter()
         .map(|w| w.device)
         .collect();
-    eprintln!(
-        "easel serve: listening on http://{local} (data dir {}, auth {}, engine workers on {})",
-        state.config().data_dir.display(),
-        if state.config().no_auth { "off" } else { "on" },
+    let workers = if devices.is_empty() {
+        "none: API only, jobs run on `easel worker` processes".to_string()
+    } else {
         devices.join(", ")
+    };
+    eprintln!(
+        "easel serve: listening on http://{local} (data dir {}, store {}, auth {}, engine workers on {workers})",
+        state.config().data_dir.display(),
+        store::redact_url(&state.config().database_url()),
+        if state.config().no_auth { "off" } else { "on" },
     );
     let result = serve_on(listener, state.clone(), shutdown_signal(state.clone())).await;
     state.shutdown().await;
     result.map_err(StartError::Io)
 }
 
-async fn shutdown_signal(state: AppState) {
+/// `easel worker`: open the store and the asset store of `config`, start
+/// one engine worker per configured device and claim jobs from the shared
+/// queue (with the webhook dispatcher, which claims deliveries like any
+/// API node's) until Ctrl-C or SIGTERM; a running job is then put back in
+/// the queue for another worker. No HTTP listener.
+///
+/// # Errors
+/// The configuration, the store or a device cannot be used.
+pub async fn run_worker(mut config: Config) -> Result<(), StartError> {
+    config.no_worker = false;
+    config.worker_only = true;
+    let state = AppState::open(config).await?;
+    let devices: Vec<String> = state
+        .worker()
+        .workers()
+        .into_iter()
+        .map(|w| w.device)
+        .collect();
+    eprintln!(
+        "easel worker: claiming jobs from {} (engine workers on {})",
+        store::redact_url(&state.config().database_url()),
+        devices.join(", ")
+    );
+    wait_for_signal().await;
+    eprintln!("easel worker: shutting down (a running job goes back to the queue)");
+    state.shutdown().await;
+    Ok(())
+}
+
+/// Wait for Ctrl-C or SIGTERM.
+async fn wait_for_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -128,6 +163,10 @@ async fn shutdown_signal(state: AppState) {
         _ = ctrl_c => {}
         _ = term => {}
     }
+}
+
+async fn shutdown_signal(state: AppState) {
+    wait_for_signal().await;
     eprintln!("easel serve: shutting down");
     // Event streams end and waiters return; the worker stops after serve.
     state.mark_shutting_down();

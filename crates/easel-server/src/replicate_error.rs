@@ -149,8 +149,8 @@ impl From<ApiError> for ReplicateError {
     }
 }
 
-impl From<sqlx::Error> for ReplicateError {
-    fn from(e: sqlx::Error) -> Self {
+impl From<crate::store::StoreError> for ReplicateError {
+    fn from(e: crate::store::StoreError) -> Self {
         ApiError::from(e).into()
     }
 }

@@ -27,7 +27,7 @@ pub enum StartError {
     Config(#[from] config::ConfigError),
     /// The job store could not be opened or migrated.
     #[error("job store: {0}")]
-    Store(#[from] sqlx::Error),
+    Store(#[from] crate::store::StoreError),
     /// A folder or file of the data dir could not be used.
     #[error("data dir: {0}")]
     Io(#[from] std::io::Error),
@@ -42,7 +42,6 @@ struct Inner {
     capabilities: Capabilities,
     events: broadcast::Sender<JobEvent>,
     metrics: Metrics,
-    submit_lock: tokio::sync::Mutex<()>,
     worker: Arc<WorkerShared>,
     webhook_wake: Notify,
     webhook_secret: Vec<u8>,
@@ -71,7 +70,11 @@ impl AppState {
     /// or an unusable data dir.
     pub async fn open(config: Config) -> Result<AppState, StartError> {
         config.check()?;
-        let workers = engine::build_workers(&config)?;
+        let workers = if config.no_worker {
+            Vec::new()
+        } else {
+            engine::build_workers(&config)?
+        };
         Self::open_with_engines(config, workers).await
     }
 
@@ -103,7 +106,7 @@ impl AppState {
     ) -> Result<AppState, StartError> {
         config.check()?;
         let devices: Vec<String> = workers.iter().map(|w| w.device.clone()).collect();
-        if devices.is_empty() {
+        if devices.is_empty() && !config.no_worker {
             return Err(config::ConfigError("no engine worker to start".into()).into());
         }
         if let Some(d) = devices
@@ -115,23 +118,21 @@ impl AppState {
         }
         std::fs::create_dir_all(&config.data_dir)?;
         std::fs::create_dir_all(config.data_dir.join("models"))?;
-        let store = Store::open(&config.data_dir).await?;
-        let recovery = store.recover(config.max_attempts).await?;
-        if recovery != store::Recovery::default() {
-            tracing::warn!(
-                "recovered interrupted jobs: {} re-queued, {} failed after {} attempts, {} canceled",
-                recovery.requeued,
-                recovery.failed,
-                config.max_attempts,
-                recovery.canceled
-            );
-        }
+        let store = Store::connect(&config.database_url()).await?;
+        // Jobs whose worker died (this process before a restart, or another
+        // one) are claimed again by the workers once their lease expired
+        // (worker.rs, before each claim); live workers' jobs are left alone.
         let assets = FileStore::open(config.data_dir.join("assets"))?;
         let trainings = FileStore::open(config.data_dir.join("trainings"))?;
-        let known = store.known_hashes().await?;
-        let removed = assets.sweep(&known)
-            + trainings.sweep(&known)
-            + lora_cache::sweep_partial(&config.data_dir);
+        // Orphan files (written by a process that died before committing
+        // their record) are removed at start on a single machine. With a
+        // shared database other processes may be between writing a file
+        // and committing its record right now, so nothing is swept there.
+        let mut removed = lora_cache::sweep_partial(&config.data_dir);
+        if store.backend() == store::Backend::Sqlite {
+            let known = store.known_hashes().await?;
+            removed += assets.sweep(&known) + trainings.sweep(&known);
+        }
         if removed > 0 {
             tracing::warn!("removed {removed} orphan or partial files from the data dir");
         }
@@ -149,7 +150,6 @@ impl AppState {
             trainings,
             events,
             metrics: Metrics::default(),
-            submit_lock: tokio::sync::Mutex::new(()),
             worker: Arc::new(WorkerShared::new(devices)),
             webhook_wake: Notify::new(),
             webhook_secret,
@@ -188,7 +188,9 @@ impl AppState {
             }
         }
         tokio::spawn(webhooks::run_dispatcher(state.clone()));
-        flows::resume_unfinished(&state).await;
+        if !state.config().worker_only {
+            flows::resume_unfinished(&state).await;
+        }
         Ok(state)
     }
 
@@ -277,11 +279,6 @@ impl AppState {
     /// The workers' shared handle.
     pub fn worker(&self) -> &Arc<WorkerShared> {
         &self.0.worker
-    }
-
-    /// Serialises acceptance (idempotency, queue length, credit, insert).
-    pub fn submit_lock(&self) -> &tokio::sync::Mutex<()> {
-        &self.0.submit_lock
     }
 
     /// The webhook signing key.

@@ -21,7 +21,7 @@ use crate::inputs::{load_input, LoadedInput};
 use crate::job::{InputRef, ItemSpec, LoraSpec, ModelSpec};
 use crate::metrics::Metrics;
 use crate::models::ModelRegistry;
-use crate::store::{AssetRow, GenerationRow, NewGeneration};
+use crate::store::{Admission, Admitted, AssetRow, GenerationRow, NewGeneration};
 use crate::util::{new_id, now_ms};
 use crate::AppState;
 
@@ -480,66 +480,18 @@ pub async fn commit(
     principal: &Principal,
     mut prepared: Prepared,
 ) -> Result<Committed, ApiError> {
-    let _guard = state.submit_lock().lock().await;
     let store = state.store();
+    // A retry of a request already accepted: answered before storing its
+    // inputs again (checked once more, with the limits, inside the insert).
     if let Some(key) = &prepared.idempotency_key {
         if let Some(existing) = store
             .generation_by_idempotency_key(&principal.key_id, key)
             .await?
         {
-            if existing.request_hash.as_deref() != Some(prepared.request_hash.as_str()) {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "idempotency_key_reused",
-                    format!(
-                        "Idempotency-Key `{key}` was used for a different request (job {}); \
-                         use a new key for a new request",
-                        existing.id
-                    ),
-                ));
-            }
-            return Ok(Committed {
-                job: existing,
-                created: false,
-            });
+            return same_request(existing, &prepared, key);
         }
-    }
-    let (queued, _) = store.counts().await?;
-    if queued as usize >= state.config().max_queue {
-        Metrics::inc(&state.metrics().rejected_queue_full);
-        let mut e = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "queue_full",
-            format!(
-                "the queue is full ({queued} jobs waiting, max_queue = {}); retry later",
-                state.config().max_queue
-            ),
-        );
-        e.retry_after = Some(5);
-        return Err(e);
     }
     let price = state.config().price_micros();
-    let cost = prepared.items.len() as i64 * price;
-    if let Some(limit) = principal.credit_limit_micros {
-        let usage = store.usage(&principal.key_id).await?;
-        let used = usage.charged_micros - usage.refunded_micros;
-        if used + cost > limit {
-            Metrics::inc(&state.metrics().rejected_credit);
-            return Err(ApiError::new(
-                StatusCode::PAYMENT_REQUIRED,
-                "insufficient_credit",
-                format!(
-                    "this request costs {:.2} USD ({} inferences at {:.2}); the key has {:.2} of its {:.2} USD credit left",
-                    cost as f64 / 1e6,
-                    prepared.items.len(),
-                    price as f64 / 1e6,
-                    (limit - used).max(0) as f64 / 1e6,
-                    limit as f64 / 1e6
-                ),
-            ));
-        }
-    }
-
     // Store the inputs (files first), then the job in one transaction.
     let id = new_id();
     let now = now_ms();
@@ -618,19 +570,82 @@ pub async fn commit(
         webhook_events: prepared.webhook_events.clone(),
         inputs: rows,
     };
-    match store.insert_generation(&new).await {
-        Ok(job) => {
+    let admission = Admission {
+        max_queue: i64::try_from(state.config().max_queue).unwrap_or(i64::MAX),
+        credit_limit_micros: principal.credit_limit_micros,
+    };
+    let outcome = store.insert_generation(&new, admission).await;
+    if !matches!(outcome, Ok(Admitted::Created(_))) {
+        for (hash, ext) in written {
+            state.assets().remove(&hash, ext);
+        }
+    }
+    match outcome? {
+        Admitted::Created(job) => {
             Metrics::inc(&state.metrics().jobs_accepted);
             state.worker().wake();
             Ok(Committed { job, created: true })
         }
-        Err(e) => {
-            for (hash, ext) in written {
-                state.assets().remove(&hash, ext);
-            }
-            Err(e.into())
+        Admitted::Existing(existing) => {
+            let key = prepared.idempotency_key.as_deref().unwrap_or_default();
+            same_request(existing, &prepared, key)
+        }
+        Admitted::QueueFull { queued } => {
+            Metrics::inc(&state.metrics().rejected_queue_full);
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "queue_full",
+                format!(
+                    "the queue is full ({queued} jobs waiting, max_queue = {}); retry later",
+                    state.config().max_queue
+                ),
+            );
+            e.retry_after = Some(5);
+            Err(e)
+        }
+        Admitted::InsufficientCredit { used_micros } => {
+            Metrics::inc(&state.metrics().rejected_credit);
+            let limit = principal.credit_limit_micros.unwrap_or_default();
+            let cost = prepared.items.len() as i64 * price;
+            Err(ApiError::new(
+                StatusCode::PAYMENT_REQUIRED,
+                "insufficient_credit",
+                format!(
+                    "this request costs {:.2} USD ({} inferences at {:.2}); the key has {:.2} of its {:.2} USD credit left",
+                    cost as f64 / 1e6,
+                    prepared.items.len(),
+                    price as f64 / 1e6,
+                    (limit - used_micros).max(0) as f64 / 1e6,
+                    limit as f64 / 1e6
+                ),
+            ))
         }
     }
+}
+
+/// The answer to a request whose `Idempotency-Key` (`key`) names job
+/// `existing`: that job when the bodies match, else 409
+/// `idempotency_key_reused`.
+fn same_request(
+    existing: GenerationRow,
+    prepared: &Prepared,
+    key: &str,
+) -> Result<Committed, ApiError> {
+    if existing.request_hash.as_deref() != Some(prepared.request_hash.as_str()) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency_key_reused",
+            format!(
+                "Idempotency-Key `{key}` was used for a different request (job {}); \
+                 use a new key for a new request",
+                existing.id
+            ),
+        ));
+    }
+    Ok(Committed {
+        job: existing,
+        created: false,
+    })
 }
 
 /// Replace long inline image data (data URIs, base64) in a request body by

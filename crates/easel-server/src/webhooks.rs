@@ -191,7 +191,10 @@ pub async fn run_dispatcher(state: AppState) {
         if state.is_shutting_down() {
             return;
         }
-        let (due, next) = match state.store().due_deliveries(16).await {
+        // Held for one request's timeout and a margin: a dispatcher that
+        // dies mid-send leaves its claims to be sent again after that.
+        let hold = timeout + Duration::from_secs(30);
+        let (due, next) = match state.store().claim_due_deliveries(16, hold).await {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!("webhook outbox: {e}");

@@ -3,14 +3,20 @@
 //!
 //! The engine is synchronous and CPU-heavy, so it runs on its own OS thread
 //! (never on the async runtime); the thread reaches the store through the
-//! runtime's handle. All workers claim from the one queue in the store; a
-//! claim is a conditional update, so a job runs on one worker once. For
-//! each job:
+//! runtime's handle. All workers, of this process and of any other on the
+//! same database (`easel worker`), claim from the one queue in the store
+//! under a lease (`store/leases.rs`), so a job runs on one worker at a time.
+//! For each job:
 //!
-//! 1. pick the next job: the oldest queued one, unless a later one is for a
-//!    model already loaded and the oldest has not been passed over
-//!    `fair_skip_limit` times in a row;
-//! 2. mark it running (attempts + 1) and register its cancel token;
+//! 1. reclaim jobs whose worker's lease expired (it died), then claim the
+//!    next job in one transaction: the oldest queued one, unless a later
+//!    one is for a model already loaded and the oldest has not been passed
+//!    over `fair_skip_limit` times in a row; it is marked running
+//!    (attempts + 1) under this worker's lease;
+//! 2. register its cancel token and start its heartbeat: every second the
+//!    lease is renewed and a cancel asked through any API node (the
+//!    store's `cancel_requested`) stops the engine at its next step; a
+//!    worker that lost its lease stops too and writes nothing more;
 //! 3. group its pending image definitions by model (loaded once, its
 //!    `ModelDefaults` returned); build each definition's engine job with
 //!    the one builder, `JobRequest::build` (`worker/plan.rs`): one engine
@@ -25,10 +31,13 @@
 //! 5. finish the job (succeeded, failed, canceled) with refunds of
 //!    definitions that made no images, and queue its webhooks.
 //!
-//! Definitions finished before a crash keep their images: on restart the
-//! job is re-queued and only its pending definitions run.
+//! Definitions finished before a crash keep their images: when the dead
+//! worker's lease expires the job is queued again and only its pending
+//! definitions run, on whichever worker claims it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use easel_core::{decode_image, encode_image, ImageMetadata, RgbImageRef};
@@ -41,7 +50,7 @@ use crate::inputs::mask_luma;
 use crate::job::{InputRef, ItemResult, ItemSpec, JobError, JobStatus, Progress};
 use crate::jobs;
 use crate::metrics::Metrics;
-use crate::store::{AssetRow, ItemRow};
+use crate::store::{AssetRow, Claim, ItemRow, StoreError};
 use crate::util::{new_id, now_ms};
 use crate::{AppState, JobEvent};
 
@@ -71,6 +80,7 @@ pub fn spawn(
             let seen = state.worker().wakes();
             Worker {
                 ctx: Ctx {
+                    owner: owner_id(&device),
                     state,
                     rt,
                     last_progress: std::cell::Cell::new(None),
@@ -101,6 +111,9 @@ struct Worker {
 /// What the worker uses besides the engine (so progress callbacks can
 /// borrow it while the engine runs).
 struct Ctx {
+    /// This worker's name on the leases it holds: host, process id,
+    /// device and a random suffix (a restarted process is a new owner).
+    owner: String,
     state: AppState,
     rt: Handle,
     last_progress: std::cell::Cell<Option<Instant>>,
@@ -120,7 +133,8 @@ impl Ctx {
                 .is_none_or(|t| t.elapsed() >= Duration::from_millis(250));
         if due {
             self.last_progress.set(Some(Instant::now()));
-            if let Err(e) = self.block(self.state.store().set_progress(id, &progress)) {
+            let store = self.state.store();
+            if let Err(e) = self.block(store.set_progress(id, &self.owner, &progress)) {
                 tracing::warn!("job {id}: recording progress: {e}");
             }
         }
@@ -198,47 +212,75 @@ impl Worker {
                 return;
             }
             let loaded: Vec<String> = self.engine.loaded().into_iter().map(|m| m.load).collect();
-            let queue = match self.ctx.rt.block_on(self.ctx.state.store().queued(64)) {
-                Ok(q) => q,
-                Err(e) => {
-                    tracing::error!("worker {}: reading the queue: {e}", self.device);
-                    self.ctx
-                        .state
-                        .worker()
-                        .wait(&mut self.seen, Duration::from_secs(1));
-                    continue;
-                }
-            };
-            let limit = self.ctx.state.config().fair_skip_limit;
-            match choose(&queue, &loaded, &mut self.skips, limit) {
-                Some(id) => {
-                    if let Err(e) = self.process(&id) {
-                        tracing::error!("worker {}: job {id}: {e}", self.device);
+            let state = self.ctx.state.clone();
+            let store = state.store();
+            let config = state.config();
+            match self.ctx.block(store.reclaim_expired(config.max_attempts)) {
+                Ok(reclaimed) => {
+                    if reclaimed.requeued > 0 {
+                        tracing::warn!(
+                            "worker {}: {} jobs whose worker stopped are queued again",
+                            self.device,
+                            reclaimed.requeued
+                        );
+                    }
+                    for (id, status) in reclaimed.finished {
+                        if let Err(e) = self.ctx.block(jobs::announce_finished(&state, &id, status))
+                        {
+                            tracing::warn!("job {id}: queueing webhook completed: {e}");
+                        }
                     }
                 }
-                None => self
+                Err(e) => tracing::warn!("worker {}: reclaiming expired leases: {e}", self.device),
+            }
+            let limit = config.fair_skip_limit;
+            let skips = &mut self.skips;
+            let claim = self
+                .ctx
+                .block(store.claim(&self.ctx.owner, config.lease(), 64, |queue| {
+                    choose(queue, &loaded, skips, limit)
+                }));
+            match claim {
+                Ok(Some(claim)) => {
+                    let id = claim.id.clone();
+                    match self.process(claim) {
+                        Ok(()) => {}
+                        Err(StoreError::LeaseLost(_)) => tracing::warn!(
+                            "job {id}: worker {} lost its lease (the job was reclaimed or \
+                             finished meanwhile); its results from here on were not kept",
+                            self.device
+                        ),
+                        Err(e) => tracing::error!("worker {}: job {id}: {e}", self.device),
+                    }
+                }
+                Ok(None) => self
                     .ctx
                     .state
                     .worker()
                     .wait(&mut self.seen, Duration::from_millis(500)),
+                Err(e) => {
+                    tracing::error!("worker {}: claiming a job: {e}", self.device);
+                    self.ctx
+                        .state
+                        .worker()
+                        .wait(&mut self.seen, Duration::from_secs(1));
+                }
             }
         }
     }
 
-    fn process(&mut self, id: &str) -> Result<(), sqlx::Error> {
+    fn process(&mut self, claim: Claim) -> Result<(), StoreError> {
         let state = self.ctx.state.clone();
         let store = state.store();
-        // The claim: one UPDATE ... WHERE status = 'queued', so of several
-        // workers choosing the same job only one gets it; the others find
-        // nothing to do and choose again.
-        let Some(attempt) = self.ctx.block(store.start(id))? else {
-            return Ok(());
-        };
+        let owner = self.ctx.owner.clone();
+        let Claim { id, attempt } = claim;
+        let id = id.as_str();
         let started = Instant::now();
         let token = CancelToken::new();
         state
             .worker()
             .set_running(self.index, Some((id.to_string(), token.clone())));
+        let heartbeat = Heartbeat::start(&self.ctx, id, &token);
         let Some(job) = self.ctx.block(store.generation(id))? else {
             state.worker().set_running(self.index, None);
             return Ok(());
@@ -278,7 +320,8 @@ impl Worker {
                 Ok(()) => ready.push(item),
                 Err(error) => {
                     tracing::warn!("job {id}: {}: {}", item.spec.field, error.message);
-                    self.ctx.block(store.fail_items(id, &[item.idx], &error))?;
+                    self.ctx
+                        .block(store.fail_items(id, &owner, &[item.idx], &error))?;
                 }
             }
         }
@@ -319,7 +362,8 @@ impl Worker {
                 Err(e) => {
                     let idxs: Vec<i64> = rows.iter().map(|r| r.idx).collect();
                     let error = job_error_for(&e, &rows[0].spec.field);
-                    self.ctx.block(store.fail_items(id, &idxs, &error))?;
+                    self.ctx
+                        .block(store.fail_items(id, &owner, &idxs, &error))?;
                     continue;
                 }
             };
@@ -338,7 +382,8 @@ impl Worker {
                     Err(e) => {
                         let error = job_error_for(&e, &row.spec.field);
                         tracing::warn!("job {id}: {}: {e}", row.spec.field);
-                        self.ctx.block(store.fail_items(id, &[row.idx], &error))?;
+                        self.ctx
+                            .block(store.fail_items(id, &owner, &[row.idx], &error))?;
                         continue;
                     }
                 };
@@ -368,16 +413,22 @@ impl Worker {
                         let idxs: Vec<i64> = batch.rows.iter().map(|(r, _)| r.idx).collect();
                         let error = job_error_for(&e, &batch.rows[0].0.spec.field);
                         tracing::warn!("job {id}: batch failed: {e}");
-                        self.ctx.block(store.fail_items(id, &idxs, &error))?;
+                        self.ctx
+                            .block(store.fail_items(id, &owner, &idxs, &error))?;
                     }
                     Err(BatchFailure::Store(e)) => return Err(e),
                 }
             }
         }
 
+        heartbeat.stop();
+        if heartbeat.lost() {
+            state.worker().set_running(self.index, None);
+            return Err(StoreError::LeaseLost(id.to_string()));
+        }
         // Shutting down: back to the queue, this attempt not counted.
         if (interrupted || token.is_canceled()) && state.worker().is_stopping() {
-            self.ctx.block(store.requeue(id))?;
+            self.ctx.block(store.release(id, &owner))?;
             state.worker().set_running(self.index, None);
             tracing::info!("job {id}: re-queued (shutting down)");
             return Ok(());
@@ -411,8 +462,13 @@ impl Worker {
         } else {
             (JobStatus::Succeeded, None)
         };
-        self.ctx.block(store.finish(id, status, error.as_ref()))?;
+        let finished = self
+            .ctx
+            .block(store.finish_held(id, &owner, status, error.as_ref()))?;
         state.worker().set_running(self.index, None);
+        if !finished {
+            return Err(StoreError::LeaseLost(id.to_string()));
+        }
         state
             .metrics()
             .observe_job_duration(started.elapsed().as_secs_f64());
@@ -622,7 +678,11 @@ impl Worker {
                 a.key_id = key_id.clone();
             }
             self.ctx
-                .block(state.store().complete_item(id, row.idx, &assets, &result))
+                .block(
+                    state
+                        .store()
+                        .complete_item(id, &self.ctx.owner, row.idx, &assets, &result),
+                )
                 .map_err(BatchFailure::Store)?;
             made += assets.len() as u32;
             for _ in &assets {
@@ -690,11 +750,90 @@ impl Worker {
 enum BatchFailure {
     Canceled,
     Engine(EngineError),
-    Store(sqlx::Error),
+    Store(StoreError),
 }
 
-impl From<sqlx::Error> for BatchFailure {
-    fn from(e: sqlx::Error) -> Self {
+impl From<StoreError> for BatchFailure {
+    fn from(e: StoreError) -> Self {
         BatchFailure::Store(e)
+    }
+}
+
+/// The name a worker's leases carry: host, process id, device, and a
+/// random suffix so a restarted process (or a reused pid) is a new owner.
+fn owner_id(device: &str) -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|| "host".into());
+    let suffix: String = new_id().chars().take(8).collect();
+    format!("{host}/{}/{device}/{suffix}", std::process::id())
+}
+
+/// A running job's heartbeat: a task on the runtime that renews the
+/// worker's lease every second (a tenth of the shortest lease), cancels the
+/// job when a cancel was asked through any API node, and cancels it as
+/// lost when the lease is gone. Stopped by [`Heartbeat::stop`] or on drop.
+struct Heartbeat {
+    task: tokio::task::JoinHandle<()>,
+    lost: Arc<AtomicBool>,
+}
+
+impl Heartbeat {
+    fn start(ctx: &Ctx, id: &str, token: &CancelToken) -> Heartbeat {
+        let lost = Arc::new(AtomicBool::new(false));
+        let (state, owner, id, token, flag) = (
+            ctx.state.clone(),
+            ctx.owner.clone(),
+            id.to_string(),
+            token.clone(),
+            lost.clone(),
+        );
+        let task = ctx.rt.spawn(async move {
+            let lease = state.config().lease();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match state.store().renew_lease(&id, &owner, lease).await {
+                    Ok(Some(cancel_requested)) => {
+                        if cancel_requested {
+                            token.cancel();
+                        }
+                    }
+                    Ok(None) => {
+                        tracing::warn!("job {id}: lease lost; stopping it on this worker");
+                        flag.store(true, Ordering::SeqCst);
+                        token.cancel();
+                        return;
+                    }
+                    // The database is unreachable: keep running and keep
+                    // trying; if the lease expires meanwhile the next
+                    // renewal (or write) finds it lost.
+                    Err(e) => tracing::warn!("job {id}: renewing its lease: {e}"),
+                }
+            }
+        });
+        Heartbeat { task, lost }
+    }
+
+    /// Whether the lease was found lost.
+    fn lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

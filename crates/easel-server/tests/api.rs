@@ -45,8 +45,9 @@ impl TestServer {
     }
 
     async fn count(&self, table: &str) -> i64 {
-        sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
-            .fetch_one(self.state.store().pool())
+        self.state
+            .store()
+            .scalar_raw(&format!("SELECT COUNT(*) FROM {table}"))
             .await
             .unwrap()
     }
@@ -1382,12 +1383,11 @@ async fn restart_requeues_running_jobs_and_fails_them_after_max_attempts() {
     server.state.shutdown().await;
     // As a process killed mid-job leaves them: running, started 1 and 3 times.
     for (id, attempts) in ids.iter().zip([1, 3]) {
-        sqlx::query("UPDATE generations SET status = 'running', finished_at = NULL, attempts = ? WHERE id = ?")
-            .bind(attempts)
-            .bind(id)
-            .execute(server.state.store().pool())
-            .await
-            .unwrap();
+        let sql = format!(
+            "UPDATE generations SET status = 'running', finished_at = NULL, attempts = {attempts},
+                 lease_owner = 'dead-worker', lease_expires_at = 0 WHERE id = '{id}'"
+        );
+        server.state.store().execute_raw(&sql).await.unwrap();
     }
     let mut config = base_config(server.dir.path());
     config.engine = EngineKind::Fake;

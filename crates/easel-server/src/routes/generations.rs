@@ -19,7 +19,7 @@ use crate::error::{ApiError, ErrorBody};
 use crate::http::{
     invalid_json, json_response, list_limit, prefer_wait, ApiQuery, BaseUrl, RawBody,
 };
-use crate::job::JobStatus;
+use crate::job::{JobStatus, Progress};
 use crate::jobs::{cancel_job, load_record, wait_for};
 use crate::submit::{body_hash, commit, prepare, Source};
 use crate::views::{GenerationRecord, ListOf};
@@ -267,12 +267,16 @@ pub(super) async fn generation_events(
         events: tokio::sync::broadcast::Receiver<JobEvent>,
         first: Option<GenerationRecord>,
         done: bool,
+        /// What the client was last sent: the status and progress, to
+        /// tell a change made by another process (found by polling).
+        last: (JobStatus, Option<Progress>),
     }
     let start = S {
         state,
         id,
         base,
         events,
+        last: (first.status, first.progress.clone()),
         first: Some(first),
         done: false,
     };
@@ -297,8 +301,28 @@ pub(super) async fn generation_events(
             }
             let next = tokio::time::timeout(Duration::from_secs(1), s.events.recv()).await;
             let reload = match next {
-                Err(_) => continue,
+                // Nothing from this process for a second: the job may run
+                // on a worker elsewhere (`easel worker`), so poll the store.
+                Err(_) => match load_record(&s.state, &s.id, &s.base).await {
+                    Ok(Some(r)) if r.status != s.last.0 => {
+                        s.done = r.status.is_terminal();
+                        s.last = (r.status, r.progress.clone());
+                        return Some((Ok(status_event(&r)), s));
+                    }
+                    Ok(Some(r)) if r.progress != s.last.1 => {
+                        s.last.1 = r.progress.clone();
+                        let Some(progress) = r.progress else { continue };
+                        let e = Event::default()
+                            .event("progress")
+                            .json_data(&progress)
+                            .unwrap_or_else(|_| Event::default().event("progress"));
+                        return Some((Ok(e), s));
+                    }
+                    Ok(Some(_)) => continue,
+                    _ => return None,
+                },
                 Ok(Ok(JobEvent::Progress { id, progress })) if id == s.id => {
+                    s.last.1 = Some(progress.clone());
                     let e = Event::default()
                         .event("progress")
                         .json_data(&progress)
@@ -314,6 +338,7 @@ pub(super) async fn generation_events(
                 match load_record(&s.state, &s.id, &s.base).await {
                     Ok(Some(r)) => {
                         s.done = r.status.is_terminal();
+                        s.last = (r.status, r.progress.clone());
                         let e = status_event(&r);
                         return Some((Ok(e), s));
                     }

@@ -91,8 +91,8 @@ impl From<ApiError> for ServerlessError {
     }
 }
 
-impl From<sqlx::Error> for ServerlessError {
-    fn from(e: sqlx::Error) -> Self {
+impl From<crate::store::StoreError> for ServerlessError {
+    fn from(e: crate::store::StoreError) -> Self {
         ServerlessError(e.into())
     }
 }

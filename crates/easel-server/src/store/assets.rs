@@ -1,7 +1,6 @@
 //! The `assets` table: output and input images by content hash.
 
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Any, Row, Transaction};
 
 use super::{Store, StoreResult};
 
@@ -54,7 +53,7 @@ pub struct AssetFilter<'a> {
 }
 
 impl Store {
-    pub(super) fn asset_row(row: &SqliteRow) -> AssetRow {
+    pub(super) fn asset_row(row: &super::Row) -> AssetRow {
         let seed: Option<String> = row.get("seed");
         AssetRow {
             id: row.get("id"),
@@ -76,13 +75,13 @@ impl Store {
     }
 
     pub(super) async fn insert_asset_tx(
-        tx: &mut Transaction<'_, Sqlite>,
+        tx: &mut Transaction<'_, Any>,
         a: &AssetRow,
     ) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO assets (id, key_id, kind, hash, extension, file_name, file_size, file_type,
                                  width, height, seed, generation_id, item_idx, image_idx, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         )
         .bind(&a.id)
         .bind(&a.key_id)
@@ -106,7 +105,7 @@ impl Store {
 
     /// An asset by id.
     pub async fn asset(&self, id: &str) -> StoreResult<Option<AssetRow>> {
-        let row = sqlx::query("SELECT * FROM assets WHERE id = ?")
+        let row = sqlx::query("SELECT * FROM assets WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -115,7 +114,7 @@ impl Store {
 
     /// Any asset whose file has `hash` (for serving files by hash).
     pub async fn asset_by_hash(&self, hash: &str) -> StoreResult<Option<AssetRow>> {
-        let row = sqlx::query("SELECT * FROM assets WHERE hash = ? LIMIT 1")
+        let row = sqlx::query("SELECT * FROM assets WHERE hash = $1 LIMIT 1")
             .bind(hash)
             .fetch_optional(&self.pool)
             .await?;
@@ -125,7 +124,7 @@ impl Store {
     /// The output assets of a job, in image order.
     pub async fn assets_of(&self, generation_id: &str) -> StoreResult<Vec<AssetRow>> {
         let rows = sqlx::query(
-            "SELECT * FROM assets WHERE generation_id = ? AND kind = 'output'
+            "SELECT * FROM assets WHERE generation_id = $1 AND kind = 'output'
              ORDER BY item_idx, image_idx",
         )
         .bind(generation_id)
@@ -150,25 +149,37 @@ impl Store {
                 .replace('_', "\\_");
             format!("%{escaped}%")
         });
-        let rows = sqlx::query(
+        let prompt = self
+            .backend
+            .json_text("i.spec_json", &["definition", "prompt"]);
+        let model = self
+            .backend
+            .json_text("i.spec_json", &["definition", "baseModel"]);
+        // SQLite's LIKE ignores ASCII case; PostgreSQL's ILIKE does too.
+        let like = match self.backend {
+            super::Backend::Sqlite => "LIKE",
+            super::Backend::Postgres => "ILIKE",
+        };
+        let sql = format!(
             "SELECT a.* FROM assets a
              LEFT JOIN generation_items i
                     ON i.generation_id = a.generation_id AND i.idx = a.item_idx
-             WHERE a.key_id = ? AND a.kind = 'output'
-               AND (? IS NULL OR json_extract(i.spec_json, '$.definition.prompt') LIKE ? ESCAPE '\\')
-               AND (? IS NULL OR json_extract(i.spec_json, '$.definition.baseModel') = ?)
+             WHERE a.key_id = $1 AND a.kind = 'output'
+               AND ($2 IS NULL OR {prompt} {like} $3 ESCAPE '\\')
+               AND ($4 IS NULL OR {model} = $5)
              ORDER BY a.created_at DESC, a.generation_id, a.item_idx DESC, a.image_idx DESC
-             LIMIT ? OFFSET ?",
-        )
-        .bind(key_id)
-        .bind(&pattern)
-        .bind(&pattern)
-        .bind(filter.model)
-        .bind(filter.model)
-        .bind(filter.limit)
-        .bind(filter.offset)
-        .fetch_all(&self.pool)
-        .await?;
+             LIMIT $6 OFFSET $7"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(key_id)
+            .bind(&pattern)
+            .bind(&pattern)
+            .bind(filter.model)
+            .bind(filter.model)
+            .bind(filter.limit)
+            .bind(filter.offset)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.iter().map(Self::asset_row).collect())
     }
 
@@ -182,7 +193,7 @@ impl Store {
     ) -> StoreResult<Option<(AssetRow, bool)>> {
         let mut tx = self.write_tx().await?;
         let row =
-            sqlx::query("SELECT * FROM assets WHERE id = ? AND key_id = ? AND kind = 'output'")
+            sqlx::query("SELECT * FROM assets WHERE id = $1 AND key_id = $2 AND kind = 'output'")
                 .bind(id)
                 .bind(key_id)
                 .fetch_optional(&mut *tx)
@@ -190,13 +201,13 @@ impl Store {
         let Some(asset) = row.as_ref().map(Self::asset_row) else {
             return Ok(None);
         };
-        sqlx::query("DELETE FROM assets WHERE id = ?")
+        sqlx::query("DELETE FROM assets WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)
             .await?;
         let shared: i64 = sqlx::query(
-            "SELECT (SELECT COUNT(*) FROM assets WHERE hash = ?)
-                  + (SELECT COUNT(*) FROM trainings WHERE hash = ?) AS n",
+            "SELECT (SELECT COUNT(*) FROM assets WHERE hash = $1)
+                  + (SELECT COUNT(*) FROM trainings WHERE hash = $2) AS n",
         )
         .bind(&asset.hash)
         .bind(&asset.hash)

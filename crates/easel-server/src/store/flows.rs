@@ -1,8 +1,6 @@
 //! The `flows` and `flow_runs` tables: stored flow documents and durable
 //! run records.
 
-use sqlx::sqlite::SqliteRow;
-
 use sqlx::Row;
 
 use super::{Store, StoreResult};
@@ -45,7 +43,7 @@ pub struct FlowRunRow {
 }
 
 impl Store {
-    fn flow_row(row: &SqliteRow) -> FlowRow {
+    fn flow_row(row: &super::Row) -> FlowRow {
         FlowRow {
             id: row.get("id"),
             key_id: row.get("key_id"),
@@ -60,7 +58,7 @@ impl Store {
     pub async fn insert_flow(&self, f: &FlowRow) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO flows (id, key_id, name, document, step_count, created_at)
-             VALUES (?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&f.id)
         .bind(&f.key_id)
@@ -75,7 +73,7 @@ impl Store {
 
     /// A key's flow by id.
     pub async fn flow(&self, key_id: &str, id: &str) -> StoreResult<Option<FlowRow>> {
-        let row = sqlx::query("SELECT * FROM flows WHERE id = ? AND key_id = ?")
+        let row = sqlx::query("SELECT * FROM flows WHERE id = $1 AND key_id = $2")
             .bind(id)
             .bind(key_id)
             .fetch_optional(&self.pool)
@@ -85,7 +83,7 @@ impl Store {
 
     /// A key's flows, newest first.
     pub async fn flows(&self, key_id: &str) -> StoreResult<Vec<FlowRow>> {
-        let rows = sqlx::query("SELECT * FROM flows WHERE key_id = ? ORDER BY created_at DESC")
+        let rows = sqlx::query("SELECT * FROM flows WHERE key_id = $1 ORDER BY created_at DESC")
             .bind(key_id)
             .fetch_all(&self.pool)
             .await?;
@@ -94,7 +92,7 @@ impl Store {
 
     /// Delete a key's flow (its runs stay readable); false when there is none.
     pub async fn delete_flow(&self, key_id: &str, id: &str) -> StoreResult<bool> {
-        let done = sqlx::query("DELETE FROM flows WHERE id = ? AND key_id = ?")
+        let done = sqlx::query("DELETE FROM flows WHERE id = $1 AND key_id = $2")
             .bind(id)
             .bind(key_id)
             .execute(&self.pool)
@@ -102,7 +100,7 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
-    fn flow_run_row(row: &SqliteRow) -> FlowRunRow {
+    fn flow_run_row(row: &super::Row) -> FlowRunRow {
         FlowRunRow {
             id: row.get("id"),
             flow_id: row.get("flow_id"),
@@ -119,7 +117,7 @@ impl Store {
         sqlx::query(
             "INSERT INTO flow_runs (id, flow_id, key_id, status, document, record_json,
                                     cancel_requested, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&r.id)
         .bind(&r.flow_id)
@@ -137,7 +135,7 @@ impl Store {
 
     /// A run by id (any owner).
     pub async fn flow_run(&self, id: &str) -> StoreResult<Option<FlowRunRow>> {
-        let row = sqlx::query("SELECT * FROM flow_runs WHERE id = ?")
+        let row = sqlx::query("SELECT * FROM flow_runs WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -152,8 +150,8 @@ impl Store {
         limit: i64,
     ) -> StoreResult<Vec<FlowRunRow>> {
         let rows = sqlx::query(
-            "SELECT * FROM flow_runs WHERE key_id = ? AND (? IS NULL OR flow_id = ?)
-             ORDER BY created_at DESC, id LIMIT ?",
+            "SELECT * FROM flow_runs WHERE key_id = $1 AND ($2 IS NULL OR flow_id = $3)
+             ORDER BY created_at DESC, id LIMIT $4",
         )
         .bind(key_id)
         .bind(flow_id)
@@ -172,7 +170,7 @@ impl Store {
         record_json: &str,
     ) -> StoreResult<()> {
         sqlx::query(
-            "UPDATE flow_runs SET status = ?, record_json = ?, updated_at = ? WHERE id = ?",
+            "UPDATE flow_runs SET status = $1, record_json = $2, updated_at = $3 WHERE id = $4",
         )
         .bind(status)
         .bind(record_json)
@@ -185,7 +183,7 @@ impl Store {
 
     /// Mark a run's cancel as asked (it survives a restart).
     pub async fn request_flow_cancel(&self, id: &str) -> StoreResult<()> {
-        sqlx::query("UPDATE flow_runs SET cancel_requested = 1 WHERE id = ?")
+        sqlx::query("UPDATE flow_runs SET cancel_requested = 1 WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
             .await?;

@@ -3,8 +3,6 @@
 //! charges and refunds of the `ledger` that go with them, and recovery at
 //! startup.
 
-use sqlx::sqlite::SqliteRow;
-
 use sqlx::Row;
 
 use super::{decode_err, json, parse_json, AssetRow, Store, StoreResult};
@@ -75,15 +73,47 @@ pub struct ItemRow {
     pub error: Option<JobError>,
 }
 
-/// Counts of what [`Store::recover`] did at startup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Recovery {
-    /// Running jobs put back in the queue.
-    pub requeued: u64,
-    /// Running jobs failed after too many attempts.
-    pub failed: u64,
-    /// Running jobs whose cancel had been asked, now canceled.
-    pub canceled: u64,
+/// The limits a new job is admitted under, checked inside the insert's
+/// transaction (so two API nodes cannot both pass on the same room).
+#[derive(Debug, Clone, Copy)]
+pub struct Admission {
+    /// Jobs allowed to wait (`max_queue`).
+    pub max_queue: i64,
+    /// The key's credit limit, micro-USD; `None`: unlimited.
+    pub credit_limit_micros: Option<i64>,
+}
+
+/// What [`Store::insert_generation`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Admitted {
+    /// The job was stored.
+    Created(GenerationRow),
+    /// The key already has a job with this `Idempotency-Key` (the caller
+    /// compares its `request_hash`); nothing was stored.
+    Existing(GenerationRow),
+    /// `max_queue` jobs are waiting; nothing was stored.
+    QueueFull {
+        /// Jobs waiting.
+        queued: i64,
+    },
+    /// The job would take the key past its credit limit; nothing was stored.
+    InsufficientCredit {
+        /// Charges minus refunds so far, micro-USD.
+        used_micros: i64,
+    },
+}
+
+/// Which jobs [`Store::finish_from`] may finish.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Guard<'a> {
+    /// Only a queued one (a cancel before any worker claimed it).
+    Queued,
+    /// A queued or running one.
+    Active,
+    /// A running one under this worker's lease.
+    HeldBy(&'a str),
+    /// A running one whose lease expired before this time (ms).
+    ExpiredBefore(i64),
 }
 
 /// A job to insert.
@@ -114,7 +144,7 @@ pub struct NewGeneration {
 }
 
 impl Store {
-    fn generation_row(row: &SqliteRow) -> StoreResult<GenerationRow> {
+    fn generation_row(row: &super::Row) -> StoreResult<GenerationRow> {
         let status: String = row.get("status");
         let events: Option<String> = row.get("webhook_events");
         Ok(GenerationRow {
@@ -142,7 +172,7 @@ impl Store {
         })
     }
 
-    fn item_row(row: &SqliteRow) -> StoreResult<ItemRow> {
+    fn item_row(row: &super::Row) -> StoreResult<ItemRow> {
         let status: String = row.get("status");
         Ok(ItemRow {
             generation_id: row.get("generation_id"),
@@ -161,17 +191,28 @@ impl Store {
         key_id: &str,
         idempotency_key: &str,
     ) -> StoreResult<Option<GenerationRow>> {
-        let row = sqlx::query("SELECT * FROM generations WHERE key_id = ? AND idempotency_key = ?")
-            .bind(key_id)
-            .bind(idempotency_key)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT * FROM generations WHERE key_id = $1 AND idempotency_key = $2")
+                .bind(key_id)
+                .bind(idempotency_key)
+                .fetch_optional(&self.pool)
+                .await?;
         row.as_ref().map(Self::generation_row).transpose()
     }
 
-    /// Insert a job, its image definitions, its input assets and its charge,
-    /// in one transaction.
-    pub async fn insert_generation(&self, g: &NewGeneration) -> StoreResult<GenerationRow> {
+    /// Admit and insert a job, its image definitions, its input assets and
+    /// its charge, in one transaction: an earlier job with the same
+    /// idempotency key, a full queue or an exhausted credit are found
+    /// inside it (under [`Store::lock_admissions`]), so concurrent
+    /// submissions on any number of API nodes are admitted one at a time.
+    ///
+    /// # Errors
+    /// A store failure (nothing is stored).
+    pub async fn insert_generation(
+        &self,
+        g: &NewGeneration,
+        admission: Admission,
+    ) -> StoreResult<Admitted> {
         let now = now_ms();
         let inferences = g.items.len() as i64;
         let images_total: i64 = g.items.iter().map(|i| i64::from(i.batch_size)).sum();
@@ -181,11 +222,45 @@ impl Store {
             .map(|i| i.model.load.clone())
             .unwrap_or_default();
         let mut tx = self.write_tx().await?;
+        self.lock_admissions(&mut tx).await?;
+        if let Some(key) = &g.idempotency_key {
+            let existing =
+                sqlx::query("SELECT * FROM generations WHERE key_id = $1 AND idempotency_key = $2")
+                    .bind(&g.key_id)
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some(row) = existing {
+                return Ok(Admitted::Existing(Self::generation_row(&row)?));
+            }
+        }
+        let queued: i64 =
+            sqlx::query("SELECT COUNT(*) AS n FROM generations WHERE status = 'queued'")
+                .fetch_one(&mut *tx)
+                .await?
+                .get("n");
+        if queued >= admission.max_queue {
+            return Ok(Admitted::QueueFull { queued });
+        }
+        if let Some(limit) = admission.credit_limit_micros {
+            let used: i64 = sqlx::query(
+                "SELECT CAST(COALESCE(SUM(CASE WHEN kind = 'charge' THEN amount_micros
+                                              ELSE -amount_micros END), 0) AS BIGINT) AS used
+                 FROM ledger WHERE key_id = $1",
+            )
+            .bind(&g.key_id)
+            .fetch_one(&mut *tx)
+            .await?
+            .get("used");
+            if used + inferences * g.price_micros > limit {
+                return Ok(Admitted::InsufficientCredit { used_micros: used });
+            }
+        }
         sqlx::query(
             "INSERT INTO generations (id, key_id, source, status, request_json, primary_model,
                  inferences, images_total, price_micros, idempotency_key, request_hash,
                  webhook_url, webhook_events, created_at)
-             VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(&g.id)
         .bind(&g.key_id)
@@ -205,7 +280,7 @@ impl Store {
         for (i, item) in g.items.iter().enumerate() {
             sqlx::query(
                 "INSERT INTO generation_items (generation_id, idx, spec_json, status)
-                 VALUES (?, ?, ?, 'pending')",
+                 VALUES ($1, $2, $3, 'pending')",
             )
             .bind(&g.id)
             .bind(i as i64)
@@ -218,7 +293,7 @@ impl Store {
         }
         sqlx::query(
             "INSERT INTO ledger (key_id, generation_id, kind, inferences, amount_micros, created_at)
-             VALUES (?, ?, 'charge', ?, ?, ?)",
+             VALUES ($1, $2, 'charge', $3, $4, $5)",
         )
         .bind(&g.key_id)
         .bind(&g.id)
@@ -230,12 +305,13 @@ impl Store {
         tx.commit().await?;
         self.generation(&g.id)
             .await?
-            .ok_or_else(|| sqlx::Error::RowNotFound)
+            .map(Admitted::Created)
+            .ok_or(super::StoreError::NotFound("the job just inserted"))
     }
 
     /// A job by id (any owner).
     pub async fn generation(&self, id: &str) -> StoreResult<Option<GenerationRow>> {
-        let row = sqlx::query("SELECT * FROM generations WHERE id = ?")
+        let row = sqlx::query("SELECT * FROM generations WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -252,8 +328,8 @@ impl Store {
     ) -> StoreResult<Vec<GenerationRow>> {
         let rows = sqlx::query(
             "SELECT * FROM generations
-             WHERE key_id = ? AND (? IS NULL OR status = ?) AND (? IS NULL OR seq < ?)
-             ORDER BY seq DESC LIMIT ?",
+             WHERE key_id = $1 AND ($2 IS NULL OR status = $3) AND ($4 IS NULL OR seq < $5)
+             ORDER BY seq DESC LIMIT $6",
         )
         .bind(key_id)
         .bind(status.map(JobStatus::as_str))
@@ -269,7 +345,7 @@ impl Store {
     /// A job's image definitions, in order.
     pub async fn items(&self, generation_id: &str) -> StoreResult<Vec<ItemRow>> {
         let rows =
-            sqlx::query("SELECT * FROM generation_items WHERE generation_id = ? ORDER BY idx")
+            sqlx::query("SELECT * FROM generation_items WHERE generation_id = $1 ORDER BY idx")
                 .bind(generation_id)
                 .fetch_all(&self.pool)
                 .await?;
@@ -279,7 +355,7 @@ impl Store {
     /// Jobs waiting, oldest first: `(id, primary_model)`.
     pub async fn queued(&self, limit: i64) -> StoreResult<Vec<(String, String)>> {
         let rows = sqlx::query(
-            "SELECT id, primary_model FROM generations WHERE status = 'queued' ORDER BY seq LIMIT ?",
+            "SELECT id, primary_model FROM generations WHERE status = 'queued' ORDER BY seq LIMIT $1",
         )
         .bind(limit)
         .fetch_all(&self.pool)
@@ -293,7 +369,8 @@ impl Store {
     /// How many jobs are queued and running.
     pub async fn counts(&self) -> StoreResult<(i64, i64)> {
         let row = sqlx::query(
-            "SELECT SUM(status = 'queued') AS q, SUM(status = 'running') AS r
+            "SELECT CAST(SUM(CASE WHEN status = 'queued' THEN 1 ELSE 0 END) AS BIGINT) AS q,
+                    CAST(SUM(CASE WHEN status = 'running' THEN 1 ELSE 0 END) AS BIGINT) AS r
              FROM generations WHERE status IN ('queued', 'running')",
         )
         .fetch_one(&self.pool)
@@ -309,7 +386,7 @@ impl Store {
     /// already loaded model a little earlier, see `fair_skip_limit`).
     pub async fn queue_position(&self, seq: i64) -> StoreResult<i64> {
         let row = sqlx::query(
-            "SELECT COUNT(*) AS n FROM generations WHERE status = 'queued' AND seq < ?",
+            "SELECT COUNT(*) AS n FROM generations WHERE status = 'queued' AND seq < $1",
         )
         .bind(seq)
         .fetch_one(&self.pool)
@@ -317,82 +394,75 @@ impl Store {
         Ok(row.get::<i64, _>("n") + 1)
     }
 
-    /// Mark a queued job running (attempts + 1). `None` when it is no
-    /// longer queued (canceled meanwhile).
-    pub async fn start(&self, id: &str) -> StoreResult<Option<i64>> {
-        let row = sqlx::query(
-            "UPDATE generations SET status = 'running', attempts = attempts + 1, started_at = ?,
-                 progress_json = NULL
-             WHERE id = ? AND status = 'queued' RETURNING attempts",
-        )
-        .bind(now_ms())
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(|r| r.get("attempts")))
-    }
-
-    /// Put a running job back in the queue without counting the attempt
-    /// (the server is shutting down).
-    pub async fn requeue(&self, id: &str) -> StoreResult<()> {
+    /// Record the progress of a running job `owner` holds (nothing when it
+    /// lost the lease).
+    pub async fn set_progress(
+        &self,
+        id: &str,
+        owner: &str,
+        progress: &Progress,
+    ) -> StoreResult<()> {
         sqlx::query(
-            "UPDATE generations SET status = 'queued', attempts = MAX(attempts - 1, 0),
-                 progress_json = NULL
-             WHERE id = ? AND status = 'running'",
+            "UPDATE generations SET progress_json = $1
+             WHERE id = $2 AND status = 'running' AND lease_owner = $3",
         )
+        .bind(json(progress))
         .bind(id)
+        .bind(owner)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    /// Record the progress of a running job.
-    pub async fn set_progress(&self, id: &str, progress: &Progress) -> StoreResult<()> {
-        sqlx::query("UPDATE generations SET progress_json = ? WHERE id = ? AND status = 'running'")
-            .bind(json(progress))
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
     /// Store the images of an image definition (files already written) and
-    /// mark it succeeded, in one transaction.
+    /// mark it succeeded, in one transaction, if `owner` still holds the
+    /// job: a worker whose lease expired (and whose job another worker may
+    /// have claimed) records nothing, so each image is stored once.
+    ///
+    /// # Errors
+    /// [`StoreError::LeaseLost`](super::StoreError::LeaseLost), or a store failure.
     pub async fn complete_item(
         &self,
         generation_id: &str,
+        owner: &str,
         idx: i64,
         assets: &[AssetRow],
         result: &ItemResult,
     ) -> StoreResult<()> {
         let mut tx = self.write_tx().await?;
+        Self::check_held(&mut tx, generation_id, owner).await?;
         for a in assets {
             Self::insert_asset_tx(&mut tx, a).await?;
         }
         sqlx::query(
-            "UPDATE generation_items SET status = 'succeeded', result_json = ?, error_json = NULL
-             WHERE generation_id = ? AND idx = ?",
+            "UPDATE generation_items SET status = 'succeeded', result_json = $1, error_json = NULL
+             WHERE generation_id = $2 AND idx = $3",
         )
         .bind(json(result))
         .bind(generation_id)
         .bind(idx)
         .execute(&mut *tx)
         .await?;
-        tx.commit().await
+        Ok(tx.commit().await?)
     }
 
-    /// Mark image definitions failed with `error`.
+    /// Mark image definitions of a job `owner` holds failed with `error`.
+    ///
+    /// # Errors
+    /// [`StoreError::LeaseLost`](super::StoreError::LeaseLost), or a store failure.
     pub async fn fail_items(
         &self,
         generation_id: &str,
+        owner: &str,
         idxs: &[i64],
         error: &JobError,
     ) -> StoreResult<()> {
         let mut tx = self.write_tx().await?;
+        Self::check_held(&mut tx, generation_id, owner).await?;
         for idx in idxs {
             sqlx::query(
-                "UPDATE generation_items SET status = 'failed', error_json = ?
-                 WHERE generation_id = ? AND idx = ? AND status = 'pending'",
+                "UPDATE generation_items SET status = 'failed', error_json = $1
+                 WHERE generation_id = $2 AND idx = $3 AND status = 'pending'",
             )
             .bind(json(error))
             .bind(generation_id)
@@ -400,48 +470,74 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        tx.commit().await
+        Ok(tx.commit().await?)
     }
 
-    /// Finish a job: `status`, its error, pending definitions marked
-    /// canceled (for a cancel) or failed, and a refund of every definition
-    /// that did not succeed. Returns false when the job was already finished.
+    /// Finish a queued or running job: `status`, its error, pending
+    /// definitions marked canceled (for a cancel) or failed, and a refund of
+    /// every definition that did not succeed. Returns false when the job was
+    /// already finished.
     pub async fn finish(
         &self,
         id: &str,
         status: JobStatus,
         error: Option<&JobError>,
     ) -> StoreResult<bool> {
-        self.finish_from(id, status, error, "('queued', 'running')")
+        self.finish_from(id, status, error, Guard::Active).await
+    }
+
+    /// [`Store::finish`] for the worker holding the job: false (nothing
+    /// changed) when `owner` no longer holds it.
+    pub async fn finish_held(
+        &self,
+        id: &str,
+        owner: &str,
+        status: JobStatus,
+        error: Option<&JobError>,
+    ) -> StoreResult<bool> {
+        self.finish_from(id, status, error, Guard::HeldBy(owner))
             .await
     }
 
-    /// Cancel a job only if it is still queued (not yet picked by the
+    /// Cancel a job only if it is still queued (not yet picked by a
     /// worker), refunding it. False when it is not queued.
     pub async fn cancel_queued(&self, id: &str, error: &JobError) -> StoreResult<bool> {
-        self.finish_from(id, JobStatus::Canceled, Some(error), "('queued')")
+        self.finish_from(id, JobStatus::Canceled, Some(error), Guard::Queued)
             .await
     }
 
-    async fn finish_from(
+    pub(super) async fn finish_from(
         &self,
         id: &str,
         status: JobStatus,
         error: Option<&JobError>,
-        from: &str,
+        guard: Guard<'_>,
     ) -> StoreResult<bool> {
         let mut tx = self.write_tx().await?;
+        let condition = match guard {
+            Guard::Queued => "status = 'queued'",
+            Guard::Active => "status IN ('queued', 'running')",
+            Guard::HeldBy(_) => "status = 'running' AND lease_owner = $5",
+            Guard::ExpiredBefore(_) => {
+                "status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at < $5)"
+            }
+        };
         let sql = format!(
-            "UPDATE generations SET status = ?, error_json = ?, finished_at = ?
-             WHERE id = ? AND status IN {from}"
+            "UPDATE generations SET status = $1, error_json = $2, finished_at = $3,
+                 lease_owner = NULL, lease_expires_at = NULL
+             WHERE id = $4 AND {condition}"
         );
-        let done = sqlx::query(&sql)
+        let query = sqlx::query(&sql)
             .bind(status.as_str())
             .bind(error.map(json))
             .bind(now_ms())
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+            .bind(id);
+        let query = match guard {
+            Guard::HeldBy(owner) => query.bind(owner),
+            Guard::ExpiredBefore(t) => query.bind(t),
+            Guard::Queued | Guard::Active => query,
+        };
+        let done = query.execute(&mut *tx).await?;
         if done.rows_affected() == 0 {
             return Ok(false);
         }
@@ -451,8 +547,8 @@ impl Store {
             ItemStatus::Failed
         };
         sqlx::query(
-            "UPDATE generation_items SET status = ?, error_json = COALESCE(error_json, ?)
-             WHERE generation_id = ? AND status = 'pending'",
+            "UPDATE generation_items SET status = $1, error_json = COALESCE(error_json, $2)
+             WHERE generation_id = $3 AND status = 'pending'",
         )
         .bind(item_status.as_str())
         .bind(error.map(json))
@@ -463,7 +559,7 @@ impl Store {
             "SELECT g.key_id, g.price_micros,
                     (SELECT COUNT(*) FROM generation_items i
                      WHERE i.generation_id = g.id AND i.status != 'succeeded') AS unbilled
-             FROM generations g WHERE g.id = ?",
+             FROM generations g WHERE g.id = $1",
         )
         .bind(id)
         .fetch_one(&mut *tx)
@@ -473,7 +569,7 @@ impl Store {
             let price: i64 = row.get("price_micros");
             sqlx::query(
                 "INSERT INTO ledger (key_id, generation_id, kind, inferences, amount_micros, created_at)
-                 VALUES (?, ?, 'refund', ?, ?, ?)",
+                 VALUES ($1, $2, 'refund', $3, $4, $5)",
             )
             .bind(row.get::<String, _>("key_id"))
             .bind(id)
@@ -487,53 +583,34 @@ impl Store {
         Ok(true)
     }
 
+    /// Fail with [`StoreError::LeaseLost`](super::StoreError::LeaseLost)
+    /// unless job `id` is running under `owner`'s lease; on PostgreSQL the
+    /// row stays locked to the end of `tx`, so a reclaim waits for it.
+    async fn check_held(
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        id: &str,
+        owner: &str,
+    ) -> StoreResult<()> {
+        let held = sqlx::query(
+            "UPDATE generations SET lease_owner = lease_owner
+             WHERE id = $1 AND status = 'running' AND lease_owner = $2",
+        )
+        .bind(id)
+        .bind(owner)
+        .execute(&mut **tx)
+        .await?;
+        if held.rows_affected() == 0 {
+            return Err(super::StoreError::LeaseLost(id.to_string()));
+        }
+        Ok(())
+    }
+
     /// Ask a running job to stop (the worker finishes it as canceled).
     pub async fn request_cancel(&self, id: &str) -> StoreResult<()> {
-        sqlx::query("UPDATE generations SET cancel_requested = 1 WHERE id = ?")
+        sqlx::query("UPDATE generations SET cancel_requested = 1 WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
             .await?;
         Ok(())
-    }
-
-    /// At startup, before the worker runs: every job left `running` by a
-    /// process that died is canceled (a cancel was asked), failed (it has
-    /// been started `max_attempts` times) or queued again. Its finished
-    /// image definitions keep their images.
-    pub async fn recover(&self, max_attempts: u32) -> StoreResult<Recovery> {
-        let mut recovery = Recovery::default();
-        let rows = sqlx::query(
-            "SELECT id, attempts, cancel_requested FROM generations WHERE status = 'running'",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        for row in rows {
-            let id: String = row.get("id");
-            let attempts: i64 = row.get("attempts");
-            if row.get::<i64, _>("cancel_requested") != 0 {
-                let error = JobError::new("canceled", "canceled by the client");
-                self.finish(&id, JobStatus::Canceled, Some(&error)).await?;
-                recovery.canceled += 1;
-            } else if attempts >= i64::from(max_attempts) {
-                let error = JobError::new(
-                    "interrupted",
-                    format!(
-                        "the server stopped while running this job {attempts} times \
-                         (max_attempts = {max_attempts}); images finished before are kept"
-                    ),
-                );
-                self.finish(&id, JobStatus::Failed, Some(&error)).await?;
-                recovery.failed += 1;
-            } else {
-                sqlx::query(
-                    "UPDATE generations SET status = 'queued', progress_json = NULL WHERE id = ?",
-                )
-                .bind(&id)
-                .execute(&self.pool)
-                .await?;
-                recovery.requeued += 1;
-            }
-        }
-        Ok(recovery)
     }
 }

@@ -1,7 +1,5 @@
 //! The `api_keys` table: keys by the SHA-256 of their secret, revocation.
 
-use sqlx::sqlite::SqliteRow;
-
 use sqlx::Row;
 
 use super::{Store, StoreResult};
@@ -29,7 +27,7 @@ impl Store {
     pub async fn insert_key(&self, key: &KeyRow, secret_hash: &str) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO api_keys (id, name, prefix, secret_hash, credit_limit_micros, created_at)
-             VALUES (?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&key.id)
         .bind(&key.name)
@@ -42,7 +40,7 @@ impl Store {
         Ok(())
     }
 
-    fn key_row(row: &SqliteRow) -> KeyRow {
+    fn key_row(row: &super::Row) -> KeyRow {
         KeyRow {
             id: row.get("id"),
             name: row.get("name"),
@@ -56,7 +54,7 @@ impl Store {
     /// The unrevoked key whose secret hashes to `secret_hash`.
     pub async fn key_by_hash(&self, secret_hash: &str) -> StoreResult<Option<KeyRow>> {
         let row =
-            sqlx::query("SELECT * FROM api_keys WHERE secret_hash = ? AND revoked_at IS NULL")
+            sqlx::query("SELECT * FROM api_keys WHERE secret_hash = $1 AND revoked_at IS NULL")
                 .bind(secret_hash)
                 .fetch_optional(&self.pool)
                 .await?;
@@ -65,7 +63,7 @@ impl Store {
 
     /// A key by id.
     pub async fn key(&self, id: &str) -> StoreResult<Option<KeyRow>> {
-        let row = sqlx::query("SELECT * FROM api_keys WHERE id = ?")
+        let row = sqlx::query("SELECT * FROM api_keys WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -83,7 +81,7 @@ impl Store {
     /// Revoke a key; false when there is no such unrevoked key.
     pub async fn revoke_key(&self, id: &str) -> StoreResult<bool> {
         let done =
-            sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+            sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
                 .bind(now_ms())
                 .bind(id)
                 .execute(&self.pool)

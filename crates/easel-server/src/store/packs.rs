@@ -1,7 +1,5 @@
 //! The `inference_packs` table: saved image definitions.
 
-use sqlx::sqlite::SqliteRow;
-
 use sqlx::Row;
 
 use super::{Store, StoreResult};
@@ -24,7 +22,7 @@ pub struct PackRow {
 }
 
 impl Store {
-    fn pack_row(row: &SqliteRow) -> PackRow {
+    fn pack_row(row: &super::Row) -> PackRow {
         PackRow {
             id: row.get("id"),
             key_id: row.get("key_id"),
@@ -39,7 +37,7 @@ impl Store {
     pub async fn insert_pack(&self, p: &PackRow) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO inference_packs (id, key_id, name, body_json, image_count, created_at)
-             VALUES (?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&p.id)
         .bind(&p.key_id)
@@ -54,7 +52,7 @@ impl Store {
 
     /// A key's pack by id.
     pub async fn pack(&self, key_id: &str, id: &str) -> StoreResult<Option<PackRow>> {
-        let row = sqlx::query("SELECT * FROM inference_packs WHERE id = ? AND key_id = ?")
+        let row = sqlx::query("SELECT * FROM inference_packs WHERE id = $1 AND key_id = $2")
             .bind(id)
             .bind(key_id)
             .fetch_optional(&self.pool)
@@ -65,7 +63,7 @@ impl Store {
     /// A key's packs, newest first.
     pub async fn packs(&self, key_id: &str) -> StoreResult<Vec<PackRow>> {
         let rows =
-            sqlx::query("SELECT * FROM inference_packs WHERE key_id = ? ORDER BY created_at DESC")
+            sqlx::query("SELECT * FROM inference_packs WHERE key_id = $1 ORDER BY created_at DESC")
                 .bind(key_id)
                 .fetch_all(&self.pool)
                 .await?;
@@ -74,7 +72,7 @@ impl Store {
 
     /// Delete a key's pack; false when there is none.
     pub async fn delete_pack(&self, key_id: &str, id: &str) -> StoreResult<bool> {
-        let done = sqlx::query("DELETE FROM inference_packs WHERE id = ? AND key_id = ?")
+        let done = sqlx::query("DELETE FROM inference_packs WHERE id = $1 AND key_id = $2")
             .bind(id)
             .bind(key_id)
             .execute(&self.pool)

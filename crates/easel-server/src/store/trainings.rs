@@ -1,7 +1,5 @@
 //! The `trainings` table: registered LoRA files.
 
-use sqlx::sqlite::SqliteRow;
-
 use sqlx::Row;
 
 use super::{Store, StoreResult};
@@ -26,7 +24,7 @@ pub struct TrainingRow {
 }
 
 impl Store {
-    fn training_row(row: &SqliteRow) -> TrainingRow {
+    fn training_row(row: &super::Row) -> TrainingRow {
         TrainingRow {
             id: row.get("id"),
             key_id: row.get("key_id"),
@@ -42,7 +40,7 @@ impl Store {
     pub async fn insert_training(&self, t: &TrainingRow) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO trainings (id, key_id, name, base_model, hash, file_size, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&t.id)
         .bind(&t.key_id)
@@ -58,7 +56,7 @@ impl Store {
 
     /// A key's training by id.
     pub async fn training(&self, key_id: &str, id: &str) -> StoreResult<Option<TrainingRow>> {
-        let row = sqlx::query("SELECT * FROM trainings WHERE id = ? AND key_id = ?")
+        let row = sqlx::query("SELECT * FROM trainings WHERE id = $1 AND key_id = $2")
             .bind(id)
             .bind(key_id)
             .fetch_optional(&self.pool)
@@ -68,10 +66,11 @@ impl Store {
 
     /// A key's trainings, newest first.
     pub async fn trainings(&self, key_id: &str) -> StoreResult<Vec<TrainingRow>> {
-        let rows = sqlx::query("SELECT * FROM trainings WHERE key_id = ? ORDER BY created_at DESC")
-            .bind(key_id)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT * FROM trainings WHERE key_id = $1 ORDER BY created_at DESC")
+                .bind(key_id)
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows.iter().map(Self::training_row).collect())
     }
 
@@ -85,11 +84,11 @@ impl Store {
         let Some(t) = self.training(key_id, id).await? else {
             return Ok(None);
         };
-        sqlx::query("DELETE FROM trainings WHERE id = ?")
+        sqlx::query("DELETE FROM trainings WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
             .await?;
-        let shared: i64 = sqlx::query("SELECT COUNT(*) AS n FROM trainings WHERE hash = ?")
+        let shared: i64 = sqlx::query("SELECT COUNT(*) AS n FROM trainings WHERE hash = $1")
             .bind(&t.hash)
             .fetch_one(&self.pool)
             .await?

@@ -46,7 +46,7 @@ impl Store {
     ) -> StoreResult<Vec<LedgerRow>> {
         let rows = sqlx::query(
             "SELECT seq, generation_id, kind, inferences, amount_micros, created_at
-             FROM ledger WHERE key_id = ? ORDER BY seq DESC LIMIT ? OFFSET ?",
+             FROM ledger WHERE key_id = $1 ORDER BY seq DESC LIMIT $2 OFFSET $3",
         )
         .bind(key_id)
         .bind(limit)
@@ -70,17 +70,17 @@ impl Store {
     pub async fn usage(&self, key_id: &str) -> StoreResult<Usage> {
         let row = sqlx::query(
             "SELECT
-                COALESCE(SUM(CASE WHEN kind = 'charge' THEN inferences END), 0) AS ic,
-                COALESCE(SUM(CASE WHEN kind = 'refund' THEN inferences END), 0) AS ir,
-                COALESCE(SUM(CASE WHEN kind = 'charge' THEN amount_micros END), 0) AS mc,
-                COALESCE(SUM(CASE WHEN kind = 'refund' THEN amount_micros END), 0) AS mr
-             FROM ledger WHERE key_id = ?",
+                CAST(COALESCE(SUM(CASE WHEN kind = 'charge' THEN inferences END), 0) AS BIGINT) AS ic,
+                CAST(COALESCE(SUM(CASE WHEN kind = 'refund' THEN inferences END), 0) AS BIGINT) AS ir,
+                CAST(COALESCE(SUM(CASE WHEN kind = 'charge' THEN amount_micros END), 0) AS BIGINT) AS mc,
+                CAST(COALESCE(SUM(CASE WHEN kind = 'refund' THEN amount_micros END), 0) AS BIGINT) AS mr
+             FROM ledger WHERE key_id = $1",
         )
         .bind(key_id)
         .fetch_one(&self.pool)
         .await?;
         let images: i64 =
-            sqlx::query("SELECT COUNT(*) AS n FROM assets WHERE key_id = ? AND kind = 'output'")
+            sqlx::query("SELECT COUNT(*) AS n FROM assets WHERE key_id = $1 AND kind = 'output'")
                 .bind(key_id)
                 .fetch_one(&self.pool)
                 .await?

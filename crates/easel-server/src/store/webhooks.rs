@@ -40,7 +40,7 @@ impl Store {
         sqlx::query(
             "INSERT INTO webhook_deliveries (id, generation_id, url, event, payload, status,
                  max_attempts, next_attempt_at, created_at)
-             VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8)",
         )
         .bind(crate::util::new_id())
         .bind(generation_id)
@@ -55,20 +55,43 @@ impl Store {
         Ok(())
     }
 
-    /// Deliveries due now, oldest first, and the time of the next one not due yet.
-    pub async fn due_deliveries(&self, limit: i64) -> StoreResult<(Vec<DeliveryRow>, Option<i64>)> {
+    /// Claim the deliveries due now, oldest first, for `hold` (their next
+    /// attempt moves to now + `hold`, so no other dispatcher, in this
+    /// process or on another API node, sends them meanwhile; one that dies
+    /// mid-send leaves them to be retried after `hold`), and the time of the
+    /// next one not due yet.
+    pub async fn claim_due_deliveries(
+        &self,
+        limit: i64,
+        hold: std::time::Duration,
+    ) -> StoreResult<(Vec<DeliveryRow>, Option<i64>)> {
         let now = now_ms();
-        let rows = sqlx::query(
-            "SELECT * FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= ?
-             ORDER BY next_attempt_at, seq LIMIT ?",
-        )
-        .bind(now)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let lock = match self.backend {
+            super::Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            super::Backend::Sqlite => "",
+        };
+        let mut tx = self.write_tx().await?;
+        let sql = format!(
+            "SELECT * FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= $1
+             ORDER BY next_attempt_at, seq LIMIT $2{lock}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+        let held_until = now.saturating_add(i64::try_from(hold.as_millis()).unwrap_or(i64::MAX));
+        for r in &rows {
+            sqlx::query("UPDATE webhook_deliveries SET next_attempt_at = $1 WHERE id = $2")
+                .bind(held_until)
+                .bind(r.get::<String, _>("id"))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
         let next: Option<i64> = sqlx::query(
             "SELECT MIN(next_attempt_at) AS t FROM webhook_deliveries
-             WHERE status = 'pending' AND next_attempt_at > ?",
+             WHERE status = 'pending' AND next_attempt_at > $1",
         )
         .bind(now)
         .fetch_one(&self.pool)
@@ -104,9 +127,9 @@ impl Store {
             (false, None) => "failed",
         };
         sqlx::query(
-            "UPDATE webhook_deliveries SET status = ?, attempts = attempts + 1, last_error = ?,
-                 next_attempt_at = COALESCE(?, next_attempt_at)
-             WHERE id = ?",
+            "UPDATE webhook_deliveries SET status = $1, attempts = attempts + 1, last_error = $2,
+                 next_attempt_at = COALESCE($3, next_attempt_at)
+             WHERE id = $4",
         )
         .bind(status)
         .bind(error)
@@ -123,7 +146,7 @@ impl Store {
         generation_id: &str,
     ) -> StoreResult<Vec<(String, String, i64)>> {
         let rows = sqlx::query(
-            "SELECT event, status, attempts FROM webhook_deliveries WHERE generation_id = ? ORDER BY seq",
+            "SELECT event, status, attempts FROM webhook_deliveries WHERE generation_id = $1 ORDER BY seq",
         )
         .bind(generation_id)
         .fetch_all(&self.pool)

@@ -192,3 +192,4 @@ pub fn test_png_data_uri(width: u32, height: u32) -> String {
     let b64 = base64::engine::general_purpose::STANDARD.encode(test_png(width, height, false));
     format!("data:image/png;base64,{b64}")
 }
+pub mod postgres;

@@ -70,8 +70,8 @@ impl From<ApiError> for LeonardoError {
     }
 }
 
-impl From<sqlx::Error> for LeonardoError {
-    fn from(e: sqlx::Error) -> Self {
+impl From<crate::store::StoreError> for LeonardoError {
+    fn from(e: crate::store::StoreError) -> Self {
         LeonardoError(e.into())
     }
 }
