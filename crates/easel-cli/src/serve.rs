@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use easel_diffusion::device::DeviceSpec;
 use easel_server::bench::{run as run_bench, BenchOptions};
+use easel_server::bench_cluster::{run as run_cluster, table as cluster_table, ClusterOptions};
 use easel_server::config::{Config, EngineKind};
 use easel_server::store::Store;
 
@@ -324,6 +325,23 @@ pub struct BenchApiArgs {
     /// Give up waiting for the jobs after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub time_limit: u64,
+    /// Measure a multi-process deployment on this database instead (a
+    /// PostgreSQL URL; docs/DEPLOY.md): `--api-nodes` API-only nodes and
+    /// `--workers` worker processes started from this binary, fake engine.
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// With --database-url: API nodes (`easel serve --no-worker`).
+    #[arg(long, default_value_t = 2, requires = "database_url")]
+    pub api_nodes: usize,
+    /// With --database-url: worker counts to measure, one run each
+    /// (`--workers 1,2,4`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,2,4",
+        requires = "database_url"
+    )]
+    pub workers: Vec<usize>,
 }
 
 /// `easel bench-api`.
@@ -349,6 +367,44 @@ pub fn bench_api(args: BenchApiArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    if let Some(database_url) = args.database_url {
+        if options.model.is_some() {
+            bail!(
+                "--model is not supported with --database-url (the cluster runs the fake engine)"
+            );
+        }
+        if args.api_nodes == 0 || args.api_nodes > 16 {
+            bail!("--api-nodes must be between 1 and 16");
+        }
+        if args.workers.is_empty() || args.workers.iter().any(|&w| w == 0 || w > 64) {
+            bail!("--workers must list worker counts between 1 and 64");
+        }
+        let cluster = ClusterOptions {
+            database_url,
+            exe: std::env::current_exe().context("finding the easel binary")?,
+            api_nodes: args.api_nodes,
+            workers: args.workers,
+        };
+        eprintln!(
+            "bench-api: {} requests from {} clients, {} API nodes, workers {:?}, fake engine {} ms/step x {} steps, on {}",
+            options.requests,
+            options.clients,
+            cluster.api_nodes,
+            cluster.workers,
+            options.fake_step_ms,
+            options.steps,
+            easel_server::store::redact_url(&cluster.database_url)
+        );
+        let runs = runtime
+            .block_on(run_cluster(&options, &cluster))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        print!("{}", cluster_table(&runs, cluster.api_nodes));
+        return Ok(if runs.iter().all(|r| r.report.ok()) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
     eprintln!(
         "bench-api: {} requests from {} clients on loopback ({})",
         options.requests,

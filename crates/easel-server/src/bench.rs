@@ -232,16 +232,80 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, crate::StartError
     ));
 
     let base = format!("http://{addr}");
+    let started = Instant::now();
+    let (report, ids) = submit_all(vec![base], &secret, &model, &options).await;
+    let submit_wall = started.elapsed();
+
+    // Wait for every accepted job to finish (bounded).
+    let deadline = started + options.time_limit;
+    loop {
+        let (queued, running) = state.store().counts().await?;
+        if queued + running == 0 || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let wall = started.elapsed();
+    let mut rep = report;
+    rep.submit_wall = submit_wall;
+    rep.wall = wall;
+    tally(state.store(), &mut rep, &ids).await?;
+    let seen: HashSet<&String> = ids.values().collect();
+    let rows = state
+        .store()
+        .scalar_raw("SELECT COUNT(*) FROM generations")
+        .await?;
+    rep.duplicated = (rows as usize).saturating_sub(seen.len());
+    state.shutdown().await;
+    server.abort();
+    Ok(rep)
+}
+
+/// Count the outcome of each accepted job in `ids` into `rep`: succeeded
+/// (with its latency and images), failed or canceled, or lost (unknown or
+/// not finished).
+pub(crate) async fn tally(
+    store: &crate::store::Store,
+    rep: &mut BenchReport,
+    ids: &HashMap<usize, String>,
+) -> Result<(), crate::store::StoreError> {
+    for id in ids.values() {
+        match store.generation(id).await? {
+            Some(g) if g.status == crate::job::JobStatus::Succeeded => {
+                rep.succeeded += 1;
+                if let Some(done) = g.finished_at {
+                    rep.job_latency.push((done - g.created_at) as f64 / 1e3);
+                }
+                rep.images += store.assets_of(id).await?.len();
+            }
+            Some(g) if g.status.is_terminal() => rep.failed += 1,
+            _ => rep.lost += 1,
+        }
+    }
+    Ok(())
+}
+
+/// Submit `options.requests` requests from `options.clients` threads,
+/// spread over the API nodes at `bases` (retrying 429s, replaying every
+/// `retry_every`-th with its `Idempotency-Key`): the report so far and the
+/// accepted job id of each request.
+pub(crate) async fn submit_all(
+    bases: Vec<String>,
+    secret: &str,
+    model: &str,
+    options: &BenchOptions,
+) -> (BenchReport, HashMap<usize, String>) {
     let report = Arc::new(Mutex::new(BenchReport {
         requests: options.requests,
         ..BenchReport::default()
     }));
     let ids: Arc<Mutex<HashMap<usize, String>>> = Arc::default();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let started = Instant::now();
     let mut threads = Vec::new();
-    for _ in 0..options.clients.max(1) {
-        let (base, secret, model) = (base.clone(), secret.clone(), model.clone());
+    for c in 0..options.clients.max(1) {
+        // Clients spread over the API nodes.
+        let base = bases[c % bases.len()].clone();
+        let (secret, model) = (secret.to_string(), model.to_string());
         let (report, ids, next, options) =
             (report.clone(), ids.clone(), next.clone(), options.clone());
         threads.push(std::thread::spawn(move || {
@@ -324,45 +388,9 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, crate::StartError
         }
     });
     let _ = joined.await;
-    let submit_wall = started.elapsed();
-
-    // Wait for every accepted job to finish (bounded).
-    let ids: HashMap<usize, String> = ids.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let deadline = started + options.time_limit;
-    loop {
-        let (queued, running) = state.store().counts().await?;
-        if queued + running == 0 || Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let wall = started.elapsed();
-    let mut rep = report.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    rep.submit_wall = submit_wall;
-    rep.wall = wall;
-    let mut seen = HashSet::new();
-    for id in ids.values() {
-        seen.insert(id.clone());
-        match state.store().generation(id).await? {
-            Some(g) if g.status == crate::job::JobStatus::Succeeded => {
-                rep.succeeded += 1;
-                if let Some(done) = g.finished_at {
-                    rep.job_latency.push((done - g.created_at) as f64 / 1e3);
-                }
-                rep.images += state.store().assets_of(id).await?.len();
-            }
-            Some(g) if g.status.is_terminal() => rep.failed += 1,
-            _ => rep.lost += 1,
-        }
-    }
-    let rows = state
-        .store()
-        .scalar_raw("SELECT COUNT(*) FROM generations")
-        .await?;
-    rep.duplicated = (rows as usize).saturating_sub(seen.len());
-    state.shutdown().await;
-    server.abort();
-    Ok(rep)
+    let report = report.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let ids = ids.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    (report, ids)
 }
 
 #[cfg(test)]

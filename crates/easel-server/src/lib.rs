@@ -35,6 +35,7 @@
 pub mod assets;
 pub mod auth;
 pub mod bench;
+pub mod bench_cluster;
 pub mod checks;
 pub mod config;
 pub mod engine;
