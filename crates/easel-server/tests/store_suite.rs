@@ -14,7 +14,8 @@ use std::time::Duration;
 use common::postgres::PgServer;
 use easel_server::job::{ItemResult, ItemSpec, JobError, JobStatus};
 use easel_server::store::{
-    Admission, Admitted, AssetFilter, AssetRow, KeyRow, NewGeneration, Store, StoreError,
+    Admission, Admitted, AssetFilter, AssetRow, FlowRow, FlowRunRow, KeyRow, NewGeneration,
+    PackRow, Store, StoreError, TrainingRow,
 };
 use serde_json::json;
 
@@ -498,6 +499,92 @@ async fn store_contract_on_postgres() {
     // Migrating an already migrated database is a no-op (every node runs it).
     Store::connect(&url).await.unwrap().close().await;
     suite(store).await;
+}
+
+/// `easel migrate`'s records: a SQLite store that went through the whole
+/// suite copied into PostgreSQL, every table, then again (nothing new:
+/// the copy is idempotent), and the copy works as a store (new jobs get
+/// fresh sequence numbers, the contents answer the same queries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_store_copies_into_postgres() {
+    let Some(pg) = PgServer::start("sqlite_store_copies_into_postgres") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let source = Store::open(dir.path()).await.unwrap();
+    suite(source.clone()).await;
+    // The tables the suite leaves empty.
+    source
+        .insert_training(&TrainingRow {
+            id: "t1".into(),
+            key_id: KEY.into(),
+            name: "style".into(),
+            base_model: "sd15".into(),
+            hash: format!("{:064x}", 5),
+            file_size: 10,
+            created_at: 1,
+        })
+        .await
+        .unwrap();
+    source
+        .insert_pack(&PackRow {
+            id: "p1".into(),
+            key_id: KEY.into(),
+            name: "pack".into(),
+            body_json: "{}".into(),
+            image_count: 1,
+            created_at: 1,
+        })
+        .await
+        .unwrap();
+    source
+        .insert_flow(&FlowRow {
+            id: "f1".into(),
+            key_id: KEY.into(),
+            name: None,
+            document: "{}".into(),
+            step_count: 1,
+            created_at: 1,
+        })
+        .await
+        .unwrap();
+    let run = FlowRunRow {
+        id: "r1".into(),
+        flow_id: "f1".into(),
+        key_id: KEY.into(),
+        document: "{}".into(),
+        record_json: "{}".into(),
+        cancel_requested: false,
+        created_at: 1,
+    };
+    source.insert_flow_run(&run, "pending").await.unwrap();
+    let target = Store::connect(&pg.new_database().await).await.unwrap();
+    let first = source.copy_into(&target, |_| {}).await.unwrap();
+    let mut tables = 0;
+    for t in &first {
+        assert_eq!(t.inserted, t.source_rows, "{t:?}");
+        let sql = format!("SELECT COUNT(*) FROM {}", t.table);
+        assert_eq!(target.scalar_raw(&sql).await.unwrap() as u64, t.source_rows);
+        tables += usize::from(t.source_rows > 0);
+    }
+    assert_eq!(tables, first.len(), "a table was left empty: {first:?}");
+    let again = source.copy_into(&target, |_| {}).await.unwrap();
+    assert!(again.iter().all(|t| t.inserted == 0), "{again:?}");
+    assert_eq!(
+        target.usage(KEY).await.unwrap(),
+        source.usage(KEY).await.unwrap()
+    );
+    assert_eq!(
+        target.generation("lease-1").await.unwrap(),
+        source.generation("lease-1").await.unwrap()
+    );
+    let max_seq = target
+        .scalar_raw("SELECT MAX(seq) FROM generations")
+        .await
+        .unwrap();
+    let id = created(&target, &new_generation("after-copy", 1, None)).await;
+    let row = target.generation(&id).await.unwrap().unwrap();
+    assert_eq!(row.seq, max_seq + 1);
 }
 
 /// A PostgreSQL restart: statements fail while it is down (as

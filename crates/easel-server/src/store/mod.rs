@@ -22,7 +22,8 @@
 //! `keys`, `jobs` (generations, items, ledger charges and refunds,
 //! admission, idempotency keys), `leases` (claiming, renewing and
 //! reclaiming running jobs), `assets`, `trainings`, `packs`, `flows`,
-//! `usage` (sums of the ledger), `webhooks` (the delivery outbox). This file
+//! `usage` (sums of the ledger), `webhooks` (the delivery outbox), and
+//! `copy` (every table into another store, for `easel migrate`). This file
 //! opens the database and runs the migrations.
 
 use std::borrow::Cow;
@@ -34,6 +35,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{Any, AnyPool, Executor, Transaction};
 
 mod assets;
+mod copy;
 mod flows;
 mod jobs;
 mod keys;
@@ -44,6 +46,7 @@ mod usage;
 mod webhooks;
 
 pub use assets::{AssetFilter, AssetRow};
+pub use copy::TableCopy;
 pub use flows::{FlowRow, FlowRunRow};
 pub use jobs::{Admission, Admitted, GenerationRow, ItemRow, NewGeneration};
 pub use keys::KeyRow;
