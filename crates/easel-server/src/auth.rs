@@ -72,7 +72,7 @@ pub async fn create_key(
     name: &str,
     credit_limit_usd: Option<f64>,
 ) -> Result<(KeyRow, String), crate::store::StoreError> {
-    std::fs::create_dir_all(data_dir).map_err(sqlx::Error::Io)?;
+    std::fs::create_dir_all(data_dir)?;
     create_key_at(&crate::store::sqlite_url(data_dir), name, credit_limit_usd).await
 }
 

@@ -136,6 +136,9 @@ pub enum StoreError {
     /// A bad `database_url`.
     #[error("{0}")]
     Config(String),
+    /// The folder of a SQLite database cannot be created.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
     /// The migrations could not be applied.
     #[error("migrating the job store: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -265,7 +268,7 @@ impl Store {
     /// # Errors
     /// As [`Store::connect`].
     pub async fn open(data_dir: &Path) -> StoreResult<Store> {
-        std::fs::create_dir_all(data_dir).map_err(sqlx::Error::Io)?;
+        std::fs::create_dir_all(data_dir)?;
         Self::connect(&sqlite_url(data_dir)).await
     }
 
