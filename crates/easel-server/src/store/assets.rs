@@ -218,6 +218,18 @@ impl Store {
         Ok(Some((asset, shared > 0)))
     }
 
+    /// Every file the asset records name, `(hash, extension)`, once each
+    /// (`easel migrate` copies them).
+    pub async fn asset_files(&self) -> StoreResult<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT DISTINCT hash, extension FROM assets ORDER BY hash, extension")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("hash"), r.get("extension")))
+            .collect())
+    }
+
     /// Every stored content hash: of assets and of trainings.
     pub async fn known_hashes(&self) -> StoreResult<std::collections::HashSet<String>> {
         let rows = sqlx::query("SELECT hash FROM assets UNION SELECT hash FROM trainings")

@@ -36,6 +36,18 @@ impl Store {
         }
     }
 
+    /// Every LoRA file the trainings name, `(hash, "safetensors")`, once
+    /// each (`easel migrate` copies them).
+    pub async fn training_files(&self) -> StoreResult<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT DISTINCT hash FROM trainings ORDER BY hash")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("hash"), "safetensors".to_string()))
+            .collect())
+    }
+
     /// Insert a training (its file already stored).
     pub async fn insert_training(&self, t: &TrainingRow) -> StoreResult<()> {
         sqlx::query(
