@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{broadcast, Notify};
 
-use crate::assets::FileStore;
+use crate::assets::AssetStore;
 use crate::config::{self, Config};
 use crate::engine::{self, Capabilities, Engine, WorkerEngine};
 use crate::error::ApiError;
@@ -31,13 +31,16 @@ pub enum StartError {
     /// A folder or file of the data dir could not be used.
     #[error("data dir: {0}")]
     Io(#[from] std::io::Error),
+    /// The asset store (`asset_store`) could not be opened or listed.
+    #[error("asset store {0}")]
+    Assets(String),
 }
 
 struct Inner {
     config: Config,
     store: Store,
-    assets: FileStore,
-    trainings: FileStore,
+    assets: AssetStore,
+    trainings: AssetStore,
     models: ModelRegistry,
     capabilities: Capabilities,
     events: broadcast::Sender<JobEvent>,
@@ -55,13 +58,13 @@ struct Inner {
     a1111_checkpoints: Mutex<std::collections::HashMap<String, String>>,
 }
 
-/// The server's shared state: configuration, store, asset folders, the
+/// The server's shared state: configuration, store, asset stores, the
 /// worker's handle, the event bus, metrics. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
 
 impl AppState {
-    /// Open the data dir (store, migrations, asset folders), recover jobs a
+    /// Open the data dir (store, migrations, asset stores), recover jobs a
     /// dead process left running, remove orphan files, and start the
     /// workers (one per `device`, with the engine `config` selects) and the
     /// webhook dispatcher. Must be called inside a tokio runtime.
@@ -126,15 +129,30 @@ impl AppState {
                 recovery.canceled
             );
         }
-        let assets = FileStore::open(config.data_dir.join("assets"))?;
-        let trainings = FileStore::open(config.data_dir.join("trainings"))?;
+        let spec = config.asset_store_spec();
+        let open = |name: &str| {
+            AssetStore::open(&spec, name, &config.data_dir, &config.s3)
+                .map_err(|e| StartError::Assets(format!("{spec}: {e}")))
+        };
+        let (assets, trainings) = (open("assets")?, open("trainings")?);
         let known = store.known_hashes().await?;
-        let removed = assets.sweep(&known)
-            + trainings.sweep(&known)
-            + lora_cache::sweep_partial(&config.data_dir);
+        // The first requests to the store: a bucket that cannot be reached
+        // or listed stops the start here, not the first job.
+        let mut removed = lora_cache::sweep_partial(&config.data_dir);
+        for files in [&assets, &trainings] {
+            removed += files
+                .sweep(&known)
+                .await
+                .map_err(|e| StartError::Assets(format!("{}: {e}", files.location())))?;
+        }
         if removed > 0 {
             tracing::warn!("removed {removed} orphan or partial files from the data dir");
         }
+        tracing::info!(
+            "asset store: {} and {}",
+            assets.location(),
+            trainings.location()
+        );
         let webhook_secret = match &config.webhook_secret {
             Some(s) => s.as_bytes().to_vec(),
             None => load_or_create_secret(&config.data_dir.join("webhook_secret"))?,
@@ -229,12 +247,12 @@ impl AppState {
     }
 
     /// Generated and input images.
-    pub fn assets(&self) -> &FileStore {
+    pub fn assets(&self) -> &AssetStore {
         &self.0.assets
     }
 
     /// Uploaded LoRA files.
-    pub fn trainings(&self) -> &FileStore {
+    pub fn trainings(&self) -> &AssetStore {
         &self.0.trainings
     }
 
