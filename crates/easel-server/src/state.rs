@@ -140,10 +140,15 @@ impl AppState {
         // or listed stops the start here, not the first job.
         let mut removed = lora_cache::sweep_partial(&config.data_dir);
         for files in [&assets, &trainings] {
-            removed += files
-                .sweep(&known)
-                .await
-                .map_err(|e| StartError::Assets(format!("{}: {e}", files.location())))?;
+            removed += files.sweep(&known).await.map_err(|e| {
+                let (at, e) = (files.location(), e.to_string());
+                // S3's errors name the store already.
+                StartError::Assets(if e.starts_with(&at) {
+                    e
+                } else {
+                    format!("{at}: {e}")
+                })
+            })?;
         }
         if removed > 0 {
             tracing::warn!("removed {removed} orphan or partial files from the data dir");

@@ -96,7 +96,12 @@ impl S3 {
             object_store::Error::NotFound { .. } => io::ErrorKind::NotFound,
             _ => io::ErrorKind::Other,
         };
-        io::Error::new(kind, format!("{}/{key}: {e}", self.location))
+        let at = if key.is_empty() {
+            self.location.clone()
+        } else {
+            format!("{}/{key}", self.location)
+        };
+        io::Error::new(kind, format!("{at}: {e}"))
     }
 }
 
