@@ -33,12 +33,12 @@ mod s3;
 pub use folder::Folder;
 pub use s3::{is_s3_option, S3, S3_SWEEP_GRACE};
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -252,6 +252,16 @@ pub struct AssetStore {
     backend: Arc<dyn Backend>,
     /// Local copies of a remote backend's files (see [`Self::local_file`]).
     cache: Option<Folder>,
+    /// Local copies whose bytes were checked against their hash, with the
+    /// size and modification time they had then: unchanged, a copy is not
+    /// read and hashed again for every job and submission that uses it.
+    verified: Arc<Mutex<HashMap<PathBuf, (u64, SystemTime)>>>,
+}
+
+/// Size and modification time of the file at `path`.
+fn stamp(path: &Path) -> Option<(u64, SystemTime)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.len(), meta.modified().ok()?))
 }
 
 /// Hashing more than this many bytes runs on the blocking pool.
@@ -272,7 +282,11 @@ impl AssetStore {
     /// files go to (needed only for a remote backend's
     /// [`Self::local_file`]).
     pub fn new(backend: Arc<dyn Backend>, cache: Option<Folder>) -> AssetStore {
-        AssetStore { backend, cache }
+        AssetStore {
+            backend,
+            cache,
+            verified: Arc::default(),
+        }
     }
 
     /// A store in the folder `root` (created if missing).
@@ -450,14 +464,24 @@ impl AssetStore {
         let path = cache
             .local_path(&key)
             .ok_or_else(|| io::Error::other("the cache folder has no local path"))?;
-        let p = path.clone();
-        let want = hash.to_string();
+        let (p, want, verified) = (path.clone(), hash.to_string(), self.verified.clone());
         let cached = tokio::task::spawn_blocking(move || {
-            std::fs::read(&p).is_ok_and(|bytes| hash_bytes(&bytes) == want)
+            let before = stamp(&p)?;
+            let known = verified.lock().unwrap_or_else(|e| e.into_inner()).get(&p) == Some(&before);
+            if known {
+                return Some(());
+            }
+            let bytes = std::fs::read(&p).ok()?;
+            (hash_bytes(&bytes) == want && stamp(&p) == Some(before)).then(|| {
+                verified
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(p, before);
+            })
         })
         .await
         .map_err(io::Error::other)?;
-        if cached {
+        if cached.is_some() {
             return Ok(path);
         }
         let bytes = self.backend.get(&key).await?.ok_or_else(not_found)?;
@@ -472,6 +496,12 @@ impl AssetStore {
         }
         // Not Folder::put: a corrupt copy of the same size must be replaced.
         cache.write(&key, bytes).await?;
+        if let Some(now) = stamp(&path) {
+            self.verified
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(path.clone(), now);
+        }
         Ok(path)
     }
 }
