@@ -442,10 +442,28 @@ impl Worker {
             match local {
                 Ok(path) => lora.path = path,
                 Err(e) => {
-                    return Err(JobError::new(
+                    // The detail (store address, its error) is for the log.
+                    tracing::warn!("LoRA {}: {e}", lora.source);
+                    let id = lora.source.strip_prefix("training:").unwrap_or_default();
+                    let index = item
+                        .spec
+                        .definition
+                        .loras
+                        .as_ref()
+                        .and_then(|refs| refs.iter().position(|r| r.id.as_deref() == Some(id)));
+                    let mut error = JobError::new(
                         "lora_fetch_failed",
-                        format!("LoRA `{}` could not be used: {e}", lora.source),
-                    ))
+                        format!(
+                            "LoRA `{}` could not be used: its file could not be read \
+                             from the asset store",
+                            lora.source
+                        ),
+                    );
+                    error.field = Some(match index {
+                        Some(i) => format!("{}.loras[{i}].id", item.spec.field),
+                        None => format!("{}.trainingId", item.spec.field),
+                    });
+                    return Err(error);
                 }
             }
         }
