@@ -10,6 +10,7 @@ mod device_args;
 mod flow;
 mod generate;
 mod inputs;
+mod migrate;
 mod models;
 mod serve;
 
@@ -49,6 +50,9 @@ enum Command {
     /// Run jobs from a shared job store (PostgreSQL) without serving HTTP:
     /// the GPU workers of a multi-machine deployment (docs/DEPLOY.md).
     Worker(Box<serve::WorkerArgs>),
+    /// Move a single-machine install (SQLite and its asset folder) to
+    /// PostgreSQL and S3-compatible storage; idempotent, resumable.
+    Migrate(Box<migrate::MigrateArgs>),
     /// Create, list and revoke API keys of the HTTP service.
     Keys {
         #[command(subcommand)]
@@ -90,6 +94,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::serve(*args),
         Command::Worker(args) => serve::worker(*args),
+        Command::Migrate(args) => migrate::run(*args),
         Command::Keys { command } => serve::keys(command),
         Command::BenchApi(args) => serve::bench_api(args),
     };

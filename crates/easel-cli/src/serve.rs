@@ -31,7 +31,7 @@ pub struct ConfigArgs {
 }
 
 impl ConfigArgs {
-    fn load(&self) -> Result<Config> {
+    pub(crate) fn load(&self) -> Result<Config> {
         let mut config = Config::load(self.config.as_deref(), std::env::vars())
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         if let Some(dir) = &self.data_dir {
@@ -84,6 +84,14 @@ pub struct ServeArgs {
     /// file's `offload`, else none].
     #[arg(long, value_name = "none|model|sequential", value_parser = crate::generate::parse_offload)]
     pub offload: Option<easel_diffusion::device::Offload>,
+    /// Where images and uploaded LoRA files are kept: a folder, or an
+    /// S3-compatible bucket as s3://BUCKET/PREFIX (endpoint, region and
+    /// credentials from AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_ALLOW_HTTP and the config's `[s3]` table)
+    /// [default: the config's `asset_store` (EASEL_ASSET_STORE), else the
+    /// data dir].
+    #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX")]
+    pub asset_store: Option<easel_server::assets::AssetStoreSpec>,
     /// Run the fast fake engine instead of the diffusion engine (for load tests).
     #[arg(long, hide = true)]
     pub fake_engine: bool,
@@ -177,6 +185,9 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     }
     if args.no_worker {
         config.no_worker = true;
+    }
+    if let Some(store) = args.asset_store {
+        config.asset_store = Some(store);
     }
     config
         .check()

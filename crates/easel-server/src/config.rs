@@ -236,6 +236,21 @@ pub struct Config {
     /// installs (or their `models/` folders), whose checkpoints and LoRAs
     /// requests may name by file name.
     pub models_dirs: Vec<PathBuf>,
+    /// Where images and uploaded LoRA files are kept (`assets/` and
+    /// `trainings/` under it): a folder, or `s3://BUCKET[/PREFIX]` for an
+    /// S3-compatible bucket, with endpoint, region and credentials from the
+    /// standard `AWS_*` variables (`AWS_ENDPOINT_URL`, `AWS_REGION`,
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP`) and
+    /// the `s3` table. Default: the data dir (`DATA_DIR/assets`,
+    /// `DATA_DIR/trainings`). `easel serve --asset-store`.
+    pub asset_store: Option<crate::assets::AssetStoreSpec>,
+    /// S3 settings for an `s3://` `asset_store`, over the `AWS_*`
+    /// variables: object_store's configuration keys (`endpoint`, `region`,
+    /// `access_key_id`, `secret_access_key`, `session_token`, `allow_http`,
+    /// `virtual_hosted_style_request`, …) with string, boolean or number
+    /// values. From the file only (`[s3]` table).
+    #[serde(deserialize_with = "scalar_table")]
+    pub s3: BTreeMap<String, String>,
     /// The Hugging Face hub cache. Default: `$HF_HUB_CACHE`, `$HF_HOME/hub` or
     /// `~/.cache/huggingface/hub`.
     pub hf_cache: Option<PathBuf>,
@@ -378,6 +393,8 @@ impl Default for Config {
             no_auth: false,
             models_dirs: Vec::new(),
             hf_cache: None,
+            asset_store: None,
+            s3: BTreeMap::new(),
             offline: false,
             engine: EngineKind::Diffusion,
             fake_step_ms: 5,
@@ -457,6 +474,7 @@ const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("no_auth", EnvKind::Bool),
     ("models_dirs", EnvKind::Paths),
     ("hf_cache", EnvKind::Str),
+    ("asset_store", EnvKind::Str),
     ("offline", EnvKind::Bool),
     ("engine", EnvKind::Str),
     ("fake_step_ms", EnvKind::Int),
@@ -564,6 +582,13 @@ impl Config {
     /// A [`ConfigError`] naming the key.
     pub fn check(&self) -> Result<(), ConfigError> {
         check_devices(&self.device)?;
+        if let Some(key) = self.s3.keys().find(|k| !crate::assets::is_s3_option(k)) {
+            return Err(ConfigError(format!(
+                "s3.{key}: not an S3 setting; allowed: object_store's S3 keys \
+                 (endpoint, region, access_key_id, secret_access_key, session_token, \
+                 allow_http, virtual_hosted_style_request, ...)"
+            )));
+        }
         for (name, target) in &self.models {
             if let Some(q) = target.quantize() {
                 q.parse::<easel_diffusion::models::quantize::Quantization>()
@@ -668,6 +693,13 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The `asset_store` in effect: the one set, else the data dir.
+    pub fn asset_store_spec(&self) -> crate::assets::AssetStoreSpec {
+        self.asset_store
+            .clone()
+            .unwrap_or_else(|| crate::assets::AssetStoreSpec::Folder(self.data_dir.clone()))
     }
 
     /// The chat-completions server of the flows' `ObjectGenerator` step,
@@ -813,6 +845,24 @@ fn one_or_many_devices<'de, D: serde::Deserializer<'de>>(
 
 /// At least one device, none listed twice (`cuda` and `cuda:0` are one
 /// device): each device runs one worker with its own model cache.
+/// A table of scalars (`s3`): strings, booleans and numbers, kept as text
+/// (`allow_http = true` and `allow_http = "true"` alike).
+fn scalar_table<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    let table = BTreeMap::<String, serde_json::Value>::deserialize(d)?;
+    table
+        .into_iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => Ok((k, s)),
+            serde_json::Value::Bool(_) | serde_json::Value::Number(_) => Ok((k, v.to_string())),
+            other => Err(serde::de::Error::custom(format!(
+                "`{k}`: {other} is not a string, boolean or number"
+            ))),
+        })
+        .collect()
+}
+
 fn check_devices(devices: &[DeviceSpec]) -> Result<(), ConfigError> {
     if devices.is_empty() {
         return Err(ConfigError(format!(
@@ -1050,6 +1100,51 @@ mod tests {
             let e = Config::load(None, env(&[(var, value)])).unwrap_err();
             assert!(e.0.contains(key) && e.0.contains(value), "{e}");
         }
+    }
+
+    /// `asset_store` from the file or `EASEL_ASSET_STORE`, default the data
+    /// dir; a bad value is named with the allowed forms; the `s3` table
+    /// takes scalars and refuses keys object_store does not know.
+    #[test]
+    fn asset_store_setting() {
+        use crate::assets::AssetStoreSpec;
+        let config = Config::load(None, env(&[("EASEL_DATA_DIR", "/srv/easel")])).unwrap();
+        assert_eq!(config.asset_store, None);
+        assert_eq!(
+            config.asset_store_spec(),
+            AssetStoreSpec::Folder("/srv/easel".into())
+        );
+        let config =
+            Config::load(None, env(&[("EASEL_ASSET_STORE", "s3://bucket/easel")])).unwrap();
+        assert_eq!(
+            config.asset_store_spec(),
+            AssetStoreSpec::S3 {
+                bucket: "bucket".into(),
+                prefix: "easel".into()
+            }
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("easel.toml");
+        std::fs::write(
+            &file,
+            "asset_store = \"/mnt/assets\"\n[s3]\nendpoint = \"http://127.0.0.1:9000\"\n\
+             allow_http = true\n",
+        )
+        .unwrap();
+        let config = Config::load(Some(&file), []).unwrap();
+        assert_eq!(
+            config.asset_store_spec(),
+            AssetStoreSpec::Folder("/mnt/assets".into())
+        );
+        assert_eq!(config.s3["allow_http"], "true");
+        let e = Config::load(None, env(&[("EASEL_ASSET_STORE", "gs://bucket")])).unwrap_err();
+        assert!(
+            e.0.contains("asset_store") && e.0.contains("s3://BUCKET/PREFIX"),
+            "{e}"
+        );
+        std::fs::write(&file, "[s3]\nendpont = \"http://x\"\n").unwrap();
+        let e = Config::load(Some(&file), []).unwrap_err();
+        assert!(e.0.contains("s3.endpont"), "{e}");
     }
 
     /// `offload` from the file or `EASEL_OFFLOAD`, default none; a bad mode

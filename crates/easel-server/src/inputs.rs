@@ -79,14 +79,14 @@ pub async fn load_input(
             .ok_or_else(|| invalid(field, "the data URI's payload is not valid base64"))?
     } else if value.starts_with("http://") || value.starts_with("https://") {
         if let Some((hash, ext)) = own_file(value) {
-            let path = state
-                .assets()
-                .path(&hash, &ext)
-                .filter(|p| p.is_file())
-                .ok_or_else(|| invalid(field, format!("no stored file {hash}.{ext}")))?;
-            tokio::fs::read(&path)
-                .await
-                .map_err(|e| ApiError::internal("reading an input file", e))?
+            match state.assets().get(&hash, &ext).await {
+                Ok(Some(bytes)) => bytes.to_vec(),
+                Ok(None) => return Err(invalid(field, format!("no stored file {hash}.{ext}"))),
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                    return Err(invalid(field, format!("no stored file {hash}.{ext}")))
+                }
+                Err(e) => return Err(ApiError::internal("reading an input file", e)),
+            }
         } else if !state.config().allow_remote_images {
             return Err(invalid(
                 field,
@@ -113,13 +113,13 @@ pub async fn load_input(
             .await?
             .filter(|a| a.key_id == principal.key_id)
             .ok_or_else(|| invalid(field, format!("no asset with id `{value}`")))?;
-        let path = state
+        state
             .assets()
-            .path(&asset.hash, &asset.extension)
-            .ok_or_else(|| ApiError::internal("reading an asset", "bad stored hash"))?;
-        tokio::fs::read(&path)
+            .get(&asset.hash, &asset.extension)
             .await
             .map_err(|e| ApiError::internal("reading an asset file", e))?
+            .ok_or_else(|| ApiError::internal("reading an asset file", "the file is gone"))?
+            .to_vec()
     } else {
         decode_base64(value).ok_or_else(|| {
             invalid(

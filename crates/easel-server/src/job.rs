@@ -154,6 +154,13 @@ pub struct LoraSpec {
     /// there yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// For a training: the content hash of its file in the trainings store.
+    /// The worker asks the store for a local file of it before the item
+    /// runs (`path` is where it was on the server that accepted the job;
+    /// with an S3 store, another server's cache). Absent in jobs recorded
+    /// before the asset store could be remote: `path` is then used as is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<String>,
 }
 
 /// An input image stored as an asset when the job was accepted.

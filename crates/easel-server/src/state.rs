@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{broadcast, Notify};
 
-use crate::assets::FileStore;
+use crate::assets::AssetStore;
 use crate::config::{self, Config};
 use crate::engine::{self, Capabilities, Engine, WorkerEngine};
 use crate::error::ApiError;
@@ -31,13 +31,16 @@ pub enum StartError {
     /// A folder or file of the data dir could not be used.
     #[error("data dir: {0}")]
     Io(#[from] std::io::Error),
+    /// The asset store (`asset_store`) could not be opened or listed.
+    #[error("asset store {0}")]
+    Assets(String),
 }
 
 struct Inner {
     config: Config,
     store: Store,
-    assets: FileStore,
-    trainings: FileStore,
+    assets: AssetStore,
+    trainings: AssetStore,
     models: ModelRegistry,
     capabilities: Capabilities,
     events: broadcast::Sender<JobEvent>,
@@ -54,13 +57,13 @@ struct Inner {
     a1111_checkpoints: Mutex<std::collections::HashMap<String, String>>,
 }
 
-/// The server's shared state: configuration, store, asset folders, the
+/// The server's shared state: configuration, store, asset stores, the
 /// worker's handle, the event bus, metrics. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
 
 impl AppState {
-    /// Open the data dir (store, migrations, asset folders), recover jobs a
+    /// Open the data dir (store, migrations, asset stores), recover jobs a
     /// dead process left running, remove orphan files, and start the
     /// workers (one per `device`, with the engine `config` selects) and the
     /// webhook dispatcher. Must be called inside a tokio runtime.
@@ -122,20 +125,47 @@ impl AppState {
         // Jobs whose worker died (this process before a restart, or another
         // one) are claimed again by the workers once their lease expired
         // (worker.rs, before each claim); live workers' jobs are left alone.
-        let assets = FileStore::open(config.data_dir.join("assets"))?;
-        let trainings = FileStore::open(config.data_dir.join("trainings"))?;
+        let spec = config.asset_store_spec();
+        let open = |name: &str| {
+            AssetStore::open(&spec, name, &config.data_dir, &config.s3)
+                .map_err(|e| StartError::Assets(format!("{spec}: {e}")))
+        };
+        let (assets, trainings) = (open("assets")?, open("trainings")?);
+        let known = store.known_hashes().await?;
         // Orphan files (written by a process that died before committing
-        // their record) are removed at start on a single machine. With a
-        // shared database other processes may be between writing a file
-        // and committing its record right now, so nothing is swept there.
+        // their record) are removed at start: on a single machine (SQLite)
+        // after the backend's grace (a folder: none; S3: an hour, the bucket
+        // may be shared). With a shared database other processes may be
+        // between writing a file and committing its record right now, so
+        // only files older than an hour go. These are the first requests
+        // to the store: a bucket that cannot be reached or listed stops the
+        // start here, not the first job.
+        let shared_grace = (store.backend() == store::Backend::Postgres)
+            .then_some(std::time::Duration::from_secs(3600));
         let mut removed = lora_cache::sweep_partial(&config.data_dir);
-        if store.backend() == store::Backend::Sqlite {
-            let known = store.known_hashes().await?;
-            removed += assets.sweep(&known) + trainings.sweep(&known);
+        for files in [&assets, &trainings] {
+            let swept = match shared_grace {
+                None => files.sweep(&known).await,
+                Some(grace) => files.sweep_older_than(&known, grace).await,
+            };
+            removed += swept.map_err(|e| {
+                let (at, e) = (files.location(), e.to_string());
+                // S3's errors name the store already.
+                StartError::Assets(if e.starts_with(&at) {
+                    e
+                } else {
+                    format!("{at}: {e}")
+                })
+            })?;
         }
         if removed > 0 {
             tracing::warn!("removed {removed} orphan or partial files from the data dir");
         }
+        tracing::info!(
+            "asset store: {} and {}",
+            assets.location(),
+            trainings.location()
+        );
         let webhook_secret = match &config.webhook_secret {
             Some(s) => s.as_bytes().to_vec(),
             None => load_or_create_secret(&config.data_dir.join("webhook_secret"))?,
@@ -231,12 +261,12 @@ impl AppState {
     }
 
     /// Generated and input images.
-    pub fn assets(&self) -> &FileStore {
+    pub fn assets(&self) -> &AssetStore {
         &self.0.assets
     }
 
     /// Uploaded LoRA files.
-    pub fn trainings(&self) -> &FileStore {
+    pub fn trainings(&self) -> &AssetStore {
         &self.0.trainings
     }
 

@@ -116,15 +116,19 @@ async fn training_lora(
         .training(&principal.key_id, id.trim())
         .await?
         .ok_or_else(|| ApiError::invalid("unknown_training", field, unknown))?;
+    // A local file of it (an S3 store's file is downloaded into the cache
+    // now): the checks at submission read its header.
     let path = state
         .trainings()
-        .path(&training.hash, "safetensors")
-        .ok_or_else(|| ApiError::internal("reading a training", "bad stored hash"))?;
+        .local_file(&training.hash, "safetensors")
+        .await
+        .map_err(|e| ApiError::internal("reading a training", e))?;
     Ok(LoraSpec {
         url: None,
         source: format!("training:{}", training.id),
         path,
         scale,
+        training: Some(training.hash),
     })
 }
 
@@ -159,6 +163,7 @@ fn url_lora(state: &AppState, value: &str, scale: f64, field: &str) -> Result<Lo
         path,
         scale,
         url: Some(url),
+        training: None,
     })
 }
 
@@ -310,6 +315,7 @@ pub async fn prepare(
                     path: canonical,
                     scale,
                     url: None,
+                    training: None,
                 });
             } else if let Some(value) = &lora.url {
                 loras.push(url_lora(state, value, scale, &format!("{lora_field}.url"))?);
@@ -512,11 +518,13 @@ pub async fn commit(
         }
         let existed = state
             .assets()
-            .path(&crate::assets::hash_bytes(&input.loaded.bytes), ext)
-            .is_some_and(|p| p.is_file());
+            .exists(&hash, ext)
+            .await
+            .map_err(|e| ApiError::internal("storing an input image", e))?;
         let stored = state
             .assets()
-            .put(&input.loaded.bytes, ext)
+            .put(input.loaded.bytes.clone(), ext)
+            .await
             .map_err(|e| ApiError::internal("storing an input image", e))?;
         if !existed {
             written.push((stored.hash.clone(), ext));
@@ -577,7 +585,7 @@ pub async fn commit(
     let outcome = store.insert_generation(&new, admission).await;
     if !matches!(outcome, Ok(Admitted::Created(_))) {
         for (hash, ext) in written {
-            state.assets().remove(&hash, ext);
+            state.assets().remove(&hash, ext).await;
         }
     }
     match outcome? {

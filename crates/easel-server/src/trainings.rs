@@ -40,10 +40,10 @@ pub async fn register_training(
         .await
         .map_err(|e| ApiError::internal("reading a LoRA", e))?;
     let bytes = check.map_err(|m| ApiError::invalid("invalid_value", "file", m))?;
-    let trainings = state.trainings().clone();
-    let stored = tokio::task::spawn_blocking(move || trainings.put(&bytes, "safetensors"))
+    let stored = state
+        .trainings()
+        .put(bytes, "safetensors")
         .await
-        .map_err(|e| ApiError::internal("storing a LoRA", e))?
         .map_err(|e| ApiError::internal("storing a LoRA", e))?;
     let row = TrainingRow {
         id: new_id(),

@@ -315,8 +315,8 @@ impl Worker {
         // not the async runtime); a failed download fails only its item,
         // which is refunded like any failed item.
         let mut ready = Vec::with_capacity(pending.len());
-        for item in pending {
-            match self.fetch_loras(&item) {
+        for mut item in pending {
+            match self.fetch_loras(&mut item) {
                 Ok(()) => ready.push(item),
                 Err(error) => {
                     tracing::warn!("job {id}: {}: {}", item.spec.field, error.message);
@@ -484,10 +484,45 @@ impl Worker {
     }
 
     /// Download the `loras[].url` files of `item` that are not in the LoRA
-    /// cache yet. The error names the field and tells a fetch failure (one
-    /// text for all, see `fetch.rs`) from a file that is not a LoRA.
-    fn fetch_loras(&self, item: &ItemRow) -> Result<(), JobError> {
+    /// cache yet, and point trainings at a local file of theirs (the asset
+    /// store's, or its local copy of a remote one). The error names the
+    /// field and tells a fetch failure (one text for all, see `fetch.rs`)
+    /// from a file that is not a LoRA.
+    fn fetch_loras(&self, item: &mut ItemRow) -> Result<(), JobError> {
         let config = self.ctx.state.config();
+        for lora in &mut item.spec.loras {
+            let Some(hash) = &lora.training else { continue };
+            let local = self
+                .ctx
+                .block(self.ctx.state.trainings().local_file(hash, "safetensors"));
+            match local {
+                Ok(path) => lora.path = path,
+                Err(e) => {
+                    // The detail (store address, its error) is for the log.
+                    tracing::warn!("LoRA {}: {e}", lora.source);
+                    let id = lora.source.strip_prefix("training:").unwrap_or_default();
+                    let index = item
+                        .spec
+                        .definition
+                        .loras
+                        .as_ref()
+                        .and_then(|refs| refs.iter().position(|r| r.id.as_deref() == Some(id)));
+                    let mut error = JobError::new(
+                        "lora_fetch_failed",
+                        format!(
+                            "LoRA `{}` could not be used: its file could not be read \
+                             from the asset store",
+                            lora.source
+                        ),
+                    );
+                    error.field = Some(match index {
+                        Some(i) => format!("{}.loras[{i}].id", item.spec.field),
+                        None => format!("{}.trainingId", item.spec.field),
+                    });
+                    return Err(error);
+                }
+            }
+        }
         for (j, lora) in item.spec.loras.iter().enumerate() {
             let Some(url) = &lora.url else { continue };
             if lora.path.is_file() {
@@ -628,9 +663,11 @@ impl Worker {
                     .map_err(|e| BatchFailure::Engine(EngineError::Failed(e.to_string())))?;
                 let bytes = encode_image(&image, format, quality, &metadata)
                     .map_err(|e| BatchFailure::Engine(EngineError::Failed(e.to_string())))?;
-                let stored = state
-                    .assets()
-                    .put(&bytes, format.extension())
+                // The asset store is async (S3); this thread is not the
+                // runtime, so it waits as it does for the job store.
+                let stored = self
+                    .ctx
+                    .block(state.assets().put(bytes, format.extension()))
                     .map_err(|e| {
                         BatchFailure::Engine(EngineError::Failed(format!("storing an image: {e}")))
                     })?;
@@ -693,14 +730,11 @@ impl Worker {
     }
 
     fn read_input(&self, input: &InputRef) -> Result<easel_core::DecodedImage, EngineError> {
-        let path = self
+        let bytes = self
             .ctx
-            .state
-            .assets()
-            .path(&input.hash, &input.extension)
-            .ok_or_else(|| EngineError::Failed("bad input hash".into()))?;
-        let bytes = std::fs::read(&path)
-            .map_err(|e| EngineError::Failed(format!("reading input {}: {e}", path.display())))?;
+            .block(self.ctx.state.assets().get(&input.hash, &input.extension))
+            .map_err(|e| EngineError::Failed(format!("reading input {}: {e}", input.hash)))?
+            .ok_or_else(|| EngineError::Failed(format!("input {} is gone", input.hash)))?;
         decode_image(&bytes).map_err(|e| EngineError::Failed(e.to_string()))
     }
 

@@ -15,24 +15,21 @@ const PATH: &str = "/api/rest/v1/generations";
 
 impl TestServer {
     /// The decoded pixels of a finished job's images, in order.
-    fn pixels(&self, job: &Value) -> Vec<Vec<u8>> {
-        job["assets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| {
-                let name = a["file_name"].as_str().unwrap();
-                let ext = name.rsplit('.').next().unwrap();
-                let path = self
-                    .state
-                    .assets()
-                    .path(a["content_hash"].as_str().unwrap(), ext)
-                    .unwrap();
-                easel_core::decode_image(&std::fs::read(path).unwrap())
-                    .unwrap()
-                    .pixels
-            })
-            .collect()
+    async fn pixels(&self, job: &Value) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for a in job["assets"].as_array().unwrap() {
+            let name = a["file_name"].as_str().unwrap();
+            let ext = name.rsplit('.').next().unwrap();
+            let bytes = self
+                .state
+                .assets()
+                .get(a["content_hash"].as_str().unwrap(), ext)
+                .await
+                .unwrap()
+                .unwrap();
+            out.push(easel_core::decode_image(&bytes).unwrap().pixels);
+        }
+        out
     }
 
     /// POST a Leonardo body; the generation id when accepted.
@@ -326,8 +323,11 @@ async fn pixels_equal_the_native_request() {
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{native}");
     let native = server.wait_done(native["id"].as_str().unwrap(), 300).await;
-    assert_eq!(server.pixels(&leo).len(), 2);
-    assert!(server.pixels(&leo) == server.pixels(&native), "same pixels");
+    assert_eq!(server.pixels(&leo).await.len(), 2);
+    assert!(
+        server.pixels(&leo).await == server.pixels(&native).await,
+        "same pixels"
+    );
 
     let (s, got) = server.get(&format!("{PATH}/{id}")).await;
     assert_eq!(s, StatusCode::OK, "{got}");

@@ -202,12 +202,14 @@ async fn pixels_equal_the_native_request() {
         .rsplit('.')
         .next()
         .unwrap();
-    let path = server
+    let bytes = server
         .state
         .assets()
-        .path(asset["content_hash"].as_str().unwrap(), ext)
+        .get(asset["content_hash"].as_str().unwrap(), ext)
+        .await
+        .unwrap()
         .unwrap();
-    let native_pixels = easel_core::decode_image(&std::fs::read(path).unwrap()).unwrap();
+    let native_pixels = easel_core::decode_image(&bytes).unwrap();
     assert_eq!((served.width, served.height), (64, 48));
     assert!(served.pixels == native_pixels.pixels, "same pixels");
 }

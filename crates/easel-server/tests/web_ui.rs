@@ -303,8 +303,11 @@ async fn assets_page_filter_by_prompt_and_model_and_delete() {
     assert_eq!(job0["assets"].as_array().unwrap().len(), 1);
     // Its file went with it (nothing else names those bytes)...
     let hash = gone["content_hash"].as_str().unwrap();
-    let path = server.state.assets().path(hash, "webp").unwrap();
-    assert!(!path.exists(), "{} still there", path.display());
+    let files = server.state.assets();
+    assert!(
+        !files.exists(hash, "webp").await.unwrap(),
+        "{hash} still there"
+    );
     let (s, _) = server
         .call(Method::DELETE, &format!("/v1/assets/{gone_id}"), None)
         .await;
@@ -324,11 +327,7 @@ async fn assets_page_filter_by_prompt_and_model_and_delete() {
         (input["kind"].as_str(), &input["content_hash"]),
         (Some("input"), &kept["content_hash"])
     );
-    let path = server
-        .state
-        .assets()
-        .path(kept["content_hash"].as_str().unwrap(), "webp")
-        .unwrap();
+    let kept_hash = kept["content_hash"].as_str().unwrap();
     let (s, _) = server
         .call(
             Method::DELETE,
@@ -337,7 +336,10 @@ async fn assets_page_filter_by_prompt_and_model_and_delete() {
         )
         .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    assert!(path.exists(), "the input record still names the file");
+    assert!(
+        files.exists(kept_hash, "webp").await.unwrap(),
+        "the input record still names the file"
+    );
     // Inputs are not the gallery's to delete.
     let (s, _) = server
         .call(

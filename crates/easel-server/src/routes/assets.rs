@@ -96,7 +96,7 @@ pub(super) async fn delete_asset(
     // content): keep the file then; the start-up sweep removes orphans.
     let (queued, running) = state.store().counts().await?;
     if !shared && queued == 0 && running == 0 {
-        state.assets().remove(&row.hash, &row.extension);
+        state.assets().remove(&row.hash, &row.extension).await;
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -134,13 +134,16 @@ async fn file_response(
     ext: &str,
     mime: &str,
 ) -> Result<Response, ApiError> {
-    let path = state
-        .assets()
-        .path(hash, ext)
-        .ok_or_else(|| ApiError::not_found("file", hash))?;
-    let bytes = tokio::fs::read(&path)
-        .await
-        .map_err(|_| ApiError::not_found("file", hash))?;
+    // Bytes through the store, whatever keeps them (folder or bucket); a
+    // store that cannot be read is a 500, a file that is not there a 404.
+    let bytes = match state.assets().get(hash, ext).await {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return Err(ApiError::not_found("file", hash)),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            return Err(ApiError::not_found("file", hash))
+        }
+        Err(e) => return Err(ApiError::internal("reading a file", e)),
+    };
     let mut response = bytes.into_response();
     let h = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(mime) {

@@ -326,13 +326,14 @@ async fn run(
     let mut data = Vec::new();
     for asset in &record.assets {
         if translated.b64 {
-            let path = state
+            let bytes = state
                 .assets()
-                .path(&asset.content_hash, translated.format.extension())
-                .ok_or_else(|| OpenAiError(ApiError::internal("reading an image", "bad hash")))?;
-            let bytes = tokio::fs::read(&path)
+                .get(&asset.content_hash, translated.format.extension())
                 .await
-                .map_err(|e| OpenAiError(ApiError::internal("reading an image", e)))?;
+                .map_err(|e| OpenAiError(ApiError::internal("reading an image", e)))?
+                .ok_or_else(|| {
+                    OpenAiError(ApiError::internal("reading an image", "the file is gone"))
+                })?;
             data.push(serde_json::json!({
                 "b64_json": base64::engine::general_purpose::STANDARD.encode(bytes),
                 "revised_prompt": null,

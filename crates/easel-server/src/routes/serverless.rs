@@ -318,13 +318,12 @@ pub async fn generate(
     let seconds = started.elapsed().as_secs_f64();
     let mut data = Vec::new();
     for (index, asset) in record.assets.iter().enumerate() {
-        let path = state
+        let bytes = state
             .assets()
-            .path(&asset.content_hash, OutputFormat::Png.extension())
-            .ok_or_else(|| ApiError::internal("reading an image", "bad hash"))?;
-        let bytes = tokio::fs::read(&path)
+            .get(&asset.content_hash, OutputFormat::Png.extension())
             .await
-            .map_err(|e| ApiError::internal("reading an image", e))?;
+            .map_err(|e| ApiError::internal("reading an image", e))?
+            .ok_or_else(|| ApiError::internal("reading an image", "the file is gone"))?;
         data.push(json!({
             "timings": {"inference": seconds},
             "index": index,

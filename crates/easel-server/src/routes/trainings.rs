@@ -124,7 +124,7 @@ pub(super) async fn delete_training(
     // Queued jobs name the file by path: keep it while any job may need it.
     let (queued, running) = state.store().counts().await?;
     if !shared && queued == 0 && running == 0 {
-        state.trainings().remove(&row.hash, "safetensors");
+        state.trainings().remove(&row.hash, "safetensors").await;
     }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -221,9 +221,10 @@ impl Store {
     /// Every file the asset records name, `(hash, extension)`, once each
     /// (`easel migrate` copies them).
     pub async fn asset_files(&self) -> StoreResult<Vec<(String, String)>> {
-        let rows = sqlx::query("SELECT DISTINCT hash, extension FROM assets ORDER BY hash, extension")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT DISTINCT hash, extension FROM assets ORDER BY hash, extension")
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows
             .iter()
             .map(|r| (r.get("hash"), r.get("extension")))

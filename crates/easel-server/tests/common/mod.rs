@@ -13,6 +13,8 @@ use easel_server::{app, AppState};
 use serde_json::Value;
 use tower::ServiceExt;
 
+pub mod moto;
+
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }

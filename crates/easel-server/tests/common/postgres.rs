@@ -69,7 +69,10 @@ impl PgServer {
             if servers_required() {
                 panic!("{message}; EASEL_REQUIRE_SERVERS=1 makes this a failure");
             }
-            eprintln!("\n!!!!!!!! {message} !!!!!!!!\n");
+            // Straight to the process's stderr: libtest captures
+            // `eprintln!` of a passing test, and this must be seen.
+            let banner = format!("\n!!!!!!!! {message} !!!!!!!!\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), banner.as_bytes());
             return None;
         };
         let dir = tempfile::Builder::new()

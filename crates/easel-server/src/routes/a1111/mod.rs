@@ -167,13 +167,12 @@ async fn generate(
     let mut infotexts = Vec::new();
     let mut seeds = Vec::new();
     for asset in &record.assets {
-        let path = state
+        let bytes = state
             .assets()
-            .path(&asset.content_hash, "png")
-            .ok_or_else(|| ApiError::internal("reading an image", "bad hash"))?;
-        let bytes = tokio::fs::read(&path)
+            .get(&asset.content_hash, "png")
             .await
-            .map_err(|e| ApiError::internal("reading an image", e))?;
+            .map_err(|e| ApiError::internal("reading an image", e))?
+            .ok_or_else(|| ApiError::internal("reading an image", "the file is gone"))?;
         infotexts.push(
             easel_core::codec::read_png_metadata(&bytes)
                 .map(|m| m.parameters_text())
