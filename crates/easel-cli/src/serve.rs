@@ -44,29 +44,19 @@ impl ConfigArgs {
     }
 }
 
-/// Arguments of `easel serve`.
+/// What `easel serve` and `easel worker` share: the models, the engine's
+/// devices and the asset store.
 #[derive(Args, Debug)]
-pub struct ServeArgs {
-    #[command(flatten)]
-    pub config: ConfigArgs,
-    /// Address to listen on [default: 127.0.0.1:8420].
-    #[arg(long)]
-    pub bind: Option<String>,
-    /// Accept requests without an API key (only on a loopback address).
-    #[arg(long)]
-    pub no_auth: bool,
+pub struct NodeArgs {
     /// A folder of models (and LoRA files) requests may name; repeatable.
     /// An A1111 / ComfyUI install (or its `models/` folder) also offers its
     /// checkpoints and LoRAs by file name. Local paths outside the model
-    /// roots are refused.
+    /// roots are refused. Give every node of a deployment the same folders.
     #[arg(long = "models-dir")]
     pub models_dirs: Vec<PathBuf>,
     /// Never download models; repo ids must be in the Hugging Face cache.
     #[arg(long)]
     pub offline: bool,
-    /// The model for OpenAI-compatible requests naming an OpenAI model.
-    #[arg(long)]
-    pub default_model: Option<String>,
     /// Where the engine computes: auto (the first GPU of a `--features cuda`
     /// build when one is present, else the CPU), cpu, cuda (= cuda:0) or
     /// cuda:N. Repeat it or separate with commas (`--device cuda:0,cuda:1`)
@@ -95,10 +85,50 @@ pub struct ServeArgs {
     /// Run the fast fake engine instead of the diffusion engine (for load tests).
     #[arg(long, hide = true)]
     pub fake_engine: bool,
+}
+
+impl NodeArgs {
+    /// Lay these flags over `config`.
+    fn apply(self, config: &mut Config) {
+        config.models_dirs.extend(self.models_dirs);
+        if self.offline {
+            config.offline = true;
+        }
+        if self.fake_engine {
+            config.engine = EngineKind::Fake;
+        }
+        if !self.device.is_empty() {
+            config.device = self.device;
+        }
+        if let Some(offload) = self.offload {
+            config.offload = offload;
+        }
+        if let Some(store) = self.asset_store {
+            config.asset_store = Some(store);
+        }
+    }
+}
+
+/// Arguments of `easel serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Address to listen on [default: 127.0.0.1:8420].
+    #[arg(long)]
+    pub bind: Option<String>,
+    /// Accept requests without an API key (only on a loopback address).
+    #[arg(long)]
+    pub no_auth: bool,
+    /// The model for OpenAI-compatible requests naming an OpenAI model.
+    #[arg(long)]
+    pub default_model: Option<String>,
     /// Run no engine workers: an API-only node whose jobs are run by
     /// `easel worker` processes on the same `--database-url`.
     #[arg(long)]
     pub no_worker: bool,
+    #[command(flatten)]
+    pub node: NodeArgs,
 }
 
 /// Arguments of `easel worker`.
@@ -106,45 +136,16 @@ pub struct ServeArgs {
 pub struct WorkerArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// A folder of models (and LoRA files) jobs may name; repeatable (as
-    /// `easel serve --models-dir`: give every node the same folders).
-    #[arg(long = "models-dir")]
-    pub models_dirs: Vec<PathBuf>,
-    /// Never download models; repo ids must be in the Hugging Face cache.
-    #[arg(long)]
-    pub offline: bool,
-    /// Where the engine computes, one worker per device (as `easel serve --device`).
-    #[arg(
-        long,
-        env = "EASEL_DEVICE",
-        value_delimiter = ',',
-        value_name = "auto|cpu|cuda|cuda:N"
-    )]
-    pub device: Vec<DeviceSpec>,
-    /// Where the weights live between uses (as `easel serve --offload`).
-    #[arg(long, value_name = "none|model|sequential", value_parser = crate::generate::parse_offload)]
-    pub offload: Option<easel_diffusion::device::Offload>,
-    /// Run the fast fake engine instead of the diffusion engine (for load tests).
-    #[arg(long, hide = true)]
-    pub fake_engine: bool,
+    #[command(flatten)]
+    pub node: NodeArgs,
 }
 
-/// `easel worker`: claim and run jobs from the shared store, no HTTP.
-pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
-    let mut config = args.config.load()?;
-    config.models_dirs.extend(args.models_dirs);
-    if args.offline {
-        config.offline = true;
-    }
-    if args.fake_engine {
-        config.engine = EngineKind::Fake;
-    }
-    if !args.device.is_empty() {
-        config.device = args.device;
-    }
-    if let Some(offload) = args.offload {
-        config.offload = offload;
-    }
+/// Check `config` and run `task` on a multi-threaded runtime until it ends
+/// (`easel serve`, `easel worker`).
+fn run_node<F>(config: Config, task: impl FnOnce(Config) -> F) -> Result<ExitCode>
+where
+    F: std::future::Future<Output = Result<(), easel_server::StartError>>,
+{
     config
         .check()
         .map_err(|e| anyhow::anyhow!("{}", flag_names(&e.to_string())))?;
@@ -153,9 +154,16 @@ pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     runtime
-        .block_on(easel_server::run_worker(config))
+        .block_on(task(config))
         .map_err(|e| anyhow::anyhow!("{}", flag_names(&e.to_string())))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `easel worker`: claim and run jobs from the shared store, no HTTP.
+pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
+    let mut config = args.config.load()?;
+    args.node.apply(&mut config);
+    run_node(config, easel_server::run_worker)
 }
 
 /// `easel serve`.
@@ -167,39 +175,14 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     if args.no_auth {
         config.no_auth = true;
     }
-    config.models_dirs.extend(args.models_dirs);
-    if args.offline {
-        config.offline = true;
-    }
     if let Some(m) = args.default_model {
         config.default_model = Some(m);
-    }
-    if args.fake_engine {
-        config.engine = EngineKind::Fake;
-    }
-    if !args.device.is_empty() {
-        config.device = args.device;
-    }
-    if let Some(offload) = args.offload {
-        config.offload = offload;
     }
     if args.no_worker {
         config.no_worker = true;
     }
-    if let Some(store) = args.asset_store {
-        config.asset_store = Some(store);
-    }
-    config
-        .check()
-        .map_err(|e| anyhow::anyhow!("{}", flag_names(&e.to_string())))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime
-        .block_on(easel_server::serve(config))
-        .map_err(|e| anyhow::anyhow!("{}", flag_names(&e.to_string())))?;
-    Ok(ExitCode::SUCCESS)
+    args.node.apply(&mut config);
+    run_node(config, easel_server::serve)
 }
 
 /// A configuration error about `device` as `easel serve` reports it: the

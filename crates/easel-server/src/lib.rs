@@ -93,12 +93,7 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     let local = listener.local_addr()?;
     state.set_local_addr(local);
     tracing::info!("easel serve: listening on http://{local}");
-    let devices: Vec<String> = state
-        .worker()
-        .workers()
-        .into_iter()
-        .map(|w| w.device)
-        .collect();
+    let devices = state.worker().devices();
     let workers = if devices.is_empty() {
         "none: API only, jobs run on `easel worker` processes".to_string()
     } else {
@@ -127,12 +122,7 @@ pub async fn run_worker(mut config: Config) -> Result<(), StartError> {
     config.no_worker = false;
     config.worker_only = true;
     let state = AppState::open(config).await?;
-    let devices: Vec<String> = state
-        .worker()
-        .workers()
-        .into_iter()
-        .map(|w| w.device)
-        .collect();
+    let devices = state.worker().devices();
     eprintln!(
         "easel worker: claiming jobs from {} (engine workers on {})",
         store::redact_url(&state.config().database_url()),

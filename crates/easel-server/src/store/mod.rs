@@ -136,6 +136,9 @@ pub enum StoreError {
     /// A bad `database_url`.
     #[error("{0}")]
     Config(String),
+    /// The database cannot be reached or refused the connection.
+    #[error("{0}")]
+    Connect(String),
     /// The folder of a SQLite database cannot be created.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -321,7 +324,17 @@ impl Store {
                     .connect(&url)
                     .await?
             }
-            Backend::Postgres => options.max_connections(16).connect(&url).await?,
+            Backend::Postgres => options
+                .max_connections(16)
+                .connect(&url)
+                .await
+                .map_err(|e| {
+                    StoreError::Connect(format!(
+                        "cannot connect to {}: {e} (is the server up, the \
+                         database created and the URL right?)",
+                        redact_url(database_url)
+                    ))
+                })?,
         };
         Ok(Store { pool, backend })
     }

@@ -117,6 +117,11 @@ impl WorkerShared {
         false
     }
 
+    /// Each worker's device name, in worker order.
+    pub fn devices(&self) -> Vec<String> {
+        self.slots.iter().map(|slot| slot.device.clone()).collect()
+    }
+
     /// The device and state of each worker, in worker order.
     pub fn workers(&self) -> Vec<WorkerStatus> {
         self.slots
