@@ -7,6 +7,8 @@
 //! worker, and a PostgreSQL restart mid-run. After each, every job finishes
 //! with each image stored exactly once.
 
+// Shared with easel-server's tests; this file uses part of it.
+#[allow(dead_code)]
 #[path = "../../easel-server/tests/common/postgres.rs"]
 mod postgres;
 

@@ -5,8 +5,12 @@
 //! new stores answers the same key with the same jobs and the same image
 //! bytes.
 
+// Shared with easel-server's tests; this file uses part of it.
+#[allow(dead_code)]
 #[path = "../../easel-server/tests/common/moto.rs"]
 mod moto;
+// Shared with easel-server's tests; this file uses part of it.
+#[allow(dead_code)]
 #[path = "../../easel-server/tests/common/postgres.rs"]
 mod postgres;
 
