@@ -52,6 +52,8 @@ struct Inner {
     shutting_down: AtomicBool,
     base_url: Mutex<String>,
     worker_threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// PostgreSQL's LISTEN task (wakes and cancels from other processes).
+    listener: Mutex<Option<tokio::task::JoinHandle<()>>>,
     flows: flows::FlowsShared,
     rate_limiter: ratelimit::RateLimiter,
     a1111_checkpoints: Mutex<std::collections::HashMap<String, String>>,
@@ -187,6 +189,7 @@ impl AppState {
             shutting_down: AtomicBool::new(false),
             base_url: Mutex::new(format!("http://{bind}")),
             worker_threads: Mutex::new(Vec::new()),
+            listener: Mutex::new(None),
             flows: flows::FlowsShared::default(),
             rate_limiter: ratelimit::RateLimiter::new(
                 config.rate_limit_per_minute,
@@ -216,6 +219,17 @@ impl AppState {
                     return Err(StartError::Io(e));
                 }
             }
+        }
+        if state.worker().count() > 0 {
+            // Other processes' submissions and cancels, at once (PostgreSQL).
+            let (wake, cancel) = (state.clone(), state.clone());
+            let task = state.store().listen(
+                move || wake.worker().wake(),
+                move |id| {
+                    cancel.worker().cancel(id);
+                },
+            );
+            *state.0.listener.lock().unwrap_or_else(|e| e.into_inner()) = task;
         }
         tokio::spawn(webhooks::run_dispatcher(state.clone()));
         if !state.config().worker_only {
@@ -366,6 +380,15 @@ impl AppState {
     /// failed) and the webhook dispatcher; waits for the worker threads.
     pub async fn shutdown(&self) {
         self.0.shutting_down.store(true, Ordering::SeqCst);
+        if let Some(task) = self
+            .0
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            task.abort();
+        }
         self.0.worker.stop();
         self.0.webhook_wake.notify_waiters();
         let handles = std::mem::take(

@@ -587,6 +587,56 @@ async fn sqlite_store_copies_into_postgres() {
     assert_eq!(row.seq, max_seq + 1);
 }
 
+/// LISTEN/NOTIFY: a listener (another process's, in effect) hears a
+/// queued job and a cancel with its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_notifies_queued_jobs_and_cancels() {
+    let Some(pg) = PgServer::start("postgres_notifies_queued_jobs_and_cancels") else {
+        return;
+    };
+    let url = pg.new_database().await;
+    let store = Store::connect(&url).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let tx2 = tx.clone();
+    let listener = Store::connect(&url)
+        .await
+        .unwrap()
+        .listen(
+            move || {
+                let _ = tx.send("queued".into());
+            },
+            move |id| {
+                let _ = tx2.send(format!("cancel {id}"));
+            },
+        )
+        .expect("a listener on PostgreSQL");
+    // The listener subscribes in its own task: retry until it hears.
+    let mut heard = None;
+    for i in 0..50 {
+        created(&store, &new_generation(&format!("notify-{i}"), 1, None)).await;
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            heard = Some(m);
+            break;
+        }
+    }
+    assert_eq!(heard.as_deref(), Some("queued"));
+    while rx.try_recv().is_ok() {}
+    store.request_cancel("notify-0").await.unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("the cancel was heard")
+        .unwrap();
+    assert_eq!(m, "cancel notify-0");
+    listener.abort();
+    // SQLite has no listener: its one process wakes its own workers.
+    let dir = tempfile::tempdir().unwrap();
+    assert!(Store::open(dir.path())
+        .await
+        .unwrap()
+        .listen(|| {}, |_| {})
+        .is_none());
+}
+
 /// A PostgreSQL restart: statements fail while it is down (as
 /// "unavailable", so the API answers 503), and the same store works again
 /// once it is back, with nothing lost.

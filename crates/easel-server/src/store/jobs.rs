@@ -302,6 +302,14 @@ impl Store {
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        if self.backend == super::Backend::Postgres {
+            // Sent at commit: idle workers in other processes wake now
+            // instead of at their next poll (see `Store::listen`).
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(super::CHANNEL_QUEUED)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         self.generation(&g.id)
             .await?
@@ -611,6 +619,15 @@ impl Store {
             .bind(id)
             .execute(&self.pool)
             .await?;
+        if self.backend == super::Backend::Postgres {
+            // The worker running it hears at once (see `Store::listen`);
+            // its lease renewal would see the flag within a second anyway.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(super::CHANNEL_CANCEL)
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        }
         Ok(())
     }
 }

@@ -228,11 +228,19 @@ fn migrator(backend: Backend) -> Migrator {
     }
 }
 
+/// PostgreSQL notification channel: a job was queued (payload empty).
+const CHANNEL_QUEUED: &str = "easel_job_queued";
+/// PostgreSQL notification channel: a cancel was asked (payload: job id).
+const CHANNEL_CANCEL: &str = "easel_job_cancel";
+
 /// The job store. Cheap to clone (a pool handle).
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// The URL it was opened with (a PostgreSQL listener opens its own
+    /// connection).
+    url: std::sync::Arc<str>,
 }
 
 fn json<T: serde::Serialize>(value: &T) -> String {
@@ -336,13 +344,58 @@ impl Store {
                     ))
                 })?,
         };
-        Ok(Store { pool, backend })
+        Ok(Store {
+            pool,
+            backend,
+            url: database_url.into(),
+        })
     }
 
     /// The connection pool (this module's tests).
     #[cfg(test)]
     pub(crate) fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// PostgreSQL only (`None` on SQLite, where one process runs the
+    /// workers and wakes them itself): a task that listens for the
+    /// notifications other processes send (LISTEN/NOTIFY) and calls
+    /// `on_queued` when a job was queued and `on_cancel(id)` when a cancel
+    /// was asked, so idle workers start at once and cancels land at once.
+    /// Best effort: a lost connection is re-opened (notifications sent
+    /// meanwhile are missed; the workers' polling and lease renewals catch
+    /// up within a second).
+    pub fn listen(
+        &self,
+        on_queued: impl Fn() + Send + 'static,
+        on_cancel: impl Fn(&str) + Send + 'static,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        if self.backend != Backend::Postgres {
+            return None;
+        }
+        let url = self.url.clone();
+        Some(tokio::spawn(async move {
+            let mut listener = loop {
+                match sqlx::postgres::PgListener::connect(&url).await {
+                    Ok(mut l) => match l.listen_all([CHANNEL_QUEUED, CHANNEL_CANCEL]).await {
+                        Ok(()) => break l,
+                        Err(e) => tracing::warn!("job store listener: {e}"),
+                    },
+                    Err(e) => tracing::warn!("job store listener: {e}"),
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            };
+            loop {
+                match listener.recv().await {
+                    Ok(n) if n.channel() == CHANNEL_CANCEL => on_cancel(n.payload()),
+                    Ok(_) => on_queued(),
+                    Err(e) => {
+                        tracing::warn!("job store listener: {e}; retrying");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                }
+            }
+        }))
     }
 
     /// Which database this is.
