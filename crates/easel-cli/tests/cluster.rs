@@ -12,25 +12,16 @@
 #[path = "../../easel-server/tests/common/postgres.rs"]
 mod postgres;
 
+mod common;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{fixtures, free_port, wait_ready};
 use postgres::PgServer;
 use serde_json::{json, Value};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The settings every process of the cluster shares.
 struct Cluster {
@@ -72,11 +63,7 @@ impl Cluster {
             base: format!("http://127.0.0.1:{port}"),
             key: self.key.clone(),
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while ureq::get(&format!("{}/readyz", node.base)).call().is_err() {
-            assert!(Instant::now() < deadline, "API node did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_ready(&node.base, "API node");
         node
     }
 

@@ -14,15 +14,13 @@ mod moto;
 #[path = "../../easel-server/tests/common/postgres.rs"]
 mod postgres;
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{fixtures, free_port, wait_ready};
+
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 fn easel(aws: &[(&str, String)]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_easel"));
@@ -45,11 +43,7 @@ struct Server {
 
 impl Server {
     fn start(mut command: Command, key: &str) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let child = command
             .args(["serve", "--fake-engine", "--offline"])
             .args(["--bind", &format!("127.0.0.1:{port}")])
@@ -64,14 +58,7 @@ impl Server {
             base: format!("http://127.0.0.1:{port}"),
             key: key.into(),
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while ureq::get(&format!("{}/readyz", server.base))
-            .call()
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_ready(&server.base, "server");
         server
     }
 

@@ -2,15 +2,14 @@
 //! against `easel generate`, and a server killed in the middle of a job.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+mod common;
+use common::{fixtures, free_port, wait_ready};
 
 fn easel() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_easel"));
@@ -34,14 +33,6 @@ fn create_key(data: &Path) -> String {
     let secret = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(secret.starts_with("esk_"), "{secret}");
     secret
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `easel serve` on a free loopback port; waits until `/readyz` answers.
@@ -72,14 +63,7 @@ impl Server {
             base: format!("http://127.0.0.1:{port}"),
             key: key.to_string(),
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while ureq::get(&format!("{}/readyz", server.base))
-            .call()
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_ready(&server.base, "server");
         server
     }
 

@@ -360,20 +360,6 @@ impl Store {
         rows.iter().map(Self::item_row).collect()
     }
 
-    /// Jobs waiting, oldest first: `(id, primary_model)`.
-    pub async fn queued(&self, limit: i64) -> StoreResult<Vec<(String, String)>> {
-        let rows = sqlx::query(
-            "SELECT id, primary_model FROM generations WHERE status = 'queued' ORDER BY seq LIMIT $1",
-        )
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get("id"), r.get("primary_model")))
-            .collect())
-    }
-
     /// How many jobs are queued and running.
     pub async fn counts(&self) -> StoreResult<(i64, i64)> {
         let row = sqlx::query(

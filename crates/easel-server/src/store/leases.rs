@@ -169,31 +169,33 @@ impl Store {
         for row in rows {
             let id: String = row.get("id");
             let attempts: i64 = row.get("attempts");
-            if row.get::<i64, _>("cancel_requested") != 0 {
-                let error = JobError::new("canceled", "canceled by the client");
-                let guard = Guard::ExpiredBefore(now);
-                if self
-                    .finish_from(&id, JobStatus::Canceled, Some(&error), guard)
-                    .await?
-                {
-                    reclaimed.canceled += 1;
-                    reclaimed.finished.push((id, JobStatus::Canceled));
-                }
+            let finish = if row.get::<i64, _>("cancel_requested") != 0 {
+                Some((
+                    JobStatus::Canceled,
+                    JobError::new("canceled", "canceled by the client"),
+                ))
             } else if attempts >= i64::from(max_attempts) {
-                let error = JobError::new(
-                    "interrupted",
-                    format!(
-                        "the worker running this job stopped {attempts} times \
-                         (max_attempts = {max_attempts}); images finished before are kept"
+                Some((
+                    JobStatus::Failed,
+                    JobError::new(
+                        "interrupted",
+                        format!(
+                            "the worker running this job stopped {attempts} times \
+                             (max_attempts = {max_attempts}); images finished before are kept"
+                        ),
                     ),
-                );
+                ))
+            } else {
+                None
+            };
+            if let Some((status, error)) = finish {
                 let guard = Guard::ExpiredBefore(now);
-                if self
-                    .finish_from(&id, JobStatus::Failed, Some(&error), guard)
-                    .await?
-                {
-                    reclaimed.failed += 1;
-                    reclaimed.finished.push((id, JobStatus::Failed));
+                if self.finish_from(&id, status, Some(&error), guard).await? {
+                    match status {
+                        JobStatus::Canceled => reclaimed.canceled += 1,
+                        _ => reclaimed.failed += 1,
+                    }
+                    reclaimed.finished.push((id, status));
                 }
             } else {
                 let done = sqlx::query(

@@ -116,17 +116,22 @@ impl PgServer {
         self.dir.path().join("data")
     }
 
-    fn run(&self, tool: &str, args: &[&str]) {
+    /// A command running PostgreSQL's `tool`, as the cluster's owner.
+    fn command(&self, tool: &str) -> Command {
         let exe = self.bin.join(tool);
-        let mut command = match self.run_as {
+        match self.run_as {
             Some(user) => {
                 let mut c = Command::new("runuser");
                 c.args(["-u", user, "--"]).arg(&exe);
                 c
             }
             None => Command::new(&exe),
-        };
-        let out = command
+        }
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let out = self
+            .command(tool)
             .args(args)
             .output()
             .expect("running a PostgreSQL tool");
@@ -194,19 +199,10 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        let exe = self.bin.join("pg_ctl");
-        let data = self.data();
-        let mut command = match self.run_as {
-            Some(user) => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", user, "--"]).arg(&exe);
-                c
-            }
-            None => Command::new(&exe),
-        };
-        let _ = command
+        let _ = self
+            .command("pg_ctl")
             .arg("-D")
-            .arg(&data)
+            .arg(self.data())
             .args(["-m", "immediate", "stop"])
             .output();
     }

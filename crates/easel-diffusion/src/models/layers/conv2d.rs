@@ -344,18 +344,27 @@ impl Conv2d {
             && kernels::applies_bf16(x)
     }
 
+    /// `x`'s `(batch, channels, height, width)` for the CPU kernels (which
+    /// keep the size: stride 1, "same" padding), its channels checked
+    /// against the layer's and the convolution's FLOPs counted.
+    fn kernel_dims(&self, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
+        let (co, in_c, k) = self.dims;
+        let (b, ci, h, w) = x.dims4()?;
+        if ci != in_c {
+            return Err(Error::invalid(
+                "conv2d",
+                format!("input has {ci} channels, the layer expects {in_c}"),
+            ));
+        }
+        count_flops(2 * b * co * h * w * in_c * k * k);
+        Ok((b, ci, h, w))
+    }
+
     /// The convolution with the layer's zero padding.
     fn forward_padded(&self, x: &Tensor) -> Result<Tensor> {
-        let (co, in_c, k) = self.dims;
+        let (co, _, k) = self.dims;
         if let (true, Some(wt)) = (self.bf16_applies(x), bf16_weight(&self.weight)) {
-            let (b, ci, h, w) = x.dims4()?;
-            if ci != in_c {
-                return Err(Error::invalid(
-                    "conv2d",
-                    format!("input has {ci} channels, the layer expects {in_c}"),
-                ));
-            }
-            count_flops(2 * b * co * h * w * in_c * k * k);
+            let (b, ci, h, w) = self.kernel_dims(x)?;
             BF16_KERNEL_LAYERS.fetch_add(1, Ordering::Relaxed);
             let y = timed(if k == 3 { 0 } else { 1 }, || {
                 kernels::with_bf16(x, |xd| {
@@ -367,14 +376,7 @@ impl Conv2d {
             return Ok(kernels::tensor(y, &[b, co, h, w])?.to_dtype(candle_core::DType::BF16)?);
         }
         if self.fast && kernels::applies(x) {
-            let (b, ci, h, w) = x.dims4()?;
-            if ci != in_c {
-                return Err(Error::invalid(
-                    "conv2d",
-                    format!("input has {ci} channels, the layer expects {in_c}"),
-                ));
-            }
-            count_flops(2 * b * co * h * w * in_c * k * k);
+            let (b, ci, h, w) = self.kernel_dims(x)?;
             let y = timed(if k == 3 { 0 } else { 1 }, || {
                 self.weight.with_f32(|wd| {
                     kernels::with_f32(x, |xd| {
