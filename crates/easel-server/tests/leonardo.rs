@@ -254,6 +254,11 @@ async fn out_of_range_values_are_refused_naming_the_field() {
             .await;
         assert_leonardo_error(s, &e, StatusCode::UNPROCESSABLE_ENTITY, field);
     }
+    // Beside a `modelId` (which makes it unused) too: the fuzzer's case.
+    let (s, e) = server
+        .leonardo(with(base(), "sd_version", json!("\u{19}0\u{bd}")))
+        .await;
+    assert_leonardo_error(s, &e, StatusCode::UNPROCESSABLE_ENTITY, "sd_version");
     let (s, e) = server.leonardo(with(base(), "width", json!("wide"))).await;
     assert_leonardo_error(s, &e, StatusCode::BAD_REQUEST, "width");
     // Nothing was accepted.

@@ -195,6 +195,19 @@ async fn choose_model(
     state: &AppState,
     body: &Body,
 ) -> Result<(String, &'static str, Option<ModelFamily>), LeonardoError> {
+    // A value outside Leonardo's list is refused even beside a `modelId`
+    // that makes it unused (the fuzzer found it accepted there).
+    if let Some(version) = body.sd_version.as_deref() {
+        if !SD_VERSIONS_ALL.contains(&version) {
+            return Err(invalid(
+                "sd_version",
+                format!(
+                    "unknown sd_version `{version}` (allowed: {})",
+                    SD_VERSIONS_ALL.join(", ")
+                ),
+            ));
+        }
+    }
     if let Some(id) = body
         .model_id
         .as_deref()
@@ -228,15 +241,6 @@ async fn choose_model(
         },
     };
     let version_name = version.unwrap_or("v1_5");
-    if !SD_VERSIONS_ALL.contains(&version_name) {
-        return Err(invalid(
-            "sd_version",
-            format!(
-                "unknown sd_version `{version_name}` (allowed: {})",
-                SD_VERSIONS_ALL.join(", ")
-            ),
-        ));
-    }
     // A registry entry named as the version wins.
     if compat_models::resolves(state, version_name).await? {
         let family = compat_models::family_of(state, version_name).await?;
