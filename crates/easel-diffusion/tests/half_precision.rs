@@ -12,6 +12,13 @@
 //! fixture models are tiny random networks, whose images are noise-like
 //! textures, so these are bounds on numerical drift, not on how a real
 //! image looks.
+//!
+//! The peer's own drift on the same cases (diffusers 0.42.1 / PyTorch
+//! 2.15 on the CPU, bf16 against f32, `tools/bf16_drift_diffusers.py`),
+//! max / mean levels: sd15_txt2img_euler 9 / 1.16, sd15_img2img_ddim
+//! 33 / 3.55, sdxl_txt2img_euler 6 / 0.85, flux_schnell_txt2img 7 / 0.69,
+//! flux_dev_txt2img 10 / 1.35, flux_fill_inpaint 24 / 2.81. The bf16
+//! bounds below stay within about 1.5 times those.
 
 mod common;
 
@@ -77,7 +84,7 @@ fn check(name: &str, dtype: DType, max_bound: u8, mean_bound: f64) {
 #[test]
 fn sd15_in_fp16_and_bf16() {
     check("sd15_txt2img_euler", DType::F16, 2, 0.25);
-    check("sd15_txt2img_euler", DType::BF16, 10, 1.5);
+    check("sd15_txt2img_euler", DType::BF16, 14, 1.5);
     check("sd15_img2img_ddim", DType::F16, 6, 0.6);
     check("sd15_img2img_ddim", DType::BF16, 45, 4.5);
 }

@@ -405,7 +405,18 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (h, gate) = chunk2_last(&self.proj_in.forward(x)?)?;
+        let projected = self.proj_in.forward(x)?;
+        if kernels::applies_bf16(&projected) {
+            // bf16 on the CPU: the gated GELU in one parallel pass.
+            let mut dims = projected.dims().to_vec();
+            let two_n = *dims.last().expect("a linear output has a last axis");
+            let rows = projected.elem_count() / two_n.max(1);
+            *dims.last_mut().expect("checked") = two_n / 2;
+            let gated =
+                kernels::with_bf16(&projected, |p| kernels::geglu_bf16(p, rows, two_n / 2))?;
+            return self.proj_out.forward(&kernels::tensor(gated, &dims)?);
+        }
+        let (h, gate) = chunk2_last(&projected)?;
         self.proj_out.forward(&(h * gate.gelu_erf()?)?)
     }
 }

@@ -25,8 +25,9 @@ use rayon::prelude::*;
 pub const NR: usize = 64;
 /// Rows of `A` per micro-kernel call.
 const MR: usize = 6;
-/// k pairs per cache block (512 k values: a 64 KiB `B` panel block).
-const KC_PAIRS: usize = 128;
+/// The most k pairs per cache block (a 64 KiB `B` panel block at 256);
+/// a product's k is cut into equal blocks of at most this many.
+const KC_PAIRS: usize = 256;
 /// Rows of `A` per cache block.
 const MC: usize = 96;
 /// Output pixels per convolution task (4 panels).
@@ -52,9 +53,9 @@ pub fn bf16_gemm_available() -> bool {
 /// the even k), zero where `j` or the k index is past the matrix (so
 /// padding contributes exact zeros).
 pub struct PackedB {
-    data: Vec<u32>,
+    pub(super) data: Vec<u32>,
     n: usize,
-    k_pairs: usize,
+    pub(super) k_pairs: usize,
 }
 
 /// Two bf16 as the pair `vdpbf16ps` reads from one 32-bit lane.
@@ -64,7 +65,7 @@ fn pair(lo: bf16, hi: bf16) -> u32 {
 }
 
 impl PackedB {
-    fn zeroed(n: usize, k_pairs: usize) -> Self {
+    pub(super) fn zeroed(n: usize, k_pairs: usize) -> Self {
         Self {
             data: vec![0u32; n.div_ceil(NR) * k_pairs * NR],
             n,
@@ -72,9 +73,12 @@ impl PackedB {
         }
     }
 
-    /// The number of panels (of [`NR`] columns) of the packed matrix.
-    pub(super) fn panels(&self) -> usize {
-        self.n.div_ceil(NR)
+    /// Use the first `k_pairs` pair rows of a one-panel matrix allocated
+    /// with room for at least that many (a buffer reused for products of
+    /// varying `k`, filled by the caller through `data`).
+    pub(super) fn truncate_pairs(&mut self, k_pairs: usize) {
+        assert!(self.n <= NR && k_pairs * NR <= self.data.len());
+        self.k_pairs = k_pairs;
     }
 
     /// Pack `b`, `(n, k)` row-major (PyTorch's `Linear` weight layout).
@@ -102,9 +106,14 @@ impl PackedB {
     }
 }
 
-/// `out (m×n, f32) = a (m×k, bf16) · weightᵀ + bias`, `weight` `(n, k)`
+/// `out (m×n) = a (m×k, bf16) · weightᵀ + bias`, `weight` `(n, k)`
 /// bf16 and `bias` `n` f32 values or empty: `torch.nn.functional.linear`
-/// in bf16 with f32 accumulation (before the caller rounds to bf16).
+/// in bf16 as oneDNN computes it: bf16 products accumulated in f32, the
+/// bias added in f32, the result rounded to bf16 (to nearest even).
+///
+/// Each task computes an [`MC`] × 256 tile in an f32 buffer of its own
+/// (L2-resident) and writes it out rounded, so the output is written once,
+/// in bf16.
 ///
 /// Panics where the CPU lacks AVX512-BF16 (check [`bf16_gemm_available`]).
 pub fn linear_bf16(
@@ -114,57 +123,80 @@ pub fn linear_bf16(
     weight: &[bf16],
     bias: &[f32],
     n: usize,
-) -> Vec<f32> {
+) -> Vec<bf16> {
     assert!(bf16_gemm_available(), "linear_bf16 needs AVX512-BF16");
     assert_eq!(a.len(), m * k);
+    assert!(
+        bias.is_empty() || bias.len() == n,
+        "linear_bf16: bias length"
+    );
     let packed = PackedB::from_rows(weight, n, k);
-    let mut out = vec![0f32; m * n];
-    if !bias.is_empty() {
-        assert_eq!(bias.len(), n);
-        out.par_chunks_mut(n.max(1))
-            .for_each(|row| row.copy_from_slice(bias));
-    }
+    let mut out = vec![bf16::from_bits(0); m * n];
     if m == 0 || n == 0 {
         return out;
     }
-    // Tiles of MC rows × 4 panels, in parallel; each writes its own part of `out`.
+    const GROUP: usize = 4;
     let panels = n.div_ceil(NR);
-    let panel_groups = panels.div_ceil(4);
+    let panel_groups = panels.div_ceil(GROUP);
     let tiles = m.div_ceil(MC) * panel_groups;
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    (0..tiles).into_par_iter().for_each(|t| {
-        let (mb, pg) = (t / panel_groups, t % panel_groups);
-        let rows = mb * MC..(m).min((mb + 1) * MC);
-        let panels = pg * 4..panels.min(pg * 4 + 4);
-        let first_col = panels.start * NR;
-        // SAFETY: `a` is m×k, `out` m×n with disjoint tiles per task, and
-        // the CPU has AVX512-BF16 (asserted above).
-        unsafe {
-            gemm_block(
-                a.as_ptr().add(rows.start * k) as *const u16,
-                k,
-                k,
-                rows.len(),
-                &packed,
-                panels,
-                // C's first column is that of the tile's first panel.
-                out_ptr.get().add(rows.start * n + first_col),
-                n,
-            )
-        }
-    });
+    let out_ptr = SendPtr(out.as_mut_ptr() as *mut f32);
+    (0..tiles).into_par_iter().for_each_init(
+        || vec![0f32; MC * GROUP * NR],
+        |tile, t| {
+            let (mb, pg) = (t / panel_groups, t % panel_groups);
+            let rows = mb * MC..m.min((mb + 1) * MC);
+            let panels = pg * GROUP..panels.min(pg * GROUP + GROUP);
+            let cols = panels.start * NR..n.min(panels.end * NR);
+            let ld = GROUP * NR;
+            if !bias.is_empty() {
+                for row in tile.chunks_exact_mut(ld).take(rows.len()) {
+                    row[..cols.len()].copy_from_slice(&bias[cols.clone()]);
+                }
+            }
+            // SAFETY: `a` is m×k, `tile` holds rows.len() rows of `ld` f32
+            // covering the panels' columns, and the CPU has AVX512-BF16
+            // (asserted above).
+            unsafe {
+                gemm_block(
+                    a.as_ptr().add(rows.start * k) as *const u16,
+                    k,
+                    k,
+                    rows.len(),
+                    &packed,
+                    panels,
+                    tile.as_mut_ptr(),
+                    ld,
+                    !bias.is_empty(),
+                )
+            };
+            let out = out_ptr.get() as *mut bf16;
+            for (i, row) in tile.chunks_exact(ld).take(rows.len()).enumerate() {
+                // SAFETY: row rows.start + i, columns `cols` of the m×n
+                // output: this task's alone.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        out.add((rows.start + i) * n + cols.start),
+                        cols.len(),
+                    )
+                };
+                round_into(&row[..cols.len()], dst);
+            }
+        },
+    );
     out
 }
 
-/// A 1×1 or 3×3 (stride 1, zero padding 1) convolution in bf16 with f32
-/// accumulation, plus bias: `x` `(batch, ci, h, w)` bf16, `weight`
-/// PyTorch's `(co, ci, ks, ks)` bf16 read in place as a `(co × ci·ks²)`
-/// matrix, `bias` `co` f32 values → `(batch, co, h, w)` f32.
+/// A 1×1 or 3×3 (stride 1, zero padding 1) convolution in bf16 as oneDNN
+/// computes it (bf16 products, f32 accumulation, bias added in f32, the
+/// output rounded to bf16): `x` `(batch, ci, h, w)` bf16, `weight`
+/// PyTorch's `(co, ci, ks, ks)` bf16, `bias` `co` f32 values →
+/// `(batch, co, h, w)` bf16.
 ///
 /// The output of each image is `W · cols`, with `cols` the im2col matrix
 /// (`ci·ks²` × pixels) built straight into packed panels, [`CONV_CHUNK`]
 /// pixels per task, so no whole im2col copy is held (at 512² the VAE's
-/// would take over 1 GiB).
+/// would take over 1 GiB); a task accumulates [`MC`] output channels at a
+/// time in an f32 tile of its own and writes them out rounded.
 ///
 /// Panics where the CPU lacks AVX512-BF16, or for a kernel size other
 /// than 1 or 3.
@@ -179,7 +211,7 @@ pub fn conv_bf16(
     bias: &[f32],
     co: usize,
     ks: usize,
-) -> Vec<f32> {
+) -> Vec<bf16> {
     assert!(bf16_gemm_available(), "conv_bf16 needs AVX512-BF16");
     assert!(ks == 1 || ks == 3, "conv_bf16: kernel size {ks}");
     let k = ci * ks * ks;
@@ -187,38 +219,69 @@ pub fn conv_bf16(
     assert_eq!(x.len(), batch * ci * h * w);
     assert_eq!(bias.len(), co);
     let hw = h * w;
-    let (wt, kt) = tap_major(weight, co, ci, ks * ks);
-    let mut out = vec![0f32; batch * co * hw];
-    out.par_chunks_mut(hw.max(1))
-        .enumerate()
-        .for_each(|(i, plane)| plane.fill(bias[i % co]));
+    let mut out = vec![bf16::from_bits(0); batch * co * hw];
     if hw == 0 || co == 0 {
         return out;
     }
+    let (wt, kt) = tap_major(weight, co, ci, ks * ks);
     let chunks = hw.div_ceil(CONV_CHUNK);
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    (0..batch * chunks).into_par_iter().for_each(|t| {
-        let (b, c) = (t / chunks, t % chunks);
-        let p0 = c * CONV_CHUNK;
-        let np = CONV_CHUNK.min(hw - p0);
-        let image = &x[b * ci * hw..(b + 1) * ci * hw];
-        let cols = pack_im2col(image, ci, h, w, ks, p0, np);
-        // SAFETY: `wt` is co×kt; the task writes columns p0..p0+np of
-        // image b's co×hw output, disjoint from every other task's.
-        unsafe {
-            gemm_block(
-                wt.as_ptr() as *const u16,
-                kt,
-                kt,
-                co,
-                &cols,
-                0..np.div_ceil(NR),
-                out_ptr.get().add(b * co * hw + p0),
-                hw,
-            )
-        }
-    });
+    let out_ptr = SendPtr(out.as_mut_ptr() as *mut f32);
+    (0..batch * chunks).into_par_iter().for_each_init(
+        || vec![0f32; MC * CONV_CHUNK],
+        |tile, t| {
+            let (b, c) = (t / chunks, t % chunks);
+            let p0 = c * CONV_CHUNK;
+            let np = CONV_CHUNK.min(hw - p0);
+            let image = &x[b * ci * hw..(b + 1) * ci * hw];
+            let cols = pack_im2col(image, ci, h, w, ks, p0, np);
+            for r0 in (0..co).step_by(MC) {
+                let rows = MC.min(co - r0);
+                for (i, row) in tile.chunks_exact_mut(CONV_CHUNK).take(rows).enumerate() {
+                    row[..np].fill(bias[r0 + i]);
+                }
+                // SAFETY: `wt` is co×kt; `tile` holds `rows` rows of
+                // CONV_CHUNK ≥ np f32.
+                unsafe {
+                    gemm_block(
+                        wt.as_ptr().add(r0 * kt) as *const u16,
+                        kt,
+                        kt,
+                        rows,
+                        &cols,
+                        0..np.div_ceil(NR),
+                        tile.as_mut_ptr(),
+                        CONV_CHUNK,
+                        true,
+                    )
+                };
+                let out = out_ptr.get() as *mut bf16;
+                for (i, row) in tile.chunks_exact(CONV_CHUNK).take(rows).enumerate() {
+                    // SAFETY: pixels p0..p0+np of channel r0+i of image b:
+                    // this task's alone.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(out.add((b * co + r0 + i) * hw + p0), np)
+                    };
+                    round_into(&row[..np], dst);
+                }
+            }
+        },
+    );
     out
+}
+
+/// `dst[i] = bf16(src[i])`, rounded to nearest even (NaN kept NaN), with
+/// AVX512-BF16's `vcvtneps2bf16` 16 values at a time where the CPU has it.
+pub fn round_into(src: &[f32], dst: &mut [bf16]) {
+    assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if bf16_gemm_available() {
+        // SAFETY: the CPU has AVX512-BF16 and AVX-512F.
+        unsafe { x86::round_into(src, dst) };
+        return;
+    }
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = bf16::from_f32(s);
+    }
 }
 
 /// The convolution weight `(co, ci, taps)` re-ordered tap-major,
@@ -316,7 +379,8 @@ impl SendPtr {
     }
 }
 
-/// `C (rows × cols of panels) += A (rows × k) · Bᵀ` on one thread, for
+/// `C (rows × cols of panels) += A (rows × k) · Bᵀ` on one thread (or
+/// `C = A · Bᵀ` when `accumulate` is false: `C` is then only written), for
 /// `B`'s panels `panels` (`C`'s first column is panel `panels.start`'s
 /// first): blocked by [`MC`] rows and [`KC_PAIRS`] k pairs.
 ///
@@ -334,6 +398,7 @@ pub(super) unsafe fn gemm_block(
     panels: std::ops::Range<usize>,
     c: *mut f32,
     ldc: usize,
+    accumulate: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -341,11 +406,16 @@ pub(super) unsafe fn gemm_block(
         let first = panels.start;
         for r0 in (0..rows).step_by(MC) {
             let mr_block = MC.min(rows - r0);
-            for q0 in (0..b.k_pairs).step_by(KC_PAIRS) {
-                let q1 = b.k_pairs.min(q0 + KC_PAIRS);
+            let kc = b
+                .k_pairs
+                .div_ceil(b.k_pairs.div_ceil(KC_PAIRS).max(1))
+                .max(1);
+            for q0 in (0..b.k_pairs).step_by(kc) {
+                let q1 = b.k_pairs.min(q0 + kc);
                 // Pairs of A read whole; the last one is half a pair when k is odd.
                 let whole = full_pairs.min(q1) - q0;
                 let half = q1 > full_pairs;
+                let load = accumulate || q0 > 0;
                 for panel in panels.clone() {
                     let bp = b.data.as_ptr().add(panel * b.k_pairs * NR + q0 * NR) as *const u16;
                     let cols = NR.min(b.n - panel * NR);
@@ -355,7 +425,7 @@ pub(super) unsafe fn gemm_block(
                         let ap = a.add((r0 + r) * lda + 2 * q0);
                         let cr = cp.add((r0 + r) * ldc);
                         let n_rows = MR.min(mr_block - r);
-                        x86::micro(n_rows, ap, lda, whole, half, bp, cr, ldc, cols);
+                        x86::micro(n_rows, ap, lda, whole, half, load, bp, cr, ldc, cols);
                         r += n_rows;
                     }
                 }
@@ -364,7 +434,7 @@ pub(super) unsafe fn gemm_block(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (a, lda, k, rows, b, panels, c, ldc);
+        let _ = (a, lda, k, rows, b, panels, c, ldc, accumulate);
         unreachable!("the bf16 kernels run on x86-64 only");
     }
 }
@@ -386,25 +456,26 @@ mod x86 {
         lda: usize,
         whole: usize,
         half: bool,
+        load: bool,
         b: *const u16,
         c: *mut f32,
         ldc: usize,
         cols: usize,
     ) {
         match rows {
-            6 => tile::<6>(a, lda, whole, half, b, c, ldc, cols),
-            5 => tile::<5>(a, lda, whole, half, b, c, ldc, cols),
-            4 => tile::<4>(a, lda, whole, half, b, c, ldc, cols),
-            3 => tile::<3>(a, lda, whole, half, b, c, ldc, cols),
-            2 => tile::<2>(a, lda, whole, half, b, c, ldc, cols),
-            _ => tile::<1>(a, lda, whole, half, b, c, ldc, cols),
+            6 => tile::<6>(a, lda, whole, half, load, b, c, ldc, cols),
+            5 => tile::<5>(a, lda, whole, half, load, b, c, ldc, cols),
+            4 => tile::<4>(a, lda, whole, half, load, b, c, ldc, cols),
+            3 => tile::<3>(a, lda, whole, half, load, b, c, ldc, cols),
+            2 => tile::<2>(a, lda, whole, half, load, b, c, ldc, cols),
+            _ => tile::<1>(a, lda, whole, half, load, b, c, ldc, cols),
         }
         const _: () = assert!(MR == 6);
     }
 
-    /// `C[R × cols] += A[R × (2·whole (+1 if half))] · B-panel`, the
-    /// accumulators `R × 4` zmm registers of f32, one `vdpbf16ps` per
-    /// register and k pair.
+    /// `C[R × cols] += A[R × (2·whole (+1 if half))] · B-panel` (`=`
+    /// when `load` is false), the accumulators `R × 4` zmm registers of
+    /// f32, one `vdpbf16ps` per register and k pair.
     ///
     /// # Safety
     /// `a` valid for `R` rows (stride `lda`) of `2·whole + half` bf16;
@@ -417,6 +488,7 @@ mod x86 {
         lda: usize,
         whole: usize,
         half: bool,
+        load: bool,
         b: *const u16,
         c: *mut f32,
         ldc: usize,
@@ -425,9 +497,11 @@ mod x86 {
         let masks: [__mmask16; 4] =
             std::array::from_fn(|v| mask_for(cols.saturating_sub(16 * v).min(16)));
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
-        for (r, row) in acc.iter_mut().enumerate() {
-            for (v, reg) in row.iter_mut().enumerate() {
-                *reg = _mm512_maskz_loadu_ps(masks[v], c.add(r * ldc + 16 * v));
+        if load {
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (v, reg) in row.iter_mut().enumerate() {
+                    *reg = _mm512_maskz_loadu_ps(masks[v], c.add(r * ldc + 16 * v));
+                }
             }
         }
         for q in 0..whole {
@@ -462,6 +536,26 @@ mod x86 {
             for v in 0..4 {
                 row[v] = _mm512_dpbf16_ps(row[v], av, bv[v]);
             }
+        }
+    }
+
+    /// [`super::round_into`] with `vcvtneps2bf16`.
+    ///
+    /// # Safety
+    /// The CPU has AVX512-BF16 and AVX-512F; equal lengths.
+    #[target_feature(enable = "avx512bf16,avx512f")]
+    pub(super) unsafe fn round_into(src: &[f32], dst: &mut [half::bf16]) {
+        let whole = src.len() / 16 * 16;
+        for i in (0..whole).step_by(16) {
+            let v = _mm512_loadu_ps(src.as_ptr().add(i));
+            let r: __m256bh = _mm512_cvtneps_pbh(v);
+            _mm256_storeu_si256(
+                dst.as_mut_ptr().add(i) as *mut __m256i,
+                std::mem::transmute::<__m256bh, __m256i>(r),
+            );
+        }
+        for (d, &s) in dst[whole..].iter_mut().zip(&src[whole..]) {
+            *d = half::bf16::from_f32(s);
         }
     }
 
@@ -504,8 +598,13 @@ mod tests {
 
     /// `Σ a·b` in f64 of bf16 values, and the bound on an f32 accumulation
     /// of `terms` products of magnitude ≤ `abs_sum`.
-    fn check(got: f32, want: f64, abs_sum: f64, terms: usize, what: &str) {
-        let tol = abs_sum * (terms as f64 + 2.0) * f32::EPSILON as f64 + 1e-6;
+    fn check(got: bf16, want: f64, abs_sum: f64, terms: usize, what: &str) {
+        let got = got.to_f32();
+        // f32 accumulation, then one rounding to bf16 (half an ulp: at
+        // most 2⁻⁸ of the value).
+        let tol = abs_sum * (terms as f64 + 2.0) * f32::EPSILON as f64
+            + want.abs() * 2f64.powi(-8)
+            + 1e-6;
         assert!(
             ((got as f64) - want).abs() <= tol,
             "{what}: got {got}, want {want} (tolerance {tol})"

@@ -165,8 +165,95 @@ pub fn with_f32_weight<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> 
     Ok(f(&wide))
 }
 
-/// Wrap a buffer as a CPU tensor of `shape`.
-pub fn tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+/// Elements converted per rayon task in [`to_f32`] and [`to_half`].
+const CONVERT_CHUNK: usize = 1 << 15;
+
+/// `t` (an f16 or bf16 CPU tensor) widened to f32, exactly, in parallel
+/// chunks: candle's `to_dtype` on the CPU converts on one thread, which
+/// for the activations of a half-precision UNet (millions of values per
+/// layer) costs as much as a small matrix product. Other tensors go
+/// through `to_dtype` unchanged.
+///
+/// Errors: as `Tensor::to_dtype`.
+pub fn to_f32(t: &Tensor) -> Result<Tensor> {
+    use half::slice::HalfFloatSliceExt;
+    if !t.device().is_cpu() || !matches!(t.dtype(), DType::F16 | DType::BF16) {
+        return Ok(t.to_dtype(DType::F32)?);
+    }
+    let t = t.contiguous()?;
+    let mut wide = vec![0f32; t.elem_count()];
+    fn widen<T: Sync>(src: &[T], dst: &mut [f32])
+    where
+        [T]: HalfFloatSliceExt,
+    {
+        dst.par_chunks_mut(CONVERT_CHUNK)
+            .zip(src.par_chunks(CONVERT_CHUNK))
+            .for_each(|(d, s)| s.convert_to_f32_slice(d));
+    }
+    if t.dtype() == DType::F16 {
+        with_half(&t, |s: &[half::f16]| widen(s, &mut wide))?;
+    } else {
+        with_bf16(&t, |s| {
+            // bf16 → f32 is a 16-bit shift: a plain loop vectorises.
+            wide.par_chunks_mut(CONVERT_CHUNK)
+                .zip(s.par_chunks(CONVERT_CHUNK))
+                .for_each(|(d, s)| {
+                    for (d, s) in d.iter_mut().zip(s) {
+                        *d = f32::from_bits((s.to_bits() as u32) << 16);
+                    }
+                })
+        })?;
+    }
+    tensor(wide, t.dims())
+}
+
+/// `t` (an f32 CPU tensor) rounded to `dtype` (f16 or bf16, to nearest
+/// even) in parallel chunks, bf16 with AVX512-BF16's conversion where the
+/// CPU has it ([`super::bf16::round_into`]); the counterpart of [`to_f32`].
+/// Other combinations go through `to_dtype`.
+///
+/// Errors: as `Tensor::to_dtype`.
+pub fn to_half(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    use half::slice::HalfFloatSliceExt;
+    if !t.device().is_cpu() || t.dtype() != DType::F32 || !matches!(dtype, DType::F16 | DType::BF16)
+    {
+        return Ok(t.to_dtype(dtype)?);
+    }
+    let dims = t.dims().to_vec();
+    if dtype == DType::F16 {
+        let mut out = vec![half::f16::ZERO; t.elem_count()];
+        with_f32(t, |s| {
+            out.par_chunks_mut(CONVERT_CHUNK)
+                .zip(s.par_chunks(CONVERT_CHUNK))
+                .for_each(|(d, s)| d.convert_from_f32_slice(s))
+        })?;
+        return tensor(out, &dims);
+    }
+    let mut out = vec![half::bf16::ZERO; t.elem_count()];
+    with_f32(t, |s| {
+        out.par_chunks_mut(CONVERT_CHUNK)
+            .zip(s.par_chunks(CONVERT_CHUNK))
+            .for_each(|(d, s)| super::bf16::round_into(s, d))
+    })?;
+    tensor(out, &dims)
+}
+
+/// Run `f` on the contiguous f16 data of a contiguous f16 CPU tensor.
+fn with_half<R>(t: &Tensor, f: impl FnOnce(&[half::f16]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::invalid("kernel", "expected a CPU tensor"));
+    };
+    let data = cpu.as_slice::<half::f16>()?;
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::invalid("kernel", "tensor is not contiguous"))?;
+    Ok(f(&data[start..end]))
+}
+
+/// Wrap a buffer as a CPU tensor of `shape` (f32, or bf16 from the bf16
+/// kernels).
+pub fn tensor<T: candle_core::WithDType>(data: Vec<T>, shape: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
 }
 
@@ -194,5 +281,32 @@ mod tests {
         let strided = w.to_dtype(DType::F16).unwrap().t().unwrap();
         assert!(!strided.is_contiguous());
         assert!(with_f32_weight(&strided, |_| ()).is_err());
+    }
+
+    /// The parallel conversions give candle's `to_dtype` values, bit for
+    /// bit, across chunk boundaries and on strided inputs.
+    #[test]
+    fn parallel_conversions_equal_to_dtype() {
+        let x = (randn(&[3, CONVERT_CHUNK + 29], 6) * 1e3).unwrap();
+        for dtype in [DType::F16, DType::BF16] {
+            let bits = |t: &Tensor| {
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            let half = to_half(&x, dtype).unwrap();
+            assert_eq!(half.dtype(), dtype);
+            assert_eq!(bits(&half), bits(&x.to_dtype(dtype).unwrap()), "{dtype:?}");
+            let strided = half.t().unwrap();
+            let wide = to_f32(&strided).unwrap();
+            assert_eq!(wide.dims(), strided.dims());
+            assert_eq!(bits(&wide), bits(&strided.to_dtype(DType::F32).unwrap()));
+        }
     }
 }

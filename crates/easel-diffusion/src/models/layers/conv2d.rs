@@ -82,9 +82,7 @@ impl Conv2d {
         if !self.bf16_applies(x) {
             if let Some(dtype) = half_on_cpu(x) {
                 WIDENED_LAYERS.fetch_add(1, Ordering::Relaxed);
-                return Ok(self
-                    .forward(&x.to_dtype(candle_core::DType::F32)?)?
-                    .to_dtype(dtype)?);
+                return kernels::to_half(&self.forward(&kernels::to_f32(x)?)?, dtype);
             }
         }
         if self.padding > 0 && circular_padding_active() {
@@ -113,9 +111,7 @@ impl Conv2d {
             return self.forward(&prologue.apply(x)?);
         }
         if let Some(dtype) = half_on_cpu(x) {
-            return Ok(self
-                .forward_after(&x.to_dtype(candle_core::DType::F32)?, prologue)?
-                .to_dtype(dtype)?);
+            return kernels::to_half(&self.forward_after(&kernels::to_f32(x)?, prologue)?, dtype);
         }
         match self.forward_after_vec(x, prologue)? {
             Some((y, dims)) => kernels::tensor(y, &dims),
@@ -373,7 +369,7 @@ impl Conv2d {
                     })
                 })
             })??;
-            return Ok(kernels::tensor(y, &[b, co, h, w])?.to_dtype(candle_core::DType::BF16)?);
+            return kernels::tensor(y, &[b, co, h, w]);
         }
         if self.fast && kernels::applies(x) {
             let (b, ci, h, w) = self.kernel_dims(x)?;

@@ -138,9 +138,7 @@ impl Linear {
         }
         if let Some(dtype) = half_on_cpu(x) {
             WIDENED_LAYERS.fetch_add(1, Ordering::Relaxed);
-            return Ok(self
-                .forward(&x.to_dtype(candle_core::DType::F32)?)?
-                .to_dtype(dtype)?);
+            return kernels::to_half(&self.forward(&kernels::to_f32(x)?)?, dtype);
         }
         let (out_f, in_f) = match self.weight.dims() {
             &[o, i] => (o, i),
@@ -207,9 +205,7 @@ impl Linear {
                 })
             })
         })??;
-        Ok(Some(
-            kernels::tensor(y, &shape)?.to_dtype(candle_core::DType::BF16)?,
-        ))
+        Ok(Some(kernels::tensor(y, &shape)?))
     }
 }
 
@@ -287,9 +283,7 @@ impl GroupNorm {
 
     fn forward_with(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         if let (Some(dtype), false) = (half_on_cpu(x), self.gamma.is_empty()) {
-            return Ok(self
-                .forward_with(&x.to_dtype(candle_core::DType::F32)?, silu)?
-                .to_dtype(dtype)?);
+            return kernels::to_half(&self.forward_with(&kernels::to_f32(x)?, silu)?, dtype);
         }
         if kernels::applies(x) && !self.gamma.is_empty() && x.rank() >= 3 {
             let dims = x.dims().to_vec();
@@ -479,11 +473,11 @@ pub fn scaled_dot_product_attention(
                 })
             })
         })???;
-        return Ok(kernels::tensor(out, &[b, h, n, d])?.to_dtype(candle_core::DType::BF16)?);
+        return kernels::tensor(out, &[b, h, n, d]);
     }
     if let Some(dtype) = half_on_cpu(q) {
         WIDENED_LAYERS.fetch_add(1, Ordering::Relaxed);
-        let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
+        let f32 = kernels::to_f32;
         let mask = mask.map(f32).transpose()?;
         return Ok(scaled_dot_product_attention(
             &f32(q)?,
