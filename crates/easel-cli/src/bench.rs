@@ -90,8 +90,9 @@ pub struct BenchArgs {
     pub no_peak: bool,
     /// Compute precision: fp32, fp16 or bf16 [default: fp32 on the CPU; on a
     /// GPU the model's: bf16 for FLUX, fp16 for Stable Diffusion]. On the
-    /// CPU, fp16 / bf16 give a half-precision run's numbers (each layer
-    /// rounds its output), computed with f32 arithmetic: not faster.
+    /// CPU, bf16 computes on the AVX512-BF16 kernels where the CPU has them;
+    /// fp16 (and bf16 elsewhere) gives a half-precision run's numbers (each
+    /// layer rounds its output) with f32 arithmetic: not faster.
     #[arg(long, value_name = "fp32|fp16|bf16")]
     pub precision: Option<Precision>,
 }
@@ -138,6 +139,9 @@ struct StagePeaks {
 struct StagePeakMeter {
     enabled: bool,
     peaks: StagePeaks,
+    /// The layer-kind seconds ([`easel_diffusion::models::layers::profile`])
+    /// at the start of denoising, at its end and at the end of the decode.
+    profile_marks: [Vec<f64>; 3],
 }
 
 impl StagePeakMeter {
@@ -149,7 +153,26 @@ impl StagePeakMeter {
                 load,
                 ..StagePeaks::default()
             },
+            profile_marks: Default::default(),
         }
+    }
+
+    /// Record the layer-kind seconds so far as mark `i`.
+    fn mark_profile(&mut self, i: usize) {
+        self.profile_marks[i] = easel_diffusion::models::layers::profile()
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+    }
+
+    /// Seconds per layer kind between marks `from` and `to` (empty when a
+    /// mark is missing).
+    fn profile_between(&self, from: usize, to: usize) -> Vec<f64> {
+        let (a, b) = (&self.profile_marks[from], &self.profile_marks[to]);
+        if a.len() != b.len() {
+            return Vec::new();
+        }
+        a.iter().zip(b).map(|(a, b)| b - a).collect()
     }
 
     fn take(&self) -> (Option<u64>, Option<u64>) {
@@ -163,9 +186,18 @@ impl StagePeakMeter {
 
     fn on_progress(&mut self, progress: &Progress) {
         match *progress {
-            Progress::PromptEncoded => self.peaks.text_encoding = self.take(),
-            Progress::Step { step, total } if step == total => self.peaks.denoising = self.take(),
-            Progress::Decoded => self.peaks.decode = self.take(),
+            Progress::PromptEncoded => {
+                self.peaks.text_encoding = self.take();
+                self.mark_profile(0);
+            }
+            Progress::Step { step, total } if step == total => {
+                self.peaks.denoising = self.take();
+                self.mark_profile(1);
+            }
+            Progress::Decoded => {
+                self.peaks.decode = self.take();
+                self.mark_profile(2);
+            }
             Progress::Step { .. } => {}
         }
     }
@@ -279,6 +311,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let guidance_scale = job.request.guidance_scale;
     let mut rows = Vec::new();
     let mut stage_peaks = StagePeaks::default();
+    // The last run's layer-kind seconds in denoising and in the decode,
+    // those stages' wall times and its model calls.
+    let mut stage_profile = (Vec::new(), Vec::new(), Duration::ZERO, Duration::ZERO, 1);
     let mut overall_peak = load_peak.0;
     // The most non-finite latent values of any run (0: every output finite).
     let mut non_finite = 0usize;
@@ -289,6 +324,13 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         let mut meter = StagePeakMeter::start(load_peak);
         let out = engine.run(&job, &mut |p| meter.on_progress(&p), &CancelToken::new())?;
         stage_peaks = meter.peaks;
+        stage_profile = (
+            meter.profile_between(0, 1),
+            meter.profile_between(1, 2),
+            out.timings.denoising,
+            out.timings.vae_decode,
+            out.timings.model_calls.len().max(1),
+        );
         for p in [
             stage_peaks.text_encoding.0,
             stage_peaks.denoising.0,
@@ -386,11 +428,31 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         }
     }
     if std::env::var_os("EASEL_PROFILE").is_some() {
-        println!();
-        println!("| layer kind (all runs, all components) | seconds |");
-        println!("| --- | --- |");
-        for (kind, secs) in easel_diffusion::models::layers::profile() {
-            println!("| {kind} | {secs:.3} |");
+        let (denoise, decode, denoise_wall, decode_wall, calls) = &stage_profile;
+        let kinds = easel_diffusion::models::layers::PROFILE_KINDS;
+        if denoise.len() == kinds.len() && decode.len() == kinds.len() {
+            println!();
+            println!(
+                "| layer kind (last run) | per {} call, s | VAE decode, s |",
+                family.denoiser_name()
+            );
+            println!("| --- | --- | --- |");
+            let per_call = |s: f64| s / *calls as f64;
+            for (i, kind) in kinds.iter().enumerate() {
+                println!(
+                    "| {kind} | {:.3} | {:.3} |",
+                    per_call(denoise[i]),
+                    decode[i]
+                );
+            }
+            // What no layer kind covers: element-wise ops (residual adds,
+            // activations outside a kernel, layer norms), layout copies,
+            // dtype conversions, the scheduler.
+            println!(
+                "| everything else | {:.3} | {:.3} |",
+                per_call(denoise_wall.as_secs_f64() - denoise.iter().sum::<f64>()),
+                decode_wall.as_secs_f64() - decode.iter().sum::<f64>()
+            );
         }
     }
     let effective = best.flops_per_call / best.call.as_secs_f64() / 1e9;

@@ -139,7 +139,10 @@ pub struct GenerateArgs {
     /// Quality of jpeg and webp, 1..=100.
     #[arg(long, short = 'q', default_value_t = 80)]
     pub quality: u32,
-    /// Compute precision on GPUs (fp16, bf16, fp32); the CPU computes in fp32.
+    /// Compute precision: fp16, bf16 or fp32 [default: on a GPU the model's,
+    /// on the CPU fp32]. On the CPU bf16 computes bf16 where the CPU has
+    /// AVX512-BF16 (about 1.8x faster than fp32), fp16 as bf16 there; a CPU
+    /// without it computes fp32 and the warnings say so.
     #[arg(long)]
     pub precision: Option<Precision>,
     /// Print a machine-readable result (files, seeds, timings) on stdout.

@@ -65,11 +65,13 @@ pub struct EngineOptions {
     /// is always drawn on the CPU and moved here, as diffusers does with a
     /// CPU generator.
     pub device: Device,
-    /// Honour `fp16` / `bf16` requests on the CPU too (`easel bench
-    /// --precision`): each layer widens its half-precision input, computes
-    /// in f32 and rounds its output, the numbers of a half-precision run
-    /// without its speed. Default false: the CPU computes f32 and the job's
-    /// warnings say so ([`precision::compute_precision`]).
+    /// Honour `fp16` / `bf16` requests exactly on any CPU (`easel bench
+    /// --precision`): layers without bf16 kernels widen their
+    /// half-precision input, compute in f32 and round their output, the
+    /// numbers of a half-precision run without its speed. Default false:
+    /// `bf16` (and `fp16`, as bf16) computes bf16 where the CPU has
+    /// AVX512-BF16 and f32 elsewhere, the job's warnings saying what ran
+    /// ([`precision::compute_precision`]).
     pub half_precision_on_cpu: bool,
     /// When the VAE decode is tiled (`--vae-tiling`): a job's request that
     /// leaves it at [`VaeTiling::Auto`] runs with this one; a request that
@@ -303,6 +305,7 @@ impl Engine {
             requested,
             family,
             self.options.half_precision_on_cpu,
+            crate::models::kernels::bf16_compute_available(),
         )
     }
 

@@ -5,13 +5,20 @@
 //!   without one computes in the family's default
 //!   ([`ModelFamily::default_gpu_precision`]: bf16 for FLUX.1, fp16 for
 //!   Stable Diffusion), as diffusers' examples load them.
-//! - On the CPU the engine's own kernels compute in f32, and candle has no
-//!   CPU half-precision matrix product, so a half-precision request
-//!   computes in f32 and the job's warnings say so, unless the engine is
-//!   told to honour it ([`super::EngineOptions::half_precision_on_cpu`]):
-//!   then each layer widens its half-precision input to f32, accumulates in
-//!   f32 and rounds its output back (`models::layers`), which gives a
-//!   half-precision run's numbers but not its speed.
+//! - On the CPU, `bf16` computes in bf16 where the CPU has AVX512-BF16
+//!   (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and later;
+//!   detected at run time, [`crate::models::kernels::bf16_compute_available`]):
+//!   the matrix products and convolutions on the engine's `vdpbf16ps`
+//!   kernels with f32 accumulation, as oneDNN computes PyTorch's CPU bf16.
+//!   `fp16` computes as bf16 there too (a CPU has no fast fp16 product) and
+//!   the job's warnings say so. Elsewhere a half-precision request
+//!   computes in f32 and the warnings say so. A request without a
+//!   precision computes f32 on the CPU.
+//! - [`super::EngineOptions::half_precision_on_cpu`] (`easel bench
+//!   --precision`, the half-precision tests) honours `fp16` and `bf16`
+//!   exactly on any CPU: layers without bf16 instructions widen their
+//!   half-precision input to f32, accumulate in f32 and round their output
+//!   back (`models::layers`), a half-precision run's numbers at f32 speed.
 
 use candle_core::{DType, Device};
 use easel_core::params::Precision;
@@ -51,31 +58,39 @@ pub struct ComputePrecision {
 /// Decide the compute precision of a job that asks for `requested` on a
 /// model of `family` (`None`: not a known family; treated as Stable
 /// Diffusion) running on `device`; `half_on_cpu` honours half precision on
-/// the CPU (see the module documentation).
+/// the CPU exactly, `cpu_bf16` says the CPU runs the bf16 kernels (see the
+/// module documentation).
 pub fn compute_precision(
     device: &Device,
     requested: Option<Precision>,
     family: Option<ModelFamily>,
     half_on_cpu: bool,
+    cpu_bf16: bool,
 ) -> ComputePrecision {
     if device.is_cpu() {
-        return match requested {
-            Some(p) if p != Precision::Fp32 && half_on_cpu => ComputePrecision {
-                dtype: dtype_of(p),
-                warning: None,
-            },
-            Some(p) if p != Precision::Fp32 => ComputePrecision {
-                dtype: DType::F32,
-                warning: Some(format!(
-                    "precision: {p} was requested, but the CPU computes in fp32 (the engine's CPU \
-                     kernels are f32; half precision runs on a GPU, --device cuda)"
+        let (dtype, warning) = match requested {
+            Some(p) if p != Precision::Fp32 && half_on_cpu => (dtype_of(p), None),
+            Some(Precision::Bf16) if cpu_bf16 => (DType::BF16, None),
+            Some(Precision::Fp16) if cpu_bf16 => (
+                DType::BF16,
+                Some(
+                    "precision: fp16 was requested; the CPU computes half precision as bf16 \
+                     (AVX512-BF16 products with f32 accumulation; fp16 runs on a GPU, \
+                     --device cuda)"
+                        .to_string(),
+                ),
+            ),
+            Some(p) if p != Precision::Fp32 => (
+                DType::F32,
+                Some(format!(
+                    "precision: {p} was requested, but this CPU has no AVX512-BF16 \
+                     instructions, so it computed fp32 (half precision runs as bf16 on CPUs with \
+                     AVX512-BF16, or on a GPU, --device cuda)"
                 )),
-            },
-            _ => ComputePrecision {
-                dtype: DType::F32,
-                warning: None,
-            },
+            ),
+            _ => (DType::F32, None),
         };
+        return ComputePrecision { dtype, warning };
     }
     let precision = requested.unwrap_or_else(|| {
         family
@@ -93,25 +108,54 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_cpu_computes_f32_and_says_so_unless_told_otherwise() {
+    fn the_cpu_computes_bf16_where_it_can_and_says_what_ran() {
         let cpu = Device::Cpu;
         let sd = Some(ModelFamily::StableDiffusion);
-        let p = compute_precision(&cpu, Some(Precision::Bf16), sd, false);
+        let run = |p: Option<Precision>, exact: bool, bf16: bool| {
+            compute_precision(&cpu, p, sd, exact, bf16)
+        };
+        // Without AVX512-BF16: f32, and the warning names both.
+        let p = run(Some(Precision::Bf16), false, false);
         assert_eq!(p.dtype, DType::F32);
         let w = p.warning.expect("a warning");
-        assert!(w.contains("bf16") && w.contains("fp32"), "{w}");
-        assert_eq!(compute_precision(&cpu, None, sd, false).warning, None);
+        assert!(
+            w.contains("bf16") && w.contains("fp32") && w.contains("AVX512-BF16"),
+            "{w}"
+        );
+        assert_eq!(run(Some(Precision::Fp16), false, false).dtype, DType::F32);
+        // With it: bf16 as asked; fp16 as bf16, with a warning.
         assert_eq!(
-            compute_precision(&cpu, Some(Precision::Fp32), sd, false),
+            run(Some(Precision::Bf16), false, true),
             ComputePrecision {
-                dtype: DType::F32,
+                dtype: DType::BF16,
                 warning: None
             }
         );
-        let honoured = compute_precision(&cpu, Some(Precision::Fp16), sd, true);
+        let p = run(Some(Precision::Fp16), false, true);
+        assert_eq!(p.dtype, DType::BF16);
+        let w = p.warning.expect("a warning");
+        assert!(
+            w.contains("fp16 was requested") && w.contains("bf16"),
+            "{w}"
+        );
+        // fp32, or no request: f32 and no warning.
+        for bf16 in [false, true] {
+            assert_eq!(
+                run(None, false, bf16),
+                run(Some(Precision::Fp32), false, bf16)
+            );
+            assert_eq!(
+                run(None, false, bf16),
+                ComputePrecision {
+                    dtype: DType::F32,
+                    warning: None
+                }
+            );
+            assert_eq!(run(None, true, bf16).dtype, DType::F32);
+        }
+        // Honoured exactly when the engine is told to.
+        let honoured = run(Some(Precision::Fp16), true, true);
         assert_eq!((honoured.dtype, honoured.warning), (DType::F16, None));
-        // No request: f32 on the CPU even when half precision is allowed.
-        assert_eq!(compute_precision(&cpu, None, sd, true).dtype, DType::F32);
     }
 
     #[test]

@@ -165,7 +165,7 @@ impl VaeAttention {
                 .squeeze(1)?;
         let out = self.to_out.forward(&a)?;
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
-        Ok((out + x)?)
+        super::layers::add(&out, x)
     }
 }
 

@@ -8,8 +8,8 @@ use rayon::prelude::*;
 
 use super::kernels;
 use super::layers::{
-    chunk2_last, merge_heads, scaled_dot_product_attention, split_heads, Activation, Conv2d,
-    ConvPrologue, GroupNorm, LayerNorm, Linear,
+    add, add_per_plane, chunk2_last, merge_heads, scaled_dot_product_attention, split_heads,
+    Activation, Conv2d, ConvPrologue, GroupNorm, LayerNorm, Linear,
 };
 use super::weights::Weights;
 use crate::error::Result;
@@ -254,7 +254,7 @@ impl ResnetBlock2D {
             .conv1
             .forward(&ConvPrologue::Norm(&self.norm1, self.act).apply(x)?)?;
         if let Some(t) = temb {
-            h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+            h = add_per_plane(&h, &t)?;
         }
         let h = self
             .conv2
@@ -263,7 +263,7 @@ impl ResnetBlock2D {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        let out = (shortcut + h)?;
+        let out = add(&shortcut, &h)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
@@ -474,12 +474,14 @@ impl BasicTransformerBlock {
         } else {
             self.attn1.forward(&n, None)?
         };
-        let x = (x + a)?;
-        let x = (&x
-            + self
+        let x = add(x, &a)?;
+        let x = add(
+            &x,
+            &self
                 .attn2
-                .forward(&self.norm2.forward(&x)?, Some(context))?)?;
-        Ok((&x + self.ff.forward(&self.norm3.forward(&x)?)?)?)
+                .forward(&self.norm2.forward(&x)?, Some(context))?,
+        )?;
+        add(&x, &self.ff.forward(&self.norm3.forward(&x)?)?)
     }
 }
 
@@ -580,7 +582,7 @@ impl Transformer2D {
                 y.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?
             }
         };
-        Ok((out + x)?)
+        add(&out, x)
     }
 }
 

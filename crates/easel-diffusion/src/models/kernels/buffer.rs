@@ -57,11 +57,15 @@ pub fn with_bf16<R>(t: &Tensor, f: impl FnOnce(&[half::bf16]) -> R) -> Result<R>
 /// enabled ([`enabled`], [`bf16_enabled`]) and the CPU with AVX512-BF16
 /// ([`super::bf16_gemm_available`]).
 pub fn applies_bf16(t: &Tensor) -> bool {
-    t.dtype() == DType::BF16
-        && t.device().is_cpu()
-        && enabled()
-        && bf16_enabled()
-        && super::bf16_gemm_available()
+    t.dtype() == DType::BF16 && t.device().is_cpu() && bf16_compute_available()
+}
+
+/// Whether this process computes bf16 layers on the CPU's bf16
+/// instructions: the kernels enabled ([`enabled`], [`bf16_enabled`]) and
+/// the CPU with AVX512-BF16 ([`super::bf16_gemm_available`]). The engine
+/// runs `precision: bf16` jobs in bf16 on the CPU only then.
+pub fn bf16_compute_available() -> bool {
+    enabled() && bf16_enabled() && super::bf16_gemm_available()
 }
 
 /// Whether bf16 layers may use the bf16 kernels: yes, unless the

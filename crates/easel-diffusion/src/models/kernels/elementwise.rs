@@ -1,6 +1,8 @@
-//! Element-wise kernels for half-precision activations: GEGLU's gated
-//! GELU in one parallel pass (candle's CPU ops take three, each on one
-//! thread, each widening and rounding every bf16 value).
+//! Element-wise kernels for bf16 activations on the CPU, each one parallel
+//! pass: GEGLU's gated GELU, residual sums (also with a per-plane term:
+//! a time embedding), nearest ×2 upsampling. candle's CPU ops run these on
+//! one thread, GEGLU in three passes; the values are the same (each bf16
+//! result is the f32 result rounded once, to nearest even).
 
 use half::bf16;
 use rayon::prelude::*;
@@ -39,6 +41,91 @@ pub fn geglu_bf16(x: &[bf16], rows: usize, n: usize) -> Vec<bf16> {
     out
 }
 
+/// Elements per rayon task of the element-wise kernels.
+const CHUNK: usize = 1 << 14;
+
+/// bf16 → f32, exactly.
+#[inline(always)]
+fn wide(v: bf16) -> f32 {
+    f32::from_bits((v.to_bits() as u32) << 16)
+}
+
+/// `a + b` element-wise, bf16 in and out: each sum taken in f32 and rounded
+/// once (PyTorch's and candle's bf16 `add`).
+pub fn add_bf16(a: &[bf16], b: &[bf16]) -> Vec<bf16> {
+    assert_eq!(a.len(), b.len(), "add_bf16: lengths");
+    let mut out = vec![bf16::ZERO; a.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each_init(
+            || vec![0f32; CHUNK],
+            |sum, (d, (a, b))| {
+                let sum = &mut sum[..d.len()];
+                for ((s, &a), &b) in sum.iter_mut().zip(a).zip(b) {
+                    *s = wide(a) + wide(b);
+                }
+                super::bf16::round_into(sum, d);
+            },
+        );
+    out
+}
+
+/// `x + t` with `t` one value per `(batch, channel)` plane: `x`
+/// `(planes, spatial)` bf16, `t` `planes` bf16 values (`broadcast_add` of
+/// a `(batch, channels, 1, 1)` tensor), each sum in f32 rounded once.
+pub fn add_per_plane_bf16(x: &[bf16], spatial: usize, t: &[bf16]) -> Vec<bf16> {
+    assert_eq!(x.len(), spatial * t.len(), "add_per_plane_bf16: lengths");
+    let mut out = vec![bf16::ZERO; x.len()];
+    if spatial == 0 {
+        return out;
+    }
+    out.par_chunks_mut(spatial)
+        .zip(x.par_chunks(spatial))
+        .zip(t.par_iter())
+        .for_each_init(
+            || vec![0f32; spatial],
+            |sum, ((d, x), &t)| {
+                let t = wide(t);
+                for (s, &x) in sum.iter_mut().zip(x) {
+                    *s = wide(x) + t;
+                }
+                super::bf16::round_into(sum, d);
+            },
+        );
+    out
+}
+
+/// Nearest-neighbour ×2 upsampling of `(planes, h, w)` → `(planes, 2h, 2w)`
+/// (`upsample_nearest2d` to twice the size): every value copied to a 2×2
+/// block, planes in parallel. Any element type (a copy, no arithmetic).
+pub fn upsample2x<T: Copy + Send + Sync>(x: &[T], h: usize, w: usize) -> Vec<T> {
+    let plane = h * w;
+    if plane == 0 {
+        return Vec::new();
+    }
+    assert_eq!(x.len() % plane, 0, "upsample2x: length");
+    let mut out = Vec::with_capacity(4 * x.len());
+    // SAFETY: every element is written below before it is read (each output
+    // row is the source row doubled, written twice), and T is Copy.
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        out.set_len(4 * x.len())
+    };
+    out.par_chunks_mut(4 * plane)
+        .zip(x.par_chunks(plane))
+        .for_each(|(dst, src)| {
+            for (y, row) in src.chunks_exact(w).enumerate() {
+                let (first, second) = dst[2 * y * 2 * w..(2 * y + 2) * 2 * w].split_at_mut(2 * w);
+                for (pair, &v) in first.chunks_exact_mut(2).zip(row) {
+                    pair[0] = v;
+                    pair[1] = v;
+                }
+                second.copy_from_slice(first);
+            }
+        });
+    out
+}
+
 /// `out[i] = h[i] · gelu(g[i])` in f32, compiled for AVX-512 where the
 /// CPU has it (the loop vectorises 16 lanes wide).
 fn gated_gelu(h: &[bf16], g: &[bf16], out: &mut [f32]) {
@@ -59,7 +146,6 @@ unsafe fn gated_gelu_avx512(h: &[bf16], g: &[bf16], out: &mut [f32]) {
 
 #[inline(always)]
 fn gated_gelu_lanes(h: &[bf16], g: &[bf16], out: &mut [f32]) {
-    let wide = |v: bf16| f32::from_bits((v.to_bits() as u32) << 16);
     for ((o, &h), &g) in out.iter_mut().zip(h).zip(g) {
         let g = wide(g);
         *o = wide(h) * (0.5 * g * (1.0 + erf_f32(g * std::f32::consts::FRAC_1_SQRT_2)));
@@ -105,6 +191,45 @@ mod tests {
         assert!(worst < 1e-6, "absolute error {worst:.2e}");
         assert_eq!(erf_f32(10.0), 1.0);
         assert_eq!(erf_f32(-10.0), -1.0);
+    }
+
+    #[test]
+    fn sums_and_upsampling_equal_candle() {
+        use candle_core::{DType, Device, Tensor};
+        let n = 3 * CHUNK + 77;
+        let values = |seed: usize| -> Vec<bf16> {
+            (0..n)
+                .map(|i| {
+                    bf16::from_f32((((i * 7919 + seed * 104729) % 4001) as f32 - 2000.0) / 37.0)
+                })
+                .collect()
+        };
+        let (a, b) = (values(1), values(2));
+        let ta = Tensor::from_vec(a.clone(), n, &Device::Cpu).unwrap();
+        let tb = Tensor::from_vec(b.clone(), n, &Device::Cpu).unwrap();
+        let want = (&ta + &tb).unwrap().to_vec1::<bf16>().unwrap();
+        assert_eq!(add_bf16(&a, &b), want);
+
+        let (planes, spatial) = (6, 50);
+        let x = &a[..planes * spatial];
+        let t = &b[..planes];
+        let tx = Tensor::from_vec(x.to_vec(), (2, 3, 5, 10), &Device::Cpu).unwrap();
+        let tt = Tensor::from_vec(t.to_vec(), (2, 3, 1, 1), &Device::Cpu).unwrap();
+        let want = tx
+            .broadcast_add(&tt)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<bf16>()
+            .unwrap();
+        assert_eq!(add_per_plane_bf16(x, spatial, t), want);
+
+        let up = tx.upsample_nearest2d(10, 20).unwrap();
+        assert_eq!(up.dtype(), DType::BF16);
+        assert_eq!(
+            upsample2x(x, 5, 10),
+            up.flatten_all().unwrap().to_vec1::<bf16>().unwrap()
+        );
     }
 
     #[test]

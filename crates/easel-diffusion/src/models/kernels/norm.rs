@@ -1,6 +1,93 @@
 //! Normalisation: group norm, optionally fused with SiLU.
 
+use half::bf16;
 use rayon::prelude::*;
+
+/// A value group norm reads: f32, or bf16 widened exactly.
+pub trait NormInput: Copy + Send + Sync {
+    /// The value as f32.
+    fn f32(self) -> f32;
+}
+
+impl NormInput for f32 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl NormInput for bf16 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
+/// [`group_norm`] of a bf16 `x`, bf16 out: the same per-plane affine map
+/// (statistics in f64 of the exact values), each value computed in f32
+/// (SiLU's `e^-y` by [`super::exp_f32`], vectorised) and rounded once. The
+/// numbers of PyTorch's CPU bf16 group norm, which accumulates in f32 and
+/// rounds its output, followed by SiLU (rounded once more there).
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_bf16(
+    x: &[bf16],
+    channels: usize,
+    spatial: usize,
+    groups: usize,
+    eps: f64,
+    gamma: &[f32],
+    beta: &[f32],
+    silu: bool,
+) -> Vec<bf16> {
+    let affine = group_norm_affine(x, channels, spatial, groups, eps, gamma, beta);
+    let mut out = vec![bf16::ZERO; x.len()];
+    if spatial == 0 {
+        return out;
+    }
+    out.par_chunks_mut(spatial)
+        .zip(x.par_chunks(spatial))
+        .zip(affine.par_iter())
+        .for_each_init(
+            || vec![0f32; spatial],
+            |row, ((d, s), &(scale, shift))| {
+                affine_row(s, scale, shift, silu, row);
+                super::bf16::round_into(row, d);
+            },
+        );
+    out
+}
+
+/// `row[i] = act(s[i] · scale + shift)` (SiLU or none), compiled for
+/// AVX-512 where the CPU has it.
+fn affine_row(s: &[bf16], scale: f32, shift: f32, silu: bool, row: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F.
+        unsafe { affine_row_avx512(s, scale, shift, silu, row) };
+        return;
+    }
+    affine_row_lanes(s, scale, shift, silu, row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn affine_row_avx512(s: &[bf16], scale: f32, shift: f32, silu: bool, row: &mut [f32]) {
+    affine_row_lanes(s, scale, shift, silu, row)
+}
+
+#[inline(always)]
+fn affine_row_lanes(s: &[bf16], scale: f32, shift: f32, silu: bool, row: &mut [f32]) {
+    if silu {
+        for (o, &v) in row.iter_mut().zip(s) {
+            let y = v.f32() * scale + shift;
+            *o = y / (1.0 + super::exp_f32(-y));
+        }
+    } else {
+        for (o, &v) in row.iter_mut().zip(s) {
+            *o = v.f32() * scale + shift;
+        }
+    }
+}
 
 /// Group normalisation (Wu & He 2018, arXiv:1803.08494) over `x` laid out
 /// as `(batch, channels, spatial)`, with per-channel `gamma`/`beta`, optionally
@@ -48,8 +135,8 @@ pub fn group_norm(
 /// What [`group_norm`] applies, and what the 3×3 convolutions apply while
 /// they read their input (`super::ConvInput::with_affine`), so the two give
 /// the same values bit for bit.
-pub fn group_norm_affine(
-    x: &[f32],
+pub fn group_norm_affine<T: NormInput>(
+    x: &[T],
     channels: usize,
     spatial: usize,
     groups: usize,
@@ -67,11 +154,11 @@ pub fn group_norm_affine(
         .for_each(|(bg, (dst, src))| {
             let g = bg % groups;
             let n = src.len() as f64;
-            let mean = src.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let mean = src.iter().map(|&v| v.f32() as f64).sum::<f64>() / n;
             let var = src
                 .iter()
                 .map(|&v| {
-                    let d = v as f64 - mean;
+                    let d = v.f32() as f64 - mean;
                     d * d
                 })
                 .sum::<f64>()

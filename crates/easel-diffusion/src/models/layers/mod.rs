@@ -282,6 +282,25 @@ impl GroupNorm {
     }
 
     fn forward_with(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        if kernels::applies_bf16(x) && !self.gamma.is_empty() && x.rank() >= 3 {
+            let dims = x.dims().to_vec();
+            let (c, spatial) = (dims[1], dims[2..].iter().product());
+            let y = timed(5, || {
+                kernels::with_bf16(x, |d| {
+                    kernels::group_norm_bf16(
+                        d,
+                        c,
+                        spatial,
+                        self.groups,
+                        self.eps,
+                        &self.gamma,
+                        &self.beta,
+                        silu,
+                    )
+                })
+            })?;
+            return kernels::tensor(y, &dims);
+        }
         if let (Some(dtype), false) = (half_on_cpu(x), self.gamma.is_empty()) {
             return kernels::to_half(&self.forward_with(&kernels::to_f32(x)?, silu)?, dtype);
         }
@@ -387,11 +406,45 @@ impl ConvPrologue<'_> {
         match *self {
             ConvPrologue::Norm(norm, act) => group_norm_act(norm, act, x),
             ConvPrologue::Upsample2x => {
-                let (_, _, h, w) = x.dims4()?;
+                let (b, c, h, w) = x.dims4()?;
+                if kernels::applies_bf16(x) {
+                    let y = kernels::with_bf16(x, |d| kernels::upsample2x(d, h, w))?;
+                    return kernels::tensor(y, &[b, c, 2 * h, 2 * w]);
+                }
                 Ok(x.upsample_nearest2d(2 * h, 2 * w)?)
             }
         }
     }
+}
+
+/// `a + b` for two tensors of one shape: on the bf16 kernels for bf16 CPU
+/// tensors ([`kernels::add_bf16`], one parallel pass, the same values),
+/// else candle's `add`.
+///
+/// Errors: the shapes differ.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.dims() == b.dims() && kernels::applies_bf16(a) && kernels::applies_bf16(b) {
+        let y = kernels::with_bf16(a, |a| kernels::with_bf16(b, |b| kernels::add_bf16(a, b)))??;
+        return kernels::tensor(y, a.dims());
+    }
+    Ok((a + b)?)
+}
+
+/// `x + t` with `x` `(batch, channels, h, w)` and `t` `(batch, channels)`,
+/// one value per plane (a ResnetBlock2D's projected time embedding): on
+/// the bf16 kernels for bf16 CPU tensors ([`kernels::add_per_plane_bf16`]),
+/// else candle's `broadcast_add` (which also takes a `t` of batch 1).
+///
+/// Errors: shapes that do not broadcast.
+pub fn add_per_plane(x: &Tensor, t: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if t.dims() == [b, c] && kernels::applies_bf16(x) && kernels::applies_bf16(t) {
+        let y = kernels::with_bf16(x, |x| {
+            kernels::with_bf16(t, |t| kernels::add_per_plane_bf16(x, h * w, t))
+        })??;
+        return kernels::tensor(y, x.dims());
+    }
+    Ok(x.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?)
 }
 
 /// `act(norm(x))`, fused into one pass when the activation is SiLU.
