@@ -305,6 +305,41 @@ async fn every_input_field_maps_to_the_native_request() {
     assert_eq!(job["cost"]["inferences"], 3, "{job}");
 }
 
+/// A `null` optional input (what Replicate's clients send for a field left
+/// at its default) is taken as absent, and the OpenAPI schema says so:
+/// every input but `prompt` is nullable (schemathesis checks the schema
+/// against what the server accepts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn null_inputs_are_absent_and_nullable_in_the_schema() {
+    let server = fake(1).await;
+    let (s, _, doc) = server
+        .call_as(None, Method::GET, "/openapi.json", None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let props = doc["components"]["schemas"]["PredictionRequest"]["properties"]["input"]
+        ["properties"]
+        .as_object()
+        .unwrap()
+        .clone();
+    let mut nulls = json!({"prompt": "a"});
+    for (name, schema) in &props {
+        let nullable = schema["type"]
+            .as_array()
+            .is_some_and(|t| t.contains(&json!("null")));
+        assert_eq!(nullable, name != "prompt", "{name}: {schema}");
+        if let Some(values) = schema["enum"].as_array() {
+            assert!(values.contains(&Value::Null), "{name}: {schema}");
+        }
+        if name != "prompt" {
+            nulls[name] = Value::Null;
+        }
+    }
+    let (s, _, p) = server.predict(json!({"input": nulls})).await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+    let (s, _, e) = server.predict(json!({"input": {"prompt": null}})).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+}
+
 /// Out of range, wrong type, unknown: 422 problem details naming
 /// `input.<field>` and what is allowed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

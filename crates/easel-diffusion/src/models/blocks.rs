@@ -406,15 +406,23 @@ impl FeedForward {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let projected = self.proj_in.forward(x)?;
-        if kernels::applies_bf16(&projected) {
-            // bf16 on the CPU: the gated GELU in one parallel pass.
-            let mut dims = projected.dims().to_vec();
-            let two_n = *dims.last().expect("a linear output has a last axis");
-            let rows = projected.elem_count() / two_n.max(1);
-            *dims.last_mut().expect("checked") = two_n / 2;
-            let gated =
-                kernels::with_bf16(&projected, |p| kernels::geglu_bf16(p, rows, two_n / 2))?;
-            return self.proj_out.forward(&kernels::tensor(gated, &dims)?);
+        // On the CPU kernels the gated GELU is one parallel pass (f32: the
+        // same values as candle's ops below; bf16: rounded once).
+        let mut dims = projected.dims().to_vec();
+        let two_n = *dims.last().expect("a linear output has a last axis");
+        let rows = projected.elem_count() / two_n.max(1);
+        *dims.last_mut().expect("checked") = two_n / 2;
+        let gated = if kernels::applies_bf16(&projected) {
+            let g = kernels::with_bf16(&projected, |p| kernels::geglu_bf16(p, rows, two_n / 2))?;
+            Some(kernels::tensor(g, &dims)?)
+        } else if kernels::applies(&projected) {
+            let g = kernels::with_f32(&projected, |p| kernels::geglu_f32(p, rows, two_n / 2))?;
+            Some(kernels::tensor(g, &dims)?)
+        } else {
+            None
+        };
+        if let Some(gated) = gated {
+            return self.proj_out.forward(&gated);
         }
         let (h, gate) = chunk2_last(&projected)?;
         self.proj_out.forward(&(h * gate.gelu_erf()?)?)

@@ -5,15 +5,60 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
+/// `t` itself when contiguous, else a contiguous copy: for an f32 or bf16
+/// CPU tensor whose last axis has stride 1 (a transposed head split, a
+/// permuted channel axis: what the kernels are handed) the rows are copied
+/// in parallel; anything else goes through candle's (single-threaded)
+/// `contiguous`. The same values either way.
+///
+/// Errors: as `Tensor::contiguous`.
+pub fn contiguous(t: &Tensor) -> Result<Tensor> {
+    if t.is_contiguous() {
+        return Ok(t.clone());
+    }
+    let layout = t.layout();
+    let (dims, strides) = (layout.dims(), layout.stride());
+    let row = dims.last().copied().unwrap_or(1);
+    if !t.device().is_cpu() || dims.len() < 2 || strides.last() != Some(&1) || row == 0 {
+        return Ok(t.contiguous()?);
+    }
+    fn gather<T: Copy + Send + Sync + candle_core::WithDType>(
+        src: &[T],
+        start: usize,
+        dims: &[usize],
+        strides: &[usize],
+    ) -> Result<Tensor> {
+        let row = *dims.last().expect("rank ≥ 2");
+        let outer = &dims[..dims.len() - 1];
+        let mut out = vec![src[start]; dims.iter().product()];
+        out.par_chunks_mut(row).enumerate().for_each(|(r, dst)| {
+            // Offset of row r: its index over the outer axes, by their strides.
+            let (mut rest, mut offset) = (r, start);
+            for (&d, &s) in outer.iter().zip(strides).rev() {
+                offset += (rest % d) * s;
+                rest /= d;
+            }
+            dst.copy_from_slice(&src[offset..offset + row]);
+        });
+        tensor(out, dims)
+    }
+    let (storage, _) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Ok(t.contiguous()?);
+    };
+    let start = layout.start_offset();
+    match t.dtype() {
+        DType::F32 => gather(cpu.as_slice::<f32>()?, start, dims, strides),
+        DType::BF16 => gather(cpu.as_slice::<half::bf16>()?, start, dims, strides),
+        _ => Ok(t.contiguous()?),
+    }
+}
+
 /// Run `f` on the contiguous f32 data of `t` (copied to contiguous first if needed).
 ///
 /// Errors: `t` is not an f32 CPU tensor.
 pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = if t.is_contiguous() {
-        t.clone()
-    } else {
-        t.contiguous()?
-    };
+    let t = contiguous(t)?;
     if t.dtype() != DType::F32 || !t.device().is_cpu() {
         return Err(Error::invalid("kernel", "expected an f32 CPU tensor"));
     }
@@ -33,11 +78,7 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 ///
 /// Errors: `t` is not a bf16 CPU tensor.
 pub fn with_bf16<R>(t: &Tensor, f: impl FnOnce(&[half::bf16]) -> R) -> Result<R> {
-    let t = if t.is_contiguous() {
-        t.clone()
-    } else {
-        t.contiguous()?
-    };
+    let t = contiguous(t)?;
     if t.dtype() != DType::BF16 || !t.device().is_cpu() {
         return Err(Error::invalid("kernel", "expected a bf16 CPU tensor"));
     }
@@ -285,6 +326,37 @@ mod tests {
         let strided = w.to_dtype(DType::F16).unwrap().t().unwrap();
         assert!(!strided.is_contiguous());
         assert!(with_f32_weight(&strided, |_| ()).is_err());
+    }
+
+    /// The parallel copy gives candle's `contiguous` values for permuted,
+    /// transposed and narrowed tensors.
+    #[test]
+    fn parallel_contiguous_equals_candles() {
+        let flat = |t: &Tensor| {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            let x = randn(&[2, 5, 7, 6], 3).to_dtype(dtype).unwrap();
+            let views = [
+                x.transpose(1, 2).unwrap(),
+                x.permute((0, 2, 1, 3)).unwrap(),
+                x.narrow(3, 1, 4).unwrap(),
+                x.narrow(1, 2, 3).unwrap().transpose(0, 1).unwrap(),
+            ];
+            for v in &views {
+                assert!(!v.is_contiguous());
+                let got = contiguous(v).unwrap();
+                assert!(got.is_contiguous());
+                let want = v.contiguous().unwrap();
+                assert_eq!(got.dims(), want.dims());
+                assert_eq!(flat(&got), flat(&want), "{dtype:?} {:?}", v.layout());
+            }
+        }
     }
 
     /// The parallel conversions give candle's `to_dtype` values, bit for

@@ -126,6 +126,43 @@ pub fn upsample2x<T: Copy + Send + Sync>(x: &[T], h: usize, w: usize) -> Vec<T> 
     out
 }
 
+/// [`geglu_bf16`] in f32: `h · gelu(g)` with candle's exact GELU,
+/// `(erff(g/√2) + 1) · ½ · g` (libm's `erff`), in the same order, so the
+/// values equal candle's `h * g.gelu_erf()` bit for bit; rows in parallel.
+pub fn geglu_f32(x: &[f32], rows: usize, n: usize) -> Vec<f32> {
+    assert_eq!(x.len(), rows * 2 * n, "geglu_f32: input length");
+    let mut out = vec![0f32; rows * n];
+    if n == 0 {
+        return out;
+    }
+    out.par_chunks_mut(ROWS_PER_TASK * n)
+        .zip(x.par_chunks(ROWS_PER_TASK * 2 * n))
+        .for_each(|(dst, src)| {
+            for (d, s) in dst.chunks_exact_mut(n).zip(src.chunks_exact(2 * n)) {
+                let (h, g) = s.split_at(n);
+                for ((o, &h), &g) in d.iter_mut().zip(h).zip(g) {
+                    let gelu = (libm::erff(g * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * g;
+                    *o = h * gelu;
+                }
+            }
+        });
+    out
+}
+
+/// `a + b` element-wise in f32, in parallel chunks.
+pub fn add_f32(a: &[f32], b: &[f32]) -> Vec<f32> {
+    assert_eq!(a.len(), b.len(), "add_f32: lengths");
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(d, (a, b))| {
+            for ((d, &a), &b) in d.iter_mut().zip(a).zip(b) {
+                *d = a + b;
+            }
+        });
+    out
+}
+
 /// `out[i] = h[i] · gelu(g[i])` in f32, compiled for AVX-512 where the
 /// CPU has it (the loop vectorises 16 lanes wide).
 fn gated_gelu(h: &[bf16], g: &[bf16], out: &mut [f32]) {
@@ -230,6 +267,24 @@ mod tests {
             upsample2x(x, 5, 10),
             up.flatten_all().unwrap().to_vec1::<bf16>().unwrap()
         );
+    }
+
+    #[test]
+    fn f32_geglu_and_sum_equal_candle_bit_for_bit() {
+        use candle_core::{Device, Tensor, D};
+        let (rows, n) = (21, 70);
+        let x: Vec<f32> = (0..rows * 2 * n)
+            .map(|i| ((i * 7919) % 2001) as f32 / 250.0 - 4.0)
+            .collect();
+        let t = Tensor::from_vec(x.clone(), (rows, 2 * n), &Device::Cpu).unwrap();
+        let h = t.narrow(D::Minus1, 0, n).unwrap();
+        let g = t.narrow(D::Minus1, n, n).unwrap();
+        let want = (h * g.gelu_erf().unwrap()).unwrap().flatten_all().unwrap();
+        let got = geglu_f32(&x, rows, n);
+        assert_eq!(got, want.to_vec1::<f32>().unwrap());
+        let y: Vec<f32> = x.iter().map(|v| v * 0.37 - 1.0).collect();
+        let sum: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
+        assert_eq!(add_f32(&x, &y), sum);
     }
 
     #[test]

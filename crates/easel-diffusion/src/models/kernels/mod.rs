@@ -35,8 +35,8 @@ pub use attention::{attention, exp_f32};
 pub use attention_bf16::attention_bf16;
 pub use bf16::{bf16_gemm_available, conv_bf16, linear_bf16, round_into};
 pub use buffer::{
-    applies, applies_bf16, applies_weight, bf16_compute_available, bf16_enabled, enabled, tensor,
-    to_f32, to_half, with_bf16, with_f32, with_f32_weight,
+    applies, applies_bf16, applies_weight, bf16_compute_available, bf16_enabled, contiguous,
+    enabled, tensor, to_f32, to_half, with_bf16, with_f32, with_f32_weight,
 };
 pub use conv::{
     conv1x1, conv1x1_add_into, conv3x3_prefers_winograd, conv3x3_same, conv3x3_same_from,
@@ -45,7 +45,9 @@ pub use conv::{
 };
 pub use conv_in_place::{conv3x3_winograd_in_place, conv3x3_winograd_shrink_in_place, Shortcut1x1};
 pub use conv_input::ConvInput;
-pub use elementwise::{add_bf16, add_per_plane_bf16, erf_f32, geglu_bf16, upsample2x};
+pub use elementwise::{
+    add_bf16, add_f32, add_per_plane_bf16, erf_f32, geglu_bf16, geglu_f32, upsample2x,
+};
 pub use matmul::linear;
 pub use norm::{group_norm, group_norm_affine, group_norm_bf16, NormInput};
 

@@ -417,14 +417,18 @@ impl ConvPrologue<'_> {
     }
 }
 
-/// `a + b` for two tensors of one shape: on the bf16 kernels for bf16 CPU
-/// tensors ([`kernels::add_bf16`], one parallel pass, the same values),
-/// else candle's `add`.
+/// `a + b` for two tensors of one shape: on the kernels for bf16 and f32
+/// CPU tensors ([`kernels::add_bf16`], [`kernels::add_f32`]: one parallel
+/// pass, the same values), else candle's `add`.
 ///
 /// Errors: the shapes differ.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.dims() == b.dims() && kernels::applies_bf16(a) && kernels::applies_bf16(b) {
         let y = kernels::with_bf16(a, |a| kernels::with_bf16(b, |b| kernels::add_bf16(a, b)))??;
+        return kernels::tensor(y, a.dims());
+    }
+    if a.dims() == b.dims() && kernels::applies(a) && kernels::applies(b) {
+        let y = kernels::with_f32(a, |a| kernels::with_f32(b, |b| kernels::add_f32(a, b)))??;
         return kernels::tensor(y, a.dims());
     }
     Ok((a + b)?)
@@ -578,7 +582,14 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
 /// Merge `(batch, heads, len, head_dim)` back into `(batch, len, heads * head_dim)`.
 pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, h, n, d) = x.dims4()?;
-    Ok(x.transpose(1, 2)?.reshape((b, n, h * d))?)
+    // The copy the reshape needs, in parallel on the CPU (kernels::contiguous).
+    let t = x.transpose(1, 2)?;
+    let t = if kernels::enabled() {
+        kernels::contiguous(&t)?
+    } else {
+        t
+    };
+    Ok(t.reshape((b, n, h * d))?)
 }
 
 /// The last-dimension half split used by GEGLU: `(..., 2n)` → two `(..., n)`.

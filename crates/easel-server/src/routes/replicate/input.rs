@@ -656,6 +656,16 @@ pub fn input_schema() -> Value {
             _ => serde_json::json!({"type": "string"}),
         };
         let mut schema = schema;
+        if field.name != "prompt" {
+            // Replicate's clients send `null` for a field left at its
+            // default, and `get` reads it so: every optional field is
+            // nullable (an enum lists `null` too).
+            let ty = schema["type"].clone();
+            schema["type"] = serde_json::json!([ty, "null"]);
+            if let Some(values) = schema["enum"].as_array_mut() {
+                values.push(Value::Null);
+            }
+        }
         schema["description"] = Value::String(description);
         props.insert(field.name.into(), schema);
     }
