@@ -58,19 +58,7 @@ pub fn contiguous(t: &Tensor) -> Result<Tensor> {
 ///
 /// Errors: `t` is not an f32 CPU tensor.
 pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = contiguous(t)?;
-    if t.dtype() != DType::F32 || !t.device().is_cpu() {
-        return Err(Error::invalid("kernel", "expected an f32 CPU tensor"));
-    }
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        return Err(Error::invalid("kernel", "expected a CPU tensor"));
-    };
-    let data = cpu.as_slice::<f32>()?;
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::invalid("kernel", "tensor is not contiguous"))?;
-    Ok(f(&data[start..end]))
+    with_data(&contiguous(t)?, DType::F32, "expected an f32 CPU tensor", f)
 }
 
 /// Run `f` on the contiguous bf16 data of `t` (copied to contiguous first
@@ -78,15 +66,30 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 ///
 /// Errors: `t` is not a bf16 CPU tensor.
 pub fn with_bf16<R>(t: &Tensor, f: impl FnOnce(&[half::bf16]) -> R) -> Result<R> {
-    let t = contiguous(t)?;
-    if t.dtype() != DType::BF16 || !t.device().is_cpu() {
-        return Err(Error::invalid("kernel", "expected a bf16 CPU tensor"));
+    with_data(
+        &contiguous(t)?,
+        DType::BF16,
+        "expected a bf16 CPU tensor",
+        f,
+    )
+}
+
+/// Run `f` on the data of a contiguous CPU tensor of `dtype` (element
+/// type `T`); `wrong` is the error's text for any other tensor.
+fn with_data<T: candle_core::WithDType, R>(
+    t: &Tensor,
+    dtype: DType,
+    wrong: &str,
+    f: impl FnOnce(&[T]) -> R,
+) -> Result<R> {
+    if t.dtype() != dtype || !t.device().is_cpu() {
+        return Err(Error::invalid("kernel", wrong));
     }
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
         return Err(Error::invalid("kernel", "expected a CPU tensor"));
     };
-    let data = cpu.as_slice::<half::bf16>()?;
+    let data = cpu.as_slice::<T>()?;
     let (start, end) = layout
         .contiguous_offsets()
         .ok_or_else(|| Error::invalid("kernel", "tensor is not contiguous"))?;
@@ -236,7 +239,12 @@ pub fn to_f32(t: &Tensor) -> Result<Tensor> {
             .for_each(|(d, s)| s.convert_to_f32_slice(d));
     }
     if t.dtype() == DType::F16 {
-        with_half(&t, |s: &[half::f16]| widen(s, &mut wide))?;
+        with_data(
+            &t,
+            DType::F16,
+            "expected an f16 CPU tensor",
+            |s: &[half::f16]| widen(s, &mut wide),
+        )?;
     } else {
         with_bf16(&t, |s| {
             // bf16 → f32 is a 16-bit shift: a plain loop vectorises.
@@ -281,19 +289,6 @@ pub fn to_half(t: &Tensor, dtype: DType) -> Result<Tensor> {
             .for_each(|(d, s)| super::bf16::round_into(s, d))
     })?;
     tensor(out, &dims)
-}
-
-/// Run `f` on the contiguous f16 data of a contiguous f16 CPU tensor.
-fn with_half<R>(t: &Tensor, f: impl FnOnce(&[half::f16]) -> R) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        return Err(Error::invalid("kernel", "expected a CPU tensor"));
-    };
-    let data = cpu.as_slice::<half::f16>()?;
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::invalid("kernel", "tensor is not contiguous"))?;
-    Ok(f(&data[start..end]))
 }
 
 /// Wrap a buffer as a CPU tensor of `shape` (f32, or bf16 from the bf16

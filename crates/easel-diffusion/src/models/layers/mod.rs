@@ -282,47 +282,30 @@ impl GroupNorm {
     }
 
     fn forward_with(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
-        if kernels::applies_bf16(x) && !self.gamma.is_empty() && x.rank() >= 3 {
+        let fast = !self.gamma.is_empty() && x.rank() >= 3;
+        let bf16 = fast && kernels::applies_bf16(x);
+        if !bf16 {
+            if let (Some(dtype), false) = (half_on_cpu(x), self.gamma.is_empty()) {
+                return kernels::to_half(&self.forward_with(&kernels::to_f32(x)?, silu)?, dtype);
+            }
+        }
+        if bf16 || (fast && kernels::applies(x)) {
             let dims = x.dims().to_vec();
             let (c, spatial) = (dims[1], dims[2..].iter().product());
-            let y = timed(5, || {
-                kernels::with_bf16(x, |d| {
-                    kernels::group_norm_bf16(
-                        d,
-                        c,
-                        spatial,
-                        self.groups,
-                        self.eps,
-                        &self.gamma,
-                        &self.beta,
-                        silu,
-                    )
-                })
-            })?;
-            return kernels::tensor(y, &dims);
-        }
-        if let (Some(dtype), false) = (half_on_cpu(x), self.gamma.is_empty()) {
-            return kernels::to_half(&self.forward_with(&kernels::to_f32(x)?, silu)?, dtype);
-        }
-        if kernels::applies(x) && !self.gamma.is_empty() && x.rank() >= 3 {
-            let dims = x.dims().to_vec();
-            let c = dims[1];
-            let spatial = dims[2..].iter().product();
-            let y = timed(5, || {
-                kernels::with_f32(x, |d| {
-                    kernels::group_norm(
-                        d,
-                        c,
-                        spatial,
-                        self.groups,
-                        self.eps,
-                        &self.gamma,
-                        &self.beta,
-                        silu,
-                    )
-                })
-            })?;
-            return kernels::tensor(y, &dims);
+            let (groups, eps, gamma, beta) = (self.groups, self.eps, &self.gamma, &self.beta);
+            return timed(5, || {
+                if bf16 {
+                    let y = kernels::with_bf16(x, |d| {
+                        kernels::group_norm_bf16(d, c, spatial, groups, eps, gamma, beta, silu)
+                    })?;
+                    kernels::tensor(y, &dims)
+                } else {
+                    let y = kernels::with_f32(x, |d| {
+                        kernels::group_norm(d, c, spatial, groups, eps, gamma, beta, silu)
+                    })?;
+                    kernels::tensor(y, &dims)
+                }
+            });
         }
         // candle's group norm scales in its weight's dtype: an input of
         // another dtype (a half-precision model's layer widened to f32 on

@@ -662,7 +662,7 @@ pub fn input_schema() -> Value {
             // nullable (an enum lists `null` too).
             let ty = schema["type"].clone();
             schema["type"] = serde_json::json!([ty, "null"]);
-            if let Some(values) = schema["enum"].as_array_mut() {
+            if let Some(values) = schema.get_mut("enum").and_then(Value::as_array_mut) {
                 values.push(Value::Null);
             }
         }
