@@ -31,7 +31,11 @@ const KB: usize = 512;
 /// `v` `(bh, m, d)` → `(bh, n, d)`. Each head's `v` is transposed once; blocks of [`QB`]
 /// queries run in parallel, each over the keys in chunks of [`KB`].
 ///
-/// Panics where the CPU lacks AVX512-BF16 (check [`bf16_gemm_available`]).
+/// `scale` must be positive (attention's `1/√d`): the softmax shifts by the
+/// largest raw score.
+///
+/// Panics where the CPU lacks AVX512-BF16 (check [`bf16_gemm_available`]),
+/// or for a `scale` that is not positive.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bf16(
     q: &[bf16],
@@ -44,6 +48,7 @@ pub fn attention_bf16(
     scale: f32,
 ) -> Vec<bf16> {
     assert!(bf16_gemm_available(), "attention_bf16 needs AVX512-BF16");
+    assert!(scale > 0.0, "attention_bf16: scale {scale} is not positive");
     assert!(q.len() == bh * n * d && k.len() == bh * m * d && v.len() == bh * m * d);
     let mut out = vec![bf16::from_bits(0); bh * n * d];
     if bh * n * d == 0 {

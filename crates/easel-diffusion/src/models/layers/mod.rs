@@ -496,6 +496,7 @@ pub fn scaled_dot_product_attention(
     scale: f64,
 ) -> Result<Tensor> {
     if mask.is_none()
+        && scale > 0.0
         && kernels::applies_bf16(q)
         && kernels::applies_bf16(k)
         && kernels::applies_bf16(v)
