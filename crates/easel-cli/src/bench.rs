@@ -10,7 +10,7 @@ use easel_core::params::Precision;
 use easel_core::GenerationParams;
 use easel_diffusion::engine::JobRequest;
 use easel_diffusion::models::layers::{
-    half_precision_paths, measure_bf16_gemm_gflops, measure_matmul_gflops,
+    half_precision_paths, measure_bf16_gemm_gflops, measure_matmul_gflops, profile, PROFILE_KINDS,
 };
 use easel_diffusion::pipelines::{CancelToken, Progress};
 
@@ -133,6 +133,47 @@ struct StagePeaks {
     decode: (Option<u64>, Option<u64>),
 }
 
+/// The last run's layer-kind seconds ([`PROFILE_KINDS`] order) in
+/// denoising and in the decode, those stages' wall times and its model
+/// calls, for `EASEL_PROFILE=1`.
+#[derive(Debug, Default)]
+struct StageProfile {
+    denoise: Vec<f64>,
+    decode: Vec<f64>,
+    denoise_wall: Duration,
+    decode_wall: Duration,
+    calls: usize,
+}
+
+impl StageProfile {
+    /// Print the table: seconds per `denoiser` call and per decode, by
+    /// layer kind, and what no kind covers. Nothing when a mark is missing.
+    fn print(&self, denoiser: &str) {
+        let n = PROFILE_KINDS.len();
+        if self.denoise.len() != n || self.decode.len() != n {
+            return;
+        }
+        println!();
+        println!("| layer kind (last run) | per {denoiser} call, s | VAE decode, s |");
+        println!("| --- | --- | --- |");
+        let per_call = |s: f64| s / self.calls.max(1) as f64;
+        for (i, kind) in PROFILE_KINDS.iter().enumerate() {
+            println!(
+                "| {kind} | {:.3} | {:.3} |",
+                per_call(self.denoise[i]),
+                self.decode[i]
+            );
+        }
+        // What no layer kind covers: element-wise ops outside the kernels,
+        // layer norms, layout copies, dtype conversions, the scheduler.
+        println!(
+            "| everything else | {:.3} | {:.3} |",
+            per_call(self.denoise_wall.as_secs_f64() - self.denoise.iter().sum::<f64>()),
+            self.decode_wall.as_secs_f64() - self.decode.iter().sum::<f64>()
+        );
+    }
+}
+
 /// Records the peak RSS of each stage from the pipeline's progress events:
 /// the peak is read and reset when the prompt is encoded, when the last
 /// step ends and when the latents are decoded.
@@ -159,10 +200,7 @@ impl StagePeakMeter {
 
     /// Record the layer-kind seconds so far as mark `i`.
     fn mark_profile(&mut self, i: usize) {
-        self.profile_marks[i] = easel_diffusion::models::layers::profile()
-            .into_iter()
-            .map(|(_, s)| s)
-            .collect();
+        self.profile_marks[i] = profile().into_iter().map(|(_, s)| s).collect();
     }
 
     /// Seconds per layer kind between marks `from` and `to` (empty when a
@@ -311,9 +349,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let guidance_scale = job.request.guidance_scale;
     let mut rows = Vec::new();
     let mut stage_peaks = StagePeaks::default();
-    // The last run's layer-kind seconds in denoising and in the decode,
-    // those stages' wall times and its model calls.
-    let mut stage_profile = (Vec::new(), Vec::new(), Duration::ZERO, Duration::ZERO, 1);
+    let mut stage_profile = StageProfile::default();
     let mut overall_peak = load_peak.0;
     // The most non-finite latent values of any run (0: every output finite).
     let mut non_finite = 0usize;
@@ -324,13 +360,13 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         let mut meter = StagePeakMeter::start(load_peak);
         let out = engine.run(&job, &mut |p| meter.on_progress(&p), &CancelToken::new())?;
         stage_peaks = meter.peaks;
-        stage_profile = (
-            meter.profile_between(0, 1),
-            meter.profile_between(1, 2),
-            out.timings.denoising,
-            out.timings.vae_decode,
-            out.timings.model_calls.len().max(1),
-        );
+        stage_profile = StageProfile {
+            denoise: meter.profile_between(0, 1),
+            decode: meter.profile_between(1, 2),
+            denoise_wall: out.timings.denoising,
+            decode_wall: out.timings.vae_decode,
+            calls: out.timings.model_calls.len().max(1),
+        };
         for p in [
             stage_peaks.text_encoding.0,
             stage_peaks.denoising.0,
@@ -428,32 +464,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         }
     }
     if std::env::var_os("EASEL_PROFILE").is_some() {
-        let (denoise, decode, denoise_wall, decode_wall, calls) = &stage_profile;
-        let kinds = easel_diffusion::models::layers::PROFILE_KINDS;
-        if denoise.len() == kinds.len() && decode.len() == kinds.len() {
-            println!();
-            println!(
-                "| layer kind (last run) | per {} call, s | VAE decode, s |",
-                family.denoiser_name()
-            );
-            println!("| --- | --- | --- |");
-            let per_call = |s: f64| s / *calls as f64;
-            for (i, kind) in kinds.iter().enumerate() {
-                println!(
-                    "| {kind} | {:.3} | {:.3} |",
-                    per_call(denoise[i]),
-                    decode[i]
-                );
-            }
-            // What no layer kind covers: element-wise ops (residual adds,
-            // activations outside a kernel, layer norms), layout copies,
-            // dtype conversions, the scheduler.
-            println!(
-                "| everything else | {:.3} | {:.3} |",
-                per_call(denoise_wall.as_secs_f64() - denoise.iter().sum::<f64>()),
-                decode_wall.as_secs_f64() - decode.iter().sum::<f64>()
-            );
-        }
+        stage_profile.print(family.denoiser_name());
     }
     let effective = best.flops_per_call / best.call.as_secs_f64() / 1e9;
     println!();

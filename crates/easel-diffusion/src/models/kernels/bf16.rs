@@ -58,6 +58,13 @@ pub struct PackedB {
     pub(super) k_pairs: usize,
 }
 
+/// `v` as f32, exactly (a 16-bit shift: plain loops of it vectorise,
+/// unlike `half`'s `to_f32` with its NaN branch).
+#[inline(always)]
+pub(super) fn widen(v: bf16) -> f32 {
+    f32::from_bits((v.to_bits() as u32) << 16)
+}
+
 /// Two bf16 as the pair `vdpbf16ps` reads from one 32-bit lane.
 #[inline(always)]
 fn pair(lo: bf16, hi: bf16) -> u32 {
@@ -139,7 +146,7 @@ pub fn linear_bf16(
     let panels = n.div_ceil(NR);
     let panel_groups = panels.div_ceil(GROUP);
     let tiles = m.div_ceil(MC) * panel_groups;
-    let out_ptr = SendPtr(out.as_mut_ptr() as *mut f32);
+    let out_ptr = SendPtr(out.as_mut_ptr());
     (0..tiles).into_par_iter().for_each_init(
         || vec![0f32; MC * GROUP * NR],
         |tile, t| {
@@ -169,18 +176,18 @@ pub fn linear_bf16(
                     !bias.is_empty(),
                 )
             };
-            let out = out_ptr.get() as *mut bf16;
-            for (i, row) in tile.chunks_exact(ld).take(rows.len()).enumerate() {
-                // SAFETY: row rows.start + i, columns `cols` of the m×n
-                // output: this task's alone.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        out.add((rows.start + i) * n + cols.start),
-                        cols.len(),
-                    )
-                };
-                round_into(&row[..cols.len()], dst);
-            }
+            // SAFETY: rows `rows`, columns `cols` of the m×n output: this
+            // task's alone.
+            unsafe {
+                out_ptr.store_rows(
+                    tile,
+                    ld,
+                    rows.len(),
+                    cols.len(),
+                    rows.start * n + cols.start,
+                    n,
+                )
+            };
         },
     );
     out
@@ -225,7 +232,7 @@ pub fn conv_bf16(
     }
     let (wt, kt) = tap_major(weight, co, ci, ks * ks);
     let chunks = hw.div_ceil(CONV_CHUNK);
-    let out_ptr = SendPtr(out.as_mut_ptr() as *mut f32);
+    let out_ptr = SendPtr(out.as_mut_ptr());
     (0..batch * chunks).into_par_iter().for_each_init(
         || vec![0f32; MC * CONV_CHUNK],
         |tile, t| {
@@ -254,15 +261,11 @@ pub fn conv_bf16(
                         true,
                     )
                 };
-                let out = out_ptr.get() as *mut bf16;
-                for (i, row) in tile.chunks_exact(CONV_CHUNK).take(rows).enumerate() {
-                    // SAFETY: pixels p0..p0+np of channel r0+i of image b:
-                    // this task's alone.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(out.add((b * co + r0 + i) * hw + p0), np)
-                    };
-                    round_into(&row[..np], dst);
-                }
+                // SAFETY: pixels p0..p0+np of channels r0..r0+rows of image
+                // b: this task's alone.
+                unsafe {
+                    out_ptr.store_rows(tile, CONV_CHUNK, rows, np, (b * co + r0) * hw + p0, hw)
+                };
             }
         },
     );
@@ -367,15 +370,32 @@ fn pack_im2col(
     p
 }
 
-/// A raw pointer the parallel tasks share (each writes a disjoint part).
+/// The bf16 output the parallel tasks share (each writes a disjoint part).
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+struct SendPtr(*mut bf16);
 // SAFETY: the tasks that share it write disjoint elements.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
+    /// Write the first `width` values of the first `rows` rows of `tile`
+    /// (row stride `ld` f32), rounded to bf16 ([`round_into`]), as the
+    /// output rows at elements `first + i·stride` (`i` < `rows`).
+    ///
+    /// # Safety
+    /// Those output rows exist and no other task writes them.
+    unsafe fn store_rows(
+        self,
+        tile: &[f32],
+        ld: usize,
+        rows: usize,
+        width: usize,
+        first: usize,
+        stride: usize,
+    ) {
+        for (i, row) in tile.chunks_exact(ld).take(rows).enumerate() {
+            let dst = std::slice::from_raw_parts_mut(self.0.add(first + i * stride), width);
+            round_into(&row[..width], dst);
+        }
     }
 }
 

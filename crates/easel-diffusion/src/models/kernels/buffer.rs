@@ -167,19 +167,46 @@ pub fn enabled() -> bool {
     })
 }
 
-/// Elements widened per rayon task in [`with_f32_weight`].
-const WIDEN_CHUNK: usize = 1 << 16;
+/// Elements converted per rayon task ([`with_f32_weight`], [`to_f32`],
+/// [`to_half`]).
+const CONVERT_CHUNK: usize = 1 << 16;
+
+/// The data of a contiguous f16 or bf16 CPU tensor widened to f32
+/// (exactly: every f16 and bf16 value is an f32 value), in parallel
+/// chunks: f16 with F16C where the CPU has it (`half`'s slice
+/// conversion), bf16 by its 16-bit shift ([`super::bf16::widen`]).
+///
+/// Errors: `t` is not a contiguous f16 or bf16 CPU tensor.
+fn widened(t: &Tensor) -> Result<Vec<f32>> {
+    use half::slice::HalfFloatSliceExt;
+    fn par<T: Sync>(src: &[T], convert: impl Fn(&[T], &mut [f32]) + Sync) -> Vec<f32> {
+        let mut wide = vec![0f32; src.len()];
+        wide.par_chunks_mut(CONVERT_CHUNK)
+            .zip(src.par_chunks(CONVERT_CHUNK))
+            .for_each(|(d, s)| convert(s, d));
+        wide
+    }
+    match t.dtype() {
+        DType::F16 => with_data(t, DType::F16, "expected an f16 CPU tensor", |s| {
+            par(s, |s: &[half::f16], d| s.convert_to_f32_slice(d))
+        }),
+        _ => with_data(t, DType::BF16, "expected an f16 or bf16 CPU tensor", |s| {
+            par(s, |s: &[half::bf16], d| {
+                for (d, &s) in d.iter_mut().zip(s) {
+                    *d = super::bf16::widen(s);
+                }
+            })
+        }),
+    }
+}
 
 /// Run `f` on the data of weight `t` as f32: in place for an f32 tensor,
-/// else widened from f16 / bf16 into a temporary buffer (exactly: every
-/// f16 and bf16 value is an f32 value), in parallel chunks with F16C where
-/// the CPU has it (`half`'s slice conversion). Weights stay in memory in
-/// their stored precision, half the bytes of f32, and only one layer's
-/// weight is widened at a time.
+/// else widened from f16 / bf16 into a temporary buffer ([`widened`]).
+/// Weights stay in memory in their stored precision, half the bytes of
+/// f32, and only one layer's weight is widened at a time.
 ///
 /// Errors: `t` is not a contiguous f32 / f16 / bf16 CPU tensor.
 pub fn with_f32_weight<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    use half::slice::HalfFloatSliceExt;
     if t.dtype() == DType::F32 {
         return with_f32(t, f);
     }
@@ -189,75 +216,22 @@ pub fn with_f32_weight<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> 
             "expected a contiguous f32, f16 or bf16 CPU weight",
         ));
     }
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        return Err(Error::invalid("kernel", "expected a CPU tensor"));
-    };
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::invalid("kernel", "tensor is not contiguous"))?;
-    fn widen<T: Sync>(data: &[T]) -> Vec<f32>
-    where
-        [T]: HalfFloatSliceExt,
-    {
-        let mut wide = vec![0f32; data.len()];
-        wide.par_chunks_mut(WIDEN_CHUNK)
-            .zip(data.par_chunks(WIDEN_CHUNK))
-            .for_each(|(dst, src)| src.convert_to_f32_slice(dst));
-        wide
-    }
-    let wide = match t.dtype() {
-        DType::F16 => widen(&cpu.as_slice::<half::f16>()?[start..end]),
-        _ => widen(&cpu.as_slice::<half::bf16>()?[start..end]),
-    };
-    Ok(f(&wide))
+    Ok(f(&widened(t)?))
 }
 
-/// Elements converted per rayon task in [`to_f32`] and [`to_half`].
-const CONVERT_CHUNK: usize = 1 << 15;
-
 /// `t` (an f16 or bf16 CPU tensor) widened to f32, exactly, in parallel
-/// chunks: candle's `to_dtype` on the CPU converts on one thread, which
-/// for the activations of a half-precision UNet (millions of values per
-/// layer) costs as much as a small matrix product. Other tensors go
+/// ([`widened`]): candle's `to_dtype` on the CPU converts on one thread,
+/// which for the activations of a half-precision UNet (millions of values
+/// per layer) costs as much as a small matrix product. Other tensors go
 /// through `to_dtype` unchanged.
 ///
 /// Errors: as `Tensor::to_dtype`.
 pub fn to_f32(t: &Tensor) -> Result<Tensor> {
-    use half::slice::HalfFloatSliceExt;
     if !t.device().is_cpu() || !matches!(t.dtype(), DType::F16 | DType::BF16) {
         return Ok(t.to_dtype(DType::F32)?);
     }
-    let t = t.contiguous()?;
-    let mut wide = vec![0f32; t.elem_count()];
-    fn widen<T: Sync>(src: &[T], dst: &mut [f32])
-    where
-        [T]: HalfFloatSliceExt,
-    {
-        dst.par_chunks_mut(CONVERT_CHUNK)
-            .zip(src.par_chunks(CONVERT_CHUNK))
-            .for_each(|(d, s)| s.convert_to_f32_slice(d));
-    }
-    if t.dtype() == DType::F16 {
-        with_data(
-            &t,
-            DType::F16,
-            "expected an f16 CPU tensor",
-            |s: &[half::f16]| widen(s, &mut wide),
-        )?;
-    } else {
-        with_bf16(&t, |s| {
-            // bf16 → f32 is a 16-bit shift: a plain loop vectorises.
-            wide.par_chunks_mut(CONVERT_CHUNK)
-                .zip(s.par_chunks(CONVERT_CHUNK))
-                .for_each(|(d, s)| {
-                    for (d, s) in d.iter_mut().zip(s) {
-                        *d = f32::from_bits((s.to_bits() as u32) << 16);
-                    }
-                })
-        })?;
-    }
-    tensor(wide, t.dims())
+    let t = contiguous(t)?;
+    tensor(widened(&t)?, t.dims())
 }
 
 /// `t` (an f32 CPU tensor) rounded to `dtype` (f16 or bf16, to nearest
@@ -305,7 +279,7 @@ mod tests {
     /// Half-precision weights widen exactly (also across widening chunks).
     #[test]
     fn half_weights_widen_exactly() {
-        let w = randn(&[3, WIDEN_CHUNK + 17], 5);
+        let w = randn(&[3, CONVERT_CHUNK + 17], 5);
         for dtype in [DType::F16, DType::BF16] {
             let stored = w.to_dtype(dtype).unwrap();
             let want = stored
@@ -323,18 +297,21 @@ mod tests {
         assert!(with_f32_weight(&strided, |_| ()).is_err());
     }
 
+    /// The bits of `t`'s values, widened to f32, in row-major order.
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let values = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        values
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
     /// The parallel copy gives candle's `contiguous` values for permuted,
     /// transposed and narrowed tensors.
     #[test]
     fn parallel_contiguous_equals_candles() {
-        let flat = |t: &Tensor| {
-            t.to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
         for dtype in [DType::F32, DType::BF16] {
             let x = randn(&[2, 5, 7, 6], 3).to_dtype(dtype).unwrap();
             let views = [
@@ -349,7 +326,7 @@ mod tests {
                 assert!(got.is_contiguous());
                 let want = v.contiguous().unwrap();
                 assert_eq!(got.dims(), want.dims());
-                assert_eq!(flat(&got), flat(&want), "{dtype:?} {:?}", v.layout());
+                assert_eq!(bits(&got), bits(&want), "{dtype:?} {:?}", v.layout());
             }
         }
     }
@@ -360,17 +337,6 @@ mod tests {
     fn parallel_conversions_equal_to_dtype() {
         let x = (randn(&[3, CONVERT_CHUNK + 29], 6) * 1e3).unwrap();
         for dtype in [DType::F16, DType::BF16] {
-            let bits = |t: &Tensor| {
-                t.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>()
-            };
             let half = to_half(&x, dtype).unwrap();
             assert_eq!(half.dtype(), dtype);
             assert_eq!(bits(&half), bits(&x.to_dtype(dtype).unwrap()), "{dtype:?}");

@@ -1,13 +1,15 @@
-//! Element-wise kernels for bf16 activations on the CPU, each one parallel
-//! pass: GEGLU's gated GELU, residual sums (also with a per-plane term:
-//! a time embedding), nearest ×2 upsampling. candle's CPU ops run these on
-//! one thread, GEGLU in three passes; the values are the same (each bf16
-//! result is the f32 result rounded once, to nearest even).
+//! Element-wise kernels for activations on the CPU, each one parallel
+//! pass: GEGLU's gated GELU (bf16 and f32), residual sums (bf16 and f32;
+//! in bf16 also with a per-plane term: a time embedding), nearest ×2
+//! upsampling. candle's CPU ops run these on one thread, GEGLU in three
+//! passes; the values are the same (f32 bit for bit; each bf16 result the
+//! f32 result rounded once, to nearest even).
 
 use half::bf16;
 use rayon::prelude::*;
 
 use super::attention::exp_f32;
+use super::bf16::widen as wide;
 
 /// Rows per rayon task in [`geglu_bf16`].
 const ROWS_PER_TASK: usize = 16;
@@ -43,12 +45,6 @@ pub fn geglu_bf16(x: &[bf16], rows: usize, n: usize) -> Vec<bf16> {
 
 /// Elements per rayon task of the element-wise kernels.
 const CHUNK: usize = 1 << 14;
-
-/// bf16 → f32, exactly.
-#[inline(always)]
-fn wide(v: bf16) -> f32 {
-    f32::from_bits((v.to_bits() as u32) << 16)
-}
 
 /// `a + b` element-wise, bf16 in and out: each sum taken in f32 and rounded
 /// once (PyTorch's and candle's bf16 `add`).

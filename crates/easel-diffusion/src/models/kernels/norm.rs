@@ -19,7 +19,7 @@ impl NormInput for f32 {
 impl NormInput for bf16 {
     #[inline(always)]
     fn f32(self) -> f32 {
-        f32::from_bits((self.to_bits() as u32) << 16)
+        super::bf16::widen(self)
     }
 }
 

@@ -520,14 +520,8 @@ pub fn scaled_dot_product_attention(
         WIDENED_LAYERS.fetch_add(1, Ordering::Relaxed);
         let f32 = kernels::to_f32;
         let mask = mask.map(f32).transpose()?;
-        return Ok(scaled_dot_product_attention(
-            &f32(q)?,
-            &f32(k)?,
-            &f32(v)?,
-            mask.as_ref(),
-            scale,
-        )?
-        .to_dtype(dtype)?);
+        let out = scaled_dot_product_attention(&f32(q)?, &f32(k)?, &f32(v)?, mask.as_ref(), scale)?;
+        return kernels::to_half(&out, dtype);
     }
     let (b, h, n, d) = q.dims4()?;
     let m = k.dim(2)?;
