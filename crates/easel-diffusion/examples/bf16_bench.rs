@@ -11,7 +11,8 @@
 use std::time::Instant;
 
 use easel_diffusion::models::kernels::{
-    attention, attention_bf16, bf16_gemm_available, conv3x3_same, conv_bf16, linear, linear_bf16,
+    attention, attention_bf16, bf16_gemm_available, conv1x1, conv3x3_prefers_winograd,
+    conv3x3_same, conv3x3_winograd, conv_bf16, linear, linear_bf16,
 };
 use half::bf16;
 
@@ -108,10 +109,14 @@ fn main() {
         let (xh, wh) = (halve(&x), halve(&wt));
         let flop = 2.0 * (b * ci * co * h * w * ks * ks) as f64;
         let t16 = best_of(runs, || conv_bf16(&xh, b, ci, h, w, &wh, &bias, co, ks));
-        let t32 = if ks == 3 {
-            best_of(runs, || conv3x3_same(&x, b, ci, h, w, &wt, &bias, co))
+        // The f32 kernel the models run for the layer: Winograd from
+        // WINOGRAD_MIN_CHANNELS channels, the direct one below.
+        let t32 = if ks == 1 {
+            best_of(runs, || conv1x1(&x, b, ci, h * w, &wt, &bias, co))
+        } else if conv3x3_prefers_winograd(ci, co) {
+            best_of(runs, || conv3x3_winograd(&x, b, ci, h, w, &wt, &bias, co))
         } else {
-            f64::NAN
+            best_of(runs, || conv3x3_same(&x, b, ci, h, w, &wt, &bias, co))
         };
         row(
             &format!("conv{ks}x{ks} {b}×{ci}→{co}, {h}×{w}"),

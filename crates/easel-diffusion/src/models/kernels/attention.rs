@@ -2,6 +2,8 @@
 
 use rayon::prelude::*;
 
+use super::attention_flash::attention_flash;
+use super::gemm_f32;
 use super::matmul::matmul;
 
 /// Rows of queries handled per attention block.
@@ -13,8 +15,32 @@ const ATTENTION_BLOCK: usize = 128;
 /// `O(threads · block · m)` instead of `O(heads · n · m)`.
 ///
 /// - `q`: `(bh, n, d)`, `k`, `v`: `(bh, m, d)` → `(bh, n, d)`.
+///
+/// Where the f32 AVX-512 kernel runs (`gemm_f32::available`), a positive
+/// `scale` and at least one key, this is flash attention instead
+/// (`attention_flash`: keys in chunks, an online softmax, `O(threads · 512
+/// · 64)` scores).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    bh: usize,
+    n: usize,
+    m: usize,
+    d: usize,
+    scale: f32,
+) -> Vec<f32> {
+    if gemm_f32::available() && scale > 0.0 && m > 0 {
+        return attention_flash(q, k, v, bh, n, m, d, scale);
+    }
+    attention_blocked(q, k, v, bh, n, m, d, scale)
+}
+
+/// [`attention`] by blocks of [`ATTENTION_BLOCK`] query rows, the whole
+/// `block × m` score matrix of a block at a time (every CPU, any scale).
+#[allow(clippy::too_many_arguments)]
+fn attention_blocked(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -205,8 +231,15 @@ mod tests {
 
     #[test]
     fn attention_matches_naive_across_block_boundaries() {
-        // n = 300 spans three blocks of 128 with a partial last block.
-        let (bh, n, m, d) = (3, 300, 77, 8);
+        // n = 300 spans three blocks of 128 (five flash blocks of 64) with
+        // a partial last block; m = 1100 three flash key chunks of 512,
+        // the last partial (the online softmax rescales twice).
+        for (bh, n, m, d) in [(3, 300, 77, 8), (2, 70, 1100, 40)] {
+            compare_with_naive(bh, n, m, d);
+        }
+    }
+
+    fn compare_with_naive(bh: usize, n: usize, m: usize, d: usize) {
         let q = randn(&[bh, n, d], 7);
         let k = randn(&[bh, m, d], 8);
         let v = randn(&[bh, m, d], 9);
@@ -216,14 +249,25 @@ mod tests {
             .unwrap()
             .matmul(&v)
             .unwrap();
-        let got = with_f32(&q, |qd| {
-            with_f32(&k, |kd| {
-                with_f32(&v, |vd| attention(qd, kd, vd, bh, n, m, d, scale as f32))
+        // The dispatching entry point (flash where the CPU has AVX-512F)
+        // and the blocked kernel every CPU runs.
+        for (name, kernel) in [
+            (
+                "attention",
+                attention as fn(&[f32], &[f32], &[f32], _, _, _, _, _) -> Vec<f32>,
+            ),
+            ("attention_blocked", attention_blocked),
+        ] {
+            let got = with_f32(&q, |qd| {
+                with_f32(&k, |kd| {
+                    with_f32(&v, |vd| kernel(qd, kd, vd, bh, n, m, d, scale as f32))
+                })
             })
-        })
-        .unwrap()
-        .unwrap()
-        .unwrap();
-        assert!(max_diff(&tensor(got, &[bh, n, d]).unwrap(), &want) < 1e-5);
+            .unwrap()
+            .unwrap()
+            .unwrap();
+            let diff = max_diff(&tensor(got, &[bh, n, d]).unwrap(), &want);
+            assert!(diff < 1e-5, "{name} {bh}x{n}x{m}x{d}: {diff}");
+        }
     }
 }

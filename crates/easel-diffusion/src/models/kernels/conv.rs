@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use super::conv_input::ConvInput;
-use super::matmul::matmul;
+use super::matmul::{matmul, matmul_row_bias};
 use super::parallelism;
 
 /// 3×3 convolution, stride 1, zero padding 1 ("same"), plus bias, as nine
@@ -501,18 +501,15 @@ pub fn conv1x1(
     let mut out = vec![0f32; batch * co * hw];
     for b in 0..batch {
         let ob = &mut out[b * co * hw..(b + 1) * co * hw];
-        for (row, &bv) in ob.chunks_mut(hw).zip(bias) {
-            row.fill(bv);
-        }
         // SAFETY: shapes as documented; `ob` does not alias `x` or `weight`.
         unsafe {
-            matmul(
+            matmul_row_bias(
                 co,
                 hw,
                 ci,
                 ob.as_mut_ptr(),
                 hw,
-                true,
+                bias,
                 weight.as_ptr(),
                 ci,
                 x.as_ptr().add(b * ci * hw),
@@ -551,19 +548,16 @@ pub fn conv1x1_add_into(
     for b in 0..batch {
         for col0 in (0..hw).step_by(chunk) {
             let n = chunk.min(hw - col0);
-            for (row, &bv) in tmp.chunks_mut(n).take(co).zip(bias) {
-                row.fill(bv);
-            }
             // SAFETY: tmp is (co × n) with row stride n; x's columns col0..
             // col0+n of image b, rows of stride hw; weight (co × ci).
             unsafe {
-                matmul(
+                matmul_row_bias(
                     co,
                     n,
                     ci,
                     tmp.as_mut_ptr(),
                     n,
-                    true,
+                    bias,
                     weight.as_ptr(),
                     ci,
                     x.as_ptr().add(b * ci * hw + col0),

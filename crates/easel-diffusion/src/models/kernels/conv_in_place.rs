@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::conv::{SharedMut, WinogradGeometry};
 use super::conv_input::ConvInput;
-use super::matmul::matmul;
+use super::matmul::matmul_row_bias;
 use super::{parallelism, winograd_filter};
 
 /// A 1×1 convolution computed alongside [`conv3x3_winograd_shrink_in_place`]
@@ -171,21 +171,18 @@ fn shortcut_block(
         let run = (th - ty0).min(nr - rr);
         let (y0, y1) = (2 * ty0, (2 * (ty0 + run)).min(h));
         let n = (y1 - y0) * w;
-        for (o, row) in dst.chunks_mut(staged_rows * w).take(s.co).enumerate() {
-            row[2 * rr * w..2 * rr * w + n].fill(s.bias[o]);
-        }
         // SAFETY: dst is (co × staged_rows·w), the run's rows 2rr.. at
         // column 2rr·w with n ≤ (staged_rows − 2rr)·w values; x's rows
         // y0..y1 of the ci planes of image b, plane stride h·w; weight
         // (co × ci). dst does not alias x or the weight.
         unsafe {
-            matmul(
+            matmul_row_bias(
                 s.co,
                 n,
                 ci,
                 dst.as_mut_ptr().add(2 * rr * w),
                 staged_rows * w,
-                true,
+                s.bias,
                 s.weight.as_ptr(),
                 ci,
                 x.as_ptr().add((b * ci * h + y0) * w),

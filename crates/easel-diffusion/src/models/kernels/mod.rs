@@ -22,12 +22,14 @@
 
 mod attention;
 mod attention_bf16;
+mod attention_flash;
 mod bf16;
 mod buffer;
 mod conv;
 mod conv_in_place;
 mod conv_input;
 mod elementwise;
+mod gemm_f32;
 mod matmul;
 mod norm;
 
