@@ -3,9 +3,12 @@
 //! matrix products (reading PyTorch's weight layout in place), group norm
 //! fused with SiLU, and attention computed block by block without
 //! materialising the full score matrix, its softmax on a vectorised `exp`.
-//! Matrix products go through the `gemm` crate (runtime dispatch to
-//! AVX2/AVX-512/NEON micro-kernels); everything around them (layout,
-//! padding, softmax, normalisation) is ours.
+//! Linear layers and attention run on our own f32 GEMM micro-kernel where
+//! the CPU has AVX-512F (`gemm_f32`, `attention_flash`); the
+//! convolutions' products, and everything on other CPUs, go through the
+//! `gemm` crate (runtime dispatch to AVX2/AVX-512/NEON micro-kernels).
+//! Everything around them (layout, padding, softmax, normalisation) is
+//! ours.
 //!
 //! All functions take and return contiguous row-major f32 buffers; shapes
 //! are given explicitly. Results equal PyTorch's within float32 rounding.
@@ -16,9 +19,10 @@
 //! elsewhere bf16 layers widen to f32 and use the rest.
 //!
 //! Layout: `buffer` gives the kernels f32 views of tensors, `matmul` the
-//! matrix products (`linear`), `conv` the 3×3 (direct and Winograd) and
-//! 1×1 convolutions, `norm` group norm, `attention` blocked attention and
-//! its softmax. Every kernel is re-exported here.
+//! matrix products (`linear`; `gemm_f32` the AVX-512F kernel under it),
+//! `conv` the 3×3 (direct and Winograd) and 1×1 convolutions, `norm` group
+//! norm, `attention` blocked attention and its softmax (`attention_flash`
+//! its AVX-512F flash form). Every kernel is re-exported here.
 
 mod attention;
 mod attention_bf16;
