@@ -5,7 +5,8 @@ config.json files (compute does not depend on the values):
 
 * Without --steps: builds the UNet and VAE, then times one guided UNet call
   (batch 2) and one VAE decode, the same work as a step and a decode of
-  `easel bench`. Prints a table like easel's.
+  `easel bench`, and (where the folder has a `text_encoder`) the text
+  encoding of a prompt and a negative prompt. Prints a table like easel's.
 
       python tools/bench_diffusers.py --model ../shared/bench-models/sd15 \
           --width 512 --height 512 --threads 2 [--dtype float32|bfloat16]
@@ -212,15 +213,34 @@ def run_components(a, device, dtype):
             sync(device)
         return go
 
+    # The text encoder as the pipelines call it: the prompt and the
+    # negative prompt, 77 tokens each, one forward pass apiece (SD 1.x/2.x
+    # folders; SDXL's second encoder is not timed here).
+    encode = None
+    te_dir = os.path.join(a.model, "text_encoder")
+    if os.path.isdir(te_dir):
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        te = CLIPTextModel(CLIPTextConfig.from_pretrained(te_dir)).to(device=device, dtype=dtype).eval()
+        ids = torch.randint(0, te.config.vocab_size, (1, 77), device=device)
+
+        def encode_pair():
+            te(ids)
+            te(ids)
+
+        encode = encode_pair
     with torch.no_grad():
         step = best_of(timed(lambda: unet(sample, 500, encoder_hidden_states=ctx, **kwargs)), a.runs + 1)
         dec = best_of(timed(lambda: vae.decode(z)), a.runs)
+        text = best_of(timed(encode), a.runs + 1) if encode else None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
     print(f"diffusers {a.dtype}, {a.width}x{a.height}, {a.threads} threads, {device}, torch {torch.__version__}")
     print("| stage | seconds |")
     print("| --- | --- |")
     print(f"| UNet call (batch 2, one guided step) | {step:.3f} |")
     print(f"| VAE decode | {dec:.3f} |")
+    if text is not None:
+        print(f"| text encoding (prompt and negative prompt) | {text:.3f} |")
     print(f"| peak RSS | {rss:.2f} GiB |")
     if device.type == "cuda":
         print(f"| peak GPU memory allocated | {torch.cuda.max_memory_allocated(device) / (1 << 30):.2f} GiB |")

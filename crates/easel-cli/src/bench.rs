@@ -519,8 +519,15 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         ),
     }
     if compute == Precision::Fp32 {
+        let kernels = if easel_diffusion::models::kernels::f32_gemm_native() {
+            "easel's GEMM for linear layers and attention, the gemm crate for convolutions; \
+             linear weights widened from their stored type while packed, convolution weights \
+             per layer"
+        } else {
+            "the gemm crate; weights widened per layer from their stored type"
+        };
         println!(
-            "computed: f32 (matrix products on {}); weights widened per layer from their stored type",
+            "computed: f32 (matrix products on {}: {kernels})",
             f32_kernel_isa()
         );
     } else {

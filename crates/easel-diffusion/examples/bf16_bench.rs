@@ -1,7 +1,8 @@
 //! Per-shape timings of the AVX512-BF16 kernels (`linear_bf16`,
 //! `conv_bf16`, `attention_bf16`) on the layer shapes of SD 1.5 at 512²
 //! (UNet at batch 2, so 2 × 4096 tokens at the first level), in GFLOP/s,
-//! beside the f32 kernels on the same shapes.
+//! beside the f32 kernels on the same shapes (with f16 weights, as
+//! checkpoints store them and the layers read them).
 //!
 //!     cargo run --release -p easel-diffusion --example bf16_bench [runs] [linear|conv|attention]
 //!
@@ -12,7 +13,7 @@ use std::time::Instant;
 
 use easel_diffusion::models::kernels::{
     attention, attention_bf16, bf16_gemm_available, conv1x1, conv3x3_prefers_winograd,
-    conv3x3_same, conv3x3_winograd, conv_bf16, linear, linear_bf16,
+    conv3x3_same, conv3x3_winograd, conv_bf16, linear_bf16, linear_stored,
 };
 use half::bf16;
 
@@ -75,6 +76,8 @@ fn main() {
             (512, 1280, 1280),
             (512, 1280, 10240),
             (154, 768, 320),
+            (77, 768, 3072),
+            (77, 3072, 768),
         ][..]
     } else {
         &[]
@@ -85,7 +88,14 @@ fn main() {
         let (ah, wh) = (halve(&a), halve(&w));
         let flop = 2.0 * (m * k * n) as f64;
         let t16 = best_of(runs, || linear_bf16(&ah, m, k, &wh, &bias, n));
-        let t32 = best_of(runs, || linear(&a, m, k, &w, &bias, n));
+        // The f32 layer's weight as checkpoints store it (f16), read as
+        // `Linear` reads it.
+        let w16: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let w16 = candle_core::Tensor::from_vec(w16, (n, k), &candle_core::Device::Cpu)
+            .expect("an f16 weight");
+        let t32 = best_of(runs, || {
+            linear_stored(&a, m, k, &w16, &bias, n).expect("an f16 CPU weight")
+        });
         row(&format!("linear {m}×{k}→{n}"), flop, t16, t32);
     }
     // Convolutions: batch × ci → co, h × w, kernel size.

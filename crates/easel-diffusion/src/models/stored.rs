@@ -24,6 +24,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::models::kernels::RowFormat;
 
 /// The 8-bit float formats of fp8 checkpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -256,6 +257,58 @@ impl StoredTensor {
                 Ok(f(&out))
             }
         }
+    }
+
+    /// `torch.nn.functional.linear` with this tensor as the `(n, k)`
+    /// weight: `x` `(m, k)` → `(m, n)`, plus `bias` (`n` values or empty).
+    /// Where the CPU has AVX-512F, an f16 / bf16 weight and a GGML `Q8_0` /
+    /// `Q4_0` one are read as stored, widened while the product packs its
+    /// panels ([`super::kernels::linear_stored`],
+    /// [`super::kernels::linear_rows`]); other types (k-quants, fp8) and
+    /// other CPUs widen the whole weight first ([`Self::with_f32`]). The
+    /// result is the same either way.
+    ///
+    /// Errors: the tensor is not [`Self::kernel_ready`], or the shapes
+    /// disagree (`n·k` weights, `m·k` inputs, `n` biases or none).
+    pub fn linear(
+        &self,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        bias: &[f32],
+        n: usize,
+    ) -> Result<Vec<f32>> {
+        if self.elem_count() != n * k || x.len() != m * k || !(bias.is_empty() || bias.len() == n) {
+            return Err(Error::invalid(
+                "linear",
+                format!(
+                    "a {:?} weight, {} inputs and {} biases for {m} rows of {k} → {n}",
+                    self.dims(),
+                    x.len(),
+                    bias.len()
+                ),
+            ));
+        }
+        match self {
+            Self::Dense(t) if self.kernel_ready() => {
+                return super::kernels::linear_stored(x, m, k, t, bias, n);
+            }
+            Self::Quantized(q) if q.device().is_cpu() => {
+                let format = match q.dtype() {
+                    GgmlDType::Q8_0 => Some(RowFormat::Q8_0),
+                    GgmlDType::Q4_0 => Some(RowFormat::Q4_0),
+                    _ => None,
+                };
+                if let Some(format) = format.filter(|f| f.fits(k)) {
+                    let rows = q.data()?;
+                    if let Some(y) = super::kernels::linear_rows(x, m, k, &rows, format, bias, n)? {
+                        return Ok(y);
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.with_f32(|w| super::kernels::linear(x, m, k, w, bias, n))
     }
 
     /// The tensor as a dense candle tensor on `device`: a dense one as it
@@ -602,6 +655,41 @@ mod tests {
             .unwrap();
             assert_eq!(joined.with_f32(<[f32]>::to_vec).unwrap(), want);
         }
+    }
+
+    /// `StoredTensor::linear` gives bit for bit what `kernels::linear` gives
+    /// on the weight widened by candle's (ggml's) dequantization, for the
+    /// types read as stored (f16, bf16, Q8_0, Q4_0) and one widened first
+    /// (Q4_K), whichever f32 kernel runs.
+    #[test]
+    fn linear_equals_linear_on_the_widened_weight() {
+        let (m, k, n) = (77, 256, 130);
+        let x = values(m * k, 4);
+        let bias = values(n, 5);
+        let w = Tensor::from_vec(values(n * k, 6), (n, k), &Device::Cpu).unwrap();
+        let mut weights = vec![
+            StoredTensor::Dense(w.to_dtype(DType::F16).unwrap()),
+            StoredTensor::Dense(w.to_dtype(DType::BF16).unwrap()),
+        ];
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K] {
+            weights.push(StoredTensor::Quantized(Arc::new(
+                QTensor::quantize(&w, dtype).unwrap(),
+            )));
+        }
+        for weight in &weights {
+            let wide = weight.with_f32(<[f32]>::to_vec).unwrap();
+            let want = crate::models::kernels::linear(&x, m, k, &wide, &bias, n);
+            let got = weight.linear(&x, m, k, &bias, n).unwrap();
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits()),
+                "{}",
+                weight.type_name()
+            );
+        }
+        // A weight of another shape is an error.
+        assert!(weights[2].linear(&x, m, k, &bias, n - 1).is_err());
     }
 
     /// Every fp8 byte widens to the value PyTorch gives it (spot checks of

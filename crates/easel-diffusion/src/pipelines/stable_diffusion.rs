@@ -97,10 +97,10 @@ impl StableDiffusionPipeline {
                 )?);
             }
         }
-        // Prompts and negative prompts in one batch: every sequence is
+        // Prompts and negative prompts in one call: every sequence is
         // padded to 77 tokens and CLIP masks nothing but the causal
-        // future, so each row is what its own call gives, and the weights
-        // are widened once instead of twice.
+        // future, and the encoder runs each row on its own, so each row is
+        // what its own call gives.
         let all = self
             .text_encoder
             .get()?

@@ -76,7 +76,7 @@ pub fn with_bf16<R>(t: &Tensor, f: impl FnOnce(&[half::bf16]) -> R) -> Result<R>
 
 /// Run `f` on the data of a contiguous CPU tensor of `dtype` (element
 /// type `T`); `wrong` is the error's text for any other tensor.
-fn with_data<T: candle_core::WithDType, R>(
+pub(super) fn with_data<T: candle_core::WithDType, R>(
     t: &Tensor,
     dtype: DType,
     wrong: &str,

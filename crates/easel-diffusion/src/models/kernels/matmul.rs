@@ -8,7 +8,7 @@
 //! the same speed and the VAE's (128 channels, many small products) 20 %
 //! slower, measured in alternating runs.
 
-use super::gemm_f32::{self, Init, Strided};
+use super::gemm_f32::{self, Init, RowFormat, Source, Strided};
 use super::{num_threads, parallelism};
 
 /// `dst (m×n, row stride dst_rs) = [dst +] a (m×k, row stride lda) · b (k×n, row stride ldb)`.
@@ -94,39 +94,14 @@ pub fn linear(x: &[f32], m: usize, k: usize, weight: &[f32], bias: &[f32], n: us
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(weight.len(), n * k);
     if gemm_f32::runs(n) {
-        // The bias is added by the tasks, so the fresh output is first
-        // touched in parallel.
-        let mut out = vec![0f32; m * n];
-        let w = Strided {
+        let w = Source::F32(Strided {
             ptr: weight.as_ptr(),
             rs: 1,
             cs: k,
-        };
-        let init = match bias {
-            [] => Init::Zero,
-            _ => {
-                assert_eq!(bias.len(), n, "linear: bias length");
-                Init::ColumnBias(bias.as_ptr())
-            }
-        };
-        let parallel = num_threads() > 1;
-        // SAFETY: `x` is m×k, the weight read as k×n (row stride 1,
-        // column stride k), `out` m×n, the bias n values; no aliasing.
-        unsafe {
-            gemm_f32::gemm(
-                m,
-                n,
-                k,
-                out.as_mut_ptr(),
-                n,
-                init,
-                x.as_ptr(),
-                k,
-                w,
-                parallel,
-            )
-        };
-        return out;
+        });
+        // SAFETY: the weight is n×k f32, read as k×n (row stride 1,
+        // column stride k).
+        return unsafe { linear_on_gemm_f32(x, m, k, w, bias, n) };
     }
     let mut out = if bias.is_empty() {
         vec![0f32; m * n]
@@ -166,6 +141,135 @@ pub fn linear(x: &[f32], m: usize, k: usize, weight: &[f32], bias: &[f32], n: us
     out
 }
 
+/// [`linear`] with its `(n, k)` weight as stored: an f16 or bf16 weight
+/// runs on [`gemm_f32`] where that applies ([`linear_rows`]); otherwise the
+/// weight is widened into a temporary f32 buffer
+/// ([`super::with_f32_weight`]) and [`linear`] runs on it. The results are
+/// the same either way.
+///
+/// Errors: `weight` is not a contiguous f32 / f16 / bf16 CPU tensor of
+/// `n·k` values.
+pub fn linear_stored(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    weight: &candle_core::Tensor,
+    bias: &[f32],
+    n: usize,
+) -> crate::Result<Vec<f32>> {
+    use candle_core::DType;
+    if weight.elem_count() != n * k {
+        return Err(crate::Error::invalid(
+            "linear",
+            format!("a weight of shape {:?} for {k} → {n}", weight.dims()),
+        ));
+    }
+    if gemm_f32::runs(n) && super::applies_weight(weight) {
+        // The 16-bit values as the bytes of their rows.
+        fn bytes<T>(w: &[T]) -> &[u8] {
+            // SAFETY: any initialised values are valid bytes.
+            unsafe { std::slice::from_raw_parts(w.as_ptr().cast(), std::mem::size_of_val(w)) }
+        }
+        let run = |w: &[u8], format| linear_rows(x, m, k, w, format, bias, n);
+        let done = match weight.dtype() {
+            DType::F16 => {
+                super::buffer::with_data(weight, DType::F16, "f16", |w: &[half::f16]| {
+                    run(bytes(w), RowFormat::F16)
+                })??
+            }
+            DType::BF16 => {
+                super::buffer::with_data(weight, DType::BF16, "bf16", |w: &[half::bf16]| {
+                    run(bytes(w), RowFormat::Bf16)
+                })??
+            }
+            _ => None,
+        };
+        if let Some(y) = done {
+            return Ok(y);
+        }
+    }
+    super::with_f32_weight(weight, |w| linear(x, m, k, w, bias, n))
+}
+
+/// [`linear`] with its `(n, k)` weight given as `n` rows of `format`
+/// (`rows`: their bytes, as GGUF and safetensors store them), widened
+/// exactly while [`gemm_f32`] packs its panels: the same result as
+/// widening the whole weight first (`half`'s conversions, ggml's
+/// dequantization) and running [`linear`], without that f32 copy. `None`
+/// where `gemm_f32` does not run (no AVX-512F, `EASEL_F32_GEMM=portable`,
+/// `n` under its minimum): the caller widens instead.
+///
+/// Errors: `k` does not fit the format ([`RowFormat::fits`]), or `rows` is
+/// not `n` rows of `k` values.
+pub fn linear_rows(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    rows: &[u8],
+    format: RowFormat,
+    bias: &[f32],
+    n: usize,
+) -> crate::Result<Option<Vec<f32>>> {
+    if !format.fits(k) || rows.len() != n * format.row_bytes(k) {
+        return Err(crate::Error::invalid(
+            "linear",
+            format!(
+                "{} bytes of {format:?} rows for {k} → {n} (k must be a multiple of 32 for blocks)",
+                rows.len()
+            ),
+        ));
+    }
+    if !gemm_f32::runs(n) {
+        return Ok(None);
+    }
+    let w = Source::Rows {
+        ptr: rows.as_ptr(),
+        row_bytes: format.row_bytes(k),
+        format,
+    };
+    // SAFETY: `rows` holds n rows of k values (checked above).
+    Ok(Some(unsafe { linear_on_gemm_f32(x, m, k, w, bias, n) }))
+}
+
+/// [`linear`] on [`gemm_f32`], the weight `w` read as `k × n`. The bias is
+/// added by the tasks, so the fresh output is first touched in parallel.
+///
+/// # Safety
+/// `w` is valid for `k × n`; [`gemm_f32::runs`]`(n)`.
+unsafe fn linear_on_gemm_f32(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: Source,
+    bias: &[f32],
+    n: usize,
+) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "linear: input length");
+    let mut out = vec![0f32; m * n];
+    let init = match bias {
+        [] => Init::Zero,
+        _ => {
+            assert_eq!(bias.len(), n, "linear: bias length");
+            Init::ColumnBias(bias.as_ptr())
+        }
+    };
+    // SAFETY: `x` is m×k, `w` k×n (the caller's contract), `out` m×n,
+    // the bias n values; no aliasing.
+    gemm_f32::gemm(
+        m,
+        n,
+        k,
+        out.as_mut_ptr(),
+        n,
+        init,
+        x.as_ptr(),
+        k,
+        w,
+        num_threads() > 1,
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testing::{max_diff, randn};
@@ -188,5 +292,34 @@ mod tests {
                 assert!(max_diff(&got, want) < 1e-4, "{m}x{k} -> {n}");
             }
         }
+    }
+
+    /// A half-precision weight gives bit for bit what its f32 widening
+    /// gives, whichever kernel runs ([`linear_stored`]).
+    #[test]
+    fn stored_weights_equal_their_widening() {
+        for &(m, k, n) in &[(3, 5, 2), (77, 96, 130)] {
+            let x = randn(&[m, k], 20);
+            let bias = randn(&[n], 21).to_vec1::<f32>().unwrap();
+            let xv = with_f32(&x, <[f32]>::to_vec).unwrap();
+            for dtype in [candle_core::DType::F16, candle_core::DType::BF16] {
+                let weight = randn(&[n, k], 22).to_dtype(dtype).unwrap();
+                let wide = with_f32(
+                    &weight.to_dtype(candle_core::DType::F32).unwrap(),
+                    <[f32]>::to_vec,
+                )
+                .unwrap();
+                let got = linear_stored(&xv, m, k, &weight, &bias, n).unwrap();
+                let want = linear(&xv, m, k, &wide, &bias, n);
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(g, w)| g.to_bits() == w.to_bits()),
+                    "{m}x{k} -> {n} {dtype:?}"
+                );
+            }
+        }
+        let weight = randn(&[4, 3], 23);
+        assert!(linear_stored(&[0.0; 6], 2, 3, &weight, &[], 5).is_err());
     }
 }

@@ -54,8 +54,18 @@ pub use conv_input::ConvInput;
 pub use elementwise::{
     add_bf16, add_f32, add_per_plane_bf16, erf_f32, geglu_bf16, geglu_f32, upsample2x,
 };
-pub use matmul::linear;
+pub use gemm_f32::RowFormat;
+pub use matmul::{linear, linear_rows, linear_stored};
 pub use norm::{group_norm, group_norm_affine, group_norm_bf16, NormInput};
+
+/// Whether f32 linear layers and attention run on the engine's own
+/// AVX-512F GEMM (`gemm_f32`: the CPU has AVX-512F and
+/// `EASEL_F32_GEMM=portable` is not set), with f16 / bf16 linear weights
+/// widened while their panels are packed; otherwise on the `gemm` crate,
+/// the weights widened into a temporary f32 copy per layer first.
+pub fn f32_gemm_native() -> bool {
+    gemm_f32::available()
+}
 
 /// Threads the kernels use (rayon's pool, sized by `RAYON_NUM_THREADS` or the core count).
 pub fn num_threads() -> usize {

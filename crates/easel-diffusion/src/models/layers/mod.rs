@@ -161,8 +161,7 @@ impl Linear {
             *shape.last_mut().expect("x has a last dimension") = out_f;
             let y = timed(3, || {
                 kernels::with_f32(x, |xd| {
-                    self.weight
-                        .with_f32(|wd| kernels::linear(xd, rows, in_f, wd, &self.bias_f32, out_f))
+                    self.weight.linear(xd, rows, in_f, &self.bias_f32, out_f)
                 })
             })??;
             return kernels::tensor(y, &shape);
