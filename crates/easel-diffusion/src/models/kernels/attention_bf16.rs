@@ -16,13 +16,12 @@
 //! head). Only the block's `KB × QB` scores exist at a time, so memory is
 //! `O(threads · KB · QB)` and the working set stays in the L2 cache.
 use half::bf16;
-use rayon::prelude::*;
 
 use super::attention::exp_f32;
+use super::attention_flash::{by_query_blocks, values_transposed, QB};
 use super::bf16::{bf16_gemm_available, gemm_block, round_into, PackedB, NR};
 
-/// Queries per block: one packed panel of the kernel's `B`.
-const QB: usize = NR;
+const _: () = assert!(QB == NR, "a query block is one packed panel of B");
 /// Keys per chunk (the chunk's scores are `KB × QB` f32: 128 KiB).
 const KB: usize = 512;
 
@@ -59,30 +58,20 @@ pub fn attention_bf16(
         out.fill(bf16::NAN);
         return out;
     }
-    // Vᵀ per head: (d, m) row-major, the `A` of the second product.
-    let mut vt = vec![bf16::from_bits(0); bh * d * m];
-    vt.par_chunks_mut(d * m).enumerate().for_each(|(h, dst)| {
-        let src = &v[h * m * d..][..m * d];
-        for (j, row) in src.chunks_exact(d).enumerate() {
-            for (c, &x) in row.iter().enumerate() {
-                dst[c * m + j] = x;
-            }
-        }
-    });
-    out.par_chunks_mut(n * d)
-        .enumerate()
-        .for_each(|(head, head_out)| {
+    let vt = values_transposed(v, bh, m, d, bf16::from_bits(0));
+    by_query_blocks(
+        &mut out,
+        q,
+        n,
+        d,
+        |head, qh, dst, scratch: &mut Scratch| {
             let (kh, vth) = (&k[head * m * d..][..m * d], &vt[head * d * m..][..d * m]);
-            head_out.par_chunks_mut(QB * d).enumerate().for_each_init(
-                || Scratch::new(d),
-                |scratch, (blk, dst)| {
-                    let rows = dst.len() / d;
-                    let qh = &q[head * n * d + blk * QB * d..][..rows * d];
-                    // SAFETY: the CPU has AVX512-BF16 (asserted above).
-                    unsafe { scratch.block(qh, rows, kh, vth, m, d, scale, dst) };
-                },
-            );
-        });
+            let rows = dst.len() / d;
+            // SAFETY: the CPU has AVX512-BF16 (asserted above).
+            unsafe { scratch.block(qh, rows, kh, vth, m, d, scale, dst) };
+        },
+        || Scratch::new(d),
+    );
     out
 }
 

@@ -18,8 +18,9 @@ use rayon::prelude::*;
 use super::attention::exp_f32;
 use super::gemm_f32::{self, Init, Strided, NR};
 
-/// Queries per block: one packed panel.
-const QB: usize = NR;
+/// Queries per block: one packed panel (of this kernel's `B`, and of the
+/// bf16 one's: both are 64 wide).
+pub(super) const QB: usize = NR;
 /// Keys per chunk.
 const KB: usize = 512;
 
@@ -50,8 +51,33 @@ pub(super) fn attention_flash(
     if bh * n * d == 0 {
         return out;
     }
-    // Vᵀ per head: (d, m) row-major, the `A` of the second product.
-    let mut vt = vec![0f32; bh * d * m];
+    let vt = values_transposed(v, bh, m, d, 0.0);
+    by_query_blocks(
+        &mut out,
+        q,
+        n,
+        d,
+        |head, qh, dst, scratch: &mut Scratch| {
+            let (kh, vth) = (&k[head * m * d..][..m * d], &vt[head * d * m..][..d * m]);
+            let rows = dst.len() / d;
+            // SAFETY: the CPU has AVX-512F (asserted above).
+            unsafe { scratch.block(qh, rows, kh, vth, m, d, scale, dst) };
+        },
+        || Scratch::new(d),
+    );
+    out
+}
+
+/// Each head's `v` `(m, d)` transposed to `(d, m)` row-major (the `A` of
+/// `Oᵀ += Vᵀ · Pᵀ`), heads in parallel: `v` `(bh, m, d)` → `(bh, d, m)`.
+pub(super) fn values_transposed<T: Copy + Send + Sync>(
+    v: &[T],
+    bh: usize,
+    m: usize,
+    d: usize,
+    zero: T,
+) -> Vec<T> {
+    let mut vt = vec![zero; bh * d * m];
     vt.par_chunks_mut(d * m).enumerate().for_each(|(h, dst)| {
         for (j, row) in v[h * m * d..][..m * d].chunks_exact(d).enumerate() {
             for (c, &x) in row.iter().enumerate() {
@@ -59,21 +85,32 @@ pub(super) fn attention_flash(
             }
         }
     });
+    vt
+}
+
+/// `block(head, qh, dst, scratch)` for every block of [`QB`] query rows
+/// of every head, in parallel: `qh` the block's rows of `q` `(bh, n, d)`,
+/// `dst` the same rows of `out`, `scratch` the task's own (made by
+/// `new_scratch`, reused across the blocks a rayon task runs).
+pub(super) fn by_query_blocks<T: Send + Sync, S>(
+    out: &mut [T],
+    q: &[T],
+    n: usize,
+    d: usize,
+    block: impl Fn(usize, &[T], &mut [T], &mut S) + Send + Sync,
+    new_scratch: impl Fn() -> S + Send + Sync,
+) {
     out.par_chunks_mut(n * d)
         .enumerate()
         .for_each(|(head, head_out)| {
-            let (kh, vth) = (&k[head * m * d..][..m * d], &vt[head * d * m..][..d * m]);
             head_out.par_chunks_mut(QB * d).enumerate().for_each_init(
-                || Scratch::new(d),
+                &new_scratch,
                 |scratch, (blk, dst)| {
-                    let rows = dst.len() / d;
-                    let qh = &q[head * n * d + blk * QB * d..][..rows * d];
-                    // SAFETY: the CPU has AVX-512F (asserted above).
-                    unsafe { scratch.block(qh, rows, kh, vth, m, d, scale, dst) };
+                    let qh = &q[head * n * d + blk * QB * d..][..dst.len()];
+                    block(head, qh, dst, scratch)
                 },
             );
         });
-    out
 }
 
 /// One task's buffers, reused across its query blocks.

@@ -245,8 +245,8 @@ impl Strided {
 
 /// `C = init + A · B`, `C` `m × n` at row stride `ldc`, `A` `m × k`
 /// row-major at row stride `lda`, `B` `k × n` ([`Source`]: f32 strided,
-/// row-major or a `(n, k)` weight read transposed, or a half-precision
-/// `(n, k)` weight). Split over rayon's pool when
+/// row-major or a `(n, k)` weight read transposed, or a `(n, k)` weight's
+/// rows in a [`RowFormat`]). Split over rayon's pool when
 /// `parallel`, on the calling thread otherwise. Unless `init` is
 /// [`Init::Accumulate`], `C` is only written (the bias is added by the
 /// tasks, so a fresh output is first touched in parallel).
