@@ -18,7 +18,7 @@
 use half::bf16;
 
 use super::attention::exp_f32;
-use super::attention_flash::{by_query_blocks, values_transposed, QB};
+use super::attention_flash::{by_query_blocks, rescale_running, values_transposed, QB};
 use super::bf16::{bf16_gemm_available, gemm_block, round_into, PackedB, NR};
 
 const _: () = assert!(QB == NR, "a query block is one packed panel of B");
@@ -169,28 +169,13 @@ impl Scratch {
     /// odd last key) while summing the unrounded values, as PyTorch does.
     #[inline(always)]
     fn softmax_chunk(&mut self, keys: usize, d: usize, scale: f32) {
-        let mut chunk_max = [f32::MIN; QB];
-        for row in self.scores[..keys * QB].chunks_exact(QB) {
-            for (mx, &s) in chunk_max.iter_mut().zip(row) {
-                *mx = if s > *mx { s } else { *mx };
-            }
-        }
-        let mut alpha = [0f32; QB];
-        let mut shift = [0f32; QB];
-        for j in 0..QB {
-            let new = self.max[j].max(chunk_max[j]);
-            alpha[j] = exp_f32((self.max[j] - new) * scale);
-            self.max[j] = new;
-            shift[j] = new * scale;
-        }
-        for (s, a) in self.sum.iter_mut().zip(&alpha) {
-            *s *= a;
-        }
-        for row in self.acc[..d * QB].chunks_exact_mut(QB) {
-            for (o, a) in row.iter_mut().zip(&alpha) {
-                *o *= a;
-            }
-        }
+        let shift = rescale_running(
+            &self.scores[..keys * QB],
+            &mut self.max,
+            &mut self.sum,
+            &mut self.acc[..d * QB],
+            scale,
+        );
         self.probs.truncate_pairs(keys.div_ceil(2));
         let probs = &mut self.probs.data[..keys.div_ceil(2) * QB];
         let (pairs, last) = self.scores[..keys * QB].split_at(keys / 2 * 2 * QB);

@@ -113,6 +113,45 @@ pub(super) fn by_query_blocks<T: Send + Sync, S>(
         });
 }
 
+/// The first half of an online-softmax step over one chunk of `Sᵀ`
+/// (`scores`: one row of [`QB`] queries per key): raise each query's
+/// running maximum `max` to the chunk's, and rescale its running sum
+/// `sum` and its column of `Oᵀ` (`acc`, rows of `QB`) by
+/// `exp(scale·(old − new))`. Returns each query's `scale·max`, the shift
+/// of the chunk's `exp(scale·s − shift)`.
+#[inline(always)]
+pub(super) fn rescale_running(
+    scores: &[f32],
+    max: &mut [f32; QB],
+    sum: &mut [f32; QB],
+    acc: &mut [f32],
+    scale: f32,
+) -> [f32; QB] {
+    let mut chunk_max = [f32::MIN; QB];
+    for row in scores.chunks_exact(QB) {
+        for (mx, &s) in chunk_max.iter_mut().zip(row) {
+            *mx = if s > *mx { s } else { *mx };
+        }
+    }
+    let mut alpha = [0f32; QB];
+    let mut shift = [0f32; QB];
+    for j in 0..QB {
+        let new = max[j].max(chunk_max[j]);
+        alpha[j] = exp_f32((max[j] - new) * scale);
+        max[j] = new;
+        shift[j] = new * scale;
+    }
+    for (s, a) in sum.iter_mut().zip(&alpha) {
+        *s *= a;
+    }
+    for row in acc.chunks_exact_mut(QB) {
+        for (o, a) in row.iter_mut().zip(&alpha) {
+            *o *= a;
+        }
+    }
+    shift
+}
+
 /// One task's buffers, reused across its query blocks.
 struct Scratch {
     /// The query block as one packed panel: `d` rows of `QB`.
@@ -217,28 +256,13 @@ impl Scratch {
     /// `exp(scale·s − scale·max)`, adding it to its query's sum.
     #[inline(always)]
     fn softmax_chunk(&mut self, keys: usize, d: usize, scale: f32) {
-        let mut chunk_max = [f32::MIN; QB];
-        for row in self.scores[..keys * QB].chunks_exact(QB) {
-            for (mx, &s) in chunk_max.iter_mut().zip(row) {
-                *mx = if s > *mx { s } else { *mx };
-            }
-        }
-        let mut alpha = [0f32; QB];
-        let mut shift = [0f32; QB];
-        for j in 0..QB {
-            let new = self.max[j].max(chunk_max[j]);
-            alpha[j] = exp_f32((self.max[j] - new) * scale);
-            self.max[j] = new;
-            shift[j] = new * scale;
-        }
-        for (s, a) in self.sum.iter_mut().zip(&alpha) {
-            *s *= a;
-        }
-        for row in self.acc[..d * QB].chunks_exact_mut(QB) {
-            for (o, a) in row.iter_mut().zip(&alpha) {
-                *o *= a;
-            }
-        }
+        let shift = rescale_running(
+            &self.scores[..keys * QB],
+            &mut self.max,
+            &mut self.sum,
+            &mut self.acc[..d * QB],
+            scale,
+        );
         let mut sum = self.sum;
         for row in self.scores[..keys * QB].chunks_exact_mut(QB) {
             for j in 0..QB {
