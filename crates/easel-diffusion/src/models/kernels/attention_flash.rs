@@ -16,7 +16,8 @@
 use rayon::prelude::*;
 
 use super::attention::exp_f32;
-use super::gemm_f32::{self, Init, Strided, NR};
+use super::gemm_f32::{self, Init};
+use super::pack_f32::{pack_panel, Strided, NR};
 
 /// Queries per block: one packed panel (of this kernel's `B`, and of the
 /// bf16 one's: both are 64 wide).
@@ -203,7 +204,7 @@ impl Scratch {
             cs: d,
         };
         // SAFETY: `q` is rows × d.
-        gemm_f32::pack_panel(qt, d, 0, rows, &mut self.queries);
+        pack_panel(qt, d, 0, rows, &mut self.queries);
         self.max = [f32::MIN; QB];
         self.sum = [0.0; QB];
         for c0 in (0..m).step_by(KB) {

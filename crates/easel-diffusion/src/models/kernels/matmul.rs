@@ -8,7 +8,8 @@
 //! the same speed and the VAE's (128 channels, many small products) 20 %
 //! slower, measured in alternating runs.
 
-use super::gemm_f32::{self, Init, RowFormat, Source, Strided};
+use super::gemm_f32::{self, Init};
+use super::pack_f32::{RowFormat, Source, Strided};
 use super::{num_threads, parallelism};
 
 /// `dst (m×n, row stride dst_rs) = [dst +] a (m×k, row stride lda) · b (k×n, row stride ldb)`.

@@ -36,6 +36,7 @@ mod elementwise;
 mod gemm_f32;
 mod matmul;
 mod norm;
+mod pack_f32;
 
 pub use attention::{attention, exp_f32};
 pub use attention_bf16::attention_bf16;
@@ -54,9 +55,9 @@ pub use conv_input::ConvInput;
 pub use elementwise::{
     add_bf16, add_f32, add_per_plane_bf16, erf_f32, geglu_bf16, geglu_f32, upsample2x,
 };
-pub use gemm_f32::RowFormat;
 pub use matmul::{linear, linear_rows, linear_stored};
 pub use norm::{group_norm, group_norm_affine, group_norm_bf16, NormInput};
+pub use pack_f32::RowFormat;
 
 /// Whether f32 linear layers and attention run on the engine's own
 /// AVX-512F GEMM (`gemm_f32`: the CPU has AVX-512F and
