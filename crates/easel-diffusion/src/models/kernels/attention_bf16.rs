@@ -18,7 +18,7 @@
 use half::bf16;
 
 use super::attention::exp_f32;
-use super::attention_flash::{by_query_blocks, rescale_running, values_transposed, QB};
+use super::attention_flash::{by_query_blocks, values_transposed, Running, QB};
 use super::bf16::{bf16_gemm_available, gemm_block, round_into, PackedB, NR};
 
 const _: () = assert!(QB == NR, "a query block is one packed panel of B");
@@ -81,11 +81,8 @@ struct Scratch {
     scores: Vec<f32>,
     /// `Pᵀ` of one chunk as the kernel's packed `B` (`QB` columns, `KB / 2` pairs).
     probs: PackedB,
-    /// `Oᵀ`, `d × QB` f32: the unnormalised output.
-    acc: Vec<f32>,
-    /// Running maximum score and sum of `exp` per query.
-    max: [f32; QB],
-    sum: [f32; QB],
+    /// The running maxima and sums, and `Oᵀ` (f32).
+    running: Running,
 }
 
 impl Scratch {
@@ -93,9 +90,7 @@ impl Scratch {
         Self {
             scores: vec![0.0; KB * QB],
             probs: PackedB::zeroed(QB, KB / 2),
-            acc: vec![0.0; d * QB],
-            max: [f32::MIN; QB],
-            sum: [0.0; QB],
+            running: Running::new(d),
         }
     }
 
@@ -120,8 +115,7 @@ impl Scratch {
     ) {
         // Queries past `rows` are zero columns: finite scores, outputs unread.
         let qp = PackedB::from_rows(q, rows, d);
-        self.max = [f32::MIN; QB];
-        self.sum = [0.0; QB];
+        self.running.reset();
         for c0 in (0..m).step_by(KB) {
             let keys = KB.min(m - c0);
             // SAFETY: `k` holds `keys` rows of `d` from key c0; `scores`
@@ -137,7 +131,7 @@ impl Scratch {
                 QB,
                 false,
             );
-            self.softmax_chunk(keys, d, scale);
+            self.softmax_chunk(keys, scale);
             // SAFETY: `vt` rows of `m` bf16, `keys` of them from column c0;
             // `probs` packs `keys` k values for QB columns; `acc` is d × QB.
             gemm_block(
@@ -147,17 +141,14 @@ impl Scratch {
                 d,
                 &self.probs,
                 0..1,
-                self.acc.as_mut_ptr(),
+                self.running.acc.as_mut_ptr(),
                 QB,
                 c0 > 0,
             );
         }
-        let inv: [f32; QB] = std::array::from_fn(|j| 1.0 / self.sum[j]);
         let mut row = vec![0f32; d];
         for (j, dst) in dst.chunks_exact_mut(d).enumerate().take(rows) {
-            for (c, o) in row.iter_mut().enumerate() {
-                *o = self.acc[c * QB + j] * inv[j];
-            }
+            self.running.output(j, &mut row);
             round_into(&row, dst);
         }
     }
@@ -168,14 +159,8 @@ impl Scratch {
     /// to bf16 into `probs` (key pairs interleaved, a zero partner for an
     /// odd last key) while summing the unrounded values, as PyTorch does.
     #[inline(always)]
-    fn softmax_chunk(&mut self, keys: usize, d: usize, scale: f32) {
-        let shift = rescale_running(
-            &self.scores[..keys * QB],
-            &mut self.max,
-            &mut self.sum,
-            &mut self.acc[..d * QB],
-            scale,
-        );
+    fn softmax_chunk(&mut self, keys: usize, scale: f32) {
+        let shift = self.running.rescale(&self.scores[..keys * QB], scale);
         self.probs.truncate_pairs(keys.div_ceil(2));
         let probs = &mut self.probs.data[..keys.div_ceil(2) * QB];
         let (pairs, last) = self.scores[..keys * QB].split_at(keys / 2 * 2 * QB);
@@ -184,7 +169,7 @@ impl Scratch {
             for j in 0..QB {
                 let e0 = exp_f32(lo[j] * scale - shift[j]);
                 let e1 = exp_f32(hi[j] * scale - shift[j]);
-                self.sum[j] += e0 + e1;
+                self.running.sum[j] += e0 + e1;
                 out[j] = round_bf16(e0) | (round_bf16(e1) << 16);
             }
         }
@@ -193,7 +178,7 @@ impl Scratch {
             let out = &mut probs[keys / 2 * QB..][..QB];
             for j in 0..QB {
                 let e0 = exp_f32(last[j] * scale - shift[j]);
-                self.sum[j] += e0;
+                self.running.sum[j] += e0;
                 out[j] = round_bf16(e0);
             }
         }

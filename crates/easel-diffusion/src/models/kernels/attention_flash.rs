@@ -114,43 +114,73 @@ pub(super) fn by_query_blocks<T: Send + Sync, S>(
         });
 }
 
-/// The first half of an online-softmax step over one chunk of `Sᵀ`
-/// (`scores`: one row of [`QB`] queries per key): raise each query's
-/// running maximum `max` to the chunk's, and rescale its running sum
-/// `sum` and its column of `Oᵀ` (`acc`, rows of `QB`) by
-/// `exp(scale·(old − new))`. Returns each query's `scale·max`, the shift
-/// of the chunk's `exp(scale·s − shift)`.
-#[inline(always)]
-pub(super) fn rescale_running(
-    scores: &[f32],
-    max: &mut [f32; QB],
-    sum: &mut [f32; QB],
-    acc: &mut [f32],
-    scale: f32,
-) -> [f32; QB] {
-    let mut chunk_max = [f32::MIN; QB];
-    for row in scores.chunks_exact(QB) {
-        for (mx, &s) in chunk_max.iter_mut().zip(row) {
-            *mx = if s > *mx { s } else { *mx };
+/// The online softmax's running state for one block of [`QB`] queries
+/// (shared by this kernel and [`super::attention_bf16`]): per query the
+/// largest raw score and the sum of `exp` so far, and `Oᵀ` (`d × QB`), the
+/// output not yet divided by that sum.
+pub(super) struct Running {
+    pub(super) max: [f32; QB],
+    pub(super) sum: [f32; QB],
+    pub(super) acc: Vec<f32>,
+}
+
+impl Running {
+    /// The state for heads `d` wide.
+    pub(super) fn new(d: usize) -> Self {
+        Self {
+            max: [f32::MIN; QB],
+            sum: [0.0; QB],
+            acc: vec![0.0; d * QB],
         }
     }
-    let mut alpha = [0f32; QB];
-    let mut shift = [0f32; QB];
-    for j in 0..QB {
-        let new = max[j].max(chunk_max[j]);
-        alpha[j] = exp_f32((max[j] - new) * scale);
-        max[j] = new;
-        shift[j] = new * scale;
+
+    /// Start a query block: no score seen yet (`acc` is overwritten by
+    /// the first chunk's product).
+    pub(super) fn reset(&mut self) {
+        self.max = [f32::MIN; QB];
+        self.sum = [0.0; QB];
     }
-    for (s, a) in sum.iter_mut().zip(&alpha) {
-        *s *= a;
+
+    /// The first half of an online-softmax step over one chunk of `Sᵀ`
+    /// (`scores`: one row of [`QB`] queries per key): raise each query's
+    /// running maximum to the chunk's, and rescale its running sum and its
+    /// column of `Oᵀ` by `exp(scale·(old − new))`. Returns each query's
+    /// `scale·max`, the shift of the chunk's `exp(scale·s − shift)`.
+    #[inline(always)]
+    pub(super) fn rescale(&mut self, scores: &[f32], scale: f32) -> [f32; QB] {
+        let mut chunk_max = [f32::MIN; QB];
+        for row in scores.chunks_exact(QB) {
+            for (mx, &s) in chunk_max.iter_mut().zip(row) {
+                *mx = if s > *mx { s } else { *mx };
+            }
+        }
+        let mut alpha = [0f32; QB];
+        let mut shift = [0f32; QB];
+        for j in 0..QB {
+            let new = self.max[j].max(chunk_max[j]);
+            alpha[j] = exp_f32((self.max[j] - new) * scale);
+            self.max[j] = new;
+            shift[j] = new * scale;
+        }
+        for (s, a) in self.sum.iter_mut().zip(&alpha) {
+            *s *= a;
+        }
+        for row in self.acc.chunks_exact_mut(QB) {
+            for (o, a) in row.iter_mut().zip(&alpha) {
+                *o *= a;
+            }
+        }
+        shift
     }
-    for row in acc.chunks_exact_mut(QB) {
-        for (o, a) in row.iter_mut().zip(&alpha) {
-            *o *= a;
+
+    /// Query `j`'s output (`d` values into `out`): its column of `Oᵀ`
+    /// divided by its sum.
+    pub(super) fn output(&self, j: usize, out: &mut [f32]) {
+        let inv = 1.0 / self.sum[j];
+        for (c, o) in out.iter_mut().enumerate() {
+            *o = self.acc[c * QB + j] * inv;
         }
     }
-    shift
 }
 
 /// One task's buffers, reused across its query blocks.
@@ -159,11 +189,8 @@ struct Scratch {
     queries: Vec<f32>,
     /// `Sᵀ` of one chunk, then its probabilities: `KB × QB`.
     scores: Vec<f32>,
-    /// `Oᵀ`, `d × QB`: the unnormalised output.
-    acc: Vec<f32>,
-    /// Running maximum raw score and sum of `exp` per query.
-    max: [f32; QB],
-    sum: [f32; QB],
+    /// The running maxima and sums, and `Oᵀ`.
+    running: Running,
 }
 
 impl Scratch {
@@ -171,9 +198,7 @@ impl Scratch {
         Self {
             queries: vec![0.0; d * QB],
             scores: vec![0.0; KB * QB],
-            acc: vec![0.0; d * QB],
-            max: [f32::MIN; QB],
-            sum: [0.0; QB],
+            running: Running::new(d),
         }
     }
 
@@ -205,8 +230,7 @@ impl Scratch {
         };
         // SAFETY: `q` is rows × d.
         pack_panel(qt, d, 0, rows, &mut self.queries);
-        self.max = [f32::MIN; QB];
-        self.sum = [0.0; QB];
+        self.running.reset();
         for c0 in (0..m).step_by(KB) {
             let keys = KB.min(m - c0);
             // SAFETY: `k` holds `keys` rows of `d` from key c0; `scores`
@@ -223,7 +247,7 @@ impl Scratch {
                 QB,
                 Init::Zero,
             );
-            self.softmax_chunk(keys, d, scale);
+            self.softmax_chunk(keys, scale);
             // SAFETY: `vt` rows of `m`, `keys` of them from column c0; the
             // probabilities are `keys` rows of QB; `acc` is d × QB.
             gemm_f32::block(
@@ -234,7 +258,7 @@ impl Scratch {
                 &self.scores[..keys * QB],
                 QB,
                 0..1,
-                self.acc.as_mut_ptr(),
+                self.running.acc.as_mut_ptr(),
                 QB,
                 if c0 == 0 {
                     Init::Zero
@@ -243,11 +267,8 @@ impl Scratch {
                 },
             );
         }
-        let inv: [f32; QB] = std::array::from_fn(|j| 1.0 / self.sum[j]);
         for (j, dst) in dst.chunks_exact_mut(d).enumerate().take(rows) {
-            for (c, o) in dst.iter_mut().enumerate() {
-                *o = self.acc[c * QB + j] * inv[j];
-            }
+            self.running.output(j, dst);
         }
     }
 
@@ -256,15 +277,9 @@ impl Scratch {
     /// `exp(scale·(old − new))`, and replace each score `s` by
     /// `exp(scale·s − scale·max)`, adding it to its query's sum.
     #[inline(always)]
-    fn softmax_chunk(&mut self, keys: usize, d: usize, scale: f32) {
-        let shift = rescale_running(
-            &self.scores[..keys * QB],
-            &mut self.max,
-            &mut self.sum,
-            &mut self.acc[..d * QB],
-            scale,
-        );
-        let mut sum = self.sum;
+    fn softmax_chunk(&mut self, keys: usize, scale: f32) {
+        let shift = self.running.rescale(&self.scores[..keys * QB], scale);
+        let mut sum = self.running.sum;
         for row in self.scores[..keys * QB].chunks_exact_mut(QB) {
             for j in 0..QB {
                 let e = exp_f32(row[j] * scale - shift[j]);
@@ -272,6 +287,6 @@ impl Scratch {
                 row[j] = e;
             }
         }
-        self.sum = sum;
+        self.running.sum = sum;
     }
 }

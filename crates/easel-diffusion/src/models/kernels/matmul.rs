@@ -165,7 +165,7 @@ pub fn linear_stored(
             format!("a weight of shape {:?} for {k} → {n}", weight.dims()),
         ));
     }
-    if gemm_f32::runs(n) && super::applies_weight(weight) {
+    if super::applies_weight(weight) {
         // The 16-bit values as the bytes of their rows.
         fn bytes<T>(w: &[T]) -> &[u8] {
             // SAFETY: any initialised values are valid bytes.

@@ -163,13 +163,11 @@ pub(super) unsafe fn pack_panel(b: Strided, k: usize, j0: usize, cols: usize, ds
             row[width..].fill(0.0);
         }
     } else {
-        if width < NR {
-            dst.fill(0.0);
-        }
         #[cfg(target_arch = "x86_64")]
         if b.rs == 1 && cpu_has_avx512f() {
             // SAFETY: columns j0..j0+width are rows of k values at
-            // stride cs; AVX-512F checked.
+            // stride cs; AVX-512F checked. `pack_rows` zeroes the columns
+            // past `width` itself.
             unsafe {
                 x86::pack_rows(
                     x86::Elem::F32,
@@ -181,6 +179,9 @@ pub(super) unsafe fn pack_panel(b: Strided, k: usize, j0: usize, cols: usize, ds
                 )
             };
             return;
+        }
+        if width < NR {
+            dst.fill(0.0);
         }
         for j in 0..width {
             let col = unsafe { b.ptr.add((j0 + j) * b.cs) };
